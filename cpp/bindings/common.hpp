@@ -1,0 +1,156 @@
+// Shared by the binding files: turning NumPy arrays into the core's Strided views, and the
+// argument checks every entry point repeats. The only headers (with the .cpp files here)
+// that include pybind11.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <attnext/mask.hpp>
+#include <attnext/strided.hpp>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace attnext {
+namespace bind {
+
+namespace py = pybind11;
+
+inline std::string shape_str(const py::array& a) {
+  std::ostringstream s;
+  s << "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(i) << (a.ndim() == 1 ? "," : "");
+  s << ")";
+  return s.str();
+}
+
+inline std::string shape_str(const std::vector<index_t>& shape) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i] << (shape.size() == 1 ? "," : "");
+  s << ")";
+  return s.str();
+}
+
+[[noreturn]] inline void fail_value(const std::string& msg) { throw py::value_error(msg); }
+[[noreturn]] inline void fail_type(const std::string& msg) { throw py::type_error(msg); }
+
+enum class DType { f32, f64 };
+
+// The floating dtype of a kernel input; anything else is a TypeError naming the argument.
+inline DType float_dtype(const py::array& a, const char* name) {
+  if (a.dtype().is(py::dtype::of<float>())) return DType::f32;
+  if (a.dtype().is(py::dtype::of<double>())) return DType::f64;
+  fail_type(std::string(name) + " must be float32 or float64, got " + std::string(py::str(a.dtype())));
+}
+
+inline void require_same_dtype(const py::array& a, const char* an, const py::array& b, const char* bn) {
+  if (!a.dtype().is(b.dtype()))
+    fail_type(std::string(bn) + " has dtype " + std::string(py::str(b.dtype())) + " but " + an + " has " +
+              std::string(py::str(a.dtype())) + "; the kernels need one dtype (the Python API promotes)");
+}
+
+inline void require_ndim(const py::array& a, const char* name, py::ssize_t min_ndim, py::ssize_t max_ndim = 64) {
+  if (a.ndim() < min_ndim || a.ndim() > max_ndim) {
+    std::ostringstream s;
+    s << name << " must have ";
+    if (min_ndim == max_ndim)
+      s << min_ndim;
+    else if (max_ndim == 64)
+      s << "at least " << min_ndim;
+    else
+      s << min_ndim << " to " << max_ndim;
+    s << " dimensions, got shape " << shape_str(a);
+    fail_value(s.str());
+  }
+}
+
+// Element strides of an array of T; byte strides that are not a multiple of the item size
+// (possible with views of structured arrays) are rejected rather than read misaligned.
+template <typename T>
+std::vector<index_t> element_strides(const py::array& a, const char* name) {
+  std::vector<index_t> st(static_cast<size_t>(a.ndim()));
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    if (a.strides(i) % static_cast<py::ssize_t>(sizeof(T)) != 0)
+      fail_value(std::string(name) + " has a stride that is not a multiple of its item size");
+    st[static_cast<size_t>(i)] = a.strides(i) / static_cast<py::ssize_t>(sizeof(T));
+  }
+  return st;
+}
+
+inline std::vector<index_t> shape_of(const py::array& a) {
+  return std::vector<index_t>(a.shape(), a.shape() + a.ndim());
+}
+
+template <typename T>
+Strided<const T> view(const py::array& a, const char* name) {
+  return Strided<const T>(static_cast<const T*>(a.data()), shape_of(a), element_strides<T>(a, name));
+}
+
+// Leading (batch) axes of a and b must agree exactly; the Python front broadcasts them
+// (as stride-0 views) before calling in.
+inline void require_same_batch(const py::array& a, const char* an, const py::array& b, const char* bn, int trailing) {
+  const py::ssize_t na = a.ndim() - trailing, nb = b.ndim() - trailing;
+  bool same = na == nb;
+  for (py::ssize_t i = 0; same && i < na; ++i) same = a.shape(i) == b.shape(i);
+  if (!same)
+    fail_value(std::string(an) + " has shape " + shape_str(a) + " but " + bn + " has " + shape_str(b) +
+               ": their leading (batch) dimensions must match");
+}
+
+inline void require_dim(const py::array& a, const char* an, int axis_a, const py::array& b, const char* bn, int axis_b,
+                        const char* what) {
+  const py::ssize_t da = a.shape(axis_a < 0 ? a.ndim() + axis_a : axis_a);
+  const py::ssize_t db = b.shape(axis_b < 0 ? b.ndim() + axis_b : axis_b);
+  if (da != db)
+    fail_value(std::string(an) + " has shape " + shape_str(a) + " but " + bn + " has " + shape_str(b) + ": " + what +
+               " must match");
+}
+
+// Product of a shape, refusing sizes that overflow 64-bit arithmetic.
+inline index_t checked_size(const std::vector<index_t>& shape, const char* what) {
+  index_t n = 1;
+  for (index_t d : shape) {
+    if (d < 0) fail_value(std::string(what) + " would have a negative dimension: " + shape_str(shape));
+    if (d != 0 && n > (index_t(1) << 62) / d)
+      fail_value(std::string(what) + " of shape " + shape_str(shape) + " is too large (its size overflows 64 bits)");
+    n *= d;
+  }
+  return n;
+}
+
+// A fresh C-contiguous output array (NumPy raises MemoryError when it cannot be had).
+template <typename T>
+py::array_t<T> new_output(const std::vector<index_t>& shape, const char* what) {
+  checked_size(shape, what);
+  return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+}
+
+// A mask for scores of shape `score_shape`: None, a bool array (True = may attend) or an
+// array of the scores' dtype (added), already broadcast to exactly that shape.
+template <typename T>
+Mask<T> mask_view(const py::object& obj, const std::vector<index_t>& score_shape, const char* name) {
+  Mask<T> m;
+  if (obj.is_none()) return m;
+  if (!py::isinstance<py::array>(obj)) fail_type(std::string(name) + " must be a NumPy array or None");
+  const py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (shape_of(a) != score_shape)
+    fail_value(std::string(name) + " has shape " + shape_str(a) + " but the scores have " + shape_str(score_shape) +
+               " (masks are broadcast to the scores' shape before the kernel)");
+  if (a.dtype().is(py::dtype::of<bool>())) {
+    m.kind = MaskKind::boolean;
+    m.keep = view<bool>(a, name);
+  } else if (a.dtype().is(py::dtype::of<T>())) {
+    m.kind = MaskKind::additive;
+    m.add = view<T>(a, name);
+  } else {
+    fail_type(std::string(name) + " must be bool (True = may attend) or " + std::string(py::str(py::dtype::of<T>())) +
+              " (added to the scores), got " + std::string(py::str(a.dtype())));
+  }
+  return m;
+}
+
+}  // namespace bind
+}  // namespace attnext

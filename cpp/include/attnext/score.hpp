@@ -1,0 +1,83 @@
+// The score step: compare every query with every key.
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include "additive.hpp"
+#include "parallel.hpp"
+#include "strided.hpp"
+
+namespace attnext {
+
+// Rows of queries handled by one parallel task. Fixed (not derived from the thread count)
+// so results are bit-identical for any number of threads; 64 rows keep a task's GEMM
+// large enough to run near peak while leaving enough tasks to balance two to sixteen cores.
+constexpr index_t kScoreRowBlock = 64;
+
+inline index_t row_blocks(index_t rows) { return (rows + kScoreRowBlock - 1) / kScoreRowBlock; }
+
+// out = scale * q k^T (dot, scaled_dot) or scale * (q W) k^T (general, weight != nullptr).
+//   q (..., Lq, Dq), k (..., Lk, Dk) with equal batch shapes (broadcast beforehand)
+//   weight (Dq, Dk) or empty
+//   out (..., Lq, Lk) C-contiguous
+template <typename T>
+void score_product(const Strided<const T>& q, const Strided<const T>& k, const Strided<const T>* weight, T scale,
+                   T* out) {
+  const index_t batches = q.batch_count(2);
+  const index_t lq = q.dim(-2), lk = k.dim(-2);
+  const index_t nb = row_blocks(lq);
+  parallel_for(batches * nb, [&](index_t task) {
+    const index_t b = task / nb, r0 = (task % nb) * kScoreRowBlock;
+    const index_t rows = std::min(kScoreRowBlock, lq - r0);
+    MatrixMap<T> o(out + (b * lq + r0) * lk, rows, lk);
+    const auto qb = matrix_of(q, b, r0, rows);
+    const auto kb = matrix_of(k, b);
+    if (weight) {
+      const RowMatrix<T> qw = qb * matrix_of(*weight, 0);
+      o.noalias() = scale * (qw * kb.transpose());
+    } else {
+      o.noalias() = scale * (qb * kb.transpose());
+    }
+  });
+}
+
+// Projects a (..., L, D) operand through w (D, U) into a dense (batches, L, U) buffer, plus
+// an optional bias (U,), one parallel task per batch entry.
+template <typename T>
+std::vector<T> project_rows(const Strided<const T>& x, const Strided<const T>& w, const T* bias) {
+  const index_t batches = x.batch_count(2), l = x.dim(-2), units = w.dim(-1);
+  std::vector<T> buf(static_cast<size_t>(batches * l * units));
+  parallel_for(batches, [&](index_t b) {
+    MatrixMap<T> dst(buf.data() + b * l * units, l, units);
+    dst.noalias() = matrix_of(x, b) * matrix_of(w, 0);
+    if (bias) dst.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(bias, units);
+  });
+  return buf;
+}
+
+// out[i, j] = scale * v . tanh(q_i W_q + bias + k_j W_k)
+//   q (..., Lq, Dq), k (..., Lk, Dk), equal batch shapes; w_query (Dq, U), w_key (Dk, U)
+//   v (U,) contiguous, bias (U,) contiguous or nullptr; out (..., Lq, Lk) C-contiguous
+template <typename T>
+void score_additive(const Strided<const T>& q, const Strided<const T>& k, const Strided<const T>& w_query,
+                    const Strided<const T>& w_key, const T* v, const T* bias, T scale, T* out) {
+  const index_t batches = q.batch_count(2);
+  const index_t lq = q.dim(-2), lk = k.dim(-2), units = w_query.dim(-1);
+  // Both projections once, as GEMMs: (B, Lq, U) + (B, Lk, U), never (B, Lq, Lk, U).
+  const std::vector<T> qp = project_rows(q, w_query, bias);
+  const std::vector<T> kp = project_rows(k, w_key, static_cast<const T*>(nullptr));
+  const index_t nb = row_blocks(lq);
+  parallel_for(batches * nb, [&](index_t task) {
+    const index_t b = task / nb, r0 = (task % nb) * kScoreRowBlock;
+    const index_t r1 = std::min(lq, r0 + kScoreRowBlock);
+    for (index_t i = r0; i < r1; ++i) {
+      T* o = out + (b * lq + i) * lk;
+      additive_scores_row(qp.data() + (b * lq + i) * units, kp.data() + b * lk * units, v, units, lk, o);
+      if (scale != T(1))
+        for (index_t j = 0; j < lk; ++j) o[j] *= scale;
+    }
+  });
+}
+
+}  // namespace attnext

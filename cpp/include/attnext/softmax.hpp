@@ -1,0 +1,59 @@
+// The normalize step: a numerically stable softmax with masks.
+#pragma once
+
+#include <cstring>
+#include <limits>
+
+#include "mask.hpp"
+#include "parallel.hpp"
+#include "strided.hpp"
+#include "vmath.hpp"
+
+namespace attnext {
+
+// Softmax of one contiguous row in place: exp(x - max) / sum. A row whose every entry is
+// -inf (nothing to attend) becomes zeros, never NaN; a NaN anywhere makes the row NaN, as
+// the plain formula would.
+template <typename T>
+inline void softmax_inplace(T* x, index_t n) {
+  const T m = vm::max_propagate_nan(x, n);
+  if (m == -std::numeric_limits<T>::infinity()) {
+    std::memset(x, 0, sizeof(T) * n);
+    return;
+  }
+  const T sum = vm::exp_shifted_sum(x, n, m);
+  vm::scale(x, n, T(1) / sum);
+}
+
+// out = softmax(x + mask) over the last axis.
+//   x    (..., N) any strides
+//   mask broadcast to x's shape (or none)
+//   causal: rows are queries (axis -2), entries keys (axis -1); needs ndim >= 2 when on
+//   out  (..., N) C-contiguous, same shape as x
+template <typename T>
+void softmax(const Strided<const T>& x, const Mask<T>& mask, const Causal& causal, T* out) {
+  const index_t n = x.dim(-1);
+  const index_t rows = x.batch_count(1);
+  const index_t queries = causal.on ? x.dim(-2) : 1;
+  const index_t xs = x.stride(-1);
+  // Rows are independent; blocks of rows keep scheduling overhead low for short rows.
+  const index_t block = n >= 256 ? 1 : 256 / (n + 1) + 1;
+  const index_t blocks = (rows + block - 1) / block;
+  parallel_for(blocks, [&](index_t bi) {
+    const index_t r_end = std::min(rows, (bi + 1) * block);
+    for (index_t r = bi * block; r < r_end; ++r) {
+      const T* src = x.data + x.batch_offset(r, 1);
+      T* dst = out + r * n;
+      if (xs == 1) {
+        std::memcpy(dst, src, sizeof(T) * n);
+      } else {
+        for (index_t j = 0; j < n; ++j) dst[j] = src[j * xs];
+      }
+      apply_mask_row(mask, r, dst, n);
+      if (causal.on) hide_tail(dst, causal.visible_keys(r % queries, n), n);
+      softmax_inplace(dst, n);
+    }
+  });
+}
+
+}  // namespace attnext

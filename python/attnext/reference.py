@@ -1,0 +1,165 @@
+"""Plain NumPy twins of attnext's public functions, written to read like the formulas.
+
+Every function here has the same name, signature and meaning as its compiled counterpart in
+:mod:`attnext`; the tests hold the two against each other. Nothing here is tuned for speed:
+scores are built densely, masks are materialised, and the additive score builds the full
+(..., Lq, Lk, U) tensor, exactly as the textbook formula reads.
+
+Notation: a query q_i (row i of Q, shape (..., Lq, Dq)), a key k_j (row j of K, (..., Lk, Dk)),
+a value v_j (row j of V, (..., Lk, Dv)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "score",
+    "softmax",
+    "weighted_sum",
+    "attention",
+    "scaled_dot_product_attention",
+    "dense_mask",
+]
+
+_METHODS = ("dot", "scaled_dot", "general", "additive")
+
+
+def _float_dtype(*arrays):
+    """NumPy's promotion over the inputs, with float16 computed as float32."""
+    dtype = np.result_type(*arrays)
+    return np.float32 if dtype == np.float16 else dtype
+
+
+def score(query, key, method="scaled_dot", *, weight=None, w_query=None, w_key=None, v=None, scale=None):
+    """Scores of every query against every key, shape (..., Lq, Lk).
+
+    - dot:        s_ij = q_i . k_j
+    - scaled_dot: s_ij = q_i . k_j / sqrt(d_k)
+    - general:    s_ij = q_i^T W k_j              (Luong), W (Dq, Dk)
+    - additive:   s_ij = v^T tanh(W_q^T q_i + W_k^T k_j)   (Bahdanau), W_q (Dq, U), W_k (Dk, U), v (U,)
+
+    ``scale`` multiplies the scores (default 1/sqrt(d_k) for scaled_dot, 1 otherwise).
+    """
+    q, k = np.asarray(query), np.asarray(key)
+    if method in ("dot", "scaled_dot"):
+        s = q @ np.swapaxes(k, -1, -2)
+    elif method == "general":
+        s = q @ np.asarray(weight) @ np.swapaxes(k, -1, -2)
+    elif method == "additive":
+        q_proj = q @ np.asarray(w_query)  # (..., Lq, U)
+        k_proj = k @ np.asarray(w_key)  # (..., Lk, U)
+        s = np.tanh(q_proj[..., :, None, :] + k_proj[..., None, :, :]) @ np.asarray(v)
+    else:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(k.shape[-1]) if method == "scaled_dot" else 1.0
+    return s * np.asarray(scale, dtype=s.dtype)
+
+
+def _masked(x, mask):
+    """x with a mask applied: bool False -> -inf (True = may attend), float -> added."""
+    if mask is None:
+        return x
+    mask = np.asarray(mask)
+    if mask.dtype == np.bool_:
+        return np.where(mask, x, -np.inf).astype(x.dtype)
+    return x + mask.astype(x.dtype)
+
+
+def softmax(x, *, mask=None, axis=-1):
+    """softmax(x)_j = exp(x_j - m) / sum_k exp(x_k - m), m = max_k x_k, over ``axis``.
+
+    A row with nothing to attend (all -inf after masking) gives zeros.
+    """
+    x = _masked(np.asarray(x), mask)
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(m == -np.inf, 0, m)  # an empty row: exp(-inf - 0) = 0 everywhere
+    e = np.exp(x - m)
+    total = np.sum(e, axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, e / np.where(total > 0, total, 1), 0).astype(x.dtype)
+
+
+def weighted_sum(weights, value):
+    """c_i = sum_j a_ij v_j: (..., Lq, Lk) x (..., Lk, Dv) -> (..., Lq, Dv)."""
+    return np.asarray(weights) @ np.asarray(value)
+
+
+def causal_mask(lq, lk, is_causal):
+    """(Lq, Lk) bool, True where query i may see key j: j <= i (top-left, PyTorch's) or
+    j <= i + Lk - Lq (``"bottom_right"``)."""
+    offset = lk - lq if is_causal == "bottom_right" else 0
+    return np.arange(lk)[None, :] <= np.arange(lq)[:, None] + offset
+
+
+def dense_mask(lq, lk, *, attn_mask=None, is_causal=False, key_lengths=None, window=None, dtype=np.float64):
+    """Every masking argument folded into one additive (..., Lq, Lk) mask (0 or -inf, plus
+    float masks), the way the fused kernels must behave."""
+    total = np.zeros((lq, lk), dtype=dtype)
+    if is_causal:
+        total = np.where(causal_mask(lq, lk, is_causal), total, -np.inf)
+    if window is not None:
+        left, right = window
+        d = np.arange(lk)[None, :] - np.arange(lq)[:, None]  # key index - query index
+        inside = np.ones((lq, lk), dtype=bool)
+        if left is not None:
+            inside &= d >= -left
+        if right is not None:
+            inside &= d <= right
+        total = np.where(inside, total, -np.inf)
+    if key_lengths is not None:
+        lengths = np.asarray(key_lengths)
+        keep = np.arange(lk) < lengths[..., None, None, None]  # (..., 1, 1, Lk)
+        total = np.where(keep, total, -np.inf)
+    if attn_mask is not None:
+        total = _masked(total, attn_mask)
+    return total.astype(dtype)
+
+
+def attention(query, key, value, *, method="scaled_dot", mask=None, is_causal=False, return_weights=False,
+              **score_args):
+    """context = softmax(score(Q, K) + mask) V, the three steps in a row."""
+    s = score(query, key, method, **score_args)
+    if is_causal:
+        s = np.where(causal_mask(s.shape[-2], s.shape[-1], is_causal), s, -np.inf).astype(s.dtype)
+    a = softmax(s, mask=mask)
+    out = weighted_sum(a, value)
+    return (out, a) if return_weights else out
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, key_lengths=None, window=None, return_weights=False,
+                                 return_lse=False):
+    """softmax(Q K^T * scale + mask) V with PyTorch's argument meanings.
+
+    Shapes: Q (..., Hq, L, E), K (..., Hk, S, E), V (..., Hk, S, Ev). With enable_gqa, query
+    head h uses key/value head h // (Hq / Hk). lse is log sum_j exp(s_ij) over visible keys
+    (-inf for a row with none).
+    """
+    if dropout_p != 0.0:
+        raise ValueError("dropout is not supported yet: dropout_p must be 0.0")
+    q, k, v = np.asarray(query), np.asarray(key), np.asarray(value)
+    dtype = _float_dtype(q, k, v)
+    q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    if enable_gqa and q.ndim >= 3 and k.shape[-3] != q.shape[-3]:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ np.swapaxes(k, -1, -2)) * np.asarray(scale, dtype=dtype)
+    s = s + dense_mask(s.shape[-2], s.shape[-1], attn_mask=attn_mask, is_causal=is_causal,
+                       key_lengths=key_lengths, window=window, dtype=dtype)
+    a = softmax(s)
+    out = (a @ v).astype(dtype)
+    extras = []
+    if return_weights:
+        extras.append(a)
+    if return_lse:
+        m = np.max(s, axis=-1, keepdims=True)
+        m = np.where(m == -np.inf, 0, m)
+        with np.errstate(divide="ignore"):
+            lse = (np.log(np.sum(np.exp(s - m), axis=-1, keepdims=True)) + m)[..., 0]
+        extras.append(lse.astype(dtype))
+    return (out, *extras) if extras else out
