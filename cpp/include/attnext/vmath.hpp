@@ -100,11 +100,22 @@ inline T exp_shifted_sum(T* x, index_t n, T shift) {
 // Maximum of x[0, n); NaN if any element is NaN (as NumPy's max), -inf for n == 0.
 template <typename T>
 inline T max_propagate_nan(const T* x, index_t n) {
-  T m = -std::numeric_limits<T>::infinity();
+  constexpr index_t P = packet_size<T>();
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  Packet<T> acc = ei::pset1<Packet<T>>(neg_inf);
+  index_t i = 0;
+  for (; i + P <= n; i += P) acc = ei::pmax<Eigen::PropagateNaN>(acc, ei::ploadu<Packet<T>>(x + i));
+  alignas(64) T lanes[P];
+  ei::pstore(lanes, acc);
+  T m = neg_inf;
   bool nan = false;
-  for (index_t i = 0; i < n; ++i) {
+  for (index_t k = 0; k < P; ++k) {
+    nan |= lanes[k] != lanes[k];
+    m = lanes[k] > m ? lanes[k] : m;
+  }
+  for (; i < n; ++i) {
+    nan |= x[i] != x[i];
     m = x[i] > m ? x[i] : m;
-    nan |= (x[i] != x[i]);
   }
   return nan ? std::numeric_limits<T>::quiet_NaN() : m;
 }
