@@ -12,7 +12,7 @@ and their compositions :func:`attention` and :func:`scaled_dot_product_attention
 
 from __future__ import annotations
 
-from . import _core
+from . import _core, reference
 from .functional import attention, scaled_dot_product_attention, score, softmax, weighted_sum
 
 __version__ = _core.build_info()["version"]
