@@ -43,7 +43,10 @@ def fmt_ratio(r) -> str:
 def _spread(res) -> str:
     """The interquartile range as +- percent of the median."""
     half = (res["q3_s"] - res["q1_s"]) / 2
-    return f"+-{100 * half / res['median_s']:.0f}%" if res["median_s"] > 0 else "-"
+    if res["median_s"] <= 0:
+        return "-"
+    pct = 100 * half / res["median_s"]
+    return f"+-{pct:.0f}%" if pct < 1000 else ">+-999%"
 
 
 def machine_lines(doc) -> list:
@@ -246,7 +249,12 @@ def plot(doc, path) -> None:
         if xs:
             ax.barh(ys, xs, height=height, label=f"vs {other}", color=colors.get(other))
             for y, x in zip(ys, xs):
-                ax.text(x, y, f" {x:.2g}x", va="center", fontsize=7)
+                ax.text(x, y, " " + fmt_ratio(x), va="center", fontsize=7)
+    for i, case in enumerate(doc["cases"]):
+        res = case["results"].get("attnext", {})
+        if res.get("status") != "ok":
+            ax.text(1.0, i, f"  attnext {res.get('status', 'skipped')}: {res.get('reason') or ''}", va="center",
+                    fontsize=7, color="gray")
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yticks(range(len(names)))

@@ -19,7 +19,7 @@ from .schema import SCHEMA_ID
 # shortest sample in seconds: calls faster than this are looped inside one sample).
 TIMING = {
     "full": (5, 25, 1.5, 0.02),
-    "quick": (3, 9, 0.4, 0.01),
+    "quick": (3, 7, 0.3, 0.01),
     "tiny": (2, 3, 0.01, 0.0),
 }
 
