@@ -145,7 +145,8 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
             progress.update(f"{case.name}: {cname} failed", 1)
             continue
         number = max(1, math.ceil(min_sample / max(est, 1e-9))) if min_sample else 1
-        repeats = int(min(max_rep, max(min_rep, target // max(est * number, 1e-9))))
+        floor = min_rep if est * number < 1.0 else min(min_rep, 3)  # calls over a second: 3 repeats do
+        repeats = int(min(max_rep, max(floor, target // max(est * number, 1e-9))))
         live[cname], plan[cname] = fn, (number, repeats)
     record["check"] = cases_mod.check_outputs(outputs)
     outputs.clear()
