@@ -1,0 +1,514 @@
+"""The benchmark cases: what is run, by whom, and how much work it is.
+
+Each case builds its inputs once from a seeded generator and gives every contender a
+zero-argument callable on those same inputs (PyTorch tensors share the NumPy arrays' memory
+through ``torch.from_numpy``). A contender that cannot run the case is a :class:`Skip` with the
+reason. Contenders:
+
+- ``attnext``: the compiled library. Functions that other parts of the project add later
+  (``additive_attention``, ``MultiHeadAttention``, ``KVCache``) are looked up by name; when
+  absent the contender is skipped with "not in this build".
+- ``torch``: PyTorch on the CPU, the way a PyTorch user writes it (its SDPA, its
+  ``nn.MultiheadAttention`` in eval mode under ``no_grad``, the usual additive formula).
+- ``reference``: :mod:`attnext.reference`, the plain NumPy twin (dense scores, materialised masks).
+
+Work counted per call (documented in docs/benchmarks.md):
+
+- attention: 4·B·H·L·S·D flops (two GEMMs), half of it when causal;
+- additive attention: 2·B·U·(Lq·Dq + Lk·Dk) (projections) + 4·B·Lq·Lk·U (add, tanh, multiply,
+  sum per unit) + 2·B·Lq·Lk·Dv (weighted sum); the additive score alone drops the last term;
+- multi-head attention: 8·B·L·E² (four projections) + 4·B·L²·E (attention);
+- memory-bound cases count bytes: decode reads K and V once (2·B·Hk·S·D·itemsize); softmax
+  reads and writes its tensor once (2·N·itemsize); KV-cache decoding reads the four projection
+  matrices per token and the cached K/V (Σ_t 2·B·t·E·itemsize).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+CONTENDERS = ("attnext", "torch", "reference")
+NOT_IN_BUILD = "not in this build"
+
+
+class Skip:
+    """A contender that does not run this case, and why."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __repr__(self):
+        return f"Skip({self.reason!r})"
+
+
+@dataclass
+class Case:
+    name: str
+    group: str
+    description: str
+    dtype: str
+    params: dict
+    metric: str  # "GFLOP/s" or "GB/s"
+    work: float  # flops or bytes per call
+    setup: Callable  # (rng, env) -> {contender: callable | Skip}
+    suites: tuple = ("full",)
+    extra: Callable | None = None  # (callables) -> dict of additional measurements
+    notes: list = field(default_factory=list)
+
+
+class Env:
+    """What the cases may use: attnext, its reference, torch (or why not), limits."""
+
+    def __init__(self, torch=None, torch_reason=None, max_reference_mb=1024.0):
+        import attnext
+        from attnext import reference
+
+        self.attnext = attnext
+        self.reference = reference
+        self.torch = torch
+        self.torch_reason = torch_reason
+        self.max_reference_mb = max_reference_mb
+
+    def need_torch(self):
+        return Skip(self.torch_reason) if self.torch is None else None
+
+    def attnext_has(self, name):
+        return hasattr(self.attnext, name)
+
+    def reference_too_big(self, nbytes: float):
+        mb = nbytes / 2 ** 20
+        if mb > self.max_reference_mb:
+            return Skip(f"would build a {mb:.0f} MiB dense tensor (limit {self.max_reference_mb:.0f} MiB, "
+                        "--max-reference-mb)")
+        return None
+
+
+def _np_dtype(name):
+    return np.dtype(name).type
+
+
+def _to_numpy(x):
+    if isinstance(x, tuple):
+        x = x[0]
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+# --------------------------------------------------------------------------------------------
+# scaled dot-product attention
+
+def sdpa_case(name, b, hq, l, s, d, *, hk=None, causal=False, dtype="float32", suites=("full",), note=""):
+    hk = hq if hk is None else hk
+    gqa = hk != hq
+    itemsize = np.dtype(dtype).itemsize
+    decode = l <= 16 and s >= 256
+    if decode:
+        metric, work = "GB/s", 2.0 * b * hk * s * d * itemsize
+    else:
+        metric, work = "GFLOP/s", 4.0 * b * hq * l * s * d * (0.5 if causal else 1.0)
+    kind = ", ".join(x for x in ("causal" if causal else "", "decode" if decode else "",
+                                 f"GQA {hq}:{hk}" if gqa else "", dtype if dtype != "float32" else "") if x)
+    desc = f"SDPA B={b} H={hq} L={l} S={s} D={d}" + (f" ({kind})" if kind else "") + (f"; {note}" if note else "")
+
+    def setup(rng, env):
+        t = _np_dtype(dtype)
+        q = rng.standard_normal((b, hq, l, d)).astype(t)
+        k = rng.standard_normal((b, hk, s, d)).astype(t)
+        v = rng.standard_normal((b, hk, s, d)).astype(t)
+        sdpa = env.attnext.scaled_dot_product_attention
+        run = {"attnext": lambda: sdpa(q, k, v, is_causal=causal, enable_gqa=gqa)}
+        run["torch"] = env.need_torch()
+        if run["torch"] is None:
+            torch = env.torch
+            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+            f = torch.nn.functional.scaled_dot_product_attention
+            kwargs = {"is_causal": causal}
+            if gqa:
+                kwargs["enable_gqa"] = True
+            run["torch"] = lambda: f(tq, tk, tv, **kwargs)
+        ref = env.reference
+        run["reference"] = env.reference_too_big(3.0 * b * hq * l * s * itemsize) or (
+            lambda: ref.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa))
+        return run
+
+    return Case(name, "sdpa", desc, dtype, {"B": b, "Hq": hq, "Hk": hk, "L": l, "S": s, "D": d, "causal": causal},
+                metric, work, setup, suites)
+
+
+# --------------------------------------------------------------------------------------------
+# additive (Bahdanau) attention and the additive score
+
+def _additive_inputs(rng, b, lq, lk, dq, dk, u, dv, dtype):
+    t = _np_dtype(dtype)
+    q = rng.standard_normal((b, lq, dq)).astype(t)
+    k = rng.standard_normal((b, lk, dk)).astype(t)
+    v = rng.standard_normal((b, lk, dv)).astype(t)
+    wq = (rng.standard_normal((dq, u)) / math.sqrt(dq)).astype(t)
+    wk = (rng.standard_normal((dk, u)) / math.sqrt(dk)).astype(t)
+    vv = (rng.standard_normal(u) / math.sqrt(u)).astype(t)
+    return q, k, v, wq, wk, vv
+
+
+def additive_case(name, b, lq, lk, u, *, d=None, dtype="float32", suites=("full",)):
+    d = u if d is None else d
+    work = 2.0 * b * u * (lq * d + lk * d) + 4.0 * b * lq * lk * u + 2.0 * b * lq * lk * d
+    itemsize = np.dtype(dtype).itemsize
+
+    def setup(rng, env):
+        q, k, v, wq, wk, vv = _additive_inputs(rng, b, lq, lk, d, d, u, d, dtype)
+        run = {}
+        if env.attnext_has("additive_attention"):
+            f = env.attnext.additive_attention
+            run["attnext"] = lambda: f(q, k, v, wq, wk, vv)
+        else:
+            run["attnext"] = Skip(f"additive_attention {NOT_IN_BUILD}")
+        run["torch"] = env.need_torch()
+        if run["torch"] is None:
+            torch = env.torch
+            tq, tk, tv, twq, twk, tvv = (torch.from_numpy(x) for x in (q, k, v, wq, wk, vv))
+
+            def torch_additive():  # the formula as PyTorch users write it: the (B, Lq, Lk, U) tensor
+                s = torch.tanh((tq @ twq)[:, :, None] + (tk @ twk)[:, None]) @ tvv
+                return torch.bmm(torch.softmax(s, dim=-1), tv)
+
+            run["torch"] = torch_additive
+        ref = env.reference
+        big = env.reference_too_big(2.0 * b * lq * lk * u * itemsize)
+        if big is not None:
+            run["reference"] = big
+        elif hasattr(ref, "additive_attention"):
+            run["reference"] = lambda: ref.additive_attention(q, k, v, wq, wk, vv)
+        else:  # the same formula through the reference's three steps
+            run["reference"] = lambda: ref.attention(q, k, v, method="additive", w_query=wq, w_key=wk, v=vv)
+        return run
+
+    return Case(name, "additive", f"additive attention B={b} Lq={lq} Lk={lk} Dq=Dk=Dv={d} U={u}", dtype,
+                {"B": b, "Lq": lq, "Lk": lk, "D": d, "U": u}, "GFLOP/s", work, setup, suites)
+
+
+def score_additive_case(name, b, lq, lk, u, *, d=None, dtype="float32", suites=("full",)):
+    d = u if d is None else d
+    work = 2.0 * b * u * (lq * d + lk * d) + 4.0 * b * lq * lk * u
+    itemsize = np.dtype(dtype).itemsize
+
+    def setup(rng, env):
+        q, k, _, wq, wk, vv = _additive_inputs(rng, b, lq, lk, d, d, u, 1, dtype)
+        f = env.attnext.score
+        run = {"attnext": lambda: f(q, k, "additive", w_query=wq, w_key=wk, v=vv)}
+        run["torch"] = env.need_torch()
+        if run["torch"] is None:
+            torch = env.torch
+            tq, tk, twq, twk, tvv = (torch.from_numpy(x) for x in (q, k, wq, wk, vv))
+            run["torch"] = lambda: torch.tanh((tq @ twq)[:, :, None] + (tk @ twk)[:, None]) @ tvv
+        ref = env.reference
+        run["reference"] = env.reference_too_big(2.0 * b * lq * lk * u * itemsize) or (
+            lambda: ref.score(q, k, "additive", w_query=wq, w_key=wk, v=vv))
+        return run
+
+    return Case(name, "score", f"additive score B={b} Lq={lq} Lk={lk} Dq=Dk={d} U={u}", dtype,
+                {"B": b, "Lq": lq, "Lk": lk, "D": d, "U": u}, "GFLOP/s", work, setup, suites)
+
+
+# --------------------------------------------------------------------------------------------
+# softmax
+
+def softmax_case(name, shape, *, dtype="float32", suites=("full",)):
+    n = int(np.prod(shape))
+    itemsize = np.dtype(dtype).itemsize
+
+    def setup(rng, env):
+        x = rng.standard_normal(shape).astype(_np_dtype(dtype))
+        f = env.attnext.softmax
+        run = {"attnext": lambda: f(x)}
+        run["torch"] = env.need_torch()
+        if run["torch"] is None:
+            torch = env.torch
+            tx = torch.from_numpy(x)
+            run["torch"] = lambda: torch.softmax(tx, dim=-1)
+        ref = env.reference
+        run["reference"] = lambda: ref.softmax(x)
+        return run
+
+    return Case(name, "softmax", f"softmax over the last axis of {tuple(shape)}", dtype, {"shape": list(shape)},
+                "GB/s", 2.0 * n * itemsize, setup, suites)
+
+
+# --------------------------------------------------------------------------------------------
+# multi-head attention and KV-cache decoding
+
+def _mha_weights(rng, e, dtype):
+    t = _np_dtype(dtype)
+    bound = 1.0 / math.sqrt(e)
+    return {
+        "in_proj_weight": rng.uniform(-bound, bound, (3 * e, e)).astype(t),
+        "in_proj_bias": rng.uniform(-bound, bound, 3 * e).astype(t),
+        "out_proj.weight": rng.uniform(-bound, bound, (e, e)).astype(t),
+        "out_proj.bias": rng.uniform(-bound, bound, e).astype(t),
+    }
+
+
+def _attnext_mha(env, e, h, weights, dtype):
+    if not env.attnext_has("MultiHeadAttention"):
+        return Skip(f"MultiHeadAttention {NOT_IN_BUILD}")
+    m = env.attnext.MultiHeadAttention(e, h, bias=True, batch_first=True, dtype=_np_dtype(dtype),
+                                       rng=np.random.default_rng(0))
+    m.load_state_dict(weights)
+    return m
+
+
+def _torch_mha(env, e, h, weights):
+    torch = env.torch
+    m = torch.nn.MultiheadAttention(e, h, bias=True, batch_first=True)
+    with torch.no_grad():
+        for key, value in m.state_dict().items():
+            value.copy_(torch.from_numpy(weights[key]))
+    return m.eval()
+
+
+def _ref_heads(x, b, l, h, dh):  # (B, L, E) -> (B, H, L, Dh)
+    return x.reshape(b, l, h, dh).transpose(0, 2, 1, 3)
+
+
+def mha_case(name, b, l, e, h, *, dtype="float32", suites=("full",)):
+    work = 8.0 * b * l * e * e + 4.0 * b * l * l * e
+
+    def setup(rng, env):
+        x = rng.standard_normal((b, l, e)).astype(_np_dtype(dtype))
+        w = _mha_weights(rng, e, dtype)
+        run = {}
+        m = _attnext_mha(env, e, h, w, dtype)
+        run["attnext"] = m if isinstance(m, Skip) else (lambda: m(x, need_weights=False))
+        run["torch"] = env.need_torch()
+        if run["torch"] is None:
+            torch = env.torch
+            tm, tx = _torch_mha(env, e, h, w), torch.from_numpy(x)
+
+            def torch_mha():
+                with torch.no_grad():
+                    return tm(tx, tx, tx, need_weights=False)
+
+            run["torch"] = torch_mha
+        ref, dh = env.reference, e // h
+
+        def reference_mha():
+            qkv = x @ w["in_proj_weight"].T + w["in_proj_bias"]
+            q, k, v = (_ref_heads(p, b, l, h, dh) for p in np.split(qkv, 3, axis=-1))
+            o = ref.scaled_dot_product_attention(q, k, v).transpose(0, 2, 1, 3).reshape(b, l, e)
+            return o @ w["out_proj.weight"].T + w["out_proj.bias"]
+
+        run["reference"] = reference_mha
+        return run
+
+    return Case(name, "mha", f"multi-head self-attention forward B={b} L={l} E={e} heads={h}", dtype,
+                {"B": b, "L": l, "E": e, "heads": h}, "GFLOP/s", work, setup, suites)
+
+
+_CACHE_ARGS = {  # parameter names a KVCache constructor may take -> how to fill them
+    "batch_size": "b", "batch": "b", "num_heads": "hk", "num_kv_heads": "hk", "heads": "hk", "head_dim": "dh",
+    "capacity": "t", "max_len": "t", "max_length": "t", "initial_capacity": "t", "max_seq_len": "t",
+    "dtype": "dtype", "embed_dim": "e",
+}
+
+
+def _new_kv_cache(env, module, b, e, h, t, dtype):
+    """A fresh attnext.KVCache, built from whatever of its documented arguments it asks for."""
+    cls = env.attnext.KVCache
+    values = {"b": b, "hk": h, "dh": e // h, "t": t, "dtype": _np_dtype(dtype), "e": e}
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return cls()
+    kwargs = {}
+    for pname, p in params.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if pname in _CACHE_ARGS:
+            kwargs[pname] = values[_CACHE_ARGS[pname]]
+        elif p.default is p.empty:
+            raise TypeError(f"KVCache{inspect.signature(cls)}: do not know how to fill {pname!r}")
+    return cls(**kwargs)
+
+
+def kvcache_case(name, b, e, h, t, *, dtype="float32", suites=("full",)):
+    itemsize = np.dtype(dtype).itemsize
+    work = t * (4.0 * e * e + 4.0 * e) * itemsize + sum(2.0 * b * (i + 1) * e * itemsize for i in range(t))
+    dh = e // h
+
+    def setup(rng, env):
+        x = rng.standard_normal((b, t, e)).astype(_np_dtype(dtype))
+        w = _mha_weights(rng, e, dtype)
+        run = {}
+        if not env.attnext_has("KVCache"):
+            run["attnext"] = Skip(f"KVCache {NOT_IN_BUILD}")
+        else:
+            m = _attnext_mha(env, e, h, w, dtype)
+            if isinstance(m, Skip):
+                run["attnext"] = m
+            else:
+                try:
+                    _new_kv_cache(env, m, b, e, h, t, dtype)
+                except TypeError as exc:
+                    run["attnext"] = Skip(str(exc))
+                else:
+                    def attnext_decode(step_times=None):
+                        cache = _new_kv_cache(env, m, b, e, h, t, dtype)
+                        return _decode(lambda i: m.step(x[:, i:i + 1], cache), t, step_times)
+
+                    run["attnext"] = attnext_decode
+        run["torch"] = env.need_torch()
+        if run["torch"] is None:
+            torch = env.torch
+            tx = torch.from_numpy(x)
+            tw = {k: torch.from_numpy(v) for k, v in w.items()}
+            f = torch.nn.functional
+
+            def torch_decode(step_times=None):  # the usual hand-written cache: preallocated K/V
+                kc = torch.empty((b, h, t, dh), dtype=tx.dtype)
+                vc = torch.empty((b, h, t, dh), dtype=tx.dtype)
+
+                def step(i):
+                    qkv = f.linear(tx[:, i:i + 1], tw["in_proj_weight"], tw["in_proj_bias"])
+                    q, k, v = (p.reshape(b, 1, h, dh).transpose(1, 2) for p in qkv.chunk(3, dim=-1))
+                    kc[:, :, i:i + 1] = k
+                    vc[:, :, i:i + 1] = v
+                    o = f.scaled_dot_product_attention(q, kc[:, :, :i + 1], vc[:, :, :i + 1])
+                    return f.linear(o.transpose(1, 2).reshape(b, 1, e), tw["out_proj.weight"], tw["out_proj.bias"])
+
+                with torch.no_grad():
+                    return _decode(step, t, step_times)
+
+            run["torch"] = torch_decode
+        ref = env.reference
+
+        def reference_decode(step_times=None):
+            kc = np.empty((b, h, t, dh), dtype=x.dtype)
+            vc = np.empty((b, h, t, dh), dtype=x.dtype)
+
+            def step(i):
+                qkv = x[:, i:i + 1] @ w["in_proj_weight"].T + w["in_proj_bias"]
+                q, k, v = (_ref_heads(p, b, 1, h, dh) for p in np.split(qkv, 3, axis=-1))
+                kc[:, :, i:i + 1] = k
+                vc[:, :, i:i + 1] = v
+                o = ref.scaled_dot_product_attention(q, kc[:, :, :i + 1], vc[:, :, :i + 1])
+                return o.transpose(0, 2, 1, 3).reshape(b, 1, e) @ w["out_proj.weight"].T + w["out_proj.bias"]
+
+            return _decode(step, t, step_times)
+
+        run["reference"] = reference_decode
+        return run
+
+    def extra(run):
+        """Per-token cost at the start and the end of the sequence (one instrumented pass)."""
+        out = {}
+        window = min(64, max(1, t // 4))
+        for cname, fn in run.items():
+            if isinstance(fn, Skip):
+                continue
+            times = []
+            fn(times)
+            out[cname] = {f"first_{window}_tokens_ms_per_token": 1e3 * float(np.mean(times[:window])),
+                          f"last_{window}_tokens_ms_per_token": 1e3 * float(np.mean(times[-window:]))}
+        return out
+
+    return Case(name, "kvcache", f"KV-cache decoding of {t} tokens one by one, B={b} E={e} heads={h}", dtype,
+                {"B": b, "E": e, "heads": h, "tokens": t}, "GB/s", work, setup, suites, extra)
+
+
+def _decode(step, t, step_times):
+    import time
+
+    out = None
+    for i in range(t):
+        if step_times is None:
+            out = step(i)
+        else:
+            t0 = time.perf_counter()
+            out = step(i)
+            step_times.append(time.perf_counter() - t0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the suites
+
+def all_cases():
+    q, f, tiny = ("quick",), ("full",), ("tiny",)
+    qf = ("quick", "full")
+    return [
+        # Issue 3's table (full suite), in its order.
+        sdpa_case("sdpa-1x8x1024x1024x64", 1, 8, 1024, 1024, 64, suites=qf),
+        sdpa_case("sdpa-4x12x512x512x64", 4, 12, 512, 512, 64, suites=f),
+        sdpa_case("sdpa-1x8x4096x4096x64", 1, 8, 4096, 4096, 64, suites=f),
+        sdpa_case("sdpa-1x8x4096x4096x64-causal", 1, 8, 4096, 4096, 64, causal=True, suites=f),
+        sdpa_case("sdpa-1x8x2048x2048x128", 1, 8, 2048, 2048, 128, suites=f),
+        sdpa_case("sdpa-32x8x1x4096x64-decode", 32, 8, 1, 4096, 64, suites=f),
+        sdpa_case("sdpa-8x1x128x128x256", 8, 1, 128, 128, 256, suites=qf),
+        sdpa_case("sdpa-1x8x1024x1024x64-float64", 1, 8, 1024, 1024, 64, dtype="float64", suites=f),
+        sdpa_case("sdpa-1x32:8x1024x1024x64-gqa", 1, 32, 1024, 1024, 64, hk=8, suites=f),
+        # Smaller stand-ins in the quick suite.
+        sdpa_case("sdpa-1x8x1024x1024x64-causal", 1, 8, 1024, 1024, 64, causal=True, suites=q),
+        sdpa_case("sdpa-8x8x1x2048x64-decode", 8, 8, 1, 2048, 64, suites=q),
+        sdpa_case("sdpa-1x8x512x512x64-float64", 1, 8, 512, 512, 64, dtype="float64", suites=q),
+        sdpa_case("sdpa-1x16:4x512x512x64-gqa", 1, 16, 512, 512, 64, hk=4, suites=q),
+        # Issue 4.
+        additive_case("additive-8x128x128x256", 8, 128, 128, 256, suites=qf),
+        score_additive_case("score_additive-8x128x128x256", 8, 128, 128, 256, suites=f),
+        score_additive_case("score_additive-4x64x64x128", 4, 64, 64, 128, suites=q),
+        # Issue 5.
+        mha_case("mha-4x512x512h8", 4, 512, 512, 8, suites=f),
+        mha_case("mha-2x256x512h8", 2, 256, 512, 8, suites=q),
+        kvcache_case("kvcache-4x512h8-t512", 4, 512, 8, 512, suites=f),
+        kvcache_case("kvcache-1x512h8-t128", 1, 512, 8, 128, suites=q),
+        softmax_case("softmax-64x1024x1024", (64, 1024, 1024), suites=f),
+        softmax_case("softmax-16x1024x1024", (16, 1024, 1024), suites=q),
+        # A hidden suite of tiny sizes for tests (every group, seconds in all).
+        sdpa_case("tiny-sdpa", 1, 2, 16, 16, 8, suites=tiny),
+        sdpa_case("tiny-sdpa-causal-gqa", 1, 4, 16, 16, 8, hk=2, causal=True, suites=tiny),
+        sdpa_case("tiny-sdpa-decode-float64", 2, 2, 1, 256, 8, dtype="float64", suites=tiny),
+        additive_case("tiny-additive", 2, 5, 7, 8, suites=tiny),
+        score_additive_case("tiny-score_additive", 2, 5, 7, 8, suites=tiny),
+        mha_case("tiny-mha", 2, 6, 16, 2, suites=tiny),
+        kvcache_case("tiny-kvcache", 1, 16, 2, 6, suites=tiny),
+        softmax_case("tiny-softmax", (3, 5, 33), suites=tiny),
+    ]
+
+
+SUITES = ("quick", "full", "tiny")
+
+
+def select(suite: str, patterns=None):
+    """The cases of ``suite`` whose names match any of the glob ``patterns`` (all when None)."""
+    cases = [c for c in all_cases() if suite in c.suites]
+    if patterns:
+        chosen = [c for c in cases if any(fnmatch.fnmatchcase(c.name, p) or c.name == p for p in patterns)]
+        if not chosen:
+            names = ", ".join(c.name for c in cases)
+            raise ValueError(f"no case of suite {suite!r} matches {' '.join(patterns)}; its cases: {names}")
+        return chosen
+    return cases
+
+
+def check_outputs(outputs: dict) -> dict:
+    """Largest relative difference of every contender's output from the first available of
+    reference, torch, attnext (the same formula computed three ways must agree)."""
+    order = [c for c in ("reference", "torch", "attnext") if c in outputs]
+    if len(order) < 2:
+        return {}
+    base = _to_numpy(outputs[order[0]]).astype(np.float64)
+    scale = max(float(np.max(np.abs(base))) if base.size else 0.0, 1e-30)
+    result = {}
+    for name in order[1:]:
+        other = _to_numpy(outputs[name]).astype(np.float64)
+        if other.shape != base.shape:
+            result[name] = {"against": order[0], "error": f"shape {other.shape} vs {base.shape}"}
+            continue
+        result[name] = {"against": order[0], "max_rel_diff": float(np.max(np.abs(other - base))) / scale
+                        if base.size else 0.0}
+    return result

@@ -1,0 +1,305 @@
+"""The benchmark suite: runs end to end on tiny cases, its JSON matches the schema, CSV,
+Markdown, --compare. No timing is asserted (speed is what the suite reports, not tests)."""
+
+import copy
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import attnext
+from attnext.__main__ import main
+from attnext.bench import SCHEMA, SchemaError, run_suite, validate
+from attnext.bench import cases as bench_cases
+from attnext.bench import machine, report
+
+
+@pytest.fixture
+def keep_threads():
+    """Benchmarks set thread counts process-wide: put them back afterwards."""
+    before = attnext.get_num_threads()
+    try:
+        import torch
+        torch_before = torch.get_num_threads()
+    except ImportError:
+        torch = None
+    yield
+    attnext.set_num_threads(before)
+    if torch is not None:
+        torch.set_num_threads(torch_before)
+
+
+@pytest.fixture(scope="module")
+def tiny_doc(tmp_path_factory):
+    """One full run of the hidden tiny suite through the command line, probes included."""
+    d = tmp_path_factory.mktemp("bench")
+    paths = {k: str(d / f"r.{k}") for k in ("json", "csv", "md")}
+    before = attnext.get_num_threads()
+    rc = main(["bench", "--suite", "tiny", "--quiet", "--json", paths["json"], "--csv", paths["csv"],
+               "--markdown", paths["md"]])
+    attnext.set_num_threads(before)
+    assert rc == 0
+    with open(paths["json"], encoding="utf-8") as f:
+        return json.load(f), paths
+
+
+def test_json_validates_against_the_schema(tiny_doc):
+    doc, _ = tiny_doc
+    validate(doc)
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(doc, SCHEMA)
+
+
+def test_every_case_and_contender_is_reported(tiny_doc):
+    doc, _ = tiny_doc
+    names = [c["name"] for c in doc["cases"]]
+    assert names == [c.name for c in bench_cases.select("tiny")]
+    for case in doc["cases"]:
+        assert set(case["results"]) == set(bench_cases.CONTENDERS)
+        for cname, res in case["results"].items():
+            assert res["status"] in ("ok", "skipped"), (case["name"], cname, res)
+            if res["status"] == "ok":
+                assert res["min_s"] <= res["q1_s"] <= res["median_s"] <= res["q3_s"] <= res["max_s"]
+                assert len(res["times_s"]) == res["repeats"]
+                assert res["rate"] == pytest.approx(case["work"] / res["median_s"] / 1e9)
+            else:
+                assert res["reason"]
+        ok = [c for c, r in case["results"].items() if r["status"] == "ok"]
+        assert set(case["ratios"]) == {f"{a}_vs_{b}" for a in ok for b in ok if a != b}
+    assert doc["machine"]["threads"]["attnext"] >= 1
+    assert doc["peak"]["peak_gflops_float32"] > 0 and doc["peak"]["peak_read_gbs"] > 0
+
+
+def test_contenders_agree_on_the_same_inputs(tiny_doc):
+    doc, _ = tiny_doc
+    checked = 0
+    for case in doc["cases"]:
+        for cname, check in case["check"].items():
+            tol = 1e-4 if case["dtype"] == "float32" else 1e-10
+            assert check["max_rel_diff"] <= tol, (case["name"], cname, check)
+            checked += 1
+    assert checked >= len(doc["cases"])
+
+
+def test_missing_apis_are_skipped_as_not_in_this_build(tiny_doc):
+    doc, _ = tiny_doc
+    by_name = {c["name"]: c for c in doc["cases"]}
+    for case, api in (("tiny-additive", "additive_attention"), ("tiny-mha", "MultiHeadAttention"),
+                      ("tiny-kvcache", "KVCache")):
+        res = by_name[case]["results"]["attnext"]
+        if hasattr(attnext, api):
+            assert res["status"] == "ok"
+        else:
+            assert res == {"status": "skipped", "reason": f"{api} not in this build"}
+
+
+def test_csv_has_one_row_per_case_and_contender(tiny_doc):
+    doc, paths = tiny_doc
+    with open(paths["csv"], newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == sum(len(c["results"]) for c in doc["cases"])
+    assert {r["cpu_model"] for r in rows} == {doc["machine"]["cpu_model"]}
+    first = doc["cases"][0]
+    row = next(r for r in rows if r["case"] == first["name"] and r["contender"] == "attnext")
+    assert float(row["median_s"]) == pytest.approx(first["results"]["attnext"]["median_s"])
+
+
+def test_markdown_table_comes_from_the_json(tiny_doc, tmp_path, capsys):
+    doc, paths = tiny_doc
+    with open(paths["md"], encoding="utf-8") as f:
+        text = f.read()
+    assert all(f"`{c['name']}`" in text for c in doc["cases"])
+    out = tmp_path / "again.md"
+    assert main(["bench", "--from", paths["json"], "--markdown", str(out)]) == 0
+    assert out.read_text(encoding="utf-8") == text
+
+
+def test_schema_rejects_broken_documents(tiny_doc):
+    doc, _ = tiny_doc
+    bad = copy.deepcopy(doc)
+    del bad["machine"]["cpu_model"]
+    with pytest.raises(SchemaError, match="cpu_model"):
+        validate(bad)
+    bad = copy.deepcopy(doc)
+    bad["cases"][0]["results"]["attnext"]["status"] = "fine"
+    with pytest.raises(SchemaError, match=r"cases\[0\]\.results\.attnext\.status"):
+        validate(bad)
+    bad = copy.deepcopy(doc)
+    bad["cases"][0]["ratios"]["attnext_vs_torch"] = "fast"
+    with pytest.raises(SchemaError, match="expected number"):
+        validate(bad)
+    bad = copy.deepcopy(doc)
+    bad["schema"] = "attnext-bench/0"
+    with pytest.raises(SchemaError, match="schema"):
+        validate(bad)
+
+
+def _slowed(doc, factor):
+    b = copy.deepcopy(doc)
+    for case in b["cases"]:
+        res = case["results"]["attnext"]
+        if res["status"] == "ok":
+            for key in ("median_s", "q1_s", "q3_s", "min_s", "max_s"):
+                res[key] *= factor
+    return b
+
+
+def test_compare_prints_the_change_per_case(tiny_doc, tmp_path, capsys):
+    doc, paths = tiny_doc
+    slow = tmp_path / "slow.json"
+    report.save_json(_slowed(doc, 2.0), slow)
+    capsys.readouterr()
+    assert main(["bench", "--compare", paths["json"], str(slow)]) == 0
+    out = capsys.readouterr().out
+    assert "+100.0%  slower" in out
+    assert main(["bench", "--compare", paths["json"], str(slow), "--fail-slower", "50"]) == 1
+    assert main(["bench", "--compare", paths["json"], paths["json"], "--fail-slower", "50"]) == 0
+    text, rows = report.compare(doc, _slowed(doc, 0.5))
+    assert {round(r[4], 6) for r in rows if r[1] == "attnext"} == {-0.5}
+
+
+def test_skipped_torch_is_listed_with_its_reason(monkeypatch, keep_threads):
+    monkeypatch.setattr(machine, "torch_or_reason", lambda: (None, "PyTorch not importable (test)"))
+    doc = run_suite("tiny", ["tiny-softmax"], progress=False, probe=False)
+    validate(doc)
+    assert doc["contenders"]["torch"] == {"available": False, "reason": "PyTorch not importable (test)"}
+    assert doc["cases"][0]["results"]["torch"] == {"status": "skipped", "reason": "PyTorch not importable (test)"}
+    assert "torch: PyTorch not importable (test)" in report.table(doc)
+    assert doc["cases"][0]["results"]["attnext"]["fraction_of_peak"] is None
+
+
+def test_absent_api_reports_not_in_this_build(monkeypatch, keep_threads):
+    monkeypatch.setattr(bench_cases.Env, "attnext_has", lambda self, name: False)
+    doc = run_suite("tiny", ["tiny-additive", "tiny-mha", "tiny-kvcache"], progress=False, probe=False)
+    for case in doc["cases"]:
+        res = case["results"]["attnext"]
+        assert res["status"] == "skipped" and res["reason"].endswith("not in this build")
+        assert case["results"]["reference"]["status"] == "ok"
+
+
+def test_threads_apply_to_every_contender(keep_threads):
+    doc = run_suite("tiny", ["tiny-sdpa"], threads=1, progress=False, probe=False)
+    t = doc["machine"]["threads"]
+    assert t["requested"] == 1 and t["attnext"] == 1
+    if t["torch"] is not None:
+        assert t["torch"] == 1
+
+
+def test_case_globs_and_errors(capsys):
+    assert [c.name for c in bench_cases.select("tiny", ["tiny-sdpa*"])] == \
+        ["tiny-sdpa", "tiny-sdpa-causal-gqa", "tiny-sdpa-decode-float64"]
+    with pytest.raises(ValueError, match="no case of suite 'tiny' matches nope.*tiny-softmax"):
+        bench_cases.select("tiny", ["nope"])
+    assert main(["bench", "--suite", "tiny", "--case", "nope"]) == 2
+    assert main(["bench", "--suite", "quick", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "sdpa-1x8x1024x1024x64" in listed and "tiny-" not in listed
+
+
+def test_suites_cover_the_issue_shapes():
+    full = {c.name: c for c in bench_cases.select("full")}
+    for name in ("sdpa-1x8x1024x1024x64", "sdpa-4x12x512x512x64", "sdpa-1x8x4096x4096x64",
+                 "sdpa-1x8x4096x4096x64-causal", "sdpa-1x8x2048x2048x128", "sdpa-32x8x1x4096x64-decode",
+                 "sdpa-8x1x128x128x256", "sdpa-1x8x1024x1024x64-float64", "sdpa-1x32:8x1024x1024x64-gqa",
+                 "additive-8x128x128x256", "mha-4x512x512h8", "kvcache-4x512h8-t512", "softmax-64x1024x1024",
+                 "score_additive-8x128x128x256"):
+        assert name in full
+    causal = full["sdpa-1x8x4096x4096x64-causal"]
+    assert causal.work == 2 * 8 * 4096 * 4096 * 64 and causal.metric == "GFLOP/s"
+    decode = full["sdpa-32x8x1x4096x64-decode"]
+    assert decode.metric == "GB/s" and decode.work == 2 * 32 * 8 * 4096 * 64 * 4
+    quick = bench_cases.select("quick")
+    assert {c.group for c in quick} == {c.group for c in full.values()}
+
+
+def test_schema_command_prints_json(capsys):
+    assert main(["bench", "--schema"]) == 0
+    assert json.loads(capsys.readouterr().out)["$id"] == "attnext-bench/1"
+
+
+def test_speedup_plot(tiny_doc, tmp_path):
+    pytest.importorskip("matplotlib")
+    doc, paths = tiny_doc
+    out = tmp_path / "speedup.png"
+    assert main(["bench", "--from", paths["json"], "--plot", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_check_outputs_flags_disagreement():
+    a = np.ones((2, 3))
+    res = bench_cases.check_outputs({"reference": a, "attnext": a * 1.5, "torch": a})
+    assert res["attnext"] == {"against": "reference", "max_rel_diff": pytest.approx(0.5)}
+    assert res["torch"]["max_rel_diff"] == 0.0
+
+
+class _StandInMHA:
+    """A NumPy stand-in with the documented signatures of attnext.MultiHeadAttention, so the
+    suite's MHA and KV-cache cases are exercised before the real layer is in the build."""
+
+    def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, bias=True, batch_first=True, dtype=np.float32,
+                 rng=None):
+        self.e, self.h = embed_dim, num_heads
+
+    def load_state_dict(self, d):
+        self.w = {k: np.asarray(v) for k, v in d.items()}
+
+    def _heads(self, x):
+        b, l, _ = x.shape
+        return x.reshape(b, l, self.h, self.e // self.h).transpose(0, 2, 1, 3)
+
+    def _attend(self, x, k, v):
+        from attnext import reference
+
+        b, l, _ = x.shape
+        q = self._heads(x @ self.w["in_proj_weight"][:self.e].T + self.w["in_proj_bias"][:self.e])
+        o = reference.scaled_dot_product_attention(q, k, v, is_causal="bottom_right")
+        return o.transpose(0, 2, 1, 3).reshape(b, l, self.e) @ self.w["out_proj.weight"].T + self.w["out_proj.bias"]
+
+    def _kv(self, x):
+        w, bias = self.w["in_proj_weight"], self.w["in_proj_bias"]
+        e = self.e
+        return (self._heads(x @ w[e:2 * e].T + bias[e:2 * e]), self._heads(x @ w[2 * e:].T + bias[2 * e:]))
+
+    def __call__(self, query, key=None, value=None, *, need_weights=False):
+        k, v = self._kv(query)
+        from attnext import reference
+
+        b, l, _ = query.shape
+        q = self._heads(query @ self.w["in_proj_weight"][:self.e].T + self.w["in_proj_bias"][:self.e])
+        o = reference.scaled_dot_product_attention(q, k, v)
+        return o.transpose(0, 2, 1, 3).reshape(b, l, self.e) @ self.w["out_proj.weight"].T + \
+            self.w["out_proj.bias"], None
+
+    def step(self, x_t, cache):
+        k, v = self._kv(x_t)
+        cache.k = k if cache.k is None else np.concatenate([cache.k, k], axis=2)
+        cache.v = v if cache.v is None else np.concatenate([cache.v, v], axis=2)
+        return self._attend(x_t, cache.k, cache.v)
+
+
+class _StandInCache:
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.k = self.v = None
+
+
+def test_cases_light_up_when_the_layers_exist(monkeypatch, keep_threads):
+    from attnext import reference
+
+    monkeypatch.setattr(attnext, "MultiHeadAttention", _StandInMHA, raising=False)
+    monkeypatch.setattr(attnext, "KVCache", _StandInCache, raising=False)
+    monkeypatch.setattr(attnext, "additive_attention",
+                        lambda q, k, v, wq, wk, vv, **kw: reference.attention(q, k, v, method="additive", w_query=wq,
+                                                                              w_key=wk, v=vv), raising=False)
+    doc = run_suite("tiny", ["tiny-additive", "tiny-mha", "tiny-kvcache"], progress=False, probe=False)
+    validate(doc)
+    for case in doc["cases"]:
+        assert case["results"]["attnext"]["status"] == "ok", case["results"]["attnext"]
+        assert case["check"]["attnext"]["max_rel_diff"] <= 1e-5
+        assert "attnext_vs_reference" in case["ratios"]
+    kv = doc["cases"][2]["extra"]
+    assert set(kv["attnext"]) == {"first_1_tokens_ms_per_token", "last_1_tokens_ms_per_token"}
