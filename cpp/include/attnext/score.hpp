@@ -64,16 +64,26 @@ void score_additive(const Strided<const T>& q, const Strided<const T>& k, const 
                     const Strided<const T>& w_key, const T* v, const T* bias, T scale, T* out) {
   const index_t batches = q.batch_count(2);
   const index_t lq = q.dim(-2), lk = k.dim(-2), units = w_query.dim(-1);
-  // Both projections once, as GEMMs: (B, Lq, U) + (B, Lk, U), never (B, Lq, Lk, U).
-  const std::vector<T> qp = project_rows(q, w_query, bias);
+  // Both projections once, as GEMMs: (B, Lq, U) + (B, Lk, U), never (B, Lq, Lk, U); each
+  // with its exponential form (additive.hpp), and whether a batch entry's keys may use it.
+  std::vector<T> qp = project_rows(q, w_query, bias);
   const std::vector<T> kp = project_rows(k, w_key, static_cast<const T*>(nullptr));
+  std::vector<T> qe(qp.size()), ke(kp.size());
+  std::vector<unsigned char> k_ok(static_cast<size_t>(batches));
+  parallel_for(batches, [&](index_t b) {
+    k_ok[static_cast<size_t>(b)] = additive_exp_form(kp.data() + b * lk * units, ke.data() + b * lk * units, lk * units);
+  });
   const index_t nb = row_blocks(lq);
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kScoreRowBlock;
     const index_t r1 = std::min(lq, r0 + kScoreRowBlock);
+    const AdditiveRows<T> keys{kp.data() + b * lk * units, k_ok[static_cast<size_t>(b)] ? ke.data() + b * lk * units : nullptr};
     for (index_t i = r0; i < r1; ++i) {
       T* o = out + (b * lq + i) * lk;
-      additive_scores_row(qp.data() + (b * lq + i) * units, kp.data() + b * lk * units, v, units, lk, o);
+      const T* qr = qp.data() + (b * lq + i) * units;
+      T* qx = qe.data() + (b * lq + i) * units;
+      const bool q_ok = keys.expo && additive_exp_form(qr, qx, units);
+      additive_scores_row(AdditiveRows<T>{qr, q_ok ? qx : nullptr}, keys, v, units, lk, o);
       if (scale != T(1))
         for (index_t j = 0; j < lk; ++j) o[j] *= scale;
     }
