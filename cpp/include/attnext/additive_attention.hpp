@@ -18,24 +18,38 @@
 
 namespace attnext {
 
+// dst (rows, n) = a (rows, k) b (k, n), with results that depend only on the values. Eigen
+// evaluates very small products (rows + n + k < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) coefficient
+// by coefficient with a vectorised inner product that peels up to the first aligned address,
+// so their last bits would depend on where our scratch buffers happen to start; those get a
+// plain loop here. A few rows go through matrix-vector products (no packing of b, which is
+// what one decoder step needs), more through a GEMM. The choice depends on the shapes only.
+template <typename T, typename A, typename B>
+void product_rows(const A& a, const B& b, T* dst) {
+  const index_t rows = a.rows(), depth = a.cols(), n = b.cols();
+  using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+  if (rows + n + depth < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) {
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c = 0; c < n; ++c) {
+        T acc = T(0);
+        for (index_t d = 0; d < depth; ++d) acc += a(r, d) * b(d, c);
+        dst[r * n + c] = acc;
+      }
+  } else if (rows < 4) {
+    for (index_t r = 0; r < rows; ++r) Eigen::Map<RowVec>(dst + r * n, n).noalias() = a.row(r) * b;
+  } else {
+    MatrixMap<T>(dst, rows, n).noalias() = a * b;
+  }
+}
+
 // Rows [r0, r0 + rows) of batch entry b of x (..., L, D) times w (D, U) (+ bias) into dst
-// (rows, U) row-major. A few rows go through matrix-vector products (no packing of w, which
-// is what one decoder step needs); more rows through a GEMM. The choice depends on the block
-// only, never on the thread count.
+// (rows, U) row-major.
 template <typename T>
 void project_block(const Strided<const T>& x, index_t b, index_t r0, index_t rows, const ConstMatrixMap<T>& w,
                    const T* bias, T* dst) {
   const index_t units = w.cols();
   using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
-  const auto xb = matrix_of(x, b, r0, rows);
-  if (rows < 4) {
-    for (index_t r = 0; r < rows; ++r) {
-      Eigen::Map<RowVec> d(dst + r * units, units);
-      d.noalias() = xb.row(r) * w;
-    }
-  } else {
-    MatrixMap<T>(dst, rows, units).noalias() = xb * w;
-  }
+  product_rows<T>(matrix_of(x, b, r0, rows), w, dst);
   if (bias) {
     const Eigen::Map<const RowVec> bv(bias, units);
     for (index_t r = 0; r < rows; ++r) Eigen::Map<RowVec>(dst + r * units, units) += bv;
@@ -113,15 +127,9 @@ void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_qu
     }
 
     // context rows = weights[:, :visible] value[:visible]
-    MatrixMap<T> o(out + (b * lq + r0) * dv, rows, dv);
-    const ConstMatrixMap<T> w(tile, rows, lk);
-    auto product = [&](const auto& val) {
-      if (rows < 4) {
-        for (index_t r = 0; r < rows; ++r) o.row(r).noalias() = w.row(r).head(visible) * val;
-      } else {
-        o.noalias() = w.leftCols(visible) * val;
-      }
-    };
+    T* o = out + (b * lq + r0) * dv;
+    const auto w = ConstMatrixMap<T>(tile, rows, lk).leftCols(visible);
+    auto product = [&](const auto& val) { product_rows<T>(w, val, o); };
     const T* vb = value.data + value.batch_offset(b, 2);
     if (value_rows_contiguous) {
       using RowStrided = Eigen::Map<const RowMatrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
