@@ -18,6 +18,10 @@
 #include <cstring>
 #include <type_traits>
 
+#include <algorithm>
+#include <vector>
+
+#include "parallel.hpp"
 #include "strided.hpp"
 #include "vmath.hpp"
 
@@ -177,6 +181,72 @@ inline void additive_scores_row(const AdditiveRows<T>& q, const AdditiveRows<T>&
       acc = ei::pmadd(weight(ei::pload<P>(v_tail)), term(ei::pload<P>(q_tail), ei::pload<P>(k_tail[0])), acc);
     }
     out[j] = ei::predux(acc);
+  }
+}
+
+// Rows of queries (or keys) projected and scored by one parallel task: fixed, so results are
+// bit-identical for any thread count; 64 rows keep a task's GEMM near peak.
+constexpr index_t kAdditiveRowBlock = 64;
+
+inline index_t additive_row_blocks(index_t rows) { return (rows + kAdditiveRowBlock - 1) / kAdditiveRowBlock; }
+
+// dst (rows, n) = a (rows, k) b (k, n), with results that depend only on the values. Eigen
+// evaluates very small products (rows + n + k < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) coefficient
+// by coefficient with a vectorised inner product that peels up to the first aligned address,
+// so their last bits would depend on where our scratch buffers happen to start; those get a
+// plain loop here. A few rows go through matrix-vector products (no packing of b, which is
+// what one decoder step needs), more through a GEMM. The choice depends on the shapes only.
+template <typename T, typename A, typename B>
+void product_rows(const A& a, const B& b, T* dst) {
+  const index_t rows = a.rows(), depth = a.cols(), n = b.cols();
+  using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+  if (rows + n + depth < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) {
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c = 0; c < n; ++c) {
+        T acc = T(0);
+        for (index_t d = 0; d < depth; ++d) acc += a(r, d) * b(d, c);
+        dst[r * n + c] = acc;
+      }
+  } else if (rows < 4) {
+    for (index_t r = 0; r < rows; ++r) Eigen::Map<RowVec>(dst + r * n, n).noalias() = a.row(r) * b;
+  } else {
+    MatrixMap<T>(dst, rows, n).noalias() = a * b;
+  }
+}
+
+// Rows [r0, r0 + rows) of batch entry b of x (..., L, D) times w (D, U) (+ bias) into dst
+// (rows, U) row-major.
+template <typename T>
+void project_block(const Strided<const T>& x, index_t b, index_t r0, index_t rows, const ConstMatrixMap<T>& w,
+                   const T* bias, T* dst) {
+  const index_t units = w.cols();
+  using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+  product_rows<T>(matrix_of(x, b, r0, rows), w, dst);
+  if (bias) {
+    const Eigen::Map<const RowVec> bv(bias, units);
+    for (index_t r = 0; r < rows; ++r) Eigen::Map<RowVec>(dst + r * units, units) += bv;
+  }
+}
+
+// Projected keys of (..., Lk, Dk) through w_key (Dk, U): raw = k W_k and expo = exp(2 raw),
+// both (batches, Lk, U) C-contiguous, and ok (batches,) = whether the batch entry's values all
+// lie in the factored form's range (see additive.hpp).
+template <typename T>
+void additive_prepare_keys(const Strided<const T>& key, const ConstMatrixMap<T>& w_key, T* raw, T* expo, bool* ok) {
+  const index_t batches = key.batch_count(2), lk = key.dim(-2), units = w_key.cols();
+  const index_t nb = additive_row_blocks(lk);
+  std::vector<unsigned char> block_ok(static_cast<size_t>(batches * nb), 1);
+  parallel_for(batches * nb, [&](index_t task) {
+    const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
+    const index_t rows = std::min(kAdditiveRowBlock, lk - r0);
+    T* r = raw + (b * lk + r0) * units;
+    project_block(key, b, r0, rows, w_key, static_cast<const T*>(nullptr), r);
+    block_ok[static_cast<size_t>(task)] = additive_exp_form(r, expo + (b * lk + r0) * units, rows * units);
+  });
+  for (index_t b = 0; b < batches; ++b) {
+    bool all = true;
+    for (index_t t = 0; t < nb; ++t) all &= block_ok[static_cast<size_t>(b * nb + t)] != 0;
+    ok[b] = all;
   }
 }
 
