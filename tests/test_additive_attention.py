@@ -150,7 +150,10 @@ def test_matches_torch_composition(dtype):
     bias = rng.standard_normal(24).astype(dtype)
     keep = rng.random((3, 17, 29)) < 0.8
     keep[:, :, 0] = True
-    out, w = attnext.additive_attention(q, k, val, wq, wk, v, bias=bias, mask=keep, return_weights=True)
+    lengths = np.array([29, 12, 1])
+    out, w = attnext.additive_attention(q, k, val, wq, wk, v, bias=bias, mask=keep, key_lengths=lengths,
+                                        return_weights=True)
+    keep = keep & (np.arange(29) < lengths[:, None, None])
     t = {name: torch.from_numpy(x) for name, x in dict(q=q, k=k, val=val, wq=wq, wk=wk, v=v, b=bias).items()}
     qp, kp = t["q"] @ t["wq"] + t["b"], t["k"] @ t["wk"]
     scores = torch.tanh(qp[:, :, None] + kp[:, None]) @ t["v"]

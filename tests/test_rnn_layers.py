@@ -54,6 +54,14 @@ def test_bahdanau_matches_formula(dtype, normalize):
         assert rel_err(context, r_context) <= TOL[dtype]
         assert rel_err(weights, r_weights) <= TOL[dtype]
         assert np.all(weights[2, ..., 1:] == 0)
+    # the formula written out, one step, batch entry 0 (all 13 keys visible)
+    s = rng.standard_normal(11).astype(dtype)
+    v_eff = layer.g * layer.v / np.linalg.norm(layer.v) if normalize else layer.v
+    b = layer.bias if normalize else 0
+    e = np.array([v_eff @ np.tanh(s @ layer.w_query + h @ layer.w_key + b) for h in keys[0]])
+    a = np.exp(e - e.max()) / np.exp(e - e.max()).sum()
+    context, weights = layer(np.broadcast_to(s, (3, 11)), memory)
+    assert rel_err(weights[0], a) <= TOL[dtype] and rel_err(context[0], a @ values[0]) <= TOL[dtype]
     if normalize:
         np.testing.assert_allclose(layer.effective_v, layer.g * layer.v / np.linalg.norm(layer.v), rtol=1e-6)
 
