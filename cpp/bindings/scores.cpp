@@ -65,6 +65,9 @@ py::array additive_impl(const py::array& q, const py::array& k, const py::array&
   require_same_dtype(q, "query", v, "v");
   require_ndim(w_query, "w_query", 2, 2);
   require_ndim(w_key, "w_key", 2, 2);
+  // Contiguous weights (copied only if they are not) let every row product run as a GEMV/GEMM.
+  const auto wqc = py::array_t<T, py::array::c_style>::ensure(w_query);
+  const auto wkc = py::array_t<T, py::array::c_style>::ensure(w_key);
   require_dim(q, "query", -1, w_query, "w_query", 0, "query's last dimension and w_query's first");
   require_dim(k, "key", -1, w_key, "w_key", 0, "key's last dimension and w_key's first");
   require_dim(w_query, "w_query", 1, w_key, "w_key", 1, "the number of units (second dimensions)");
@@ -77,7 +80,7 @@ py::array additive_impl(const py::array& q, const py::array& k, const py::array&
     bc = contiguous_vector<T>(b, "bias", units, "the number of units");
   }
   const Strided<const T> qv = view<T>(q, "query"), kv = view<T>(k, "key");
-  const Strided<const T> wq = view<T>(w_query, "w_query"), wk = view<T>(w_key, "w_key");
+  const ConstMatrixMap<T> wq(wqc.data(), wqc.shape(0), wqc.shape(1)), wk(wkc.data(), wkc.shape(0), wkc.shape(1));
   py::array_t<T> out = new_output<T>(score_shape(q, k), "scores");
   T* o = out.mutable_data();
   const T* bp = bias.is_none() ? nullptr : bc.data();

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from . import _core, reference
 from .functional import attention, scaled_dot_product_attention, score, softmax, weighted_sum
+from .functional import ProjectedKeys, additive_attention, project_keys
+from .rnn import BahdanauAttention, BahdanauMemory, LuongAttention
 
 __version__ = _core.build_info()["version"]
 
@@ -23,6 +25,12 @@ __all__ = [
     "weighted_sum",
     "attention",
     "scaled_dot_product_attention",
+    "additive_attention",
+    "project_keys",
+    "ProjectedKeys",
+    "BahdanauAttention",
+    "BahdanauMemory",
+    "LuongAttention",
     "set_num_threads",
     "get_num_threads",
     "build_info",

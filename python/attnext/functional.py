@@ -21,7 +21,16 @@ from ._validation import (
     shape_str,
 )
 
-__all__ = ["score", "softmax", "weighted_sum", "attention", "scaled_dot_product_attention"]
+__all__ = [
+    "score",
+    "softmax",
+    "weighted_sum",
+    "attention",
+    "scaled_dot_product_attention",
+    "additive_attention",
+    "project_keys",
+    "ProjectedKeys",
+]
 
 METHODS = ("dot", "scaled_dot", "general", "additive")
 _METHOD_ARGS = {
@@ -303,3 +312,146 @@ def _log_sum_exp(s, w, mask, causal: bool, offset: int):
     m_safe = np.where(np.isfinite(m), m, 0)
     with np.errstate(divide="ignore"):
         return (np.log(np.sum(np.exp(masked - m_safe), axis=-1, keepdims=True)) + m_safe)[..., 0].astype(s.dtype)
+
+
+# --- Fused additive (Bahdanau) attention ---------------------------------------------------
+
+
+class ProjectedKeys:
+    """Keys projected once for additive attention: ``key @ w_key`` and its exponential form.
+
+    Made by :func:`project_keys` (and by ``BahdanauAttention.precompute``); pass it as ``key``
+    to :func:`additive_attention` with ``w_key=None`` so a decoder pays for ``key @ w_key``
+    once per sentence instead of once per step. Attributes: ``projected`` (..., Lk, U) =
+    key @ w_key; ``units``; ``dtype``; ``batch_shape``; ``num_keys``.
+    """
+
+    __slots__ = ("projected", "_expo", "_ok")
+
+    def __init__(self, projected, expo, ok):
+        self.projected, self._expo, self._ok = projected, expo, ok
+
+    @property
+    def dtype(self):
+        return self.projected.dtype
+
+    @property
+    def units(self) -> int:
+        return self.projected.shape[-1]
+
+    @property
+    def num_keys(self) -> int:
+        return self.projected.shape[-2]
+
+    @property
+    def batch_shape(self) -> tuple:
+        return self.projected.shape[:-2]
+
+    def astype(self, dtype) -> "ProjectedKeys":
+        if self.projected.dtype == dtype:
+            return self
+        raw = self.projected.astype(dtype)
+        limit = 20.0 if raw.dtype == np.float32 else 170.0  # the kernel's range for the factored form
+        with np.errstate(over="ignore", invalid="ignore"):
+            expo = np.exp(2 * raw)
+            ok = np.all(np.abs(raw) <= limit, axis=(-2, -1))
+        return ProjectedKeys(raw, expo, np.asarray(ok))
+
+    def broadcast_to(self, batch_shape: tuple) -> "ProjectedKeys":
+        if self.batch_shape == tuple(batch_shape):
+            return self
+        tail = self.projected.shape[-2:]
+        return ProjectedKeys(np.broadcast_to(self.projected, batch_shape + tail),
+                             np.broadcast_to(self._expo, batch_shape + tail), np.broadcast_to(self._ok, batch_shape))
+
+
+def project_keys(key, w_key) -> ProjectedKeys:
+    """``key @ w_key`` (..., Lk, U), prepared for :func:`additive_attention`.
+
+    Args:
+        key: (..., Lk, Dk).
+        w_key: (Dk, U).
+    """
+    _, a = promote(key=key, w_key=w_key)
+    require_ndim(a["key"], "key", 2, "(..., Lk, Dk)")
+    if a["w_key"].ndim != 2:
+        raise ValueError(f"w_key must have shape (Dk, U), got {shape_str(a['w_key'].shape)}")
+    return ProjectedKeys(*_core.additive_keys(a["key"], a["w_key"]))
+
+
+def additive_attention(query, key, value, w_query, w_key, v, *, bias=None, mask=None, key_lengths=None,
+                       return_weights=False):
+    """Bahdanau's attention, fused: softmax_j(v . tanh(q_i W_q + bias + k_j W_k) + mask_ij) value_j.
+
+    Both projections are computed once as matrix products and the scores are formed a block
+    of query rows at a time, so the (..., Lq, Lk, U) tensor of the textbook formula (what
+    Keras' AdditiveAttention and the usual PyTorch code build) is never materialised.
+
+    Args:
+        query: (..., Lq, Dq).
+        key: (..., Lk, Dk), or a :class:`ProjectedKeys` from :func:`project_keys` (then
+            ``w_key`` must be None).
+        value: (..., Lk, Dv). Leading (batch) dimensions of query, key and value broadcast.
+        w_query: (Dq, U); w_key: (Dk, U); v: (U,).
+        bias: (U,), added inside the tanh (TF Addons' ``normalize=True`` bias), or None.
+        mask: broadcastable to (..., Lq, Lk); bool True = may attend, float added to the scores.
+        key_lengths: ints broadcastable to the batch shape (...,); keys at positions >= length
+            are hidden.
+        return_weights: also return the (..., Lq, Lk) attention weights.
+
+    Returns:
+        context (..., Lq, Dv), or (context, weights). A query row that may attend to no key
+        gets zero weights and a zero context.
+    """
+    projected = isinstance(key, ProjectedKeys)
+    if projected:
+        if w_key is not None:
+            raise ValueError("key is already projected (a ProjectedKeys); pass w_key=None")
+        dtype, a = promote(query=query, value=value, w_query=w_query, v=v, bias=bias)
+        dtype = np.result_type(dtype, key.dtype)
+        a = {name: arr.astype(dtype, copy=False) for name, arr in a.items()}
+        keys = key.astype(dtype)
+        key_batch = keys.batch_shape
+    else:
+        if w_key is None:
+            raise ValueError("w_key is required unless key is a ProjectedKeys")
+        dtype, a = promote(query=query, key=key, value=value, w_query=w_query, w_key=w_key, v=v, bias=bias)
+        require_ndim(a["key"], "key", 2, "(..., Lk, Dk)")
+        key_batch = a["key"].shape[:-2]
+    q, val = a["query"], a["value"]
+    require_ndim(q, "query", 2, "(..., Lq, Dq)")
+    require_ndim(val, "value", 2, "(..., Lk, Dv)")
+    wq, vv = a["w_query"], a["v"]
+    if wq.ndim != 2:
+        raise ValueError(f"w_query must have shape (Dq, U), got {shape_str(wq.shape)}")
+    if not projected:
+        wk = a["w_key"]
+        if wk.ndim != 2:
+            raise ValueError(f"w_key must have shape (Dk, U), got {shape_str(wk.shape)}")
+        if wk.shape[0] != a["key"].shape[-1]:
+            raise ValueError(f"key has shape {shape_str(a['key'].shape)} but w_key has {shape_str(wk.shape)}: "
+                             "key's last dimension and w_key's first must match")
+        if wk.shape[1] != wq.shape[1]:
+            raise ValueError(f"w_query has shape {shape_str(wq.shape)} but w_key has {shape_str(wk.shape)}: "
+                             "the number of units (second dimensions) must match")
+    lk = keys.num_keys if projected else a["key"].shape[-2]
+    if val.shape[-2] != lk:
+        raise ValueError(f"key has {lk} positions but value has shape {shape_str(val.shape)}: "
+                         "value's second-to-last dimension must equal key's")
+    try:
+        batch = np.broadcast_shapes(q.shape[:-2], key_batch, val.shape[:-2])
+    except ValueError:
+        raise ValueError(f"batch dimensions do not broadcast: query has shape {shape_str(q.shape)}, key has batch "
+                         f"shape {shape_str(key_batch)}, value has shape {shape_str(val.shape)}") from None
+    if not projected:
+        # Project the keys at their own batch shape; broadcasting comes after, as views.
+        keys = ProjectedKeys(*_core.additive_keys(a["key"], a["w_key"]))
+    keys = keys.broadcast_to(batch)
+    q = np.broadcast_to(q, batch + q.shape[-2:])
+    val = np.broadcast_to(val, batch + val.shape[-2:])
+    lengths = None
+    if key_lengths is not None:
+        lengths = np.broadcast_to(_check_key_lengths(key_lengths, batch, lk).astype(np.int64, copy=False), batch)
+    m = prepare_mask(mask, batch + (q.shape[-2], lk), dtype)
+    return _core.additive_attention(q, wq, a.get("bias"), keys.projected, keys._expo, keys._ok, val, vv, m, lengths,
+                                    bool(return_weights))

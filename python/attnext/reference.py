@@ -163,3 +163,89 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             lse = (np.log(np.sum(np.exp(s - m), axis=-1, keepdims=True)) + m)[..., 0]
         extras.append(lse.astype(dtype))
     return (out, *extras) if extras else out
+
+
+# --- Encoder-decoder (RNN) attention: additive attention and the layers' math ----------------
+
+__all__ += ["additive_attention", "bahdanau_attention", "luong_attention"]
+
+
+def _length_mask(key_lengths, lk):
+    """(..., 1, Lk) bool, True for keys at positions < length (key_lengths (...,))."""
+    return np.arange(lk) < np.asarray(key_lengths)[..., None, None]
+
+
+def additive_attention(query, key, value, w_query, w_key, v, *, bias=None, mask=None, key_lengths=None,
+                       return_weights=False):
+    """c_i = sum_j a_ij value_j, a_i = softmax_j(e_ij + mask_ij), e_ij = v . tanh(q_i W_q + b + k_j W_k).
+
+    Builds the (..., Lq, Lk, U) tensor, as the formula reads. key_lengths (...,) hides keys at
+    positions >= length.
+    """
+    q, k, val = np.asarray(query), np.asarray(key), np.asarray(value)
+    dtype = _float_dtype(q, k, val, w_query, w_key, v)
+    q_proj = q.astype(dtype) @ np.asarray(w_query, dtype)  # (..., Lq, U)
+    if bias is not None:
+        q_proj = q_proj + np.asarray(bias, dtype)
+    k_proj = k.astype(dtype) @ np.asarray(w_key, dtype)  # (..., Lk, U)
+    e = np.tanh(q_proj[..., :, None, :] + k_proj[..., None, :, :]) @ np.asarray(v, dtype)  # (..., Lq, Lk)
+    if key_lengths is not None:
+        e = np.where(_length_mask(key_lengths, e.shape[-1]), e, -np.inf).astype(dtype)
+    a = softmax(e, mask=mask)
+    out = (a @ val.astype(dtype)).astype(dtype)
+    return (out, a) if return_weights else out
+
+
+def bahdanau_attention(query, keys, values, w_query, w_key, v, *, g=None, bias=None, key_lengths=None):
+    """BahdanauAttention's math for one step (query (B, Dq)) or many (query (B, T, Dq)).
+
+    e_tj = v' . tanh(s_t W_q + h_j W_k [+ bias]), v' = v, or g v / ||v|| (normalize=True);
+    a_t = softmax(e_t); c_t = sum_j a_tj value_j. Returns (context, weights).
+    """
+    s = np.asarray(query)
+    single = s.ndim == np.ndim(keys) - 1
+    if single:
+        s = s[..., None, :]
+    v = np.asarray(v)
+    if g is not None:
+        v = g * v / np.sqrt(np.sum(v * v))
+    c, a = additive_attention(s, keys, values, w_query, w_key, v, bias=bias, key_lengths=key_lengths,
+                              return_weights=True)
+    return (c[..., 0, :], a[..., 0, :]) if single else (c, a)
+
+
+def luong_attention(query, keys, values, w_c, *, method="dot", w_a=None, w_query=None, w_key=None, v=None, g=None,
+                    mask=None, key_lengths=None):
+    """LuongAttention's math for one step (query (B, Dq)) or many (query (B, T, Dq)).
+
+    e_tj = s_t . h_j (dot), s_t W_a h_j (general) or v . tanh(s_t W_q + h_j W_k) (concat),
+    times g when given; a_t = softmax(e_t + mask); c_t = sum_j a_tj value_j;
+    h~_t = tanh([c_t; s_t] W_c). Returns (h~, context, weights). For one step the mask
+    broadcasts against (B, Lk).
+    """
+    s = np.asarray(query)
+    h = np.asarray(keys)
+    val = h if values is None else np.asarray(values)
+    single = s.ndim == h.ndim - 1
+    if single:
+        s = s[..., None, :]
+        if mask is not None and np.ndim(mask) >= 2:
+            mask = np.asarray(mask)[..., None, :]
+    if method == "dot":
+        e = s @ np.swapaxes(h, -1, -2)
+    elif method == "general":
+        e = s @ np.asarray(w_a) @ np.swapaxes(h, -1, -2)
+    elif method == "concat":
+        e = np.tanh((s @ np.asarray(w_query))[..., :, None, :] + (h @ np.asarray(w_key))[..., None, :, :]) @ v
+    else:
+        raise ValueError(f"method must be 'dot', 'general' or 'concat', got {method!r}")
+    if g is not None:
+        e = e * g
+    if key_lengths is not None:
+        e = np.where(_length_mask(key_lengths, e.shape[-1]), e, -np.inf)
+    a = softmax(e, mask=mask)
+    c = a @ val
+    hidden = np.tanh(np.concatenate([c, np.broadcast_to(s, c.shape[:-1] + s.shape[-1:])], axis=-1) @ np.asarray(w_c))
+    if single:
+        return hidden[..., 0, :], c[..., 0, :], a[..., 0, :]
+    return hidden, c, a

@@ -1,43 +1,252 @@
 // Bahdanau's additive score, in one place: score(i, j) = v . tanh(q'_i + k'_j), where
 // q' = q W_q (+ bias) and k' = k W_k are projections computed once per call as GEMMs.
 // Only (Lq + Lk) x U projections are ever stored, never the (Lq, Lk, U) tensor.
+//
+// The fast form. tanh(a + b) = 1 - 2 / (1 + e^{2a} e^{2b}): the exponentials factor over the
+// sum, so e^{2q'} (one per query unit) and e^{2k'} (one per key unit) are computed once, and each
+// of the Lq x Lk x U terms costs one fused multiply-add, a reciprocal (hardware estimate plus
+// a Newton step) and one more multiply-add, with no exp or tanh polynomial in the inner loop.
+// Accuracy: a relative error d in e^{2a} e^{2b} moves tanh by at most d / 2 in absolute terms,
+// so each term is within a few ulp of 1 of the exact tanh.
+// Range: the factored form is used while every |q'_u| and |k'_u| is at most exp_form_limit
+// (20 for float, 170 for double), so that 1 + e^{2q'} e^{2k'} stays a normal finite number.
+// A row or key set outside that range (or holding NaN/inf) goes through the plain vectorised
+// tanh instead; which path runs depends only on the data, never on the thread count.
 #pragma once
 
+#include <cmath>
 #include <cstring>
+#include <type_traits>
 
+#include <algorithm>
+#include <vector>
+
+#include "parallel.hpp"
 #include "strided.hpp"
 #include "vmath.hpp"
 
+#if defined(__SSE__) || defined(__AVX__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace attnext {
 
-// out[j] = sum_u v[u] * tanh(qp[u] + kp[j * U + u]) for j in [0, lk).
-//   qp (U,) contiguous, kp (lk, U) row-major contiguous, v (U,) contiguous.
-// The u-sum is accumulated lane-wise then reduced in a fixed order (deterministic).
 template <typename T>
-inline void additive_scores_row(const T* qp, const T* kp, const T* v, index_t units, index_t lk, T* out) {
+constexpr T exp_form_limit() {
+  return std::is_same<T, float>::value ? T(20) : T(170);
+}
+
+namespace detail {
+
+namespace ei = Eigen::internal;
+
+// 1 / x for normal finite x > 0: the hardware estimate refined by Newton steps to a few ulp
+// (division where no estimate instruction is available).
+template <typename T>
+inline vm::Packet<T> reciprocal(const vm::Packet<T>& x) {
+  using P = vm::Packet<T>;
+  const P two = ei::pset1<P>(T(2));
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same<P, __m512>::value) {
+    P r = _mm512_rcp14_ps(x);                   // 2^-14
+    return ei::pmul(r, ei::psub(two, ei::pmul(x, r)));  // 2^-28
+  } else if constexpr (std::is_same<P, __m512d>::value) {
+    P r = _mm512_rcp14_pd(x);
+    r = ei::pmul(r, ei::psub(two, ei::pmul(x, r)));
+    r = ei::pmul(r, ei::psub(two, ei::pmul(x, r)));
+    return ei::pmul(r, ei::psub(two, ei::pmul(x, r)));
+  }
+#elif defined(EIGEN_VECTORIZE_AVX)
+  if constexpr (std::is_same<P, __m256>::value) {
+    P r = _mm256_rcp_ps(x);  // 2^-12
+    r = ei::pmul(r, ei::psub(two, ei::pmul(x, r)));
+    return ei::pmul(r, ei::psub(two, ei::pmul(x, r)));
+  }
+#elif defined(EIGEN_VECTORIZE_SSE)
+  if constexpr (std::is_same<P, __m128>::value) {
+    P r = _mm_rcp_ps(x);
+    r = ei::pmul(r, ei::psub(two, ei::pmul(x, r)));
+    return ei::pmul(r, ei::psub(two, ei::pmul(x, r)));
+  }
+#endif
+  (void)two;
+  return ei::pdiv(ei::pset1<P>(T(1)), x);
+}
+
+}  // namespace detail
+
+// expo[0, n) = exp(2 raw[0, n)); returns whether every |raw| <= exp_form_limit (false for NaN),
+// i.e. whether the factored form may be used with these values. expo is written either way.
+template <typename T>
+inline bool additive_exp_form(const T* raw, T* expo, index_t n) {
+  namespace ei = Eigen::internal;
+  using P = vm::Packet<T>;
+  constexpr index_t W = vm::packet_size<T>();
+  const P two = ei::pset1<P>(T(2));
+  const T limit = exp_form_limit<T>();
+  bool ok = true;
+  for (index_t i = 0; i < n; ++i) ok &= (std::abs(raw[i]) <= limit);
+  index_t i = 0;
+  for (; i + W <= n; i += W) ei::pstoreu(expo + i, ei::pexp(ei::pmul(two, ei::ploadu<P>(raw + i))));
+  if (i < n) {
+    alignas(64) T tail[W] = {};
+    std::memcpy(tail, raw + i, sizeof(T) * (n - i));
+    ei::pstore(tail, ei::pexp(ei::pmul(two, ei::pload<P>(tail))));
+    std::memcpy(expo + i, tail, sizeof(T) * (n - i));
+  }
+  return ok;
+}
+
+// One projected row (or a set of rows of `units` each): the raw projection and, when every
+// value is in range, its exponential form (expo == nullptr otherwise).
+template <typename T>
+struct AdditiveRows {
+  const T* raw = nullptr;
+  const T* expo = nullptr;
+};
+
+// out[j] = sum_u v[u] * tanh(q[u] + k[j * U + u]) for j in [0, lk).
+//   q: one query row (U,); k: lk key rows (lk, U) row-major contiguous; v (U,) contiguous.
+// The factored form runs when both q.expo and k.expo are given, else the plain tanh.
+// Factored, the sum is taken as sum_u v_u + sum_u (-2 v_u) / (1 + e^{2q'_u} e^{2k'_u}), which
+// saves an operation per term; each lane starts from its share of sum_u v_u.
+// Four keys share each load of q and v; the u-sum is accumulated lane-wise then reduced in a
+// fixed order, so a key's score does not depend on its position or the thread count.
+template <typename T>
+inline void additive_scores_row(const AdditiveRows<T>& q, const AdditiveRows<T>& k, const T* v, index_t units,
+                                index_t lk, T* out) {
   namespace ei = Eigen::internal;
   using P = vm::Packet<T>;
   constexpr index_t W = vm::packet_size<T>();
   const index_t full = units / W * W;
   const index_t rest = units - full;
-  alignas(64) T q_tail[W] = {}, v_tail[W] = {}, k_tail[W] = {};
+  const bool factored = q.expo && k.expo;
+  const T* qa = factored ? q.expo : q.raw;
+  const T* ka = factored ? k.expo : k.raw;
+  // The tail lanes: q, v and k zero-padded (v = 0 makes their terms vanish whatever they are).
+  alignas(64) T q_tail[W] = {}, v_tail[W] = {}, k_tail[4][W] = {};
   if (rest) {
-    std::memcpy(q_tail, qp + full, sizeof(T) * rest);
+    std::memcpy(q_tail, qa + full, sizeof(T) * rest);
     std::memcpy(v_tail, v + full, sizeof(T) * rest);
   }
-  for (index_t j = 0; j < lk; ++j) {
-    const T* kr = kp + j * units;
-    P acc = ei::pset1<P>(T(0));
+  const P one = ei::pset1<P>(T(1)), minus_two = ei::pset1<P>(T(-2));
+  // Factored: start = the lanes of sum_u v_u, weight = -2 v, term = 1 / (1 + e^{2q'} e^{2k'}).
+  // Plain: start = 0, weight = v, term = tanh(q' + k').
+  P start = ei::pset1<P>(T(0));
+  if (factored) {
+    for (index_t u = 0; u < full; u += W) start = ei::padd(start, ei::ploadu<P>(v + u));
+    if (rest) start = ei::padd(start, ei::pload<P>(v_tail));
+  }
+  auto weight = [&](const P& vu) -> P { return factored ? ei::pmul(vu, minus_two) : vu; };
+  auto term = [&](const P& a, const P& b) -> P {
+    return factored ? detail::reciprocal<T>(ei::pmadd(a, b, one)) : vm::tanh<T>(ei::padd(a, b));
+  };
+  index_t j = 0;
+  for (; j + 4 <= lk; j += 4) {
+    const T* k0 = ka + j * units;
+    const T* k1 = k0 + units;
+    const T* k2 = k1 + units;
+    const T* k3 = k2 + units;
+    P a0 = start, a1 = start, a2 = start, a3 = start;
     for (index_t u = 0; u < full; u += W) {
-      const P t = vm::tanh<T>(ei::padd(ei::ploadu<P>(qp + u), ei::ploadu<P>(kr + u)));
-      acc = ei::pmadd(ei::ploadu<P>(v + u), t, acc);
+      const P qu = ei::ploadu<P>(qa + u), wu = weight(ei::ploadu<P>(v + u));
+      a0 = ei::pmadd(wu, term(qu, ei::ploadu<P>(k0 + u)), a0);
+      a1 = ei::pmadd(wu, term(qu, ei::ploadu<P>(k1 + u)), a1);
+      a2 = ei::pmadd(wu, term(qu, ei::ploadu<P>(k2 + u)), a2);
+      a3 = ei::pmadd(wu, term(qu, ei::ploadu<P>(k3 + u)), a3);
     }
     if (rest) {
-      std::memcpy(k_tail, kr + full, sizeof(T) * rest);
-      const P t = vm::tanh<T>(ei::padd(ei::pload<P>(q_tail), ei::pload<P>(k_tail)));
-      acc = ei::pmadd(ei::pload<P>(v_tail), t, acc);
+      std::memcpy(k_tail[0], k0 + full, sizeof(T) * rest);
+      std::memcpy(k_tail[1], k1 + full, sizeof(T) * rest);
+      std::memcpy(k_tail[2], k2 + full, sizeof(T) * rest);
+      std::memcpy(k_tail[3], k3 + full, sizeof(T) * rest);
+      const P qu = ei::pload<P>(q_tail), wu = weight(ei::pload<P>(v_tail));
+      a0 = ei::pmadd(wu, term(qu, ei::pload<P>(k_tail[0])), a0);
+      a1 = ei::pmadd(wu, term(qu, ei::pload<P>(k_tail[1])), a1);
+      a2 = ei::pmadd(wu, term(qu, ei::pload<P>(k_tail[2])), a2);
+      a3 = ei::pmadd(wu, term(qu, ei::pload<P>(k_tail[3])), a3);
+    }
+    out[j] = ei::predux(a0);
+    out[j + 1] = ei::predux(a1);
+    out[j + 2] = ei::predux(a2);
+    out[j + 3] = ei::predux(a3);
+  }
+  for (; j < lk; ++j) {
+    const T* kr = ka + j * units;
+    P acc = start;
+    for (index_t u = 0; u < full; u += W)
+      acc = ei::pmadd(weight(ei::ploadu<P>(v + u)), term(ei::ploadu<P>(qa + u), ei::ploadu<P>(kr + u)), acc);
+    if (rest) {
+      std::memcpy(k_tail[0], kr + full, sizeof(T) * rest);
+      acc = ei::pmadd(weight(ei::pload<P>(v_tail)), term(ei::pload<P>(q_tail), ei::pload<P>(k_tail[0])), acc);
     }
     out[j] = ei::predux(acc);
+  }
+}
+
+// Rows of queries (or keys) projected and scored by one parallel task: fixed, so results are
+// bit-identical for any thread count; 64 rows keep a task's GEMM near peak.
+constexpr index_t kAdditiveRowBlock = 64;
+
+inline index_t additive_row_blocks(index_t rows) { return (rows + kAdditiveRowBlock - 1) / kAdditiveRowBlock; }
+
+// dst (rows, n) = a (rows, k) b (k, n), with results that depend only on the values. Eigen
+// evaluates very small products (rows + n + k < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) coefficient
+// by coefficient with a vectorised inner product that peels up to the first aligned address,
+// so their last bits would depend on where our scratch buffers happen to start; those get a
+// plain loop here. A few rows go through matrix-vector products (no packing of b, which is
+// what one decoder step needs), more through a GEMM. The choice depends on the shapes only.
+template <typename T, typename A, typename B>
+void product_rows(const A& a, const B& b, T* dst) {
+  const index_t rows = a.rows(), depth = a.cols(), n = b.cols();
+  using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+  if (rows + n + depth < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) {
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c = 0; c < n; ++c) {
+        T acc = T(0);
+        for (index_t d = 0; d < depth; ++d) acc += a(r, d) * b(d, c);
+        dst[r * n + c] = acc;
+      }
+  } else if (rows < 4) {
+    for (index_t r = 0; r < rows; ++r) Eigen::Map<RowVec>(dst + r * n, n).noalias() = a.row(r) * b;
+  } else {
+    MatrixMap<T>(dst, rows, n).noalias() = a * b;
+  }
+}
+
+// Rows [r0, r0 + rows) of batch entry b of x (..., L, D) times w (D, U) (+ bias) into dst
+// (rows, U) row-major.
+template <typename T>
+void project_block(const Strided<const T>& x, index_t b, index_t r0, index_t rows, const ConstMatrixMap<T>& w,
+                   const T* bias, T* dst) {
+  const index_t units = w.cols();
+  using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+  product_rows<T>(matrix_of(x, b, r0, rows), w, dst);
+  if (bias) {
+    const Eigen::Map<const RowVec> bv(bias, units);
+    for (index_t r = 0; r < rows; ++r) Eigen::Map<RowVec>(dst + r * units, units) += bv;
+  }
+}
+
+// Projected keys of (..., Lk, Dk) through w_key (Dk, U): raw = k W_k and expo = exp(2 raw),
+// both (batches, Lk, U) C-contiguous, and ok (batches,) = whether the batch entry's values all
+// lie in the factored form's range (see additive.hpp).
+template <typename T>
+void additive_prepare_keys(const Strided<const T>& key, const ConstMatrixMap<T>& w_key, T* raw, T* expo, bool* ok) {
+  const index_t batches = key.batch_count(2), lk = key.dim(-2), units = w_key.cols();
+  const index_t nb = additive_row_blocks(lk);
+  std::vector<unsigned char> block_ok(static_cast<size_t>(batches * nb), 1);
+  parallel_for(batches * nb, [&](index_t task) {
+    const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
+    const index_t rows = std::min(kAdditiveRowBlock, lk - r0);
+    T* r = raw + (b * lk + r0) * units;
+    project_block(key, b, r0, rows, w_key, static_cast<const T*>(nullptr), r);
+    block_ok[static_cast<size_t>(task)] = additive_exp_form(r, expo + (b * lk + r0) * units, rows * units);
+  });
+  for (index_t b = 0; b < batches; ++b) {
+    bool all = true;
+    for (index_t t = 0; t < nb; ++t) all &= block_ok[static_cast<size_t>(b * nb + t)] != 0;
+    ok[b] = all;
   }
 }
 

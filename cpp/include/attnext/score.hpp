@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "additive.hpp"
@@ -57,23 +58,32 @@ std::vector<T> project_rows(const Strided<const T>& x, const Strided<const T>& w
 }
 
 // out[i, j] = scale * v . tanh(q_i W_q + bias + k_j W_k)
-//   q (..., Lq, Dq), k (..., Lk, Dk), equal batch shapes; w_query (Dq, U), w_key (Dk, U)
+//   q (..., Lq, Dq), k (..., Lk, Dk), equal batch shapes; w_query (Dq, U), w_key (Dk, U) contiguous
 //   v (U,) contiguous, bias (U,) contiguous or nullptr; out (..., Lq, Lk) C-contiguous
 template <typename T>
-void score_additive(const Strided<const T>& q, const Strided<const T>& k, const Strided<const T>& w_query,
-                    const Strided<const T>& w_key, const T* v, const T* bias, T scale, T* out) {
+void score_additive(const Strided<const T>& q, const Strided<const T>& k, const ConstMatrixMap<T>& w_query,
+                    const ConstMatrixMap<T>& w_key, const T* v, const T* bias, T scale, T* out) {
   const index_t batches = q.batch_count(2);
-  const index_t lq = q.dim(-2), lk = k.dim(-2), units = w_query.dim(-1);
-  // Both projections once, as GEMMs: (B, Lq, U) + (B, Lk, U), never (B, Lq, Lk, U).
-  const std::vector<T> qp = project_rows(q, w_query, bias);
-  const std::vector<T> kp = project_rows(k, w_key, static_cast<const T*>(nullptr));
-  const index_t nb = row_blocks(lq);
+  const index_t lq = q.dim(-2), lk = k.dim(-2), units = w_query.cols();
+  // The keys projected once, as GEMMs, with their exponential form (additive.hpp); the queries
+  // a block of rows at a time. Only (B, Lq or Lk, U) projections, never (B, Lq, Lk, U).
+  const size_t kn = static_cast<size_t>(batches * lk * units);
+  std::vector<T> kp(kn), ke(kn);
+  std::unique_ptr<bool[]> k_ok(new bool[static_cast<size_t>(std::max<index_t>(batches, 1))]);
+  additive_prepare_keys(k, w_key, kp.data(), ke.data(), k_ok.get());
+  const index_t nb = additive_row_blocks(lq);
   parallel_for(batches * nb, [&](index_t task) {
-    const index_t b = task / nb, r0 = (task % nb) * kScoreRowBlock;
-    const index_t r1 = std::min(lq, r0 + kScoreRowBlock);
-    for (index_t i = r0; i < r1; ++i) {
-      T* o = out + (b * lq + i) * lk;
-      additive_scores_row(qp.data() + (b * lq + i) * units, kp.data() + b * lk * units, v, units, lk, o);
+    const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
+    const index_t rows = std::min(kAdditiveRowBlock, lq - r0);
+    std::vector<T> q_raw(static_cast<size_t>(rows * units)), q_exp(q_raw.size());
+    project_block(q, b, r0, rows, w_query, bias, q_raw.data());
+    const AdditiveRows<T> keys{kp.data() + b * lk * units, k_ok[b] ? ke.data() + b * lk * units : nullptr};
+    for (index_t r = 0; r < rows; ++r) {
+      T* o = out + (b * lq + r0 + r) * lk;
+      T* qr = q_raw.data() + r * units;
+      T* qx = q_exp.data() + r * units;
+      const bool q_ok = keys.expo && additive_exp_form(qr, qx, units);
+      additive_scores_row(AdditiveRows<T>{qr, q_ok ? qx : nullptr}, keys, v, units, lk, o);
       if (scale != T(1))
         for (index_t j = 0; j < lk; ++j) o[j] *= scale;
     }

@@ -1,0 +1,175 @@
+// Fused additive (Bahdanau) attention: the key preparation a decoder keeps per sentence, and
+// the attention itself on prepared keys.
+#include <attnext/additive_attention.hpp>
+
+#include "common.hpp"
+
+namespace attnext {
+namespace bind {
+
+namespace {
+
+// A weight matrix (rows, cols) as a C-contiguous array of T (copied only if it is not).
+template <typename T>
+py::array_t<T, py::array::c_style> contiguous_matrix(const py::array& ref, const char* ref_name, const py::array& w,
+                                                     const char* name) {
+  require_same_dtype(ref, ref_name, w, name);
+  require_ndim(w, name, 2, 2);
+  return py::array_t<T, py::array::c_style>::ensure(w);
+}
+
+template <typename T>
+py::array_t<T, py::array::c_style> unit_vector(const py::array& ref, const char* ref_name, const py::array& a,
+                                               const char* name, py::ssize_t units) {
+  require_same_dtype(ref, ref_name, a, name);
+  require_ndim(a, name, 1, 1);
+  if (a.shape(0) != units)
+    fail_value(std::string(name) + " has shape " + shape_str(a) + " but the number of units is " +
+               std::to_string(units));
+  return py::array_t<T, py::array::c_style>::ensure(a);
+}
+
+template <typename T>
+ConstMatrixMap<T> map_matrix(const py::array_t<T, py::array::c_style>& w) {
+  return ConstMatrixMap<T>(w.data(), w.shape(0), w.shape(1));
+}
+
+template <typename T>
+py::tuple prepare_keys_impl(const py::array& key, const py::array& w_key) {
+  const auto wk = contiguous_matrix<T>(key, "key", w_key, "w_key");
+  require_dim(key, "key", -1, w_key, "w_key", 0, "key's last dimension and w_key's first");
+  std::vector<index_t> shape = shape_of(key);
+  shape.back() = w_key.shape(1);
+  const std::vector<index_t> batch(shape.begin(), shape.end() - 2);
+  py::array_t<T> raw = new_output<T>(shape, "projected keys");
+  py::array_t<T> expo = new_output<T>(shape, "projected keys");
+  py::array_t<bool> ok = new_output<bool>(batch, "projected keys");
+  const Strided<const T> kv = view<T>(key, "key");
+  T* rp = raw.mutable_data();
+  T* ep = expo.mutable_data();
+  bool* op = ok.mutable_data();
+  {
+    // Safe without the GIL: every array is kept alive by this frame; no Python object is used.
+    py::gil_scoped_release nogil;
+    additive_prepare_keys<T>(kv, map_matrix(wk), rp, ep, op);
+  }
+  return py::make_tuple(raw, expo, ok);
+}
+
+// Projected keys must be what additive_keys returns (or views of it broadcast over batch
+// axes): each batch entry's (Lk, U) rows contiguous, so the kernel can walk them directly.
+void check_projected(const py::array& q, const py::array& a, const char* name, const py::array& raw) {
+  require_same_dtype(q, "query", a, name);
+  require_ndim(a, name, 2);
+  if (shape_of(a) != shape_of(raw))
+    fail_value(std::string(name) + " has shape " + shape_str(a) + " but keys_raw has " + shape_str(raw));
+  const py::ssize_t item = a.itemsize();
+  if (a.shape(a.ndim() - 1) > 1 && a.strides(a.ndim() - 1) != item)
+    fail_value(std::string(name) + " must have contiguous rows (as additive_keys returns them)");
+  if (a.shape(a.ndim() - 2) > 1 && a.strides(a.ndim() - 2) != item * a.shape(a.ndim() - 1))
+    fail_value(std::string(name) + " must have contiguous (Lk, U) blocks (as additive_keys returns them)");
+}
+
+template <typename T>
+py::object attention_impl(const py::array& q, const py::array& w_query, const py::object& bias,
+                          const py::array& keys_raw, const py::array& keys_exp, const py::array& keys_ok,
+                          const py::array& value, const py::array& v, const py::object& mask,
+                          const py::object& key_lengths, bool return_weights) {
+  require_ndim(q, "query", 2);
+  check_projected(q, keys_raw, "keys_raw", keys_raw);
+  check_projected(q, keys_exp, "keys_exp", keys_raw);
+  require_same_dtype(q, "query", value, "value");
+  require_ndim(value, "value", 2);
+  require_same_batch(q, "query", keys_raw, "keys_raw", 2);
+  require_same_batch(q, "query", value, "value", 2);
+  require_dim(keys_raw, "keys_raw", -2, value, "value", -2, "the number of keys");
+  if (!keys_ok.dtype().is(py::dtype::of<bool>()))
+    fail_type("keys_ok must be bool, got " + std::string(py::str(keys_ok.dtype())));
+  const std::vector<index_t> batch(q.shape(), q.shape() + q.ndim() - 2);
+  if (shape_of(keys_ok) != batch)
+    fail_value("keys_ok has shape " + shape_str(keys_ok) + " but the batch shape is " + shape_str(batch));
+  const py::ssize_t units = keys_raw.shape(keys_raw.ndim() - 1);
+  const auto wq = contiguous_matrix<T>(q, "query", w_query, "w_query");
+  require_dim(q, "query", -1, w_query, "w_query", 0, "query's last dimension and w_query's first");
+  if (w_query.shape(1) != units)
+    fail_value("w_query has shape " + shape_str(w_query) + " but keys_raw has " + shape_str(keys_raw) +
+               ": the number of units must match");
+  const auto vc = unit_vector<T>(q, "query", v, "v", units);
+  py::array_t<T, py::array::c_style> bc;
+  if (!bias.is_none()) bc = unit_vector<T>(q, "query", py::reinterpret_borrow<py::array>(bias), "bias", units);
+
+  const index_t lq = q.shape(q.ndim() - 2), lk = keys_raw.shape(keys_raw.ndim() - 2);
+  std::vector<index_t> score_shape = shape_of(q);
+  score_shape.back() = lk;
+  const Mask<T> m = mask_view<T>(mask, score_shape, "mask");
+
+  Strided<const std::int64_t> lengths;
+  if (!key_lengths.is_none()) {
+    if (!py::isinstance<py::array>(key_lengths)) fail_type("key_lengths must be a NumPy array or None");
+    const py::array kl = py::reinterpret_borrow<py::array>(key_lengths);
+    if (!kl.dtype().is(py::dtype::of<std::int64_t>()))
+      fail_type("key_lengths must be int64, got " + std::string(py::str(kl.dtype())));
+    if (shape_of(kl) != batch)
+      fail_value("key_lengths has shape " + shape_str(kl) + " but the batch shape is " + shape_str(batch));
+    lengths = view<std::int64_t>(kl, "key_lengths");
+    const index_t n = lengths.batch_count(0);
+    for (index_t b = 0; b < n; ++b) {
+      const std::int64_t len = lengths.data[lengths.batch_offset(b, 0)];
+      if (len < 0 || len > lk)
+        fail_value("key_lengths must lie in [0, " + std::to_string(lk) + "] (the number of keys), got " +
+                   std::to_string(len));
+    }
+  }
+
+  std::vector<index_t> out_shape = shape_of(q);
+  out_shape.back() = value.shape(value.ndim() - 1);
+  py::array_t<T> out = new_output<T>(out_shape, "context");
+  py::array_t<T> w;
+  if (return_weights) w = new_output<T>(score_shape, "weights");
+  (void)lq;
+
+  const Strided<const T> qv = view<T>(q, "query"), vv = view<T>(value, "value");
+  AdditiveKeys<T> keys{view<T>(keys_raw, "keys_raw"), view<T>(keys_exp, "keys_exp"), view<bool>(keys_ok, "keys_ok")};
+  const ConstMatrixMap<T> wm = map_matrix(wq);
+  const T* bp = bias.is_none() ? nullptr : bc.data();
+  T* op = out.mutable_data();
+  T* wp = return_weights ? w.mutable_data() : nullptr;
+  {
+    // Safe without the GIL: every array is kept alive by this frame; no Python object is used.
+    py::gil_scoped_release nogil;
+    additive_attention<T>(qv, wm, bp, keys, vv, vc.data(), m, key_lengths.is_none() ? nullptr : &lengths, op, wp);
+  }
+  if (return_weights) return py::make_tuple(out, w);
+  return std::move(out);
+}
+
+}  // namespace
+
+void register_additive(py::module_& m) {
+  m.def("additive_keys", [](const py::array& key, const py::array& w_key) -> py::tuple {
+    require_ndim(key, "key", 2);
+    return float_dtype(key, "key") == DType::f32 ? prepare_keys_impl<float>(key, w_key)
+                                                 : prepare_keys_impl<double>(key, w_key);
+  }, py::arg("key").noconvert(), py::arg("w_key").noconvert(),
+        "Projected keys for additive attention: key (..., Lk, Dk), w_key (Dk, U) -> (raw (..., Lk, U) = key w_key, "
+        "expo (..., Lk, U) = exp(2 raw), ok (...,) bool: whether the batch entry may use expo).");
+  m.def("additive_attention", [](const py::array& q, const py::array& w_query, const py::object& bias,
+                                 const py::array& keys_raw, const py::array& keys_exp, const py::array& keys_ok,
+                                 const py::array& value, const py::array& v, const py::object& mask,
+                                 const py::object& key_lengths, bool return_weights) -> py::object {
+    return float_dtype(q, "query") == DType::f32
+               ? attention_impl<float>(q, w_query, bias, keys_raw, keys_exp, keys_ok, value, v, mask, key_lengths,
+                                       return_weights)
+               : attention_impl<double>(q, w_query, bias, keys_raw, keys_exp, keys_ok, value, v, mask, key_lengths,
+                                        return_weights);
+  }, py::arg("query").noconvert(), py::arg("w_query").noconvert(), py::arg("bias").none(true),
+        py::arg("keys_raw").noconvert(), py::arg("keys_exp").noconvert(), py::arg("keys_ok").noconvert(),
+        py::arg("value").noconvert(), py::arg("v").noconvert(), py::arg("mask").none(true),
+        py::arg("key_lengths").none(true), py::arg("return_weights") = false,
+        "softmax(v . tanh(query w_query + bias + keys) + mask) value on keys prepared by additive_keys. "
+        "query (..., Lq, Dq), keys (..., Lk, U), value (..., Lk, Dv), equal batch shapes; mask broadcast to "
+        "(..., Lq, Lk) or None; key_lengths (...,) int64 or None -> context (..., Lq, Dv) [, weights (..., Lq, Lk)].");
+}
+
+}  // namespace bind
+}  // namespace attnext

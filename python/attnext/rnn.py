@@ -1,0 +1,399 @@
+"""Encoder-decoder (RNN) attention layers: Bahdanau (additive) and Luong (dot, general, concat).
+
+A decoder state s_t (the query) attends over the encoder states h_1..h_n (keys, and values
+unless given separately) at every output step. Both layers hold their weights as NumPy arrays
+of one dtype (float32 by default, or float64), readable and assignable as attributes (an
+assignment is checked for shape and converted to the layer's dtype), and round-trip through
+``state_dict()`` / ``load_state_dict()``. Inputs of another floating dtype are converted to
+the layer's dtype.
+
+Both layers take one decoder step, query (B, D), or many steps at once, query (B, T, D), with
+the same results; any number of leading batch axes may stand in for B.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from ._validation import as_float_array, shape_str
+
+__all__ = ["BahdanauAttention", "BahdanauMemory", "LuongAttention"]
+
+
+def _make_rng(rng):
+    if isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(rng)
+
+
+def _glorot(rng, shape, dtype):
+    fan_in, fan_out = (shape[0], shape[1]) if len(shape) == 2 else (shape[0], 1)
+    limit = np.sqrt(6.0 / (fan_in + fan_out)) if fan_in + fan_out else 0.0
+    return rng.uniform(-limit, limit, size=shape).astype(dtype)
+
+
+class _Weights:
+    """Named NumPy parameters of fixed shapes, checked on assignment.
+
+    Subclasses list their parameters in ``self._shapes`` (name -> shape) before assigning them.
+    """
+
+    _shapes: dict
+
+    def __setattr__(self, name, value):
+        shapes = self.__dict__.get("_shapes")
+        if shapes is not None and name in shapes:
+            value = self._checked(name, value)
+            object.__setattr__(self, "_" + name, value)
+            self._weights_changed(name)
+            return
+        object.__setattr__(self, name, value)
+
+    def __getattr__(self, name):
+        shapes = self.__dict__.get("_shapes")
+        if shapes is not None and name in shapes:
+            return self.__dict__["_" + name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def _checked(self, name, value):
+        a = as_float_array(value, name)
+        shape = self._shapes[name]
+        if a.shape != shape:
+            raise ValueError(f"{name} must have shape {shape_str(shape)}, got {shape_str(a.shape)}")
+        return np.array(a, dtype=self.dtype, order="C", copy=True)
+
+    def _weights_changed(self, name):
+        pass
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def state_dict(self) -> dict:
+        """A copy of every parameter, by name."""
+        return {name: self.__dict__["_" + name].copy() for name in self._shapes}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Sets every parameter from ``state`` (as returned by :meth:`state_dict`); the names
+        must match exactly and each array must have its parameter's shape."""
+        missing = set(self._shapes) - set(state)
+        unexpected = set(state) - set(self._shapes)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {sorted(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {sorted(unexpected)}")
+            raise ValueError(f"state_dict does not match {type(self).__name__}: {', '.join(parts)}")
+        checked = {name: self._checked(name, state[name]) for name in self._shapes}
+        for name, value in checked.items():
+            object.__setattr__(self, "_" + name, value)
+        for name in checked:
+            self._weights_changed(name)
+
+    def _input(self, x, name):
+        if type(x) is np.ndarray and x.dtype == self._dtype:
+            return x
+        return as_float_array(x, name).astype(self._dtype, copy=False)
+
+
+def _layer_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def _lengths(key_lengths, batch_shape, lk):
+    """key_lengths as an int64 array of exactly the batch shape (values checked)."""
+    if key_lengths is None:
+        return None
+    lengths = np.asarray(key_lengths)
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"key_lengths must be integers, got dtype {lengths.dtype}")
+    try:
+        lengths = np.broadcast_to(lengths, batch_shape)
+    except ValueError:
+        raise ValueError(f"key_lengths has shape {shape_str(lengths.shape)}, which does not broadcast to the "
+                         f"batch shape {shape_str(batch_shape)}") from None
+    if lengths.size and (lengths.min() < 0 or lengths.max() > lk):
+        raise ValueError(f"key_lengths must lie in [0, {lk}] (the number of keys), got values from "
+                         f"{lengths.min()} to {lengths.max()}")
+    return np.ascontiguousarray(lengths, dtype=np.int64)
+
+
+class BahdanauMemory:
+    """Encoder states prepared once per sentence by :meth:`BahdanauAttention.precompute`.
+
+    Holds the projected keys ``keys @ w_key`` (and their exponential form), the values and
+    the key lengths; every decoder step reuses them. Attributes: ``projected`` (..., Lk, U),
+    ``values`` (..., Lk, Dv), ``key_lengths`` ((...,) int64 or None), ``batch_shape``,
+    ``num_keys``. A memory belongs to the layer that made it and to its weights at the time:
+    assigning ``w_key`` makes it stale (using it then raises).
+    """
+
+    __slots__ = ("_layer", "_version", "projected", "_expo", "_ok", "values", "key_lengths", "batch_shape",
+                 "num_keys")
+
+    def __init__(self, layer, version, projected, expo, ok, values, key_lengths):
+        self._layer, self._version = layer, version
+        self.projected, self._expo, self._ok = projected, expo, ok
+        self.values, self.key_lengths = values, key_lengths
+        self.batch_shape = projected.shape[:-2]
+        self.num_keys = projected.shape[-2]
+
+
+class BahdanauAttention(_Weights):
+    """Bahdanau's additive attention: e_tj = v . tanh(s_t W_q + h_j W_k), a_t = softmax(e_t),
+    c_t = sum_j a_tj value_j.
+
+    Parameters (attributes, assignable): ``w_query`` (query_dim, units), ``w_key``
+    (key_dim, units), ``v`` (units,). With ``normalize=True`` (the weight-normalised variant,
+    as TF Addons' ``BahdanauAttention(normalize=True)``): the scores use g v / ||v|| instead of
+    v, with a scalar ``g`` (initialised to sqrt(1 / units)), and a bias ``bias`` (units,)
+    (initialised to zeros) is added inside the tanh: e_tj = (g v / ||v||) . tanh(s_t W_q + h_j W_k + bias).
+
+    Args:
+        query_dim: size of the decoder state s_t.
+        key_dim: size of the encoder states h_j.
+        units: size of the hidden layer of the score.
+        normalize: the weight-normalised form above.
+        dtype: float32 (default) or float64, for the weights and the computation.
+        rng: seed or ``np.random.Generator`` for the initialisation (Glorot-uniform weights).
+
+    Use: ``memory = layer.precompute(encoder_states)`` once per sentence, then
+    ``context, weights = layer(s_t, memory)`` at every step.
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, units: int, *, normalize: bool = False, dtype=np.float32,
+                 rng=None):
+        for name, n in (("query_dim", query_dim), ("key_dim", key_dim), ("units", units)):
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+                raise ValueError(f"{name} must be a positive int, got {n!r}")
+        self._dtype = _layer_dtype(dtype)
+        self.query_dim, self.key_dim, self.units, self.normalize = int(query_dim), int(key_dim), int(units), bool(
+            normalize)
+        self._version = 0
+        self._v_eff = None
+        shapes = {"w_query": (self.query_dim, self.units), "w_key": (self.key_dim, self.units), "v": (self.units,)}
+        if self.normalize:
+            shapes.update({"g": (), "bias": (self.units,)})
+        self._shapes = shapes
+        gen = _make_rng(rng)
+        state = {"w_query": _glorot(gen, shapes["w_query"], self._dtype),
+                 "w_key": _glorot(gen, shapes["w_key"], self._dtype),
+                 "v": _glorot(gen, shapes["v"], self._dtype)}
+        if self.normalize:
+            state.update({"g": np.asarray(np.sqrt(1.0 / self.units)), "bias": np.zeros(self.units)})
+        self.load_state_dict(state)
+
+    def _weights_changed(self, name):
+        if name == "w_key":
+            self._version += 1  # precomputed memories now hold stale projections
+        if name in ("v", "g"):
+            v = self.__dict__.get("_v")
+            if v is None or (self.normalize and "_g" not in self.__dict__):
+                return
+            if self.normalize:
+                norm = np.sqrt(np.sum(v * v))
+                self._v_eff = (self._g * v / norm).astype(self._dtype) if norm > 0 else np.zeros_like(v)
+            else:
+                self._v_eff = v
+
+    @property
+    def effective_v(self) -> np.ndarray:
+        """The vector the scores use: v, or g v / ||v|| with normalize=True."""
+        return self._v_eff
+
+    def precompute(self, keys, values=None, key_lengths=None) -> BahdanauMemory:
+        """Projects the encoder states once for every decoder step.
+
+        Args:
+            keys: (B, Lk, key_dim) encoder states (any leading batch axes).
+            values: (B, Lk, Dv); default: the keys.
+            key_lengths: ints broadcastable to (B,); keys at positions >= length are hidden.
+
+        Returns:
+            A :class:`BahdanauMemory` for :meth:`__call__`.
+        """
+        k = self._input(keys, "keys")
+        if k.ndim < 2 or k.shape[-1] != self.key_dim:
+            raise ValueError(f"keys must have shape (..., Lk, {self.key_dim}), got {shape_str(k.shape)}")
+        val = k if values is None else self._input(values, "values")
+        if val.ndim < 2 or val.shape[:-1] != k.shape[:-1]:
+            raise ValueError(f"keys have shape {shape_str(k.shape)} but values have {shape_str(val.shape)}: "
+                             "all but the last dimension must match")
+        raw, expo, ok = _core.additive_keys(k, self._w_key)
+        lengths = _lengths(key_lengths, k.shape[:-2], k.shape[-2])
+        return BahdanauMemory(self, self._version, raw, expo, ok, np.ascontiguousarray(val), lengths)
+
+    def __call__(self, query, memory: BahdanauMemory, *, return_weights: bool = True):
+        """One decoder step (query (B, query_dim)) or many (query (B, T, query_dim)).
+
+        Returns:
+            (context, weights): (B, Dv) and (B, Lk) for one step, (B, T, Dv) and (B, T, Lk)
+            for many; only the context if ``return_weights=False``.
+        """
+        q = query if (type(query) is np.ndarray and query.dtype == self._dtype) else self._input(query, "query")
+        if type(memory) is not BahdanauMemory:
+            raise TypeError(f"memory must be a BahdanauMemory from precompute(), got {type(memory).__name__}")
+        if memory._layer is not self or memory._version != self._version:
+            raise ValueError("memory was precomputed by another layer or before w_key changed; call precompute() again")
+        nb = len(memory.batch_shape)
+        single = q.ndim == nb + 1
+        if (not single and q.ndim != nb + 2) or q.shape[:nb] != memory.batch_shape or q.shape[-1] != self.query_dim:
+            raise ValueError(f"query has shape {shape_str(q.shape)} but the memory's batch shape is "
+                             f"{shape_str(memory.batch_shape)}: expected (..., {self.query_dim}) for one step or "
+                             f"(..., T, {self.query_dim}) for many")
+        result = _core.additive_attention(q[..., None, :] if single else q, self._w_query,
+                                          self.__dict__.get("_bias"), memory.projected, memory._expo, memory._ok,
+                                          memory.values, self._v_eff, None, memory.key_lengths, return_weights)
+        if not single:
+            return result
+        if return_weights:
+            return result[0][..., 0, :], result[1][..., 0, :]
+        return result[..., 0, :]
+
+
+_LUONG_METHODS = ("dot", "general", "concat")
+
+
+class LuongAttention(_Weights):
+    """Luong's global attention: scores, softmax, context, then the attentional hidden state
+    h~_t = tanh([c_t; s_t] W_c).
+
+    Scores (s_t the decoder state, h_j the encoder states):
+
+    - ``dot``:     e_tj = s_t . h_j                         (query_dim == key_dim)
+    - ``general``: e_tj = s_t W_a h_j,  ``w_a`` (query_dim, key_dim)
+    - ``concat``:  e_tj = v . tanh(s_t W_q + h_j W_k) (Luong's v_a . tanh(W_a [s_t; h_j]) with
+      W_a split into ``w_query`` (query_dim, units) and ``w_key`` (key_dim, units); ``v`` (units,))
+
+    With ``scale=True`` the scores are multiplied by a scalar ``g`` (initialised to 1), as in
+    TF Addons' ``LuongAttention(scale=True)`` and Keras' ``Attention(use_scale=True)``.
+    ``w_c`` (value_dim + query_dim, attentional_units) joins context and state; no bias, as in
+    the paper.
+
+    Args:
+        query_dim: size of s_t.
+        key_dim: size of h_j (default query_dim).
+        method: ``"dot"``, ``"general"`` or ``"concat"``.
+        attentional_units: size of h~_t (default query_dim).
+        units: hidden size of the ``concat`` score (default query_dim).
+        value_dim: size of the values (default key_dim; values default to the keys).
+        scale: learnable scalar on the scores.
+        dtype: float32 (default) or float64.
+        rng: seed or ``np.random.Generator`` for the initialisation (Glorot-uniform).
+    """
+
+    def __init__(self, query_dim: int, key_dim: int | None = None, method: str = "dot", *,
+                 attentional_units: int | None = None, units: int | None = None, value_dim: int | None = None,
+                 scale: bool = False, dtype=np.float32, rng=None):
+        if method not in _LUONG_METHODS:
+            raise ValueError(f"method must be one of {_LUONG_METHODS}, got {method!r}")
+        key_dim = query_dim if key_dim is None else key_dim
+        value_dim = key_dim if value_dim is None else value_dim
+        attentional_units = query_dim if attentional_units is None else attentional_units
+        units = query_dim if units is None else units
+        for name, n in (("query_dim", query_dim), ("key_dim", key_dim), ("value_dim", value_dim),
+                        ("attentional_units", attentional_units), ("units", units)):
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+                raise ValueError(f"{name} must be a positive int, got {n!r}")
+        if method == "dot" and key_dim != query_dim:
+            raise ValueError(f"method='dot' needs key_dim == query_dim, got {key_dim} and {query_dim}")
+        self._dtype = _layer_dtype(dtype)
+        self.query_dim, self.key_dim, self.value_dim = int(query_dim), int(key_dim), int(value_dim)
+        self.attentional_units, self.method, self.scale = int(attentional_units), method, bool(scale)
+        self.units = int(units) if method == "concat" else None
+        shapes = {}
+        if method == "general":
+            shapes["w_a"] = (self.query_dim, self.key_dim)
+        elif method == "concat":
+            shapes.update({"w_query": (self.query_dim, self.units), "w_key": (self.key_dim, self.units),
+                           "v": (self.units,)})
+        if self.scale:
+            shapes["g"] = ()
+        shapes["w_c"] = (self.value_dim + self.query_dim, self.attentional_units)
+        self._shapes = shapes
+        gen = _make_rng(rng)
+        state = {name: _glorot(gen, shape, self._dtype) for name, shape in shapes.items() if name != "g"}
+        if self.scale:
+            state["g"] = np.asarray(1.0)
+        self.load_state_dict(state)
+
+    def __call__(self, query, keys, values=None, *, mask=None, key_lengths=None):
+        """One decoder step (query (B, query_dim)) or many (query (B, T, query_dim)).
+
+        Args:
+            keys: (B, Lk, key_dim) encoder states.
+            values: (B, Lk, value_dim); default: the keys.
+            mask: broadcastable to the weights' shape ((B, Lk) for one step, (B, T, Lk) for
+                many); bool True = may attend, float added to the scores.
+            key_lengths: ints broadcastable to (B,); keys at positions >= length are hidden.
+
+        Returns:
+            (attentional_hidden, context, weights): (B, attentional_units), (B, value_dim),
+            (B, Lk) for one step; with a T axis before the last for many steps.
+        """
+        q = self._input(query, "query")
+        k = self._input(keys, "keys")
+        val = k if values is None else self._input(values, "values")
+        if k.ndim < 2 or k.shape[-1] != self.key_dim:
+            raise ValueError(f"keys must have shape (..., Lk, {self.key_dim}), got {shape_str(k.shape)}")
+        if val.ndim != k.ndim or val.shape[:-1] != k.shape[:-1] or val.shape[-1] != self.value_dim:
+            raise ValueError(f"keys have shape {shape_str(k.shape)} but values have {shape_str(val.shape)}: "
+                             f"expected (..., Lk, {self.value_dim}) with the keys' leading dimensions")
+        batch, lk = k.shape[:-2], k.shape[-2]
+        nb = len(batch)
+        single = q.ndim == nb + 1
+        if (not single and q.ndim != nb + 2) or q.shape[:nb] != batch or q.shape[-1] != self.query_dim:
+            raise ValueError(f"query has shape {shape_str(q.shape)} but keys have {shape_str(k.shape)}: expected "
+                             f"(..., {self.query_dim}) for one step or (..., T, {self.query_dim}) for many")
+        q3 = q[..., None, :] if single else q
+        score_shape = q3.shape[:-1] + (lk,)
+        m = self._mask(mask, single, score_shape)
+        lengths = _lengths(key_lengths, batch, lk)
+        g = float(self._g) if self.scale else 1.0
+        if self.method == "concat":
+            raw, expo, ok = _core.additive_keys(k, self._w_key)
+            v_eff = self._v * self._dtype.type(g) if self.scale else self._v
+            context, weights = _core.additive_attention(q3, self._w_query, None, raw, expo, ok, val, v_eff, m,
+                                                        lengths, True)
+        else:
+            s = _core.score_product(q3, k, self.__dict__.get("_w_a"), g)
+            if lengths is not None:
+                keep = np.arange(lk) < lengths[..., None, None]
+                if m is None:
+                    m = np.broadcast_to(keep, score_shape)
+                elif m.dtype == np.bool_:
+                    m = m & keep
+                else:
+                    m = np.where(keep, m, self._dtype.type(-np.inf))
+            weights = _core.softmax(s, m, False, 0)
+            context = _core.weighted_sum(weights, val)
+        dv = self.value_dim
+        hidden = np.tanh(context @ self._w_c[:dv] + q3 @ self._w_c[dv:])
+        if single:
+            return hidden[..., 0, :], context[..., 0, :], weights[..., 0, :]
+        return hidden, context, weights
+
+    def _mask(self, mask, single, score_shape):
+        if mask is None:
+            return None
+        m = np.asarray(mask)
+        if m.dtype == np.bool_:
+            pass
+        elif m.dtype.kind == "f":
+            m = m.astype(self._dtype, copy=False)
+        else:
+            raise TypeError(f"mask must be bool (True = may attend) or floating (added to the scores), "
+                            f"got dtype {m.dtype}")
+        if single and m.ndim >= 2:
+            m = m[..., None, :]
+        try:
+            return np.broadcast_to(m, score_shape)
+        except ValueError:
+            shown = score_shape[:-2] + score_shape[-1:] if single else score_shape
+            raise ValueError(f"mask has shape {shape_str(np.shape(mask))}, which does not broadcast to the weights' "
+                             f"shape {shape_str(shown)}") from None

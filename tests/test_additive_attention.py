@@ -1,0 +1,266 @@
+"""Fused additive (Bahdanau) attention against the NumPy reference and a PyTorch composition."""
+
+import numpy as np
+import pytest
+
+import attnext
+from attnext import _core
+from attnext import reference as ref
+
+TOL = {np.float32: 1e-5, np.float64: 1e-12}
+DTYPES = [np.float32, np.float64]
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30) if b.size else 0.0
+
+
+def layout(x, kind):
+    if kind == "C":
+        return np.ascontiguousarray(x)
+    if kind == "F":
+        return np.asfortranarray(x)
+    # a strided view: every other element of a twice-as-long last axis
+    big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+    big[..., ::2] = x
+    return big[..., ::2]
+
+
+def make(rng, dtype, batch=(2,), lq=7, lk=33, dq=13, dk=9, units=19, dv=5, scale=1.0):
+    q = rng.standard_normal(batch + (lq, dq)).astype(dtype)
+    k = rng.standard_normal(batch + (lk, dk)).astype(dtype)
+    val = rng.standard_normal(batch + (lk, dv)).astype(dtype)
+    wq = (scale * rng.standard_normal((dq, units)) / np.sqrt(dq)).astype(dtype)
+    wk = (scale * rng.standard_normal((dk, units)) / np.sqrt(dk)).astype(dtype)
+    v = rng.standard_normal(units).astype(dtype)
+    return q, k, val, wq, wk, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["C", "F", "strided"])
+@pytest.mark.parametrize("sizes", [(1, 1, 1, 1), (7, 33, 19, 5), (33, 7, 16, 1), (3, 129, 33, 7), (1, 50, 64, 8)])
+def test_matches_reference(dtype, kind, sizes):
+    lq, lk, units, dv = sizes
+    rng = np.random.default_rng(1)
+    q, k, val, wq, wk, v = make(rng, dtype, lq=lq, lk=lk, units=units, dv=dv)
+    q, k, val, wq, wk = (layout(x, kind) for x in (q, k, val, wq, wk))
+    out, w = attnext.additive_attention(q, k, val, wq, wk, v, return_weights=True)
+    r_out, r_w = ref.additive_attention(q, k, val, wq, wk, v, return_weights=True)
+    assert out.dtype == dtype and w.dtype == dtype
+    assert out.shape == r_out.shape and w.shape == r_w.shape
+    assert rel_err(out, r_out) <= TOL[dtype]
+    assert rel_err(w, r_w) <= TOL[dtype]
+    assert np.array_equal(out, attnext.additive_attention(q, k, val, wq, wk, v))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_masks_and_lengths(dtype):
+    rng = np.random.default_rng(2)
+    q, k, val, wq, wk, v = make(rng, dtype, batch=(3,), lq=6, lk=11)
+    bias = rng.standard_normal(19).astype(dtype)
+    bool_mask = rng.random((3, 6, 11)) < 0.7
+    float_mask = np.where(rng.random((6, 11)) < 0.3, -np.inf, rng.standard_normal((6, 11))).astype(dtype)
+    lengths = np.array([11, 4, 1])
+    for kwargs in [dict(bias=bias), dict(mask=bool_mask), dict(mask=float_mask), dict(key_lengths=lengths),
+                   dict(bias=bias, mask=bool_mask, key_lengths=lengths), dict(mask=float_mask, key_lengths=3),
+                   dict(mask=bool_mask[:, :1, :])]:
+        out, w = attnext.additive_attention(q, k, val, wq, wk, v, return_weights=True, **kwargs)
+        r_out, r_w = ref.additive_attention(q, k, val, wq, wk, v, return_weights=True, **kwargs)
+        assert rel_err(out, r_out) <= TOL[dtype], kwargs.keys()
+        assert rel_err(w, r_w) <= TOL[dtype], kwargs.keys()
+    out, w = attnext.additive_attention(q, k, val, wq, wk, v, key_lengths=lengths, return_weights=True)
+    assert np.all(w[1, :, 4:] == 0) and np.all(w[2, :, 1:] == 0)
+    np.testing.assert_allclose(w.sum(-1), 1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nothing_to_attend_gives_zeros(dtype):
+    rng = np.random.default_rng(3)
+    q, k, val, wq, wk, v = make(rng, dtype, lq=4, lk=6)
+    mask = np.ones((2, 4, 6), bool)
+    mask[0, 2] = False
+    out, w = attnext.additive_attention(q, k, val, wq, wk, v, mask=mask, key_lengths=[6, 0], return_weights=True)
+    assert np.all(out[0, 2] == 0) and np.all(w[0, 2] == 0)
+    assert np.all(out[1] == 0) and np.all(w[1] == 0)
+    assert np.all(np.isfinite(out)) and np.all(w[0, [0, 1, 3]].sum(-1) > 0.99)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saturated_projections_use_plain_tanh(dtype):
+    # Projections far outside the exp-factored range take the plain-tanh path; same formula.
+    rng = np.random.default_rng(4)
+    q, k, val, wq, wk, v = make(rng, dtype, lq=5, lk=9, scale=60.0)
+    out, w = attnext.additive_attention(q, k, val, wq, wk, v, return_weights=True)
+    r_out, r_w = ref.additive_attention(q, k, val, wq, wk, v, return_weights=True)
+    assert rel_err(w, r_w) <= TOL[dtype] and rel_err(out, r_out) <= TOL[dtype]
+    # only the queries out of range
+    out, w = attnext.additive_attention(q, k, val, wq, wk * 0.02, v, return_weights=True)
+    r_out, r_w = ref.additive_attention(q, k, val, wq, wk * 0.02, v, return_weights=True)
+    assert rel_err(w, r_w) <= TOL[dtype] and rel_err(out, r_out) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("units", [1, 7, 16, 33])
+def test_score_additive_matches_reference(dtype, units):
+    rng = np.random.default_rng(5)
+    q, k, _, wq, wk, v = make(rng, dtype, lq=9, lk=13, units=units)
+    s = attnext.score(q, k, "additive", w_query=wq, w_key=wk, v=v)
+    assert rel_err(s, ref.score(q, k, "additive", w_query=wq, w_key=wk, v=v)) <= TOL[dtype]
+    s = attnext.score(q, k, "additive", w_query=wq * 50, w_key=wk, v=v)
+    assert rel_err(s, ref.score(q, k, "additive", w_query=wq * 50, w_key=wk, v=v)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_projected_keys_and_broadcast_batch(dtype):
+    rng = np.random.default_rng(6)
+    q, k, val, wq, wk, v = make(rng, dtype, batch=(3, 2), lq=4, lk=10)
+    keys = attnext.project_keys(k, wk)
+    assert isinstance(keys, attnext.ProjectedKeys) and keys.projected.shape == (3, 2, 10, 19)
+    np.testing.assert_allclose(keys.projected, k @ wk, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+    a = attnext.additive_attention(q, keys, val, wq, None, v)
+    b = attnext.additive_attention(q, k, val, wq, wk, v)
+    assert np.array_equal(a, b)
+    # keys and values shared by every batch entry (batch axes of size 1 broadcast, not copied)
+    k1, val1 = k[:1, :1], val[:1, :1]
+    out = attnext.additive_attention(q, k1, val1, wq, wk, v)
+    assert out.shape == (3, 2, 4, 5)
+    assert rel_err(out, ref.additive_attention(q, np.broadcast_to(k1, k.shape), np.broadcast_to(val1, val.shape),
+                                               wq, wk, v)) <= TOL[dtype]
+    out = attnext.additive_attention(q[0, 0], attnext.project_keys(k1, wk), val1, wq, None, v)
+    assert out.shape == (1, 1, 4, 5)
+
+
+def test_promotion():
+    rng = np.random.default_rng(7)
+    q, k, val, wq, wk, v = make(rng, np.float32, lq=3, lk=5)
+    assert attnext.additive_attention(q.astype(np.float16), k, val, wq, wk, v).dtype == np.float32
+    out = attnext.additive_attention(q.astype(np.float64), k, val, wq, wk, v)
+    assert out.dtype == np.float64
+    keys = attnext.project_keys(k, wk)
+    out2 = attnext.additive_attention(q.astype(np.float64), keys, val, wq, None, v)
+    assert out2.dtype == np.float64 and rel_err(out2, out) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_torch_composition(dtype):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    q, k, val, wq, wk, v = make(rng, dtype, batch=(3,), lq=17, lk=29, units=24, dv=6)
+    bias = rng.standard_normal(24).astype(dtype)
+    keep = rng.random((3, 17, 29)) < 0.8
+    keep[:, :, 0] = True
+    lengths = np.array([29, 12, 1])
+    out, w = attnext.additive_attention(q, k, val, wq, wk, v, bias=bias, mask=keep, key_lengths=lengths,
+                                        return_weights=True)
+    keep = keep & (np.arange(29) < lengths[:, None, None])
+    t = {name: torch.from_numpy(x) for name, x in dict(q=q, k=k, val=val, wq=wq, wk=wk, v=v, b=bias).items()}
+    qp, kp = t["q"] @ t["wq"] + t["b"], t["k"] @ t["wk"]
+    scores = torch.tanh(qp[:, :, None] + kp[:, None]) @ t["v"]
+    scores = scores.masked_fill(~torch.from_numpy(keep), float("-inf"))
+    tw = torch.softmax(scores, dim=-1)
+    tout = torch.bmm(tw, t["val"])
+    assert rel_err(w, tw.numpy()) <= TOL[dtype]
+    assert rel_err(out, tout.numpy()) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_same_bits_for_any_thread_count(dtype):
+    rng = np.random.default_rng(9)
+    q, k, val, wq, wk, v = make(rng, dtype, batch=(2,), lq=131, lk=70, dq=40, dk=24, units=37, dv=9)
+    saved = attnext.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 5):
+            attnext.set_num_threads(n)
+            results.append(attnext.additive_attention(q, k, val, wq, wk, v, key_lengths=[70, 33],
+                                                      return_weights=True))
+            results.append((attnext.score(q, k, "additive", w_query=wq, w_key=wk, v=v),))
+    finally:
+        attnext.set_num_threads(saved)
+    for r in results[2:]:
+        base = results[0] if len(r) == 2 else results[1]
+        for a, b in zip(r, base):
+            assert np.array_equal(a, b)
+
+
+def test_errors():
+    rng = np.random.default_rng(10)
+    q, k, val, wq, wk, v = make(rng, np.float32, lq=3, lk=5)
+    with pytest.raises(ValueError, match=r"key has 5 positions but value has shape \(2, 6, 5\)"):
+        attnext.additive_attention(q, k, val[:, :1].repeat(6, 1), wq, wk, v)
+    with pytest.raises(ValueError, match=r"w_query has shape \(13, 19\) but w_key has \(9, 18\)"):
+        attnext.additive_attention(q, k, val, wq, wk[:, :18], v)
+    with pytest.raises(ValueError, match=r"key has shape \(2, 5, 9\) but w_key has \(8, 19\)"):
+        attnext.additive_attention(q, k, val, wq, wk[:8], v)
+    with pytest.raises(ValueError, match=r"query has shape \(2, 3, 12\) but w_query has \(13, 19\)"):
+        attnext.additive_attention(q[..., :12], k, val, wq, wk, v)
+    with pytest.raises(ValueError, match=r"v has shape \(18,\) but the number of units is 19"):
+        attnext.additive_attention(q, k, val, wq, wk, v[:18])
+    with pytest.raises(ValueError, match=r"bias has shape \(3,\)"):
+        attnext.additive_attention(q, k, val, wq, wk, v, bias=v[:3])
+    with pytest.raises(ValueError, match="key_lengths must lie in"):
+        attnext.additive_attention(q, k, val, wq, wk, v, key_lengths=[6, 1])
+    with pytest.raises(TypeError, match="key_lengths must be integers"):
+        attnext.additive_attention(q, k, val, wq, wk, v, key_lengths=[1.5, 1])
+    with pytest.raises(ValueError, match="mask has shape"):
+        attnext.additive_attention(q, k, val, wq, wk, v, mask=np.ones((4, 5), bool))
+    with pytest.raises(TypeError, match="query must be a floating-point array"):
+        attnext.additive_attention(q.astype(int), k, val, wq, wk, v)
+    with pytest.raises(ValueError, match="batch dimensions do not broadcast"):
+        attnext.additive_attention(q, np.concatenate([k, k, k]), np.concatenate([val, val, val]), wq, wk, v)
+    with pytest.raises(ValueError, match="pass w_key=None"):
+        attnext.additive_attention(q, attnext.project_keys(k, wk), val, wq, wk, v)
+    with pytest.raises(ValueError, match="w_key is required"):
+        attnext.additive_attention(q, k, val, wq, None, v)
+
+
+def test_core_refuses_bad_arguments():
+    rng = np.random.default_rng(11)
+    q, k, val, wq, wk, v = make(rng, np.float32, lq=3, lk=5)
+    raw, expo, ok = _core.additive_keys(k, wk)
+    good = dict(query=q, w_query=wq, bias=None, keys_raw=raw, keys_exp=expo, keys_ok=ok, value=val, v=v, mask=None,
+                key_lengths=None)
+    _core.additive_attention(**good)
+    bad = [
+        (ValueError, dict(keys_raw=raw[:, :, :5])),
+        (ValueError, dict(keys_exp=expo[:, ::2])),
+        (ValueError, dict(keys_exp=np.asfortranarray(expo))),
+        (TypeError, dict(keys_ok=ok.astype(np.int8))),
+        (ValueError, dict(keys_ok=ok[:1])),
+        (ValueError, dict(value=val[:, :4])),
+        (ValueError, dict(value=val[:1])),
+        (TypeError, dict(value=val.astype(np.float64))),
+        (ValueError, dict(w_query=wq[:, :3])),
+        (ValueError, dict(v=v[:2])),
+        (ValueError, dict(key_lengths=np.array([9, 1]))),
+        (ValueError, dict(key_lengths=np.array([-1, 1]))),
+        (TypeError, dict(key_lengths=np.array([1, 1], np.int32))),
+        (ValueError, dict(key_lengths=np.array([1]))),
+        (ValueError, dict(mask=np.ones((2, 3, 4), bool))),
+        (TypeError, dict(mask=np.ones((2, 3, 5), np.int32))),
+        (ValueError, dict(query=q[0, 0])),
+        (TypeError, dict(query=q.astype(np.int64))),
+    ]
+    for exc, change in bad:
+        with pytest.raises(exc):
+            _core.additive_attention(**{**good, **change})
+    with pytest.raises(ValueError):
+        _core.additive_keys(k, wk[:4])
+    with pytest.raises(ValueError):
+        _core.additive_keys(k[0, 0], wk)
+    with pytest.raises(TypeError):
+        _core.additive_keys(k, wk.astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lq", [1, 4])
+def test_repeatable_bits_for_small_shapes(dtype, lq):
+    # Tiny products must not depend on where scratch buffers happen to be allocated.
+    rng = np.random.default_rng(12)
+    q, k, val, wq, wk, v = make(rng, dtype, batch=(3, 2), lq=lq, lk=10)
+    first = attnext.additive_attention(q, k, val, wq, wk, v, return_weights=True)
+    for _ in range(5):
+        again = attnext.additive_attention(q, k, val, wq, wk, v, return_weights=True)
+        assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert np.array_equal(first[0], attnext.additive_attention(q, k, val, wq, wk, v))
