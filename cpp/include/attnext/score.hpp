@@ -43,20 +43,6 @@ void score_product(const Strided<const T>& q, const Strided<const T>& k, const S
   });
 }
 
-// Projects a (..., L, D) operand through w (D, U) into a dense (batches, L, U) buffer, plus
-// an optional bias (U,), one parallel task per batch entry.
-template <typename T>
-std::vector<T> project_rows(const Strided<const T>& x, const Strided<const T>& w, const T* bias) {
-  const index_t batches = x.batch_count(2), l = x.dim(-2), units = w.dim(-1);
-  std::vector<T> buf(static_cast<size_t>(batches * l * units));
-  parallel_for(batches, [&](index_t b) {
-    MatrixMap<T> dst(buf.data() + b * l * units, l, units);
-    dst.noalias() = matrix_of(x, b) * matrix_of(w, 0);
-    if (bias) dst.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(bias, units);
-  });
-  return buf;
-}
-
 // out[i, j] = scale * v . tanh(q_i W_q + bias + k_j W_k)
 //   q (..., Lq, Dq), k (..., Lk, Dk), equal batch shapes; w_query (Dq, U), w_key (Dk, U) contiguous
 //   v (U,) contiguous, bias (U,) contiguous or nullptr; out (..., Lq, Lk) C-contiguous
