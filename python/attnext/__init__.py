@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from . import _core
 from .functional import attention, scaled_dot_product_attention, score, softmax, weighted_sum
+from .transformer import KVCache, MultiHeadAttention, SelfAttention
 
 __version__ = _core.build_info()["version"]
 
@@ -23,6 +24,9 @@ __all__ = [
     "weighted_sum",
     "attention",
     "scaled_dot_product_attention",
+    "SelfAttention",
+    "MultiHeadAttention",
+    "KVCache",
     "set_num_threads",
     "get_num_threads",
     "build_info",
