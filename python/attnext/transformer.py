@@ -121,7 +121,7 @@ class SelfAttention:
         rng = np.random.default_rng(rng)
         e, dk, dv = self.embed_dim, self.qk_dim, self.v_dim
         # (embed_dim, 2 dk + dv): columns [W_q | W_k | W_v]
-        self._w = np.concatenate([_xavier_uniform(rng, (e, d), self.dtype).T for d in (dk, dk, dv)], axis=1)
+        self._w = np.concatenate([_xavier_uniform(rng, (d, e), self.dtype).T for d in (dk, dk, dv)], axis=1)
         self._w = np.ascontiguousarray(self._w)
         self._b = np.zeros(2 * dk + dv, dtype=self.dtype) if bias else None
 
@@ -521,7 +521,7 @@ class MultiHeadAttention:
         return _core.linear(heads_last, self._out_w, self._out_b)
 
     def _prepare_masks(self, key_mask, key_lengths, attn_mask, b: int, lq: int, s: int, unbatched: bool):
-        """(attn_mask for the kernel, key_lengths (B, 1) or None)."""
+        """(attn_mask for the kernel, key_lengths (B,) or None)."""
         h = self.num_heads
         mask = None
         if attn_mask is not None:
@@ -554,7 +554,7 @@ class MultiHeadAttention:
             if kl.size and (kl.min() < 0 or kl.max() > s):
                 raise ValueError(f"key_lengths must lie in [0, {s}] (the number of keys), got values from "
                                  f"{kl.min()} to {kl.max()}")
-            lengths = kl.reshape(b, 1)
+            lengths = kl.reshape(b)
         if key_mask is not None:
             km = np.asarray(key_mask)
             want = (s,) if unbatched else (b, s)
@@ -568,7 +568,7 @@ class MultiHeadAttention:
                 if lengths is None and np.array_equal(km, np.arange(s) < counts[:, None]):
                     # A padding mask (True then False): key lengths, which the kernel applies
                     # without reading a mask.
-                    return mask, counts.reshape(b, 1)
+                    return mask, counts
             elif km.dtype.kind == "f":
                 km = km.astype(self.dtype, copy=False)
             else:
