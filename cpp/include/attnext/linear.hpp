@@ -72,7 +72,7 @@ void linear(const Strided<const T>& x, const Strided<const T>& weight, const T* 
       ym.noalias() = xm * w_copy.transpose().middleCols(c0, cols);
     }
     if (bias) ym.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(bias + c0, cols);
-  });
+  }, /*dynamic=*/true);  // blocks go to whichever thread is free: balanced on a busy machine
 }
 
 }  // namespace attnext
