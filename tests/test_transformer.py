@@ -595,3 +595,12 @@ def test_transformer_encoder_example_runs():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "encoder block output" in proc.stdout
+
+
+def test_linear_kernel_reversed_and_broadcast_inputs():
+    rng = np.random.default_rng(18)
+    x = randn(rng, (3, 9, 6), np.float32)
+    w, b = randn(rng, (5, 6), np.float32), randn(rng, 5, np.float32)
+    for view in (x[:, ::-1], x[..., ::-1], x[::-1, ::-2], np.broadcast_to(x[:, :1], (3, 9, 6))):
+        close(transformer._linear(view, w, b), view @ w.T + b, np.float32)
+    close(transformer._linear(x, w[::-1], b), x @ w[::-1].T + b, np.float32)
