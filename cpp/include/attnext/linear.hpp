@@ -16,6 +16,10 @@ namespace attnext {
 // tasks for a (2048 x 1536) projection and still split a single decoding row over columns.
 constexpr index_t kLinearRowBlock = 256;
 constexpr index_t kLinearColBlock = 256;
+// Below this many multiply-adds (about 20 us on one core) the blocks run on the calling thread:
+// waking a team costs more than it saves (a decoding step's projections), and far more when
+// the machine is busy and a team member has to wait for a core.
+constexpr index_t kLinearMinParallelWork = index_t(1) << 20;
 
 // y = x W^T + b
 //   x (B, L, C, D) any strides: row (b, l) has C * D features, feature c * D + d at x[b, l, c, d]
@@ -37,7 +41,7 @@ void linear(const Strided<const T>& x, const Strided<const T>& weight, const T* 
   if (!w_rows && !w_cols) w_copy = matrix_of(weight, 0);
   // x rows read in place when a row's features are one unit-stride run; else gathered per task.
   const bool x_direct = nd * nc == 0 || ((nc == 1 || x.stride(2) == nd) && x.stride(3) == 1);
-  parallel_for(nb * row_blocks * col_blocks, [&](index_t task) {
+  const auto block = [&](index_t task) {
     const index_t c0 = (task % col_blocks) * kLinearColBlock, cols = std::min(kLinearColBlock, out - c0);
     const index_t rb = task / col_blocks;
     const index_t b = rb / row_blocks, r0 = (rb % row_blocks) * kLinearRowBlock;
@@ -72,7 +76,13 @@ void linear(const Strided<const T>& x, const Strided<const T>& weight, const T* 
       ym.noalias() = xm * w_copy.transpose().middleCols(c0, cols);
     }
     if (bias) ym.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(bias + c0, cols);
-  }, /*dynamic=*/true);  // blocks go to whichever thread is free: balanced on a busy machine
+  };
+  const index_t tasks = nb * row_blocks * col_blocks;
+  if (nb * nl * in * out < kLinearMinParallelWork) {
+    for (index_t task = 0; task < tasks; ++task) block(task);  // the same blocks, so the same results
+  } else {
+    parallel_for(tasks, block, /*dynamic=*/true);  // blocks go to whichever thread is free
+  }
 }
 
 }  // namespace attnext
