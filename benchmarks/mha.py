@@ -69,6 +69,14 @@ def bench_forward(args, torch) -> dict:
     fns["attention"] = lambda: attnext.scaled_dot_product_attention(q, k, v)
     fns["out_projection"] = lambda: layer._project_out(o, True)
     fns["heads_copy_numpy"] = lambda: np.ascontiguousarray(o.transpose(0, 2, 1, 3))
+    if torch is not None:  # PyTorch's fused SDPA on the same heads: what a fused kernel can reach
+        tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(a)) for a in (q, k, v))
+
+        def run_torch_sdpa():
+            with torch.no_grad():
+                torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+
+        fns["torch_sdpa"] = run_torch_sdpa
     res = alternate(fns, args.repeats)
     flop = 2 * b * l * e * (4 * e) + 4 * b * l * l * e
     res["gflop"] = flop / 1e9
@@ -135,7 +143,8 @@ def main(argv=None) -> dict:
     f = result["forward"]
     print(f"forward B={args.batch} L={args.length} E={args.embed} H={args.heads} float32, threads={args.threads} "
           f"({f['gflop']:.2f} GFLOP), medians of {args.repeats}:")
-    for name in ("attnext", "torch", "qkv_projection", "attention", "out_projection", "heads_copy_numpy"):
+    for name in ("attnext", "torch", "qkv_projection", "attention", "out_projection", "heads_copy_numpy",
+                 "torch_sdpa"):
         if name in f:
             print(f"  {name:18s} {f[name] * 1e3:8.2f} ms")
     if "torch" in f:
