@@ -357,6 +357,13 @@ def test_heads_are_views_and_weights_only_when_asked(monkeypatch):
     assert kw["enable_gqa"] is True and kw["return_weights"] is False
     layer(x, need_weights=True)
     assert calls[-1][3]["return_weights"] is True
+    layer(x, x, x)  # the same array three times is self-attention too: one packed GEMM
+    q, k, v, _ = calls[-1]
+    assert root(q) is root(k) is root(v)
+    mem = np.random.default_rng(1).standard_normal((2, 9, 32)).astype(np.float32)
+    layer(x, mem)  # cross-attention: Q from one GEMM, K and V from another
+    q, k, v, _ = calls[-1]
+    assert root(k) is root(v) and root(q) is not root(k)
 
 
 @pytest.mark.parametrize("layout", ["F", "strided"])

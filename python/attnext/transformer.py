@@ -602,7 +602,8 @@ class MultiHeadAttention:
             b_out (zero attention) and zero weights, where PyTorch gives NaN.
         """
         q_in = _input(query, "query", self.dtype, self.embed_dim, "embed_dim")
-        self_attention = key is None and value is None
+        # query is key is value (or both omitted): one GEMM for Q, K and V together
+        self_attention = (key is None or key is query) and (value is None or value is query)
         if key is None and value is not None:
             raise ValueError("value given without key: pass key too (or neither, for self-attention)")
         k_in = q_in if key is None else _input(key, "key", self.dtype, self.kdim, "kdim")
