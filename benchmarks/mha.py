@@ -23,7 +23,6 @@ import time
 import numpy as np
 
 import attnext
-from attnext import _core
 from attnext.transformer import _linear
 
 
