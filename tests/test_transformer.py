@@ -611,3 +611,24 @@ def test_linear_kernel_reversed_and_broadcast_inputs():
     for view in (x[:, ::-1], x[..., ::-1], x[::-1, ::-2], np.broadcast_to(x[:, :1], (3, 9, 6))):
         close(transformer._linear(view, w, b), view @ w.T + b, np.float32)
     close(transformer._linear(x, w[::-1], b), x @ w[::-1].T + b, np.float32)
+
+
+def test_gqa_with_key_lengths_and_per_head_mask():
+    rng = np.random.default_rng(19)
+    e, h, hk, b, l = 16, 4, 2, 2, 9
+    layer = attnext.MultiHeadAttention(e, h, num_kv_heads=hk, dtype=np.float64, rng=4)
+    x = rng.standard_normal((b, l, e))
+    lengths = np.array([9, 5])
+    per_head = rng.random((b, h, l, l)) < 0.7
+    per_head[..., 0] = True
+    out, w = layer(x, key_lengths=lengths, attn_mask=per_head, need_weights=True, average_attn_weights=False)
+    kv = hk * (e // h)
+    full_mask = per_head & (np.arange(l) < lengths[:, None, None, None])
+    rout, rw = ref.multi_head_attention(x, x, x, h, layer.q_proj_weight, layer.k_proj_weight, layer.v_proj_weight,
+                                        layer.out_proj_weight, q_bias=layer.in_proj_bias[:e],
+                                        k_bias=layer.in_proj_bias[e:e + kv], v_bias=layer.in_proj_bias[e + kv:],
+                                        out_bias=layer.out_proj_bias, num_kv_heads=hk, attn_mask=full_mask)
+    close(out, rout, np.float64)
+    close(w, rw, np.float64)
+    out_km, _ = layer(x, key_mask=np.arange(l) < lengths[:, None], attn_mask=per_head)  # prefix mask -> lengths
+    close(out_km, rout, np.float64)
