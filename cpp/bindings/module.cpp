@@ -11,6 +11,7 @@ void register_softmax(py::module_& m);
 void register_scores(py::module_& m);
 void register_weighted_sum(py::module_& m);
 void register_additive(py::module_& m);
+void register_linear(py::module_& m);
 }  // namespace bind
 }  // namespace attnext
 
@@ -21,4 +22,5 @@ PYBIND11_MODULE(_core, m) {
   attnext::bind::register_scores(m);
   attnext::bind::register_weighted_sum(m);
   attnext::bind::register_additive(m);
+  attnext::bind::register_linear(m);
 }

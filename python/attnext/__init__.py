@@ -16,6 +16,7 @@ from . import _core, reference
 from .functional import attention, scaled_dot_product_attention, score, softmax, weighted_sum
 from .functional import ProjectedKeys, additive_attention, project_keys
 from .rnn import BahdanauAttention, BahdanauMemory, LuongAttention
+from .transformer import KVCache, MultiHeadAttention, SelfAttention
 
 __version__ = _core.build_info()["version"]
 
@@ -31,6 +32,9 @@ __all__ = [
     "BahdanauAttention",
     "BahdanauMemory",
     "LuongAttention",
+    "SelfAttention",
+    "MultiHeadAttention",
+    "KVCache",
     "set_num_threads",
     "get_num_threads",
     "build_info",

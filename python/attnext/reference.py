@@ -22,6 +22,7 @@ __all__ = [
     "attention",
     "scaled_dot_product_attention",
     "dense_mask",
+    "multi_head_attention",
 ]
 
 _METHODS = ("dot", "scaled_dot", "general", "additive")
@@ -249,3 +250,46 @@ def luong_attention(query, keys, values, w_c, *, method="dot", w_a=None, w_query
     if single:
         return hidden[..., 0, :], c[..., 0, :], a[..., 0, :]
     return hidden, c, a
+# ---- Multi-head attention (the formula behind attnext.MultiHeadAttention) -------------------
+
+
+def multi_head_attention(query, key, value, num_heads, q_weight, k_weight, v_weight, out_weight, *, q_bias=None,
+                         k_bias=None, v_bias=None, out_bias=None, num_kv_heads=None, attn_mask=None,
+                         is_causal=False):
+    """Batch-first multi-head attention, one head at a time, with grouped-query attention by
+    repeating key/value heads.
+
+    query (B, L, E), key (B, S, kdim), value (B, S, vdim); weights in (out_features,
+    in_features) layout: q_weight (E, E), k_weight and v_weight (Hk * d, kdim / vdim),
+    out_weight (E, E) with d = E / num_heads. attn_mask broadcastable to (B, H, L, S), bool
+    True = may attend or float added. Returns (output (B, L, E), weights (B, H, L, S)).
+
+        Q = query W_q^T + b_q, K = key W_k^T + b_k, V = value W_v^T + b_v
+        head_h = softmax(Q_h K_g^T / sqrt(d) + mask) V_g,  g = h // (H / Hk)
+        output = [head_1, ..., head_H] W_out^T + b_out
+    """
+    def project(x, w, b):
+        y = np.asarray(x) @ np.asarray(w).T
+        return y if b is None else y + np.asarray(b)
+
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    q = project(query, q_weight, q_bias)
+    k = project(key, k_weight, k_bias)
+    v = project(value, v_weight, v_bias)
+    bsz, lq, e = q.shape
+    s = k.shape[1]
+    d = e // num_heads
+    group = num_heads // num_kv_heads
+    mask = None if attn_mask is None else np.broadcast_to(np.asarray(attn_mask), (bsz, num_heads, lq, s))
+    heads, weights = [], []
+    for h in range(num_heads):
+        g = h // group  # the key/value head that query head h shares
+        qh, kh, vh = q[:, :, h * d:(h + 1) * d], k[:, :, g * d:(g + 1) * d], v[:, :, g * d:(g + 1) * d]
+        sc = qh @ np.swapaxes(kh, -1, -2) / math.sqrt(d)
+        if is_causal:
+            sc = np.where(causal_mask(lq, s, is_causal), sc, -np.inf)
+        a = softmax(sc, mask=None if mask is None else mask[:, h])
+        heads.append(a @ vh)
+        weights.append(a)
+    out = project(np.concatenate(heads, axis=-1), out_weight, out_bias)
+    return out.astype(q.dtype), np.stack(weights, axis=1).astype(q.dtype)

@@ -1,0 +1,88 @@
+// The dense layer of the attention layers' projections: y = x W^T + b (PyTorch's Linear).
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include "parallel.hpp"
+#include "strided.hpp"
+
+namespace attnext {
+
+// One parallel task computes a (rows x columns) block of y. The block sizes are fixed (not
+// derived from the thread count), so results are bit-identical for any number of threads, and
+// each output element is one dot product over all inputs in one task. 256 x 256 blocks keep
+// Eigen's packing of x and W (once per task) small against the block's work, give dozens of
+// tasks for a (2048 x 1536) projection and still split a single decoding row over columns.
+constexpr index_t kLinearRowBlock = 256;
+constexpr index_t kLinearColBlock = 256;
+// Below this many multiply-adds (about 20 us on one core) the blocks run on the calling thread:
+// waking a team costs more than it saves (a decoding step's projections), and far more when
+// the machine is busy and a team member has to wait for a core.
+constexpr index_t kLinearMinParallelWork = index_t(1) << 20;
+
+// y = x W^T + b
+//   x (B, L, C, D) any strides: row (b, l) has C * D features, feature c * D + d at x[b, l, c, d]
+//     (C > 1 reads a (B, H, L, D) attention output through a (B, L, H, D) view, no copy first)
+//   weight (O, C * D) any strides; bias (O,) or null (contiguous)
+//   y (B, L, O) C-contiguous
+template <typename T>
+void linear(const Strided<const T>& x, const Strided<const T>& weight, const T* bias, T* y) {
+  const index_t nb = x.dim(0), nl = x.dim(1), nc = x.dim(2), nd = x.dim(3);
+  const index_t in = nc * nd, out = weight.dim(0);
+  const index_t row_blocks = (nl + kLinearRowBlock - 1) / kLinearRowBlock;
+  const index_t col_blocks = (out + kLinearColBlock - 1) / kLinearColBlock;
+  using OuterMap = Eigen::Map<const RowMatrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
+  using ColMap = Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>, Eigen::Unaligned,
+                            Eigen::OuterStride<>>;
+  // W^T (in, out) straight from W's memory when one of its axes is unit-stride; else one copy.
+  RowMatrix<T> w_copy;
+  const bool w_rows = weight.stride(1) == 1, w_cols = !w_rows && weight.stride(0) == 1;
+  if (!w_rows && !w_cols) w_copy = matrix_of(weight, 0);
+  // x rows read in place when a row's features are one unit-stride run; else gathered per task.
+  const bool x_direct = nd * nc == 0 || ((nc == 1 || x.stride(2) == nd) && x.stride(3) == 1);
+  const auto block = [&](index_t task) {
+    const index_t c0 = (task % col_blocks) * kLinearColBlock, cols = std::min(kLinearColBlock, out - c0);
+    const index_t rb = task / col_blocks;
+    const index_t b = rb / row_blocks, r0 = (rb % row_blocks) * kLinearRowBlock;
+    const index_t rows = std::min(kLinearRowBlock, nl - r0);
+    const T* x0 = x.data + b * x.stride(0) + r0 * x.stride(1);
+    RowMatrix<T> gathered;
+    const T* xp = x0;
+    index_t x_stride = x.stride(1);
+    if (!x_direct) {
+      gathered.resize(rows, in);
+      for (index_t r = 0; r < rows; ++r)
+        for (index_t c = 0; c < nc; ++c) {
+          const T* src = x0 + r * x.stride(1) + c * x.stride(2);
+          T* dst = gathered.data() + r * in + c * nd;
+          if (x.stride(3) == 1)
+            std::copy(src, src + nd, dst);
+          else
+            for (index_t d = 0; d < nd; ++d) dst[d] = src[d * x.stride(3)];
+        }
+      xp = gathered.data();
+      x_stride = in;
+    }
+    const OuterMap xm(xp, rows, in, Eigen::OuterStride<>(x_stride));
+    Eigen::Map<RowMatrix<T>, Eigen::Unaligned, Eigen::OuterStride<>> ym(y + (b * nl + r0) * out + c0, rows, cols,
+                                                                        Eigen::OuterStride<>(out));
+    if (w_rows) {
+      ym.noalias() =
+          xm * ColMap(weight.data + c0 * weight.stride(0), in, cols, Eigen::OuterStride<>(weight.stride(0)));
+    } else if (w_cols) {
+      ym.noalias() = xm * OuterMap(weight.data + c0, in, cols, Eigen::OuterStride<>(weight.stride(1)));
+    } else {
+      ym.noalias() = xm * w_copy.transpose().middleCols(c0, cols);
+    }
+    if (bias) ym.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(bias + c0, cols);
+  };
+  const index_t tasks = nb * row_blocks * col_blocks;
+  if (nb * nl * in * out < kLinearMinParallelWork) {
+    for (index_t task = 0; task < tasks; ++task) block(task);  // the same blocks, so the same results
+  } else {
+    parallel_for(tasks, block, /*dynamic=*/true);  // blocks go to whichever thread is free
+  }
+}
+
+}  // namespace attnext

@@ -1,0 +1,715 @@
+"""Transformer attention layers holding NumPy weights: :class:`SelfAttention`,
+:class:`MultiHeadAttention` (with grouped-query attention) and :class:`KVCache` for
+step-by-step decoding.
+
+Every layer does its projections as single GEMMs (one for Q, K and V together where the
+inputs allow it), hands the heads to :func:`attnext.scaled_dot_product_attention` as strided
+views of the projection output (no per-head copies), and asks for the attention weights only
+when the caller wants them. Masks follow attnext's one convention: bool True = may attend,
+float added to the scores.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from . import _core
+from ._validation import as_float_array, shape_str
+from .functional import scaled_dot_product_attention
+
+__all__ = ["SelfAttention", "MultiHeadAttention", "KVCache"]
+
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _layer_dtype(dtype) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in _DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return int(value)
+
+
+def _linear(x: np.ndarray, weight: np.ndarray, bias) -> np.ndarray:
+    """y = x weight^T + bias as one GEMM on attnext's threads.
+
+    x (..., in) in any layout (a 3-d strided view is read in place); weight (out, in) with one
+    unit-stride axis; bias (out,) or None. Returns (..., out), C-contiguous.
+    """
+    lead = x.shape[:-1]
+    if x.ndim == 3:
+        x4 = x[:, :, None, :]
+    elif x.ndim == 2:
+        x4 = x[None, :, None, :]
+    else:
+        x4 = x.reshape((1, -1, 1, x.shape[-1]))
+    return _core.linear(x4, weight, bias).reshape(lead + (weight.shape[0],))
+
+
+def _xavier_uniform(rng, shape, dtype) -> np.ndarray:
+    fan_out, fan_in = shape
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+def _input(x, name: str, dtype: np.dtype, features: int, what: str) -> np.ndarray:
+    """x as a float array of the layer's dtype with `features` in its last axis."""
+    a = as_float_array(x, name)
+    if a.ndim == 0 or a.shape[-1] != features:
+        raise ValueError(f"{name} has shape {shape_str(a.shape)} but its last dimension must be {what} = {features}")
+    return a.astype(dtype, copy=False)
+
+
+def _check_array_shape(a, name: str, expected: tuple, dtype: np.dtype) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real array, got dtype {arr.dtype}")
+    if arr.shape != tuple(expected):
+        raise ValueError(f"{name} has shape {shape_str(arr.shape)} but this layer needs {shape_str(expected)}")
+    return arr.astype(dtype, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# SelfAttention
+
+
+class SelfAttention:
+    """Single-head self-attention, the textbook layer: Q = x W_q, K = x W_k, V = x W_v,
+    output = softmax(Q K^T / sqrt(d_k) + mask) V.
+
+    Args:
+        embed_dim: features of the input x.
+        qk_dim: d_k, the width of queries and keys (default embed_dim).
+        v_dim: the width of values and of the output (default embed_dim).
+        bias: add a bias after each of the three maps.
+        exclude_self: a position may not attend to itself (the diagonal is masked out), the
+            usual remedy for self-attention over-weighting its own position. A row left with
+            nothing to attend (position 0 under ``is_causal=True``) outputs zeros.
+        dtype: float32 or float64, the dtype of the weights and of the computation.
+        rng: seed or ``np.random.Generator`` for the (Xavier-uniform) initial weights.
+
+    Weights (textbook orientation, ``Q = x @ w_query + b_query``): ``w_query`` (embed_dim, qk_dim),
+    ``w_key`` (embed_dim, qk_dim), ``w_value`` (embed_dim, v_dim), biases ``b_query``, ``b_key``
+    (qk_dim,), ``b_value`` (v_dim,) or None. They are views of one packed matrix (so the three
+    maps are one GEMM); assign with :meth:`set_weights` or in place (``layer.w_query[...] = W``).
+    """
+
+    def __init__(self, embed_dim, *, qk_dim=None, v_dim=None, bias=False, exclude_self=False, dtype=np.float32,
+                 rng=None):
+        self.embed_dim = _positive_int(embed_dim, "embed_dim")
+        self.qk_dim = self.embed_dim if qk_dim is None else _positive_int(qk_dim, "qk_dim")
+        self.v_dim = self.embed_dim if v_dim is None else _positive_int(v_dim, "v_dim")
+        self.exclude_self = bool(exclude_self)
+        self.dtype = _layer_dtype(dtype)
+        rng = np.random.default_rng(rng)
+        e, dk, dv = self.embed_dim, self.qk_dim, self.v_dim
+        # (embed_dim, 2 dk + dv): columns [W_q | W_k | W_v]
+        self._w = np.concatenate([_xavier_uniform(rng, (d, e), self.dtype).T for d in (dk, dk, dv)], axis=1)
+        self._w = np.ascontiguousarray(self._w)
+        self._b = np.zeros(2 * dk + dv, dtype=self.dtype) if bias else None
+
+    @property
+    def w_query(self) -> np.ndarray:
+        return self._w[:, : self.qk_dim]
+
+    @property
+    def w_key(self) -> np.ndarray:
+        return self._w[:, self.qk_dim: 2 * self.qk_dim]
+
+    @property
+    def w_value(self) -> np.ndarray:
+        return self._w[:, 2 * self.qk_dim:]
+
+    @property
+    def b_query(self):
+        return None if self._b is None else self._b[: self.qk_dim]
+
+    @property
+    def b_key(self):
+        return None if self._b is None else self._b[self.qk_dim: 2 * self.qk_dim]
+
+    @property
+    def b_value(self):
+        return None if self._b is None else self._b[2 * self.qk_dim:]
+
+    def set_weights(self, *, w_query=None, w_key=None, w_value=None, b_query=None, b_key=None, b_value=None):
+        """Copies the given weights in (shapes as the attributes of the same names); the rest stay."""
+        e, dk, dv = self.embed_dim, self.qk_dim, self.v_dim
+        for name, value, shape in (("w_query", w_query, (e, dk)), ("w_key", w_key, (e, dk)),
+                                   ("w_value", w_value, (e, dv))):
+            if value is not None:
+                getattr(self, name)[...] = _check_array_shape(value, name, shape, self.dtype)
+        for name, value, shape in (("b_query", b_query, (dk,)), ("b_key", b_key, (dk,)), ("b_value", b_value, (dv,))):
+            if value is not None:
+                if self._b is None:
+                    raise ValueError(f"{name} given but this layer was built with bias=False")
+                getattr(self, name)[...] = _check_array_shape(value, name, shape, self.dtype)
+
+    def __call__(self, x, *, mask=None, is_causal=False, return_weights=False):
+        """Self-attention of x with itself.
+
+        Args:
+            x: (..., L, embed_dim).
+            mask: broadcastable to (..., L, L); bool True = may attend, float added.
+            is_causal: False, True (position i sees j <= i) or ``"bottom_right"`` (same here).
+            return_weights: also return the (..., L, L) attention weights.
+
+        Returns:
+            output (..., L, v_dim), or (output, weights).
+        """
+        x = _input(x, "x", self.dtype, self.embed_dim, "embed_dim")
+        if x.ndim < 2:
+            raise ValueError(f"x must have at least 2 dimensions (..., L, embed_dim), got shape {shape_str(x.shape)}")
+        qkv = _linear(x, self._w.T, self._b)  # one GEMM: (..., L, 2 dk + dv)
+        dk = self.qk_dim
+        q, k, v = qkv[..., :dk], qkv[..., dk: 2 * dk], qkv[..., 2 * dk:]
+        if self.exclude_self:
+            mask = _exclude_diagonal(mask, x.shape[-2], self.dtype)
+        return scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, return_weights=return_weights)
+
+    def __repr__(self) -> str:
+        return (f"SelfAttention(embed_dim={self.embed_dim}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, "
+                f"bias={self._b is not None}, exclude_self={self.exclude_self}, dtype={self.dtype.name})")
+
+
+def _exclude_diagonal(mask, length: int, dtype: np.dtype):
+    """mask with every position's own key hidden (bool False or float -inf on the diagonal)."""
+    off_diagonal = ~np.eye(length, dtype=bool)
+    if mask is None:
+        return off_diagonal
+    m = np.asarray(mask)
+    if m.dtype == np.bool_:
+        return m & off_diagonal
+    if m.dtype.kind != "f":
+        raise TypeError(f"mask must be bool (True = may attend) or floating (added), got dtype {m.dtype}")
+    return np.where(off_diagonal, m.astype(dtype, copy=False), dtype.type(-np.inf))
+
+
+# --------------------------------------------------------------------------------------------
+# KVCache
+
+
+class KVCache:
+    """The keys and values of the tokens decoded so far, for :meth:`MultiHeadAttention.step`.
+
+    Stored per key/value head as (batch, num_kv_heads, capacity, head_dim) buffers of which
+    the first ``len(cache)`` positions are filled. When an append does not fit, the capacity
+    at least doubles, so decoding n tokens copies O(n) elements in all (amortised constant
+    per token), never the whole cache per token.
+
+    Args:
+        capacity: positions to allocate on the first append (grows as needed).
+    """
+
+    def __init__(self, capacity: int = 0):
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 0:
+            raise ValueError(f"capacity must be a non-negative int, got {capacity!r}")
+        self._initial = int(capacity)
+        self._k = None  # (B, Hk, capacity, D)
+        self._v = None  # (B, Hk, capacity, Dv)
+        self._length = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._k is None else self._k.shape[2]
+
+    @property
+    def keys(self):
+        """(B, Hk, len, D) view of the cached keys (None before the first append)."""
+        return None if self._k is None else self._k[:, :, : self._length]
+
+    @property
+    def values(self):
+        """(B, Hk, len, Dv) view of the cached values (None before the first append)."""
+        return None if self._v is None else self._v[:, :, : self._length]
+
+    def reset(self) -> None:
+        """Forgets every cached position (the buffers are kept for the next sequence)."""
+        self._length = 0
+
+    def append(self, key, value):
+        """Appends T positions: key (B, Hk, T, D), value (B, Hk, T, Dv) (any layout).
+
+        Returns the (keys, values) views of everything cached, T new positions included.
+        """
+        key, value = np.asarray(key), np.asarray(value)
+        if key.ndim != 4 or value.ndim != 4 or key.shape[:3] != value.shape[:3]:
+            raise ValueError(f"key has shape {shape_str(key.shape)} and value {shape_str(value.shape)}: both must "
+                             "be (batch, num_kv_heads, T, dim) with equal first three dimensions")
+        if key.dtype != value.dtype or key.dtype not in _DTYPES:
+            raise TypeError(f"key and value must share a dtype float32 or float64, got {key.dtype} and {value.dtype}")
+        b, h, t = key.shape[:3]
+        if self._k is not None and self._length > 0:
+            cached = (self._k.shape[:2] + self._k.shape[3:], self._v.shape[3:], self._k.dtype)
+            if (key.shape[:2] + key.shape[3:], value.shape[3:], key.dtype) != cached:
+                raise ValueError(
+                    f"key has shape {shape_str(key.shape)} ({key.dtype}) but the cache holds keys of shape "
+                    f"{shape_str(self.keys.shape)} and values of {shape_str(self.values.shape)} ({self._k.dtype}): "
+                    "batch, heads, dims and dtype must match (call reset() to start a new sequence)")
+        needed = self._length + t
+        fits = (self._k is not None and needed <= self._k.shape[2] and self._k.dtype == key.dtype
+                and self._k.shape[:2] + self._k.shape[3:] == key.shape[:2] + key.shape[3:]
+                and self._v.shape[3:] == value.shape[3:])
+        if not fits:
+            same_kind = (self._k is not None and self._k.dtype == key.dtype
+                         and self._k.shape[:2] + self._k.shape[3:] == key.shape[:2] + key.shape[3:]
+                         and self._v.shape[3:] == value.shape[3:])
+            old = self._k.shape[2] if same_kind else 0
+            capacity = max(needed, 2 * old, self._initial, 16)
+            new_k = np.empty((b, h, capacity, key.shape[3]), dtype=key.dtype)
+            new_v = np.empty((b, h, capacity, value.shape[3]), dtype=value.dtype)
+            if same_kind and self._length:
+                new_k[:, :, : self._length] = self._k[:, :, : self._length]
+                new_v[:, :, : self._length] = self._v[:, :, : self._length]
+            self._k, self._v = new_k, new_v
+        self._k[:, :, self._length: needed] = key
+        self._v[:, :, self._length: needed] = value
+        self._length = needed
+        return self.keys, self.values
+
+    def __repr__(self) -> str:
+        shape = None if self._k is None else shape_str(self.keys.shape)
+        return f"KVCache(len={self._length}, capacity={self.capacity}, keys={shape})"
+
+
+# --------------------------------------------------------------------------------------------
+# MultiHeadAttention
+
+
+class MultiHeadAttention:
+    """Multi-head attention, weight-compatible with ``torch.nn.MultiheadAttention``, with
+    grouped-query attention.
+
+    output = concat_h(softmax(Q_h K_g(h)^T / sqrt(head_dim) + mask) V_g(h)) W_out^T + b_out,
+    where Q = query W_q^T + b_q, K = key W_k^T + b_k, V = value W_v^T + b_v, split into heads
+    of head_dim = embed_dim / num_heads, and query head h uses key/value head
+    g(h) = h // (num_heads / num_kv_heads).
+
+    Args:
+        embed_dim: features of the query and of the output.
+        num_heads: query heads; must divide embed_dim.
+        num_kv_heads: key/value heads (default num_heads); must divide num_heads. Fewer than
+            num_heads is grouped-query attention, 1 is multi-query attention.
+        kdim, vdim: features of key and value inputs (default embed_dim).
+        bias: biases on the input and output projections.
+        batch_first: inputs and outputs are (B, L, E) if True, (L, B, E) if False; an unbatched
+            (L, E) input is accepted either way.
+        dtype: float32 or float64, the dtype of the weights and the computation (inputs are
+            converted to it).
+        rng: seed or ``np.random.Generator`` for the initial weights (PyTorch's scheme:
+            Xavier-uniform input projections, zero biases).
+
+    Weights use PyTorch's names and (out_features, in_features) layout: ``in_proj_weight``
+    (embed_dim + 2 num_kv_heads head_dim, embed_dim), only when kdim == vdim == embed_dim;
+    ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` (views into it, or separate when
+    kdim/vdim differ); ``in_proj_bias``; ``out_proj_weight`` (embed_dim, embed_dim);
+    ``out_proj_bias``. Load them with :meth:`load_state_dict`, :meth:`from_torch` or
+    :meth:`load_projections`. Dropout is not applied (inference).
+    """
+
+    def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
+                 batch_first=True, dtype=np.float32, rng=None):
+        self.embed_dim = _positive_int(embed_dim, "embed_dim")
+        self.num_heads = _positive_int(num_heads, "num_heads")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+        self.num_kv_heads = self.num_heads if num_kv_heads is None else _positive_int(num_kv_heads, "num_kv_heads")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        self.kdim = self.embed_dim if kdim is None else _positive_int(kdim, "kdim")
+        self.vdim = self.embed_dim if vdim is None else _positive_int(vdim, "vdim")
+        self.head_dim = self.embed_dim // self.num_heads
+        self.batch_first = bool(batch_first)
+        self.dtype = _layer_dtype(dtype)
+        self.bias = bool(bias)
+        e, kv = self.embed_dim, self.num_kv_heads * self.head_dim
+        self._kv_width = kv
+        self._packed = self.kdim == e and self.vdim == e
+        rng = np.random.default_rng(rng)
+        if self._packed:
+            self._in_w = _xavier_uniform(rng, (e + 2 * kv, e), self.dtype)
+            self._q_w, self._k_w, self._v_w = self._in_w[:e], self._in_w[e: e + kv], self._in_w[e + kv:]
+        else:
+            self._in_w = None
+            self._q_w = _xavier_uniform(rng, (e, e), self.dtype)
+            self._k_w = _xavier_uniform(rng, (kv, self.kdim), self.dtype)
+            self._v_w = _xavier_uniform(rng, (kv, self.vdim), self.dtype)
+        bound = 1.0 / math.sqrt(e)
+        self._out_w = rng.uniform(-bound, bound, size=(e, e)).astype(self.dtype)
+        self._in_b = np.zeros(e + 2 * kv, dtype=self.dtype) if self.bias else None
+        self._out_b = np.zeros(e, dtype=self.dtype) if self.bias else None
+
+    # ---- weights --------------------------------------------------------------------------
+
+    @property
+    def in_proj_weight(self):
+        """(embed_dim + 2 kv, embed_dim), rows [W_q; W_k; W_v]; None when kdim/vdim differ."""
+        return self._in_w
+
+    @property
+    def q_proj_weight(self) -> np.ndarray:
+        return self._q_w
+
+    @property
+    def k_proj_weight(self) -> np.ndarray:
+        return self._k_w
+
+    @property
+    def v_proj_weight(self) -> np.ndarray:
+        return self._v_w
+
+    @property
+    def in_proj_bias(self):
+        return self._in_b
+
+    @property
+    def out_proj_weight(self) -> np.ndarray:
+        return self._out_w
+
+    @property
+    def out_proj_bias(self):
+        return self._out_b
+
+    def _bias_part(self, which: str):
+        if self._in_b is None:
+            return None
+        e, kv = self.embed_dim, self._kv_width
+        return {"q": self._in_b[:e], "k": self._in_b[e: e + kv], "v": self._in_b[e + kv:]}[which]
+
+    def _weight_shapes(self) -> dict:
+        e, kv = self.embed_dim, self._kv_width
+        shapes = {}
+        if self._packed:
+            shapes["in_proj_weight"] = (e + 2 * kv, e)
+        else:
+            shapes.update(q_proj_weight=(e, e), k_proj_weight=(kv, self.kdim), v_proj_weight=(kv, self.vdim))
+        if self.bias:
+            shapes["in_proj_bias"] = (e + 2 * kv,)
+        shapes["out_proj.weight"] = (e, e)
+        if self.bias:
+            shapes["out_proj.bias"] = (e,)
+        return shapes
+
+    def _storage(self, name: str) -> np.ndarray:
+        return {"in_proj_weight": self._in_w, "q_proj_weight": self._q_w, "k_proj_weight": self._k_w,
+                "v_proj_weight": self._v_w, "in_proj_bias": self._in_b, "out_proj.weight": self._out_w,
+                "out_proj.bias": self._out_b}[name]
+
+    def state_dict(self) -> dict:
+        """The weights under ``torch.nn.MultiheadAttention``'s state-dict names, as NumPy copies."""
+        return {name: self._storage(name).copy() for name in self._weight_shapes()}
+
+    def load_state_dict(self, state_dict) -> None:
+        """Copies in the weights of a ``torch.nn.MultiheadAttention`` state dict converted to
+        NumPy (``{k: v.numpy() for k, v in module.state_dict().items()}``).
+
+        Keys: ``in_proj_weight`` (or ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``
+        when kdim/vdim differ from embed_dim), ``in_proj_bias``, ``out_proj.weight``,
+        ``out_proj.bias`` (biases only with bias=True). Every key must be present with the
+        shape this layer needs; nothing is changed if any check fails.
+        """
+        d = dict(state_dict)
+        unsupported = {"bias_k", "bias_v"} & set(d)
+        if unsupported:
+            raise ValueError(f"state dict has {', '.join(sorted(unsupported))} (add_bias_kv=True), which "
+                             "MultiHeadAttention does not support")
+        shapes = self._weight_shapes()
+        missing = [k for k in shapes if k not in d]
+        unexpected = [k for k in d if k not in shapes]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing keys {missing}")
+            if unexpected:
+                parts.append(f"unexpected keys {unexpected}")
+            raise ValueError(f"state dict does not fit this layer ({'; '.join(parts)}); it needs {list(shapes)}")
+        checked = {name: _check_array_shape(d[name], name, shape, self.dtype) for name, shape in shapes.items()}
+        for name, value in checked.items():
+            self._storage(name)[...] = value
+
+    @classmethod
+    def from_torch(cls, module) -> "MultiHeadAttention":
+        """A layer with the configuration and (copied) weights of a ``torch.nn.MultiheadAttention``.
+
+        float16/bfloat16 modules give float32 layers; dropout is ignored (inference).
+        """
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - depends on the environment
+            raise ImportError("from_torch needs PyTorch installed") from None
+        if not isinstance(module, torch.nn.MultiheadAttention):
+            raise TypeError(f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
+        if module.bias_k is not None or module.bias_v is not None:
+            raise ValueError("modules with add_bias_kv=True are not supported")
+        if module.add_zero_attn:
+            raise ValueError("modules with add_zero_attn=True are not supported")
+        dtype = np.float64 if module.out_proj.weight.dtype == torch.float64 else np.float32
+        layer = cls(module.embed_dim, module.num_heads, kdim=module.kdim, vdim=module.vdim,
+                    bias=module.in_proj_bias is not None, batch_first=module.batch_first, dtype=dtype)
+        torch_dtype = torch.float64 if dtype == np.float64 else torch.float32
+        layer.load_state_dict({k: v.detach().to("cpu", torch_dtype).numpy() for k, v in module.state_dict().items()})
+        return layer
+
+    def load_projections(self, *, q=None, k=None, v=None, out=None) -> None:
+        """Copies in separate projection layers' weights, each a pair (W, b) in the
+        (out_features, in_features) layout of ``torch.nn.Linear`` (BERT's query/key/value/
+        output.dense, LLaMA's q_proj/k_proj/v_proj/o_proj with num_kv_heads).
+
+        Shapes: q W (embed_dim, embed_dim); k W (num_kv_heads * head_dim, kdim);
+        v W (num_kv_heads * head_dim, vdim); out W (embed_dim, embed_dim); b (out_features,).
+        b may be None (zero bias when the layer has bias=True); a bias given to a layer built
+        with bias=False is an error. Projections not given keep their weights.
+        """
+        e, kv = self.embed_dim, self._kv_width
+        plan = []
+        for name, pair, w_store, b_store, w_shape in (
+            ("q", q, self._q_w, self._bias_part("q"), (e, e)),
+            ("k", k, self._k_w, self._bias_part("k"), (kv, self.kdim)),
+            ("v", v, self._v_w, self._bias_part("v"), (kv, self.vdim)),
+            ("out", out, self._out_w, self._out_b, (e, e)),
+        ):
+            if pair is None:
+                continue
+            try:
+                weight, bias = pair
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a pair (W, b), got {type(pair).__name__}") from None
+            weight = _check_array_shape(weight, f"{name} weight", w_shape, self.dtype)
+            if bias is not None:
+                if b_store is None:
+                    raise ValueError(f"{name} bias given but this layer was built with bias=False")
+                bias = _check_array_shape(bias, f"{name} bias", (w_shape[0],), self.dtype)
+            plan.append((w_store, weight, b_store, bias))
+        for w_store, weight, b_store, bias in plan:
+            w_store[...] = weight
+            if b_store is not None:
+                b_store[...] = 0 if bias is None else bias
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def _split_heads(self, y: np.ndarray, start: int, heads: int, batch_first: bool) -> np.ndarray:
+        """Columns [start, start + heads * head_dim) of a (B, L, F) / (L, B, F) projection as a
+        (B, heads, L, head_dim) strided view (no copy)."""
+        part = y[..., start: start + heads * self.head_dim]
+        part = part.reshape(part.shape[:-1] + (heads, self.head_dim))
+        return part.transpose(0, 2, 1, 3) if batch_first else part.transpose(1, 2, 0, 3)
+
+    def _project_out(self, o: np.ndarray, batch_first: bool) -> np.ndarray:
+        """(B, H, L, head_dim) attention output -> (B, L, E) / (L, B, E) through W_out, reading the
+        heads through a (B, L, H, head_dim) view (the kernel gathers rows, no separate copy)."""
+        heads_last = o.transpose(0, 2, 1, 3) if batch_first else o.transpose(2, 0, 1, 3)
+        return _core.linear(heads_last, self._out_w, self._out_b)
+
+    def _prepare_masks(self, key_mask, key_lengths, attn_mask, b: int, lq: int, s: int, unbatched: bool):
+        """(attn_mask for the kernel, key_lengths (B,) or None)."""
+        h = self.num_heads
+        mask = None
+        if attn_mask is not None:
+            m = np.asarray(attn_mask)
+            if m.dtype != np.bool_ and m.dtype.kind != "f":
+                raise TypeError(f"attn_mask must be bool (True = may attend) or floating (added), got dtype {m.dtype}")
+            if m.dtype.kind == "f":
+                m = m.astype(self.dtype, copy=False)
+            if m.shape == (lq, s):
+                pass
+            elif m.shape == (b * h, lq, s):
+                m = m.reshape(b, h, lq, s)
+            elif m.shape == (b, h, lq, s) and not unbatched:
+                pass
+            else:
+                allowed = f"(L, S) = {shape_str((lq, s))}, (B*num_heads, L, S) = {shape_str((b * h, lq, s))}"
+                if not unbatched:
+                    allowed += f" or (B, num_heads, L, S) = {shape_str((b, h, lq, s))}"
+                raise ValueError(f"attn_mask has shape {shape_str(m.shape)} but must be {allowed}")
+            mask = m
+        lengths = None
+        if key_lengths is not None:
+            kl = np.asarray(key_lengths)
+            if kl.dtype.kind not in "iu":
+                raise TypeError(f"key_lengths must be integers, got dtype {kl.dtype}")
+            want = () if unbatched else (b,)
+            if kl.shape != want:
+                raise ValueError(f"key_lengths has shape {shape_str(kl.shape)} but must be {shape_str(want)} "
+                                 "(one length per sequence)")
+            if kl.size and (kl.min() < 0 or kl.max() > s):
+                raise ValueError(f"key_lengths must lie in [0, {s}] (the number of keys), got values from "
+                                 f"{kl.min()} to {kl.max()}")
+            lengths = kl.reshape(b)
+        if key_mask is not None:
+            km = np.asarray(key_mask)
+            want = (s,) if unbatched else (b, s)
+            if km.shape != want:
+                raise ValueError(f"key_mask has shape {shape_str(km.shape)} but must be (B, S) = {shape_str(want)}"
+                                 if not unbatched else
+                                 f"key_mask has shape {shape_str(km.shape)} but must be (S,) = {shape_str(want)}")
+            km = km.reshape(b, s)
+            if km.dtype == np.bool_:
+                counts = km.sum(axis=-1)
+                if lengths is None and np.array_equal(km, np.arange(s) < counts[:, None]):
+                    # A padding mask (True then False): key lengths, which the kernel applies
+                    # without reading a mask.
+                    return mask, counts
+            elif km.dtype.kind == "f":
+                km = km.astype(self.dtype, copy=False)
+            else:
+                raise TypeError(f"key_mask must be bool (True = may attend) or floating (added), got dtype {km.dtype}")
+            km = km[:, None, None, :]  # (B, 1, 1, S)
+            mask = km if mask is None else _combine_masks(mask, km, self.dtype)
+        return mask, lengths
+
+    def __call__(self, query, key=None, value=None, *, key_mask=None, key_lengths=None, attn_mask=None,
+                 is_causal=False, need_weights=False, average_attn_weights=True):
+        """Attention of query over key/value (self-attention when both are omitted).
+
+        Args:
+            query: (B, L, embed_dim) if batch_first else (L, B, embed_dim); or unbatched (L, embed_dim).
+            key: (B, S, kdim) / (S, B, kdim) / (S, kdim); default query.
+            value: (B, S, vdim) / (S, B, vdim) / (S, vdim); default key.
+            key_mask: (B, S) (unbatched: (S,)); bool True = may attend (PyTorch's
+                ``key_padding_mask`` is its negation), or float added to the scores.
+            key_lengths: (B,) ints (unbatched: a scalar); keys at positions >= length are padding.
+            attn_mask: (L, S), (B * num_heads, L, S) or (B, num_heads, L, S); bool True = may
+                attend (PyTorch's MultiheadAttention bool mask is its negation), or float added.
+            is_causal: False, True (query i sees keys j <= i, top-left as PyTorch) or
+                ``"bottom_right"`` (the last query aligned with the last key).
+            need_weights: also compute and return the attention weights.
+            average_attn_weights: weights averaged over heads (B, L, S) if True, else per head
+                (B, num_heads, L, S).
+
+        Returns:
+            (output, weights): output like query with embed_dim features; weights as above, or
+            None when need_weights is False. A query that may attend to nothing gets output
+            b_out (zero attention) and zero weights, where PyTorch gives NaN.
+        """
+        q_in = _input(query, "query", self.dtype, self.embed_dim, "embed_dim")
+        # query is key is value (or both omitted): one GEMM for Q, K and V together
+        self_attention = (key is None or key is query) and (value is None or value is query)
+        if key is None and value is not None:
+            raise ValueError("value given without key: pass key too (or neither, for self-attention)")
+        k_in = q_in if key is None else _input(key, "key", self.dtype, self.kdim, "kdim")
+        v_in = k_in if value is None else _input(value, "value", self.dtype, self.vdim, "vdim")
+        if value is None and key is not None and self.kdim != self.vdim:
+            raise ValueError(f"value defaults to key, but kdim ({self.kdim}) != vdim ({self.vdim}): pass value")
+        if q_in.ndim not in (2, 3):
+            raise ValueError(f"query must be 3-d (batched) or 2-d (unbatched), got shape {shape_str(q_in.shape)}")
+        unbatched = q_in.ndim == 2
+        for name, a in (("key", k_in), ("value", v_in)):
+            if a.ndim != q_in.ndim:
+                raise ValueError(f"query has shape {shape_str(q_in.shape)} but {name} has {shape_str(a.shape)}: "
+                                 "both must be batched (3-d) or both unbatched (2-d)")
+        if k_in.shape[:-1] != v_in.shape[:-1]:
+            raise ValueError(f"key has shape {shape_str(k_in.shape)} but value has {shape_str(v_in.shape)}: "
+                             "all but the last dimension must match")
+        batch_first = self.batch_first or unbatched
+        if unbatched:
+            q_in, k_in, v_in = q_in[None], k_in[None], v_in[None]
+        b_axis = 0 if batch_first else 1
+        if k_in.shape[b_axis] != q_in.shape[b_axis]:
+            raise ValueError(f"query has shape {shape_str(np.shape(query))} but key has {shape_str(np.shape(key))}: "
+                             f"their batch dimensions (axis {b_axis}) differ")
+        b, lq, s = q_in.shape[b_axis], q_in.shape[1 - b_axis], k_in.shape[1 - b_axis]
+        e, kv, hk = self.embed_dim, self._kv_width, self.num_kv_heads
+        mask, lengths = self._prepare_masks(key_mask, key_lengths, attn_mask, b, lq, s, unbatched)
+
+        # Projections: one GEMM for Q, K, V together in self-attention, else one for Q and one
+        # for K and V together when key is value.
+        if self._packed and self_attention:
+            y = _linear(q_in, self._in_w, self._in_b)
+            q, k, v = (self._split_heads(y, 0, self.num_heads, batch_first),
+                       self._split_heads(y, e, hk, batch_first), self._split_heads(y, e + kv, hk, batch_first))
+        else:
+            yq = _linear(q_in, self._q_w, self._bias_part("q"))
+            q = self._split_heads(yq, 0, self.num_heads, batch_first)
+            if self._packed and (value is None or v_in is k_in):
+                ykv = _linear(k_in, self._in_w[e:], None if self._in_b is None else self._in_b[e:])
+                k, v = self._split_heads(ykv, 0, hk, batch_first), self._split_heads(ykv, kv, hk, batch_first)
+            else:
+                k = self._split_heads(_linear(k_in, self._k_w, self._bias_part("k")), 0, hk, batch_first)
+                v = self._split_heads(_linear(v_in, self._v_w, self._bias_part("v")), 0, hk, batch_first)
+
+        result = scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=hk != self.num_heads,
+                                              key_lengths=lengths, return_weights=need_weights)
+        o, weights = result if need_weights else (result, None)
+        out = self._project_out(o, batch_first)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(axis=1)
+        if unbatched:
+            out = out[0]
+            weights = None if weights is None else weights[0]
+        return out, weights
+
+    # ---- incremental decoding --------------------------------------------------------------
+
+    def step(self, x_t, cache: KVCache):
+        """Decodes one or a few new tokens against the cache (causal self-attention).
+
+        The new tokens' keys and values are appended to ``cache``; each new token attends to
+        every cached position and to the new tokens up to itself (bottom-right causal), so
+        feeding a sequence in pieces gives the same output as the full causal pass.
+
+        Args:
+            x_t: (B, T, embed_dim) if batch_first else (T, B, embed_dim); or (B, embed_dim)
+                for a single token.
+            cache: a :class:`KVCache`, empty for a new sequence.
+
+        Returns:
+            The output for the new tokens, shaped like x_t.
+        """
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+        if not self._packed:
+            raise ValueError(f"step() is causal self-attention: it needs kdim == vdim == embed_dim, but this layer "
+                             f"has kdim={self.kdim}, vdim={self.vdim}, embed_dim={self.embed_dim}")
+        x = _input(x_t, "x_t", self.dtype, self.embed_dim, "embed_dim")
+        if x.ndim not in (2, 3):
+            raise ValueError(f"x_t must be (B, T, embed_dim) or (B, embed_dim), got shape {shape_str(x.shape)}")
+        single = x.ndim == 2
+        batch_first = self.batch_first or single
+        if single:
+            x = x[:, None, :]
+        e, kv, hk = self.embed_dim, self._kv_width, self.num_kv_heads
+        t = x.shape[1] if batch_first else x.shape[0]
+        y = _linear(x, self._in_w, self._in_b)
+        q = self._split_heads(y, 0, self.num_heads, batch_first)
+        keys, values = cache.append(self._split_heads(y, e, hk, batch_first),
+                                    self._split_heads(y, e + kv, hk, batch_first))
+        o = scaled_dot_product_attention(q, keys, values, is_causal="bottom_right" if t > 1 else False,
+                                         enable_gqa=hk != self.num_heads)
+        out = self._project_out(o, batch_first)
+        return out[:, 0] if single else out
+
+    def __repr__(self) -> str:
+        extra = "" if self.num_kv_heads == self.num_heads else f", num_kv_heads={self.num_kv_heads}"
+        dims = "" if self._packed else f", kdim={self.kdim}, vdim={self.vdim}"
+        return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}{extra}{dims}, "
+                f"bias={self.bias}, batch_first={self.batch_first}, dtype={self.dtype.name})")
+
+
+def _combine_masks(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Two masks (bool True = may attend, or float added) as one, broadcast together."""
+    if a.dtype == np.bool_ and b.dtype == np.bool_:
+        return a & b
+    neg_inf = dtype.type(-np.inf)
+    fa = np.where(a, dtype.type(0), neg_inf) if a.dtype == np.bool_ else a
+    fb = np.where(b, dtype.type(0), neg_inf) if b.dtype == np.bool_ else b
+    return fa + fb
