@@ -10,6 +10,7 @@ void register_info(py::module_& m);
 void register_softmax(py::module_& m);
 void register_scores(py::module_& m);
 void register_weighted_sum(py::module_& m);
+void register_sdpa(py::module_& m);
 }  // namespace bind
 }  // namespace attnext
 
@@ -19,4 +20,5 @@ PYBIND11_MODULE(_core, m) {
   attnext::bind::register_softmax(m);
   attnext::bind::register_scores(m);
   attnext::bind::register_weighted_sum(m);
+  attnext::bind::register_sdpa(m);
 }

@@ -1,0 +1,518 @@
+// Fused scaled dot-product attention: out = softmax(Q K^T * scale + masks) V, flash-style.
+//
+// Memory stays O(threads x tile): the (L, S) score matrix is never built (unless the caller
+// asks for the weights). Two paths:
+//
+// * Blocked path (any L). One work unit is (batch entry, block of Bq queries); OpenMP hands
+//   units out dynamically (most expensive causal blocks first). Inside a unit the queries sit
+//   in the SIMD lanes: Q is packed transposed and pre-scaled once, Qt (E, Bq), so
+//     S^T (keys, Bq)  += K[j, e] (broadcast) * Qt[e, :]      (K read in place, any strides)
+//     O^T (Ev, Bq)    += V[j, c] (broadcast) * P^T[j, :]     (V read in place, any strides)
+//   and the online softmax (running max, sum, rescale) is plain lane-wise arithmetic over key
+//   rows: no horizontal reductions, no transposes of K or V, nothing copied but Q's block.
+//   Key tiles outside every row's visible range (causal, window, key_lengths) are skipped;
+//   range masks are applied only on tiles that cut through some row's range, and element
+//   masks (attn_mask) only when one is given.
+// * Decode path (L <= 16, no weights). Keys are cut into fixed chunks of kDecodeChunk; a unit
+//   is (batch entry, chunk) and computes every query row's partial (max, sum, unnormalised
+//   output) from dot products along E; the partials are merged by log-sum-exp in chunk order.
+//   One query thus uses every core, and the result does not depend on the thread count.
+//
+// Every split (query blocks, key tiles, decode chunks) depends only on the shapes, so results
+// are bit-identical for any thread count.
+#pragma once
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "mask.hpp"
+#include "parallel.hpp"
+#include "strided.hpp"
+#include "vmath.hpp"
+
+namespace attnext {
+
+// One attention problem. All four operands share the batch axes N... (the binding checks it;
+// the Python front broadcasts them with stride-0 views, which is also how GQA reaches here).
+template <typename T>
+struct SdpaProblem {
+  Strided<const T> q;  // (N..., L, E)
+  Strided<const T> k;  // (N..., S, E)
+  Strided<const T> v;  // (N..., S, Ev)
+  Mask<T> mask;        // (N..., L, S) or kind none
+  Causal causal;       // key j visible to query i iff j <= i + offset
+  index_t window_left = -1;   // query i sees keys >= i - left; -1 = unbounded
+  index_t window_right = -1;  // query i sees keys <= i + right; -1 = unbounded
+  Strided<const std::int64_t> key_lengths;  // (N...) keys >= length are padding; data null = none
+  T scale = T(1);
+};
+
+namespace sdpa_detail {
+
+namespace ei = Eigen::internal;
+template <typename T>
+using Pk = vm::Packet<T>;
+template <typename T>
+using Buffer = std::vector<T, Eigen::aligned_allocator<T>>;
+
+// Tile sizes, chosen by measurement (benchmarks/sdpa_tune.py, 2 Zen 4 cores, float32, E = 64):
+// - kC = 4 packets of queries per block (Bq = 64 floats / 32 doubles with AVX-512) and kR = 6
+//   key rows (or value columns) per micro-tile: 24 accumulators + 4 query packets + a
+//   broadcast fit the 32 vector registers. Bq = 64 also keeps Qt (E x Bq) in L1 for E = 64.
+// - kBk = 128 keys per tile: S^T (128 x 64 floats = 32 KB) stays in L1/L2 between the score,
+//   exp and P V passes; 64 was ~5% slower (more O^T rescale traffic per key), 256 was no
+//   faster and spills S^T to L2.
+// - kDecodeChunk = 256 keys: a chunk's K and V (2 x 64 KB at E = 64) stay in L2 between the
+//   score and the P V pass, and 4096 keys give 16 units per row, plenty for load balance.
+constexpr int kC = 4;
+constexpr int kR = 6;
+constexpr index_t kBk = 128;
+constexpr index_t kDecodeChunk = 256;
+constexpr index_t kDecodeMaxQueries = 16;
+
+template <typename T>
+constexpr index_t block_queries() {
+  return kC * vm::packet_size<T>();
+}
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// Visible keys of query row i: [lo(i), hi(i)), both non-decreasing in i.
+struct KeyRange {
+  index_t S = 0;
+  index_t causal_limit_offset = 0;
+  bool causal = false;
+  index_t left = -1, right = -1;
+  index_t klen = 0;
+  index_t lo(index_t i) const {
+    if (left < 0) return 0;
+    const index_t x = i - left;
+    return x < 0 ? 0 : (x > S ? S : x);
+  }
+  index_t hi(index_t i) const {
+    index_t h = klen;
+    if (causal) h = std::min(h, i + causal_limit_offset + 1);
+    if (right >= 0) h = std::min(h, i + right + 1);
+    return h < 0 ? 0 : h;
+  }
+};
+
+template <typename T>
+KeyRange key_range(const SdpaProblem<T>& p, index_t b) {
+  KeyRange r;
+  r.S = p.k.dim(-2);
+  r.causal = p.causal.on;
+  r.causal_limit_offset = p.causal.offset;
+  r.left = p.window_left;
+  r.right = p.window_right;
+  r.klen = r.S;
+  if (p.key_lengths.data) {
+    const index_t len = p.key_lengths.data[p.key_lengths.batch_offset(b, 0)];
+    r.klen = std::min(r.S, std::max<index_t>(len, 0));
+  }
+  return r;
+}
+
+// St[r][:] = sum_e K[r, e] * Qt[e][:] for R keys (rows of K at k0 + r * ks, element stride ke).
+template <typename T, int R>
+inline void qk_micro(const T* k0, index_t ks, index_t ke, index_t E, const T* Qt, T* St) {
+  constexpr index_t P = vm::packet_size<T>();
+  constexpr index_t Bq = block_queries<T>();
+  Pk<T> acc[R][kC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kC; ++c) acc[r][c] = ei::pset1<Pk<T>>(T(0));
+  for (index_t e = 0; e < E; ++e) {
+    const T* qrow = Qt + e * Bq;
+    Pk<T> qv[kC];
+    for (int c = 0; c < kC; ++c) qv[c] = ei::pload<Pk<T>>(qrow + c * P);
+    const T* kcol = k0 + e * ke;
+    for (int r = 0; r < R; ++r) {
+      const Pk<T> kb = ei::pset1<Pk<T>>(kcol[r * ks]);
+      for (int c = 0; c < kC; ++c) acc[r][c] = ei::pmadd(kb, qv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kC; ++c) ei::pstore(St + r * Bq + c * P, acc[r][c]);
+}
+
+// Ot[r][:] = Ot[r][:] * alpha + sum_j V[j, r] * Pt[j][:] for R value columns (column r of V
+// at v0 + r * ve, rows at stride vs), nj keys.
+template <typename T, int R>
+inline void pv_micro(const T* v0, index_t vs, index_t ve, index_t nj, const T* Pt, T* Ot, const Pk<T>* alpha,
+                     bool rescale) {
+  constexpr index_t P = vm::packet_size<T>();
+  constexpr index_t Bq = block_queries<T>();
+  Pk<T> acc[R][kC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kC; ++c) {
+      acc[r][c] = ei::pload<Pk<T>>(Ot + r * Bq + c * P);
+      if (rescale) acc[r][c] = ei::pmul(acc[r][c], alpha[c]);
+    }
+  for (index_t j = 0; j < nj; ++j) {
+    const T* prow = Pt + j * Bq;
+    Pk<T> pv[kC];
+    for (int c = 0; c < kC; ++c) pv[c] = ei::pload<Pk<T>>(prow + c * P);
+    const T* vrow = v0 + j * vs;
+    for (int r = 0; r < R; ++r) {
+      const Pk<T> vb = ei::pset1<Pk<T>>(vrow[r * ve]);
+      for (int c = 0; c < kC; ++c) acc[r][c] = ei::pmadd(vb, pv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kC; ++c) ei::pstore(Ot + r * Bq + c * P, acc[r][c]);
+}
+
+// Runs f.template operator()<R>(offset) over n items in micro-tiles of kR, then the remainder.
+template <typename F>
+inline void for_micro_tiles(index_t n, F&& f) {
+  index_t r = 0;
+  for (; r + kR <= n; r += kR) f(std::integral_constant<int, kR>{}, r);
+  switch (n - r) {
+    case 1: f(std::integral_constant<int, 1>{}, r); break;
+    case 2: f(std::integral_constant<int, 2>{}, r); break;
+    case 3: f(std::integral_constant<int, 3>{}, r); break;
+    case 4: f(std::integral_constant<int, 4>{}, r); break;
+    case 5: f(std::integral_constant<int, 5>{}, r); break;
+    default: break;
+  }
+  static_assert(kR == 6, "the remainder switch above covers kR - 1 cases");
+}
+
+template <typename T>
+struct Workspace {
+  Buffer<T> qt, st, ot, m, l;
+};
+
+// One unit of the blocked path: queries [i0, i0 + nq) of batch entry b.
+template <typename T>
+void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Workspace<T>& w, T* out, T* weights,
+                  T* lse) {
+  constexpr index_t P = vm::packet_size<T>();
+  constexpr index_t Bq = block_queries<T>();
+  const index_t L = p.q.dim(-2), E = p.q.dim(-1), S = p.k.dim(-2), Ev = p.v.dim(-1);
+  const KeyRange kr = key_range(p, b);
+
+  w.qt.resize(static_cast<size_t>(std::max<index_t>(E, 1) * Bq));
+  w.st.resize(static_cast<size_t>(kBk * Bq));
+  w.ot.resize(static_cast<size_t>(std::max<index_t>(Ev, 1) * Bq));
+  w.m.resize(Bq);
+  w.l.resize(Bq);
+  T* Qt = w.qt.data();
+  T* St = w.st.data();
+  T* Ot = w.ot.data();
+  T* M = w.m.data();
+  T* Lsum = w.l.data();
+
+  // Q block, transposed and pre-scaled; lanes past the last query are zero (and discarded).
+  {
+    const T* qb = p.q.data + p.q.batch_offset(b, 2) + i0 * p.q.stride(-2);
+    const index_t qs = p.q.stride(-2), qe = p.q.stride(-1);
+    for (index_t e = 0; e < E; ++e) std::fill(Qt + e * Bq + nq, Qt + (e + 1) * Bq, T(0));
+    for (index_t i = 0; i < nq; ++i)
+      for (index_t e = 0; e < E; ++e) Qt[e * Bq + i] = p.scale * qb[i * qs + e * qe];
+  }
+  std::fill(Ot, Ot + Ev * Bq, T(0));
+  std::fill(M, M + Bq, neg_inf<T>());
+  std::fill(Lsum, Lsum + Bq, T(0));
+
+  const index_t i_last = i0 + nq - 1;
+  const index_t kmin = kr.lo(i0), kmax = std::max(kmin, kr.hi(i_last));
+  const index_t full_lo = kr.lo(i_last), full_hi = kr.hi(i0);
+
+  const T* kb = p.k.data + p.k.batch_offset(b, 2);
+  const T* vb = p.v.data + p.v.batch_offset(b, 2);
+  const index_t ks = p.k.stride(-2), ke = p.k.stride(-1);
+  const index_t vs = p.v.stride(-2), ve = p.v.stride(-1);
+
+  // S^T for keys [j0, j0 + nj): scores of every lane with masks applied (-inf = hidden).
+  auto score_tile = [&](index_t j0, index_t nj) {
+    for_micro_tiles(nj, [&](auto R, index_t r) {
+      qk_micro<T, decltype(R)::value>(kb + (j0 + r) * ks, ks, ke, E, Qt, St + r * Bq);
+    });
+    const bool boundary = !(j0 >= full_lo && j0 + nj <= full_hi);
+    if (boundary) {
+      for (index_t i = 0; i < nq; ++i) {
+        const index_t lo = std::max(kr.lo(i0 + i), j0) - j0;
+        const index_t hi = std::max(std::min(kr.hi(i0 + i), j0 + nj), j0) - j0;
+        for (index_t j = 0; j < std::min(lo, nj); ++j) St[j * Bq + i] = neg_inf<T>();
+        for (index_t j = std::max(hi, lo); j < nj; ++j) St[j * Bq + i] = neg_inf<T>();
+      }
+    }
+    if (p.mask.kind == MaskKind::boolean) {
+      const Strided<const bool>& mk = p.mask.keep;
+      const bool* m0 = mk.data + mk.batch_offset(b, 2) + i0 * mk.stride(-2) + j0 * mk.stride(-1);
+      const index_t ms = mk.stride(-2), mj = mk.stride(-1);
+      for (index_t i = 0; i < nq; ++i)
+        for (index_t j = 0; j < nj; ++j)
+          if (!m0[i * ms + j * mj]) St[j * Bq + i] = neg_inf<T>();
+    } else if (p.mask.kind == MaskKind::additive) {
+      const Strided<const T>& ma = p.mask.add;
+      const T* m0 = ma.data + ma.batch_offset(b, 2) + i0 * ma.stride(-2) + j0 * ma.stride(-1);
+      const index_t ms = ma.stride(-2), mj = ma.stride(-1);
+      for (index_t i = 0; i < nq; ++i)
+        for (index_t j = 0; j < nj; ++j) St[j * Bq + i] += m0[i * ms + j * mj];
+    }
+  };
+
+  // Lane-wise max over the tile's key rows.
+  auto tile_max = [&](index_t nj, Pk<T>* mt) {
+    for (int c = 0; c < kC; ++c) mt[c] = ei::pset1<Pk<T>>(neg_inf<T>());
+    for (index_t j = 0; j < nj; ++j)
+      for (int c = 0; c < kC; ++c) mt[c] = ei::pmax(mt[c], ei::pload<Pk<T>>(St + j * Bq + c * P));
+  };
+  const Pk<T> zero = ei::pset1<Pk<T>>(T(0));
+  const Pk<T> ninf = ei::pset1<Pk<T>>(neg_inf<T>());
+  // The exp shift of a running max: 0 while nothing is visible (so -inf - shift stays -inf).
+  auto shift_of = [&](const Pk<T>& m) { return ei::pselect(ei::pcmp_eq(m, ninf), zero, m); };
+
+  auto pv_tile = [&](index_t j0, index_t nj, const Pk<T>* alpha, bool rescale) {
+    for_micro_tiles(Ev, [&](auto R, index_t r) {
+      pv_micro<T, decltype(R)::value>(vb + j0 * vs + r * ve, vs, ve, nj, St, Ot + r * Bq, alpha, rescale);
+    });
+  };
+
+  if (!weights) {
+    for (index_t j0 = kmin; j0 < kmax; j0 += kBk) {
+      const index_t nj = std::min(kBk, kmax - j0);
+      score_tile(j0, nj);
+      Pk<T> mt[kC], shift[kC], alpha[kC], sum[kC];
+      tile_max(nj, mt);
+      for (int c = 0; c < kC; ++c) {
+        const Pk<T> m_old = ei::pload<Pk<T>>(M + c * P);
+        const Pk<T> m_new = ei::pmax(m_old, mt[c]);
+        shift[c] = shift_of(m_new);
+        alpha[c] = vm::exp<T>(ei::psub(m_old, shift[c]));
+        ei::pstore(M + c * P, m_new);
+        sum[c] = zero;
+      }
+      for (index_t j = 0; j < nj; ++j)
+        for (int c = 0; c < kC; ++c) {
+          T* s = St + j * Bq + c * P;
+          const Pk<T> e = vm::exp<T>(ei::psub(ei::pload<Pk<T>>(s), shift[c]));
+          ei::pstore(s, e);
+          sum[c] = ei::padd(sum[c], e);
+        }
+      for (int c = 0; c < kC; ++c)
+        ei::pstore(Lsum + c * P, ei::pmadd(ei::pload<Pk<T>>(Lsum + c * P), alpha[c], sum[c]));
+      pv_tile(j0, nj, alpha, true);
+    }
+    for (index_t i = 0; i < nq; ++i) {
+      const T inv = Lsum[i] > T(0) ? T(1) / Lsum[i] : T(0);
+      T* o = out + (b * L + i0 + i) * Ev;
+      for (index_t c = 0; c < Ev; ++c) o[c] = Ot[c * Bq + i] * inv;
+    }
+  } else {
+    // Weights wanted: pass 1 finds each row's max and sum; pass 2 forms the final softmax
+    // P = exp(s - max) / sum once, writes it out and accumulates O = P V with it, so the
+    // returned weights are exactly the ones the output was made from.
+    for (index_t j0 = kmin; j0 < kmax; j0 += kBk) {
+      const index_t nj = std::min(kBk, kmax - j0);
+      score_tile(j0, nj);
+      Pk<T> mt[kC];
+      tile_max(nj, mt);
+      for (int c = 0; c < kC; ++c) {
+        const Pk<T> m_old = ei::pload<Pk<T>>(M + c * P);
+        const Pk<T> m_new = ei::pmax(m_old, mt[c]);
+        const Pk<T> shift = shift_of(m_new);
+        Pk<T> sum = zero;
+        for (index_t j = 0; j < nj; ++j)
+          sum = ei::padd(sum, vm::exp<T>(ei::psub(ei::pload<Pk<T>>(St + j * Bq + c * P), shift)));
+        const Pk<T> alpha = vm::exp<T>(ei::psub(m_old, shift));
+        ei::pstore(Lsum + c * P, ei::pmadd(ei::pload<Pk<T>>(Lsum + c * P), alpha, sum));
+        ei::pstore(M + c * P, m_new);
+      }
+    }
+    Pk<T> shift[kC], inv[kC];
+    for (int c = 0; c < kC; ++c) {
+      shift[c] = shift_of(ei::pload<Pk<T>>(M + c * P));
+      const Pk<T> l = ei::pload<Pk<T>>(Lsum + c * P);
+      inv[c] = ei::pselect(ei::pcmp_lt(zero, l), ei::pdiv(ei::pset1<Pk<T>>(T(1)), l), zero);
+    }
+    for (index_t i = 0; i < nq; ++i) std::fill(weights + (b * L + i0 + i) * S, weights + (b * L + i0 + i + 1) * S, T(0));
+    for (index_t j0 = kmin; j0 < kmax; j0 += kBk) {
+      const index_t nj = std::min(kBk, kmax - j0);
+      score_tile(j0, nj);
+      for (index_t j = 0; j < nj; ++j)
+        for (int c = 0; c < kC; ++c) {
+          T* s = St + j * Bq + c * P;
+          ei::pstore(s, ei::pmul(vm::exp<T>(ei::psub(ei::pload<Pk<T>>(s), shift[c])), inv[c]));
+        }
+      for (index_t i = 0; i < nq; ++i) {
+        T* wrow = weights + (b * L + i0 + i) * S + j0;
+        for (index_t j = 0; j < nj; ++j) wrow[j] = St[j * Bq + i];
+      }
+      pv_tile(j0, nj, nullptr, false);
+    }
+    for (index_t i = 0; i < nq; ++i) {
+      T* o = out + (b * L + i0 + i) * Ev;
+      for (index_t c = 0; c < Ev; ++c) o[c] = Ot[c * Bq + i];
+    }
+  }
+  if (lse) {
+    for (index_t i = 0; i < nq; ++i)
+      lse[b * L + i0 + i] = Lsum[i] > T(0) ? M[i] + std::log(Lsum[i]) : neg_inf<T>();
+  }
+}
+
+// Dot product of two contiguous vectors, packet-wise with a fixed lane order.
+template <typename T>
+inline T dot(const T* a, const T* x, index_t n) {
+  constexpr index_t P = vm::packet_size<T>();
+  Pk<T> acc0 = ei::pset1<Pk<T>>(T(0)), acc1 = acc0;
+  index_t e = 0;
+  for (; e + 2 * P <= n; e += 2 * P) {
+    acc0 = ei::pmadd(ei::ploadu<Pk<T>>(a + e), ei::ploadu<Pk<T>>(x + e), acc0);
+    acc1 = ei::pmadd(ei::ploadu<Pk<T>>(a + e + P), ei::ploadu<Pk<T>>(x + e + P), acc1);
+  }
+  for (; e + P <= n; e += P) acc0 = ei::pmadd(ei::ploadu<Pk<T>>(a + e), ei::ploadu<Pk<T>>(x + e), acc0);
+  T s = ei::predux(ei::padd(acc0, acc1));
+  for (; e < n; ++e) s += a[e] * x[e];
+  return s;
+}
+
+// y += a * x over n contiguous elements.
+template <typename T>
+inline void axpy(T a, const T* x, T* y, index_t n) {
+  constexpr index_t P = vm::packet_size<T>();
+  const Pk<T> av = ei::pset1<Pk<T>>(a);
+  index_t e = 0;
+  for (; e + P <= n; e += P) ei::pstoreu(y + e, ei::pmadd(av, ei::ploadu<Pk<T>>(x + e), ei::ploadu<Pk<T>>(y + e)));
+  for (; e < n; ++e) y[e] += a * x[e];
+}
+
+// A row of a strided matrix as a contiguous pointer: in place when the row is contiguous,
+// else gathered into buf.
+template <typename T>
+inline const T* contiguous_row(const T* row, index_t stride, index_t n, T* buf) {
+  if (stride == 1) return row;
+  for (index_t e = 0; e < n; ++e) buf[e] = row[e * stride];
+  return buf;
+}
+
+// Decode path: partial results of keys [c0, c1) for every query row of batch entry b.
+// part: (L, Ev + 2) = unnormalised output, then the max, then the sum.
+template <typename T>
+void decode_chunk(const SdpaProblem<T>& p, index_t b, index_t c0, index_t c1, T* part) {
+  const index_t L = p.q.dim(-2), E = p.q.dim(-1), Ev = p.v.dim(-1);
+  const KeyRange kr = key_range(p, b);
+  const index_t n = c1 - c0;
+  Buffer<T> qbuf(static_cast<size_t>(L * E)), s(static_cast<size_t>(L * n)), row(static_cast<size_t>(std::max(E, Ev)));
+  const T* qb = p.q.data + p.q.batch_offset(b, 2);
+  for (index_t i = 0; i < L; ++i)
+    for (index_t e = 0; e < E; ++e) qbuf[i * E + e] = p.scale * qb[i * p.q.stride(-2) + e * p.q.stride(-1)];
+  const T* kb = p.k.data + p.k.batch_offset(b, 2);
+  const T* vb = p.v.data + p.v.batch_offset(b, 2);
+  const index_t ks = p.k.stride(-2), ke = p.k.stride(-1), vs = p.v.stride(-2), ve = p.v.stride(-1);
+  // Keys any row may see inside the chunk.
+  const index_t ja = std::max(c0, kr.lo(0)), jz = std::min(c1, kr.hi(L - 1));
+  std::fill(s.begin(), s.end(), neg_inf<T>());
+  for (index_t j = ja; j < jz; ++j) {
+    const T* kj = contiguous_row(kb + j * ks, ke, E, row.data());
+    for (index_t i = 0; i < L; ++i)
+      if (j >= kr.lo(i) && j < kr.hi(i)) s[i * n + (j - c0)] = dot(qbuf.data() + i * E, kj, E);
+  }
+  if (p.mask.kind == MaskKind::boolean) {
+    const Strided<const bool>& mk = p.mask.keep;
+    const bool* m0 = mk.data + mk.batch_offset(b, 2);
+    for (index_t i = 0; i < L; ++i)
+      for (index_t j = ja; j < jz; ++j)
+        if (!m0[i * mk.stride(-2) + j * mk.stride(-1)]) s[i * n + (j - c0)] = neg_inf<T>();
+  } else if (p.mask.kind == MaskKind::additive) {
+    const Strided<const T>& ma = p.mask.add;
+    const T* m0 = ma.data + ma.batch_offset(b, 2);
+    for (index_t i = 0; i < L; ++i)
+      for (index_t j = ja; j < jz; ++j) s[i * n + (j - c0)] += m0[i * ma.stride(-2) + j * ma.stride(-1)];
+  }
+  const index_t w = Ev + 2;
+  for (index_t i = 0; i < L; ++i) {
+    T* si = s.data() + i * n;
+    const T m = jz > ja ? vm::max_propagate_nan(si + (ja - c0), jz - ja) : neg_inf<T>();
+    T* pi = part + i * w;
+    std::fill(pi, pi + Ev, T(0));
+    pi[Ev] = m;
+    if (m == neg_inf<T>()) {
+      pi[Ev + 1] = T(0);
+      std::fill(si, si + n, T(0));
+      continue;
+    }
+    pi[Ev + 1] = vm::exp_shifted_sum(si + (ja - c0), jz - ja, m);
+  }
+  for (index_t j = ja; j < jz; ++j) {
+    const T* vj = contiguous_row(vb + j * vs, ve, Ev, row.data());
+    for (index_t i = 0; i < L; ++i) {
+      const T pij = s[i * n + (j - c0)];
+      if (pij != T(0)) axpy(pij, vj, part + i * w, Ev);
+    }
+  }
+}
+
+template <typename T>
+void decode(const SdpaProblem<T>& p, index_t N, T* out, T* lse) {
+  const index_t L = p.q.dim(-2), S = p.k.dim(-2), Ev = p.v.dim(-1);
+  const index_t chunks = std::max<index_t>(1, (S + kDecodeChunk - 1) / kDecodeChunk);
+  const index_t w = Ev + 2;
+  Buffer<T> parts(static_cast<size_t>(N * chunks * L * w));
+  parallel_for(N * chunks, [&](index_t u) {
+    const index_t b = u / chunks, c = u % chunks;
+    const index_t c0 = c * kDecodeChunk, c1 = std::min(S, c0 + kDecodeChunk);
+    decode_chunk(p, b, c0, c1, parts.data() + u * L * w);
+  }, true);
+  // Merge the chunks of each row by log-sum-exp, in chunk order.
+  parallel_for(N, [&](index_t b) {
+    for (index_t i = 0; i < L; ++i) {
+      T mx = neg_inf<T>();
+      for (index_t c = 0; c < chunks; ++c) mx = std::max(mx, parts[((b * chunks + c) * L + i) * w + Ev]);
+      T* o = out + (b * L + i) * Ev;
+      std::fill(o, o + Ev, T(0));
+      T l = T(0);
+      if (mx != neg_inf<T>()) {
+        for (index_t c = 0; c < chunks; ++c) {
+          const T* pc = parts.data() + ((b * chunks + c) * L + i) * w;
+          if (pc[Ev] == neg_inf<T>()) continue;
+          const T f = std::exp(pc[Ev] - mx);
+          l += f * pc[Ev + 1];
+          axpy(f, pc, o, Ev);
+        }
+        const T inv = T(1) / l;
+        for (index_t c = 0; c < Ev; ++c) o[c] *= inv;
+      }
+      if (lse) lse[b * L + i] = l > T(0) ? mx + std::log(l) : neg_inf<T>();
+    }
+  });
+}
+
+}  // namespace sdpa_detail
+
+// out (N..., L, Ev), weights (N..., L, S) or null, lse (N..., L) or null: all C-contiguous.
+template <typename T>
+void scaled_dot_product_attention(const SdpaProblem<T>& p, T* out, T* weights, T* lse) {
+  using namespace sdpa_detail;
+  const index_t N = p.q.batch_count(2);
+  const index_t L = p.q.dim(-2), Ev = p.v.dim(-1);
+  if (N == 0 || L == 0) return;
+  if (L <= kDecodeMaxQueries && !weights) {
+    decode(p, N, out, lse);
+    return;
+  }
+  constexpr index_t Bq = block_queries<T>();
+  const index_t blocks = (L + Bq - 1) / Bq;
+  parallel_for(N * blocks, [&](index_t u) {
+    thread_local Workspace<T> w;
+    // Later query blocks see more keys under a causal mask: hand them out first.
+    const index_t b = u / blocks, qb = blocks - 1 - u % blocks;
+    const index_t i0 = qb * Bq;
+    attend_block(p, b, i0, std::min(Bq, L - i0), w, out, weights, lse);
+  }, true);
+  (void)Ev;
+}
+
+}  // namespace attnext
