@@ -133,6 +133,24 @@ def attention(query, key, value, *, method="scaled_dot", mask=None, is_causal=Fa
     unknown = set(score_args) - {"weight", "w_query", "w_key", "v", "scale"}
     if unknown:
         raise TypeError(f"attention() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    if method in ("dot", "scaled_dot") and set(score_args) <= {"scale"}:
+        # The fused kernel computes exactly these three steps (and can return the weights).
+        _check_method_args(method, {})
+        _, a = promote(query=query, key=key, value=value)
+        require_ndim(a["query"], "query", 2, "(..., Lq, Dq)")
+        require_ndim(a["key"], "key", 2, "(..., Lk, Dk)")
+        require_ndim(a["value"], "value", 2, "(..., Lk, Dv)")
+        if a["value"].shape[-2] != a["key"].shape[-2]:
+            raise ValueError(
+                f"key has {a['key'].shape[-2]} positions but value has shape {shape_str(a['value'].shape)}: "
+                "value's second-to-last dimension must equal key's"
+            )
+        scale = score_args.get("scale")
+        if scale is None and method == "dot":
+            scale = 1.0
+        _, b = broadcast_batch(a, {"query": 2, "key": 2, "value": 2})
+        return scaled_dot_product_attention(b["query"], b["key"], b["value"], mask, 0.0, is_causal, scale,
+                                            return_weights=return_weights)
     dtype, a = promote(value=value)
     s = score(query, key, method, **score_args)
     dtype = np.result_type(s.dtype, a["value"].dtype)
