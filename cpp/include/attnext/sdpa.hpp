@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -72,8 +73,10 @@ using Buffer = std::vector<T, Eigen::aligned_allocator<T>>;
 //   score and the P V pass, and 4096 keys give 16 units per row, plenty for load balance.
 constexpr int kC = 4;
 constexpr int kR = 6;
-constexpr index_t kBk = 128;
-constexpr index_t kDecodeChunk = 256;
+inline index_t tune_bk() { static index_t v = getenv("ATTNEXT_BK") ? atoi(getenv("ATTNEXT_BK")) : 128; return v; }
+#define kBk tune_bk()  // TUNING
+inline index_t tune_dc() { static index_t v = getenv("ATTNEXT_DC") ? atoi(getenv("ATTNEXT_DC")) : 256; return v; }
+#define kDecodeChunk tune_dc()  // TUNING
 constexpr index_t kDecodeMaxQueries = 16;
 
 template <typename T>
@@ -389,69 +392,94 @@ inline void axpy(T a, const T* x, T* y, index_t n) {
   for (; e < n; ++e) y[e] += a * x[e];
 }
 
-// A row of a strided matrix as a contiguous pointer: in place when the row is contiguous,
-// else gathered into buf.
+// Scratch of one decode unit, kept per thread.
 template <typename T>
-inline const T* contiguous_row(const T* row, index_t stride, index_t n, T* buf) {
-  if (stride == 1) return row;
-  for (index_t e = 0; e < n; ++e) buf[e] = row[e * stride];
-  return buf;
-}
+struct DecodeWorkspace {
+  Buffer<T> q, s, k, v;
+};
 
 // Decode path: partial results of keys [c0, c1) for every query row of batch entry b.
 // part: (L, Ev + 2) = unnormalised output, then the max, then the sum.
 template <typename T>
-void decode_chunk(const SdpaProblem<T>& p, index_t b, index_t c0, index_t c1, T* part) {
+void decode_chunk(const SdpaProblem<T>& p, index_t b, index_t c0, index_t c1, T* part, DecodeWorkspace<T>& ws) {
+  constexpr index_t P = vm::packet_size<T>();
   const index_t L = p.q.dim(-2), E = p.q.dim(-1), Ev = p.v.dim(-1);
   const KeyRange kr = key_range(p, b);
   const index_t n = c1 - c0;
-  Buffer<T> qbuf(static_cast<size_t>(L * E)), s(static_cast<size_t>(L * n)), row(static_cast<size_t>(std::max(E, Ev)));
+  const index_t w = Ev + 2;
+  ws.q.resize(static_cast<size_t>(L * E + 1));
+  ws.s.resize(static_cast<size_t>(L * n + 1));
+  T* qbuf = ws.q.data();
+  T* s = ws.s.data();
   const T* qb = p.q.data + p.q.batch_offset(b, 2);
   for (index_t i = 0; i < L; ++i)
     for (index_t e = 0; e < E; ++e) qbuf[i * E + e] = p.scale * qb[i * p.q.stride(-2) + e * p.q.stride(-1)];
-  const T* kb = p.k.data + p.k.batch_offset(b, 2);
-  const T* vb = p.v.data + p.v.batch_offset(b, 2);
-  const index_t ks = p.k.stride(-2), ke = p.k.stride(-1), vs = p.v.stride(-2), ve = p.v.stride(-1);
   // Keys any row may see inside the chunk.
-  const index_t ja = std::max(c0, kr.lo(0)), jz = std::min(c1, kr.hi(L - 1));
-  std::fill(s.begin(), s.end(), neg_inf<T>());
-  for (index_t j = ja; j < jz; ++j) {
-    const T* kj = contiguous_row(kb + j * ks, ke, E, row.data());
+  const index_t ja = std::max(c0, kr.lo(0)), jz = std::max(ja, std::min(c1, kr.hi(L - 1)));
+  const index_t nv = jz - ja;
+  // K and V rows of the visible keys, in place when their rows are contiguous, else packed.
+  const T* kc = p.k.data + p.k.batch_offset(b, 2) + ja * p.k.stride(-2);
+  index_t kcs = p.k.stride(-2);
+  if (p.k.stride(-1) != 1 && nv > 0) {
+    ws.k.resize(static_cast<size_t>(nv * E));
+    for (index_t j = 0; j < nv; ++j)
+      for (index_t e = 0; e < E; ++e) ws.k[j * E + e] = kc[j * kcs + e * p.k.stride(-1)];
+    kc = ws.k.data();
+    kcs = E;
+  }
+  const T* vc = p.v.data + p.v.batch_offset(b, 2) + ja * p.v.stride(-2);
+  index_t vcs = p.v.stride(-2);
+  if (p.v.stride(-1) != 1 && nv > 0) {
+    ws.v.resize(static_cast<size_t>(nv * Ev));
+    for (index_t j = 0; j < nv; ++j)
+      for (index_t e = 0; e < Ev; ++e) ws.v[j * Ev + e] = vc[j * vcs + e * p.v.stride(-1)];
+    vc = ws.v.data();
+    vcs = Ev;
+  }
+  // s[i][j - ja]: scores of the visible keys, -inf where row i may not look.
+  for (index_t i = 0; i < L; ++i) std::fill(s + i * n, s + i * n + nv, neg_inf<T>());
+  for (index_t j = 0; j < nv; ++j) {
+    const T* kj = kc + j * kcs;
     for (index_t i = 0; i < L; ++i)
-      if (j >= kr.lo(i) && j < kr.hi(i)) s[i * n + (j - c0)] = dot(qbuf.data() + i * E, kj, E);
+      if (ja + j >= kr.lo(i) && ja + j < kr.hi(i)) s[i * n + j] = dot(qbuf + i * E, kj, E);
   }
   if (p.mask.kind == MaskKind::boolean) {
     const Strided<const bool>& mk = p.mask.keep;
-    const bool* m0 = mk.data + mk.batch_offset(b, 2);
+    const bool* m0 = mk.data + mk.batch_offset(b, 2) + ja * mk.stride(-1);
     for (index_t i = 0; i < L; ++i)
-      for (index_t j = ja; j < jz; ++j)
-        if (!m0[i * mk.stride(-2) + j * mk.stride(-1)]) s[i * n + (j - c0)] = neg_inf<T>();
+      for (index_t j = 0; j < nv; ++j)
+        if (!m0[i * mk.stride(-2) + j * mk.stride(-1)]) s[i * n + j] = neg_inf<T>();
   } else if (p.mask.kind == MaskKind::additive) {
     const Strided<const T>& ma = p.mask.add;
-    const T* m0 = ma.data + ma.batch_offset(b, 2);
+    const T* m0 = ma.data + ma.batch_offset(b, 2) + ja * ma.stride(-1);
     for (index_t i = 0; i < L; ++i)
-      for (index_t j = ja; j < jz; ++j) s[i * n + (j - c0)] += m0[i * ma.stride(-2) + j * ma.stride(-1)];
+      for (index_t j = 0; j < nv; ++j) s[i * n + j] += m0[i * ma.stride(-2) + j * ma.stride(-1)];
   }
-  const index_t w = Ev + 2;
   for (index_t i = 0; i < L; ++i) {
-    T* si = s.data() + i * n;
-    const T m = jz > ja ? vm::max_propagate_nan(si + (ja - c0), jz - ja) : neg_inf<T>();
+    T* si = s + i * n;
     T* pi = part + i * w;
-    std::fill(pi, pi + Ev, T(0));
+    const T m = nv > 0 ? vm::max_propagate_nan(si, nv) : neg_inf<T>();
     pi[Ev] = m;
+    std::fill(pi, pi + Ev, T(0));
     if (m == neg_inf<T>()) {
       pi[Ev + 1] = T(0);
-      std::fill(si, si + n, T(0));
       continue;
     }
-    pi[Ev + 1] = vm::exp_shifted_sum(si + (ja - c0), jz - ja, m);
-  }
-  for (index_t j = ja; j < jz; ++j) {
-    const T* vj = contiguous_row(vb + j * vs, ve, Ev, row.data());
-    for (index_t i = 0; i < L; ++i) {
-      const T pij = s[i * n + (j - c0)];
-      if (pij != T(0)) axpy(pij, vj, part + i * w, Ev);
+    pi[Ev + 1] = vm::exp_shifted_sum(si, nv, m);
+    // o = sum_j p_j v_j, four packets of columns at a time held in registers.
+    index_t c = 0;
+    for (; c + 4 * P <= Ev; c += 4 * P) {
+      Pk<T> acc[4];
+      for (int u = 0; u < 4; ++u) acc[u] = ei::pset1<Pk<T>>(T(0));
+      for (index_t j = 0; j < nv; ++j) {
+        const Pk<T> pj = ei::pset1<Pk<T>>(si[j]);
+        const T* vj = vc + j * vcs + c;
+        for (int u = 0; u < 4; ++u) acc[u] = ei::pmadd(pj, ei::ploadu<Pk<T>>(vj + u * P), acc[u]);
+      }
+      for (int u = 0; u < 4; ++u) ei::pstoreu(pi + c + u * P, acc[u]);
     }
+    if (c < Ev)
+      for (index_t j = 0; j < nv; ++j) axpy(si[j], vc + j * vcs + c, pi + c, Ev - c);
   }
 }
 
@@ -462,9 +490,10 @@ void decode(const SdpaProblem<T>& p, index_t N, T* out, T* lse) {
   const index_t w = Ev + 2;
   Buffer<T> parts(static_cast<size_t>(N * chunks * L * w));
   parallel_for(N * chunks, [&](index_t u) {
+    thread_local DecodeWorkspace<T> ws;
     const index_t b = u / chunks, c = u % chunks;
     const index_t c0 = c * kDecodeChunk, c1 = std::min(S, c0 + kDecodeChunk);
-    decode_chunk(p, b, c0, c1, parts.data() + u * L * w);
+    decode_chunk(p, b, c0, c1, parts.data() + u * L * w, ws);
   }, true);
   // Merge the chunks of each row by log-sum-exp, in chunk order.
   parallel_for(N, [&](index_t b) {
