@@ -28,7 +28,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -62,21 +61,21 @@ using Pk = vm::Packet<T>;
 template <typename T>
 using Buffer = std::vector<T, Eigen::aligned_allocator<T>>;
 
-// Tile sizes, chosen by measurement (benchmarks/sdpa_tune.py, 2 Zen 4 cores, float32, E = 64):
+// Tile sizes, chosen by measurement (a temporary build knob, one core of the 2-core Zen 4 test
+// machine, float32, medians/minima of repeated runs; benchmarks/sdpa_vs_torch.py for the suite):
 // - kC = 4 packets of queries per block (Bq = 64 floats / 32 doubles with AVX-512) and kR = 6
 //   key rows (or value columns) per micro-tile: 24 accumulators + 4 query packets + a
 //   broadcast fit the 32 vector registers. Bq = 64 also keeps Qt (E x Bq) in L1 for E = 64.
-// - kBk = 128 keys per tile: S^T (128 x 64 floats = 32 KB) stays in L1/L2 between the score,
-//   exp and P V passes; 64 was ~5% slower (more O^T rescale traffic per key), 256 was no
-//   faster and spills S^T to L2.
+// - kBk = 128 keys per tile. At E = 64, Bk = 32/64/128/256 measured 94/95/95/96 GFLOP/s (flat:
+//   the tile's S^T stays in L2 in every case); at E = 128, 64/128/256 gave 99/103/102, so 128.
+//   Larger tiles also mean fewer O^T rescales per key.
 // - kDecodeChunk = 256 keys: a chunk's K and V (2 x 64 KB at E = 64) stay in L2 between the
-//   score and the P V pass, and 4096 keys give 16 units per row, plenty for load balance.
+//   score and the P V pass. For (32, 8, 1, 4096, 64) chunks of 128/256/512 keys ran in
+//   32/16/32 ms (best of 11): 256 reaches ~33 GB/s of K/V, the machine's read bandwidth.
 constexpr int kC = 4;
 constexpr int kR = 6;
-inline index_t tune_bk() { static index_t v = getenv("ATTNEXT_BK") ? atoi(getenv("ATTNEXT_BK")) : 128; return v; }
-#define kBk tune_bk()  // TUNING
-inline index_t tune_dc() { static index_t v = getenv("ATTNEXT_DC") ? atoi(getenv("ATTNEXT_DC")) : 256; return v; }
-#define kDecodeChunk tune_dc()  // TUNING
+constexpr index_t kBk = 128;
+constexpr index_t kDecodeChunk = 256;
 constexpr index_t kDecodeMaxQueries = 16;
 
 template <typename T>
@@ -126,8 +125,9 @@ KeyRange key_range(const SdpaProblem<T>& p, index_t b) {
 }
 
 // St[r][:] = sum_e K[r, e] * Qt[e][:] for R keys (rows of K at k0 + r * ks, element stride ke).
+// mx[c] is raised to the lane-wise max of the scores written.
 template <typename T, int R>
-inline void qk_micro(const T* k0, index_t ks, index_t ke, index_t E, const T* Qt, T* St) {
+inline void qk_micro(const T* k0, index_t ks, index_t ke, index_t E, const T* Qt, T* St, Pk<T>* mx) {
   constexpr index_t P = vm::packet_size<T>();
   constexpr index_t Bq = block_queries<T>();
   Pk<T> acc[R][kC];
@@ -144,7 +144,10 @@ inline void qk_micro(const T* k0, index_t ks, index_t ke, index_t E, const T* Qt
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < kC; ++c) ei::pstore(St + r * Bq + c * P, acc[r][c]);
+    for (int c = 0; c < kC; ++c) {
+      ei::pstore(St + r * Bq + c * P, acc[r][c]);
+      mx[c] = ei::pmax(mx[c], acc[r][c]);
+    }
 }
 
 // Ot[r][:] = Ot[r][:] * alpha + sum_j V[j, r] * Pt[j][:] for R value columns (column r of V
@@ -236,10 +239,12 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
   const index_t ks = p.k.stride(-2), ke = p.k.stride(-1);
   const index_t vs = p.v.stride(-2), ve = p.v.stride(-1);
 
-  // S^T for keys [j0, j0 + nj): scores of every lane with masks applied (-inf = hidden).
-  auto score_tile = [&](index_t j0, index_t nj) {
+  // S^T for keys [j0, j0 + nj): scores of every lane with masks applied (-inf = hidden), and
+  // mt, the lane-wise max over the tile (taken while storing when no mask touches the tile).
+  auto score_tile = [&](index_t j0, index_t nj, Pk<T>* mt) {
+    for (int c = 0; c < kC; ++c) mt[c] = ei::pset1<Pk<T>>(neg_inf<T>());
     for_micro_tiles(nj, [&](auto R, index_t r) {
-      qk_micro<T, decltype(R)::value>(kb + (j0 + r) * ks, ks, ke, E, Qt, St + r * Bq);
+      qk_micro<T, decltype(R)::value>(kb + (j0 + r) * ks, ks, ke, E, Qt, St + r * Bq, mt);
     });
     const bool boundary = !(j0 >= full_lo && j0 + nj <= full_hi);
     if (boundary) {
@@ -264,14 +269,13 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
       for (index_t i = 0; i < nq; ++i)
         for (index_t j = 0; j < nj; ++j) St[j * Bq + i] += m0[i * ms + j * mj];
     }
+    if (boundary || p.mask.kind != MaskKind::none) {
+      for (int c = 0; c < kC; ++c) mt[c] = ei::pset1<Pk<T>>(neg_inf<T>());
+      for (index_t j = 0; j < nj; ++j)
+        for (int c = 0; c < kC; ++c) mt[c] = ei::pmax(mt[c], ei::pload<Pk<T>>(St + j * Bq + c * P));
+    }
   };
 
-  // Lane-wise max over the tile's key rows.
-  auto tile_max = [&](index_t nj, Pk<T>* mt) {
-    for (int c = 0; c < kC; ++c) mt[c] = ei::pset1<Pk<T>>(neg_inf<T>());
-    for (index_t j = 0; j < nj; ++j)
-      for (int c = 0; c < kC; ++c) mt[c] = ei::pmax(mt[c], ei::pload<Pk<T>>(St + j * Bq + c * P));
-  };
   const Pk<T> zero = ei::pset1<Pk<T>>(T(0));
   const Pk<T> ninf = ei::pset1<Pk<T>>(neg_inf<T>());
   // The exp shift of a running max: 0 while nothing is visible (so -inf - shift stays -inf).
@@ -286,9 +290,8 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
   if (!weights) {
     for (index_t j0 = kmin; j0 < kmax; j0 += kBk) {
       const index_t nj = std::min(kBk, kmax - j0);
-      score_tile(j0, nj);
       Pk<T> mt[kC], shift[kC], alpha[kC], sum[kC];
-      tile_max(nj, mt);
+      score_tile(j0, nj, mt);
       for (int c = 0; c < kC; ++c) {
         const Pk<T> m_old = ei::pload<Pk<T>>(M + c * P);
         const Pk<T> m_new = ei::pmax(m_old, mt[c]);
@@ -319,9 +322,8 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
     // returned weights are exactly the ones the output was made from.
     for (index_t j0 = kmin; j0 < kmax; j0 += kBk) {
       const index_t nj = std::min(kBk, kmax - j0);
-      score_tile(j0, nj);
       Pk<T> mt[kC];
-      tile_max(nj, mt);
+      score_tile(j0, nj, mt);
       for (int c = 0; c < kC; ++c) {
         const Pk<T> m_old = ei::pload<Pk<T>>(M + c * P);
         const Pk<T> m_new = ei::pmax(m_old, mt[c]);
@@ -343,7 +345,8 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
     for (index_t i = 0; i < nq; ++i) std::fill(weights + (b * L + i0 + i) * S, weights + (b * L + i0 + i + 1) * S, T(0));
     for (index_t j0 = kmin; j0 < kmax; j0 += kBk) {
       const index_t nj = std::min(kBk, kmax - j0);
-      score_tile(j0, nj);
+      Pk<T> mt[kC];
+      score_tile(j0, nj, mt);
       for (index_t j = 0; j < nj; ++j)
         for (int c = 0; c < kC; ++c) {
           T* s = St + j * Bq + c * P;
