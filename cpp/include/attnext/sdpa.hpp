@@ -193,6 +193,54 @@ inline void for_micro_tiles(index_t n, F&& f) {
   static_assert(kR == 6, "the remainder switch above covers kR - 1 cases");
 }
 
+// Qt[e][i] = scale * Q[i, e] for the block's nq queries (rows at qb + i * qs, element stride
+// qe); lanes past nq are zero. Contiguous rows go through P x P register transposes.
+template <typename T>
+inline void pack_q(const T* qb, index_t qs, index_t qe, index_t nq, index_t E, T scale, T* Qt) {
+  constexpr index_t P = vm::packet_size<T>();
+  constexpr index_t Bq = block_queries<T>();
+  for (index_t e = 0; e < E; ++e) std::fill(Qt + e * Bq + nq, Qt + (e + 1) * Bq, T(0));
+  index_t i = 0;
+  if (qe == 1) {
+    const Pk<T> sc = ei::pset1<Pk<T>>(scale);
+    for (; i + P <= nq; i += P) {
+      index_t e = 0;
+      for (; e + P <= E; e += P) {
+        ei::PacketBlock<Pk<T>, static_cast<int>(P)> blk;
+        for (index_t r = 0; r < P; ++r) blk.packet[r] = ei::ploadu<Pk<T>>(qb + (i + r) * qs + e);
+        ei::ptranspose(blk);
+        for (index_t r = 0; r < P; ++r) ei::pstore(Qt + (e + r) * Bq + i, ei::pmul(blk.packet[r], sc));
+      }
+      for (; e < E; ++e)
+        for (index_t r = 0; r < P; ++r) Qt[e * Bq + i + r] = scale * qb[(i + r) * qs + e];
+    }
+  }
+  for (; i < nq; ++i)
+    for (index_t e = 0; e < E; ++e) Qt[e * Bq + i] = scale * qb[i * qs + e * qe];
+}
+
+// o[i, c] = Ot[c][i] * f[i] for the block's nq queries (o: rows of Ev, contiguous).
+template <typename T>
+inline void unpack_o(const T* Ot, const T* f, index_t nq, index_t Ev, T* o) {
+  constexpr index_t P = vm::packet_size<T>();
+  constexpr index_t Bq = block_queries<T>();
+  index_t i = 0;
+  for (; i + P <= nq; i += P) {
+    index_t c = 0;
+    for (; c + P <= Ev; c += P) {
+      ei::PacketBlock<Pk<T>, static_cast<int>(P)> blk;
+      for (index_t r = 0; r < P; ++r) blk.packet[r] = ei::pload<Pk<T>>(Ot + (c + r) * Bq + i);
+      ei::ptranspose(blk);
+      for (index_t r = 0; r < P; ++r)
+        ei::pstoreu(o + (i + r) * Ev + c, ei::pmul(blk.packet[r], ei::pset1<Pk<T>>(f[i + r])));
+    }
+    for (; c < Ev; ++c)
+      for (index_t r = 0; r < P; ++r) o[(i + r) * Ev + c] = Ot[c * Bq + i + r] * f[i + r];
+  }
+  for (; i < nq; ++i)
+    for (index_t c = 0; c < Ev; ++c) o[i * Ev + c] = Ot[c * Bq + i] * f[i];
+}
+
 template <typename T>
 struct Workspace {
   Buffer<T> qt, st, ot, m, l;
@@ -219,13 +267,8 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
   T* Lsum = w.l.data();
 
   // Q block, transposed and pre-scaled; lanes past the last query are zero (and discarded).
-  {
-    const T* qb = p.q.data + p.q.batch_offset(b, 2) + i0 * p.q.stride(-2);
-    const index_t qs = p.q.stride(-2), qe = p.q.stride(-1);
-    for (index_t e = 0; e < E; ++e) std::fill(Qt + e * Bq + nq, Qt + (e + 1) * Bq, T(0));
-    for (index_t i = 0; i < nq; ++i)
-      for (index_t e = 0; e < E; ++e) Qt[e * Bq + i] = p.scale * qb[i * qs + e * qe];
-  }
+  pack_q(p.q.data + p.q.batch_offset(b, 2) + i0 * p.q.stride(-2), p.q.stride(-2), p.q.stride(-1), nq, E, p.scale,
+         Qt);
   std::fill(Ot, Ot + Ev * Bq, T(0));
   std::fill(M, M + Bq, neg_inf<T>());
   std::fill(Lsum, Lsum + Bq, T(0));
@@ -311,11 +354,6 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
         ei::pstore(Lsum + c * P, ei::pmadd(ei::pload<Pk<T>>(Lsum + c * P), alpha[c], sum[c]));
       pv_tile(j0, nj, alpha, true);
     }
-    for (index_t i = 0; i < nq; ++i) {
-      const T inv = Lsum[i] > T(0) ? T(1) / Lsum[i] : T(0);
-      T* o = out + (b * L + i0 + i) * Ev;
-      for (index_t c = 0; c < Ev; ++c) o[c] = Ot[c * Bq + i] * inv;
-    }
   } else {
     // Weights wanted: pass 1 finds each row's max and sum; pass 2 forms the final softmax
     // P = exp(s - max) / sum once, writes it out and accumulates O = P V with it, so the
@@ -358,15 +396,14 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
       }
       pv_tile(j0, nj, nullptr, false);
     }
-    for (index_t i = 0; i < nq; ++i) {
-      T* o = out + (b * L + i0 + i) * Ev;
-      for (index_t c = 0; c < Ev; ++c) o[c] = Ot[c * Bq + i];
-    }
   }
   if (lse) {
     for (index_t i = 0; i < nq; ++i)
       lse[b * L + i0 + i] = Lsum[i] > T(0) ? M[i] + std::log(Lsum[i]) : neg_inf<T>();
   }
+  // Normalise (the weighted pass already divided by the sum) and write the block out.
+  for (index_t i = 0; i < nq; ++i) Lsum[i] = weights ? T(1) : (Lsum[i] > T(0) ? T(1) / Lsum[i] : T(0));
+  unpack_o(Ot, Lsum, nq, Ev, out + (b * L + i0) * Ev);
 }
 
 // Dot product of two contiguous vectors, packet-wise with a fixed lane order.
