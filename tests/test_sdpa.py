@@ -252,10 +252,11 @@ def test_bit_identical_for_any_thread_count(dtype, L, S):
             attnext.set_num_threads(n)
             results.append(attnext.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal="bottom_right",
                                                                 return_lse=True))
+            results[-1] += attnext.scaled_dot_product_attention(q, k, v, window=(50, 3), return_weights=True)
     finally:
         attnext.set_num_threads(saved)
     for r in results[1:]:
-        assert np.array_equal(r[0], results[0][0]) and np.array_equal(r[1], results[0][1])
+        assert all(np.array_equal(x, y) for x, y in zip(r, results[0]))
 
 
 # --- errors ---------------------------------------------------------------------------------

@@ -174,6 +174,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  return_lse=False):
     """softmax(query key^T * scale + mask) value, with PyTorch's argument meanings.
 
+    Runs as one fused, tiled kernel (online softmax over key tiles): the (L, S) scores are
+    never stored unless ``return_weights`` asks for them, masks are read in place (broadcast
+    axes are not expanded), tiles hidden by ``is_causal``, ``window`` or ``key_lengths`` are
+    skipped, and results do not depend on the thread count.
+
     Args:
         query: (..., Hq, L, E); key: (..., Hk, S, E); value: (..., Hk, S, Ev).
         attn_mask: broadcastable to (..., Hq, L, S); bool True = may attend, float added.
