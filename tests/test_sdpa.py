@@ -341,3 +341,17 @@ def test_long_sequence_memory_is_bounded():
     grown, biggest = out.split()
     assert int(grown) < 64 * 2**20
     assert float(biggest) > 0
+
+
+@pytest.mark.parametrize("L", [3, 40])
+def test_empty_feature_dims_and_extreme_core_arguments(L):
+    rng = np.random.default_rng(14)
+    q, k, v = randn(rng, (2, L, 0), np.float64), randn(rng, (2, 6, 0), np.float64), randn(rng, (2, 6, 4), np.float64)
+    got = attnext.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert max_err(got, ref.scaled_dot_product_attention(q, k, v, scale=1.0, is_causal=True)) <= 1e-12
+    assert attnext.scaled_dot_product_attention(q, k, v[..., :0]).shape == (2, L, 0)
+    q, k = randn(rng, (2, L, 4), np.float64), randn(rng, (2, 6, 4), np.float64)
+    everything = _core.sdpa(q, k, k, None, True, 2**62)[0]
+    assert max_err(everything, _core.sdpa(q, k, k)[0]) == 0
+    assert np.all(_core.sdpa(q, k, k, None, True, -2**62)[0] == 0)
+    assert max_err(_core.sdpa(q, k, k, None, False, 0, 2**62, 2**62)[0], everything) == 0
