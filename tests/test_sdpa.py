@@ -54,6 +54,7 @@ SHAPES = [  # (batch dims, Hq, Hk, L, S, E, Ev)
     ((2, 1), 2, 1, 16, 300, 32, 24),
     ((1,), 2, 2, 70, 1, 3, 3),
     ((1,), 8, 2, 1, 517, 64, 64),
+    ((), 1, 1, 40, 2100, 32, 24),  # few query blocks: keys split into chunks
 ]
 
 
@@ -158,7 +159,7 @@ def compare_ref(q, k, v, **kw):
     return got
 
 
-SIZES = [(1, 1), (7, 33), (16, 300), (33, 7), (129, 129), (70, 300)]
+SIZES = [(1, 1), (7, 33), (16, 300), (33, 7), (129, 129), (70, 300), (40, 2500)]  # last: key chunks
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -240,7 +241,7 @@ def test_attention_routes_to_kernel(dtype, method):
 # --- determinism ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("L,S", [(1, 3000), (9, 1000), (300, 500)])
+@pytest.mark.parametrize("L,S", [(1, 3000), (9, 1000), (300, 500), (70, 3500)])
 def test_bit_identical_for_any_thread_count(dtype, L, S):
     rng = np.random.default_rng(11)
     q, k, v = randn(rng, (2, 3, L, 32), dtype), randn(rng, (2, 3, S, 32), dtype), randn(rng, (2, 3, S, 32), dtype)

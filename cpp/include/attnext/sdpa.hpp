@@ -284,8 +284,12 @@ struct Workspace {
 
 // One unit of the blocked path: queries [i0, i0 + nq) of batch entry b.
 template <typename T>
+//
+// Only keys in [ka, kz) are looked at. With `partial` set (no weights then), the block's raw
+// state goes there instead of out/lse: O^T (Ev, Bq) unnormalised, then the running max (Bq)
+// and sum (Bq), for a merge across key chunks.
 void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Workspace<T>& w, T* out, T* weights,
-                  T* lse) {
+                  T* lse, index_t ka, index_t kz, T* partial) {
   constexpr index_t P = vm::packet_size<T>();
   constexpr index_t Bq = block_queries<T>();
   const index_t L = p.q.dim(-2), E = p.q.dim(-1), S = p.k.dim(-2), Ev = p.v.dim(-1);
@@ -312,7 +316,7 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
   std::fill(Lsum, Lsum + Bq, T(0));
 
   const index_t i_last = i0 + nq - 1;
-  const index_t kmin = kr.lo(i0), kmax = std::max(kmin, kr.hi(i_last));
+  const index_t kmin = std::max(kr.lo(i0), ka), kmax = std::max(kmin, std::min(kr.hi(i_last), kz));
   const index_t full_lo = kr.lo(i_last), full_hi = kr.hi(i0);
 
   const T* kb = p.k.data + p.k.batch_offset(b, 2);
@@ -434,6 +438,12 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
       }
       pv_tile(j0, nj, nullptr, false);
     }
+  }
+  if (partial) {
+    std::copy(Ot, Ot + Ev * Bq, partial);
+    std::copy(M, M + Bq, partial + Ev * Bq);
+    std::copy(Lsum, Lsum + Bq, partial + (Ev + 1) * Bq);
+    return;
   }
   if (lse) {
     for (index_t i = 0; i < nq; ++i)
@@ -601,6 +611,53 @@ void decode(const SdpaProblem<T>& p, index_t N, T* out, T* lse) {
 
 }  // namespace sdpa_detail
 
+namespace sdpa_detail {
+
+// How many key chunks the blocked path splits each query block into: 1 unless there are too
+// few (batch x query block) units to keep the threads busy (decided from the shapes alone, so
+// results stay independent of the thread count). Chunks hold at least kSplitMinKeys keys and
+// there are at most kSplitMaxChunks of them, which bounds the partials' memory.
+constexpr index_t kSplitMinUnits = 16;
+constexpr index_t kSplitMinKeys = 1024;
+constexpr index_t kSplitMaxChunks = 32;
+inline index_t split_chunks(index_t units, index_t S, bool weights) {
+  if (weights || units >= kSplitMinUnits) return 1;
+  return std::max<index_t>(1, std::min(kSplitMaxChunks, S / kSplitMinKeys));
+}
+
+// Merges a query block's chunk partials (each O^T (Ev, Bq), max (Bq), sum (Bq)) in chunk order
+// by log-sum-exp; writes the normalised rows (nq, Ev) and their lse.
+template <typename T>
+void merge_chunks(const T* parts, index_t chunks, index_t Ev, index_t nq, T* out, T* lse) {
+  constexpr index_t Bq = block_queries<T>();
+  using X = ScoreExp<T>;
+  const index_t part = (Ev + 2) * Bq;
+  Buffer<T> acc(static_cast<size_t>(std::max<index_t>(Ev, 1) * Bq), T(0)), f(Bq);
+  for (index_t i = 0; i < nq; ++i) {
+    T mx = neg_inf<T>();
+    for (index_t c = 0; c < chunks; ++c) mx = std::max(mx, parts[c * part + Ev * Bq + i]);
+    T l = T(0);
+    if (mx != neg_inf<T>()) {
+      for (index_t c = 0; c < chunks; ++c) {
+        const T* pc = parts + c * part;
+        const T m = pc[Ev * Bq + i];
+        if (m == neg_inf<T>()) continue;
+        const T g = X::base2 ? std::exp2(m - mx) : std::exp(m - mx);
+        l += g * pc[(Ev + 1) * Bq + i];
+        for (index_t e = 0; e < Ev; ++e) acc[e * Bq + i] += g * pc[e * Bq + i];
+      }
+    }
+    f[i] = l > T(0) ? T(1) / l : T(0);
+    if (lse)
+      lse[i] = l <= T(0)     ? neg_inf<T>()
+               : X::base2 ? (mx + std::log2(l)) * T(0.69314718055994531)
+                          : mx + std::log(l);
+  }
+  unpack_o(acc.data(), f.data(), nq, Ev, out);
+}
+
+}  // namespace sdpa_detail
+
 // out (N..., L, Ev), weights (N..., L, S) or null, lse (N..., L) or null: all C-contiguous.
 template <typename T>
 void scaled_dot_product_attention(const SdpaProblem<T>& p, T* out, T* weights, T* lse) {
@@ -614,14 +671,34 @@ void scaled_dot_product_attention(const SdpaProblem<T>& p, T* out, T* weights, T
   }
   constexpr index_t Bq = block_queries<T>();
   const index_t blocks = (L + Bq - 1) / Bq;
-  parallel_for(N * blocks, [&](index_t u) {
+  const index_t S = p.k.dim(-2);
+  const index_t chunks = split_chunks(N * blocks, S, weights != nullptr);
+  if (chunks == 1) {
+    parallel_for(N * blocks, [&](index_t u) {
+      thread_local Workspace<T> w;
+      // Later query blocks see more keys under a causal mask: hand them out first.
+      const index_t b = u / blocks, qb = blocks - 1 - u % blocks;
+      const index_t i0 = qb * Bq;
+      attend_block(p, b, i0, std::min(Bq, L - i0), w, out, weights, lse, 0, S, static_cast<T*>(nullptr));
+    }, true);
+    return;
+  }
+  // Few query blocks and many keys: every (block, key chunk) is a unit, merged afterwards.
+  const index_t chunk = (S + chunks - 1) / chunks;
+  const index_t part = (Ev + 2) * Bq;
+  Buffer<T> parts(static_cast<size_t>(N * blocks * chunks * part));
+  parallel_for(N * blocks * chunks, [&](index_t u) {
     thread_local Workspace<T> w;
-    // Later query blocks see more keys under a causal mask: hand them out first.
-    const index_t b = u / blocks, qb = blocks - 1 - u % blocks;
-    const index_t i0 = qb * Bq;
-    attend_block(p, b, i0, std::min(Bq, L - i0), w, out, weights, lse);
+    const index_t c = u % chunks, bq = u / chunks;
+    const index_t b = bq / blocks, i0 = (bq % blocks) * Bq;
+    attend_block(p, b, i0, std::min(Bq, L - i0), w, out, weights, lse, c * chunk, std::min(S, (c + 1) * chunk),
+                 parts.data() + u * part);
   }, true);
-  (void)Ev;
+  parallel_for(N * blocks, [&](index_t bq) {
+    const index_t b = bq / blocks, i0 = (bq % blocks) * Bq, nq = std::min(Bq, L - i0);
+    merge_chunks(parts.data() + bq * chunks * part, chunks, Ev, nq, out + (b * L + i0) * Ev,
+                 lse ? lse + b * L + i0 : nullptr);
+  });
 }
 
 }  // namespace attnext
