@@ -12,7 +12,11 @@
 //   rows: no horizontal reductions, no transposes of K or V, nothing copied but Q's block.
 //   Key tiles outside every row's visible range (causal, window, key_lengths) are skipped;
 //   range masks are applied only on tiles that cut through some row's range, and element
-//   masks (attn_mask) only when one is given.
+//   masks (attn_mask) only when one is given. When there are few (batch x query block) units
+//   and many keys, each block's keys are also split into chunks whose partial states are
+//   merged by log-sum-exp (split_chunks). With weights requested a block makes two passes
+//   (row max and sum, then the final softmax, written out and multiplied by V), so the
+//   weights returned are exactly those the output was made from.
 // * Decode path (L <= 16, no weights). Keys are cut into fixed chunks of kDecodeChunk; a unit
 //   is (batch entry, chunk) and computes every query row's partial (max, sum, unnormalised
 //   output) from dot products along E; the partials are merged by log-sum-exp in chunk order.
