@@ -12,6 +12,7 @@ void register_scores(py::module_& m);
 void register_weighted_sum(py::module_& m);
 void register_additive(py::module_& m);
 void register_linear(py::module_& m);
+void register_sdpa(py::module_& m);
 }  // namespace bind
 }  // namespace attnext
 
@@ -23,4 +24,5 @@ PYBIND11_MODULE(_core, m) {
   attnext::bind::register_weighted_sum(m);
   attnext::bind::register_additive(m);
   attnext::bind::register_linear(m);
+  attnext::bind::register_sdpa(m);
 }

@@ -142,6 +142,24 @@ def attention(query, key, value, *, method="scaled_dot", mask=None, is_causal=Fa
     unknown = set(score_args) - {"weight", "w_query", "w_key", "v", "scale"}
     if unknown:
         raise TypeError(f"attention() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    if method in ("dot", "scaled_dot") and set(score_args) <= {"scale"}:
+        # The fused kernel computes exactly these three steps (and can return the weights).
+        _check_method_args(method, {})
+        _, a = promote(query=query, key=key, value=value)
+        require_ndim(a["query"], "query", 2, "(..., Lq, Dq)")
+        require_ndim(a["key"], "key", 2, "(..., Lk, Dk)")
+        require_ndim(a["value"], "value", 2, "(..., Lk, Dv)")
+        if a["value"].shape[-2] != a["key"].shape[-2]:
+            raise ValueError(
+                f"key has {a['key'].shape[-2]} positions but value has shape {shape_str(a['value'].shape)}: "
+                "value's second-to-last dimension must equal key's"
+            )
+        scale = score_args.get("scale")
+        if scale is None and method == "dot":
+            scale = 1.0
+        _, b = broadcast_batch(a, {"query": 2, "key": 2, "value": 2})
+        return scaled_dot_product_attention(b["query"], b["key"], b["value"], mask, 0.0, is_causal, scale,
+                                            return_weights=return_weights)
     dtype, a = promote(value=value)
     s = score(query, key, method, **score_args)
     dtype = np.result_type(s.dtype, a["value"].dtype)
@@ -164,6 +182,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  enable_gqa=False, *, key_lengths=None, window=None, return_weights=False,
                                  return_lse=False):
     """softmax(query key^T * scale + mask) value, with PyTorch's argument meanings.
+
+    Runs as one fused, tiled kernel (online softmax over key tiles): the (L, S) scores are
+    never stored unless ``return_weights`` asks for them, masks are read in place (broadcast
+    axes are not expanded), tiles hidden by ``is_causal``, ``window`` or ``key_lengths`` are
+    skipped, and results do not depend on the thread count.
 
     Args:
         query: (..., Hq, L, E); key: (..., Hk, S, E); value: (..., Hk, S, Ev).
@@ -216,16 +239,27 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     lq, lk = q.shape[-2], k.shape[-2]
     score_shape = q.shape[:-1] + (lk,)
     scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else float(scale)
-    mask = _fold_masks(attn_mask, key_lengths, window, score_shape, dtype)
-    s = _core.score_product(q, k, None, scale)
+    mask = prepare_mask(attn_mask, score_shape, dtype, "attn_mask")
+    lengths = None
+    if key_lengths is not None:
+        batch_shape = score_shape[:-3] if len(score_shape) >= 3 else ()
+        lengths = _check_key_lengths(key_lengths, batch_shape, lk).astype(np.int64, copy=False)
+        lengths = np.broadcast_to(lengths, batch_shape)
+        if len(score_shape) >= 3:  # one length per batch row, shared by its heads
+            lengths = lengths[..., None]
+        lengths = np.broadcast_to(lengths, score_shape[:-2])
+    window = _check_window(window)
+    # The kernel takes -1 for an unbounded side; a side wider than both sequences hides nothing.
+    left, right = (-1, -1) if window is None else (
+        -1 if w is None else min(int(w), lq + lk) for w in window)
     causal, offset = causal_offset(is_causal, lq, lk)
-    w = _core.softmax(s, mask, causal, offset)
-    out = _core.weighted_sum(w, v)
+    out, w, lse = _core.sdpa(q, k, v, mask, causal, offset, left, right, lengths, scale, bool(return_weights),
+                             bool(return_lse))
     extras = []
     if return_weights:
         extras.append(w)
     if return_lse:
-        extras.append(_log_sum_exp(s, w, mask, causal, offset))
+        extras.append(lse)
     return (out, *extras) if extras else out
 
 
@@ -271,47 +305,6 @@ def _check_window(window):
         if value is not None and (not isinstance(value, (int, np.integer)) or value < 0):
             raise ValueError(f"window {side} must be a non-negative int or None, got {value!r}")
     return left, right
-
-
-def _fold_masks(attn_mask, key_lengths, window, score_shape: tuple, dtype):
-    """attn_mask, key_lengths and window as one mask broadcast to score_shape (or None)."""
-    lq, lk = score_shape[-2], score_shape[-1]
-    mask = prepare_mask(attn_mask, score_shape, dtype, "attn_mask")
-    keep = None
-    if key_lengths is not None:
-        batch_shape = score_shape[:-3] if len(score_shape) >= 3 else ()
-        lengths = _check_key_lengths(key_lengths, batch_shape, lk)
-        keep = np.arange(lk) < lengths[..., None, None, None]
-    window = _check_window(window)
-    if window is not None:
-        d = np.arange(lk)[None, :] - np.arange(lq)[:, None]
-        inside = np.ones((lq, lk), dtype=bool)
-        if window[0] is not None:
-            inside &= d >= -window[0]
-        if window[1] is not None:
-            inside &= d <= window[1]
-        keep = inside if keep is None else keep & inside
-    if keep is None:
-        return mask
-    if mask is None:
-        return np.broadcast_to(keep, score_shape)
-    if mask.dtype == np.bool_:
-        return np.broadcast_to(mask & keep, score_shape)
-    return np.broadcast_to(np.where(keep, mask, dtype.type(-np.inf)), score_shape)
-
-
-def _log_sum_exp(s, w, mask, causal: bool, offset: int):
-    """log sum_j exp(masked score_ij) per row; -inf for a row with nothing visible."""
-    masked = s
-    if mask is not None:
-        masked = np.where(mask, s, -np.inf) if mask.dtype == np.bool_ else s + mask
-    if causal:
-        lq, lk = s.shape[-2], s.shape[-1]
-        masked = np.where(np.arange(lk)[None, :] <= np.arange(lq)[:, None] + offset, masked, -np.inf)
-    m = np.max(masked, axis=-1, keepdims=True) if masked.shape[-1] else np.full(s.shape[:-1] + (1,), -np.inf)
-    m_safe = np.where(np.isfinite(m), m, 0)
-    with np.errstate(divide="ignore"):
-        return (np.log(np.sum(np.exp(masked - m_safe), axis=-1, keepdims=True)) + m_safe)[..., 0].astype(s.dtype)
 
 
 # --- Fused additive (Bahdanau) attention ---------------------------------------------------
