@@ -93,3 +93,19 @@ def causal_offset(is_causal, lq: int, lk: int) -> tuple[bool, int]:
     if is_causal == "bottom_right":
         return True, lk - lq
     raise ValueError(f"is_causal must be False, True, 'top_left' or 'bottom_right', got {is_causal!r}")
+
+
+def check_key_lengths(key_lengths, batch_shape: tuple, lk: int) -> np.ndarray:
+    """key_lengths as int64, broadcast (as a view) to ``batch_shape``; every value in [0, lk]."""
+    lengths = np.asarray(key_lengths)
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"key_lengths must be integers, got dtype {lengths.dtype}")
+    try:
+        lengths = np.broadcast_to(lengths, batch_shape)
+    except ValueError:
+        raise ValueError(f"key_lengths has shape {shape_str(lengths.shape)}, which does not broadcast to the "
+                         f"batch shape {shape_str(batch_shape)}") from None
+    if lengths.size and (lengths.min() < 0 or lengths.max() > lk):
+        raise ValueError(f"key_lengths must lie in [0, {lk}] (the number of keys), got values from "
+                         f"{lengths.min()} to {lengths.max()}")
+    return np.broadcast_to(lengths.astype(np.int64, copy=False), batch_shape)

@@ -15,6 +15,7 @@ from . import _core
 from ._validation import (
     broadcast_batch,
     causal_offset,
+    check_key_lengths,
     prepare_mask,
     promote,
     require_ndim,
@@ -243,8 +244,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     lengths = None
     if key_lengths is not None:
         batch_shape = score_shape[:-3] if len(score_shape) >= 3 else ()
-        lengths = _check_key_lengths(key_lengths, batch_shape, lk).astype(np.int64, copy=False)
-        lengths = np.broadcast_to(lengths, batch_shape)
+        lengths = check_key_lengths(key_lengths, batch_shape, lk)
         if len(score_shape) >= 3:  # one length per batch row, shared by its heads
             lengths = lengths[..., None]
         lengths = np.broadcast_to(lengths, score_shape[:-2])
@@ -277,21 +277,6 @@ def _regroup_mask(attn_mask, hk: int, group: int):
 
 def _add_axis(key_lengths):
     return None if key_lengths is None else np.asarray(key_lengths)[..., None]
-
-
-def _check_key_lengths(key_lengths, batch_shape: tuple, lk: int) -> np.ndarray:
-    lengths = np.asarray(key_lengths)
-    if lengths.dtype.kind not in "iu":
-        raise TypeError(f"key_lengths must be integers, got dtype {lengths.dtype}")
-    try:
-        np.broadcast_shapes(lengths.shape, batch_shape)
-    except ValueError:
-        raise ValueError(f"key_lengths has shape {shape_str(lengths.shape)}, which does not broadcast to the "
-                         f"batch shape {shape_str(batch_shape)}") from None
-    if lengths.size and (lengths.min() < 0 or lengths.max() > lk):
-        raise ValueError(f"key_lengths must lie in [0, {lk}] (the number of keys), got values from "
-                         f"{lengths.min()} to {lengths.max()}")
-    return lengths
 
 
 def _check_window(window):
@@ -444,7 +429,7 @@ def additive_attention(query, key, value, w_query, w_key, v, *, bias=None, mask=
     val = np.broadcast_to(val, batch + val.shape[-2:])
     lengths = None
     if key_lengths is not None:
-        lengths = np.broadcast_to(_check_key_lengths(key_lengths, batch, lk).astype(np.int64, copy=False), batch)
+        lengths = check_key_lengths(key_lengths, batch, lk)
     m = prepare_mask(mask, batch + (q.shape[-2], lk), dtype)
     return _core.additive_attention(q, wq, a.get("bias"), keys.projected, keys._expo, keys._ok, val, vv, m, lengths,
                                     bool(return_weights))

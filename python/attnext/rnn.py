@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, shape_str
+from ._validation import as_float_array, check_key_lengths, prepare_mask, shape_str
 
 __all__ = ["BahdanauAttention", "BahdanauMemory", "LuongAttention"]
 
@@ -106,21 +106,10 @@ def _layer_dtype(dtype) -> np.dtype:
 
 
 def _lengths(key_lengths, batch_shape, lk):
-    """key_lengths as an int64 array of exactly the batch shape (values checked)."""
+    """key_lengths as a contiguous int64 array of exactly the batch shape (values checked)."""
     if key_lengths is None:
         return None
-    lengths = np.asarray(key_lengths)
-    if lengths.dtype.kind not in "iu":
-        raise TypeError(f"key_lengths must be integers, got dtype {lengths.dtype}")
-    try:
-        lengths = np.broadcast_to(lengths, batch_shape)
-    except ValueError:
-        raise ValueError(f"key_lengths has shape {shape_str(lengths.shape)}, which does not broadcast to the "
-                         f"batch shape {shape_str(batch_shape)}") from None
-    if lengths.size and (lengths.min() < 0 or lengths.max() > lk):
-        raise ValueError(f"key_lengths must lie in [0, {lk}] (the number of keys), got values from "
-                         f"{lengths.min()} to {lengths.max()}")
-    return np.ascontiguousarray(lengths, dtype=np.int64)
+    return np.ascontiguousarray(check_key_lengths(key_lengths, batch_shape, lk))
 
 
 class BahdanauMemory:
@@ -382,18 +371,6 @@ class LuongAttention(_Weights):
         if mask is None:
             return None
         m = np.asarray(mask)
-        if m.dtype == np.bool_:
-            pass
-        elif m.dtype.kind == "f":
-            m = m.astype(self._dtype, copy=False)
-        else:
-            raise TypeError(f"mask must be bool (True = may attend) or floating (added to the scores), "
-                            f"got dtype {m.dtype}")
         if single and m.ndim >= 2:
-            m = m[..., None, :]
-        try:
-            return np.broadcast_to(m, score_shape)
-        except ValueError:
-            shown = score_shape[:-2] + score_shape[-1:] if single else score_shape
-            raise ValueError(f"mask has shape {shape_str(np.shape(mask))}, which does not broadcast to the weights' "
-                             f"shape {shape_str(shown)}") from None
+            m = m[..., None, :]  # a one-step mask (B, Lk) gains the query axis
+        return prepare_mask(m, score_shape, self._dtype)
