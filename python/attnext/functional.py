@@ -163,7 +163,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         is_causal: False, True (top-left, PyTorch) or ``"bottom_right"`` (KV-cache decoding).
         scale: default 1/sqrt(E).
         enable_gqa: Hq a multiple of Hk; query head h uses key/value head h // (Hq // Hk).
-        key_lengths: (...,) ints; keys at positions >= length are padding.
+        key_lengths: ints broadcastable to the batch shape (the dimensions before Hq, L), each in
+            [0, S]; keys at positions >= length are padding.
         window: (left, right): query i sees keys [i - left, i + right]; None = unbounded side.
         return_weights: also return the (..., Hq, L, S) weights.
         return_lse: also return the (..., Hq, L) log-sum-exp of each row (-inf if empty).
@@ -241,7 +242,7 @@ def _check_key_lengths(key_lengths, batch_shape: tuple, lk: int) -> np.ndarray:
     if lengths.dtype.kind not in "iu":
         raise TypeError(f"key_lengths must be integers, got dtype {lengths.dtype}")
     try:
-        np.broadcast_shapes(lengths.shape, batch_shape)
+        lengths = np.broadcast_to(lengths, batch_shape)
     except ValueError:
         raise ValueError(f"key_lengths has shape {shape_str(lengths.shape)}, which does not broadcast to the "
                          f"batch shape {shape_str(batch_shape)}") from None
@@ -271,8 +272,8 @@ def _fold_masks(attn_mask, key_lengths, window, score_shape: tuple, dtype):
     keep = None
     if key_lengths is not None:
         batch_shape = score_shape[:-3] if len(score_shape) >= 3 else ()
-        lengths = _check_key_lengths(key_lengths, batch_shape, lk)
-        keep = np.arange(lk) < lengths[..., None, None, None]
+        lengths = _check_key_lengths(key_lengths, batch_shape, lk)  # broadcast to batch_shape
+        keep = np.arange(lk) < lengths.reshape(batch_shape + (1,) * (len(score_shape) - len(batch_shape)))
     window = _check_window(window)
     if window is not None:
         d = np.arange(lk)[None, :] - np.arange(lq)[:, None]

@@ -26,11 +26,13 @@ struct Causal {
   bool on = false;
   index_t offset = 0;  // key j visible to query i iff j <= i + offset
 
-  // Number of leading keys query i may see (clamped to [0, lk]).
+  // Number of leading keys query i (0 <= i) may see, i + offset + 1 clamped to [0, lk];
+  // compared before adding so that no offset, however large, overflows.
   index_t visible_keys(index_t i, index_t lk) const {
-    if (!on) return lk;
+    if (!on || offset >= lk) return lk;
+    if (offset < -i) return 0;
     const index_t v = i + offset + 1;
-    return v < 0 ? 0 : (v > lk ? lk : v);
+    return v > lk ? lk : v;
   }
 };
 
