@@ -55,7 +55,7 @@ def score(query, key, method="scaled_dot", *, weight=None, w_query=None, w_key=N
     else:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if scale is None:
-        scale = 1.0 / math.sqrt(k.shape[-1]) if method == "scaled_dot" else 1.0
+        scale = 1.0 / math.sqrt(k.shape[-1]) if method == "scaled_dot" and k.shape[-1] else 1.0
     return s * np.asarray(scale, dtype=s.dtype)
 
 
@@ -75,7 +75,7 @@ def softmax(x, *, mask=None, axis=-1):
     A row with nothing to attend (all -inf after masking) gives zeros.
     """
     x = _masked(np.asarray(x), mask)
-    m = np.max(x, axis=axis, keepdims=True)
+    m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)  # -inf for an empty axis
     m = np.where(m == -np.inf, 0, m)  # an empty row: exp(-inf - 0) = 0 everywhere
     e = np.exp(x - m)
     total = np.sum(e, axis=axis, keepdims=True)
@@ -147,7 +147,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if enable_gqa and q.ndim >= 3 and k.shape[-3] != q.shape[-3]:
         group = q.shape[-3] // k.shape[-3]
         k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else scale
     s = (q @ np.swapaxes(k, -1, -2)) * np.asarray(scale, dtype=dtype)
     s = s + dense_mask(s.shape[-2], s.shape[-1], attn_mask=attn_mask, is_causal=is_causal,
                        key_lengths=key_lengths, window=window, dtype=dtype)
@@ -157,7 +157,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if return_weights:
         extras.append(a)
     if return_lse:
-        m = np.max(s, axis=-1, keepdims=True)
+        m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
         m = np.where(m == -np.inf, 0, m)
         with np.errstate(divide="ignore"):
             lse = (np.log(np.sum(np.exp(s - m), axis=-1, keepdims=True)) + m)[..., 0]
