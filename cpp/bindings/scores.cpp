@@ -30,8 +30,10 @@ py::array contiguous_vector(const py::array& a, const char* name, py::ssize_t le
   if (a.shape(0) != length)
     fail_value(std::string(name) + " has shape " + shape_str(a) + " but " + length_name + " is " +
                std::to_string(length));
-  constexpr int ok = py::array::c_style | py::detail::npy_api::NPY_ARRAY_ALIGNED_;
-  if ((a.flags() & ok) == ok) return a;
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    fail_value(std::string(name) + " of shape " + shape_str(a) +
+               " is not aligned to its item size (pass a copy: a.copy())");
+  if (a.flags() & py::array::c_style) return a;
   return py::module_::import("numpy").attr("ascontiguousarray")(a);
 }
 

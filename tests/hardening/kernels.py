@@ -118,9 +118,10 @@ def _tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
-def _promoted(case: Case):
-    dt = np.result_type(case.dtype, case.dtype2 or case.dtype)
-    return np.dtype(np.float32) if dt == np.float16 else dt
+def compute_dtype(*arrays) -> np.dtype:
+    """The dtype attnext computes in: NumPy's promotion, float16 as float32, native byte order."""
+    dt = np.result_type(*arrays)
+    return np.dtype(np.float32) if dt == np.float16 else np.dtype(dt.type)
 
 
 def _ref_inputs(kw, dtype):
@@ -153,8 +154,7 @@ def _score_make(method):
 
 
 def _score_ref(kw):
-    dtype = np.result_type(*[v for v in kw.values() if isinstance(v, np.ndarray)])
-    dtype = np.float32 if dtype == np.float16 else dtype
+    dtype = compute_dtype(*[v for v in kw.values() if isinstance(v, np.ndarray)])
     kw = _ref_inputs(kw, dtype)
     return (ref.score(**kw).astype(dtype),)
 
@@ -165,7 +165,7 @@ def _softmax_make(c: Case):
 
 
 def _softmax_ref(kw):
-    dtype = np.float32 if kw["x"].dtype == np.float16 else kw["x"].dtype
+    dtype = compute_dtype(kw["x"])
     x = kw["x"].astype(dtype)
     m = kw["mask"]
     if m is not None and m.dtype != np.bool_:
@@ -178,8 +178,7 @@ def _ws_make(c: Case):
 
 
 def _ws_ref(kw):
-    dtype = np.result_type(kw["weights"], kw["value"])
-    dtype = np.float32 if dtype == np.float16 else dtype
+    dtype = compute_dtype(kw["weights"], kw["value"])
     return (ref.weighted_sum(kw["weights"].astype(dtype), kw["value"].astype(dtype)),)
 
 
@@ -196,8 +195,7 @@ def _attention_make(method):
 
 def _attention_ref(kw):
     arrays = [v for v in kw.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
-    dtype = np.result_type(*arrays)
-    dtype = np.float32 if dtype == np.float16 else dtype
+    dtype = compute_dtype(*arrays)
     kw = _ref_inputs(kw, dtype)
     if kw["mask"] is not None and kw["mask"].dtype != np.bool_:
         kw["mask"] = kw["mask"].astype(dtype)
@@ -221,8 +219,7 @@ def _sdpa_make(c: Case):
 
 
 def _sdpa_ref(kw):
-    dtype = np.result_type(kw["query"], kw["key"], kw["value"])
-    dtype = np.float32 if dtype == np.float16 else dtype
+    dtype = compute_dtype(kw["query"], kw["key"], kw["value"])
     kw = _ref_inputs(kw, dtype)
     if kw.get("attn_mask") is not None and kw["attn_mask"].dtype != np.bool_:
         kw["attn_mask"] = kw["attn_mask"].astype(dtype)
