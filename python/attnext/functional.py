@@ -301,6 +301,8 @@ def _log_sum_exp(s, w, mask, causal: bool, offset: int):
         lq, lk = s.shape[-2], s.shape[-1]
         masked = np.where(np.arange(lk)[None, :] <= np.arange(lq)[:, None] + offset, masked, -np.inf)
     m = np.max(masked, axis=-1, keepdims=True) if masked.shape[-1] else np.full(s.shape[:-1] + (1,), -np.inf)
-    m_safe = np.where(np.isfinite(m), m, 0)
-    with np.errstate(divide="ignore"):
+    # Shift by the row max (0 for an empty row); a +inf or NaN score makes the row's lse NaN,
+    # like its weights.
+    m_safe = np.where(m == -np.inf, 0, m)
+    with np.errstate(divide="ignore", invalid="ignore"):
         return (np.log(np.sum(np.exp(masked - m_safe), axis=-1, keepdims=True)) + m_safe)[..., 0].astype(s.dtype)

@@ -80,7 +80,9 @@ def softmax(x, *, mask=None, axis=-1):
     e = np.exp(x - m)
     total = np.sum(e, axis=axis, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, e / np.where(total > 0, total, 1), 0).astype(x.dtype)
+        # total is 0 only for a row with nothing to attend; a NaN total (NaN or +inf in the
+        # row) keeps the row NaN, as the plain formula does.
+        return np.where(total == 0, 0, e / np.where(total == 0, 1, total)).astype(x.dtype)
 
 
 def weighted_sum(weights, value):
@@ -149,8 +151,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
     scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else scale
     s = (q @ np.swapaxes(k, -1, -2)) * np.asarray(scale, dtype=dtype)
-    s = s + dense_mask(s.shape[-2], s.shape[-1], attn_mask=attn_mask, is_causal=is_causal,
-                       key_lengths=key_lengths, window=window, dtype=dtype)
+    # Hidden keys (causal, window, key_lengths, bool attn_mask) get score -inf, whatever the
+    # score was (a NaN score of a hidden key never reaches the output); a float attn_mask is added.
+    float_mask = attn_mask is not None and np.asarray(attn_mask).dtype != np.bool_
+    hidden = dense_mask(s.shape[-2], s.shape[-1], attn_mask=None if float_mask else attn_mask,
+                        is_causal=is_causal, key_lengths=key_lengths, window=window, dtype=dtype) == -np.inf
+    s = np.where(hidden, -np.inf, s).astype(dtype)
+    if float_mask:
+        s = s + np.asarray(attn_mask).astype(dtype)
     a = softmax(s)
     out = (a @ v).astype(dtype)
     extras = []
