@@ -296,7 +296,7 @@ def _log_sum_exp(s, w, mask, causal: bool, offset: int):
     """log sum_j exp(masked score_ij) per row; -inf for a row with nothing visible."""
     masked = s
     if mask is not None:
-        masked = np.where(mask, s, -np.inf) if mask.dtype == np.bool_ else s + mask
+        masked = np.where(mask, s, -np.inf) if mask.dtype == np.bool_ else np.where(mask == -np.inf, -np.inf, s + mask)
     if causal:
         lq, lk = s.shape[-2], s.shape[-1]
         masked = np.where(np.arange(lk)[None, :] <= np.arange(lq)[:, None] + offset, masked, -np.inf)

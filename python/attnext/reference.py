@@ -60,13 +60,14 @@ def score(query, key, method="scaled_dot", *, weight=None, w_query=None, w_key=N
 
 
 def _masked(x, mask):
-    """x with a mask applied: bool False -> -inf (True = may attend), float -> added."""
+    """x with a mask applied: bool False -> -inf (True = may attend), float -> added, except
+    that a -inf entry hides the key whatever x is (even NaN or +inf)."""
     if mask is None:
         return x
     mask = np.asarray(mask)
     if mask.dtype == np.bool_:
         return np.where(mask, x, -np.inf).astype(x.dtype)
-    return x + mask.astype(x.dtype)
+    return np.where(mask == -np.inf, -np.inf, x + mask.astype(x.dtype)).astype(x.dtype)
 
 
 def softmax(x, *, mask=None, axis=-1):
@@ -158,7 +159,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                         is_causal=is_causal, key_lengths=key_lengths, window=window, dtype=dtype) == -np.inf
     s = np.where(hidden, -np.inf, s).astype(dtype)
     if float_mask:
-        s = s + np.asarray(attn_mask).astype(dtype)
+        s = _masked(s, attn_mask)
     a = softmax(s)
     out = (a @ v).astype(dtype)
     extras = []

@@ -86,3 +86,12 @@ def test_large_finite_scores_do_not_overflow():
     w = attnext.softmax(x)
     assert np.isfinite(w).all()
     np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-6)
+
+
+def test_ninf_in_float_mask_hides_nan_and_inf_scores():
+    x = np.array([[np.nan, 1.0, 2.0], [np.inf, 0.0, 1.0]])
+    m = np.array([[-np.inf, 0.5, 0.0], [-np.inf, 0.0, 0.0]])
+    want = attnext.softmax(np.where(np.isfinite(m), x + m, -np.inf))
+    for w in (attnext.softmax(x, mask=m), _core.softmax(x, m), ref.softmax(x, mask=m)):
+        np.testing.assert_array_equal(w, want)
+        assert np.isfinite(w).all() and w[0, 0] == 0 and w[1, 0] == 0
