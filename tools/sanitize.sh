@@ -14,13 +14,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${BUILD_DIR:-build/sanitize}
 python=${PYTHON:-python3}
-cxx=${CXX:-g++}
+cxx=${CXX:-c++}  # CMake also reads CXX (on the first configure of the build folder)
 site=$("$python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 pybind=$("$python" -c "import pybind11; print(pybind11.get_cmake_dir())")
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
 start=$(date +%s)
-cmake -S . -B "$build_dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER="$cxx" \
+cmake -S . -B "$build_dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DATTNEXT_SANITIZE=ON -DPython_EXECUTABLE="$(command -v "$python")" -Dpybind11_DIR="$pybind" \
   -DCMAKE_PREFIX_PATH="$site" >/dev/null
 cmake --build "$build_dir" -j "${JOBS:-2}"

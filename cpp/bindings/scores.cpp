@@ -53,6 +53,8 @@ py::array product_impl(const py::array& q, const py::array& k, const py::object&
     require_dim(q, "query", -1, k, "key", -1, "query's and key's last dimensions");
   }
   py::array_t<T> out = new_output<T>(score_shape(q, k), "scores");
+  // Nothing to compute; also keeps a huge batch of empty rows from looping over no work.
+  if (out.size() == 0) return std::move(out);
   T* o = out.mutable_data();
   {
     // Safe without the GIL: every array is kept alive by this frame; no Python object is used.
@@ -91,7 +93,8 @@ py::array additive_impl(const py::array& q, const py::array& k, const py::array&
   const Strided<const T> qv = view<T>(q, "query"), kv = view<T>(k, "key");
   const Strided<const T> wq = view<T>(w_query, "w_query"), wk = view<T>(w_key, "w_key");
   py::array_t<T> out = new_output<T>(score_shape(q, k), "scores");
-  if (out.size() == 0) return std::move(out);  // nothing to compute (Lq = 0 or Lk = 0)
+  // Nothing to compute; also keeps a huge batch of empty rows from looping over no work.
+  if (out.size() == 0) return std::move(out);
   T* o = out.mutable_data();
   const T* bp = bias.is_none() ? nullptr : static_cast<const T*>(bc.data());
   {

@@ -32,6 +32,13 @@ _METHOD_ARGS = {
 }
 
 
+def _require(**arrays) -> None:
+    """Required array arguments may not be None (promote() skips Nones, meant for optional ones)."""
+    for name, value in arrays.items():
+        if value is None:
+            raise TypeError(f"{name} must be an array, got None")
+
+
 def _check_method_args(method, given: dict) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -61,6 +68,7 @@ def score(query, key, method="scaled_dot", *, weight=None, w_query=None, w_key=N
     Returns:
         (..., Lq, Lk) scores.
     """
+    _require(query=query, key=key)
     _check_method_args(method, {"weight": weight, "w_query": w_query, "w_key": w_key, "v": v})
     dtype, a = promote(query=query, key=key, weight=weight, w_query=w_query, w_key=w_key, v=v)
     require_ndim(a["query"], "query", 2, "(..., Lq, Dq)")
@@ -86,6 +94,7 @@ def softmax(x, *, mask=None, axis=-1):
         Array of x's shape and dtype. A row with nothing to attend (every entry masked or
         -inf) is all zeros, never NaN; a NaN in a row makes that row NaN.
     """
+    _require(x=x)
     dtype, a = promote(x=x)
     x = a["x"]
     require_ndim(x, "x", 1, "")
@@ -109,6 +118,7 @@ def weighted_sum(weights, value):
     Returns:
         (..., Lq, Dv).
     """
+    _require(weights=weights, value=value)
     _, a = promote(weights=weights, value=value)
     require_ndim(a["weights"], "weights", 2, "(..., Lq, Lk)")
     require_ndim(a["value"], "value", 2, "(..., Lk, Dv)")
@@ -133,6 +143,7 @@ def attention(query, key, value, *, method="scaled_dot", mask=None, is_causal=Fa
     unknown = set(score_args) - {"weight", "w_query", "w_key", "v", "scale"}
     if unknown:
         raise TypeError(f"attention() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    _require(query=query, key=key, value=value)
     dtype, a = promote(value=value)
     s = score(query, key, method, **score_args)
     dtype = np.result_type(s.dtype, a["value"].dtype)
@@ -175,6 +186,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     if dropout_p != 0.0:
         raise ValueError(f"dropout is not supported yet: dropout_p must be 0.0, got {dropout_p}")
+    _require(query=query, key=key, value=value)
     dtype, a = promote(query=query, key=key, value=value)
     q, k, v = a["query"], a["key"], a["value"]
     require_ndim(q, "query", 2, "(..., L, E)")
