@@ -3,7 +3,8 @@
 # ATTNEXT_SANITIZE=ON) into its own build folder and runs the test suite against it.
 #
 #   tools/sanitize.sh                      # build/sanitize, then pytest -q tests
-#   tools/sanitize.sh tests/hardening -x   # extra arguments go to pytest instead of "tests"
+#   tools/sanitize.sh tests/hardening -x   # extra arguments go to pytest instead of "-q tests"
+#   tools/sanitize.sh --run python3 tools/fuzz_crash.py --calls 20000
 #
 # The interpreter is not instrumented, so the compiler's libasan is preloaded. Leak detection
 # is off (CPython keeps objects alive until exit by design, which LeakSanitizer reports);
@@ -39,17 +40,30 @@ else
   asan=$("$cxx" -print-file-name=libasan.so)
 fi
 [ -f "$asan" ] || { echo "sanitize.sh: cannot find the ASan runtime ($asan)" >&2; exit 2; }
+# libstdc++ must be loaded with the ASan runtime too: the interpreter does not link it, and
+# ASan's __cxa_throw interceptor aborts ("real___cxa_throw != 0") on the first C++ exception
+# when it was not there at start-up.
+preload="$asan"
+stdcxx=$("$cxx" -print-file-name=libstdc++.so)
+[ -f "$stdcxx" ] && preload="$asan $(readlink -f "$stdcxx")"
 
-tests=("$@")
-[ ${#tests[@]} -eq 0 ] && tests=(-q tests)
+# `--run CMD...` runs CMD under the sanitizers instead of pytest (e.g. the crash fuzzer:
+#   tools/sanitize.sh --run python3 tools/fuzz_crash.py --calls 20000).
+if [ "${1:-}" = "--run" ]; then
+  shift
+  cmd=("$@")
+else
+  cmd=("$python" -m pytest -p no:cacheprovider "$@")
+  [ $# -eq 0 ] && cmd+=(-q tests)
+fi
 set +e
-LD_PRELOAD="$asan" \
+LD_PRELOAD="$preload" \
 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 PYTHONMALLOC=malloc \
 PYTHONPATH="$build_dir/pkg" \
 ATTNEXT_SANITIZED=1 \
-  "$python" -m pytest -p no:cacheprovider "${tests[@]}"
+  "${cmd[@]}"
 rc=$?
 set -e
 end=$(date +%s)
