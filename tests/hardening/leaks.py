@@ -41,6 +41,37 @@ def measure(kernel, calls: int, warmup: int = 200):
     return before, after, traced
 
 
-def run_all(calls: int):
+def _failing(kernel):
+    """A call of `kernel` that raises (its first float argument as int32): the error path."""
+    kw = leak_inputs(kernel)
+    name = next(n for n, v in kw.items() if getattr(v, "dtype", None) is not None and v.dtype.kind == "f")
+    kw[name] = kw[name].astype("int32")
+
+    def call(_kw=kw):
+        try:
+            kernel.call(_kw)
+        except TypeError:
+            return ()
+        raise AssertionError(f"{kernel.name} accepted int32 {name}")
+
+    return call
+
+
+def measure_errors(kernel, calls: int, warmup: int = 200):
+    """Like measure(), for calls that raise TypeError."""
+    call = _failing(kernel)
+    for _ in range(warmup):
+        call()
+    gc.collect()
+    before = rss_bytes()
+    for _ in range(calls):
+        call()
+    gc.collect()
+    return before, rss_bytes(), 0
+
+
+def run_all(calls: int, errors: bool = False):
     for kernel in KERNELS:
         yield (kernel.name,) + measure(kernel, calls)
+        if errors:
+            yield (kernel.name + " (TypeError path)",) + measure_errors(kernel, calls)
