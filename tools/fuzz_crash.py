@@ -74,7 +74,7 @@ def _garbage_pool(np, rng):
             return np.zeros(shape, dtype=dt)
         return (rng.standard_normal(shape) * 3).astype(dt)
 
-    scalars = [None, 0, 1, -1, 2, 2**31, 2**63 - 1, -(2**63), 2**64, 10**30, 0.0, 1.5, -2.5, float("nan"),
+    scalars = [None, 0, 1, -1, 2, 2**31, 2**63 - 1, -(2**63), 2**64, 10**30, 10**400, 0.0, 1.5, -2.5, float("nan"),
                float("inf"), -float("inf"), True, False, "x", "bottom_right", "top_left", b"\x00", [], [[1.0, 2.0]],
                [1, "a"], (), (1,), (1, 2, 3), (None, None), (-1, 2), {}, object(), 1j, np.float64(np.nan),
                np.int64(-5), np.float32(2.0)]

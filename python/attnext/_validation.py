@@ -44,6 +44,17 @@ def aligned(a: np.ndarray) -> np.ndarray:
     return a if a.flags.aligned else a.copy()
 
 
+def as_scalar(value, name: str) -> float:
+    """A float argument (scale, ...): TypeError if it is not a number, ValueError if it does
+    not fit a double (Python ints can be larger)."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is too large for a float: {value!r}") from None
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+
+
 def require_ndim(a: np.ndarray, name: str, min_ndim: int, what: str) -> None:
     if a.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions {what}, got shape {shape_str(a.shape)}")

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _core
 from ._validation import (
+    as_scalar,
     broadcast_batch,
     causal_offset,
     prepare_mask,
@@ -77,9 +78,10 @@ def score(query, key, method="scaled_dot", *, weight=None, w_query=None, w_key=N
     q, k = qk["query"], qk["key"]
     if scale is None:
         scale = 1.0 / math.sqrt(k.shape[-1]) if method == "scaled_dot" and k.shape[-1] > 0 else 1.0
+    scale = as_scalar(scale, "scale")
     if method == "additive":
-        return _core.score_additive(q, k, a["w_query"], a["w_key"], a["v"], None, float(scale))
-    return _core.score_product(q, k, a.get("weight"), float(scale))
+        return _core.score_additive(q, k, a["w_query"], a["w_key"], a["v"], None, scale)
+    return _core.score_product(q, k, a.get("weight"), scale)
 
 
 def softmax(x, *, mask=None, axis=-1):
@@ -219,7 +221,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q, k, v = qkv["query"], qkv["key"], qkv["value"]
     lq, lk = q.shape[-2], k.shape[-2]
     score_shape = q.shape[:-1] + (lk,)
-    scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else float(scale)
+    scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else as_scalar(scale, "scale")
     mask = _fold_masks(attn_mask, key_lengths, window, score_shape, dtype)
     s = _core.score_product(q, k, None, scale)
     causal, offset = causal_offset(is_causal, lq, lk)
