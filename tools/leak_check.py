@@ -24,11 +24,11 @@ def main() -> int:
     ap.add_argument("--errors", action="store_true", help="also calls that raise TypeError (the error path)")
     args = ap.parse_args()
     start_rss, t0 = rss_bytes(), time.time()
-    print(f"{'kernel':34s} {'RSS before':>11s} {'RSS after':>11s} {'growth':>9s} {'traced':>9s}  ({args.calls} calls each)")
+    print(f"{'kernel':46s} {'RSS before':>11s} {'RSS after':>11s} {'growth':>9s} {'traced':>9s}  ({args.calls} calls each)")
     bad = []
     for name, before, after, traced in run_all(args.calls, args.errors):
         growth = after - before
-        print(f"{name:34s} {before / 2**20:9.1f} M {after / 2**20:9.1f} M {growth / 2**10:7.0f} K {traced / 2**10:7.0f} K")
+        print(f"{name:46s} {before / 2**20:9.1f} M {after / 2**20:9.1f} M {growth / 2**10:7.0f} K {traced / 2**10:7.0f} K")
         if growth > args.limit_mib * 2**20:
             bad.append(name)
     print(f"process RSS {start_rss / 2**20:.1f} MiB -> {rss_bytes() / 2**20:.1f} MiB; {time.time() - t0:.1f} s")
