@@ -40,14 +40,16 @@ inline std::string shape_str(const std::vector<index_t>& shape) {
 enum class DType { f32, f64 };
 
 // The floating dtype of a kernel input; anything else is a TypeError naming the argument.
+// Compared by equivalence, not identity: NumPy may hand out equal descriptors that are not
+// its singletons; a non-native byte order is not equivalent and is refused.
 inline DType float_dtype(const py::array& a, const char* name) {
-  if (a.dtype().is(py::dtype::of<float>())) return DType::f32;
-  if (a.dtype().is(py::dtype::of<double>())) return DType::f64;
+  if (a.dtype().equal(py::dtype::of<float>())) return DType::f32;
+  if (a.dtype().equal(py::dtype::of<double>())) return DType::f64;
   fail_type(std::string(name) + " must be float32 or float64, got " + std::string(py::str(a.dtype())));
 }
 
 inline void require_same_dtype(const py::array& a, const char* an, const py::array& b, const char* bn) {
-  if (!a.dtype().is(b.dtype()))
+  if (!a.dtype().equal(b.dtype()))
     fail_type(std::string(bn) + " has dtype " + std::string(py::str(b.dtype())) + " but " + an + " has " +
               std::string(py::str(a.dtype())) + "; the kernels need one dtype (the Python API promotes)");
 }
@@ -84,8 +86,14 @@ inline std::vector<index_t> shape_of(const py::array& a) {
   return std::vector<index_t>(a.shape(), a.shape() + a.ndim());
 }
 
+// Arrays whose data is not aligned to the item size (np.frombuffer at an odd offset, fields
+// of packed structured arrays) are refused: reading them is undefined behaviour in C++. The
+// Python front copies such arrays before calling in.
 template <typename T>
 Strided<const T> view(const py::array& a, const char* name) {
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    fail_value(std::string(name) + " of shape " + shape_str(a) +
+               " is not aligned to its item size (pass a copy: a.copy())");
   return Strided<const T>(static_cast<const T*>(a.data()), shape_of(a), element_strides<T>(a, name));
 }
 
@@ -121,6 +129,13 @@ inline index_t checked_size(const std::vector<index_t>& shape, const char* what)
   return n;
 }
 
+// `obj` as an array (for optional arguments typed py::object); anything else is a TypeError.
+inline py::array require_array(const py::object& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj))
+    fail_type(std::string(name) + " must be a NumPy array, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
 // A fresh C-contiguous output array (NumPy raises MemoryError when it cannot be had).
 template <typename T>
 py::array_t<T> new_output(const std::vector<index_t>& shape, const char* what) {
@@ -139,10 +154,10 @@ Mask<T> mask_view(const py::object& obj, const std::vector<index_t>& score_shape
   if (shape_of(a) != score_shape)
     fail_value(std::string(name) + " has shape " + shape_str(a) + " but the scores have " + shape_str(score_shape) +
                " (masks are broadcast to the scores' shape before the kernel)");
-  if (a.dtype().is(py::dtype::of<bool>())) {
+  if (a.dtype().equal(py::dtype::of<bool>())) {
     m.kind = MaskKind::boolean;
     m.keep = view<bool>(a, name);
-  } else if (a.dtype().is(py::dtype::of<T>())) {
+  } else if (a.dtype().equal(py::dtype::of<T>())) {
     m.kind = MaskKind::additive;
     m.add = view<T>(a, name);
   } else {

@@ -6,9 +6,14 @@
 namespace attnext {
 namespace bind {
 
+constexpr int kMaxThreads = 1024;
+
 void register_info(py::module_& m) {
   m.def("set_num_threads", [](int n) {
-    if (n < 1) fail_value("set_num_threads: n must be >= 1, got " + std::to_string(n));
+    // More threads than this would only exhaust the process's thread limit, and an OpenMP
+    // runtime that cannot start its threads aborts the process.
+    if (n < 1 || n > kMaxThreads)
+      fail_value("set_num_threads: n must be in [1, " + std::to_string(kMaxThreads) + "], got " + std::to_string(n));
     set_num_threads(n);
   }, py::arg("n"));
   m.def("get_num_threads", &get_num_threads);

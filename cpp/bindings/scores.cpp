@@ -21,15 +21,20 @@ std::vector<index_t> score_shape(const py::array& q, const py::array& k) {
   return shape;
 }
 
-// A small parameter vector as a contiguous array of T (copied only if it is strided).
+// A small parameter vector as a contiguous, aligned array of T (copied only if it is not one).
+// The copy goes through NumPy so a failed allocation raises MemoryError (array_t::ensure
+// would swallow the error and hand back a null array).
 template <typename T>
-py::array_t<T, py::array::c_style> contiguous_vector(const py::array& a, const char* name, py::ssize_t length,
-                                                     const char* length_name) {
+py::array contiguous_vector(const py::array& a, const char* name, py::ssize_t length, const char* length_name) {
   require_ndim(a, name, 1, 1);
   if (a.shape(0) != length)
     fail_value(std::string(name) + " has shape " + shape_str(a) + " but " + length_name + " is " +
                std::to_string(length));
-  return py::array_t<T, py::array::c_style>::ensure(a);
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    fail_value(std::string(name) + " of shape " + shape_str(a) +
+               " is not aligned to its item size (pass a copy: a.copy())");
+  if (a.flags() & py::array::c_style) return a;
+  return py::module_::import("numpy").attr("ascontiguousarray")(a);
 }
 
 template <typename T>
@@ -38,7 +43,7 @@ py::array product_impl(const py::array& q, const py::array& k, const py::object&
   Strided<const T> wv;
   const bool general = !weight.is_none();
   if (general) {
-    const py::array w = py::reinterpret_borrow<py::array>(weight);
+    const py::array w = require_array(weight, "weight");
     require_same_dtype(q, "query", w, "weight");
     require_ndim(w, "weight", 2, 2);
     require_dim(q, "query", -1, w, "weight", 0, "query's last dimension and weight's first");
@@ -48,6 +53,8 @@ py::array product_impl(const py::array& q, const py::array& k, const py::object&
     require_dim(q, "query", -1, k, "key", -1, "query's and key's last dimensions");
   }
   py::array_t<T> out = new_output<T>(score_shape(q, k), "scores");
+  // Nothing to compute; also keeps a huge batch of empty rows from looping over no work.
+  if (out.size() == 0) return std::move(out);
   T* o = out.mutable_data();
   {
     // Safe without the GIL: every array is kept alive by this frame; no Python object is used.
@@ -73,21 +80,30 @@ py::array additive_impl(const py::array& q, const py::array& k, const py::array&
   require_dim(w_query, "w_query", 1, w_key, "w_key", 1, "the number of units (second dimensions)");
   const py::ssize_t units = w_query.shape(1);
   const auto vc = contiguous_vector<T>(v, "v", units, "the number of units");
-  py::array_t<T, py::array::c_style> bc;
+  py::array bc;
   if (!bias.is_none()) {
-    const py::array b = py::reinterpret_borrow<py::array>(bias);
+    const py::array b = require_array(bias, "bias");
     require_same_dtype(q, "query", b, "bias");
     bc = contiguous_vector<T>(b, "bias", units, "the number of units");
   }
+  // The kernel stores both projections, (..., Lq, U) and (..., Lk, U): refuse sizes whose
+  // products overflow before it allocates them.
+  std::vector<index_t> qp_shape = shape_of(q), kp_shape = shape_of(k);
+  qp_shape.back() = units;
+  kp_shape.back() = units;
+  checked_size(qp_shape, "the query projection (..., Lq, U)");
+  checked_size(kp_shape, "the key projection (..., Lk, U)");
   const Strided<const T> qv = view<T>(q, "query"), kv = view<T>(k, "key");
   const ConstMatrixMap<T> wq(wqc.data(), wqc.shape(0), wqc.shape(1)), wk(wkc.data(), wkc.shape(0), wkc.shape(1));
   py::array_t<T> out = new_output<T>(score_shape(q, k), "scores");
+  // Nothing to compute; also keeps a huge batch of empty rows from looping over no work.
+  if (out.size() == 0) return std::move(out);
   T* o = out.mutable_data();
-  const T* bp = bias.is_none() ? nullptr : bc.data();
+  const T* bp = bias.is_none() ? nullptr : static_cast<const T*>(bc.data());
   {
     // Safe without the GIL: every array is kept alive by this frame; no Python object is used.
     py::gil_scoped_release nogil;
-    score_additive<T>(qv, kv, wq, wk, vc.data(), bp, static_cast<T>(scale), o);
+    score_additive<T>(qv, kv, wq, wk, static_cast<const T*>(vc.data()), bp, static_cast<T>(scale), o);
   }
   return std::move(out);
 }

@@ -10,6 +10,8 @@ py::array softmax_impl(const py::array& x, const py::object& mask, bool causal, 
   const Strided<const T> xv = view<T>(x, "x");
   const Mask<T> mv = mask_view<T>(mask, xv.shape, "mask");
   py::array_t<T> out = new_output<T>(xv.shape, "softmax output");
+  // Nothing to compute; also keeps a huge batch of empty rows from looping over no work.
+  if (out.size() == 0) return std::move(out);
   T* o = out.mutable_data();
   {
     // Safe without the GIL: x, mask and out are owned by this frame's references and the

@@ -11,6 +11,8 @@ py::array weighted_sum_impl(const py::array& w, const py::array& v) {
   std::vector<index_t> shape = wv.shape;
   shape.back() = vv.dim(-1);
   py::array_t<T> out = new_output<T>(shape, "weighted sum");
+  // Nothing to compute; also keeps a huge batch of empty rows from looping over no work.
+  if (out.size() == 0) return std::move(out);
   T* o = out.mutable_data();
   {
     // Safe without the GIL: both inputs and out are kept alive by this frame.

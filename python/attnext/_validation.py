@@ -35,7 +35,24 @@ def promote(**arrays) -> tuple[np.dtype, dict]:
     dtype = np.result_type(*checked.values())
     if dtype == np.float16:
         dtype = np.dtype(np.float32)
-    return dtype, {name: a.astype(dtype, copy=False) for name, a in checked.items()}
+    return dtype, {name: aligned(a.astype(dtype, copy=False)) for name, a in checked.items()}
+
+
+def aligned(a: np.ndarray) -> np.ndarray:
+    """a itself, or a contiguous copy when its data is not aligned to its item size (a view at
+    an odd byte offset, a field of a packed structured array), which the kernels refuse."""
+    return a if a.flags.aligned else a.copy()
+
+
+def as_scalar(value, name: str) -> float:
+    """A float argument (scale, ...): TypeError if it is not a number, ValueError if it does
+    not fit a double (Python ints can be larger)."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is too large for a float: {value!r}") from None
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
 
 
 def require_ndim(a: np.ndarray, name: str, min_ndim: int, what: str) -> None:
@@ -70,7 +87,7 @@ def prepare_mask(mask, score_shape: tuple, dtype: np.dtype, name: str = "mask"):
     if m.dtype == np.bool_:
         pass
     elif m.dtype.kind == "f":
-        m = m.astype(dtype, copy=False)
+        m = aligned(m.astype(dtype, copy=False))
     else:
         raise TypeError(
             f"{name} must be bool (True = may attend) or floating (added to the scores), got dtype {m.dtype}"

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _core
 from ._validation import (
+    as_scalar,
     broadcast_batch,
     causal_offset,
     check_key_lengths,
@@ -40,6 +41,13 @@ _METHOD_ARGS = {
     "general": {"weight"},
     "additive": {"w_query", "w_key", "v"},
 }
+
+
+def _require(**arrays) -> None:
+    """Required array arguments may not be None (promote() skips Nones, meant for optional ones)."""
+    for name, value in arrays.items():
+        if value is None:
+            raise TypeError(f"{name} must be an array, got None")
 
 
 def _check_method_args(method, given: dict) -> None:
@@ -71,6 +79,7 @@ def score(query, key, method="scaled_dot", *, weight=None, w_query=None, w_key=N
     Returns:
         (..., Lq, Lk) scores.
     """
+    _require(query=query, key=key)
     _check_method_args(method, {"weight": weight, "w_query": w_query, "w_key": w_key, "v": v})
     dtype, a = promote(query=query, key=key, weight=weight, w_query=w_query, w_key=w_key, v=v)
     require_ndim(a["query"], "query", 2, "(..., Lq, Dq)")
@@ -79,9 +88,10 @@ def score(query, key, method="scaled_dot", *, weight=None, w_query=None, w_key=N
     q, k = qk["query"], qk["key"]
     if scale is None:
         scale = 1.0 / math.sqrt(k.shape[-1]) if method == "scaled_dot" and k.shape[-1] > 0 else 1.0
+    scale = as_scalar(scale, "scale")
     if method == "additive":
-        return _core.score_additive(q, k, a["w_query"], a["w_key"], a["v"], None, float(scale))
-    return _core.score_product(q, k, a.get("weight"), float(scale))
+        return _core.score_additive(q, k, a["w_query"], a["w_key"], a["v"], None, scale)
+    return _core.score_product(q, k, a.get("weight"), scale)
 
 
 def softmax(x, *, mask=None, axis=-1):
@@ -96,6 +106,7 @@ def softmax(x, *, mask=None, axis=-1):
         Array of x's shape and dtype. A row with nothing to attend (every entry masked or
         -inf) is all zeros, never NaN; a NaN in a row makes that row NaN.
     """
+    _require(x=x)
     dtype, a = promote(x=x)
     x = a["x"]
     require_ndim(x, "x", 1, "")
@@ -119,6 +130,7 @@ def weighted_sum(weights, value):
     Returns:
         (..., Lq, Dv).
     """
+    _require(weights=weights, value=value)
     _, a = promote(weights=weights, value=value)
     require_ndim(a["weights"], "weights", 2, "(..., Lq, Lk)")
     require_ndim(a["value"], "value", 2, "(..., Lk, Dv)")
@@ -143,6 +155,7 @@ def attention(query, key, value, *, method="scaled_dot", mask=None, is_causal=Fa
     unknown = set(score_args) - {"weight", "w_query", "w_key", "v", "scale"}
     if unknown:
         raise TypeError(f"attention() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    _require(query=query, key=key, value=value)
     if method in ("dot", "scaled_dot") and set(score_args) <= {"scale"}:
         # The fused kernel computes exactly these three steps (and can return the weights).
         _check_method_args(method, {})
@@ -196,7 +209,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         is_causal: False, True (top-left, PyTorch) or ``"bottom_right"`` (KV-cache decoding).
         scale: default 1/sqrt(E).
         enable_gqa: Hq a multiple of Hk; query head h uses key/value head h // (Hq // Hk).
-        key_lengths: (...,) ints; keys at positions >= length are padding.
+        key_lengths: ints broadcastable to the batch shape (the dimensions before Hq, L), each in
+            [0, S]; keys at positions >= length are padding.
         window: (left, right): query i sees keys [i - left, i + right]; None = unbounded side.
         return_weights: also return the (..., Hq, L, S) weights.
         return_lse: also return the (..., Hq, L) log-sum-exp of each row (-inf if empty).
@@ -207,6 +221,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     if dropout_p != 0.0:
         raise ValueError(f"dropout is not supported yet: dropout_p must be 0.0, got {dropout_p}")
+    _require(query=query, key=key, value=value)
     dtype, a = promote(query=query, key=key, value=value)
     q, k, v = a["query"], a["key"], a["value"]
     require_ndim(q, "query", 2, "(..., L, E)")
@@ -239,7 +254,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q, k, v = qkv["query"], qkv["key"], qkv["value"]
     lq, lk = q.shape[-2], k.shape[-2]
     score_shape = q.shape[:-1] + (lk,)
-    scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else float(scale)
+    scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else as_scalar(scale, "scale")
     mask = prepare_mask(attn_mask, score_shape, dtype, "attn_mask")
     lengths = None
     if key_lengths is not None:

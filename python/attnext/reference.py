@@ -56,18 +56,19 @@ def score(query, key, method="scaled_dot", *, weight=None, w_query=None, w_key=N
     else:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if scale is None:
-        scale = 1.0 / math.sqrt(k.shape[-1]) if method == "scaled_dot" else 1.0
+        scale = 1.0 / math.sqrt(k.shape[-1]) if method == "scaled_dot" and k.shape[-1] else 1.0
     return s * np.asarray(scale, dtype=s.dtype)
 
 
 def _masked(x, mask):
-    """x with a mask applied: bool False -> -inf (True = may attend), float -> added."""
+    """x with a mask applied: bool False -> -inf (True = may attend), float -> added, except
+    that a -inf entry hides the key whatever x is (even NaN or +inf)."""
     if mask is None:
         return x
     mask = np.asarray(mask)
     if mask.dtype == np.bool_:
         return np.where(mask, x, -np.inf).astype(x.dtype)
-    return x + mask.astype(x.dtype)
+    return np.where(mask == -np.inf, -np.inf, x + mask.astype(x.dtype)).astype(x.dtype)
 
 
 def softmax(x, *, mask=None, axis=-1):
@@ -76,12 +77,14 @@ def softmax(x, *, mask=None, axis=-1):
     A row with nothing to attend (all -inf after masking) gives zeros.
     """
     x = _masked(np.asarray(x), mask)
-    m = np.max(x, axis=axis, keepdims=True)
+    m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)  # -inf for an empty axis
     m = np.where(m == -np.inf, 0, m)  # an empty row: exp(-inf - 0) = 0 everywhere
     e = np.exp(x - m)
     total = np.sum(e, axis=axis, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, e / np.where(total > 0, total, 1), 0).astype(x.dtype)
+        # total is 0 only for a row with nothing to attend; a NaN total (NaN or +inf in the
+        # row) keeps the row NaN, as the plain formula does.
+        return np.where(total == 0, 0, e / np.where(total == 0, 1, total)).astype(x.dtype)
 
 
 def weighted_sum(weights, value):
@@ -148,17 +151,23 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if enable_gqa and q.ndim >= 3 and k.shape[-3] != q.shape[-3]:
         group = q.shape[-3] // k.shape[-3]
         k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else scale
     s = (q @ np.swapaxes(k, -1, -2)) * np.asarray(scale, dtype=dtype)
-    s = s + dense_mask(s.shape[-2], s.shape[-1], attn_mask=attn_mask, is_causal=is_causal,
-                       key_lengths=key_lengths, window=window, dtype=dtype)
+    # Hidden keys (causal, window, key_lengths, bool attn_mask) get score -inf, whatever the
+    # score was (a NaN score of a hidden key never reaches the output); a float attn_mask is added.
+    float_mask = attn_mask is not None and np.asarray(attn_mask).dtype != np.bool_
+    hidden = dense_mask(s.shape[-2], s.shape[-1], attn_mask=None if float_mask else attn_mask,
+                        is_causal=is_causal, key_lengths=key_lengths, window=window, dtype=dtype) == -np.inf
+    s = np.where(hidden, -np.inf, s).astype(dtype)
+    if float_mask:
+        s = _masked(s, attn_mask)
     a = softmax(s)
     out = (a @ v).astype(dtype)
     extras = []
     if return_weights:
         extras.append(a)
     if return_lse:
-        m = np.max(s, axis=-1, keepdims=True)
+        m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
         m = np.where(m == -np.inf, 0, m)
         with np.errstate(divide="ignore"):
             lse = (np.log(np.sum(np.exp(s - m), axis=-1, keepdims=True)) + m)[..., 0]

@@ -1,7 +1,8 @@
 // The one mask convention of the library, in one place.
 //
 // - A boolean mask says True = may attend.
-// - An additive (float) mask is added to the scores; -inf hides a key.
+// - An additive (float) mask is added to the scores; -inf hides a key (its score becomes -inf
+//   even when it was NaN or +inf, exactly as a False in a boolean mask).
 // - Causal visibility: key j is visible to query i iff j <= i + offset, where offset = 0 is
 //   PyTorch's top-left alignment and offset = Lk - Lq aligns the last query with the last key.
 // Masks arrive already broadcast to the scores' shape (stride 0 where they repeat).
@@ -26,11 +27,13 @@ struct Causal {
   bool on = false;
   index_t offset = 0;  // key j visible to query i iff j <= i + offset
 
-  // Number of leading keys query i may see (clamped to [0, lk]).
+  // Number of leading keys query i (0 <= i) may see, i + offset + 1 clamped to [0, lk];
+  // compared before adding so that no offset, however large, overflows.
   index_t visible_keys(index_t i, index_t lk) const {
-    if (!on) return lk;
+    if (!on || offset >= lk) return lk;
+    if (offset < -i) return 0;
     const index_t v = i + offset + 1;
-    return v < 0 ? 0 : (v > lk ? lk : v);
+    return v > lk ? lk : v;
   }
 };
 
@@ -46,7 +49,9 @@ inline void apply_mask_row(const Mask<T>& mask, index_t row, T* s, index_t n) {
   } else if (mask.kind == MaskKind::additive) {
     const T* m = mask.add.data + mask.add.batch_offset(row, 1);
     const index_t ms = mask.add.stride(-1);
-    for (index_t j = 0; j < n; ++j) s[j] += m[j * ms];
+    // -inf hides the key whatever its score (a NaN or +inf score included); others are added.
+    constexpr T ninf = -std::numeric_limits<T>::infinity();
+    for (index_t j = 0; j < n; ++j) s[j] = m[j * ms] == ninf ? ninf : s[j] + m[j * ms];
   }
 }
 

@@ -1,0 +1,364 @@
+"""The registry every hardening suite runs over: one entry per public function (and per
+``attnext._core`` function), each with a generator of valid arguments and the NumPy
+reference that must agree with it.
+
+Adding a kernel to the validation, fuzz, crash-fuzz, concurrency, determinism and leak suites
+is one ``Kernel(...)`` entry in ``KERNELS`` below:
+
+- ``make(case)`` returns the keyword arguments of one valid call, built from a :class:`Case`
+  (seeded rng, dtype, sizes, layout, mask kind, causal flag); it uses what it needs.
+- ``call(kw)`` runs the kernel, ``reference(kw)`` the NumPy twin; both return a tuple of arrays.
+- ``core`` is True for direct ``attnext._core`` entries (their arguments are never promoted,
+  broadcast or converted, so the crash fuzzer aims at them too).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+
+import attnext
+from attnext import _core
+from attnext import reference as ref
+
+LAYOUTS = ("C", "F", "strided", "negative", "readonly", "broadcast")
+MASKS = ("none", "bool", "float", "float_ninf", "bool_broadcast")
+CAUSAL = (False, True, "bottom_right")
+
+
+@dataclass
+class Case:
+    """Everything a generator may draw on. Sizes may be 0 (empty sequences are legal)."""
+
+    seed: int = 0
+    dtype: object = np.float64
+    dtype2: object = None  # a second dtype for mixed-dtype public calls (None = same)
+    batch: tuple = (2,)
+    lq: int = 5
+    lk: int = 7
+    d: int = 4
+    dv: int = 3
+    units: int = 6
+    layout: str = "C"
+    mask: str = "none"
+    causal: object = False
+    rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.rng = np.random.default_rng(self.seed)
+
+    def fresh(self) -> "Case":
+        return replace(self)
+
+    def array(self, shape, dtype=None, scale=1.0) -> np.ndarray:
+        """Random normal values of `shape` in this case's layout."""
+        dtype = np.dtype(dtype or self.dtype)
+        shape = tuple(shape)
+        base = (self.rng.standard_normal(shape) * scale).astype(dtype)
+        return with_layout(base, self.layout)
+
+    def mask_for(self, shape, dtype=None):
+        """A mask for scores of `shape` (bool True = may attend, or float added), or None."""
+        dtype = np.dtype(dtype or self.dtype)
+        if self.mask == "none":
+            return None
+        if self.mask in ("bool", "bool_broadcast"):
+            mshape = shape if self.mask == "bool" else (1,) * (len(shape) - 1) + shape[-1:]
+            m = self.rng.random(mshape) < 0.7
+            if m.size and m.ndim >= 2 and self.mask == "bool":
+                m.reshape(-1, mshape[-1])[0] = False  # one row with nothing to attend
+            return m
+        m = self.rng.standard_normal(shape).astype(dtype)
+        if self.mask == "float_ninf" and m.size:
+            m[self.rng.random(shape) < 0.3] = -np.inf
+        return m
+
+
+def with_layout(a: np.ndarray, layout: str) -> np.ndarray:
+    """The same values as `a` in another memory layout."""
+    if layout == "C" or a.ndim == 0:
+        return np.ascontiguousarray(a)
+    if layout == "F":
+        return np.asfortranarray(a)
+    if layout == "strided":  # every other element of a larger buffer, along every axis
+        big = np.zeros(tuple(2 * s + 1 for s in a.shape), dtype=a.dtype)
+        view = big[tuple(slice(1, None, 2) for _ in a.shape)]
+        view[...] = a
+        return view
+    if layout == "negative":  # negative strides on every axis
+        flipped = np.ascontiguousarray(a[tuple(slice(None, None, -1) for _ in a.shape)])
+        return flipped[tuple(slice(None, None, -1) for _ in a.shape)]
+    if layout == "readonly":
+        r = np.array(a)
+        r.flags.writeable = False
+        return r
+    if layout == "broadcast":  # stride 0 on the leading axis (when its values repeat)
+        if a.shape[0] == 0:
+            return a
+        return np.broadcast_to(a[:1], a.shape) if a.ndim >= 3 else np.ascontiguousarray(a)
+    raise ValueError(layout)
+
+
+@dataclass
+class Kernel:
+    name: str
+    make: Callable[[Case], dict]
+    call: Callable[[dict], tuple]
+    reference: Callable[[dict], tuple]
+    core: bool = False
+    # Whether the generator supports masks / causal (fuzzers only vary what it uses).
+    uses_mask: bool = False
+    uses_causal: bool = False
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def compute_dtype(*arrays) -> np.dtype:
+    """The dtype attnext computes in: NumPy's promotion, float16 as float32, native byte order."""
+    dt = np.result_type(*arrays)
+    return np.dtype(np.float32) if dt == np.float16 else np.dtype(dt.type)
+
+
+def _ref_inputs(kw, dtype):
+    """kw with every float array cast to the computing dtype (the reference computes in the
+    inputs' dtype; attnext upcasts float16 to float32)."""
+    out = {}
+    for k, v in kw.items():
+        if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+            v = v.astype(dtype)
+        out[k] = v
+    return out
+
+
+# --- public functions -------------------------------------------------------------------
+
+
+def _score_make(method):
+    def make(c: Case):
+        kw = dict(query=c.array(c.batch + (c.lq, c.d)),
+                  key=c.array(c.batch + (c.lk, c.d + (1 if method in ("general", "additive") else 0)),
+                              c.dtype2),
+                  method=method)
+        dk = kw["key"].shape[-1]
+        if method == "general":
+            kw["weight"] = c.array((c.d, dk))
+        if method == "additive":
+            kw.update(w_query=c.array((c.d, c.units)), w_key=c.array((dk, c.units)), v=c.array((c.units,)))
+        return kw
+    return make
+
+
+def _score_ref(kw):
+    dtype = compute_dtype(*[v for v in kw.values() if isinstance(v, np.ndarray)])
+    kw = _ref_inputs(kw, dtype)
+    return (ref.score(**kw).astype(dtype),)
+
+
+def _softmax_make(c: Case):
+    x = c.array(c.batch + (c.lq, c.lk), scale=3.0)
+    return dict(x=x, mask=c.mask_for(x.shape), axis=int(c.rng.integers(-x.ndim, x.ndim)) if c.seed % 3 == 0 else -1)
+
+
+def _softmax_ref(kw):
+    dtype = compute_dtype(kw["x"])
+    x = kw["x"].astype(dtype)
+    m = kw["mask"]
+    if m is not None and m.dtype != np.bool_:
+        m = m.astype(dtype)
+    return (ref.softmax(x, mask=m, axis=kw["axis"]),)
+
+
+def _ws_make(c: Case):
+    return dict(weights=c.array(c.batch + (c.lq, c.lk)), value=c.array(c.batch + (c.lk, c.dv), c.dtype2))
+
+
+def _ws_ref(kw):
+    dtype = compute_dtype(kw["weights"], kw["value"])
+    return (ref.weighted_sum(kw["weights"].astype(dtype), kw["value"].astype(dtype)),)
+
+
+def _attention_make(method):
+    def make(c: Case):
+        kw = _score_make(method)(c)
+        kw["value"] = c.array(c.batch + (c.lk, c.dv))
+        kw["mask"] = c.mask_for(c.batch + (c.lq, c.lk))
+        kw["is_causal"] = c.causal
+        kw["return_weights"] = True
+        return kw
+    return make
+
+
+def _attention_ref(kw):
+    arrays = [v for v in kw.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
+    dtype = compute_dtype(*arrays)
+    kw = _ref_inputs(kw, dtype)
+    if kw["mask"] is not None and kw["mask"].dtype != np.bool_:
+        kw["mask"] = kw["mask"].astype(dtype)
+    return tuple(r.astype(dtype) for r in ref.attention(**kw))
+
+
+def _sdpa_make(c: Case):
+    batch = c.batch if len(c.batch) >= 1 else (1,)
+    q = c.array(batch + (c.lq, c.d))
+    k = c.array(batch + (c.lk, c.d), c.dtype2)
+    v = c.array(batch + (c.lk, c.dv))
+    kw = dict(query=q, key=k, value=v, attn_mask=c.mask_for(batch + (c.lq, c.lk)), is_causal=c.causal,
+              return_weights=True, return_lse=True)
+    if c.seed % 2 and c.lk:  # key_lengths over the dimensions before the heads
+        kw["key_lengths"] = c.rng.integers(0, c.lk + 1, size=batch[:-1])
+    if c.seed % 5 == 1:
+        kw["window"] = (int(c.rng.integers(0, 3)), None if c.seed % 2 else int(c.rng.integers(0, 3)))
+    if c.seed % 7 == 3:
+        kw["scale"] = 0.3
+    return kw
+
+
+def _sdpa_ref(kw):
+    dtype = compute_dtype(kw["query"], kw["key"], kw["value"])
+    kw = _ref_inputs(kw, dtype)
+    if kw.get("attn_mask") is not None and kw["attn_mask"].dtype != np.bool_:
+        kw["attn_mask"] = kw["attn_mask"].astype(dtype)
+    return tuple(r.astype(dtype) for r in ref.scaled_dot_product_attention(**kw))
+
+
+# --- _core functions (no promotion, no broadcasting: equal batch shapes, one dtype) -----
+
+
+def _core_product_make(general):
+    def make(c: Case):
+        kw = dict(query=c.array(c.batch + (c.lq, c.d)), key=c.array(c.batch + (c.lk, c.d + general)),
+                  weight=c.array((c.d, c.d + general)) if general else None, scale=0.5)
+        return kw
+    return make
+
+
+def _core_product_ref(kw):
+    q, k, w = kw["query"], kw["key"], kw["weight"]
+    s = ref.score(q, k, "dot") if w is None else ref.score(q, k, "general", weight=w)
+    return ((s * q.dtype.type(kw["scale"])).astype(q.dtype),)
+
+
+def _core_additive_make(c: Case):
+    return dict(query=c.array(c.batch + (c.lq, c.d)), key=c.array(c.batch + (c.lk, c.d + 1)),
+                w_query=c.array((c.d, c.units)), w_key=c.array((c.d + 1, c.units)), v=c.array((c.units,)),
+                bias=c.array((c.units,)) if c.seed % 2 else None, scale=1.5)
+
+
+def _core_additive_ref(kw):
+    q, k = kw["query"], kw["key"]
+    qp = q @ kw["w_query"]
+    if kw["bias"] is not None:
+        qp = qp + kw["bias"]
+    kp = k @ kw["w_key"]
+    s = np.tanh(qp[..., :, None, :] + kp[..., None, :, :]) @ kw["v"]
+    return ((s * q.dtype.type(kw["scale"])).astype(q.dtype),)
+
+
+def _core_softmax_make(c: Case):
+    x = c.array(c.batch + (c.lq, c.lk), scale=3.0)
+    mask = c.mask_for(x.shape)
+    if mask is not None:
+        mask = np.broadcast_to(mask, x.shape)
+    causal = c.causal is not False
+    offset = (c.lk - c.lq if c.causal == "bottom_right" else 0) if causal else 0
+    return dict(x=x, mask=mask, causal=causal, causal_offset=offset)
+
+
+def _core_softmax_ref(kw):
+    x = kw["x"]
+    s = x
+    if kw["causal"]:
+        lq, lk = x.shape[-2:]
+        s = np.where(np.arange(lk)[None, :] <= np.arange(lq)[:, None] + kw["causal_offset"], x, -np.inf)
+    return (ref.softmax(s.astype(x.dtype), mask=kw["mask"]),)
+
+
+def _core_ws_make(c: Case):
+    return dict(weights=c.array(c.batch + (c.lq, c.lk)), value=c.array(c.batch + (c.lk, c.dv)))
+
+
+KERNELS: list[Kernel] = [
+    Kernel("score[dot]", _score_make("dot"), lambda kw: (attnext.score(**kw),), _score_ref),
+    Kernel("score[scaled_dot]", _score_make("scaled_dot"), lambda kw: (attnext.score(**kw),), _score_ref),
+    Kernel("score[general]", _score_make("general"), lambda kw: (attnext.score(**kw),), _score_ref),
+    Kernel("score[additive]", _score_make("additive"), lambda kw: (attnext.score(**kw),), _score_ref),
+    Kernel("softmax", _softmax_make, lambda kw: (attnext.softmax(**kw),), _softmax_ref, uses_mask=True),
+    Kernel("weighted_sum", _ws_make, lambda kw: (attnext.weighted_sum(**kw),), _ws_ref),
+    Kernel("attention[scaled_dot]", _attention_make("scaled_dot"), lambda kw: _tuple(attnext.attention(**kw)),
+           _attention_ref, uses_mask=True, uses_causal=True),
+    Kernel("attention[additive]", _attention_make("additive"), lambda kw: _tuple(attnext.attention(**kw)),
+           _attention_ref, uses_mask=True, uses_causal=True),
+    Kernel("scaled_dot_product_attention", _sdpa_make,
+           lambda kw: _tuple(attnext.scaled_dot_product_attention(**kw)), _sdpa_ref, uses_mask=True,
+           uses_causal=True),
+    Kernel("_core.score_product", _core_product_make(0), lambda kw: (_core.score_product(**kw),),
+           _core_product_ref, core=True),
+    Kernel("_core.score_product[weight]", _core_product_make(1), lambda kw: (_core.score_product(**kw),),
+           _core_product_ref, core=True),
+    Kernel("_core.score_additive", _core_additive_make, lambda kw: (_core.score_additive(**kw),),
+           _core_additive_ref, core=True),
+    Kernel("_core.softmax", _core_softmax_make, lambda kw: (_core.softmax(**kw),), _core_softmax_ref, core=True,
+           uses_mask=True, uses_causal=True),
+    Kernel("_core.weighted_sum", _core_ws_make, lambda kw: (_core.weighted_sum(**kw),),
+           lambda kw: (ref.weighted_sum(kw["weights"], kw["value"]),), core=True),
+]
+
+BY_NAME = {k.name: k for k in KERNELS}
+
+# The public functions and _core functions the crash fuzzer also calls with arbitrary
+# positional garbage (beyond mutating the registry's valid calls).
+PUBLIC_FUNCTIONS = {
+    "score": attnext.score,
+    "softmax": attnext.softmax,
+    "weighted_sum": attnext.weighted_sum,
+    "attention": attnext.attention,
+    "scaled_dot_product_attention": attnext.scaled_dot_product_attention,
+    "set_num_threads": attnext.set_num_threads,
+}
+CORE_FUNCTIONS = {name: getattr(_core, name) for name in dir(_core) if not name.startswith("_")
+                  and callable(getattr(_core, name))}
+
+# Exceptions a bad argument may raise (documented in docs/robustness.md). NumPy's
+# _ArrayMemoryError is a MemoryError.
+DOCUMENTED_ERRORS = (TypeError, ValueError, MemoryError)
+
+
+def tolerance(dtype) -> float:
+    return 1e-5 if np.dtype(dtype) == np.float32 else 1e-12
+
+
+def max_rel_err(a, b) -> float:
+    """max|a - b| / max(|b|, 1e-30) over finite entries; NaN/inf must sit in the same places."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise AssertionError(f"shape {a.shape} != reference {b.shape}")
+    if a.size == 0:
+        return 0.0
+    same_nonfinite = (np.isnan(a) == np.isnan(b)).all() and (np.isposinf(a) == np.isposinf(b)).all() and (
+        np.isneginf(a) == np.isneginf(b)).all()
+    if not same_nonfinite:
+        return math.inf
+    fin = np.isfinite(b)
+    if not fin.any():
+        return 0.0
+    return float(np.max(np.abs(a[fin] - b[fin])) / max(float(np.max(np.abs(b[fin]))), 1e-30))
+
+
+def check_against_reference(kernel: Kernel, kw: dict, tol_dtype=None) -> None:
+    got = kernel.call(kw)
+    want = kernel.reference(kw)
+    assert len(got) == len(want), f"{kernel.name}: {len(got)} outputs, reference {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype, f"{kernel.name} output {i}: dtype {g.dtype}, reference {w.dtype}"
+        err = max_rel_err(g, w)
+        tol = tolerance(tol_dtype or g.dtype)
+        assert err <= tol, f"{kernel.name} output {i}: max rel err {err:.3g} > {tol:g} for {shapes(kw)}"
+
+
+def shapes(kw: dict) -> dict:
+    return {k: (v.shape, str(v.dtype)) if isinstance(v, np.ndarray) else v for k, v in kw.items()}

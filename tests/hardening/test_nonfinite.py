@@ -1,0 +1,97 @@
+"""Non-finite inputs: NaN and +-inf propagate exactly as the plain NumPy formula (the
+reference) propagates them, and never into rows they cannot reach; -inf in a float mask
+hides a key. See docs/robustness.md.
+"""
+
+import numpy as np
+import pytest
+
+import attnext
+from attnext import _core
+from attnext import reference as ref
+
+from .kernels import KERNELS, Case, check_against_reference
+
+SPECIALS = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
+
+
+def inject(a, value, rng, count=2):
+    """A copy of a with `count` random entries set to value."""
+    b = np.array(a)
+    if b.size:
+        b.flat[rng.choice(b.size, size=min(count, b.size), replace=False)] = value
+    return b
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
+@pytest.mark.parametrize("special", SPECIALS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_propagates_like_reference(kernel, special, dtype):
+    rng = np.random.default_rng(11)
+    for mask in ("none", "bool", "float_ninf"):
+        kw = kernel.make(Case(seed=7, dtype=dtype, mask=mask, causal=True, batch=(2, 3), lq=6, lk=9))
+        for name, a in kw.items():
+            if not isinstance(a, np.ndarray) or a.dtype.kind != "f" or name in ("mask", "attn_mask"):
+                continue
+            check_against_reference(kernel, dict(kw, **{name: inject(a, SPECIALS[special], rng)}))
+
+
+def test_nan_stays_in_its_rows():
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((2, 3, 7, 4)), rng.standard_normal((2, 3, 7, 2))
+    q[1, 2, 3, 0] = np.nan  # batch 1, head 2, query 3
+    out, w = attnext.scaled_dot_product_attention(q, k, v, return_weights=True)
+    bad = np.zeros(out.shape[:-1], bool)
+    bad[1, 2, 3] = True
+    assert np.isnan(out[bad]).all() and np.isnan(w[bad]).all()
+    assert np.isfinite(out[~bad]).all() and np.isfinite(w[~bad]).all()
+    # A NaN key reaches every query of its (batch, head) through its score, and no other head.
+    k2 = k.copy()
+    k2[0, 1, 4, 2] = np.nan
+    out = attnext.scaled_dot_product_attention(q[:1], k2[:1], v[:1])
+    assert np.isnan(out[0, 1]).all()
+    assert np.isfinite(out[0, [0, 2]]).all()
+
+
+def test_masked_nan_score_is_hidden_by_bool_mask():
+    x = np.array([[1.0, np.nan, 2.0], [np.inf, 0.0, 1.0]])
+    keep = np.array([[True, False, True], [False, True, True]])
+    w = attnext.softmax(x, mask=keep)
+    np.testing.assert_allclose(w, ref.softmax(x, mask=keep))
+    assert np.isfinite(w).all() and w[0, 1] == 0 and w[1, 0] == 0
+
+
+def test_ninf_in_float_mask_is_a_mask():
+    x = np.random.default_rng(1).standard_normal((4, 5))
+    m = np.zeros((4, 5))
+    m[:, 2] = -np.inf
+    m[3] = -np.inf  # a row with nothing to attend: zeros, not NaN
+    for w in (attnext.softmax(x, mask=m), _core.softmax(x, m)):
+        assert (w[:, 2] == 0).all() and (w[3] == 0).all()
+        np.testing.assert_allclose(w[:3].sum(-1), 1.0)
+        np.testing.assert_array_equal(w, attnext.softmax(x, mask=np.isfinite(m)))
+
+
+def test_inf_scores():
+    # +inf among finite scores: inf - inf is NaN in the plain formula, so the row is NaN.
+    w = attnext.softmax(np.array([[np.inf, 0.0, 1.0], [0.0, 1.0, 2.0]]))
+    assert np.isnan(w[0]).all() and np.isfinite(w[1]).all()
+    # -inf scores are simply invisible keys; an all -inf row is zeros.
+    w = attnext.softmax(np.array([[-np.inf, 0.0], [-np.inf, -np.inf]]))
+    np.testing.assert_array_equal(w, [[0.0, 1.0], [0.0, 0.0]])
+
+
+def test_large_finite_scores_do_not_overflow():
+    x = np.array([[1e30, 1e30 - 1e15, -1e30]], dtype=np.float32)
+    w = attnext.softmax(x)
+    assert np.isfinite(w).all()
+    np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-6)
+
+
+def test_ninf_in_float_mask_hides_nan_and_inf_scores():
+    x = np.array([[np.nan, 1.0, 2.0], [np.inf, 0.0, 1.0]])
+    m = np.array([[-np.inf, 0.5, 0.0], [-np.inf, 0.0, 0.0]])
+    want = attnext.softmax(np.where(np.isfinite(m), x + m, -np.inf))
+    for w in (attnext.softmax(x, mask=m), _core.softmax(x, m), ref.softmax(x, mask=m)):
+        np.testing.assert_array_equal(w, want)
+        assert np.isfinite(w).all() and w[0, 0] == 0 and w[1, 0] == 0
