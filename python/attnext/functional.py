@@ -189,6 +189,11 @@ def attention(query, key, value, *, method="scaled_dot", mask=None, is_causal=Fa
     w = _core.softmax(s, prepare_mask(mask, s.shape, dtype), causal, offset)
     _, b = broadcast_batch({"weights": w, "value": val}, {"weights": 2, "value": 2})
     out = _core.weighted_sum(b["weights"], b["value"])
+    # A row that attends to nothing is zeros, even if a value it never looks at is NaN
+    # (the plain product would give 0 * NaN there).
+    empty = ~b["weights"].any(axis=-1)
+    if empty.any():
+        out[empty] = 0
     return (out, b["weights"]) if return_weights else out
 
 

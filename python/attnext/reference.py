@@ -84,7 +84,9 @@ def softmax(x, *, mask=None, axis=-1):
     with np.errstate(invalid="ignore", divide="ignore"):
         # total is 0 only for a row with nothing to attend; a NaN total (NaN or +inf in the
         # row) keeps the row NaN, as the plain formula does.
-        return np.where(total == 0, 0, e / np.where(total == 0, 1, total)).astype(x.dtype)
+        w = np.where(total == 0, 0, e / np.where(total == 0, 1, total))
+    # A hidden entry (-inf after masking) weighs exactly 0, even in a row a NaN made NaN.
+    return np.where(x == -np.inf, 0, w).astype(x.dtype)
 
 
 def weighted_sum(weights, value):
@@ -130,8 +132,16 @@ def attention(query, key, value, *, method="scaled_dot", mask=None, is_causal=Fa
     if is_causal:
         s = np.where(causal_mask(s.shape[-2], s.shape[-1], is_causal), s, -np.inf).astype(s.dtype)
     a = softmax(s, mask=mask)
-    out = weighted_sum(a, value)
+    out = _context(a, value)
     return (out, a) if return_weights else out
+
+
+def _context(weights, value):
+    """weights @ value, with zeros for rows that attend to nothing (all weights 0), so a NaN
+    value never reaches a row that sees no key (0 * NaN would be NaN)."""
+    out = np.asarray(weights) @ np.asarray(value)
+    empty = ~np.any(weights != 0, axis=-1, keepdims=True)
+    return np.where(empty, 0, out).astype(out.dtype)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -162,7 +172,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if float_mask:
         s = _masked(s, attn_mask)
     a = softmax(s)
-    out = (a @ v).astype(dtype)
+    out = _context(a, v).astype(dtype)
     extras = []
     if return_weights:
         extras.append(a)

@@ -37,6 +37,13 @@ struct Causal {
   }
 };
 
+// A score plus an additive mask entry; -inf hides the key whatever its score (NaN, +inf).
+// `unit` scales the mask for kernels that keep scores in another unit (log2 e for base 2).
+template <typename T>
+inline T add_mask(T score, T mask, T unit = T(1)) {
+  return mask == -std::numeric_limits<T>::infinity() ? mask : score + unit * mask;
+}
+
 // Applies the mask of row `row` (a flat index over all axes but the last) to scores s[0, n)
 // in place; keys hidden by a boolean mask become -inf.
 template <typename T>
@@ -50,8 +57,7 @@ inline void apply_mask_row(const Mask<T>& mask, index_t row, T* s, index_t n) {
     const T* m = mask.add.data + mask.add.batch_offset(row, 1);
     const index_t ms = mask.add.stride(-1);
     // -inf hides the key whatever its score (a NaN or +inf score included); others are added.
-    constexpr T ninf = -std::numeric_limits<T>::infinity();
-    for (index_t j = 0; j < n; ++j) s[j] = m[j * ms] == ninf ? ninf : s[j] + m[j * ms];
+    for (index_t j = 0; j < n; ++j) s[j] = add_mask(s[j], m[j * ms]);
   }
 }
 

@@ -96,6 +96,18 @@ constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
+// The max of two partial maxima, NaN if either is (a NaN score must reach the output).
+template <typename T>
+inline T max_nan(T a, T b) {
+  return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+}
+
+// 1 / (softmax denominator): 0 for a row that saw nothing (l == 0); NaN stays NaN.
+template <typename T>
+inline T inverse_sum(T l) {
+  return l <= T(0) ? T(0) : T(1) / l;
+}
+
 // Visible keys of query row i: [lo(i), hi(i)), both non-decreasing in i.
 struct KeyRange {
   index_t S = 0;
@@ -356,7 +368,7 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
       const T* m0 = ma.data + ma.batch_offset(b, 2) + i0 * ma.stride(-2) + j0 * ma.stride(-1);
       const index_t ms = ma.stride(-2), mj = ma.stride(-1);
       for (index_t i = 0; i < nq; ++i)
-        for (index_t j = 0; j < nj; ++j) St[j * Bq + i] += log2e * m0[i * ms + j * mj];
+        for (index_t j = 0; j < nj; ++j) St[j * Bq + i] = add_mask(St[j * Bq + i], m0[i * ms + j * mj], log2e);
     }
     if (boundary || p.mask.kind != MaskKind::none) {
       for (int c = 0; c < kC; ++c) mt[c] = ei::pset1<Pk<T>>(neg_inf<T>());
@@ -383,7 +395,7 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
       score_tile(j0, nj, mt);
       for (int c = 0; c < kC; ++c) {
         const Pk<T> m_old = ei::pload<Pk<T>>(M + c * P);
-        const Pk<T> m_new = ei::pmax(m_old, mt[c]);
+        const Pk<T> m_new = ei::pmax<Eigen::PropagateNaN>(m_old, mt[c]);
         shift[c] = shift_of(m_new);
         alpha[c] = X::exp(ei::psub(m_old, shift[c]));
         ei::pstore(M + c * P, m_new);
@@ -410,7 +422,7 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
       score_tile(j0, nj, mt);
       for (int c = 0; c < kC; ++c) {
         const Pk<T> m_old = ei::pload<Pk<T>>(M + c * P);
-        const Pk<T> m_new = ei::pmax(m_old, mt[c]);
+        const Pk<T> m_new = ei::pmax<Eigen::PropagateNaN>(m_old, mt[c]);
         const Pk<T> shift = shift_of(m_new);
         Pk<T> sum = zero;
         for (index_t j = 0; j < nj; ++j)
@@ -424,7 +436,8 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
     for (int c = 0; c < kC; ++c) {
       shift[c] = shift_of(ei::pload<Pk<T>>(M + c * P));
       const Pk<T> l = ei::pload<Pk<T>>(Lsum + c * P);
-      inv[c] = ei::pselect(ei::pcmp_lt(zero, l), ei::pdiv(ei::pset1<Pk<T>>(T(1)), l), zero);
+      // 1/l, 0 for an empty row (l == 0); a NaN sum (a NaN score) stays NaN.
+      inv[c] = ei::pselect(ei::pcmp_le(l, zero), zero, ei::pdiv(ei::pset1<Pk<T>>(T(1)), l));
     }
     for (index_t i = 0; i < nq; ++i) std::fill(weights + (b * L + i0 + i) * S, weights + (b * L + i0 + i + 1) * S, T(0));
     for (index_t j0 = kmin; j0 < kmax; j0 += kBk) {
@@ -434,7 +447,9 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
       for (index_t j = 0; j < nj; ++j)
         for (int c = 0; c < kC; ++c) {
           T* s = St + j * Bq + c * P;
-          ei::pstore(s, ei::pmul(X::exp(ei::psub(ei::pload<Pk<T>>(s), shift[c])), inv[c]));
+          const Pk<T> sc = ei::pload<Pk<T>>(s);
+          // A hidden key (-inf) weighs exactly 0, even in a row a NaN score made NaN.
+          ei::pstore(s, ei::pselect(ei::pcmp_eq(sc, ninf), zero, ei::pmul(X::exp(ei::psub(sc, shift[c])), inv[c])));
         }
       for (index_t i = 0; i < nq; ++i) {
         T* wrow = weights + (b * L + i0 + i) * S + j0;
@@ -456,7 +471,7 @@ void attend_block(const SdpaProblem<T>& p, index_t b, index_t i0, index_t nq, Wo
                                         : M[i] + std::log(Lsum[i]);
   }
   // Normalise (the weighted pass already divided by the sum) and write the block out.
-  for (index_t i = 0; i < nq; ++i) Lsum[i] = weights ? T(1) : (Lsum[i] > T(0) ? T(1) / Lsum[i] : T(0));
+  for (index_t i = 0; i < nq; ++i) Lsum[i] = weights ? T(1) : inverse_sum(Lsum[i]);
   unpack_o(Ot, Lsum, nq, Ev, out + (b * L + i0) * Ev);
 }
 
@@ -547,7 +562,7 @@ void decode_chunk(const SdpaProblem<T>& p, index_t b, index_t c0, index_t c1, T*
     const Strided<const T>& ma = p.mask.add;
     const T* m0 = ma.data + ma.batch_offset(b, 2) + ja * ma.stride(-1);
     for (index_t i = 0; i < L; ++i)
-      for (index_t j = 0; j < nv; ++j) s[i * n + j] += m0[i * ma.stride(-2) + j * ma.stride(-1)];
+      for (index_t j = 0; j < nv; ++j) s[i * n + j] = add_mask(s[i * n + j], m0[i * ma.stride(-2) + j * ma.stride(-1)]);
   }
   for (index_t i = 0; i < L; ++i) {
     T* si = s + i * n;
@@ -593,7 +608,7 @@ void decode(const SdpaProblem<T>& p, index_t N, T* out, T* lse) {
   parallel_for(N, [&](index_t b) {
     for (index_t i = 0; i < L; ++i) {
       T mx = neg_inf<T>();
-      for (index_t c = 0; c < chunks; ++c) mx = std::max(mx, parts[((b * chunks + c) * L + i) * w + Ev]);
+      for (index_t c = 0; c < chunks; ++c) mx = max_nan(mx, parts[((b * chunks + c) * L + i) * w + Ev]);
       T* o = out + (b * L + i) * Ev;
       std::fill(o, o + Ev, T(0));
       T l = T(0);
@@ -605,10 +620,10 @@ void decode(const SdpaProblem<T>& p, index_t N, T* out, T* lse) {
           l += f * pc[Ev + 1];
           axpy(f, pc, o, Ev);
         }
-        const T inv = T(1) / l;
+        const T inv = inverse_sum(l);
         for (index_t c = 0; c < Ev; ++c) o[c] *= inv;
       }
-      if (lse) lse[b * L + i] = l > T(0) ? mx + std::log(l) : neg_inf<T>();
+      if (lse) lse[b * L + i] = l <= T(0) ? neg_inf<T>() : mx + std::log(l);
     }
   });
 }
@@ -639,7 +654,7 @@ void merge_chunks(const T* parts, index_t chunks, index_t Ev, index_t nq, T* out
   Buffer<T> acc(static_cast<size_t>(std::max<index_t>(Ev, 1) * Bq), T(0)), f(Bq);
   for (index_t i = 0; i < nq; ++i) {
     T mx = neg_inf<T>();
-    for (index_t c = 0; c < chunks; ++c) mx = std::max(mx, parts[c * part + Ev * Bq + i]);
+    for (index_t c = 0; c < chunks; ++c) mx = max_nan(mx, parts[c * part + Ev * Bq + i]);
     T l = T(0);
     if (mx != neg_inf<T>()) {
       for (index_t c = 0; c < chunks; ++c) {
@@ -651,7 +666,7 @@ void merge_chunks(const T* parts, index_t chunks, index_t Ev, index_t nq, T* out
         for (index_t e = 0; e < Ev; ++e) acc[e * Bq + i] += g * pc[e * Bq + i];
       }
     }
-    f[i] = l > T(0) ? T(1) / l : T(0);
+    f[i] = inverse_sum(l);
     if (lse)
       lse[i] = l <= T(0)     ? neg_inf<T>()
                : X::base2 ? (mx + std::log2(l)) * T(0.69314718055994531)

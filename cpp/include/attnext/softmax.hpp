@@ -12,13 +12,19 @@
 namespace attnext {
 
 // Softmax of one contiguous row in place: exp(x - max) / sum. A row whose every entry is
-// -inf (nothing to attend) becomes zeros, never NaN; a NaN anywhere makes the row NaN, as
-// the plain formula would.
+// -inf (nothing to attend) becomes zeros, never NaN; a NaN anywhere makes the row's visible
+// entries NaN, as the plain formula would, while hidden (-inf) entries stay 0.
 template <typename T>
 inline void softmax_inplace(T* x, index_t n) {
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
   const T m = vm::max_propagate_nan(x, n);
-  if (m == -std::numeric_limits<T>::infinity()) {
+  if (m == ninf) {
     std::memset(x, 0, sizeof(T) * n);
+    return;
+  }
+  if (m != m || m == -ninf) {  // a NaN or +inf score makes the visible entries NaN (inf - inf);
+                               // hidden ones (-inf) still weigh 0
+    for (index_t j = 0; j < n; ++j) x[j] = x[j] == ninf ? T(0) : std::numeric_limits<T>::quiet_NaN();
     return;
   }
   const T sum = vm::exp_shifted_sum(x, n, m);
