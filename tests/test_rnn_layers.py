@@ -240,8 +240,8 @@ def test_example_alignment(task):
 
 
 def test_example_runs_as_a_script():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "python"),
-                                                                        os.environ.get("PYTHONPATH")]))}
+    # The child imports the attnext this test imported (installed or the developer tree).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "rnn_attention.py"), "--task", "reverse",
                           "--length", "5"], capture_output=True, text=True, env=env, check=True).stdout
     assert "step 0: weights" in out and "attends to position 4" in out

@@ -596,8 +596,8 @@ def test_linear_kernel_direct_call_errors():
 
 
 def test_transformer_encoder_example_runs():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), env.get("PYTHONPATH", "")])
+    # The child imports the attnext this test imported (installed or the developer tree).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "transformer_encoder.py")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
