@@ -63,6 +63,7 @@ void check_projected(const py::array& q, const py::array& a, const char* name, c
   require_ndim(a, name, 2);
   if (shape_of(a) != shape_of(raw))
     fail_value(std::string(name) + " has shape " + shape_str(a) + " but keys_raw has " + shape_str(raw));
+  if (a.size() == 0) return;  // nothing to walk (NumPy gives empty arrays zero strides)
   const py::ssize_t item = a.itemsize();
   if (a.shape(a.ndim() - 1) > 1 && a.strides(a.ndim() - 1) != item)
     fail_value(std::string(name) + " must have contiguous rows (as additive_keys returns them)");
@@ -96,7 +97,10 @@ py::object attention_impl(const py::array& q, const py::array& w_query, const py
                ": the number of units must match");
   const auto vc = unit_vector<T>(q, "query", v, "v", units);
   py::array_t<T, py::array::c_style> bc;
-  if (!bias.is_none()) bc = unit_vector<T>(q, "query", py::reinterpret_borrow<py::array>(bias), "bias", units);
+  if (!bias.is_none()) {
+    if (!py::isinstance<py::array>(bias)) fail_type("bias must be a NumPy array or None");
+    bc = unit_vector<T>(q, "query", py::reinterpret_borrow<py::array>(bias), "bias", units);
+  }
 
   const index_t lq = q.shape(q.ndim() - 2), lk = keys_raw.shape(keys_raw.ndim() - 2);
   std::vector<index_t> score_shape = shape_of(q);
@@ -112,13 +116,7 @@ py::object attention_impl(const py::array& q, const py::array& w_query, const py
     if (shape_of(kl) != batch)
       fail_value("key_lengths has shape " + shape_str(kl) + " but the batch shape is " + shape_str(batch));
     lengths = view<std::int64_t>(kl, "key_lengths");
-    const index_t n = lengths.batch_count(0);
-    for (index_t b = 0; b < n; ++b) {
-      const std::int64_t len = lengths.data[lengths.batch_offset(b, 0)];
-      if (len < 0 || len > lk)
-        fail_value("key_lengths must lie in [0, " + std::to_string(lk) + "] (the number of keys), got " +
-                   std::to_string(len));
-    }
+    require_in_range(kl, "key_lengths", lk);
   }
 
   std::vector<index_t> out_shape = shape_of(q);

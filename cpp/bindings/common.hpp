@@ -9,6 +9,8 @@
 #include <attnext/mask.hpp>
 #include <attnext/strided.hpp>
 
+#include <cstdint>
+#include <cstring>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -118,6 +120,34 @@ inline void require_dim(const py::array& a, const char* an, int axis_a, const py
 }
 
 // Product of a shape, refusing sizes that overflow 64-bit arithmetic.
+// Every value of the int64 array `a` lies in [0, limit] (ValueError naming `name` otherwise).
+// Walks only the axes that hold distinct values (stride-0 broadcast axes are read once), so a
+// huge broadcast view costs no more than the memory behind it.
+inline void require_in_range(const py::array& a, const char* name, std::int64_t limit) {
+  std::vector<py::ssize_t> shape, strides;
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    if (a.shape(i) == 0) return;
+    if (a.shape(i) > 1 && a.strides(i) != 0) {
+      shape.push_back(a.shape(i));
+      strides.push_back(a.strides(i));
+    }
+  }
+  const char* base = static_cast<const char*>(a.data());
+  std::vector<py::ssize_t> idx(shape.size(), 0);
+  for (;;) {
+    py::ssize_t off = 0;
+    for (std::size_t i = 0; i < idx.size(); ++i) off += idx[i] * strides[i];
+    std::int64_t value;
+    std::memcpy(&value, base + off, sizeof value);
+    if (value < 0 || value > limit)
+      fail_value(std::string(name) + " must lie in [0, " + std::to_string(limit) + "] (the number of keys), got " +
+                 std::to_string(value));
+    std::size_t i = idx.size();
+    while (i > 0 && ++idx[i - 1] == shape[i - 1]) idx[--i] = 0;
+    if (i == 0) return;
+  }
+}
+
 inline index_t checked_size(const std::vector<index_t>& shape, const char* what) {
   index_t n = 1;
   for (index_t d : shape) {

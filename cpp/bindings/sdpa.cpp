@@ -39,13 +39,7 @@ py::tuple sdpa_impl(const py::array& q, const py::array& k, const py::array& v, 
       fail_value("key_lengths has shape " + shape_str(lengths) + " but the batch shape of query " + shape_str(q) +
                  " is " + shape_str(batch));
     p.key_lengths = view<std::int64_t>(lengths, "key_lengths");
-    const index_t n = p.key_lengths.batch_count(0);
-    for (index_t b = 0; b < n; ++b) {
-      const std::int64_t len = p.key_lengths.data[p.key_lengths.batch_offset(b, 0)];
-      if (len < 0 || len > S)
-        fail_value("key_lengths must lie in [0, " + std::to_string(S) + "] (the number of keys), got " +
-                   std::to_string(len));
-    }
+    require_in_range(lengths, "key_lengths", S);
   }
   std::vector<index_t> out_shape = batch;
   out_shape.push_back(L);

@@ -7,6 +7,8 @@ broadcast masks and batch dimensions reach the kernels without copies.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 _SUPPORTED = (np.float32, np.float64)
@@ -118,11 +120,14 @@ def check_key_lengths(key_lengths, batch_shape: tuple, lk: int) -> np.ndarray:
     if lengths.dtype.kind not in "iu":
         raise TypeError(f"key_lengths must be integers, got dtype {lengths.dtype}")
     try:
-        lengths = np.broadcast_to(lengths, batch_shape)
+        if np.broadcast_shapes(lengths.shape, batch_shape) != tuple(batch_shape):
+            raise ValueError
     except ValueError:
         raise ValueError(f"key_lengths has shape {shape_str(lengths.shape)}, which does not broadcast to the "
                          f"batch shape {shape_str(batch_shape)}") from None
-    if lengths.size and (lengths.min() < 0 or lengths.max() > lk):
+    # The range check runs over the given values, not the broadcast view (which may be huge);
+    # broadcasting to an empty batch uses none of them.
+    if lengths.size and math.prod(batch_shape) and (lengths.min() < 0 or lengths.max() > lk):
         raise ValueError(f"key_lengths must lie in [0, {lk}] (the number of keys), got values from "
                          f"{lengths.min()} to {lengths.max()}")
     return np.broadcast_to(lengths.astype(np.int64, copy=False), batch_shape)

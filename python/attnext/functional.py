@@ -370,6 +370,7 @@ def project_keys(key, w_key) -> ProjectedKeys:
         key: (..., Lk, Dk).
         w_key: (Dk, U).
     """
+    _require(key=key, w_key=w_key)
     _, a = promote(key=key, w_key=w_key)
     require_ndim(a["key"], "key", 2, "(..., Lk, Dk)")
     if a["w_key"].ndim != 2:
@@ -401,6 +402,7 @@ def additive_attention(query, key, value, w_query, w_key, v, *, bias=None, mask=
         context (..., Lq, Dv), or (context, weights). A query row that may attend to no key
         gets zero weights and a zero context.
     """
+    _require(query=query, key=key, value=value, w_query=w_query, v=v)
     projected = isinstance(key, ProjectedKeys)
     if projected:
         if w_key is not None:

@@ -282,6 +282,101 @@ def _core_ws_make(c: Case):
     return dict(weights=c.array(c.batch + (c.lq, c.lk)), value=c.array(c.batch + (c.lk, c.dv)))
 
 
+# --- fused additive attention, fused SDPA and the linear layer kernel ---------------------
+
+
+def _additive_attention_make(c: Case):
+    kw = dict(query=c.array(c.batch + (c.lq, c.d)), key=c.array(c.batch + (c.lk, c.d + 1), c.dtype2),
+              value=c.array(c.batch + (c.lk, c.dv)), w_query=c.array((c.d, c.units)),
+              w_key=c.array((c.d + 1, c.units)), v=c.array((c.units,)),
+              bias=c.array((c.units,)) if c.seed % 2 else None, mask=c.mask_for(c.batch + (c.lq, c.lk)),
+              return_weights=True)
+    if c.seed % 3 != 2:  # key_lengths over the batch dimensions
+        kw["key_lengths"] = c.rng.integers(0, c.lk + 1, size=c.batch)
+    return kw
+
+
+def _additive_attention_ref(kw):
+    arrays = [v for v in kw.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
+    dtype = compute_dtype(*arrays)
+    kw = _ref_inputs(kw, dtype)
+    return tuple(r.astype(dtype) for r in ref.additive_attention(**kw))
+
+
+def _core_additive_attention_make(c: Case):
+    kw = _additive_attention_make(c)
+    kw["key"] = c.array(c.batch + (c.lk, c.d + 1))  # one dtype, no promotion in _core
+    if kw["mask"] is not None:
+        kw["mask"] = np.broadcast_to(kw["mask"], c.batch + (c.lq, c.lk))
+    if "key_lengths" not in kw:
+        kw["key_lengths"] = None
+    return kw
+
+
+def _core_additive_attention_call(kw):
+    # Keyword calls throughout, so a dropped or unknown argument is a TypeError, as for **kw.
+    keys = {n: v for n, v in kw.items() if n in ("key", "w_key")}
+    rest = {n: v for n, v in kw.items() if n not in ("key", "w_key")}
+    raw, expo, ok = _core.additive_keys(**keys)
+    return _tuple(_core.additive_attention(keys_raw=raw, keys_exp=expo, keys_ok=ok, **rest))
+
+
+def _core_sdpa_make(c: Case):
+    q = c.array(c.batch + (c.lq, c.d))
+    k = c.array(c.batch + (c.lk, c.d))
+    v = c.array(c.batch + (c.lk, c.dv))
+    mask = c.mask_for(c.batch + (c.lq, c.lk))
+    causal = c.causal is not False
+    offset = (c.lk - c.lq if c.causal == "bottom_right" else 0) if causal else 0
+    kw = dict(query=q, key=k, value=v, attn_mask=None if mask is None else np.broadcast_to(mask, c.batch + (c.lq, c.lk)),
+              causal=causal, causal_offset=offset, window_left=-1, window_right=-1, key_lengths=None,
+              scale=0.3 if c.seed % 7 == 3 else 1.0 / math.sqrt(max(c.d, 1)), return_weights=True, return_lse=True)
+    if c.seed % 2:  # one length per batch entry (heads included: _core takes the whole batch shape)
+        kw["key_lengths"] = c.rng.integers(0, c.lk + 1, size=c.batch).astype(np.int64)
+    if c.seed % 5 == 1:
+        kw["window_left"] = int(c.rng.integers(-1, 3))
+        kw["window_right"] = int(c.rng.integers(-1, 3))
+    return kw
+
+
+def _core_sdpa_ref(kw):
+    # The public reference with an extra unit axis before (Lq, E): its key_lengths then cover
+    # every batch dimension, as _core.sdpa's do.
+    q, k, v = kw["query"], kw["key"], kw["value"]
+    m = kw["attn_mask"]
+    lq, lk = q.shape[-2], k.shape[-2]
+    hidden = np.zeros((lq, lk), bool)
+    if kw["causal"]:
+        hidden |= np.arange(lk)[None, :] > np.arange(lq)[:, None] + kw["causal_offset"]
+    if m is not None and m.dtype == np.bool_:
+        m = np.where(hidden, False, m)
+    elif m is not None:
+        m = np.where(hidden, -np.inf, m).astype(m.dtype)
+    else:
+        m = ~hidden
+    window = None
+    if kw["window_left"] >= 0 or kw["window_right"] >= 0:
+        window = tuple(None if w < 0 else w for w in (kw["window_left"], kw["window_right"]))
+    out, w, lse = ref.scaled_dot_product_attention(
+        q[..., None, :, :], k[..., None, :, :], v[..., None, :, :], attn_mask=m[..., None, :, :] if m.ndim > 2 else m,
+        scale=kw["scale"], key_lengths=kw["key_lengths"], window=window, return_weights=True, return_lse=True)
+    return tuple(r[..., 0, :, :] if r.ndim == q.ndim + 1 else r[..., 0, :] for r in (out, w, lse))
+
+
+def _core_linear_make(c: Case):
+    b = int(np.prod(c.batch)) if c.batch else 2
+    x = c.array((b, c.lq, c.dv, c.d))
+    return dict(x=x, weight=c.array((c.units, c.dv * c.d)), bias=c.array((c.units,)) if c.seed % 2 else None)
+
+
+def _core_linear_ref(kw):
+    x, w, b = kw["x"], kw["weight"], kw["bias"]
+    y = x.reshape(x.shape[:2] + (x.shape[2] * x.shape[3],)) @ w.T
+    if b is not None:
+        y = y + b
+    return (y.astype(x.dtype),)
+
+
 KERNELS: list[Kernel] = [
     Kernel("score[dot]", _score_make("dot"), lambda kw: (attnext.score(**kw),), _score_ref),
     Kernel("score[scaled_dot]", _score_make("scaled_dot"), lambda kw: (attnext.score(**kw),), _score_ref),
@@ -306,6 +401,13 @@ KERNELS: list[Kernel] = [
            uses_mask=True, uses_causal=True),
     Kernel("_core.weighted_sum", _core_ws_make, lambda kw: (_core.weighted_sum(**kw),),
            lambda kw: (ref.weighted_sum(kw["weights"], kw["value"]),), core=True),
+    Kernel("additive_attention", _additive_attention_make, lambda kw: _tuple(attnext.additive_attention(**kw)),
+           _additive_attention_ref, uses_mask=True),
+    Kernel("_core.sdpa", _core_sdpa_make, lambda kw: tuple(_core.sdpa(**kw)), _core_sdpa_ref, core=True,
+           uses_mask=True, uses_causal=True),
+    Kernel("_core.additive_attention", _core_additive_attention_make, _core_additive_attention_call,
+           _additive_attention_ref, core=True, uses_mask=True),
+    Kernel("_core.linear", _core_linear_make, lambda kw: (_core.linear(**kw),), _core_linear_ref, core=True),
 ]
 
 BY_NAME = {k.name: k for k in KERNELS}
@@ -318,6 +420,8 @@ PUBLIC_FUNCTIONS = {
     "weighted_sum": attnext.weighted_sum,
     "attention": attnext.attention,
     "scaled_dot_product_attention": attnext.scaled_dot_product_attention,
+    "additive_attention": attnext.additive_attention,
+    "project_keys": attnext.project_keys,
     "set_num_threads": attnext.set_num_threads,
 }
 CORE_FUNCTIONS = {name: getattr(_core, name) for name in dir(_core) if not name.startswith("_")

@@ -30,7 +30,9 @@ def _same(a, b):
 @pytest.mark.parametrize("toggle_threads", [False, True], ids=["fixed", "set_num_threads_in_flight"])
 def test_threads_match_serial(toggle_threads):
     saved = attnext.get_num_threads()
-    jobs = [(KERNELS[i % len(KERNELS)], _inputs(i, KERNELS[i % len(KERNELS)])) for i in range(THREADS * 2)]
+    # Every registry entry at least once; each thread cycles through `per_thread` jobs.
+    per_thread = max(2, -(-len(KERNELS) // THREADS))
+    jobs = [(KERNELS[i % len(KERNELS)], _inputs(i, KERNELS[i % len(KERNELS)])) for i in range(THREADS * per_thread)]
     serial = [kernel.call(kw) for kernel, kw in jobs]
     errors, mismatches, done = [], [], threading.Event()
     calls = [0] * THREADS
@@ -40,7 +42,7 @@ def test_threads_match_serial(toggle_threads):
         try:
             barrier.wait()
             for n in range(CALLS_PER_THREAD):
-                j = (t + THREADS * (n % 2)) % len(jobs)  # each thread alternates two entries
+                j = t + THREADS * (n % per_thread)
                 kernel, kw = jobs[j]
                 if not _same(kernel.call(kw), serial[j]):
                     mismatches.append((t, kernel.name))

@@ -135,6 +135,11 @@ def test_structured_field_views():
 Q, K, V = np.ones((2, 5, 4)), np.ones((2, 6, 4)), np.ones((2, 6, 3))
 
 
+def _core_additive(bias=None, key_lengths=None):
+    return _core.additive_attention(Q, np.ones((4, 3)), bias, *_core.additive_keys(K, np.ones((4, 3))), V, np.ones(3),
+                                    None, key_lengths)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: attnext.score(Q, np.ones((2, 6, 5))), r"query has shape \(2, 5, 4\) but key has \(2, 6, 5\)"),
     (lambda: attnext.score(Q, np.ones((3, 6, 4))), r"query has shape \(2, 5, 4\), key has shape \(3, 6, 4\)"),
@@ -173,6 +178,15 @@ Q, K, V = np.ones((2, 5, 4)), np.ones((2, 6, 4)), np.ones((2, 6, 3))
     (lambda: _core.softmax(np.ones(3), None, True, 0), r"x must have at least 2 dimensions"),
     (lambda: _core.score_additive(Q, K, np.ones((4, 3)), np.ones((4, 3)), np.ones(3), np.ones(2)),
      r"bias has shape \(2,\)"),
+    (lambda: _core.sdpa(Q, K, V, key_lengths=np.array([-1, 2])), r"key_lengths must lie in \[0, 6\].*got -1"),
+    (lambda: _core.sdpa(Q, K, V, key_lengths=np.array([7, 2])), r"key_lengths must lie in \[0, 6\].*got 7"),
+    (lambda: _core.sdpa(Q, K, V, key_lengths=np.array([1, 2, 3])), r"key_lengths has shape \(3,\)"),
+    (lambda: _core_additive(key_lengths=np.array([7, 2])), r"key_lengths must lie in \[0, 6\].*got 7"),
+    (lambda: _core_additive(key_lengths=np.array([-1, 2])), r"key_lengths must lie in \[0, 6\].*got -1"),
+    (lambda: _core_additive(key_lengths=np.array([1, 2, 3])), r"key_lengths has shape \(3,\)"),
+    (lambda: _core_additive(bias=np.ones(2)), r"bias has shape \(2,\) but the number of units is 3"),
+    (lambda: _core.linear(np.ones((2, 5, 2, 2)), np.ones((3, 5)), None), r"x has shape \(2, 5, 2, 2\).*weight has"),
+    (lambda: _core.linear(np.ones((2, 5, 2, 2)), np.ones((3, 4)), np.ones(4)), r"bias has shape \(4,\)"),
 ])
 def test_shape_errors_name_arguments(call, match):
     with pytest.raises(ValueError, match=match):
@@ -191,10 +205,26 @@ def test_shape_errors_name_arguments(call, match):
     (lambda: _core.softmax(np.ones((2, 3)), np.ones((2, 3), np.float32)), "mask must be bool .* or float64"),
     (lambda: _core.score_product(Q, K.astype(np.float32)), "key has dtype float32 but query has float64"),
     (lambda: _core.softmax([1.0, 2.0]), "incompatible function arguments"),
+    (lambda: attnext.additive_attention(Q, K, None, np.ones((4, 3)), np.ones((4, 3)), np.ones(3)),
+     "value must be an array, got None"),
+    (lambda: attnext.project_keys(K, None), "w_key must be an array, got None"),
+    (lambda: _core_additive(bias=[1.0] * 3), "bias must be a NumPy array"),
+    (lambda: _core_additive(key_lengths=np.array([1.0, 2.0])), "key_lengths must be int64"),
+    (lambda: _core.sdpa(Q, K, V, key_lengths=[1, 2]), "key_lengths must be a NumPy int64 array"),
+    (lambda: _core.linear(np.ones((2, 5, 2, 2)), np.ones((3, 4)), [1.0] * 3), "bias must be a NumPy array"),
 ])
+
 def test_type_errors_name_arguments(call, match):
     with pytest.raises(TypeError, match=match):
         call()
+
+
+def test_core_additive_attention_empty_keys():
+    # additive_keys returns zero-stride empty arrays for Lk = 0; they are legal projected keys.
+    q, k, v = np.ones((2, 5, 4)), np.ones((2, 0, 4)), np.ones((2, 0, 3))
+    out, w = _core.additive_attention(q, np.ones((4, 3)), None, *_core.additive_keys(k, np.ones((4, 3))), v,
+                                      np.ones(3), None, None, True)
+    assert out.shape == (2, 5, 3) and not out.any() and w.shape == (2, 5, 0)
 
 
 # --- sizes that cannot exist --------------------------------------------------------------
@@ -238,3 +268,20 @@ def test_causal_offset_extremes():
     np.testing.assert_array_equal(_core.softmax(x, None, True, -(2**63)), np.zeros_like(x))
     with pytest.raises(TypeError):
         _core.softmax(x, None, True, 2**64)
+
+
+def test_key_lengths_range_check_reads_broadcast_views_once():
+    # A stride-0 key_lengths over 2**40 batch entries: checked over its one value, not 2**40 times.
+    q = huge((2**20, 2**20, 8, 2), np.float32)
+    k = huge((2**20, 2**20, 2, 2), np.float32)
+    lengths = np.broadcast_to(np.int64(3), (2**20, 2**20))
+    with pytest.raises(ValueError, match=r"key_lengths must lie in \[0, 2\].*got 3"):
+        _core.sdpa(q, k, k, key_lengths=lengths)
+    raw, expo, ok = (np.broadcast_to(a, (2**20, 2**20) + a.shape) for a in
+                     _core.additive_keys(np.ones((2, 2), np.float32), np.ones((2, 3), np.float32)))
+    with pytest.raises(ValueError, match=r"key_lengths must lie in \[0, 2\].*got 3"):
+        _core.additive_attention(q, np.ones((2, 3), np.float32), None, raw, expo, ok, k, np.ones(3, np.float32), None,
+                                 lengths)
+    with pytest.raises(ValueError, match=r"key_lengths must lie in \[0, 2\].*from 3 to 3"):
+        attnext.additive_attention(q, np.ones((2, 2), np.float32), k, np.ones((2, 3), np.float32),
+                                   np.ones((2, 3), np.float32), np.ones(3, np.float32), key_lengths=3)
