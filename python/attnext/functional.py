@@ -424,6 +424,9 @@ def additive_attention(query, key, value, w_query, w_key, v, *, bias=None, mask=
     wq, vv = a["w_query"], a["v"]
     if wq.ndim != 2:
         raise ValueError(f"w_query must have shape (Dq, U), got {shape_str(wq.shape)}")
+    if wq.shape[0] != q.shape[-1]:
+        raise ValueError(f"query has shape {shape_str(q.shape)} but w_query has {shape_str(wq.shape)}: "
+                         "query's last dimension and w_query's first must match")
     if not projected:
         wk = a["w_key"]
         if wk.ndim != 2:
