@@ -70,7 +70,7 @@ template <typename T>
 using Buffer = std::vector<T, Eigen::aligned_allocator<T>>;
 
 // Tile sizes, chosen by measurement (a temporary build knob, one core of the 2-core Zen 4 test
-// machine, float32, medians/minima of repeated runs; benchmarks/sdpa_vs_torch.py for the suite):
+// machine, float32, medians/minima of repeated runs; `attnext bench --case "sdpa-*"` reruns them):
 // - kC = 4 packets of queries per block (Bq = 64 floats / 32 doubles with AVX-512) and kR = 6
 //   key rows (or value columns) per micro-tile: 24 accumulators + 4 query packets + a
 //   broadcast fit the 32 vector registers. Bq = 64 also keeps Qt (E x Bq) in L1 for E = 64.
