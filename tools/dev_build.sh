@@ -8,11 +8,10 @@ build_dir=${BUILD_DIR:-build/dev}
 python=${PYTHON:-python3}
 site=$("$python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 pybind=$("$python" -c "import pybind11; print(pybind11.get_cmake_dir())")
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
 cmake -S . -B "$build_dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$python")" \
-  -Dpybind11_DIR="$pybind" -DCMAKE_PREFIX_PATH="$site" -DSKBUILD_PROJECT_VERSION="$version" "$@" >/dev/null
+  -Dpybind11_DIR="$pybind" -DCMAKE_PREFIX_PATH="$site" "$@" >/dev/null
 cmake --build "$build_dir" -j "${JOBS:-2}"
 so=$(ls "$build_dir"/_core*.so)
 ln -sf "$(cd "$(dirname "$so")" && pwd)/$(basename "$so")" python/attnext/
