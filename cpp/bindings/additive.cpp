@@ -15,7 +15,7 @@ py::array_t<T, py::array::c_style> contiguous_matrix(const py::array& ref, const
                                                      const char* name) {
   require_same_dtype(ref, ref_name, w, name);
   require_ndim(w, name, 2, 2);
-  return py::array_t<T, py::array::c_style>::ensure(w);
+  return contiguous_parameter<T>(w, name);
 }
 
 template <typename T>
@@ -26,7 +26,7 @@ py::array_t<T, py::array::c_style> unit_vector(const py::array& ref, const char*
   if (a.shape(0) != units)
     fail_value(std::string(name) + " has shape " + shape_str(a) + " but the number of units is " +
                std::to_string(units));
-  return py::array_t<T, py::array::c_style>::ensure(a);
+  return contiguous_parameter<T>(a, name);
 }
 
 template <typename T>

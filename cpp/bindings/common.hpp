@@ -99,6 +99,20 @@ Strided<const T> view(const py::array& a, const char* name) {
   return Strided<const T>(static_cast<const T*>(a.data()), shape_of(a), element_strides<T>(a, name));
 }
 
+// A small parameter array (weights, a unit vector) as C-contiguous, aligned data of T; the
+// caller has checked its dtype is T. It is copied, through NumPy so that a failed allocation
+// raises MemoryError (array_t::ensure would hand back a null array), only when it is not
+// C-contiguous; misaligned data is refused as in view().
+template <typename T>
+py::array_t<T, py::array::c_style> contiguous_parameter(const py::array& a, const char* name) {
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    fail_value(std::string(name) + " of shape " + shape_str(a) +
+               " is not aligned to its item size (pass a copy: a.copy())");
+  if (a.flags() & py::array::c_style) return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(a);
+  const py::object copy = py::module_::import("numpy").attr("ascontiguousarray")(a);
+  return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(copy);
+}
+
 // Leading (batch) axes of a and b must agree exactly; the Python front broadcasts them
 // (as stride-0 views) before calling in.
 inline void require_same_batch(const py::array& a, const char* an, const py::array& b, const char* bn, int trailing) {

@@ -21,20 +21,15 @@ std::vector<index_t> score_shape(const py::array& q, const py::array& k) {
   return shape;
 }
 
-// A small parameter vector as a contiguous, aligned array of T (copied only if it is not one).
-// The copy goes through NumPy so a failed allocation raises MemoryError (array_t::ensure
-// would swallow the error and hand back a null array).
+// A parameter vector of `length` entries as a contiguous, aligned array of T.
 template <typename T>
-py::array contiguous_vector(const py::array& a, const char* name, py::ssize_t length, const char* length_name) {
+py::array_t<T, py::array::c_style> contiguous_vector(const py::array& a, const char* name, py::ssize_t length,
+                                                     const char* length_name) {
   require_ndim(a, name, 1, 1);
   if (a.shape(0) != length)
     fail_value(std::string(name) + " has shape " + shape_str(a) + " but " + length_name + " is " +
                std::to_string(length));
-  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
-    fail_value(std::string(name) + " of shape " + shape_str(a) +
-               " is not aligned to its item size (pass a copy: a.copy())");
-  if (a.flags() & py::array::c_style) return a;
-  return py::module_::import("numpy").attr("ascontiguousarray")(a);
+  return contiguous_parameter<T>(a, name);
 }
 
 template <typename T>
@@ -73,8 +68,8 @@ py::array additive_impl(const py::array& q, const py::array& k, const py::array&
   require_ndim(w_query, "w_query", 2, 2);
   require_ndim(w_key, "w_key", 2, 2);
   // Contiguous weights (copied only if they are not) let every row product run as a GEMV/GEMM.
-  const auto wqc = py::array_t<T, py::array::c_style>::ensure(w_query);
-  const auto wkc = py::array_t<T, py::array::c_style>::ensure(w_key);
+  const auto wqc = contiguous_parameter<T>(w_query, "w_query");
+  const auto wkc = contiguous_parameter<T>(w_key, "w_key");
   require_dim(q, "query", -1, w_query, "w_query", 0, "query's last dimension and w_query's first");
   require_dim(k, "key", -1, w_key, "w_key", 0, "key's last dimension and w_key's first");
   require_dim(w_query, "w_query", 1, w_key, "w_key", 1, "the number of units (second dimensions)");

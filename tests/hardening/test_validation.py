@@ -4,8 +4,6 @@ with a message naming the argument; empty sequences give empty outputs or zeros;
 (read-only, negative strides, unaligned, non-native byte order) is accepted or refused cleanly.
 """
 
-import re
-
 import numpy as np
 import pytest
 
@@ -92,14 +90,8 @@ def test_unaligned_inputs(kernel):
     for name in float_args(kw):
         bad = dict(kw, **{name: unaligned(kw[name])})
         if kernel.core:
-            # _core refuses misaligned arrays it would read in place; small parameters it
-            # copies anyway (contiguous weights) may be accepted, and must then be right.
-            try:
+            with pytest.raises(ValueError, match=f"{name}.*not aligned"):
                 kernel.call(bad)
-            except ValueError as e:
-                assert re.search(f"{name}.*not aligned", str(e)), str(e)
-            else:
-                check_against_reference(kernel, bad)
         else:
             check_against_reference(kernel, bad)
 
