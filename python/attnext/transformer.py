@@ -74,13 +74,13 @@ def _input(x, name: str, dtype: np.dtype, features: int, what: str) -> np.ndarra
     a = as_float_array(x, name)
     if a.ndim == 0 or a.shape[-1] != features:
         raise ValueError(f"{name} has shape {shape_str(a.shape)} but its last dimension must be {what} = {features}")
-    return a.astype(dtype, copy=False)
+    a = a.astype(dtype, copy=False)
+    # The projections hand the input to _core.linear as it is, which refuses misaligned data.
+    return a if a.flags.aligned else np.array(a)
 
 
 def _check_array_shape(a, name: str, expected: tuple, dtype: np.dtype) -> np.ndarray:
-    arr = np.asarray(a)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must be a real array, got dtype {arr.dtype}")
+    arr = as_float_array(a, name)  # integer weights are refused, as everywhere in attnext
     if arr.shape != tuple(expected):
         raise ValueError(f"{name} has shape {shape_str(arr.shape)} but this layer needs {shape_str(expected)}")
     return arr.astype(dtype, copy=False)

@@ -377,6 +377,100 @@ def _core_linear_ref(kw):
     return (y.astype(x.dtype),)
 
 
+# --- layers: the weights travel in kw under the layer's state-dict names ---------------------
+
+MHA_CONFIG = ("embed_dim", "num_heads", "num_kv_heads", "kdim", "vdim")
+MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+               "out_proj.weight", "out_proj.bias")
+
+
+def _mha_make(c: Case):
+    heads = 1 + c.seed % 3
+    kv_heads = heads if c.seed % 2 else 1  # grouped-query (multi-query) attention on odd seeds
+    hd = max(c.d, 1)
+    e, kvw = heads * hd, kv_heads * hd
+    packed = c.seed % 4 < 2  # kdim == vdim == embed_dim: one packed in_proj_weight
+    kdim, vdim = (e, e) if packed else (c.units + 1, c.dv + 1)
+    b = int(np.prod(c.batch)) if c.batch else 1
+    kw = dict(query=c.array((b, c.lq, e)))
+    self_attention = packed and c.seed % 8 < 2  # query only: self-attention, one GEMM for Q, K, V
+    if self_attention:
+        lk = c.lq
+    else:
+        lk = c.lk
+        kw["key"] = c.array((b, lk, kdim), c.dtype2)
+        kw["value"] = c.array((b, lk, vdim))
+    kw.update(embed_dim=e, num_heads=heads, num_kv_heads=kv_heads, kdim=kdim, vdim=vdim)
+    if packed:
+        kw["in_proj_weight"] = c.array((e + 2 * kvw, e), scale=0.5)
+    else:
+        kw.update(q_proj_weight=c.array((e, e), scale=0.5), k_proj_weight=c.array((kvw, kdim), scale=0.5),
+                  v_proj_weight=c.array((kvw, vdim), scale=0.5))
+    bias = c.seed % 3 != 1
+    if bias:
+        kw["in_proj_bias"] = c.array((e + 2 * kvw,))
+    kw["out_proj.weight"] = c.array((e, e), scale=0.5)
+    if bias:
+        kw["out_proj.bias"] = c.array((e,))
+    m = c.mask_for((b, heads, c.lq, lk))
+    if m is not None and (m.shape != (b, heads, c.lq, lk) or c.seed % 5 == 0):
+        m = np.ascontiguousarray(np.broadcast_to(c.mask_for((c.lq, lk)), (c.lq, lk)))  # the (L, S) form
+    kw.update(attn_mask=m, is_causal=c.causal)
+    if c.seed % 2 and lk:
+        kw["key_lengths"] = c.rng.integers(0, lk + 1, size=b)
+    kw.update(need_weights=True, average_attn_weights=False)
+    return kw
+
+
+def _float_arrays(kw):
+    return [v for v in kw.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
+
+
+def _mha_call(kw):
+    kw = dict(kw)
+    config = {n: kw.pop(n) for n in MHA_CONFIG if n in kw}
+    state = {n: kw.pop(n) for n in MHA_WEIGHTS if n in kw}
+    floats = _float_arrays(kw) + _float_arrays(state)
+    dtype = compute_dtype(*floats) if floats else np.dtype(np.float64)
+    bias = "in_proj_bias" in state or "out_proj.bias" in state
+    layer = attnext.MultiHeadAttention(**config, bias=bias, dtype=dtype)
+    layer.load_state_dict(state)
+    return _tuple(layer(**kw))
+
+
+def _mha_ref(kw):
+    dtype = compute_dtype(*_float_arrays(kw))
+    kw = _ref_inputs(kw, dtype)
+    e, heads, kv_heads = kw["embed_dim"], kw["num_heads"], kw["num_kv_heads"]
+    kvw = kv_heads * (e // heads)
+    if "in_proj_weight" in kw:
+        w = kw["in_proj_weight"]
+        wq, wk, wv = w[:e], w[e:e + kvw], w[e + kvw:]
+    else:
+        wq, wk, wv = kw["q_proj_weight"], kw["k_proj_weight"], kw["v_proj_weight"]
+    bq = bk = bv = None
+    if "in_proj_bias" in kw:
+        bb = kw["in_proj_bias"]
+        bq, bk, bv = bb[:e], bb[e:e + kvw], bb[e + kvw:]
+    query = kw["query"]
+    key = kw.get("key", query)
+    value = kw.get("value", key)
+    b, lq, lk = query.shape[0], query.shape[1], key.shape[1]
+    m = kw["attn_mask"]
+    if kw.get("key_lengths") is not None:
+        keep = (np.arange(lk) < np.asarray(kw["key_lengths"])[:, None])[:, None, None, :]
+        if m is None:
+            m = keep
+        elif m.dtype == np.bool_:
+            m = m & keep
+        else:
+            m = np.where(keep, m, -np.inf).astype(dtype)
+    out, w = ref.multi_head_attention(query, key, value, heads, wq, wk, wv, kw["out_proj.weight"], q_bias=bq,
+                                      k_bias=bk, v_bias=bv, out_bias=kw.get("out_proj.bias"), num_kv_heads=kv_heads,
+                                      attn_mask=m, is_causal=kw["is_causal"])
+    return out.astype(dtype), w.astype(dtype)
+
+
 KERNELS: list[Kernel] = [
     Kernel("score[dot]", _score_make("dot"), lambda kw: (attnext.score(**kw),), _score_ref),
     Kernel("score[scaled_dot]", _score_make("scaled_dot"), lambda kw: (attnext.score(**kw),), _score_ref),
@@ -408,6 +502,7 @@ KERNELS: list[Kernel] = [
     Kernel("_core.additive_attention", _core_additive_attention_make, _core_additive_attention_call,
            _additive_attention_ref, core=True, uses_mask=True),
     Kernel("_core.linear", _core_linear_make, lambda kw: (_core.linear(**kw),), _core_linear_ref, core=True),
+    Kernel("MultiHeadAttention", _mha_make, _mha_call, _mha_ref, uses_mask=True, uses_causal=True),
 ]
 
 BY_NAME = {k.name: k for k in KERNELS}
