@@ -205,9 +205,9 @@ def test_weights_attributes_and_state_dict():
     other.load_state_dict(layer.state_dict())
     for name, value in layer.state_dict().items():
         assert np.array_equal(getattr(other, name), value)
-    with pytest.raises(ValueError, match=r"missing \['bias'\]"):
+    with pytest.raises(ValueError, match=r"missing keys \['bias'\]"):
         other.load_state_dict({k: v for k, v in state.items() if k != "bias"})
-    with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
+    with pytest.raises(ValueError, match=r"unexpected keys \['extra'\]"):
         other.load_state_dict({**state, "extra": np.zeros(1)})
     luong = attnext.LuongAttention(4, 3, "general", attentional_units=2, scale=True, rng=0)
     assert set(luong.state_dict()) == {"w_a", "g", "w_c"} and luong.w_c.shape == (7, 2)

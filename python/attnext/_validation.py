@@ -131,3 +131,14 @@ def check_key_lengths(key_lengths, batch_shape: tuple, lk: int) -> np.ndarray:
         raise ValueError(f"key_lengths must lie in [0, {lk}] (the number of keys), got values from "
                          f"{lengths.min()} to {lengths.max()}")
     return np.broadcast_to(lengths.astype(np.int64, copy=False), batch_shape)
+
+
+def check_state_keys(state, expected, owner: str) -> None:
+    """Refuses a state dict whose keys are not exactly ``expected``, naming what is missing and
+    what is unexpected (a layer's load_state_dict changes nothing when this raises)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = ([f"missing keys {missing}"] if missing else []) + (
+            [f"unexpected keys {unexpected}"] if unexpected else [])
+        raise ValueError(f"state dict does not fit {owner} ({'; '.join(parts)}); it needs {list(expected)}")

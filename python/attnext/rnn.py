@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, check_key_lengths, prepare_mask, shape_str
+from ._validation import as_float_array, check_key_lengths, check_state_keys, prepare_mask, shape_str
 
 __all__ = ["BahdanauAttention", "BahdanauMemory", "LuongAttention"]
 
@@ -77,15 +77,7 @@ class _Weights:
     def load_state_dict(self, state: dict) -> None:
         """Sets every parameter from ``state`` (as returned by :meth:`state_dict`); the names
         must match exactly and each array must have its parameter's shape."""
-        missing = set(self._shapes) - set(state)
-        unexpected = set(state) - set(self._shapes)
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing {sorted(missing)}")
-            if unexpected:
-                parts.append(f"unexpected {sorted(unexpected)}")
-            raise ValueError(f"state_dict does not match {type(self).__name__}: {', '.join(parts)}")
+        check_state_keys(state, self._shapes, type(self).__name__)
         checked = {name: self._checked(name, state[name]) for name in self._shapes}
         for name, value in checked.items():
             object.__setattr__(self, "_" + name, value)

@@ -17,7 +17,7 @@ import numbers
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, shape_str
+from ._validation import as_float_array, check_state_keys, shape_str
 from .functional import scaled_dot_product_attention
 
 __all__ = ["SelfAttention", "MultiHeadAttention", "KVCache"]
@@ -434,15 +434,7 @@ class MultiHeadAttention:
             raise ValueError(f"state dict has {', '.join(sorted(unsupported))} (add_bias_kv=True), which "
                              "MultiHeadAttention does not support")
         shapes = self._weight_shapes()
-        missing = [k for k in shapes if k not in d]
-        unexpected = [k for k in d if k not in shapes]
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {missing}")
-            if unexpected:
-                parts.append(f"unexpected keys {unexpected}")
-            raise ValueError(f"state dict does not fit this layer ({'; '.join(parts)}); it needs {list(shapes)}")
+        check_state_keys(d, shapes, "this layer")
         checked = {name: _check_array_shape(d[name], name, shape, self.dtype) for name, shape in shapes.items()}
         for name, value in checked.items():
             self._storage(name)[...] = value
