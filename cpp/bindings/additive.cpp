@@ -107,17 +107,8 @@ py::object attention_impl(const py::array& q, const py::array& w_query, const py
   score_shape.back() = lk;
   const Mask<T> m = mask_view<T>(mask, score_shape, "mask");
 
-  Strided<const std::int64_t> lengths;
-  if (!key_lengths.is_none()) {
-    if (!py::isinstance<py::array>(key_lengths)) fail_type("key_lengths must be a NumPy array or None");
-    const py::array kl = py::reinterpret_borrow<py::array>(key_lengths);
-    if (!kl.dtype().is(py::dtype::of<std::int64_t>()))
-      fail_type("key_lengths must be int64, got " + std::string(py::str(kl.dtype())));
-    if (shape_of(kl) != batch)
-      fail_value("key_lengths has shape " + shape_str(kl) + " but the batch shape is " + shape_str(batch));
-    lengths = view<std::int64_t>(kl, "key_lengths");
-    require_in_range(kl, "key_lengths", lk);
-  }
+  py::array lengths_array;
+  const Strided<const std::int64_t> lengths = key_lengths_view(key_lengths, batch, lk, lengths_array);
 
   std::vector<index_t> out_shape = shape_of(q);
   out_shape.back() = value.shape(value.ndim() - 1);

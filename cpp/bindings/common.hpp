@@ -162,6 +162,21 @@ inline void require_in_range(const py::array& a, const char* name, std::int64_t 
   }
 }
 
+// key_lengths for kernels that take them: None, or an int64 array of exactly the batch shape
+// with every value in [0, num_keys]. `holder` keeps the array alive for the returned view.
+inline Strided<const std::int64_t> key_lengths_view(const py::object& obj, const std::vector<index_t>& batch,
+                                                    index_t num_keys, py::array& holder) {
+  if (obj.is_none()) return {};
+  if (!py::isinstance<py::array>(obj)) fail_type("key_lengths must be a NumPy int64 array or None");
+  holder = py::reinterpret_borrow<py::array>(obj);
+  if (!holder.dtype().is(py::dtype::of<std::int64_t>()))
+    fail_type("key_lengths must be int64, got " + std::string(py::str(holder.dtype())));
+  if (shape_of(holder) != batch)
+    fail_value("key_lengths has shape " + shape_str(holder) + " but the batch shape is " + shape_str(batch));
+  require_in_range(holder, "key_lengths", num_keys);
+  return view<std::int64_t>(holder, "key_lengths");
+}
+
 inline index_t checked_size(const std::vector<index_t>& shape, const char* what) {
   index_t n = 1;
   for (index_t d : shape) {

@@ -30,17 +30,7 @@ py::tuple sdpa_impl(const py::array& q, const py::array& k, const py::array& v, 
   p.window_right = window_right >= L + S ? -1 : window_right;
   p.scale = static_cast<T>(scale);
   py::array lengths;
-  if (!key_lengths.is_none()) {
-    if (!py::isinstance<py::array>(key_lengths)) fail_type("key_lengths must be a NumPy int64 array or None");
-    lengths = py::reinterpret_borrow<py::array>(key_lengths);
-    if (!lengths.dtype().is(py::dtype::of<std::int64_t>()))
-      fail_type("key_lengths must have dtype int64, got " + std::string(py::str(lengths.dtype())));
-    if (shape_of(lengths) != batch)
-      fail_value("key_lengths has shape " + shape_str(lengths) + " but the batch shape of query " + shape_str(q) +
-                 " is " + shape_str(batch));
-    p.key_lengths = view<std::int64_t>(lengths, "key_lengths");
-    require_in_range(lengths, "key_lengths", S);
-  }
+  p.key_lengths = key_lengths_view(key_lengths, batch, S, lengths);
   std::vector<index_t> out_shape = batch;
   out_shape.push_back(L);
   out_shape.push_back(p.v.dim(-1));
