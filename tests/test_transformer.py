@@ -545,7 +545,8 @@ def test_self_attention_set_weights_errors():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,inp,out", [(1, 1, 1), (7, 33, 129), (300, 17, 260), (129, 64, 7)])
+@pytest.mark.parametrize("rows,inp,out", [(1, 1, 1), (7, 33, 129), (300, 17, 260), (129, 64, 7),
+                                          (23, 530, 70), (400, 40, 100), (16, 0, 5)])
 @pytest.mark.parametrize("layout", ["C", "F", "strided"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_kernel(dtype, rows, inp, out, layout, with_bias):
@@ -573,6 +574,28 @@ def test_linear_kernel_reads_heads_view(dtype):
     y = _core.linear(o.transpose(0, 2, 1, 3), w, b)
     expected = o.transpose(0, 2, 1, 3).reshape(3, 33, 32) @ w.T + b
     close(y, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_kernel_packed_path_reads_heads_view_and_is_thread_independent(dtype):
+    # 2 x 57 rows take the packed GEMM; features gathered through the (B, L, H, D) view; K = 300
+    # spans two K blocks; 131 outputs leave a partial column panel.
+    rng = np.random.default_rng(20)
+    o = randn(rng, (2, 12, 57, 25), dtype)
+    w, b = randn(rng, (131, 300), dtype), randn(rng, 131, dtype)
+    heads = o.transpose(0, 2, 1, 3)
+    expected = heads.reshape(2, 57, 300).astype(np.float64) @ w.T.astype(np.float64) + b
+    saved = attnext.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            attnext.set_num_threads(n)
+            results.append(_core.linear(heads, w, b))
+    finally:
+        attnext.set_num_threads(saved)
+    close(results[0], expected, dtype)
+    for r in results[1:]:
+        assert np.array_equal(r, results[0])
 
 
 def test_linear_kernel_direct_call_errors():

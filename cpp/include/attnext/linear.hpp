@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "gemm.hpp"
 #include "parallel.hpp"
 #include "strided.hpp"
 
@@ -21,6 +22,42 @@ constexpr index_t kLinearColBlock = 256;
 // the machine is busy and a team member has to wait for a core.
 constexpr index_t kLinearMinParallelWork = index_t(1) << 20;
 
+// linear() for many rows, through packed_gemm: the packers read x and W through their strides.
+template <typename T>
+void linear_packed(const Strided<const T>& x, const Strided<const T>& weight, const T* bias, T* y) {
+  const index_t nl = x.dim(1), nd = x.dim(3), in = x.dim(2) * nd;
+  const index_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2), xs3 = x.stride(3);
+  const bool x_features_run = xs3 == 1 && (x.dim(2) == 1 || xs2 == nd);  // a row's features are one run
+  const auto x_rows = [&](index_t m0, index_t rows, index_t k0, index_t kc, T* dst, index_t ld) {
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t m = m0 + r;
+      const T* row = x.data + (m / nl) * xs0 + (m % nl) * xs1;
+      if (x_features_run) {
+        for (index_t k = 0; k < kc; ++k) dst[k * ld + r] = row[k0 + k];
+      } else {  // feature f = c * nd + d at row[c * xs2 + d * xs3], walked without divisions
+        index_t c = k0 / nd, d = k0 % nd;
+        for (index_t k = 0; k < kc; ++k) {
+          dst[k * ld + r] = row[c * xs2 + d * xs3];
+          if (++d == nd) d = 0, ++c;
+        }
+      }
+    }
+  };
+  const index_t ws0 = weight.stride(0), ws1 = weight.stride(1);
+  const auto w_rows = [&](index_t n0, index_t cols, index_t k0, index_t kc, T* dst, index_t ld) {
+    for (index_t c = 0; c < cols; ++c) {
+      const T* row = weight.data + (n0 + c) * ws0 + k0 * ws1;
+      for (index_t k = 0; k < kc; ++k) dst[k * ld + c] = row[k * ws1];
+    }
+  };
+  packed_gemm<T>(x.dim(0) * nl, weight.dim(0), in, x_rows, w_rows, bias, y);
+}
+
+// From this many rows (B * L) on, the packed kernel (gemm.hpp); below, packing W would cost
+// as much as the product itself (a decoding step), and Eigen's matrix-vector products read it
+// in place. The choice depends on the shapes only.
+constexpr index_t kLinearPackedMinRows = 32;
+
 // y = x W^T + b
 //   x (B, L, C, D) any strides: row (b, l) has C * D features, feature c * D + d at x[b, l, c, d]
 //     (C > 1 reads a (B, H, L, D) attention output through a (B, L, H, D) view, no copy first)
@@ -28,6 +65,10 @@ constexpr index_t kLinearMinParallelWork = index_t(1) << 20;
 //   y (B, L, O) C-contiguous
 template <typename T>
 void linear(const Strided<const T>& x, const Strided<const T>& weight, const T* bias, T* y) {
+  if (x.dim(0) * x.dim(1) >= kLinearPackedMinRows) {
+    linear_packed(x, weight, bias, y);
+    return;
+  }
   const index_t nb = x.dim(0), nl = x.dim(1), nc = x.dim(2), nd = x.dim(3);
   const index_t in = nc * nd, out = weight.dim(0);
   const index_t row_blocks = (nl + kLinearRowBlock - 1) / kLinearRowBlock;
