@@ -71,29 +71,53 @@ void check_projected(const py::array& q, const py::array& a, const char* name, c
     fail_value(std::string(name) + " must have contiguous (Lk, U) blocks (as additive_keys returns them)");
 }
 
+// The keys of one attention call: prepared by additive_keys (raw, expo, ok), or raw keys and
+// w_key to be projected inside the call.
+struct KeysArg {
+  bool projected;
+  const py::array *raw, *expo, *ok;  // projected
+  const py::array *key, *w_key;      // not projected
+};
+
 template <typename T>
-py::object attention_impl(const py::array& q, const py::array& w_query, const py::object& bias,
-                          const py::array& keys_raw, const py::array& keys_exp, const py::array& keys_ok,
+py::object attention_impl(const py::array& q, const py::array& w_query, const py::object& bias, const KeysArg& keys,
                           const py::array& value, const py::array& v, const py::object& mask,
                           const py::object& key_lengths, bool return_weights) {
   require_ndim(q, "query", 2);
-  check_projected(q, keys_raw, "keys_raw", keys_raw);
-  check_projected(q, keys_exp, "keys_exp", keys_raw);
   require_same_dtype(q, "query", value, "value");
   require_ndim(value, "value", 2);
-  require_same_batch(q, "query", keys_raw, "keys_raw", 2);
   require_same_batch(q, "query", value, "value", 2);
-  require_dim(keys_raw, "keys_raw", -2, value, "value", -2, "the number of keys");
-  if (!keys_ok.dtype().is(py::dtype::of<bool>()))
-    fail_type("keys_ok must be bool, got " + std::string(py::str(keys_ok.dtype())));
   const std::vector<index_t> batch(q.shape(), q.shape() + q.ndim() - 2);
-  if (shape_of(keys_ok) != batch)
-    fail_value("keys_ok has shape " + shape_str(keys_ok) + " but the batch shape is " + shape_str(batch));
-  const py::ssize_t units = keys_raw.shape(keys_raw.ndim() - 1);
+  py::array_t<T, py::array::c_style> wk;
+  const bool projected = keys.projected;
+  // key_ref: the array giving the number of keys; units_ref: the one giving the number of units
+  const py::array& key_ref = projected ? *keys.raw : *keys.key;
+  const py::array& units_ref = projected ? *keys.raw : *keys.w_key;
+  if (projected) {
+    const py::array &raw = *keys.raw, &expo = *keys.expo, &ok = *keys.ok;
+    check_projected(q, raw, "keys_raw", raw);
+    check_projected(q, expo, "keys_exp", raw);
+    require_same_batch(q, "query", raw, "keys_raw", 2);
+    require_dim(raw, "keys_raw", -2, value, "value", -2, "the number of keys");
+    if (!ok.dtype().is(py::dtype::of<bool>()))
+      fail_type("keys_ok must be bool, got " + std::string(py::str(ok.dtype())));
+    if (shape_of(ok) != batch)
+      fail_value("keys_ok has shape " + shape_str(ok) + " but the batch shape is " + shape_str(batch));
+  } else {
+    const py::array &key = *keys.key, &w_key = *keys.w_key;
+    require_same_dtype(q, "query", key, "key");
+    require_ndim(key, "key", 2);
+    require_same_batch(q, "query", key, "key", 2);
+    require_dim(key, "key", -2, value, "value", -2, "the number of keys");
+    wk = contiguous_matrix<T>(key, "key", w_key, "w_key");
+    require_dim(key, "key", -1, w_key, "w_key", 0, "key's last dimension and w_key's first");
+  }
+  const char* units_name = projected ? "keys_raw" : "w_key";
+  const py::ssize_t units = units_ref.shape(units_ref.ndim() - 1);
   const auto wq = contiguous_matrix<T>(q, "query", w_query, "w_query");
   require_dim(q, "query", -1, w_query, "w_query", 0, "query's last dimension and w_query's first");
   if (w_query.shape(1) != units)
-    fail_value("w_query has shape " + shape_str(w_query) + " but keys_raw has " + shape_str(keys_raw) +
+    fail_value("w_query has shape " + shape_str(w_query) + " but " + units_name + " has " + shape_str(units_ref) +
                ": the number of units must match");
   const auto vc = unit_vector<T>(q, "query", v, "v", units);
   py::array_t<T, py::array::c_style> bc;
@@ -102,7 +126,7 @@ py::object attention_impl(const py::array& q, const py::array& w_query, const py
     bc = unit_vector<T>(q, "query", py::reinterpret_borrow<py::array>(bias), "bias", units);
   }
 
-  const index_t lq = q.shape(q.ndim() - 2), lk = keys_raw.shape(keys_raw.ndim() - 2);
+  const index_t lk = key_ref.shape(key_ref.ndim() - 2);
   std::vector<index_t> score_shape = shape_of(q);
   score_shape.back() = lk;
   const Mask<T> m = mask_view<T>(mask, score_shape, "mask");
@@ -115,21 +139,34 @@ py::object attention_impl(const py::array& q, const py::array& w_query, const py
   py::array_t<T> out = new_output<T>(out_shape, "context");
   py::array_t<T> w;
   if (return_weights) w = new_output<T>(score_shape, "weights");
-  (void)lq;
 
   const Strided<const T> qv = view<T>(q, "query"), vv = view<T>(value, "value");
-  AdditiveKeys<T> keys{view<T>(keys_raw, "keys_raw"), view<T>(keys_exp, "keys_exp"), view<bool>(keys_ok, "keys_ok")};
   const ConstMatrixMap<T> wm = map_matrix(wq);
   const T* bp = bias.is_none() ? nullptr : bc.data();
+  const Strided<const std::int64_t>* lp = key_lengths.is_none() ? nullptr : &lengths;
   T* op = out.mutable_data();
   T* wp = return_weights ? w.mutable_data() : nullptr;
-  {
+  if (projected) {
+    const AdditiveKeys<T> prepared{view<T>(*keys.raw, "keys_raw"), view<T>(*keys.expo, "keys_exp"),
+                                   view<bool>(*keys.ok, "keys_ok")};
     // Safe without the GIL: every array is kept alive by this frame; no Python object is used.
     py::gil_scoped_release nogil;
-    additive_attention<T>(qv, wm, bp, keys, vv, vc.data(), m, key_lengths.is_none() ? nullptr : &lengths, op, wp);
+    additive_attention<T>(qv, wm, bp, prepared, vv, vc.data(), m, lp, op, wp);
+  } else {
+    const Strided<const T> kv = view<T>(*keys.key, "key");
+    const ConstMatrixMap<T> wkm = map_matrix(wk);
+    // Safe without the GIL: every array is kept alive by this frame; no Python object is used.
+    py::gil_scoped_release nogil;
+    additive_attention<T>(qv, wm, bp, kv, wkm, vv, vc.data(), m, lp, op, wp);
   }
   if (return_weights) return py::make_tuple(out, w);
   return std::move(out);
+}
+
+template <typename... Args>
+py::object attention_dispatch(const py::array& q, Args&&... args) {
+  return float_dtype(q, "query") == DType::f32 ? attention_impl<float>(q, std::forward<Args>(args)...)
+                                               : attention_impl<double>(q, std::forward<Args>(args)...);
 }
 
 }  // namespace
@@ -146,11 +183,8 @@ void register_additive(py::module_& m) {
                                  const py::array& keys_raw, const py::array& keys_exp, const py::array& keys_ok,
                                  const py::array& value, const py::array& v, const py::object& mask,
                                  const py::object& key_lengths, bool return_weights) -> py::object {
-    return float_dtype(q, "query") == DType::f32
-               ? attention_impl<float>(q, w_query, bias, keys_raw, keys_exp, keys_ok, value, v, mask, key_lengths,
-                                       return_weights)
-               : attention_impl<double>(q, w_query, bias, keys_raw, keys_exp, keys_ok, value, v, mask, key_lengths,
-                                        return_weights);
+    return attention_dispatch(q, w_query, bias, KeysArg{true, &keys_raw, &keys_exp, &keys_ok, nullptr, nullptr}, value, v, mask,
+                              key_lengths, return_weights);
   }, py::arg("query").noconvert(), py::arg("w_query").noconvert(), py::arg("bias").none(true),
         py::arg("keys_raw").noconvert(), py::arg("keys_exp").noconvert(), py::arg("keys_ok").noconvert(),
         py::arg("value").noconvert(), py::arg("v").noconvert(), py::arg("mask").none(true),
@@ -158,6 +192,18 @@ void register_additive(py::module_& m) {
         "softmax(v . tanh(query w_query + bias + keys) + mask) value on keys prepared by additive_keys. "
         "query (..., Lq, Dq), keys (..., Lk, U), value (..., Lk, Dv), equal batch shapes; mask broadcast to "
         "(..., Lq, Lk) or None; key_lengths (...,) int64 or None -> context (..., Lq, Dv) [, weights (..., Lq, Lk)].");
+  m.def("additive_attention_keys", [](const py::array& q, const py::array& w_query, const py::object& bias,
+                                      const py::array& key, const py::array& w_key, const py::array& value,
+                                      const py::array& v, const py::object& mask, const py::object& key_lengths,
+                                      bool return_weights) -> py::object {
+    return attention_dispatch(q, w_query, bias, KeysArg{false, nullptr, nullptr, nullptr, &key, &w_key}, value, v, mask, key_lengths,
+                              return_weights);
+  }, py::arg("query").noconvert(), py::arg("w_query").noconvert(), py::arg("bias").none(true),
+        py::arg("key").noconvert(), py::arg("w_key").noconvert(), py::arg("value").noconvert(),
+        py::arg("v").noconvert(), py::arg("mask").none(true), py::arg("key_lengths").none(true),
+        py::arg("return_weights") = false,
+        "additive_attention on raw keys, projected inside the call: key (..., Lk, Dk) with the query's batch "
+        "shape, w_key (Dk, U); otherwise as additive_attention.");
 }
 
 }  // namespace bind

@@ -446,15 +446,19 @@ def additive_attention(query, key, value, w_query, w_key, v, *, bias=None, mask=
     except ValueError:
         raise ValueError(f"batch dimensions do not broadcast: query has shape {shape_str(q.shape)}, key has batch "
                          f"shape {shape_str(key_batch)}, value has shape {shape_str(val.shape)}") from None
-    if not projected:
-        # Project the keys at their own batch shape; broadcasting comes after, as views.
-        keys = ProjectedKeys(*_core.additive_keys(a["key"], a["w_key"]))
-    keys = keys.broadcast_to(batch)
     q = np.broadcast_to(q, batch + q.shape[-2:])
     val = np.broadcast_to(val, batch + val.shape[-2:])
     lengths = None
     if key_lengths is not None:
         lengths = check_key_lengths(key_lengths, batch, lk)
     m = prepare_mask(mask, batch + (q.shape[-2], lk), dtype)
+    if not projected and key_batch == batch:
+        # The kernel projects the keys itself, into scratch memory it reuses between calls.
+        return _core.additive_attention_keys(q, wq, a.get("bias"), a["key"], a["w_key"], val, vv, m, lengths,
+                                             bool(return_weights))
+    if not projected:
+        # Keys shared over batch axes: projected once at their own batch shape, then broadcast as views.
+        keys = ProjectedKeys(*_core.additive_keys(a["key"], a["w_key"]))
+    keys = keys.broadcast_to(batch)
     return _core.additive_attention(q, wq, a.get("bias"), keys.projected, keys._expo, keys._ok, val, vv, m, lengths,
                                     bool(return_weights))

@@ -2,16 +2,21 @@
 // q' = q W_q (+ bias) and k' = k W_k are projections computed once per call as GEMMs.
 // Only (Lq + Lk) x U projections are ever stored, never the (Lq, Lk, U) tensor.
 //
-// The fast form. tanh(a + b) = 1 - 2 / (1 + e^{2a} e^{2b}): the exponentials factor over the
-// sum, so e^{2q'} (one per query unit) and e^{2k'} (one per key unit) are computed once, and each
-// of the Lq x Lk x U terms costs one fused multiply-add, a reciprocal (hardware estimate plus
-// a Newton step) and one more multiply-add, with no exp or tanh polynomial in the inner loop.
-// Accuracy: a relative error d in e^{2a} e^{2b} moves tanh by at most d / 2 in absolute terms,
-// so each term is within a few ulp of 1 of the exact tanh.
+// The fast form. tanh(a + b) = 1 - 2 / (1 + e^{2a} e^{2b}) = 1 - 2 e^{-2a} / (e^{-2a} + e^{2b}):
+// the exponentials factor over the sum, so e^{-2q'} (one per query unit) and e^{2k'} (one per
+// key unit) are computed once, and
+//   v . tanh(q' + k') = sum_u v_u + sum_u w_u / (e^{-2q'_u} + e^{2k'_u}),  w_u = -2 v_u e^{-2q'_u},
+// with w also computed once per query row. Each of the Lq x Lk x U terms then costs an add, a
+// reciprocal (hardware estimate plus a Newton step) and a multiply-add, with no exp or tanh
+// polynomial in the inner loop. (The add runs on Zen 4's FP add pipes, next to the
+// multiply-add pipes the reciprocal and the rest use: 1 + e^{2a} e^{2b} as a multiply-add was
+// measured ~15% slower.)
+// Accuracy: each operation is correctly rounded or (the reciprocal) within a few ulp, and the
+// term is a ratio of positive numbers, so each term is within a few ulp of the exact tanh form.
 // Range: the factored form is used while every |q'_u| and |k'_u| is at most exp_form_limit
-// (20 for float, 170 for double), so that 1 + e^{2q'} e^{2k'} stays a normal finite number.
-// A row or key set outside that range (or holding NaN/inf) goes through the plain vectorised
-// tanh instead; which path runs depends only on the data, never on the thread count.
+// (20 for float, 170 for double), so that the sums stay normal finite numbers, and every w_u
+// is finite. A row or key set outside that range (or holding NaN/inf) goes through the plain
+// vectorised tanh instead; which path runs depends only on the data, never on the thread count.
 #pragma once
 
 #include <cmath>
@@ -21,7 +26,9 @@
 #include <algorithm>
 #include <vector>
 
+#include "gemm.hpp"
 #include "parallel.hpp"
+#include "scratch.hpp"
 #include "strided.hpp"
 #include "vmath.hpp"
 
@@ -75,71 +82,101 @@ inline vm::Packet<T> reciprocal(const vm::Packet<T>& x) {
 
 }  // namespace detail
 
-// expo[0, n) = exp(2 raw[0, n)); returns whether every |raw| <= exp_form_limit (false for NaN),
-// i.e. whether the factored form may be used with these values. expo is written either way.
+// expo[0, n) = exp(factor raw[0, n)); returns whether every |raw| <= exp_form_limit (false for
+// NaN), i.e. whether the factored form may be used with these values. expo is written either way.
 template <typename T>
-inline bool additive_exp_form(const T* raw, T* expo, index_t n) {
+inline bool additive_exp_form(const T* raw, T* expo, index_t n, T factor = T(2)) {
   namespace ei = Eigen::internal;
   using P = vm::Packet<T>;
   constexpr index_t W = vm::packet_size<T>();
-  const P two = ei::pset1<P>(T(2));
+  const P f = ei::pset1<P>(factor);
   const T limit = exp_form_limit<T>();
   bool ok = true;
   for (index_t i = 0; i < n; ++i) ok &= (std::abs(raw[i]) <= limit);
   index_t i = 0;
-  for (; i + W <= n; i += W) ei::pstoreu(expo + i, ei::pexp(ei::pmul(two, ei::ploadu<P>(raw + i))));
+  for (; i + W <= n; i += W) ei::pstoreu(expo + i, ei::pexp(ei::pmul(f, ei::ploadu<P>(raw + i))));
   if (i < n) {
     alignas(64) T tail[W] = {};
     std::memcpy(tail, raw + i, sizeof(T) * (n - i));
-    ei::pstore(tail, ei::pexp(ei::pmul(two, ei::pload<P>(tail))));
+    ei::pstore(tail, ei::pexp(ei::pmul(f, ei::pload<P>(tail))));
     std::memcpy(expo + i, tail, sizeof(T) * (n - i));
   }
   return ok;
 }
 
-// One projected row (or a set of rows of `units` each): the raw projection and, when every
-// value is in range, its exponential form (expo == nullptr otherwise).
+// A query row's factored form: inv = e^{-2 raw}, weight = -2 v e^{-2 raw} (U each); returns
+// whether it may be used (every |raw| in range and every weight finite).
+template <typename T>
+inline bool additive_query_form(const T* raw, const T* v, T* inv, T* weight, index_t units) {
+  bool ok = additive_exp_form(raw, inv, units, T(-2));
+  for (index_t u = 0; u < units; ++u) {
+    weight[u] = T(-2) * v[u] * inv[u];
+    ok &= std::isfinite(weight[u]);
+  }
+  return ok;
+}
+
+// Projected key rows (Lk, U) row-major: the raw projection and, when every value is in range,
+// e^{2 raw} (expo == nullptr otherwise).
 template <typename T>
 struct AdditiveRows {
   const T* raw = nullptr;
   const T* expo = nullptr;
 };
 
-// out[j] = sum_u v[u] * tanh(q[u] + k[j * U + u]) for j in [0, lk).
-//   q: one query row (U,); k: lk key rows (lk, U) row-major contiguous; v (U,) contiguous.
-// The factored form runs when both q.expo and k.expo are given, else the plain tanh.
-// Factored, the sum is taken as sum_u v_u + sum_u (-2 v_u) / (1 + e^{2q'_u} e^{2k'_u}), which
-// saves an operation per term; each lane starts from its share of sum_u v_u.
-// Four keys share each load of q and v; the u-sum is accumulated lane-wise then reduced in a
-// fixed order, so a key's score does not depend on its position or the thread count.
+// One projected query row (U,): the raw projection and, when additive_query_form allowed it,
+// inv = e^{-2 raw} and weight = -2 v e^{-2 raw} (both nullptr otherwise).
 template <typename T>
-inline void additive_scores_row(const AdditiveRows<T>& q, const AdditiveRows<T>& k, const T* v, index_t units,
-                                index_t lk, T* out) {
+struct AdditiveQuery {
+  const T* raw = nullptr;
+  const T* inv = nullptr;
+  const T* weight = nullptr;
+};
+
+// out[j] = sum_u v[u] * tanh(q[u] + k[j * U + u]) for j in [0, lk).
+//   q: one query row; k: lk key rows (lk, U) row-major contiguous; v (U,) contiguous.
+// The factored form runs when both q.inv and k.expo are given, else the plain tanh. Factored,
+// each lane starts from its share of sum_u v_u and adds w_u / (e^{-2q'_u} + e^{2k'_u}).
+// Four keys share each load of q's operands; the u-sum is accumulated lane-wise then reduced in
+// a fixed order, so a key's score does not depend on its position or the thread count.
+namespace detail {
+
+// additive_scores_row for one form, fixed at compile time so that each inner loop is straight.
+template <typename T, bool factored>
+inline void additive_scores_row_in_form(const AdditiveQuery<T>& q, const AdditiveRows<T>& k, const T* v,
+                                        index_t units, index_t lk, T* out) {
   namespace ei = Eigen::internal;
   using P = vm::Packet<T>;
   constexpr index_t W = vm::packet_size<T>();
   const index_t full = units / W * W;
   const index_t rest = units - full;
-  const bool factored = q.expo && k.expo;
-  const T* qa = factored ? q.expo : q.raw;
+  const T* qa = factored ? q.inv : q.raw;     // added to the key operand
+  const T* wa = factored ? q.weight : v;      // weighs each term
   const T* ka = factored ? k.expo : k.raw;
-  // The tail lanes: q, v and k zero-padded (v = 0 makes their terms vanish whatever they are).
-  alignas(64) T q_tail[W] = {}, v_tail[W] = {}, k_tail[4][W] = {};
+  // The tail lanes: weight 0 makes their terms vanish; the query operand is padded with 1 so
+  // that a factored term stays 0 / 1 rather than 0 / 0.
+  alignas(64) T q_tail[W], w_tail[W] = {}, k_tail[4][W] = {};
+  std::fill(q_tail, q_tail + W, factored ? T(1) : T(0));
   if (rest) {
     std::memcpy(q_tail, qa + full, sizeof(T) * rest);
-    std::memcpy(v_tail, v + full, sizeof(T) * rest);
+    std::memcpy(w_tail, wa + full, sizeof(T) * rest);
   }
-  const P one = ei::pset1<P>(T(1)), minus_two = ei::pset1<P>(T(-2));
-  // Factored: start = the lanes of sum_u v_u, weight = -2 v, term = 1 / (1 + e^{2q'} e^{2k'}).
-  // Plain: start = 0, weight = v, term = tanh(q' + k').
+  // Factored: start = the lanes of sum_u v_u, term = 1 / (e^{-2q'} + e^{2k'}).
+  // Plain: start = 0, term = tanh(q' + k').
   P start = ei::pset1<P>(T(0));
-  if (factored) {
+  if constexpr (factored) {
+    alignas(64) T v_tail[W] = {};
     for (index_t u = 0; u < full; u += W) start = ei::padd(start, ei::ploadu<P>(v + u));
-    if (rest) start = ei::padd(start, ei::pload<P>(v_tail));
+    if (rest) {
+      std::memcpy(v_tail, v + full, sizeof(T) * rest);
+      start = ei::padd(start, ei::pload<P>(v_tail));
+    }
   }
-  auto weight = [&](const P& vu) -> P { return factored ? ei::pmul(vu, minus_two) : vu; };
   auto term = [&](const P& a, const P& b) -> P {
-    return factored ? detail::reciprocal<T>(ei::pmadd(a, b, one)) : vm::tanh<T>(ei::padd(a, b));
+    if constexpr (factored)
+      return reciprocal<T>(ei::padd(a, b));
+    else
+      return vm::tanh<T>(ei::padd(a, b));
   };
   index_t j = 0;
   for (; j + 4 <= lk; j += 4) {
@@ -149,7 +186,7 @@ inline void additive_scores_row(const AdditiveRows<T>& q, const AdditiveRows<T>&
     const T* k3 = k2 + units;
     P a0 = start, a1 = start, a2 = start, a3 = start;
     for (index_t u = 0; u < full; u += W) {
-      const P qu = ei::ploadu<P>(qa + u), wu = weight(ei::ploadu<P>(v + u));
+      const P qu = ei::ploadu<P>(qa + u), wu = ei::ploadu<P>(wa + u);
       a0 = ei::pmadd(wu, term(qu, ei::ploadu<P>(k0 + u)), a0);
       a1 = ei::pmadd(wu, term(qu, ei::ploadu<P>(k1 + u)), a1);
       a2 = ei::pmadd(wu, term(qu, ei::ploadu<P>(k2 + u)), a2);
@@ -160,7 +197,7 @@ inline void additive_scores_row(const AdditiveRows<T>& q, const AdditiveRows<T>&
       std::memcpy(k_tail[1], k1 + full, sizeof(T) * rest);
       std::memcpy(k_tail[2], k2 + full, sizeof(T) * rest);
       std::memcpy(k_tail[3], k3 + full, sizeof(T) * rest);
-      const P qu = ei::pload<P>(q_tail), wu = weight(ei::pload<P>(v_tail));
+      const P qu = ei::pload<P>(q_tail), wu = ei::pload<P>(w_tail);
       a0 = ei::pmadd(wu, term(qu, ei::pload<P>(k_tail[0])), a0);
       a1 = ei::pmadd(wu, term(qu, ei::pload<P>(k_tail[1])), a1);
       a2 = ei::pmadd(wu, term(qu, ei::pload<P>(k_tail[2])), a2);
@@ -175,17 +212,33 @@ inline void additive_scores_row(const AdditiveRows<T>& q, const AdditiveRows<T>&
     const T* kr = ka + j * units;
     P acc = start;
     for (index_t u = 0; u < full; u += W)
-      acc = ei::pmadd(weight(ei::ploadu<P>(v + u)), term(ei::ploadu<P>(qa + u), ei::ploadu<P>(kr + u)), acc);
+      acc = ei::pmadd(ei::ploadu<P>(wa + u), term(ei::ploadu<P>(qa + u), ei::ploadu<P>(kr + u)), acc);
     if (rest) {
       std::memcpy(k_tail[0], kr + full, sizeof(T) * rest);
-      acc = ei::pmadd(weight(ei::pload<P>(v_tail)), term(ei::pload<P>(q_tail), ei::pload<P>(k_tail[0])), acc);
+      acc = ei::pmadd(ei::pload<P>(w_tail), term(ei::pload<P>(q_tail), ei::pload<P>(k_tail[0])), acc);
     }
     out[j] = ei::predux(acc);
   }
 }
 
-// Rows of queries (or keys) projected and scored by one parallel task: fixed, so results are
-// bit-identical for any thread count; 64 rows keep a task's GEMM near peak.
+}  // namespace detail
+
+template <typename T>
+inline void additive_scores_row(const AdditiveQuery<T>& q, const AdditiveRows<T>& k, const T* v, index_t units,
+                                index_t lk, T* out) {
+  if (q.inv && k.expo)
+    detail::additive_scores_row_in_form<T, true>(q, k, v, units, lk, out);
+  else
+    detail::additive_scores_row_in_form<T, false>(q, k, v, units, lk, out);
+}
+
+// Scratch tags (scratch.hpp) of the additive kernels' projections.
+struct AdditiveQueryTag {};
+struct AdditiveKeyRawTag {};
+struct AdditiveKeyExpTag {};
+
+// Rows of queries scored (or keys put in exponential form) by one parallel task: fixed, so
+// results are bit-identical for any thread count.
 constexpr index_t kAdditiveRowBlock = 64;
 
 inline index_t additive_row_blocks(index_t rows) { return (rows + kAdditiveRowBlock - 1) / kAdditiveRowBlock; }
@@ -228,20 +281,44 @@ void project_block(const Strided<const T>& x, index_t b, index_t r0, index_t row
   }
 }
 
+// dst (rows of every batch entry, U) = x (..., L, D) w (D, U) (+ bias), row-major. Many rows go
+// through the packed GEMM (on the library's threads when `parallel`), a few through
+// project_block; the choice depends on the shapes only.
+template <typename T>
+void project_rows(const Strided<const T>& x, const ConstMatrixMap<T>& w, const T* bias, T* dst, bool parallel) {
+  const index_t batches = x.batch_count(2), len = x.dim(-2), depth = x.dim(-1), units = w.cols();
+  if (batches * len < kPackedGemmMinRows) {
+    for (index_t b = 0; b < batches; ++b) project_block(x, b, 0, len, w, bias, dst + b * len * units);
+    return;
+  }
+  const index_t row_stride = x.stride(-2), col_stride = x.stride(-1);
+  const auto x_rows = [&](index_t m0, index_t rows, index_t k0, index_t kc, T* out, index_t ld) {
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t m = m0 + r;
+      const T* row = x.data + x.batch_offset(m / len, 2) + (m % len) * row_stride + k0 * col_stride;
+      for (index_t k = 0; k < kc; ++k) out[k * ld + r] = row[k * col_stride];
+    }
+  };
+  const auto w_rows = [&](index_t n0, index_t cols, index_t k0, index_t kc, T* out, index_t ld) {
+    for (index_t k = 0; k < kc; ++k) std::copy_n(w.data() + (k0 + k) * units + n0, cols, out + k * ld);
+  };
+  packed_gemm<T>(batches * len, units, depth, x_rows, w_rows, bias, dst, parallel);
+}
+
 // Projected keys of (..., Lk, Dk) through w_key (Dk, U): raw = k W_k and expo = exp(2 raw),
 // both (batches, Lk, U) C-contiguous, and ok (batches,) = whether the batch entry's values all
 // lie in the factored form's range (see additive.hpp).
 template <typename T>
 void additive_prepare_keys(const Strided<const T>& key, const ConstMatrixMap<T>& w_key, T* raw, T* expo, bool* ok) {
   const index_t batches = key.batch_count(2), lk = key.dim(-2), units = w_key.cols();
+  project_rows(key, w_key, static_cast<const T*>(nullptr), raw, /*parallel=*/true);
   const index_t nb = additive_row_blocks(lk);
   std::vector<unsigned char> block_ok(static_cast<size_t>(batches * nb), 1);
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
     const index_t rows = std::min(kAdditiveRowBlock, lk - r0);
-    T* r = raw + (b * lk + r0) * units;
-    project_block(key, b, r0, rows, w_key, static_cast<const T*>(nullptr), r);
-    block_ok[static_cast<size_t>(task)] = additive_exp_form(r, expo + (b * lk + r0) * units, rows * units);
+    const index_t at = (b * lk + r0) * units;
+    block_ok[static_cast<size_t>(task)] = additive_exp_form(raw + at, expo + at, rows * units);
   });
   for (index_t b = 0; b < batches; ++b) {
     bool all = true;

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "additive.hpp"
@@ -39,15 +40,17 @@ void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_qu
                         const Strided<const std::int64_t>* lengths, T* out, T* weights) {
   const index_t batches = q.batch_count(2);
   const index_t lq = q.dim(-2), lk = keys.raw.dim(-2), units = w_query.cols(), dv = value.dim(-1);
+  // All queries projected first, as one GEMM over every batch entry.
+  const Scratch<T, AdditiveQueryTag> q_proj(static_cast<size_t>(batches * lq * units));
+  project_rows(q, w_query, bias, q_proj.data(), /*parallel=*/true);
   const index_t nb = additive_row_blocks(lq);
-  const bool value_rows_contiguous = value.stride(-1) == 1;
+  const index_t value_row_stride = value.stride(-2), value_col_stride = value.stride(-1);
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
     const index_t rows = std::min(kAdditiveRowBlock, lq - r0);
-    std::vector<T> q_raw(static_cast<size_t>(rows * units)), q_exp(q_raw.size());
+    std::vector<T> q_inv(static_cast<size_t>(units)), q_weight(q_inv.size());
     std::vector<T> scratch(weights ? 0 : static_cast<size_t>(rows * lk));
     T* tile = weights ? weights + (b * lq + r0) * lk : scratch.data();
-    project_block(q, b, r0, rows, w_query, bias, q_raw.data());
 
     const AdditiveRows<T> k_rows{keys.raw.data + keys.raw.batch_offset(b, 2),
                                  keys.ok.data[keys.ok.batch_offset(b, 0)]
@@ -55,11 +58,11 @@ void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_qu
                                      : nullptr};
     const index_t visible = lengths ? lengths->data[lengths->batch_offset(b, 0)] : lk;
     for (index_t r = 0; r < rows; ++r) {
-      T* qr = q_raw.data() + r * units;
-      T* qe = q_exp.data() + r * units;
-      const bool q_ok = k_rows.expo && additive_exp_form(qr, qe, units);
+      const T* qr = q_proj.data() + (b * lq + r0 + r) * units;
+      const bool q_ok = k_rows.expo && additive_query_form(qr, v, q_inv.data(), q_weight.data(), units);
       T* s = tile + r * lk;
-      additive_scores_row(AdditiveRows<T>{qr, q_ok ? qe : nullptr}, k_rows, v, units, visible, s);
+      additive_scores_row(AdditiveQuery<T>{qr, q_ok ? q_inv.data() : nullptr, q_weight.data()}, k_rows, v, units,
+                          visible, s);
       hide_tail(s, visible, lk);
       apply_mask_row(mask, b * lq + r0 + r, s, lk);
       softmax_inplace(s, lk);
@@ -67,17 +70,60 @@ void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_qu
 
     // context rows = weights[:, :visible] value[:visible]
     T* o = out + (b * lq + r0) * dv;
+    const T* vb = value.data + value.batch_offset(b, 2);
+    if (rows >= kPackedGemmMinRows) {  // the same choice as project_rows: by shape only
+      const auto tile_rows = [&](index_t m0, index_t n, index_t k0, index_t kc, T* dst, index_t ld) {
+        for (index_t r = 0; r < n; ++r)
+          for (index_t k = 0; k < kc; ++k) dst[k * ld + r] = tile[(m0 + r) * lk + k0 + k];
+      };
+      const auto value_cols = [&](index_t n0, index_t cols, index_t k0, index_t kc, T* dst, index_t ld) {
+        for (index_t k = 0; k < kc; ++k) {
+          const T* src = vb + (k0 + k) * value_row_stride + n0 * value_col_stride;
+          for (index_t c = 0; c < cols; ++c) dst[k * ld + c] = src[c * value_col_stride];
+        }
+      };
+      packed_gemm<T>(rows, dv, visible, tile_rows, value_cols, static_cast<const T*>(nullptr), o, /*parallel=*/false);
+      return;
+    }
     const auto w = ConstMatrixMap<T>(tile, rows, lk).leftCols(visible);
     auto product = [&](const auto& val) { product_rows<T>(w, val, o); };
-    const T* vb = value.data + value.batch_offset(b, 2);
-    if (value_rows_contiguous) {
+    if (value_col_stride == 1) {
       using RowStrided = Eigen::Map<const RowMatrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
-      product(RowStrided(vb, visible, dv, Eigen::OuterStride<>(value.stride(-2))));
+      product(RowStrided(vb, visible, dv, Eigen::OuterStride<>(value_row_stride)));
     } else {
-      product(StridedMatrixMap<T>(vb, visible, dv,
-                                  Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(value.stride(-2), value.stride(-1))));
+      product(StridedMatrixMap<T>(vb, visible, dv, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(value_row_stride,
+                                                                                                 value_col_stride)));
     }
   });
+}
+
+// The same with raw keys (..., Lk, Dk) (batch shape equal to the query's) and w_key (Dk, U):
+// the keys are projected into per-thread scratch memory (scratch.hpp) first. A call that is
+// not kept for later steps thus allocates no projection arrays for its keys.
+template <typename T>
+void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_query, const T* bias,
+                        const Strided<const T>& key, const ConstMatrixMap<T>& w_key, const Strided<const T>& value,
+                        const T* v, const Mask<T>& mask, const Strided<const std::int64_t>* lengths, T* out,
+                        T* weights) {
+  const index_t batches = key.batch_count(2), lk = key.dim(-2), units = w_key.cols();
+  const size_t n = static_cast<size_t>(batches * lk * units);
+  const Scratch<T, AdditiveKeyRawTag> raw(n);
+  const Scratch<T, AdditiveKeyExpTag> expo(n);
+  std::unique_ptr<bool[]> ok(new bool[static_cast<size_t>(std::max<index_t>(batches, 1))]);
+  additive_prepare_keys(key, w_key, raw.data(), expo.data(), ok.get());
+  // raw and expo as (..., Lk, U) C-contiguous views, ok as (...,)
+  const int nd = key.ndim();
+  std::vector<index_t> shape(key.shape), strides(nd);
+  shape.back() = units;
+  const std::vector<index_t> batch(shape.begin(), shape.end() - 2);
+  std::vector<index_t> batch_strides(batch.size());
+  index_t step = 1;
+  for (int ax = nd - 1; ax >= 0; --ax) strides[ax] = step, step *= shape[ax];
+  step = 1;
+  for (int ax = nd - 3; ax >= 0; --ax) batch_strides[ax] = step, step *= batch[ax];
+  const AdditiveKeys<T> keys{Strided<const T>(raw.data(), shape, strides), Strided<const T>(expo.data(), shape, strides),
+                             Strided<const bool>(ok.get(), batch, batch_strides)};
+  additive_attention(q, w_query, bias, keys, value, v, mask, lengths, out, weights);
 }
 
 }  // namespace attnext

@@ -20,6 +20,7 @@
 #include <Eigen/Core>
 
 #include "parallel.hpp"
+#include "scratch.hpp"
 #include "strided.hpp"
 #include "vmath.hpp"
 
@@ -29,8 +30,8 @@ namespace gemm_detail {
 namespace ei = Eigen::internal;
 template <typename T>
 using Pk = vm::Packet<T>;
-template <typename T>
-using Buffer = std::vector<T, Eigen::aligned_allocator<T>>;
+struct PackedWTag {};
+struct PackedXTag {};
 
 // Register tile: kMr rows x kNp packets. With 32 vector registers (AVX-512) 6 x 4 uses 24
 // accumulators, 4 packets of W and a broadcast; with 16 (AVX2, SSE) 3 x 4 avoids spills.
@@ -85,12 +86,18 @@ inline void micro_kernel(const T* a, const T* b, index_t kc, T* c, index_t ldc, 
 
 }  // namespace gemm_detail
 
+// From this many rows on, callers use packed_gemm; below, packing W would cost as much as the
+// product itself (a decoding step), and Eigen's matrix-vector products read W in place.
+constexpr index_t kPackedGemmMinRows = 32;
+
 // y[m, n] (+ bias[n]) = sum_k x(m, k) w(n, k) for m < M, n < N, y row-major with row stride N.
 //   x_rows(m0, rows, k0, kc, dst, ld): writes x(m0 + r, k0 + k) to dst[k * ld + r]
 //   w_rows(n0, cols, k0, kc, dst, ld): writes w(n0 + c, k0 + k) to dst[k * ld + c]
 // (the packers; they let each caller read its operands through any layout).
+// `parallel` = false runs everything on the calling thread (a caller already inside a task).
 template <typename T, typename XRows, typename WRows>
-void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const WRows& w_rows, const T* bias, T* y) {
+void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const WRows& w_rows, const T* bias, T* y,
+                 bool parallel = true) {
   using namespace gemm_detail;
   constexpr index_t Nr = panel_width<T>();
   if (M <= 0 || N <= 0) return;
@@ -102,15 +109,21 @@ void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const WRo
   const index_t panels = (N + Nr - 1) / Nr;
   const index_t k_blocks = (K + kKc - 1) / kKc;
   // W packed once: panel j, K block kb at w_pack + (j * K + kb * kKc) * Nr, rows of Nr (zero-padded columns).
-  Buffer<T> w_pack(static_cast<size_t>(panels * K * Nr));
-  parallel_for(panels * k_blocks, [&](index_t task) {
+  const auto run = [parallel](index_t n, const auto& body) {
+    if (parallel)
+      parallel_for(n, body, /*dynamic=*/true);
+    else
+      for (index_t i = 0; i < n; ++i) body(i);
+  };
+  const Scratch<T, PackedWTag> w_pack(static_cast<size_t>(panels * K * Nr));
+  run(panels * k_blocks, [&](index_t task) {
     const index_t j = task / k_blocks, k0 = (task % k_blocks) * kKc, kc = std::min(kKc, K - k0);
     const index_t n0 = j * Nr, cols = std::min(Nr, N - n0);
     T* dst = w_pack.data() + (j * K + k0) * Nr;
     if (cols < Nr) std::fill(dst, dst + kc * Nr, T(0));
     w_rows(n0, cols, k0, kc, dst, Nr);
   });
-  Buffer<T> bias_pad(bias ? static_cast<size_t>(panels * Nr) : 0, T(0));
+  std::vector<T, Eigen::aligned_allocator<T>> bias_pad(bias ? static_cast<size_t>(panels * Nr) : 0, T(0));
   if (bias) std::copy(bias, bias + N, bias_pad.data());
 
   // Tasks: blocks of kMc rows; when there are few, the columns are split too (one decoding
@@ -118,11 +131,11 @@ void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const WRo
   const index_t row_tasks = (M + kMc - 1) / kMc;
   const index_t col_chunk = row_tasks >= 8 ? panels * Nr : kNc;
   const index_t col_tasks = (panels * Nr + col_chunk - 1) / col_chunk;
-  parallel_for(row_tasks * col_tasks, [&](index_t task) {
+  run(row_tasks * col_tasks, [&](index_t task) {
     const index_t m0 = (task / col_tasks) * kMc, rows = std::min(kMc, M - m0);
     const index_t c0 = (task % col_tasks) * col_chunk, c1 = std::min(panels * Nr, c0 + col_chunk);
     const index_t micro_rows = (rows + kMr - 1) / kMr;
-    Buffer<T> a_pack(static_cast<size_t>(micro_rows * kMr * kKc));
+    const Scratch<T, PackedXTag> a_pack(static_cast<size_t>(micro_rows * kMr * kKc));
     alignas(64) T edge[kMr * Nr];
     for (index_t k0 = 0; k0 < K; k0 += kKc) {
       const index_t kc = std::min(kKc, K - k0);
@@ -155,7 +168,7 @@ void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const WRo
         }
       }
     }
-  }, /*dynamic=*/true);
+  });
 }
 
 }  // namespace attnext

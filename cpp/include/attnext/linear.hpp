@@ -53,11 +53,6 @@ void linear_packed(const Strided<const T>& x, const Strided<const T>& weight, co
   packed_gemm<T>(x.dim(0) * nl, weight.dim(0), in, x_rows, w_rows, bias, y);
 }
 
-// From this many rows (B * L) on, the packed kernel (gemm.hpp); below, packing W would cost
-// as much as the product itself (a decoding step), and Eigen's matrix-vector products read it
-// in place. The choice depends on the shapes only.
-constexpr index_t kLinearPackedMinRows = 32;
-
 // y = x W^T + b
 //   x (B, L, C, D) any strides: row (b, l) has C * D features, feature c * D + d at x[b, l, c, d]
 //     (C > 1 reads a (B, H, L, D) attention output through a (B, L, H, D) view, no copy first)
@@ -65,7 +60,7 @@ constexpr index_t kLinearPackedMinRows = 32;
 //   y (B, L, O) C-contiguous
 template <typename T>
 void linear(const Strided<const T>& x, const Strided<const T>& weight, const T* bias, T* y) {
-  if (x.dim(0) * x.dim(1) >= kLinearPackedMinRows) {
+  if (x.dim(0) * x.dim(1) >= kPackedGemmMinRows) {  // the choice depends on the shapes only
     linear_packed(x, weight, bias, y);
     return;
   }

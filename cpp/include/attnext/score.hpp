@@ -51,25 +51,26 @@ void score_additive(const Strided<const T>& q, const Strided<const T>& k, const 
                     const ConstMatrixMap<T>& w_key, const T* v, const T* bias, T scale, T* out) {
   const index_t batches = q.batch_count(2);
   const index_t lq = q.dim(-2), lk = k.dim(-2), units = w_query.cols();
-  // The keys projected once, as GEMMs, with their exponential form (additive.hpp); the queries
-  // a block of rows at a time. Only (B, Lq or Lk, U) projections, never (B, Lq, Lk, U).
+  // Keys and queries projected once, as GEMMs, the keys with their exponential form
+  // (additive.hpp). Only (B, Lq or Lk, U) projections, never (B, Lq, Lk, U).
   const size_t kn = static_cast<size_t>(batches * lk * units);
-  std::vector<T> kp(kn), ke(kn);
+  const Scratch<T, AdditiveKeyRawTag> kp(kn);
+  const Scratch<T, AdditiveKeyExpTag> ke(kn);
+  const Scratch<T, AdditiveQueryTag> qp(static_cast<size_t>(batches * lq * units));
   std::unique_ptr<bool[]> k_ok(new bool[static_cast<size_t>(std::max<index_t>(batches, 1))]);
   additive_prepare_keys(k, w_key, kp.data(), ke.data(), k_ok.get());
+  project_rows(q, w_query, bias, qp.data(), /*parallel=*/true);
   const index_t nb = additive_row_blocks(lq);
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
     const index_t rows = std::min(kAdditiveRowBlock, lq - r0);
-    std::vector<T> q_raw(static_cast<size_t>(rows * units)), q_exp(q_raw.size());
-    project_block(q, b, r0, rows, w_query, bias, q_raw.data());
+    std::vector<T> q_inv(static_cast<size_t>(units)), q_weight(q_inv.size());
     const AdditiveRows<T> keys{kp.data() + b * lk * units, k_ok[b] ? ke.data() + b * lk * units : nullptr};
     for (index_t r = 0; r < rows; ++r) {
       T* o = out + (b * lq + r0 + r) * lk;
-      T* qr = q_raw.data() + r * units;
-      T* qx = q_exp.data() + r * units;
-      const bool q_ok = keys.expo && additive_exp_form(qr, qx, units);
-      additive_scores_row(AdditiveRows<T>{qr, q_ok ? qx : nullptr}, keys, v, units, lk, o);
+      const T* qr = qp.data() + (b * lq + r0 + r) * units;
+      const bool q_ok = keys.expo && additive_query_form(qr, v, q_inv.data(), q_weight.data(), units);
+      additive_scores_row(AdditiveQuery<T>{qr, q_ok ? q_inv.data() : nullptr, q_weight.data()}, keys, v, units, lk, o);
       if (scale != T(1))
         for (index_t j = 0; j < lk; ++j) o[j] *= scale;
     }

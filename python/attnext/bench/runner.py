@@ -108,6 +108,25 @@ def _sample(fn, number: int) -> float:
     return (time.perf_counter() - t0) / number
 
 
+def _quiesce(limit: float = 1.0, window: float = 0.005) -> float:
+    """Waits until no thread of this process is using the CPU; returns the seconds waited.
+
+    After a call, a library's worker threads keep spinning for a while before they sleep
+    (OpenBLAS ~0.1 s, OpenMP runtimes less). Timed right after another contender, a call
+    would share the cores with those spinning threads: on the 2-core test machine that made
+    attnext's additive attention 1.7x slower after the NumPy reference than after itself. So
+    each sample waits until the process's CPU time stops advancing (under 10% of one core over
+    a 5 ms window), at most ``limit`` seconds.
+    """
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit:
+        cpu = time.process_time()
+        time.sleep(window)
+        if time.process_time() - cpu < 0.1 * window:
+            break
+    return time.perf_counter() - start
+
+
 def _stats(times) -> dict:
     a = np.asarray(times, dtype=np.float64)
     q1, med, q3 = np.percentile(a, [25, 50, 75])
@@ -162,6 +181,10 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
             for cname in rot:
                 number, repeats = plan[cname]
                 if len(times[cname]) < repeats:
+                    # Other contenders' threads gone quiet, then one untimed call to wake this
+                    # contender's threads (and the cores they run on) before the timed sample.
+                    _quiesce()
+                    live[cname]()
                     times[cname].append(_sample(live[cname], number))
     finally:
         if gc_was:
