@@ -79,7 +79,10 @@ void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_qu
       const auto value_cols = [&](index_t n0, index_t cols, index_t k0, index_t kc, T* dst, index_t ld) {
         for (index_t k = 0; k < kc; ++k) {
           const T* src = vb + (k0 + k) * value_row_stride + n0 * value_col_stride;
-          for (index_t c = 0; c < cols; ++c) dst[k * ld + c] = src[c * value_col_stride];
+          if (value_col_stride == 1)
+            std::copy_n(src, cols, dst + k * ld);
+          else
+            for (index_t c = 0; c < cols; ++c) dst[k * ld + c] = src[c * value_col_stride];
         }
       };
       packed_gemm<T>(rows, dv, visible, tile_rows, value_cols, static_cast<const T*>(nullptr), o, /*parallel=*/false);
