@@ -253,6 +253,45 @@ def test_core_refuses_bad_arguments():
         _core.additive_keys(k, wk.astype(np.float64))
 
 
+def test_core_raw_keys_path_matches_prepared_keys_and_refuses_bad_arguments():
+    rng = np.random.default_rng(13)
+    q, k, val, wq, wk, v = make(rng, np.float32, lq=40, lk=5)
+    raw, expo, ok = _core.additive_keys(k, wk)
+    good = dict(query=q, w_query=wq, bias=None, key=k, w_key=wk, value=val, v=v, mask=None, key_lengths=None,
+                return_weights=True)
+    out, w = _core.additive_attention_keys(**good)
+    prepared = _core.additive_attention(q, wq, None, raw, expo, ok, val, v, None, None, True)
+    assert np.array_equal(out, prepared[0]) and np.array_equal(w, prepared[1])
+    bad = [
+        (ValueError, dict(key=k[:1])),                      # batch shape differs from the query's
+        (ValueError, dict(key=k[:, :4])),                   # 4 keys, 5 values
+        (ValueError, dict(w_key=wk[:4])),                   # key has 9 features
+        (ValueError, dict(w_key=wk[:, :3])),                # 3 units, w_query has 19
+        (ValueError, dict(w_key=wk[None])),
+        (TypeError, dict(key=k.astype(np.float64))),
+        (TypeError, dict(w_key=wk.astype(np.float64))),
+        (ValueError, dict(key=k[0, 0])),
+        (ValueError, dict(key_lengths=np.array([6, 1]))),
+    ]
+    for exc, change in bad:
+        with pytest.raises(exc):
+            _core.additive_attention_keys(**{**good, **change})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_huge_v_leaves_the_factored_form(dtype):
+    # The factored form weighs each term by -2 v_u e^{-2 q'_u}; when that overflows (|v| near the
+    # dtype's maximum) the row goes through the plain tanh, with the same result.
+    rng = np.random.default_rng(14)
+    q, k, val, wq, wk, v = make(rng, dtype, lq=40, lk=21, units=20)
+    big = v * (np.finfo(dtype).max / 8 / np.abs(v).max())
+    s = attnext.score(q, k, "additive", w_query=wq, w_key=wk, v=big)
+    r = ref.score(q, k, "additive", w_query=wq, w_key=wk, v=big)
+    assert np.all(np.isfinite(s)) and rel_err(s, r) <= TOL[dtype]
+    scaled = attnext.score(q, k, "additive", w_query=wq, w_key=wk, v=v)
+    assert rel_err(s / (big[0] / v[0]), scaled) <= 10 * TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lq", [1, 4])
 def test_repeatable_bits_for_small_shapes(dtype, lq):

@@ -321,6 +321,12 @@ def _core_additive_attention_call(kw):
     return _tuple(_core.additive_attention(keys_raw=raw, keys_exp=expo, keys_ok=ok, **rest))
 
 
+def _core_additive_attention_keys_call(kw):
+    # Raw keys projected inside the call (the path attnext.additive_attention takes when the
+    # keys have the query's batch shape).
+    return _tuple(_core.additive_attention_keys(**kw))
+
+
 def _core_sdpa_make(c: Case):
     q = c.array(c.batch + (c.lq, c.d))
     k = c.array(c.batch + (c.lk, c.d))
@@ -500,6 +506,8 @@ KERNELS: list[Kernel] = [
     Kernel("_core.sdpa", _core_sdpa_make, lambda kw: tuple(_core.sdpa(**kw)), _core_sdpa_ref, core=True,
            uses_mask=True, uses_causal=True),
     Kernel("_core.additive_attention", _core_additive_attention_make, _core_additive_attention_call,
+           _additive_attention_ref, core=True, uses_mask=True),
+    Kernel("_core.additive_attention_keys", _core_additive_attention_make, _core_additive_attention_keys_call,
            _additive_attention_ref, core=True, uses_mask=True),
     Kernel("_core.linear", _core_linear_make, lambda kw: (_core.linear(**kw),), _core_linear_ref, core=True),
     Kernel("MultiHeadAttention", _mha_make, _mha_call, _mha_ref, uses_mask=True, uses_causal=True),
