@@ -1,5 +1,10 @@
 """Fused additive (Bahdanau) attention against the NumPy reference and a PyTorch composition."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -303,3 +308,27 @@ def test_repeatable_bits_for_small_shapes(dtype, lq):
         again = attnext.additive_attention(q, k, val, wq, wk, v, return_weights=True)
         assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert np.array_equal(first[0], attnext.additive_attention(q, k, val, wq, wk, v))
+
+
+def test_long_sequences_memory_is_bounded():
+    """B = 8, Lq = Lk = 1024, U = 256 (the textbook (B, Lq, Lk, U) tensor would be 8 GiB): peak RSS
+    grows by < 64 MB beyond the inputs, counting the 8 MB output and the kernel's scratch memory."""
+    code = textwrap.dedent("""
+        import numpy as np, attnext
+        def hwm():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) * 1024
+        rng = np.random.default_rng(0)
+        q, k, v = (rng.standard_normal((8, 1024, 256), dtype=np.float32) for _ in range(3))
+        wq, wk = (rng.standard_normal((256, 256), dtype=np.float32) / 16 for _ in range(2))
+        u = rng.standard_normal(256, dtype=np.float32)
+        base = hwm()
+        out = attnext.additive_attention(q, k, v, wq, wk, u)
+        print(hwm() - base, float(np.abs(out).max()))
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    grown, biggest = out.split()
+    assert int(grown) < 64 * 2**20
+    assert float(biggest) > 0

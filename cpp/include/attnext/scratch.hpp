@@ -5,8 +5,11 @@
 // heap top) and the next call faults every page in again, each one zeroed by the kernel: on
 // the 2-core test VM that was a quarter of an additive attention call (9.3 ms -> 7.0 ms with
 // the pages kept). A Scratch<T, Tag> reuses one buffer per thread and tag instead, growing it
-// when a call needs more; buffers above kScratchKeepBytes are released after use, so a rare
-// huge call does not pin its memory. The contents are not initialised.
+// when a call needs more; buffers above kScratchKeepBytes (16 MB) are released after use, so a
+// rare huge call does not pin its memory (and for such calls the page faults are a small part
+// of the work anyway). What stays: at most 16 MB per tag and thread, in practice the packed
+// weights of the largest projection (3 MB for 1536 x 512 float32) and the additive kernels'
+// projections. The contents are not initialised.
 #pragma once
 
 #include <cstddef>
@@ -16,7 +19,7 @@
 
 namespace attnext {
 
-constexpr std::size_t kScratchKeepBytes = std::size_t(64) << 20;
+constexpr std::size_t kScratchKeepBytes = std::size_t(16) << 20;
 
 // Tag: a type naming the use, so that two buffers used at once never share storage. A second
 // Scratch of the same tag on the same thread while the first is alive (re-entry) gets a
