@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, check_key_lengths, check_state_keys, prepare_mask, shape_str
+from ._validation import aligned, as_float_array, check_key_lengths, check_state_keys, prepare_mask, shape_str
 
 __all__ = ["BahdanauAttention", "BahdanauMemory", "LuongAttention"]
 
@@ -85,9 +85,11 @@ class _Weights:
             self._weights_changed(name)
 
     def _input(self, x, name):
+        """x as an array of the layer's dtype, aligned to its item size (the kernels refuse
+        unaligned data; the public API copies it, see docs/robustness.md)."""
         if type(x) is np.ndarray and x.dtype == self._dtype:
-            return x
-        return as_float_array(x, name).astype(self._dtype, copy=False)
+            return aligned(x)
+        return aligned(as_float_array(x, name).astype(self._dtype, copy=False))
 
 
 def _layer_dtype(dtype) -> np.dtype:
@@ -101,7 +103,8 @@ def _lengths(key_lengths, batch_shape, lk):
     """key_lengths as a contiguous int64 array of exactly the batch shape (values checked)."""
     if key_lengths is None:
         return None
-    return np.ascontiguousarray(check_key_lengths(key_lengths, batch_shape, lk))
+    # np.require, not np.ascontiguousarray: the latter turns the 0-d lengths of unbatched keys into (1,).
+    return np.require(check_key_lengths(key_lengths, batch_shape, lk), np.int64, "C")
 
 
 class BahdanauMemory:
@@ -178,7 +181,8 @@ class BahdanauAttention(_Weights):
                 return
             if self.normalize:
                 norm = np.sqrt(np.sum(v * v))
-                self._v_eff = (self._g * v / norm).astype(self._dtype) if norm > 0 else np.zeros_like(v)
+                # Only a zero v is special-cased; a NaN or inf norm (non-finite v) must reach the scores.
+                self._v_eff = np.zeros_like(v) if norm == 0 else (self._g * v / norm).astype(self._dtype)
             else:
                 self._v_eff = v
 
@@ -216,7 +220,7 @@ class BahdanauAttention(_Weights):
             (context, weights): (B, Dv) and (B, Lk) for one step, (B, T, Dv) and (B, T, Lk)
             for many; only the context if ``return_weights=False``.
         """
-        q = query if (type(query) is np.ndarray and query.dtype == self._dtype) else self._input(query, "query")
+        q = self._input(query, "query")
         if type(memory) is not BahdanauMemory:
             raise TypeError(f"memory must be a BahdanauMemory from precompute(), got {type(memory).__name__}")
         if memory._layer is not self or memory._version != self._version:
