@@ -295,6 +295,17 @@ def test_bahdanau_normalize_non_finite_v_propagates(special):
     assert not layer.effective_v.any()
     np.testing.assert_allclose(layer(query, layer.precompute(keys))[1], 1 / 6)
 
+
+@pytest.mark.parametrize("make", [lambda n: attnext.BahdanauAttention(2, 2, n), lambda n: attnext.BahdanauAttention(n, 2, 2),
+                                  lambda n: attnext.LuongAttention(2, 3, "concat", units=n),
+                                  lambda n: attnext.LuongAttention(2, attentional_units=n)])
+def test_huge_layer_sizes_are_value_errors(make):
+    # A size beyond 1e308 used to escape as OverflowError from the Glorot initialisation.
+    with pytest.raises(ValueError, match="too large"):
+        make(10**400)
+    with pytest.raises((ValueError, MemoryError)):
+        make(2**62)
+
 def load_example():
     spec = importlib.util.spec_from_file_location("rnn_attention_example", ROOT / "examples" / "rnn_attention.py")
     module = importlib.util.module_from_spec(spec)

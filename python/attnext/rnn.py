@@ -92,6 +92,16 @@ class _Weights:
         return aligned(as_float_array(x, name).astype(self._dtype, copy=False))
 
 
+def _check_size(name, n) -> None:
+    """A layer dimension: a positive int that fits 64 bits (a larger one would overflow the
+    initialisation's float arithmetic; anything that fits but cannot be allocated is a
+    MemoryError or ValueError from NumPy)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if n >= 2**63:
+        raise ValueError(f"{name} is too large: {n}")
+
+
 def _layer_dtype(dtype) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
@@ -153,8 +163,7 @@ class BahdanauAttention(_Weights):
     def __init__(self, query_dim: int, key_dim: int, units: int, *, normalize: bool = False, dtype=np.float32,
                  rng=None):
         for name, n in (("query_dim", query_dim), ("key_dim", key_dim), ("units", units)):
-            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-                raise ValueError(f"{name} must be a positive int, got {n!r}")
+            _check_size(name, n)
         self._dtype = _layer_dtype(dtype)
         self.query_dim, self.key_dim, self.units, self.normalize = int(query_dim), int(key_dim), int(units), bool(
             normalize)
@@ -283,8 +292,7 @@ class LuongAttention(_Weights):
         units = query_dim if units is None else units
         for name, n in (("query_dim", query_dim), ("key_dim", key_dim), ("value_dim", value_dim),
                         ("attentional_units", attentional_units), ("units", units)):
-            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-                raise ValueError(f"{name} must be a positive int, got {n!r}")
+            _check_size(name, n)
         if method == "dot" and key_dim != query_dim:
             raise ValueError(f"method='dot' needs key_dim == query_dim, got {key_dim} and {query_dim}")
         self._dtype = _layer_dtype(dtype)
