@@ -218,6 +218,94 @@ def test_weights_attributes_and_state_dict():
         attnext.BahdanauAttention(4, 3, 0)
 
 
+
+# --- regressions found by the hardening registry (tests/hardening/kernels.py) ------------------
+
+
+def _unaligned(a):
+    """A copy of a whose data starts one byte past an aligned address."""
+    buf = np.zeros(a.nbytes + a.itemsize, dtype=np.uint8)
+    out = np.frombuffer(buf.data, dtype=a.dtype, count=a.size, offset=1).reshape(a.shape)
+    out[...] = a
+    assert not out.flags.aligned
+    return out
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["one_step", "many_steps"])
+def test_key_lengths_with_unbatched_keys(single):
+    # Keys (Lk, D) with no batch axis and a scalar key_lengths: the lengths used to become
+    # shape (1,) (np.ascontiguousarray of a 0-d array) and the call raised a ValueError.
+    rng = np.random.default_rng(20)
+    keys, values = rng.standard_normal((6, 3)), rng.standard_normal((6, 2))
+    query = rng.standard_normal(4) if single else rng.standard_normal((5, 4))
+    bahdanau = attnext.BahdanauAttention(4, 3, 5, dtype=np.float64, rng=0)
+    got = bahdanau(query, bahdanau.precompute(keys, values, key_lengths=2))
+    want = ref.bahdanau_attention(query, keys, values, bahdanau.w_query, bahdanau.w_key, bahdanau.v, key_lengths=2)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and rel_err(a, b) <= 1e-12
+    assert np.all(got[1][..., 2:] == 0)
+    for method in ("dot", "general", "concat"):
+        luong = attnext.LuongAttention(4, 4 if method == "dot" else 3, method, dtype=np.float64, rng=1)
+        k = rng.standard_normal((6, luong.key_dim))
+        params = luong.state_dict()
+        w_c = params.pop("w_c")
+        got = luong(query, k, key_lengths=np.int64(3))
+        want = ref.luong_attention(query, k, None, w_c, method=method, key_lengths=3, **params)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and rel_err(a, b) <= 1e-12, method
+        assert np.all(got[2][..., 3:] == 0)
+
+
+def test_unaligned_inputs_are_copied():
+    # Unaligned data of the layer's dtype used to reach _core, which refuses it with ValueError;
+    # the public API copies it (docs/robustness.md).
+    rng = np.random.default_rng(21)
+    query, keys, values = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 6, 4)), rng.standard_normal((2, 6, 2))
+    bahdanau = attnext.BahdanauAttention(4, 4, 5, dtype=np.float64, rng=0)
+    want = bahdanau(query, bahdanau.precompute(keys, values, key_lengths=[6, 2]))
+    got = bahdanau(_unaligned(query), bahdanau.precompute(_unaligned(keys), _unaligned(values), key_lengths=[6, 2]))
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    for method in ("dot", "general", "concat"):
+        luong = attnext.LuongAttention(4, 4, method, value_dim=2, dtype=np.float64, rng=1)
+        mask = rng.standard_normal((2, 3, 6))
+        want = luong(query, keys, values, mask=mask)
+        got = luong(_unaligned(query), _unaligned(keys), _unaligned(values), mask=_unaligned(mask))
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("special", [np.nan, np.inf])
+def test_bahdanau_normalize_non_finite_v_propagates(special):
+    # With normalize=True a NaN in v made ||v|| NaN, which the zero-norm guard (norm > 0 is
+    # False for NaN) turned into a zero effective v: finite, uniform weights instead of NaN.
+    rng = np.random.default_rng(22)
+    layer = attnext.BahdanauAttention(4, 3, 5, normalize=True, dtype=np.float64, rng=0)
+    v = layer.v.copy()
+    v[2] = special
+    layer.v = v
+    assert not np.isfinite(layer.effective_v).all()
+    query, keys = rng.standard_normal((2, 4)), rng.standard_normal((2, 6, 3))
+    context, weights = layer(query, layer.precompute(keys))
+    r_context, r_weights = ref.bahdanau_attention(query, keys, keys, layer.w_query, layer.w_key, v, g=layer.g,
+                                                  bias=layer.bias)
+    assert np.isnan(r_weights).all() and np.isnan(weights).all() and np.isnan(context).all()
+    # A zero v stays the documented special case: a zero effective v, uniform weights.
+    layer.v = np.zeros(5)
+    assert not layer.effective_v.any()
+    np.testing.assert_allclose(layer(query, layer.precompute(keys))[1], 1 / 6)
+
+
+@pytest.mark.parametrize("make", [lambda n: attnext.BahdanauAttention(2, 2, n), lambda n: attnext.BahdanauAttention(n, 2, 2),
+                                  lambda n: attnext.LuongAttention(2, 3, "concat", units=n),
+                                  lambda n: attnext.LuongAttention(2, attentional_units=n)])
+def test_huge_layer_sizes_are_value_errors(make):
+    # A size beyond 1e308 used to escape as OverflowError from the Glorot initialisation.
+    with pytest.raises(ValueError, match="too large"):
+        make(10**400)
+    with pytest.raises((ValueError, MemoryError)):
+        make(2**62)
+
 def load_example():
     spec = importlib.util.spec_from_file_location("rnn_attention_example", ROOT / "examples" / "rnn_attention.py")
     module = importlib.util.module_from_spec(spec)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, check_key_lengths, check_state_keys, prepare_mask, shape_str
+from ._validation import aligned, as_float_array, check_key_lengths, check_state_keys, prepare_mask, shape_str
 
 __all__ = ["BahdanauAttention", "BahdanauMemory", "LuongAttention"]
 
@@ -85,9 +85,21 @@ class _Weights:
             self._weights_changed(name)
 
     def _input(self, x, name):
+        """x as an array of the layer's dtype, aligned to its item size (the kernels refuse
+        unaligned data; the public API copies it, see docs/robustness.md)."""
         if type(x) is np.ndarray and x.dtype == self._dtype:
-            return x
-        return as_float_array(x, name).astype(self._dtype, copy=False)
+            return aligned(x)
+        return aligned(as_float_array(x, name).astype(self._dtype, copy=False))
+
+
+def _check_size(name, n) -> None:
+    """A layer dimension: a positive int that fits 64 bits (a larger one would overflow the
+    initialisation's float arithmetic; anything that fits but cannot be allocated is a
+    MemoryError or ValueError from NumPy)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if n >= 2**63:
+        raise ValueError(f"{name} is too large: {n}")
 
 
 def _layer_dtype(dtype) -> np.dtype:
@@ -101,7 +113,8 @@ def _lengths(key_lengths, batch_shape, lk):
     """key_lengths as a contiguous int64 array of exactly the batch shape (values checked)."""
     if key_lengths is None:
         return None
-    return np.ascontiguousarray(check_key_lengths(key_lengths, batch_shape, lk))
+    # np.require, not np.ascontiguousarray: the latter turns the 0-d lengths of unbatched keys into (1,).
+    return np.require(check_key_lengths(key_lengths, batch_shape, lk), np.int64, "C")
 
 
 class BahdanauMemory:
@@ -150,8 +163,7 @@ class BahdanauAttention(_Weights):
     def __init__(self, query_dim: int, key_dim: int, units: int, *, normalize: bool = False, dtype=np.float32,
                  rng=None):
         for name, n in (("query_dim", query_dim), ("key_dim", key_dim), ("units", units)):
-            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-                raise ValueError(f"{name} must be a positive int, got {n!r}")
+            _check_size(name, n)
         self._dtype = _layer_dtype(dtype)
         self.query_dim, self.key_dim, self.units, self.normalize = int(query_dim), int(key_dim), int(units), bool(
             normalize)
@@ -178,7 +190,8 @@ class BahdanauAttention(_Weights):
                 return
             if self.normalize:
                 norm = np.sqrt(np.sum(v * v))
-                self._v_eff = (self._g * v / norm).astype(self._dtype) if norm > 0 else np.zeros_like(v)
+                # Only a zero v is special-cased; a NaN or inf norm (non-finite v) must reach the scores.
+                self._v_eff = np.zeros_like(v) if norm == 0 else (self._g * v / norm).astype(self._dtype)
             else:
                 self._v_eff = v
 
@@ -216,7 +229,7 @@ class BahdanauAttention(_Weights):
             (context, weights): (B, Dv) and (B, Lk) for one step, (B, T, Dv) and (B, T, Lk)
             for many; only the context if ``return_weights=False``.
         """
-        q = query if (type(query) is np.ndarray and query.dtype == self._dtype) else self._input(query, "query")
+        q = self._input(query, "query")
         if type(memory) is not BahdanauMemory:
             raise TypeError(f"memory must be a BahdanauMemory from precompute(), got {type(memory).__name__}")
         if memory._layer is not self or memory._version != self._version:
@@ -279,8 +292,7 @@ class LuongAttention(_Weights):
         units = query_dim if units is None else units
         for name, n in (("query_dim", query_dim), ("key_dim", key_dim), ("value_dim", value_dim),
                         ("attentional_units", attentional_units), ("units", units)):
-            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-                raise ValueError(f"{name} must be a positive int, got {n!r}")
+            _check_size(name, n)
         if method == "dot" and key_dim != query_dim:
             raise ValueError(f"method='dot' needs key_dim == query_dim, got {key_dim} and {query_dim}")
         self._dtype = _layer_dtype(dtype)

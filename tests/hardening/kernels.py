@@ -477,6 +477,108 @@ def _mha_ref(kw):
     return out.astype(dtype), w.astype(dtype)
 
 
+
+# Encoder-decoder layers (python/attnext/rnn.py): config ints and the state dict travel in kw,
+# the call builds the layer of the inputs' computing dtype, loads the weights and calls it.
+
+BAHDANAU_CONFIG = ("query_dim", "key_dim", "units", "normalize")
+BAHDANAU_WEIGHTS = ("w_query", "w_key", "v", "g", "bias")
+
+
+def _bahdanau_make(c: Case):
+    qd, units = max(c.d, 1), max(c.units, 1)
+    kd = qd + 1 + c.seed % 2
+    normalize = c.seed % 4 >= 2  # weight-normalised: g v / ||v|| and a bias inside the tanh
+    single = c.seed % 3 == 0  # one decoder step (B, D) or many (B, T, D)
+    kw = dict(query=c.array(c.batch + ((qd,) if single else (c.lq, qd))),
+              keys=c.array(c.batch + (c.lk, kd), c.dtype2))
+    if c.seed % 5 != 4:  # else the keys are the values
+        kw["values"] = c.array(c.batch + (c.lk, c.dv))
+    if c.seed % 7 < 5:  # key_lengths over the batch dimensions
+        kw["key_lengths"] = c.rng.integers(0, c.lk + 1, size=c.batch)
+    kw.update(query_dim=qd, key_dim=kd, units=units, normalize=normalize)
+    kw.update(w_query=c.array((qd, units), scale=1 / math.sqrt(qd)), w_key=c.array((kd, units), scale=1 / math.sqrt(kd)),
+              v=c.array((units,)))
+    if normalize:
+        kw["g"] = np.asarray(0.5 + c.rng.random(), dtype=c.dtype)
+        kw["bias"] = c.array((units,), scale=0.5)
+    return kw
+
+
+def _bahdanau_call(kw):
+    # Keyword calls throughout, so a dropped or unknown argument is a TypeError.
+    kw = dict(kw)
+    config = {n: kw.pop(n) for n in BAHDANAU_CONFIG if n in kw}
+    state = {n: kw.pop(n) for n in BAHDANAU_WEIGHTS if n in kw}
+    floats = _float_arrays(kw) + _float_arrays(state)
+    dtype = compute_dtype(*floats) if floats else np.dtype(np.float64)
+    layer = attnext.BahdanauAttention(**config, dtype=dtype)
+    layer.load_state_dict(state)
+    memory = layer.precompute(**{n: kw.pop(n) for n in ("keys", "values", "key_lengths") if n in kw})
+    return _tuple(layer(memory=memory, **kw))
+
+
+def _bahdanau_ref(kw):
+    dtype = compute_dtype(*_float_arrays(kw))
+    kw = _ref_inputs(kw, dtype)
+    values = kw.get("values")
+    out = ref.bahdanau_attention(kw["query"], kw["keys"], kw["keys"] if values is None else values, kw["w_query"],
+                                 kw["w_key"], kw["v"], g=kw.get("g"), bias=kw.get("bias"),
+                                 key_lengths=kw.get("key_lengths"))
+    return tuple(np.asarray(r).astype(dtype) for r in out)
+
+
+LUONG_CONFIG = ("query_dim", "key_dim", "method", "attentional_units", "units", "value_dim", "scale")
+LUONG_WEIGHTS = ("w_a", "w_query", "w_key", "v", "g", "w_c")
+
+
+def _luong_make(method):
+    def make(c: Case):
+        qd = max(c.d, 1)
+        kd = qd if method == "dot" else qd + 1
+        units, att = max(c.units, 1), max(c.units, 1) + 1
+        scale = c.seed % 2 == 1  # a learnable scalar g on the scores
+        single = c.seed % 3 == 0  # one decoder step (B, D) or many (B, T, D)
+        kw = dict(query=c.array(c.batch + ((qd,) if single else (c.lq, qd))),
+                  keys=c.array(c.batch + (c.lk, kd), c.dtype2))
+        if c.seed % 4 != 3:  # else the keys are the values
+            kw["values"] = c.array(c.batch + (c.lk, max(c.dv, 1)))
+        vd = kw["values"].shape[-1] if "values" in kw else kd
+        kw["mask"] = c.mask_for(c.batch + ((c.lk,) if single else (c.lq, c.lk)))
+        if c.seed % 5 < 3:  # key_lengths over the batch dimensions
+            kw["key_lengths"] = c.rng.integers(0, c.lk + 1, size=c.batch)
+        kw.update(query_dim=qd, key_dim=kd, method=method, attentional_units=att, value_dim=vd, scale=scale)
+        if method == "general":
+            kw["w_a"] = c.array((qd, kd), scale=1 / math.sqrt(qd))
+        if method == "concat":
+            kw.update(units=units, w_query=c.array((qd, units), scale=1 / math.sqrt(qd)),
+                      w_key=c.array((kd, units), scale=1 / math.sqrt(kd)), v=c.array((units,)))
+        if scale:
+            kw["g"] = np.asarray(0.5 + c.rng.random(), dtype=c.dtype)
+        kw["w_c"] = c.array((vd + qd, att), scale=1 / math.sqrt(vd + qd))
+        return kw
+    return make
+
+
+def _luong_call(kw):
+    kw = dict(kw)
+    config = {n: kw.pop(n) for n in LUONG_CONFIG if n in kw}
+    state = {n: kw.pop(n) for n in LUONG_WEIGHTS if n in kw}
+    floats = _float_arrays(kw) + _float_arrays(state)
+    dtype = compute_dtype(*floats) if floats else np.dtype(np.float64)
+    layer = attnext.LuongAttention(**config, dtype=dtype)
+    layer.load_state_dict(state)
+    return _tuple(layer(**kw))
+
+
+def _luong_ref(kw):
+    dtype = compute_dtype(*_float_arrays(kw))
+    kw = _ref_inputs(kw, dtype)
+    out = ref.luong_attention(kw["query"], kw["keys"], kw.get("values"), kw["w_c"], method=kw["method"],
+                              w_a=kw.get("w_a"), w_query=kw.get("w_query"), w_key=kw.get("w_key"), v=kw.get("v"),
+                              g=kw.get("g"), mask=kw.get("mask"), key_lengths=kw.get("key_lengths"))
+    return tuple(np.asarray(r).astype(dtype) for r in out)
+
 KERNELS: list[Kernel] = [
     Kernel("score[dot]", _score_make("dot"), lambda kw: (attnext.score(**kw),), _score_ref),
     Kernel("score[scaled_dot]", _score_make("scaled_dot"), lambda kw: (attnext.score(**kw),), _score_ref),
@@ -511,6 +613,10 @@ KERNELS: list[Kernel] = [
            _additive_attention_ref, core=True, uses_mask=True),
     Kernel("_core.linear", _core_linear_make, lambda kw: (_core.linear(**kw),), _core_linear_ref, core=True),
     Kernel("MultiHeadAttention", _mha_make, _mha_call, _mha_ref, uses_mask=True, uses_causal=True),
+    Kernel("BahdanauAttention", _bahdanau_make, _bahdanau_call, _bahdanau_ref),
+    Kernel("LuongAttention[dot]", _luong_make("dot"), _luong_call, _luong_ref, uses_mask=True),
+    Kernel("LuongAttention[general]", _luong_make("general"), _luong_call, _luong_ref, uses_mask=True),
+    Kernel("LuongAttention[concat]", _luong_make("concat"), _luong_call, _luong_ref, uses_mask=True),
 ]
 
 BY_NAME = {k.name: k for k in KERNELS}

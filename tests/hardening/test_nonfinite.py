@@ -30,10 +30,12 @@ def inject(a, value, rng, count=2):
 PARAMETERS = {"v", "w_query", "w_key", "weight", "bias",
               # MultiHeadAttention's state dict
               "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
-              "out_proj.weight", "out_proj.bias"}
+              "out_proj.weight", "out_proj.bias",
+              # BahdanauAttention's and LuongAttention's
+              "g", "w_a", "w_c"}
 # Arrays that reach the output through the weighted sum of values (a layer's value projection
 # too): a query for which key j is hidden may skip key j's value, as check_value_injection allows.
-VALUE_SIDE = {"value", "v_proj_weight", "in_proj_weight", "in_proj_bias"}
+VALUE_SIDE = {"value", "v_proj_weight", "in_proj_weight", "in_proj_bias", "values"}
 
 
 def check_value_injection(kernel, kw, bad_kw, name):
@@ -51,7 +53,7 @@ def check_value_injection(kernel, kw, bad_kw, name):
         either = ~fin
         ok = (np.isnan(g[either]) | (g[either] == w[either])
               | np.isclose(g[either], c[either], rtol=1e-4, atol=1e-6))
-        if name != "value":
+        if name not in ("value", "values", "keys"):
             # A value projection's entry reaches every key of its head; the output projection
             # then mixes a head the row cannot see (0 * inf = NaN in the formula) with heads it
             # sees (+-inf): where the formula is non-finite the layer may be non-finite of another kind.
@@ -70,7 +72,7 @@ def test_propagates_like_reference(kernel, special, dtype):
             if not isinstance(a, np.ndarray) or a.dtype.kind != "f" or name in ("mask", "attn_mask"):
                 continue
             bad_kw = dict(kw, **{name: inject(a, SPECIALS[special], rng)})
-            if name in VALUE_SIDE:
+            if name in VALUE_SIDE or (name == "keys" and "values" not in kw):  # a layer's keys serve as values
                 check_value_injection(kernel, kw, bad_kw, name)
             elif name in PARAMETERS:
                 for g, w in zip(kernel.call(bad_kw), kernel.reference(bad_kw)):

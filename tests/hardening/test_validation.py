@@ -66,6 +66,10 @@ def test_zero_dimensional_argument_is_value_error(kernel):
     for name in float_args(kw):
         if name in ("mask", "attn_mask"):
             continue  # a 0-d mask broadcasts to anything
+        if kw[name].ndim == 0:  # a scalar parameter (a layer's g): a 1-d one is the wrong shape
+            with pytest.raises(ValueError, match=name):
+                kernel.call(dict(kw, **{name: kw[name].reshape(1)}))
+            continue
         with pytest.raises(ValueError, match=name):
             kernel.call(dict(kw, **{name: np.asarray(kw[name].flat[0] if kw[name].size else 0.0,
                                                       dtype=kw[name].dtype)}))
