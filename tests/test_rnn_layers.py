@@ -306,6 +306,7 @@ def test_huge_layer_sizes_are_value_errors(make):
     with pytest.raises((ValueError, MemoryError)):
         make(2**62)
 
+
 def load_example():
     spec = importlib.util.spec_from_file_location("rnn_attention_example", ROOT / "examples" / "rnn_attention.py")
     module = importlib.util.module_from_spec(spec)

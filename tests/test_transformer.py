@@ -421,6 +421,11 @@ def test_constructor_errors():
         attnext.MultiHeadAttention(16, 2, dtype=np.int32)
     with pytest.raises(TypeError, match="embed_dim must be an int"):
         attnext.MultiHeadAttention(16.0, 2)
+    # sizes beyond 64 bits used to escape as OverflowError from the initialisation
+    with pytest.raises(ValueError, match="kdim is too large"):
+        attnext.MultiHeadAttention(16, 2, kdim=10**400)
+    with pytest.raises(ValueError, match="qk_dim is too large"):
+        attnext.SelfAttention(16, qk_dim=2**64)
 
 
 def test_call_errors():

@@ -44,6 +44,8 @@ def _positive_int(value, name: str) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
+    if value >= 2**63:  # beyond any array size; NumPy would raise OverflowError further on
+        raise ValueError(f"{name} is too large: {value}")
     return int(value)
 
 
