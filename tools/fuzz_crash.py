@@ -121,7 +121,15 @@ def _mutate_array(np, rng, a):
     return a.astype([np.float32, np.float64, np.float16][int(rng.integers(0, 3))])
 
 
+WORKER_ADDRESS_SPACE = 8 << 30
+
+
 def worker(seed: int, calls: int, progress_path: str) -> None:
+    # A legal but huge request (a layer with key_dim = 2**31: 8 GB of weights) must end in the
+    # documented MemoryError, not in the kernel's OOM killer taking the machine's memory first.
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (WORKER_ADDRESS_SPACE, WORKER_ADDRESS_SPACE))
     sys.path.insert(0, ROOT)
     import numpy as np
 
