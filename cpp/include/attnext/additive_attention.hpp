@@ -1,8 +1,9 @@
 // Fused additive (Bahdanau) attention:
 //   context_i = sum_j softmax_j(v . tanh(q_i W_q + bias + k_j W_k) + mask_ij) value_j
 // The keys are projected once (additive_prepare_keys; a decoder keeps the result for a whole
-// sentence), the queries once per block of rows, and the scores of one block of query rows
-// against all keys live in a (rows, Lk) tile: the (..., Lq, Lk, U) tensor is never formed.
+// sentence), the queries once per call (both through the packed GEMM, into scratch memory),
+// and the scores of one block of query rows against all keys live in a (rows, Lk) tile that
+// becomes the weights of the block's weighted sum: the (..., Lq, Lk, U) tensor is never formed.
 #pragma once
 
 #include <algorithm>

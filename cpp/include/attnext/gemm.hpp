@@ -136,7 +136,7 @@ void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const WRo
     const index_t c0 = (task % col_tasks) * col_chunk, c1 = std::min(panels * Nr, c0 + col_chunk);
     const index_t micro_rows = (rows + kMr - 1) / kMr;
     const Scratch<T, PackedXTag> a_pack(static_cast<size_t>(micro_rows * kMr * kKc));
-    alignas(64) T edge[kMr * Nr];
+    alignas(64) T edge[kMr * Nr] = {};  // lanes beyond a partial tile are computed, never used
     for (index_t k0 = 0; k0 < K; k0 += kKc) {
       const index_t kc = std::min(kKc, K - k0);
       const bool accumulate = k0 > 0, last = k0 + kc == K;

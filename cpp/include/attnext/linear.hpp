@@ -1,4 +1,6 @@
 // The dense layer of the attention layers' projections: y = x W^T + b (PyTorch's Linear).
+// Many rows (a forward pass) go through the packed GEMM of gemm.hpp; a few rows (a decoding
+// step) through Eigen's products in column blocks, which read W in place.
 #pragma once
 
 #include <algorithm>
@@ -10,11 +12,10 @@
 
 namespace attnext {
 
-// One parallel task computes a (rows x columns) block of y. The block sizes are fixed (not
-// derived from the thread count), so results are bit-identical for any number of threads, and
-// each output element is one dot product over all inputs in one task. 256 x 256 blocks keep
-// Eigen's packing of x and W (once per task) small against the block's work, give dozens of
-// tasks for a (2048 x 1536) projection and still split a single decoding row over columns.
+// The few-rows path: one parallel task computes a (rows x columns) block of y. The block sizes
+// are fixed (not derived from the thread count), so results are bit-identical for any number
+// of threads, and each output element is one dot product over all inputs in one task. 256
+// columns per block still split a single decoding row over the threads.
 constexpr index_t kLinearRowBlock = 256;
 constexpr index_t kLinearColBlock = 256;
 // Below this many multiply-adds (about 20 us on one core) the blocks run on the calling thread:
