@@ -284,6 +284,20 @@ def test_core_raw_keys_path_matches_prepared_keys_and_refuses_bad_arguments():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lq", [3, 40])
+def test_no_keys_gives_zero_context(dtype, lq):
+    # Lk = 0: empty score rows (an empty scratch buffer, never touched), zero context; both the
+    # raw-key and the prepared-key paths, with and without the weights.
+    rng = np.random.default_rng(15)
+    q, k, val, wq, wk, v = make(rng, dtype, lq=lq, lk=0)
+    for keys, w_key in ((k, wk), (attnext.project_keys(k, wk), None)):
+        out = attnext.additive_attention(q, keys, val, wq, w_key, v)
+        assert out.shape == (2, lq, 5) and np.all(out == 0)
+        out, w = attnext.additive_attention(q, keys, val, wq, w_key, v, return_weights=True)
+        assert np.all(out == 0) and w.shape == (2, lq, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_huge_v_leaves_the_factored_form(dtype):
     # The factored form weighs each term by -2 v_u e^{-2 q'_u}; when that overflows (|v| near the
     # dtype's maximum) the row goes through the plain tanh, with the same result.
@@ -310,6 +324,8 @@ def test_repeatable_bits_for_small_shapes(dtype, lq):
     assert np.array_equal(first[0], attnext.additive_attention(q, k, val, wq, wk, v))
 
 
+@pytest.mark.skipif(bool(os.environ.get("ATTNEXT_SANITIZED")),
+                    reason="ASan's redzones and quarantine inflate the resident memory")
 def test_long_sequences_memory_is_bounded():
     """B = 8, Lq = Lk = 1024, U = 256 (the textbook (B, Lq, Lk, U) tensor would be 8 GiB): peak RSS
     grows by < 64 MB beyond the inputs, counting the 8 MB output and the kernel's scratch memory."""

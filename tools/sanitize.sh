@@ -9,6 +9,8 @@
 # The interpreter is not instrumented, so the compiler's libasan is preloaded. Leak detection
 # is off (CPython keeps objects alive until exit by design, which LeakSanitizer reports);
 # any ASan report aborts the run, and UBSan halts on its first finding with a stack trace.
+# Requests above 4 GB get null (MemoryError in Python), as the crash fuzzer's 8 GiB address-space
+# limit does in normal runs, which ASan's terabytes of shadow mappings rule out here.
 # The sanitized module never replaces the developer build: the package is staged in
 # build/sanitize/pkg (links to python/attnext/*.py plus the sanitized _core).
 set -euo pipefail
@@ -58,7 +60,7 @@ else
 fi
 set +e
 LD_PRELOAD="$preload" \
-ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
+ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1:max_allocation_size_mb=4096 \
 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 PYTHONMALLOC=malloc \
 PYTHONPATH="$build_dir/pkg" \

@@ -16,6 +16,7 @@ namespace attnext {
 // entries NaN, as the plain formula would, while hidden (-inf) entries stay 0.
 template <typename T>
 inline void softmax_inplace(T* x, index_t n) {
+  if (n == 0) return;  // x may be null then (an empty buffer), which memset must not see
   constexpr T ninf = -std::numeric_limits<T>::infinity();
   const T m = vm::max_propagate_nan(x, n);
   if (m == ninf) {
