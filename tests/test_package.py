@@ -27,3 +27,16 @@ def test_public_names_exist_in_both_twins():
     for name in ("score", "softmax", "weighted_sum", "attention", "scaled_dot_product_attention"):
         assert callable(getattr(attnext, name)) and callable(getattr(reference, name))
         assert name in attnext.__all__
+
+
+def test_core_stub_lists_every_core_function():
+    # python/attnext/_core.pyi is what type checkers and IDEs see of the extension.
+    import re
+    from pathlib import Path
+
+    from attnext import _core
+
+    stub = (Path(attnext.__file__).parent / "_core.pyi").read_text()
+    stubbed = set(re.findall(r"^def (\w+)\(", stub, flags=re.M))
+    compiled = {n for n in dir(_core) if not n.startswith("_") and callable(getattr(_core, n))}
+    assert compiled == stubbed

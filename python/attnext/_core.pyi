@@ -18,6 +18,10 @@ def additive_attention(query: Array, w_query: Array, bias: Array | None, keys_ra
                        keys_ok: npt.NDArray[np.bool_], value: Array, v: Array, mask: npt.NDArray | None,
                        key_lengths: npt.NDArray[np.int64] | None, return_weights: bool = False
                        ) -> Array | tuple[Array, Array]: ...
+def additive_attention_keys(query: Array, w_query: Array, bias: Array | None, key: Array, w_key: Array,
+                            value: Array, v: Array, mask: npt.NDArray | None,
+                            key_lengths: npt.NDArray[np.int64] | None, return_weights: bool = False
+                            ) -> Array | tuple[Array, Array]: ...
 def linear(x: Array, weight: Array, bias: Array | None) -> Array: ...
 def sdpa(query: Array, key: Array, value: Array, attn_mask: npt.NDArray | None = None, causal: bool = False,
          causal_offset: int = 0, window_left: int = -1, window_right: int = -1,
