@@ -298,6 +298,25 @@ def test_no_keys_gives_zero_context(dtype, lq):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("v_scale", [1e-30, 1.0, 1e4, 1e30])
+def test_factored_form_at_the_edges_of_its_range(dtype, v_scale):
+    # Projections up to just inside the factored form's limit (20 in float32: e^{+-40} factors;
+    # 170 in float64), units taken in pairs sharing a reciprocal, v of any magnitude (scaled by
+    # an exact power of two inside): the same scores as the plain formula.
+    rng = np.random.default_rng(16)
+    limit = 19.9 if dtype == np.float32 else 169.0
+    lq, lk, units = 6, 9, 41  # float32: two pairs of packets, one single packet, a tail
+    q = rng.uniform(-1, 1, (2, lq, units)).astype(dtype)
+    k = rng.uniform(-1, 1, (2, lk, units)).astype(dtype)
+    eye = np.eye(units, dtype=dtype)
+    wq, wk = eye * limit, eye * limit  # q' = limit q, k' = limit k: the whole range, both signs
+    v = (rng.standard_normal(units) * v_scale).astype(dtype)
+    s = attnext.score(q, k, "additive", w_query=wq, w_key=wk, v=v)
+    r = ref.score(q, k, "additive", w_query=wq, w_key=wk, v=v)
+    assert rel_err(s, r) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_huge_v_leaves_the_factored_form(dtype):
     # The factored form weighs each term by -2 v_u e^{-2 q'_u}; when that overflows (|v| near the
     # dtype's maximum) the row goes through the plain tanh, with the same result.

@@ -8,10 +8,11 @@
 //   v . tanh(q' + k') = sum_u v_u + sum_u w_u / (e^{-2q'_u} + e^{2k'_u}),  w_u = -2 v_u e^{-2q'_u},
 // with w also computed once per query row. Each of the Lq x Lk x U terms then costs an add, a
 // reciprocal (hardware estimate plus a Newton step) and a multiply-add, with no exp or tanh
-// polynomial in the inner loop. The add runs on Zen 4's FP-add pipes, beside the multiply-add
-// pipes that take the other four operations per packet; the earlier form 1 + e^{2a} e^{2b}
-// needed a multiply-add there instead (8 x 128 x 128 x 256 terms on one core: 3.18 ms before,
-// 2.40 ms now, ~0.25 cycles per term, the multiply-pipe limit).
+// polynomial in the inner loop; two units share one reciprocal as (w1 d2 + w2 d1) / (d1 d2).
+// The adds run on Zen 4's FP-add pipes, beside the multiply pipes that bound the loop: 3.5
+// operations there per packet of terms. Measured, 8 x 128 x 128 x 256 terms on one core: 3.18 ms
+// with the earlier form 1 + e^{2a} e^{2b} (a multiply-add per term), 2.40 ms with this one,
+// 2.25 ms with the pairs (~0.24 cycles per term).
 // Accuracy: each operation is correctly rounded or (the reciprocal) within a few ulp, and the
 // term is a ratio of positive numbers, so each term is within a few ulp of the exact tanh form.
 // Range: the factored form is used while every |q'_u| and |k'_u| is at most exp_form_limit
@@ -21,6 +22,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <type_traits>
 
@@ -105,13 +107,22 @@ inline bool additive_exp_form(const T* raw, T* expo, index_t n, T factor = T(2))
   return ok;
 }
 
-// A query row's factored form: inv = e^{-2 raw}, weight = -2 v e^{-2 raw} (U each); returns
-// whether it may be used (every |raw| in range and every weight finite).
+// A query row's factored form: inv = e^{-2 raw} and weight = -2 v' e^{-2 raw} (U each), where
+// v' = v 2^-exponent with exponent chosen so that every |v'| < 1 (an exact scaling, undone on
+// the scores; it bounds the pairwise numerators in additive_scores_row). Returns whether the
+// form may be used: every |raw| in range and every weight finite.
 template <typename T>
-inline bool additive_query_form(const T* raw, const T* v, T* inv, T* weight, index_t units) {
+inline bool additive_query_form(const T* raw, const T* v, T* inv, T* weight, index_t units, int* exponent) {
   bool ok = additive_exp_form(raw, inv, units, T(-2));
+  T largest = T(0);
+  for (index_t u = 0; u < units; ++u) largest = std::max(largest, std::abs(v[u]));
+  *exponent = largest > T(0) && std::isfinite(largest) ? std::ilogb(largest) + 1 : 0;
+  // 2^exponent must be a finite T for the scores' scaling back (v beyond 2^(max_exponent-1)
+  // takes the plain path).
+  if (*exponent >= std::numeric_limits<T>::max_exponent) return false;
+  const T scale = std::ldexp(T(-2), -*exponent);
   for (index_t u = 0; u < units; ++u) {
-    weight[u] = T(-2) * v[u] * inv[u];
+    weight[u] = scale * v[u] * inv[u];
     ok &= std::isfinite(weight[u]);
   }
   return ok;
@@ -126,12 +137,13 @@ struct AdditiveRows {
 };
 
 // One projected query row (U,): the raw projection and, when additive_query_form allowed it,
-// inv = e^{-2 raw} and weight = -2 v e^{-2 raw} (both nullptr otherwise).
+// inv = e^{-2 raw}, weight = -2 v 2^-exponent e^{-2 raw} and the exponent (inv = nullptr otherwise).
 template <typename T>
 struct AdditiveQuery {
   const T* raw = nullptr;
   const T* inv = nullptr;
   const T* weight = nullptr;
+  int exponent = 0;
 };
 
 namespace detail {
@@ -160,14 +172,28 @@ inline void additive_scores_row_in_form(const AdditiveQuery<T>& q, const Additiv
   // Factored: start = the lanes of sum_u v_u, term = 1 / (e^{-2q'} + e^{2k'}).
   // Plain: start = 0, term = tanh(q' + k').
   P start = ei::pset1<P>(T(0));
-  if constexpr (factored) {
+  if constexpr (factored) {  // in units of 2^exponent, as the weights
+    const P scale = ei::pset1<P>(std::ldexp(T(1), -q.exponent));
     alignas(64) T v_tail[W] = {};
-    for (index_t u = 0; u < full; u += W) start = ei::padd(start, ei::ploadu<P>(v + u));
+    for (index_t u = 0; u < full; u += W) start = ei::padd(start, ei::pmul(scale, ei::ploadu<P>(v + u)));
     if (rest) {
       std::memcpy(v_tail, v + full, sizeof(T) * rest);
-      start = ei::padd(start, ei::pload<P>(v_tail));
+      start = ei::padd(start, ei::pmul(scale, ei::pload<P>(v_tail)));
     }
   }
+  // Factored, two units at a time share one reciprocal:
+  //   w1 / d1 + w2 / d2 = (w1 d2 + w2 d1) / (d1 d2),  d = e^{-2q'} + e^{2k'}.
+  // In range: d in [2e^-2L, 2e^2L] (L = exp_form_limit) and |w| < 2 e^2L (|v'| < 1), so the
+  // numerator and d1 d2 stay normal finite numbers (float: L = 20, e^80 ~ 5.5e34; double: L =
+  // 170, e^680 ~ 1e295). Rounding: as for the two terms taken apart, a few ulp of |w1/d1| + |w2/d2|.
+  auto pair = [&](const P& i1, const P& i2, const P& w1, const P& w2, const T* kr, const P& acc) -> P {
+    const P d1 = ei::padd(i1, ei::ploadu<P>(kr)), d2 = ei::padd(i2, ei::ploadu<P>(kr + W));
+    const P num = ei::pmadd(w2, d1, ei::pmul(w1, d2));
+    return ei::pmadd(num, reciprocal<T>(ei::pmul(d1, d2)), acc);
+  };
+  // Factored sums are in units of 2^exponent: scaled back by an exact power of two.
+  const T unit = factored ? std::ldexp(T(1), q.exponent) : T(1);
+  auto finish = [&](T sum) -> T { return factored ? sum * unit : sum; };
   auto term = [&](const P& a, const P& b) -> P {
     if constexpr (factored)
       return reciprocal<T>(ei::padd(a, b));
@@ -181,7 +207,18 @@ inline void additive_scores_row_in_form(const AdditiveQuery<T>& q, const Additiv
     const T* k2 = k1 + units;
     const T* k3 = k2 + units;
     P a0 = start, a1 = start, a2 = start, a3 = start;
-    for (index_t u = 0; u < full; u += W) {
+    index_t u = 0;
+    if constexpr (factored) {
+      for (; u + 2 * W <= full; u += 2 * W) {
+        const P i1 = ei::ploadu<P>(qa + u), i2 = ei::ploadu<P>(qa + u + W);
+        const P w1 = ei::ploadu<P>(wa + u), w2 = ei::ploadu<P>(wa + u + W);
+        a0 = pair(i1, i2, w1, w2, k0 + u, a0);
+        a1 = pair(i1, i2, w1, w2, k1 + u, a1);
+        a2 = pair(i1, i2, w1, w2, k2 + u, a2);
+        a3 = pair(i1, i2, w1, w2, k3 + u, a3);
+      }
+    }
+    for (; u < full; u += W) {
       const P qu = ei::ploadu<P>(qa + u), wu = ei::ploadu<P>(wa + u);
       a0 = ei::pmadd(wu, term(qu, ei::ploadu<P>(k0 + u)), a0);
       a1 = ei::pmadd(wu, term(qu, ei::ploadu<P>(k1 + u)), a1);
@@ -199,21 +236,26 @@ inline void additive_scores_row_in_form(const AdditiveQuery<T>& q, const Additiv
       a2 = ei::pmadd(wu, term(qu, ei::pload<P>(k_tail[2])), a2);
       a3 = ei::pmadd(wu, term(qu, ei::pload<P>(k_tail[3])), a3);
     }
-    out[j] = ei::predux(a0);
-    out[j + 1] = ei::predux(a1);
-    out[j + 2] = ei::predux(a2);
-    out[j + 3] = ei::predux(a3);
+    out[j] = finish(ei::predux(a0));
+    out[j + 1] = finish(ei::predux(a1));
+    out[j + 2] = finish(ei::predux(a2));
+    out[j + 3] = finish(ei::predux(a3));
   }
   for (; j < lk; ++j) {
     const T* kr = ka + j * units;
     P acc = start;
-    for (index_t u = 0; u < full; u += W)
+    index_t u = 0;
+    if constexpr (factored)
+      for (; u + 2 * W <= full; u += 2 * W)
+        acc = pair(ei::ploadu<P>(qa + u), ei::ploadu<P>(qa + u + W), ei::ploadu<P>(wa + u),
+                   ei::ploadu<P>(wa + u + W), kr + u, acc);
+    for (; u < full; u += W)
       acc = ei::pmadd(ei::ploadu<P>(wa + u), term(ei::ploadu<P>(qa + u), ei::ploadu<P>(kr + u)), acc);
     if (rest) {
       std::memcpy(k_tail[0], kr + full, sizeof(T) * rest);
       acc = ei::pmadd(ei::pload<P>(w_tail), term(ei::pload<P>(q_tail), ei::pload<P>(k_tail[0])), acc);
     }
-    out[j] = ei::predux(acc);
+    out[j] = finish(ei::predux(acc));
   }
 }
 

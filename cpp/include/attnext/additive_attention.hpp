@@ -49,7 +49,8 @@ void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_qu
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
     const index_t rows = std::min(kAdditiveRowBlock, lq - r0);
-    std::vector<T> q_inv(static_cast<size_t>(units)), q_weight(q_inv.size());
+    std::vector<T, Eigen::aligned_allocator<T>> q_inv(static_cast<size_t>(units)), q_weight(q_inv.size());
+    int q_exponent = 0;
     std::vector<T> scratch(weights ? 0 : static_cast<size_t>(rows * lk));
     T* tile = weights ? weights + (b * lq + r0) * lk : scratch.data();
 
@@ -60,10 +61,11 @@ void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_qu
     const index_t visible = lengths ? lengths->data[lengths->batch_offset(b, 0)] : lk;
     for (index_t r = 0; r < rows; ++r) {
       const T* qr = q_proj.data() + (b * lq + r0 + r) * units;
-      const bool q_ok = k_rows.expo && additive_query_form(qr, v, q_inv.data(), q_weight.data(), units);
+      const bool q_ok =
+          k_rows.expo && additive_query_form(qr, v, q_inv.data(), q_weight.data(), units, &q_exponent);
       T* s = tile + r * lk;
-      additive_scores_row(AdditiveQuery<T>{qr, q_ok ? q_inv.data() : nullptr, q_weight.data()}, k_rows, v, units,
-                          visible, s);
+      const AdditiveQuery<T> query{qr, q_ok ? q_inv.data() : nullptr, q_weight.data(), q_exponent};
+      additive_scores_row(query, k_rows, v, units, visible, s);
       hide_tail(s, visible, lk);
       apply_mask_row(mask, b * lq + r0 + r, s, lk);
       softmax_inplace(s, lk);
