@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -46,3 +51,30 @@ def rng():
 
 def randn(rng, shape, dtype):
     return rng.standard_normal(shape).astype(dtype)
+
+
+def unaligned(a):
+    """A copy of a whose data starts one byte past an aligned address."""
+    buf = np.zeros(a.nbytes + a.itemsize, dtype=np.uint8)
+    out = np.frombuffer(buf.data, dtype=a.dtype, count=a.size, offset=1).reshape(a.shape)
+    out[...] = a
+    assert not out.flags.aligned
+    return out
+
+
+def peak_rss_growth(setup: str, call: str) -> tuple[int, float]:
+    """Runs `setup` then `res = <call>` in a fresh interpreter (importing this attnext); returns
+    how much the peak resident memory (VmHWM) grew during the call, in bytes, and max|res|."""
+    code = "import numpy as np, attnext\n" + textwrap.dedent(setup) + textwrap.dedent(f"""
+        def hwm():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) * 1024
+        base = hwm()
+        res = {call}
+        print(hwm() - base, float(np.abs(res).max()))
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    grown, biggest = out.split()
+    return int(grown), float(biggest)

@@ -1,12 +1,10 @@
 """Fused additive (Bahdanau) attention against the NumPy reference and a PyTorch composition."""
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
+from conftest import peak_rss_growth
 
 import attnext
 from attnext import _core
@@ -348,22 +346,11 @@ def test_repeatable_bits_for_small_shapes(dtype, lq):
 def test_long_sequences_memory_is_bounded():
     """B = 8, Lq = Lk = 1024, U = 256 (the textbook (B, Lq, Lk, U) tensor would be 8 GiB): peak RSS
     grows by < 64 MB beyond the inputs, counting the 8 MB output and the kernel's scratch memory."""
-    code = textwrap.dedent("""
-        import numpy as np, attnext
-        def hwm():
-            for line in open("/proc/self/status"):
-                if line.startswith("VmHWM"):
-                    return int(line.split()[1]) * 1024
+    grown, biggest = peak_rss_growth("""
         rng = np.random.default_rng(0)
         q, k, v = (rng.standard_normal((8, 1024, 256), dtype=np.float32) for _ in range(3))
         wq, wk = (rng.standard_normal((256, 256), dtype=np.float32) / 16 for _ in range(2))
         u = rng.standard_normal(256, dtype=np.float32)
-        base = hwm()
-        out = attnext.additive_attention(q, k, v, wq, wk, u)
-        print(hwm() - base, float(np.abs(out).max()))
-    """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    grown, biggest = out.split()
-    assert int(grown) < 64 * 2**20
-    assert float(biggest) > 0
+    """, "attnext.additive_attention(q, k, v, wq, wk, u)")
+    assert grown < 64 * 2**20
+    assert biggest > 0

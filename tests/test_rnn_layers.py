@@ -12,6 +12,7 @@ import pytest
 
 import attnext
 from attnext import reference as ref
+from conftest import unaligned
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 DTYPES = [np.float32, np.float64]
@@ -222,15 +223,6 @@ def test_weights_attributes_and_state_dict():
 # --- regressions found by the hardening registry (tests/hardening/kernels.py) ------------------
 
 
-def _unaligned(a):
-    """A copy of a whose data starts one byte past an aligned address."""
-    buf = np.zeros(a.nbytes + a.itemsize, dtype=np.uint8)
-    out = np.frombuffer(buf.data, dtype=a.dtype, count=a.size, offset=1).reshape(a.shape)
-    out[...] = a
-    assert not out.flags.aligned
-    return out
-
-
 @pytest.mark.parametrize("single", [True, False], ids=["one_step", "many_steps"])
 def test_key_lengths_with_unbatched_keys(single):
     # Keys (Lk, D) with no batch axis and a scalar key_lengths: the lengths used to become
@@ -263,14 +255,14 @@ def test_unaligned_inputs_are_copied():
     query, keys, values = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 6, 4)), rng.standard_normal((2, 6, 2))
     bahdanau = attnext.BahdanauAttention(4, 4, 5, dtype=np.float64, rng=0)
     want = bahdanau(query, bahdanau.precompute(keys, values, key_lengths=[6, 2]))
-    got = bahdanau(_unaligned(query), bahdanau.precompute(_unaligned(keys), _unaligned(values), key_lengths=[6, 2]))
+    got = bahdanau(unaligned(query), bahdanau.precompute(unaligned(keys), unaligned(values), key_lengths=[6, 2]))
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
     for method in ("dot", "general", "concat"):
         luong = attnext.LuongAttention(4, 4, method, value_dim=2, dtype=np.float64, rng=1)
         mask = rng.standard_normal((2, 3, 6))
         want = luong(query, keys, values, mask=mask)
-        got = luong(_unaligned(query), _unaligned(keys), _unaligned(values), mask=_unaligned(mask))
+        got = luong(unaligned(query), unaligned(keys), unaligned(values), mask=unaligned(mask))
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
 

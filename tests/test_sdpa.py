@@ -1,12 +1,8 @@
 """The fused scaled dot-product attention kernel against PyTorch's SDPA and the NumPy reference."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
+from conftest import peak_rss_growth
 
 import attnext
 from attnext import _core
@@ -323,25 +319,13 @@ def test_core_rejects_bad_arguments():
 
 def test_long_sequence_memory_is_bounded():
     """L = S = 16384 (the score matrix alone would be 1 GiB): peak RSS grows by < 64 MB."""
-    code = textwrap.dedent("""
-        import numpy as np, attnext
-        def hwm():
-            for line in open("/proc/self/status"):
-                if line.startswith("VmHWM"):
-                    return int(line.split()[1]) * 1024
+    grown, biggest = peak_rss_growth("""
         rng = np.random.default_rng(0)
         q, k, v = (rng.standard_normal((1, 16384, 64), dtype=np.float32) for _ in range(3))
         out = np.empty((1, 16384, 64), dtype=np.float32); out[:] = 1  # the output's pages, counted before
-        base = hwm()
-        res = attnext.scaled_dot_product_attention(q, k, v, is_causal=True)
-        del out
-        print(hwm() - base, float(np.abs(res).max()))
-    """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    grown, biggest = out.split()
-    assert int(grown) < 64 * 2**20
-    assert float(biggest) > 0
+    """, "attnext.scaled_dot_product_attention(q, k, v, is_causal=True)")
+    assert grown < 64 * 2**20
+    assert biggest > 0
 
 
 @pytest.mark.parametrize("L", [3, 40])

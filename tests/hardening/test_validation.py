@@ -10,6 +10,8 @@ import pytest
 import attnext
 from attnext import _core
 
+from conftest import unaligned
+
 from .kernels import KERNELS, Case, check_against_reference
 
 PUBLIC = [k for k in KERNELS if not k.core]
@@ -19,15 +21,6 @@ ids = lambda k: k.name  # noqa: E731
 
 def float_args(kw):
     return [n for n, v in kw.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
-
-
-def unaligned(a):
-    """A copy of a whose data starts one byte past an aligned address."""
-    buf = np.zeros(a.nbytes + a.itemsize, dtype=np.uint8)
-    out = np.frombuffer(buf.data, dtype=a.dtype, count=a.size, offset=1).reshape(a.shape)
-    out[...] = a
-    assert not out.flags.aligned
-    return out
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=ids)

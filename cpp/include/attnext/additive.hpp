@@ -339,11 +339,8 @@ void project_rows(const Strided<const T>& x, const ConstMatrixMap<T>& w, const T
   const auto x_rows = [&](index_t m0, index_t rows, index_t k0, index_t kc, T* out, index_t ld) {
     for (index_t r = 0; r < rows; ++r) {
       const index_t m = m0 + r;
-      const T* row = x.data + x.batch_offset(m / len, 2) + (m % len) * row_stride + k0 * col_stride;
-      if (col_stride == 1)
-        for (index_t k = 0; k < kc; ++k) out[k * ld + r] = row[k];
-      else
-        for (index_t k = 0; k < kc; ++k) out[k * ld + r] = row[k * col_stride];
+      pack_row(x.data + x.batch_offset(m / len, 2) + (m % len) * row_stride + k0 * col_stride, col_stride, kc,
+               out + r, ld);
     }
   };
   const auto w_rows = [&](index_t n0, index_t cols, index_t k0, index_t kc, T* out, index_t ld) {

@@ -76,8 +76,7 @@ void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_qu
     const T* vb = value.data + value.batch_offset(b, 2);
     if (rows >= kPackedGemmMinRows) {  // the same choice as project_rows: by shape only
       const auto tile_rows = [&](index_t m0, index_t n, index_t k0, index_t kc, T* dst, index_t ld) {
-        for (index_t r = 0; r < n; ++r)
-          for (index_t k = 0; k < kc; ++k) dst[k * ld + r] = tile[(m0 + r) * lk + k0 + k];
+        for (index_t r = 0; r < n; ++r) pack_row(tile + (m0 + r) * lk + k0, index_t(1), kc, dst + r, ld);
       };
       const auto value_cols = [&](index_t n0, index_t cols, index_t k0, index_t kc, T* dst, index_t ld) {
         for (index_t k = 0; k < kc; ++k) {

@@ -86,6 +86,16 @@ inline void micro_kernel(const T* a, const T* b, index_t kc, T* c, index_t ldc, 
 
 }  // namespace gemm_detail
 
+// The usual x-side packing step: x(r, k0 + k) = row[k * stride] for k < kc, into dst[k * ld + r]
+// (row already points at element k0; stride 1 is the common case and gets its own loop).
+template <typename T>
+inline void pack_row(const T* row, index_t stride, index_t kc, T* dst, index_t ld) {
+  if (stride == 1)
+    for (index_t k = 0; k < kc; ++k) dst[k * ld] = row[k];
+  else
+    for (index_t k = 0; k < kc; ++k) dst[k * ld] = row[k * stride];
+}
+
 // From this many rows on, callers use packed_gemm; below, packing W would cost as much as the
 // product itself (a decoding step), and Eigen's matrix-vector products read W in place.
 constexpr index_t kPackedGemmMinRows = 32;

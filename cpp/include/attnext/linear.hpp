@@ -34,7 +34,7 @@ void linear_packed(const Strided<const T>& x, const Strided<const T>& weight, co
       const index_t m = m0 + r;
       const T* row = x.data + (m / nl) * xs0 + (m % nl) * xs1;
       if (x_features_run) {
-        for (index_t k = 0; k < kc; ++k) dst[k * ld + r] = row[k0 + k];
+        pack_row(row + k0, index_t(1), kc, dst + r, ld);
       } else {  // feature f = c * nd + d at row[c * xs2 + d * xs3], walked without divisions
         index_t c = k0 / nd, d = k0 % nd;
         for (index_t k = 0; k < kc; ++k) {
