@@ -22,8 +22,9 @@
 #pragma once
 
 #include <cmath>
-#include <limits>
+#include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include <algorithm>
@@ -85,6 +86,34 @@ inline vm::Packet<T> reciprocal(const vm::Packet<T>& x) {
 
 }  // namespace detail
 
+// |x| as the unsigned integer of its bits with the sign cleared. These integers order the
+// magnitudes (NaN above inf, inf above every finite value), and an integer max over an array
+// vectorises where a floating-point one with a NaN test does not.
+template <typename T>
+using MagnitudeBits = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+
+template <typename T>
+inline MagnitudeBits<T> magnitude_bits(T x) {
+  static_assert(sizeof(T) == sizeof(MagnitudeBits<T>), "float or double");
+  MagnitudeBits<T> bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits & (~MagnitudeBits<T>(0) >> 1);
+}
+
+// The largest magnitude_bits of x[0, n) (0 for n = 0).
+template <typename T>
+inline MagnitudeBits<T> max_magnitude_bits(const T* x, index_t n) {
+  MagnitudeBits<T> largest = 0;
+  for (index_t i = 0; i < n; ++i) largest = std::max(largest, magnitude_bits(x[i]));
+  return largest;
+}
+
+// Whether every |x_i| is at most limit (false for NaN).
+template <typename T>
+inline bool all_within(const T* x, index_t n, T limit) {
+  return max_magnitude_bits(x, n) <= magnitude_bits(limit);
+}
+
 // expo[0, n) = exp(factor raw[0, n)); returns whether every |raw| <= exp_form_limit (false for
 // NaN), i.e. whether the factored form may be used with these values. expo is written either way.
 template <typename T>
@@ -93,9 +122,6 @@ inline bool additive_exp_form(const T* raw, T* expo, index_t n, T factor = T(2))
   using P = vm::Packet<T>;
   constexpr index_t W = vm::packet_size<T>();
   const P f = ei::pset1<P>(factor);
-  const T limit = exp_form_limit<T>();
-  bool ok = true;
-  for (index_t i = 0; i < n; ++i) ok &= (std::abs(raw[i]) <= limit);
   index_t i = 0;
   for (; i + W <= n; i += W) ei::pstoreu(expo + i, ei::pexp(ei::pmul(f, ei::ploadu<P>(raw + i))));
   if (i < n) {
@@ -104,28 +130,33 @@ inline bool additive_exp_form(const T* raw, T* expo, index_t n, T factor = T(2))
     ei::pstore(tail, ei::pexp(ei::pmul(f, ei::pload<P>(tail))));
     std::memcpy(expo + i, tail, sizeof(T) * (n - i));
   }
-  return ok;
+  return all_within(raw, n, exp_form_limit<T>());
 }
 
-// A query row's factored form: inv = e^{-2 raw} and weight = -2 v' e^{-2 raw} (U each), where
-// v' = v 2^-exponent with exponent chosen so that every |v'| < 1 (an exact scaling, undone on
-// the scores; it bounds the pairwise numerators in additive_scores_row). Returns whether the
-// form may be used: every |raw| in range and every weight finite.
+// v's scaling for the factored form, once per call: *exponent is chosen so that every
+// |v'| < 1 for v' = v 2^-exponent (an exact scaling, undone on the scores; it bounds the
+// pairwise numerators in additive_scores_row). Returns false, and the plain form is to be used,
+// when v holds NaN or inf or 2^exponent would not be a finite T (v beyond 2^(max_exponent-1)).
 template <typename T>
-inline bool additive_query_form(const T* raw, const T* v, T* inv, T* weight, index_t units, int* exponent) {
-  bool ok = additive_exp_form(raw, inv, units, T(-2));
-  T largest = T(0);
-  for (index_t u = 0; u < units; ++u) largest = std::max(largest, std::abs(v[u]));
-  *exponent = largest > T(0) && std::isfinite(largest) ? std::ilogb(largest) + 1 : 0;
-  // 2^exponent must be a finite T for the scores' scaling back (v beyond 2^(max_exponent-1)
-  // takes the plain path).
-  if (*exponent >= std::numeric_limits<T>::max_exponent) return false;
-  const T scale = std::ldexp(T(-2), -*exponent);
-  for (index_t u = 0; u < units; ++u) {
-    weight[u] = scale * v[u] * inv[u];
-    ok &= std::isfinite(weight[u]);
-  }
-  return ok;
+inline bool additive_v_exponent(const T* v, index_t units, int* exponent) {
+  const MagnitudeBits<T> bits = max_magnitude_bits(v, units);
+  T largest;
+  std::memcpy(&largest, &bits, sizeof largest);
+  *exponent = 0;
+  if (!std::isfinite(largest)) return false;
+  if (largest > T(0)) *exponent = std::ilogb(largest) + 1;
+  return *exponent < std::numeric_limits<T>::max_exponent;
+}
+
+// A query row's factored form: inv = e^{-2 raw} and weight = -2 v 2^-v_exponent e^{-2 raw}
+// (U each), with v_exponent from additive_v_exponent. Returns whether the form may be used:
+// every |raw| in range and every weight finite.
+template <typename T>
+inline bool additive_query_form(const T* raw, const T* v, int v_exponent, T* inv, T* weight, index_t units) {
+  const bool in_range = additive_exp_form(raw, inv, units, T(-2));
+  const T scale = std::ldexp(T(-2), -v_exponent);
+  for (index_t u = 0; u < units; ++u) weight[u] = scale * v[u] * inv[u];
+  return in_range && all_within(weight, units, std::numeric_limits<T>::max());
 }
 
 // Projected key rows (Lk, U) row-major: the raw projection and, when every value is in range,
@@ -137,7 +168,7 @@ struct AdditiveRows {
 };
 
 // One projected query row (U,): the raw projection and, when additive_query_form allowed it,
-// inv = e^{-2 raw}, weight = -2 v 2^-exponent e^{-2 raw} and the exponent (inv = nullptr otherwise).
+// inv = e^{-2 raw}, weight = -2 v 2^-exponent e^{-2 raw} and v's exponent (inv = nullptr otherwise).
 template <typename T>
 struct AdditiveQuery {
   const T* raw = nullptr;

@@ -46,11 +46,12 @@ void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_qu
   project_rows(q, w_query, bias, q_proj.data(), /*parallel=*/true);
   const index_t nb = additive_row_blocks(lq);
   const index_t value_row_stride = value.stride(-2), value_col_stride = value.stride(-1);
+  int v_exponent = 0;
+  const bool v_ok = additive_v_exponent(v, units, &v_exponent);
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
     const index_t rows = std::min(kAdditiveRowBlock, lq - r0);
     std::vector<T, Eigen::aligned_allocator<T>> q_inv(static_cast<size_t>(units)), q_weight(q_inv.size());
-    int q_exponent = 0;
     std::vector<T> scratch(weights ? 0 : static_cast<size_t>(rows * lk));
     T* tile = weights ? weights + (b * lq + r0) * lk : scratch.data();
 
@@ -62,9 +63,9 @@ void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_qu
     for (index_t r = 0; r < rows; ++r) {
       const T* qr = q_proj.data() + (b * lq + r0 + r) * units;
       const bool q_ok =
-          k_rows.expo && additive_query_form(qr, v, q_inv.data(), q_weight.data(), units, &q_exponent);
+          k_rows.expo && v_ok && additive_query_form(qr, v, v_exponent, q_inv.data(), q_weight.data(), units);
       T* s = tile + r * lk;
-      const AdditiveQuery<T> query{qr, q_ok ? q_inv.data() : nullptr, q_weight.data(), q_exponent};
+      const AdditiveQuery<T> query{qr, q_ok ? q_inv.data() : nullptr, q_weight.data(), v_exponent};
       additive_scores_row(query, k_rows, v, units, visible, s);
       hide_tail(s, visible, lk);
       apply_mask_row(mask, b * lq + r0 + r, s, lk);

@@ -61,18 +61,19 @@ void score_additive(const Strided<const T>& q, const Strided<const T>& k, const 
   additive_prepare_keys(k, w_key, kp.data(), ke.data(), k_ok.get());
   project_rows(q, w_query, bias, qp.data(), /*parallel=*/true);
   const index_t nb = additive_row_blocks(lq);
+  int v_exponent = 0;
+  const bool v_ok = additive_v_exponent(v, units, &v_exponent);
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
     const index_t rows = std::min(kAdditiveRowBlock, lq - r0);
     std::vector<T, Eigen::aligned_allocator<T>> q_inv(static_cast<size_t>(units)), q_weight(q_inv.size());
-    int q_exponent = 0;
     const AdditiveRows<T> keys{kp.data() + b * lk * units, k_ok[b] ? ke.data() + b * lk * units : nullptr};
     for (index_t r = 0; r < rows; ++r) {
       T* o = out + (b * lq + r0 + r) * lk;
       const T* qr = qp.data() + (b * lq + r0 + r) * units;
       const bool q_ok =
-          keys.expo && additive_query_form(qr, v, q_inv.data(), q_weight.data(), units, &q_exponent);
-      const AdditiveQuery<T> query{qr, q_ok ? q_inv.data() : nullptr, q_weight.data(), q_exponent};
+          keys.expo && v_ok && additive_query_form(qr, v, v_exponent, q_inv.data(), q_weight.data(), units);
+      const AdditiveQuery<T> query{qr, q_ok ? q_inv.data() : nullptr, q_weight.data(), v_exponent};
       additive_scores_row(query, keys, v, units, lk, o);
       if (scale != T(1))
         for (index_t j = 0; j < lk; ++j) o[j] *= scale;
