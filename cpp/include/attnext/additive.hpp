@@ -6,15 +6,17 @@
 // the exponentials factor over the sum, so e^{-2q'} (one per query unit) and e^{2k'} (one per
 // key unit) are computed once, and
 //   v . tanh(q' + k') = sum_u v_u + sum_u w_u / (e^{-2q'_u} + e^{2k'_u}),  w_u = -2 v_u e^{-2q'_u},
-// with w also computed once per query row. Each of the Lq x Lk x U terms then costs an add, a
-// reciprocal (hardware estimate plus a Newton step) and a multiply-add, with no exp or tanh
-// polynomial in the inner loop; two units share one reciprocal as (w1 d2 + w2 d1) / (d1 d2).
-// The adds run on Zen 4's FP-add pipes, beside the multiply pipes that bound the loop: 3.5
-// operations there per packet of terms. Measured, 8 x 128 x 128 x 256 terms on one core: 3.18 ms
-// with the earlier form 1 + e^{2a} e^{2b} (a multiply-add per term), 2.40 ms with this one,
-// 2.25 ms with the pairs (~0.24 cycles per term).
-// Accuracy: each operation is correctly rounded or (the reciprocal) within a few ulp, and the
-// term is a ratio of positive numbers, so each term is within a few ulp of the exact tanh form.
+// with w also computed once per query row. No exp or tanh polynomial is left in the inner loop:
+// two units share one division, (w1 d2 + w2 d1) / (d1 d2) with d = e^{-2q'} + e^{2k'}.
+// Cost on Zen 4 (microbenchmarked, cycles per 16-lane packet of terms): the loop is bound by
+// the two multiply pipes, which also take part of each 512-bit division (about 2.7 cycles),
+// while the divider itself accepts one every ~5.9 cycles. A pair then costs 3 multiply-pipe
+// operations plus its division, ~2.97 cycles per packet, against 3.5 for a shared hardware
+// reciprocal with a Newton step (the previous form) and 5.9 for one division per term; a
+// division shared by three or four units measured 2.84 / 2.94 but narrows the range below.
+// The adds run on the FP-add pipes beside them.
+// Accuracy: every operation is correctly rounded and the term is a ratio of positive
+// numbers, so each term is within a few ulp of the exact tanh form.
 // Range: the factored form is used while every |q'_u| and |k'_u| is at most exp_form_limit
 // (20 for float, 170 for double), so that the sums stay normal finite numbers, and every w_u
 // is finite. A row or key set outside that range (or holding NaN/inf) goes through the plain
@@ -46,45 +48,6 @@ template <typename T>
 constexpr T exp_form_limit() {
   return std::is_same<T, float>::value ? T(20) : T(170);
 }
-
-namespace detail {
-
-namespace ei = Eigen::internal;
-
-// 1 / x for normal finite x > 0: the hardware estimate refined by Newton steps to a few ulp
-// (division where no estimate instruction is available).
-template <typename T>
-inline vm::Packet<T> reciprocal(const vm::Packet<T>& x) {
-  using P = vm::Packet<T>;
-  const P two = ei::pset1<P>(T(2));
-#if defined(EIGEN_VECTORIZE_AVX512)
-  if constexpr (std::is_same<P, __m512>::value) {
-    P r = _mm512_rcp14_ps(x);                   // 2^-14
-    return ei::pmul(r, ei::psub(two, ei::pmul(x, r)));  // 2^-28
-  } else if constexpr (std::is_same<P, __m512d>::value) {
-    P r = _mm512_rcp14_pd(x);
-    r = ei::pmul(r, ei::psub(two, ei::pmul(x, r)));
-    r = ei::pmul(r, ei::psub(two, ei::pmul(x, r)));
-    return ei::pmul(r, ei::psub(two, ei::pmul(x, r)));
-  }
-#elif defined(EIGEN_VECTORIZE_AVX)
-  if constexpr (std::is_same<P, __m256>::value) {
-    P r = _mm256_rcp_ps(x);  // 2^-12
-    r = ei::pmul(r, ei::psub(two, ei::pmul(x, r)));
-    return ei::pmul(r, ei::psub(two, ei::pmul(x, r)));
-  }
-#elif defined(EIGEN_VECTORIZE_SSE)
-  if constexpr (std::is_same<P, __m128>::value) {
-    P r = _mm_rcp_ps(x);
-    r = ei::pmul(r, ei::psub(two, ei::pmul(x, r)));
-    return ei::pmul(r, ei::psub(two, ei::pmul(x, r)));
-  }
-#endif
-  (void)two;
-  return ei::pdiv(ei::pset1<P>(T(1)), x);
-}
-
-}  // namespace detail
 
 // |x| as the unsigned integer of its bits with the sign cleared. These integers order the
 // magnitudes (NaN above inf, inf above every finite value), and an integer max over an array
@@ -212,7 +175,7 @@ inline void additive_scores_row_in_form(const AdditiveQuery<T>& q, const Additiv
       start = ei::padd(start, ei::pmul(scale, ei::pload<P>(v_tail)));
     }
   }
-  // Factored, two units at a time share one reciprocal:
+  // Factored, two units at a time share one division:
   //   w1 / d1 + w2 / d2 = (w1 d2 + w2 d1) / (d1 d2),  d = e^{-2q'} + e^{2k'}.
   // In range: d in [2e^-2L, 2e^2L] (L = exp_form_limit) and |w| < 2 e^2L (|v'| < 1), so the
   // numerator and d1 d2 stay normal finite numbers (float: L = 20, e^80 ~ 5.5e34; double: L =
@@ -220,16 +183,17 @@ inline void additive_scores_row_in_form(const AdditiveQuery<T>& q, const Additiv
   auto pair = [&](const P& i1, const P& i2, const P& w1, const P& w2, const T* kr, const P& acc) -> P {
     const P d1 = ei::padd(i1, ei::ploadu<P>(kr)), d2 = ei::padd(i2, ei::ploadu<P>(kr + W));
     const P num = ei::pmadd(w2, d1, ei::pmul(w1, d2));
-    return ei::pmadd(num, reciprocal<T>(ei::pmul(d1, d2)), acc);
+    return ei::padd(acc, ei::pdiv(num, ei::pmul(d1, d2)));
   };
   // Factored sums are in units of 2^exponent: scaled back by an exact power of two.
   const T unit = factored ? std::ldexp(T(1), q.exponent) : T(1);
   auto finish = [&](T sum) -> T { return factored ? sum * unit : sum; };
-  auto term = [&](const P& a, const P& b) -> P {
+  // acc + w term(q, k), one unit per lane
+  auto add_term = [&](const P& acc, const P& w, const P& qu, const P& ku) -> P {
     if constexpr (factored)
-      return reciprocal<T>(ei::padd(a, b));
+      return ei::padd(acc, ei::pdiv(w, ei::padd(qu, ku)));
     else
-      return vm::tanh<T>(ei::padd(a, b));
+      return ei::pmadd(w, vm::tanh<T>(ei::padd(qu, ku)), acc);
   };
   index_t j = 0;
   for (; j + 4 <= lk; j += 4) {
@@ -251,10 +215,10 @@ inline void additive_scores_row_in_form(const AdditiveQuery<T>& q, const Additiv
     }
     for (; u < full; u += W) {
       const P qu = ei::ploadu<P>(qa + u), wu = ei::ploadu<P>(wa + u);
-      a0 = ei::pmadd(wu, term(qu, ei::ploadu<P>(k0 + u)), a0);
-      a1 = ei::pmadd(wu, term(qu, ei::ploadu<P>(k1 + u)), a1);
-      a2 = ei::pmadd(wu, term(qu, ei::ploadu<P>(k2 + u)), a2);
-      a3 = ei::pmadd(wu, term(qu, ei::ploadu<P>(k3 + u)), a3);
+      a0 = add_term(a0, wu, qu, ei::ploadu<P>(k0 + u));
+      a1 = add_term(a1, wu, qu, ei::ploadu<P>(k1 + u));
+      a2 = add_term(a2, wu, qu, ei::ploadu<P>(k2 + u));
+      a3 = add_term(a3, wu, qu, ei::ploadu<P>(k3 + u));
     }
     if (rest) {
       std::memcpy(k_tail[0], k0 + full, sizeof(T) * rest);
@@ -262,10 +226,10 @@ inline void additive_scores_row_in_form(const AdditiveQuery<T>& q, const Additiv
       std::memcpy(k_tail[2], k2 + full, sizeof(T) * rest);
       std::memcpy(k_tail[3], k3 + full, sizeof(T) * rest);
       const P qu = ei::pload<P>(q_tail), wu = ei::pload<P>(w_tail);
-      a0 = ei::pmadd(wu, term(qu, ei::pload<P>(k_tail[0])), a0);
-      a1 = ei::pmadd(wu, term(qu, ei::pload<P>(k_tail[1])), a1);
-      a2 = ei::pmadd(wu, term(qu, ei::pload<P>(k_tail[2])), a2);
-      a3 = ei::pmadd(wu, term(qu, ei::pload<P>(k_tail[3])), a3);
+      a0 = add_term(a0, wu, qu, ei::pload<P>(k_tail[0]));
+      a1 = add_term(a1, wu, qu, ei::pload<P>(k_tail[1]));
+      a2 = add_term(a2, wu, qu, ei::pload<P>(k_tail[2]));
+      a3 = add_term(a3, wu, qu, ei::pload<P>(k_tail[3]));
     }
     out[j] = finish(ei::predux(a0));
     out[j + 1] = finish(ei::predux(a1));
@@ -281,10 +245,10 @@ inline void additive_scores_row_in_form(const AdditiveQuery<T>& q, const Additiv
         acc = pair(ei::ploadu<P>(qa + u), ei::ploadu<P>(qa + u + W), ei::ploadu<P>(wa + u),
                    ei::ploadu<P>(wa + u + W), kr + u, acc);
     for (; u < full; u += W)
-      acc = ei::pmadd(ei::ploadu<P>(wa + u), term(ei::ploadu<P>(qa + u), ei::ploadu<P>(kr + u)), acc);
+      acc = add_term(acc, ei::ploadu<P>(wa + u), ei::ploadu<P>(qa + u), ei::ploadu<P>(kr + u));
     if (rest) {
       std::memcpy(k_tail[0], kr + full, sizeof(T) * rest);
-      acc = ei::pmadd(ei::pload<P>(w_tail), term(ei::pload<P>(q_tail), ei::pload<P>(k_tail[0])), acc);
+      acc = add_term(acc, ei::pload<P>(w_tail), ei::pload<P>(q_tail), ei::pload<P>(k_tail[0]));
     }
     out[j] = finish(ei::predux(acc));
   }
