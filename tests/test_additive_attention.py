@@ -42,7 +42,10 @@ def make(rng, dtype, batch=(2,), lq=7, lk=33, dq=13, dk=9, units=19, dv=5, scale
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["C", "F", "strided"])
-@pytest.mark.parametrize("sizes", [(1, 1, 1, 1), (7, 33, 19, 5), (33, 7, 16, 1), (3, 129, 33, 7), (1, 50, 64, 8)])
+# (40, 37, 70, 130): packed products whose weights (70 units) and values (130 columns) have
+# full 64-column panels read in place and a partial last panel that is packed.
+@pytest.mark.parametrize("sizes", [(1, 1, 1, 1), (7, 33, 19, 5), (33, 7, 16, 1), (3, 129, 33, 7), (1, 50, 64, 8),
+                                   (40, 37, 70, 130)])
 def test_matches_reference(dtype, kind, sizes):
     lq, lk, units, dv = sizes
     rng = np.random.default_rng(1)

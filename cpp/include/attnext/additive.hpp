@@ -341,7 +341,8 @@ void project_rows(const Strided<const T>& x, const ConstMatrixMap<T>& w, const T
   const auto w_rows = [&](index_t n0, index_t cols, index_t k0, index_t kc, T* out, index_t ld) {
     for (index_t k = 0; k < kc; ++k) std::copy_n(w.data() + (k0 + k) * units + n0, cols, out + k * ld);
   };
-  packed_gemm<T>(batches * len, units, depth, x_rows, w_rows, bias, dst, parallel);
+  const InPlaceW<T> w_in_place{w.data(), units};
+  packed_gemm<T>(batches * len, units, depth, x_rows, w_rows, bias, dst, parallel, &w_in_place);
 }
 
 // Projected keys of (..., Lk, Dk) through w_key (Dk, U): raw = k W_k and expo = exp(2 raw),

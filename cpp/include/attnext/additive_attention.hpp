@@ -88,7 +88,9 @@ void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_qu
             for (index_t c = 0; c < cols; ++c) dst[k * ld + c] = src[c * value_col_stride];
         }
       };
-      packed_gemm<T>(rows, dv, visible, tile_rows, value_cols, static_cast<const T*>(nullptr), o, /*parallel=*/false);
+      const InPlaceW<T> value_in_place{vb, value_row_stride};
+      packed_gemm<T>(rows, dv, visible, tile_rows, value_cols, static_cast<const T*>(nullptr), o, /*parallel=*/false,
+                     value_col_stride == 1 ? &value_in_place : nullptr);
       return;
     }
     const auto w = ConstMatrixMap<T>(tile, rows, lk).leftCols(visible);

@@ -5,7 +5,9 @@
 // the projections are two thirds of a multi-head attention forward pass, so they get their
 // own kernel, in the classic packed form:
 // - W is packed once per call into panels of kNr = 4 packets of output columns, each panel
-//   (K, kNr) row after row (the vector operand, streamed from L2);
+//   (K, kNr) row after row (the vector operand, streamed from L2), unless the caller has it
+//   as a row-major (K, N) matrix already (InPlaceW: a projection's weights, attention values),
+//   whose full panels are then read in place with the row stride;
 // - each task packs its block of x rows into micro-panels of kMr rows, (Kc, kMr) (the
 //   broadcast operand, 6 KB in L1), once per K block, and reuses them for all its columns;
 // - a register micro-kernel keeps a kMr x kNr tile of y in 24 vector registers.
@@ -56,19 +58,20 @@ constexpr index_t kKc = 512;
 constexpr index_t kMc = 8 * kMr;
 constexpr index_t kNc = 256;
 
-// tile (kMr x kNr, row stride ldc) (+)= a_panel (kc, kMr)^T b_panel (kc, kNr) (+ bias (kNr,) on
-// every row when given: the last K block adds it while the tile is still in registers)
+// tile (kMr x kNr, row stride ldc) (+)= a_panel (kc, kMr)^T b_panel (kc, kNr, row stride ldb)
+// (+ bias (kNr,) on every row when given: the last K block adds it while the tile is still in
+// registers)
 template <typename T>
-inline void micro_kernel(const T* a, const T* b, index_t kc, T* c, index_t ldc, bool accumulate, const T* bias) {
+inline void micro_kernel(const T* a, const T* b, index_t ldb, index_t kc, T* c, index_t ldc, bool accumulate,
+                         const T* bias) {
   constexpr index_t P = vm::packet_size<T>();
-  constexpr index_t Nr = panel_width<T>();
   Pk<T> acc[kMr][kNp];
   for (int r = 0; r < kMr; ++r)
     for (int p = 0; p < kNp; ++p)
       acc[r][p] = accumulate ? ei::ploadu<Pk<T>>(c + r * ldc + p * P) : ei::pset1<Pk<T>>(T(0));
   for (index_t k = 0; k < kc; ++k) {
     Pk<T> bv[kNp];
-    for (int p = 0; p < kNp; ++p) bv[p] = ei::pload<Pk<T>>(b + k * Nr + p * P);
+    for (int p = 0; p < kNp; ++p) bv[p] = ei::ploadu<Pk<T>>(b + k * ldb + p * P);
     const T* ak = a + k * kMr;
     for (int r = 0; r < kMr; ++r) {
       const Pk<T> ab = ei::pset1<Pk<T>>(ak[r]);
@@ -100,14 +103,23 @@ inline void pack_row(const T* row, index_t stride, index_t kc, T* dst, index_t l
 // product itself (a decoding step), and Eigen's matrix-vector products read W in place.
 constexpr index_t kPackedGemmMinRows = 32;
 
+// W already laid out as a row-major (K, N) matrix: w(n, k) = data[k * ld + n].
+template <typename T>
+struct InPlaceW {
+  const T* data = nullptr;
+  index_t ld = 0;
+};
+
 // y[m, n] (+ bias[n]) = sum_k x(m, k) w(n, k) for m < M, n < N, y row-major with row stride N.
 //   x_rows(m0, rows, k0, kc, dst, ld): writes x(m0 + r, k0 + k) to dst[k * ld + r]
 //   w_rows(n0, cols, k0, kc, dst, ld): writes w(n0 + c, k0 + k) to dst[k * ld + c]
 // (the packers; they let each caller read its operands through any layout).
 // `parallel` = false runs everything on the calling thread (a caller already inside a task).
+// `in_place`, when given, is w itself: its full panels are read where they are (no copy) and
+// only a partial last panel goes through w_rows. The products are the same either way.
 template <typename T, typename XRows, typename WRows>
 void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const WRows& w_rows, const T* bias, T* y,
-                 bool parallel = true) {
+                 bool parallel = true, const InPlaceW<T>* in_place = nullptr) {
   using namespace gemm_detail;
   constexpr index_t Nr = panel_width<T>();
   if (M <= 0 || N <= 0) return;
@@ -118,21 +130,33 @@ void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const WRo
   }
   const index_t panels = (N + Nr - 1) / Nr;
   const index_t k_blocks = (K + kKc - 1) / kKc;
-  // W packed once: panel j, K block kb at w_pack + (j * K + kb * kKc) * Nr, rows of Nr (zero-padded columns).
+  // Panels [0, first_packed) are read in place; the others are packed once: panel j, K block kb
+  // at w_pack + ((j - first_packed) * K + kb * kKc) * Nr, rows of Nr (zero-padded columns).
+  const index_t first_packed = in_place ? N / Nr : 0;
   const auto run = [parallel](index_t n, const auto& body) {
     if (parallel)
       parallel_for(n, body, /*dynamic=*/true);
     else
       for (index_t i = 0; i < n; ++i) body(i);
   };
-  const Scratch<T, PackedWTag> w_pack(static_cast<size_t>(panels * K * Nr));
-  run(panels * k_blocks, [&](index_t task) {
-    const index_t j = task / k_blocks, k0 = (task % k_blocks) * kKc, kc = std::min(kKc, K - k0);
-    const index_t n0 = j * Nr, cols = std::min(Nr, N - n0);
-    T* dst = w_pack.data() + (j * K + k0) * Nr;
-    if (cols < Nr) std::fill(dst, dst + kc * Nr, T(0));
-    w_rows(n0, cols, k0, kc, dst, Nr);
-  });
+  const Scratch<T, PackedWTag> w_pack(static_cast<size_t>((panels - first_packed) * K * Nr));
+  if (first_packed < panels)
+    run((panels - first_packed) * k_blocks, [&](index_t task) {
+      const index_t j = first_packed + task / k_blocks, k0 = (task % k_blocks) * kKc, kc = std::min(kKc, K - k0);
+      const index_t n0 = j * Nr, cols = std::min(Nr, N - n0);
+      T* dst = w_pack.data() + ((j - first_packed) * K + k0) * Nr;
+      if (cols < Nr) std::fill(dst, dst + kc * Nr, T(0));
+      w_rows(n0, cols, k0, kc, dst, Nr);
+    });
+  // Panel j's K block from k0: its first row, and the row stride through *ld.
+  const auto w_panel = [&](index_t j, index_t k0, index_t* ld) -> const T* {
+    if (j < first_packed) {
+      *ld = in_place->ld;
+      return in_place->data + k0 * in_place->ld + j * Nr;
+    }
+    *ld = Nr;
+    return w_pack.data() + ((j - first_packed) * K + k0) * Nr;
+  };
   std::vector<T, Eigen::aligned_allocator<T>> bias_pad(bias ? static_cast<size_t>(panels * Nr) : 0, T(0));
   if (bias) std::copy(bias, bias + N, bias_pad.data());
 
@@ -162,16 +186,17 @@ void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const WRo
           const T* a = a_pack.data() + i * kMr * kc;
           const index_t m = m0 + i * kMr, r = std::min<index_t>(kMr, rows - i * kMr);
           for (index_t n0 = nc0; n0 < nc1; n0 += Nr) {
-            const T* b = w_pack.data() + (n0 / Nr * K + k0) * Nr;
+            index_t ldb = 0;
+            const T* b = w_panel(n0 / Nr, k0, &ldb);
             const index_t cols = std::min(Nr, N - n0);
             const T* bias_panel = bias && last ? bias_pad.data() + n0 : nullptr;
             T* c = y + m * N + n0;
             if (r == kMr && cols == Nr) {
-              micro_kernel<T>(a, b, kc, c, N, accumulate, bias_panel);
+              micro_kernel<T>(a, b, ldb, kc, c, N, accumulate, bias_panel);
             } else {  // a partial tile goes through a full-size one
               if (accumulate)
                 for (index_t rr = 0; rr < r; ++rr) std::memcpy(edge + rr * Nr, c + rr * N, sizeof(T) * cols);
-              micro_kernel<T>(a, b, kc, edge, Nr, accumulate, bias_panel);
+              micro_kernel<T>(a, b, ldb, kc, edge, Nr, accumulate, bias_panel);
               for (index_t rr = 0; rr < r; ++rr) std::memcpy(c + rr * N, edge + rr * Nr, sizeof(T) * cols);
             }
           }
