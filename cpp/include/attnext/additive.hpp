@@ -96,29 +96,39 @@ inline bool additive_exp_form(const T* raw, T* expo, index_t n, T factor = T(2))
   return all_within(raw, n, exp_form_limit<T>());
 }
 
-// v's scaling for the factored form, once per call: *exponent is chosen so that every
-// |v'| < 1 for v' = v 2^-exponent (an exact scaling, undone on the scores; it bounds the
-// pairwise numerators in additive_scores_row). Returns false, and the plain form is to be used,
-// when v holds NaN or inf or 2^exponent would not be a finite T (v beyond 2^(max_exponent-1)).
+// v with its scaling for the factored form, worked out once per call (additive_v):
+// exponent is chosen so that every |v'| < 1 for v' = v 2^-exponent (an exact scaling, undone
+// on the scores; it bounds the pairwise numerators in additive_scores_row). factored is false,
+// and the plain form is to be used, when v holds NaN or inf or 2^exponent would not be a
+// finite T (v beyond 2^(max_exponent-1)).
 template <typename T>
-inline bool additive_v_exponent(const T* v, index_t units, int* exponent) {
+struct AdditiveV {
+  const T* v = nullptr;
+  int exponent = 0;
+  bool factored = false;
+};
+
+template <typename T>
+inline AdditiveV<T> additive_v(const T* v, index_t units) {
   const MagnitudeBits<T> bits = max_magnitude_bits(v, units);
   T largest;
   std::memcpy(&largest, &bits, sizeof largest);
-  *exponent = 0;
-  if (!std::isfinite(largest)) return false;
-  if (largest > T(0)) *exponent = std::ilogb(largest) + 1;
-  return *exponent < std::numeric_limits<T>::max_exponent;
+  AdditiveV<T> form{v, 0, false};
+  if (!std::isfinite(largest)) return form;
+  if (largest > T(0)) form.exponent = std::ilogb(largest) + 1;
+  form.factored = form.exponent < std::numeric_limits<T>::max_exponent;
+  return form;
 }
 
-// A query row's factored form: inv = e^{-2 raw} and weight = -2 v 2^-v_exponent e^{-2 raw}
-// (U each), with v_exponent from additive_v_exponent. Returns whether the form may be used:
-// every |raw| in range and every weight finite.
+// A query row's factored form: inv = e^{-2 raw} and weight = -2 v 2^-exponent e^{-2 raw}
+// (U each). Returns whether the form may be used: v allows it, every |raw| is in range and
+// every weight is finite.
 template <typename T>
-inline bool additive_query_form(const T* raw, const T* v, int v_exponent, T* inv, T* weight, index_t units) {
+inline bool additive_query_form(const T* raw, const AdditiveV<T>& v, T* inv, T* weight, index_t units) {
+  if (!v.factored) return false;
   const bool in_range = additive_exp_form(raw, inv, units, T(-2));
-  const T scale = std::ldexp(T(-2), -v_exponent);
-  for (index_t u = 0; u < units; ++u) weight[u] = scale * v[u] * inv[u];
+  const T scale = std::ldexp(T(-2), -v.exponent);
+  for (index_t u = 0; u < units; ++u) weight[u] = scale * v.v[u] * inv[u];
   return in_range && all_within(weight, units, std::numeric_limits<T>::max());
 }
 
@@ -343,6 +353,28 @@ void project_rows(const Strided<const T>& x, const ConstMatrixMap<T>& w, const T
   };
   const InPlaceW<T> w_in_place{w.data(), units};
   packed_gemm<T>(batches * len, units, depth, x_rows, w_rows, bias, dst, parallel, &w_in_place);
+}
+
+// Scores of query rows [r0, r0 + rows) of batch entry b of q (..., Lq, Dq) against one batch
+// entry's projected keys: tile[r * ld + j] = v . tanh(q_r W_q + bias + k'_j) for j < lk. The
+// rows are projected by the calling task itself (no parallelism inside), so they are still in
+// this core's cache when they are scored.
+template <typename T>
+void additive_score_block(const Strided<const T>& q, index_t b, index_t r0, index_t rows,
+                          const ConstMatrixMap<T>& w_query, const T* bias, const AdditiveRows<T>& keys,
+                          const AdditiveV<T>& v, index_t lk, T* tile, index_t ld) {
+  const index_t units = w_query.cols();
+  const Scratch<T, AdditiveQueryTag> q_proj(static_cast<size_t>(rows * units));
+  const Strided<const T> q_rows(q.data + q.batch_offset(b, 2) + r0 * q.stride(-2), {rows, q.dim(-1)},
+                                {q.stride(-2), q.stride(-1)});
+  project_rows(q_rows, w_query, bias, q_proj.data(), /*parallel=*/false);
+  std::vector<T, Eigen::aligned_allocator<T>> inv(static_cast<size_t>(units)), weight(inv.size());
+  for (index_t r = 0; r < rows; ++r) {
+    const T* qr = q_proj.data() + r * units;
+    const bool factored = keys.expo && additive_query_form(qr, v, inv.data(), weight.data(), units);
+    const AdditiveQuery<T> query{qr, factored ? inv.data() : nullptr, weight.data(), v.exponent};
+    additive_scores_row(query, keys, v.v, units, lk, tile + r * ld);
+  }
 }
 
 // Projected keys of (..., Lk, Dk) through w_key (Dk, U): raw = k W_k and expo = exp(2 raw),

@@ -1,9 +1,9 @@
 // Fused additive (Bahdanau) attention:
 //   context_i = sum_j softmax_j(v . tanh(q_i W_q + bias + k_j W_k) + mask_ij) value_j
 // The keys are projected once (additive_prepare_keys; a decoder keeps the result for a whole
-// sentence), the queries once per call (both through the packed GEMM, into scratch memory),
-// and the scores of one block of query rows against all keys live in a (rows, Lk) tile that
-// becomes the weights of the block's weighted sum: the (..., Lq, Lk, U) tensor is never formed.
+// sentence); each task projects its own block of query rows (additive_score_block), whose
+// scores against all keys live in a (rows, Lk) tile that becomes the weights of the block's
+// weighted sum: the (..., Lq, Lk, U) tensor is never formed.
 #pragma once
 
 #include <algorithm>
@@ -41,17 +41,12 @@ void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_qu
                         const Strided<const std::int64_t>* lengths, T* out, T* weights) {
   const index_t batches = q.batch_count(2);
   const index_t lq = q.dim(-2), lk = keys.raw.dim(-2), units = w_query.cols(), dv = value.dim(-1);
-  // All queries projected first, as one GEMM over every batch entry.
-  const Scratch<T, AdditiveQueryTag> q_proj(static_cast<size_t>(batches * lq * units));
-  project_rows(q, w_query, bias, q_proj.data(), /*parallel=*/true);
   const index_t nb = additive_row_blocks(lq);
   const index_t value_row_stride = value.stride(-2), value_col_stride = value.stride(-1);
-  int v_exponent = 0;
-  const bool v_ok = additive_v_exponent(v, units, &v_exponent);
+  const AdditiveV<T> v_form = additive_v(v, units);
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
     const index_t rows = std::min(kAdditiveRowBlock, lq - r0);
-    std::vector<T, Eigen::aligned_allocator<T>> q_inv(static_cast<size_t>(units)), q_weight(q_inv.size());
     std::vector<T> scratch(weights ? 0 : static_cast<size_t>(rows * lk));
     T* tile = weights ? weights + (b * lq + r0) * lk : scratch.data();
 
@@ -60,13 +55,9 @@ void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_qu
                                      ? keys.expo.data + keys.expo.batch_offset(b, 2)
                                      : nullptr};
     const index_t visible = lengths ? lengths->data[lengths->batch_offset(b, 0)] : lk;
+    additive_score_block(q, b, r0, rows, w_query, bias, k_rows, v_form, visible, tile, lk);
     for (index_t r = 0; r < rows; ++r) {
-      const T* qr = q_proj.data() + (b * lq + r0 + r) * units;
-      const bool q_ok =
-          k_rows.expo && v_ok && additive_query_form(qr, v, v_exponent, q_inv.data(), q_weight.data(), units);
       T* s = tile + r * lk;
-      const AdditiveQuery<T> query{qr, q_ok ? q_inv.data() : nullptr, q_weight.data(), v_exponent};
-      additive_scores_row(query, k_rows, v, units, visible, s);
       hide_tail(s, visible, lk);
       apply_mask_row(mask, b * lq + r0 + r, s, lk);
       softmax_inplace(s, lk);

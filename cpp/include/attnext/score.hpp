@@ -51,33 +51,23 @@ void score_additive(const Strided<const T>& q, const Strided<const T>& k, const 
                     const ConstMatrixMap<T>& w_key, const T* v, const T* bias, T scale, T* out) {
   const index_t batches = q.batch_count(2);
   const index_t lq = q.dim(-2), lk = k.dim(-2), units = w_query.cols();
-  // Keys and queries projected once, as GEMMs, the keys with their exponential form
-  // (additive.hpp). Only (B, Lq or Lk, U) projections, never (B, Lq, Lk, U).
+  // Keys projected once, as a GEMM, with their exponential form (additive.hpp); each task
+  // projects its own block of queries. Only (B, Lq or Lk, U) projections, never (B, Lq, Lk, U).
   const size_t kn = static_cast<size_t>(batches * lk * units);
   const Scratch<T, AdditiveKeyRawTag> kp(kn);
   const Scratch<T, AdditiveKeyExpTag> ke(kn);
-  const Scratch<T, AdditiveQueryTag> qp(static_cast<size_t>(batches * lq * units));
   std::unique_ptr<bool[]> k_ok(new bool[static_cast<size_t>(std::max<index_t>(batches, 1))]);
   additive_prepare_keys(k, w_key, kp.data(), ke.data(), k_ok.get());
-  project_rows(q, w_query, bias, qp.data(), /*parallel=*/true);
   const index_t nb = additive_row_blocks(lq);
-  int v_exponent = 0;
-  const bool v_ok = additive_v_exponent(v, units, &v_exponent);
+  const AdditiveV<T> v_form = additive_v(v, units);
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
     const index_t rows = std::min(kAdditiveRowBlock, lq - r0);
-    std::vector<T, Eigen::aligned_allocator<T>> q_inv(static_cast<size_t>(units)), q_weight(q_inv.size());
     const AdditiveRows<T> keys{kp.data() + b * lk * units, k_ok[b] ? ke.data() + b * lk * units : nullptr};
-    for (index_t r = 0; r < rows; ++r) {
-      T* o = out + (b * lq + r0 + r) * lk;
-      const T* qr = qp.data() + (b * lq + r0 + r) * units;
-      const bool q_ok =
-          keys.expo && v_ok && additive_query_form(qr, v, v_exponent, q_inv.data(), q_weight.data(), units);
-      const AdditiveQuery<T> query{qr, q_ok ? q_inv.data() : nullptr, q_weight.data(), v_exponent};
-      additive_scores_row(query, keys, v, units, lk, o);
-      if (scale != T(1))
-        for (index_t j = 0; j < lk; ++j) o[j] *= scale;
-    }
+    T* tile = out + (b * lq + r0) * lk;
+    additive_score_block(q, b, r0, rows, w_query, bias, keys, v_form, lk, tile, lk);
+    if (scale != T(1))
+      for (index_t i = 0; i < rows * lk; ++i) tile[i] *= scale;
   });
 }
 
