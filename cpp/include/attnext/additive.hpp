@@ -351,8 +351,11 @@ void project_rows(const Strided<const T>& x, const ConstMatrixMap<T>& w, const T
   const auto w_rows = [&](index_t n0, index_t cols, index_t k0, index_t kc, T* out, index_t ld) {
     for (index_t k = 0; k < kc; ++k) std::copy_n(w.data() + (k0 + k) * units + n0, cols, out + k * ld);
   };
+  const auto x_row = [&](index_t m) -> const T* {
+    return col_stride == 1 ? x.data + x.batch_offset(m / len, 2) + (m % len) * row_stride : nullptr;
+  };
   const InPlaceW<T> w_in_place{w.data(), units};
-  packed_gemm<T>(batches * len, units, depth, x_rows, w_rows, bias, dst, parallel, &w_in_place);
+  packed_gemm<T>(batches * len, units, depth, x_rows, x_row, w_rows, bias, dst, parallel, &w_in_place);
 }
 
 // Scores of query rows [r0, r0 + rows) of batch entry b of q (..., Lq, Dq) against one batch

@@ -80,8 +80,9 @@ void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_qu
         }
       };
       const InPlaceW<T> value_in_place{vb, value_row_stride};
-      packed_gemm<T>(rows, dv, visible, tile_rows, value_cols, static_cast<const T*>(nullptr), o, /*parallel=*/false,
-                     value_col_stride == 1 ? &value_in_place : nullptr);
+      const auto tile_row = [&](index_t m) -> const T* { return tile + m * lk; };
+      packed_gemm<T>(rows, dv, visible, tile_rows, tile_row, value_cols, static_cast<const T*>(nullptr), o,
+                     /*parallel=*/false, value_col_stride == 1 ? &value_in_place : nullptr);
       return;
     }
     const auto w = ConstMatrixMap<T>(tile, rows, lk).leftCols(visible);

@@ -10,6 +10,8 @@
 //   whose full panels are then read in place with the row stride;
 // - each task packs its block of x rows into micro-panels of kMr rows, (Kc, kMr) (the
 //   broadcast operand, 6 KB in L1), once per K block, and reuses them for all its columns;
+//   rows whose k-run is contiguous are read in place instead (the packing was a scalar
+//   transpose, ~9% of a (1024 x 256) x (256 x 256) projection);
 // - a register micro-kernel keeps a kMr x kNr tile of y in 24 vector registers.
 // Every element of y is one micro-kernel accumulation over k in blocks of kKc whose bounds
 // depend only on K, so results are bit-identical whatever the task split or thread count.
@@ -58,11 +60,24 @@ constexpr index_t kKc = 512;
 constexpr index_t kMc = 8 * kMr;
 constexpr index_t kNc = 256;
 
-// tile (kMr x kNr, row stride ldc) (+)= a_panel (kc, kMr)^T b_panel (kc, kNr, row stride ldb)
+// The x operand of one micro-kernel call, kMr rows from column k0 on: a packed micro-panel
+// (kc, kMr), or the rows where they are (each a contiguous run along k).
+template <typename T>
+struct PackedRows {
+  const T* panel;
+  T at(index_t k, int r) const { return panel[k * kMr + r]; }
+};
+template <typename T>
+struct RowsInPlace {
+  const T* row[kMr];
+  T at(index_t k, int r) const { return row[r][k]; }
+};
+
+// tile (kMr x kNr, row stride ldc) (+)= a (kc, kMr)^T b_panel (kc, kNr, row stride ldb)
 // (+ bias (kNr,) on every row when given: the last K block adds it while the tile is still in
 // registers)
-template <typename T>
-inline void micro_kernel(const T* a, const T* b, index_t ldb, index_t kc, T* c, index_t ldc, bool accumulate,
+template <typename T, typename A>
+inline void micro_kernel(const A& a, const T* b, index_t ldb, index_t kc, T* c, index_t ldc, bool accumulate,
                          const T* bias) {
   constexpr index_t P = vm::packet_size<T>();
   Pk<T> acc[kMr][kNp];
@@ -72,9 +87,8 @@ inline void micro_kernel(const T* a, const T* b, index_t ldb, index_t kc, T* c, 
   for (index_t k = 0; k < kc; ++k) {
     Pk<T> bv[kNp];
     for (int p = 0; p < kNp; ++p) bv[p] = ei::ploadu<Pk<T>>(b + k * ldb + p * P);
-    const T* ak = a + k * kMr;
     for (int r = 0; r < kMr; ++r) {
-      const Pk<T> ab = ei::pset1<Pk<T>>(ak[r]);
+      const Pk<T> ab = ei::pset1<Pk<T>>(a.at(k, r));
       for (int p = 0; p < kNp; ++p) acc[r][p] = ei::pmadd(ab, bv[p], acc[r][p]);
     }
   }
@@ -112,14 +126,16 @@ struct InPlaceW {
 
 // y[m, n] (+ bias[n]) = sum_k x(m, k) w(n, k) for m < M, n < N, y row-major with row stride N.
 //   x_rows(m0, rows, k0, kc, dst, ld): writes x(m0 + r, k0 + k) to dst[k * ld + r]
+//   x_row(m): &x(m, 0) when row m's elements are contiguous along k, else nullptr
 //   w_rows(n0, cols, k0, kc, dst, ld): writes w(n0 + c, k0 + k) to dst[k * ld + c]
-// (the packers; they let each caller read its operands through any layout).
+// (the packers; they let each caller read its operands through any layout). Full micro-rows
+// of contiguous x rows are read in place, the others packed through x_rows.
 // `parallel` = false runs everything on the calling thread (a caller already inside a task).
 // `in_place`, when given, is w itself: its full panels are read where they are (no copy) and
 // only a partial last panel goes through w_rows. The products are the same either way.
-template <typename T, typename XRows, typename WRows>
-void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const WRows& w_rows, const T* bias, T* y,
-                 bool parallel = true, const InPlaceW<T>* in_place = nullptr) {
+template <typename T, typename XRows, typename XRow, typename WRows>
+void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const XRow& x_row, const WRows& w_rows,
+                 const T* bias, T* y, bool parallel = true, const InPlaceW<T>* in_place = nullptr) {
   using namespace gemm_detail;
   constexpr index_t Nr = panel_width<T>();
   if (M <= 0 || N <= 0) return;
@@ -171,10 +187,19 @@ void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const WRo
     const index_t micro_rows = (rows + kMr - 1) / kMr;
     const Scratch<T, PackedXTag> a_pack(static_cast<size_t>(micro_rows * kMr * kKc));
     alignas(64) T edge[kMr * Nr] = {};  // lanes beyond a partial tile are computed, never used
+    RowsInPlace<T> rows_in_place[kMc / kMr];
+    bool in_place_x[kMc / kMr];
+    for (index_t i = 0; i < micro_rows; ++i) {
+      const index_t r = std::min<index_t>(kMr, rows - i * kMr);
+      in_place_x[i] = r == kMr;
+      for (int rr = 0; rr < kMr && in_place_x[i]; ++rr)
+        in_place_x[i] = (rows_in_place[i].row[rr] = x_row(m0 + i * kMr + rr)) != nullptr;
+    }
     for (index_t k0 = 0; k0 < K; k0 += kKc) {
       const index_t kc = std::min(kKc, K - k0);
       const bool accumulate = k0 > 0, last = k0 + kc == K;
       for (index_t i = 0; i < micro_rows; ++i) {
+        if (in_place_x[i]) continue;
         T* dst = a_pack.data() + i * kMr * kc;
         const index_t r = std::min<index_t>(kMr, rows - i * kMr);
         if (r < kMr) std::fill(dst, dst + kc * kMr, T(0));
@@ -183,22 +208,30 @@ void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const WRo
       for (index_t nc0 = c0; nc0 < c1; nc0 += kNc) {
         const index_t nc1 = std::min(c1, nc0 + kNc);
         for (index_t i = 0; i < micro_rows; ++i) {
-          const T* a = a_pack.data() + i * kMr * kc;
           const index_t m = m0 + i * kMr, r = std::min<index_t>(kMr, rows - i * kMr);
-          for (index_t n0 = nc0; n0 < nc1; n0 += Nr) {
-            index_t ldb = 0;
-            const T* b = w_panel(n0 / Nr, k0, &ldb);
-            const index_t cols = std::min(Nr, N - n0);
-            const T* bias_panel = bias && last ? bias_pad.data() + n0 : nullptr;
-            T* c = y + m * N + n0;
-            if (r == kMr && cols == Nr) {
-              micro_kernel<T>(a, b, ldb, kc, c, N, accumulate, bias_panel);
-            } else {  // a partial tile goes through a full-size one
-              if (accumulate)
-                for (index_t rr = 0; rr < r; ++rr) std::memcpy(edge + rr * Nr, c + rr * N, sizeof(T) * cols);
-              micro_kernel<T>(a, b, ldb, kc, edge, Nr, accumulate, bias_panel);
-              for (index_t rr = 0; rr < r; ++rr) std::memcpy(c + rr * N, edge + rr * Nr, sizeof(T) * cols);
+          const auto tiles = [&](const auto& a) {
+            for (index_t n0 = nc0; n0 < nc1; n0 += Nr) {
+              index_t ldb = 0;
+              const T* b = w_panel(n0 / Nr, k0, &ldb);
+              const index_t cols = std::min(Nr, N - n0);
+              const T* bias_panel = bias && last ? bias_pad.data() + n0 : nullptr;
+              T* c = y + m * N + n0;
+              if (r == kMr && cols == Nr) {
+                micro_kernel<T>(a, b, ldb, kc, c, N, accumulate, bias_panel);
+              } else {  // a partial tile goes through a full-size one
+                if (accumulate)
+                  for (index_t rr = 0; rr < r; ++rr) std::memcpy(edge + rr * Nr, c + rr * N, sizeof(T) * cols);
+                micro_kernel<T>(a, b, ldb, kc, edge, Nr, accumulate, bias_panel);
+                for (index_t rr = 0; rr < r; ++rr) std::memcpy(c + rr * N, edge + rr * Nr, sizeof(T) * cols);
+              }
             }
+          };
+          if (in_place_x[i]) {
+            RowsInPlace<T> a = rows_in_place[i];
+            for (int rr = 0; rr < kMr; ++rr) a.row[rr] += k0;
+            tiles(a);
+          } else {
+            tiles(PackedRows<T>{a_pack.data() + i * kMr * kc});
           }
         }
       }

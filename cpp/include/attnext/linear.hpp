@@ -51,7 +51,10 @@ void linear_packed(const Strided<const T>& x, const Strided<const T>& weight, co
       for (index_t k = 0; k < kc; ++k) dst[k * ld + c] = row[k * ws1];
     }
   };
-  packed_gemm<T>(x.dim(0) * nl, weight.dim(0), in, x_rows, w_rows, bias, y);
+  const auto x_row = [&](index_t m) -> const T* {
+    return x_features_run ? x.data + (m / nl) * xs0 + (m % nl) * xs1 : nullptr;
+  };
+  packed_gemm<T>(x.dim(0) * nl, weight.dim(0), in, x_rows, x_row, w_rows, bias, y);
 }
 
 // y = x W^T + b
