@@ -173,13 +173,15 @@ def test_matches_torch_composition(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_same_bits_for_any_thread_count(dtype):
     rng = np.random.default_rng(9)
-    q, k, val, wq, wk, v = make(rng, dtype, batch=(2,), lq=131, lk=70, dq=40, dk=24, units=37, dv=9)
+    # 6 batch entries: with 1, 2 and 3 threads each task takes a whole entry (keys projected in
+    # the task), with 5 all keys are projected first; the bits must not change.
+    q, k, val, wq, wk, v = make(rng, dtype, batch=(2, 3), lq=131, lk=70, dq=40, dk=24, units=37, dv=9)
     saved = attnext.get_num_threads()
     try:
         results = []
         for n in (1, 2, 3, 5):
             attnext.set_num_threads(n)
-            results.append(attnext.additive_attention(q, k, val, wq, wk, v, key_lengths=[70, 33],
+            results.append(attnext.additive_attention(q, k, val, wq, wk, v, key_lengths=[[70, 33, 0], [1, 69, 70]],
                                                       return_weights=True))
             results.append((attnext.score(q, k, "additive", w_query=wq, w_key=wk, v=v),))
     finally:
