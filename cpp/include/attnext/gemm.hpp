@@ -73,21 +73,23 @@ struct RowsInPlace {
   T at(index_t k, int r) const { return row[r][k]; }
 };
 
-// tile (kMr x kNr, row stride ldc) (+)= a (kc, kMr)^T b_panel (kc, kNr, row stride ldb)
-// (+ bias (kNr,) on every row when given: the last K block adds it while the tile is still in
-// registers)
-template <typename T, typename A>
+// tile (R x kNr, row stride ldc) (+)= a (kc, R)^T b_panel (kc, kNr, row stride ldb) for the
+// first R <= kMr rows of a (+ bias (kNr,) on every row when given: the last K block adds it
+// while the tile is still in registers). A micro-row of fewer than kMr rows (the end of a
+// block) runs an R-row kernel rather than computing padding: 128 rows are 21 full micro-rows
+// and one of 2, which padded would cost 3% more.
+template <typename T, int R, typename A>
 inline void micro_kernel(const A& a, const T* b, index_t ldb, index_t kc, T* c, index_t ldc, bool accumulate,
                          const T* bias) {
   constexpr index_t P = vm::packet_size<T>();
-  Pk<T> acc[kMr][kNp];
-  for (int r = 0; r < kMr; ++r)
+  Pk<T> acc[R][kNp];
+  for (int r = 0; r < R; ++r)
     for (int p = 0; p < kNp; ++p)
       acc[r][p] = accumulate ? ei::ploadu<Pk<T>>(c + r * ldc + p * P) : ei::pset1<Pk<T>>(T(0));
   for (index_t k = 0; k < kc; ++k) {
     Pk<T> bv[kNp];
     for (int p = 0; p < kNp; ++p) bv[p] = ei::ploadu<Pk<T>>(b + k * ldb + p * P);
-    for (int r = 0; r < kMr; ++r) {
+    for (int r = 0; r < R; ++r) {
       const Pk<T> ab = ei::pset1<Pk<T>>(a.at(k, r));
       for (int p = 0; p < kNp; ++p) acc[r][p] = ei::pmadd(ab, bv[p], acc[r][p]);
     }
@@ -95,10 +97,19 @@ inline void micro_kernel(const A& a, const T* b, index_t ldb, index_t kc, T* c, 
   if (bias)
     for (int p = 0; p < kNp; ++p) {
       const Pk<T> bp = ei::pload<Pk<T>>(bias + p * P);
-      for (int r = 0; r < kMr; ++r) acc[r][p] = ei::padd(acc[r][p], bp);
+      for (int r = 0; r < R; ++r) acc[r][p] = ei::padd(acc[r][p], bp);
     }
-  for (int r = 0; r < kMr; ++r)
+  for (int r = 0; r < R; ++r)
     for (int p = 0; p < kNp; ++p) ei::pstoreu(c + r * ldc + p * P, acc[r][p]);
+}
+
+// micro_kernel with R = rows (1 <= rows <= kMr), chosen at run time.
+template <typename T, int R = kMr, typename A>
+inline void micro_kernel_rows(int rows, const A& a, const T* b, index_t ldb, index_t kc, T* c, index_t ldc,
+                              bool accumulate, const T* bias) {
+  if constexpr (R > 1)
+    if (rows < R) return micro_kernel_rows<T, R - 1>(rows, a, b, ldb, kc, c, ldc, accumulate, bias);
+  micro_kernel<T, R>(a, b, ldb, kc, c, ldc, accumulate, bias);
 }
 
 }  // namespace gemm_detail
@@ -186,13 +197,13 @@ void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const XRo
     const index_t c0 = (task % col_tasks) * col_chunk, c1 = std::min(panels * Nr, c0 + col_chunk);
     const index_t micro_rows = (rows + kMr - 1) / kMr;
     const Scratch<T, PackedXTag> a_pack(static_cast<size_t>(micro_rows * kMr * kKc));
-    alignas(64) T edge[kMr * Nr] = {};  // lanes beyond a partial tile are computed, never used
-    RowsInPlace<T> rows_in_place[kMc / kMr];
+    alignas(64) T edge[kMr * Nr] = {};  // columns beyond a partial panel are computed, never used
+    RowsInPlace<T> rows_in_place[kMc / kMr] = {};
     bool in_place_x[kMc / kMr];
     for (index_t i = 0; i < micro_rows; ++i) {
       const index_t r = std::min<index_t>(kMr, rows - i * kMr);
-      in_place_x[i] = r == kMr;
-      for (int rr = 0; rr < kMr && in_place_x[i]; ++rr)
+      in_place_x[i] = true;
+      for (index_t rr = 0; rr < r && in_place_x[i]; ++rr)
         in_place_x[i] = (rows_in_place[i].row[rr] = x_row(m0 + i * kMr + rr)) != nullptr;
     }
     for (index_t k0 = 0; k0 < K; k0 += kKc) {
@@ -201,9 +212,7 @@ void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const XRo
       for (index_t i = 0; i < micro_rows; ++i) {
         if (in_place_x[i]) continue;
         T* dst = a_pack.data() + i * kMr * kc;
-        const index_t r = std::min<index_t>(kMr, rows - i * kMr);
-        if (r < kMr) std::fill(dst, dst + kc * kMr, T(0));
-        x_rows(m0 + i * kMr, r, k0, kc, dst, kMr);
+        x_rows(m0 + i * kMr, std::min<index_t>(kMr, rows - i * kMr), k0, kc, dst, kMr);
       }
       for (index_t nc0 = c0; nc0 < c1; nc0 += kNc) {
         const index_t nc1 = std::min(c1, nc0 + kNc);
@@ -216,19 +225,19 @@ void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const XRo
               const index_t cols = std::min(Nr, N - n0);
               const T* bias_panel = bias && last ? bias_pad.data() + n0 : nullptr;
               T* c = y + m * N + n0;
-              if (r == kMr && cols == Nr) {
-                micro_kernel<T>(a, b, ldb, kc, c, N, accumulate, bias_panel);
-              } else {  // a partial tile goes through a full-size one
+              if (cols == Nr) {
+                micro_kernel_rows<T>(int(r), a, b, ldb, kc, c, N, accumulate, bias_panel);
+              } else {  // a partial panel goes through a full-width tile
                 if (accumulate)
                   for (index_t rr = 0; rr < r; ++rr) std::memcpy(edge + rr * Nr, c + rr * N, sizeof(T) * cols);
-                micro_kernel<T>(a, b, ldb, kc, edge, Nr, accumulate, bias_panel);
+                micro_kernel_rows<T>(int(r), a, b, ldb, kc, edge, Nr, accumulate, bias_panel);
                 for (index_t rr = 0; rr < r; ++rr) std::memcpy(c + rr * N, edge + rr * Nr, sizeof(T) * cols);
               }
             }
           };
           if (in_place_x[i]) {
             RowsInPlace<T> a = rows_in_place[i];
-            for (int rr = 0; rr < kMr; ++rr) a.row[rr] += k0;
+            for (index_t rr = 0; rr < r; ++rr) a.row[rr] += k0;
             tiles(a);
           } else {
             tiles(PackedRows<T>{a_pack.data() + i * kMr * kc});
