@@ -346,6 +346,20 @@ def test_repeatable_bits_for_small_shapes(dtype, lq):
     assert np.array_equal(first[0], attnext.additive_attention(q, k, val, wq, wk, v))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # the factored form, and the plain tanh (|q'| > 20)
+def test_a_keys_score_does_not_depend_on_its_position(dtype, scale):
+    # Keys are scored four at a time with a shared lane reduction and the rest one by one; a
+    # key's bits must be the same wherever it sits. (37 keys: two batch entries make 74 rows,
+    # enough for the packed GEMM, whose rows do not depend on their neighbours either.)
+    rng = np.random.default_rng(13)
+    q, k, _, wq, wk, v = make(rng, dtype, lq=3, lk=37, units=40, scale=scale)
+    base = attnext.score(q, k, "additive", w_query=wq, w_key=wk, v=v)
+    for perm in (np.arange(37)[::-1], rng.permutation(37), np.roll(np.arange(37), 3)):
+        moved = attnext.score(q, k[:, perm], "additive", w_query=wq, w_key=wk, v=v)
+        assert np.array_equal(moved, base[..., perm])
+
+
 @pytest.mark.skipif(bool(os.environ.get("ATTNEXT_SANITIZED")),
                     reason="ASan's redzones and quarantine inflate the resident memory")
 def test_long_sequences_memory_is_bounded():

@@ -152,6 +152,48 @@ struct AdditiveQuery {
 
 namespace detail {
 
+// out[i] = the sum of the lanes of a_i, i < 4, each in a fixed order that does not depend on
+// the other three (a key scored alone, as (acc, 0, 0, 0), gets the same bits as in a group).
+// With AVX-512 the four reductions share their shuffles: quarters of two vectors are added
+// across the pair, then across the four, then within each quarter, ~14 instructions for the
+// four sums instead of ~32 (the sums were 5% of the score loop).
+template <typename P, typename T>
+inline void sum_lanes4(const P& a0, const P& a1, const P& a2, const P& a3, T* out) {
+  namespace ei = Eigen::internal;
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same<P, __m512>::value) {
+    // quarter q of s01: lanes of a0 (q < 2) or a1 (q >= 2), quarters q%2 and q%2 + 2 added
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 2, 3, 2)));
+    // quarter i: the four partial sums of a_i
+    __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+    s = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    s = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    const __m512i first_of_quarters = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(first_of_quarters, s)));
+    return;
+  } else if constexpr (std::is_same<P, __m512d>::value) {
+    const __m512d s01 = _mm512_add_pd(_mm512_shuffle_f64x2(a0, a1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                      _mm512_shuffle_f64x2(a0, a1, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512d s23 = _mm512_add_pd(_mm512_shuffle_f64x2(a2, a3, _MM_SHUFFLE(1, 0, 1, 0)),
+                                      _mm512_shuffle_f64x2(a2, a3, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512d s = _mm512_add_pd(_mm512_shuffle_f64x2(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm512_shuffle_f64x2(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+    s = _mm512_add_pd(s, _mm512_permute_pd(s, 0x55));
+    const __m512i first_of_quarters = _mm512_setr_epi64(0, 2, 4, 6, 0, 0, 0, 0);
+    _mm256_storeu_pd(out, _mm512_castpd512_pd256(_mm512_permutexvar_pd(first_of_quarters, s)));
+    return;
+  }
+#endif
+  out[0] = ei::predux(a0);
+  out[1] = ei::predux(a1);
+  out[2] = ei::predux(a2);
+  out[3] = ei::predux(a3);
+}
+
 // additive_scores_row (below) for one form, fixed at compile time so that each inner loop is
 // straight.
 template <typename T, bool factored>
@@ -241,10 +283,8 @@ inline void additive_scores_row_in_form(const AdditiveQuery<T>& q, const Additiv
       a2 = add_term(a2, wu, qu, ei::pload<P>(k_tail[2]));
       a3 = add_term(a3, wu, qu, ei::pload<P>(k_tail[3]));
     }
-    out[j] = finish(ei::predux(a0));
-    out[j + 1] = finish(ei::predux(a1));
-    out[j + 2] = finish(ei::predux(a2));
-    out[j + 3] = finish(ei::predux(a3));
+    sum_lanes4(a0, a1, a2, a3, out + j);
+    for (int i = 0; i < 4; ++i) out[j + i] = finish(out[j + i]);
   }
   for (; j < lk; ++j) {
     const T* kr = ka + j * units;
@@ -260,7 +300,10 @@ inline void additive_scores_row_in_form(const AdditiveQuery<T>& q, const Additiv
       std::memcpy(k_tail[0], kr + full, sizeof(T) * rest);
       acc = add_term(acc, ei::pload<P>(w_tail), ei::pload<P>(q_tail), ei::pload<P>(k_tail[0]));
     }
-    out[j] = finish(ei::predux(acc));
+    const P zero = ei::pset1<P>(T(0));
+    T sums[4];
+    sum_lanes4(acc, zero, zero, zero, sums);
+    out[j] = finish(sums[0]);
   }
 }
 
