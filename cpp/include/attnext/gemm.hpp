@@ -60,8 +60,8 @@ constexpr index_t kKc = 512;
 constexpr index_t kMc = 8 * kMr;
 constexpr index_t kNc = 256;
 
-// The x operand of one micro-kernel call, kMr rows from column k0 on: a packed micro-panel
-// (kc, kMr), or the rows where they are (each a contiguous run along k).
+// The x operand of one micro-kernel call, up to kMr rows from column k0 on: a packed
+// micro-panel (kc, kMr), or the rows where they are (each a contiguous run along k).
 template <typename T>
 struct PackedRows {
   const T* panel;
@@ -139,8 +139,8 @@ struct InPlaceW {
 //   x_rows(m0, rows, k0, kc, dst, ld): writes x(m0 + r, k0 + k) to dst[k * ld + r]
 //   x_row(m): &x(m, 0) when row m's elements are contiguous along k, else nullptr
 //   w_rows(n0, cols, k0, kc, dst, ld): writes w(n0 + c, k0 + k) to dst[k * ld + c]
-// (the packers; they let each caller read its operands through any layout). Full micro-rows
-// of contiguous x rows are read in place, the others packed through x_rows.
+// (the packers; they let each caller read its operands through any layout). A micro-row whose
+// x rows are all contiguous is read in place, the others are packed through x_rows.
 // `parallel` = false runs everything on the calling thread (a caller already inside a task).
 // `in_place`, when given, is w itself: its full panels are read where they are (no copy) and
 // only a partial last panel goes through w_rows. The products are the same either way.
