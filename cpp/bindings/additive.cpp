@@ -1,5 +1,5 @@
 // Fused additive (Bahdanau) attention: the key preparation a decoder keeps per sentence, and
-// the attention itself on prepared keys.
+// the attention itself, on prepared keys or on raw keys projected inside the call.
 #include <attnext/additive_attention.hpp>
 
 #include "common.hpp"

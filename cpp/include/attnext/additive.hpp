@@ -326,6 +326,7 @@ inline void additive_scores_row(const AdditiveQuery<T>& q, const AdditiveRows<T>
 
 // Scratch tags (scratch.hpp) of the additive kernels' projections.
 struct AdditiveQueryTag {};
+struct AdditiveQueryFormTag {};
 struct AdditiveKeyRawTag {};
 struct AdditiveKeyExpTag {};
 
@@ -414,30 +415,38 @@ void additive_score_block(const Strided<const T>& q, index_t b, index_t r0, inde
   const Strided<const T> q_rows(q.data + q.batch_offset(b, 2) + r0 * q.stride(-2), {rows, q.dim(-1)},
                                 {q.stride(-2), q.stride(-1)});
   project_rows(q_rows, w_query, bias, q_proj.data(), /*parallel=*/false);
-  std::vector<T, Eigen::aligned_allocator<T>> inv(static_cast<size_t>(units)), weight(inv.size());
+  const Scratch<T, AdditiveQueryFormTag> form(static_cast<size_t>(2 * units));  // a row's inv and weight
+  T* const inv = form.data();
+  T* const weight = inv + units;
   for (index_t r = 0; r < rows; ++r) {
     const T* qr = q_proj.data() + r * units;
-    const bool factored = keys.expo && additive_query_form(qr, v, inv.data(), weight.data(), units);
-    const AdditiveQuery<T> query{qr, factored ? inv.data() : nullptr, weight.data(), v.exponent};
+    const bool factored = keys.expo && additive_query_form(qr, v, inv, weight, units);
+    const AdditiveQuery<T> query{qr, factored ? inv : nullptr, weight, v.exponent};
     additive_scores_row(query, keys, v.v, units, lk, tile + r * ld);
   }
 }
 
 // Projected keys of (..., Lk, Dk) through w_key (Dk, U): raw = k W_k and expo = exp(2 raw),
 // both (batches, Lk, U) C-contiguous, and ok (batches,) = whether the batch entry's values all
-// lie in the factored form's range (see additive.hpp).
+// lie in the factored form's range (see additive.hpp). `parallel` = false runs everything on
+// the calling thread (a caller already inside a task); the results are the same.
 template <typename T>
-void additive_prepare_keys(const Strided<const T>& key, const ConstMatrixMap<T>& w_key, T* raw, T* expo, bool* ok) {
+void additive_prepare_keys(const Strided<const T>& key, const ConstMatrixMap<T>& w_key, T* raw, T* expo, bool* ok,
+                           bool parallel = true) {
   const index_t batches = key.batch_count(2), lk = key.dim(-2), units = w_key.cols();
-  project_rows(key, w_key, static_cast<const T*>(nullptr), raw, /*parallel=*/true);
+  project_rows(key, w_key, static_cast<const T*>(nullptr), raw, parallel);
   const index_t nb = additive_row_blocks(lk);
   std::vector<unsigned char> block_ok(static_cast<size_t>(batches * nb), 1);
-  parallel_for(batches * nb, [&](index_t task) {
+  const auto exp_block = [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
     const index_t rows = std::min(kAdditiveRowBlock, lk - r0);
     const index_t at = (b * lk + r0) * units;
     block_ok[static_cast<size_t>(task)] = additive_exp_form(raw + at, expo + at, rows * units);
-  });
+  };
+  if (parallel)
+    parallel_for(batches * nb, exp_block);
+  else
+    for (index_t task = 0; task < batches * nb; ++task) exp_block(task);
   for (index_t b = 0; b < batches; ++b) {
     bool all = true;
     for (index_t t = 0; t < nb; ++t) all &= block_ok[static_cast<size_t>(b * nb + t)] != 0;

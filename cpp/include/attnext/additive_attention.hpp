@@ -14,6 +14,7 @@
 #include "additive.hpp"
 #include "mask.hpp"
 #include "parallel.hpp"
+#include "scratch.hpp"
 #include "softmax.hpp"
 #include "strided.hpp"
 
@@ -29,6 +30,9 @@ struct AdditiveKeys {
 
 namespace detail {
 
+// Scratch tag (scratch.hpp) of a block's score tile when the caller wants no weights back.
+struct AdditiveTileTag {};
+
 // One task's work: the context (and weights) of query rows [r0, r0 + rows) of batch entry b,
 // against that entry's projected keys (Lk of them, the first `visible` not hidden by lengths).
 // Arguments as for additive_attention below.
@@ -39,7 +43,8 @@ void additive_attention_block(const Strided<const T>& q, const ConstMatrixMap<T>
                               index_t r0, index_t rows, T* out, T* weights) {
   const index_t lq = q.dim(-2), dv = value.dim(-1);
   const index_t value_row_stride = value.stride(-2), value_col_stride = value.stride(-1);
-  std::vector<T> scratch(weights ? 0 : static_cast<size_t>(rows * lk));
+  // The block's scores become its weights: in the caller's weights array, or in scratch memory.
+  const Scratch<T, AdditiveTileTag> scratch(weights ? 0 : static_cast<size_t>(rows * lk));
   T* tile = weights ? weights + (b * lq + r0) * lk : scratch.data();
   additive_score_block(q, b, r0, rows, w_query, bias, keys, v, visible, tile, lk);
   for (index_t r = 0; r < rows; ++r) {
@@ -139,8 +144,8 @@ void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_qu
       const Scratch<T, AdditiveKeyExpTag> expo(n);
       const Strided<const T> entry_keys(key.data + key.batch_offset(b, 2), {lk, key.dim(-1)},
                                         {key.stride(-2), key.stride(-1)});
-      project_rows(entry_keys, w_key, static_cast<const T*>(nullptr), raw.data(), /*parallel=*/false);
-      const bool ok = additive_exp_form(raw.data(), expo.data(), lk * units);
+      bool ok = false;
+      additive_prepare_keys(entry_keys, w_key, raw.data(), expo.data(), &ok, /*parallel=*/false);
       const AdditiveRows<T> k_rows{raw.data(), ok ? expo.data() : nullptr};
       const index_t visible = detail::visible_keys(lengths, b, lk);
       for (index_t r0 = 0; r0 < lq; r0 += kAdditiveRowBlock)
