@@ -43,12 +43,13 @@ const In* contiguous_rows(const In* x, index_t rs, index_t cs, index_t n, index_
   return buf;
 }
 
-// Query rows of batch entry b, scaled when that cannot overflow (else unscaled: returns false
+// Query rows of batch entry b, scaled when that cannot overflow (see pack_q_scaled; else unscaled: returns false
 // and the caller scales the scores after the dot products), into qbuf (L, E).
 template <typename In, typename Acc>
 bool pack_query_rows(const SdpaProblem<In>& p, index_t b, Acc scale, Acc* qbuf) {
   const index_t L = p.q.dim(-2), E = p.q.dim(-1);
   const In* qb = p.q.data + p.q.batch_offset(b, 2);
+  const bool check = scale_may_overflow(scale);
   for (int attempt = 0; attempt < 2; ++attempt) {
     const Acc f = attempt == 0 ? scale : Acc(1);
     Acc bad = Acc(0);
@@ -56,14 +57,14 @@ bool pack_query_rows(const SdpaProblem<In>& p, index_t b, Acc scale, Acc* qbuf) 
       for (index_t e = 0; e < E; ++e) {
         const Acc x = f * to_acc<Acc>(qb[i * p.q.stride(-2) + e * p.q.stride(-1)]);
         qbuf[i * E + e] = x;
-        bad += x * Acc(0);  // NaN exactly when some x is not finite
+        if (check) bad += x * Acc(0);  // NaN exactly when some x is not finite
       }
     if (bad == bad) return attempt == 0;
   }
   return false;
 }
 
-// Partial states of keys [c0, c1) for every query row of batch entry b.
+// Partial states of keys [c0, c1) for every query row (L <= kDecodeMaxQueries) of batch entry b.
 // part: (L, Ev + 2) = unnormalised output, then the max, then the sum.
 template <typename In, typename Acc>
 void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, Acc* part) {
@@ -88,17 +89,18 @@ void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, A
                                  p.k.stride(-1), nv, E, kbuf.data(), kcs);
   const In* vc = contiguous_rows(p.v.data + p.v.batch_offset(b, 2) + ja * p.v.stride(-2), p.v.stride(-2),
                                  p.v.stride(-1), nv, Ev, vbuf.data(), vcs);
+  KeyRange range[kDecodeMaxQueries];
+  for (index_t i = 0; i < L; ++i) range[i] = visible_keys(vis, i, S);
   // s[i][j - ja]: scores of the keys row i sees (the rest are hidden by mask_scores below).
   for (index_t j = 0; j < nv; ++j) {
     const In* kj = kc + j * kcs;
-    for (index_t i = 0; i < L; ++i) {
-      const KeyRange r = visible_keys(vis, i, S);
-      if (ja + j >= r.lo && ja + j < r.hi) s[i * n + j] = folded ? dot(qbuf + i * E, kj, E) : dot(qbuf + i * E, kj, E) * scale;
-    }
+    for (index_t i = 0; i < L; ++i)
+      if (ja + j >= range[i].lo && ja + j < range[i].hi)
+        s[i * n + j] = folded ? dot(qbuf + i * E, kj, E) : dot(qbuf + i * E, kj, E) * scale;
   }
   int values_finite = -1;  // checked once, only if some row hides a key of the chunk
   for (index_t i = 0; i < L; ++i) {
-    const KeyRange r = visible_keys(vis, i, S);
+    const KeyRange r = range[i];
     Acc* si = s + i * n;
     Acc* pi = part + i * w;
     const bool hidden = mask_scores(si, index_t(1), nv, ja, r, mask_row(p.mask, b * L + i, ja));

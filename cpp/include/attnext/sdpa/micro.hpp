@@ -201,14 +201,22 @@ inline void pack_q(const In* qb, index_t qs, index_t qe, index_t nq, index_t E, 
     for (index_t e = 0; e < E; ++e) Qt[e * Bq + i] = scale * to_acc<Acc>(qb[i * qs + e * qe]);
 }
 
-// Packs Q with the scale folded in when that cannot overflow (every packed value finite);
-// otherwise packs it unscaled and returns false: the caller then scales the scores after the
-// dot products (a finite q * k * scale must not become inf through an overflowing q * scale).
+// Whether q * scale can overflow where q is finite: only for |scale| > 1 (the default
+// 1/sqrt(E) never does); then the packed values are checked.
+template <typename Acc>
+inline bool scale_may_overflow(Acc scale) {
+  return !(std::abs(scale) <= Acc(1));
+}
+
+// Packs Q with the scale folded in when that cannot overflow (|scale| <= 1, or every packed
+// value finite); otherwise packs it unscaled and returns false: the caller then scales the
+// scores after the dot products (a finite q * k * scale must not become inf through an
+// overflowing q * scale).
 template <typename In, typename Acc>
 inline bool pack_q_scaled(const In* qb, index_t qs, index_t qe, index_t nq, index_t E, Acc scale, Acc* Qt) {
   constexpr index_t Bq = block_queries<Acc>();
   pack_q(qb, qs, qe, nq, E, scale, Qt);
-  if (all_finite(Qt, E * Bq)) return true;
+  if (!scale_may_overflow(scale) || all_finite(Qt, E * Bq)) return true;
   pack_q(qb, qs, qe, nq, E, Acc(1), Qt);
   return false;
 }
