@@ -63,14 +63,12 @@ struct AdditiveCall {
   Acc* weights;
 };
 
-// Masks one query row of scores s[0, lk) whose first `visible` keys are not hidden by length:
-// the tail becomes -inf without its mask entries being read, the mask applies to the rest.
-// Returns whether a key inside [0, visible) may be hidden (its value row must not leak).
+// Masks one query row of scores s[0, lk) (mask.hpp's rule): keys outside `range` (the
+// length) become -inf without their mask entries being read, the mask applies to the rest.
+// Returns whether a key inside the range may be hidden (its value row must not leak).
 template <typename Acc>
-inline bool mask_scores_row(const Mask<Acc>& mask, index_t row, index_t visible, Acc* s, index_t lk) {
-  apply_mask_row(mask, row, s, visible);
-  hide_tail(s, visible, lk);
-  return mask.kind != MaskKind::none;
+inline bool mask_scores_row(const Mask<Acc>& mask, index_t row, KeyRange range, Acc* s, index_t lk) {
+  return mask_scores(s, index_t(1), lk, index_t(0), range, mask_row(mask, row)) && mask.kind != MaskKind::none;
 }
 
 // Whether value rows [0, visible) of one batch entry (vb, row/col strides) are all finite.
@@ -105,7 +103,7 @@ void context_fixup(const AdditiveCall<In, Acc>& c, const Acc* tile, index_t lk, 
   for (index_t j = 0; j < visible; ++j) finite[j] = value_rows_finite(vb + j * rs, rs, cs, 1, dv) ? Acc(1) : Acc(0);
   for (index_t r = 0; r < rows; ++r) {
     std::fill(hidden, hidden + lk, Acc(0));
-    mask_scores_row(c.mask, b * lq + r0 + r, visible, hidden, lk);
+    mask_scores_row(c.mask, b * lq + r0 + r, KeyRange{0, visible}, hidden, lk);
     bool leaks = false;
     for (index_t j = 0; j < visible && !leaks; ++j) leaks = hidden[j] == -std::numeric_limits<Acc>::infinity() && !finite[j];
     if (!leaks) continue;
@@ -179,7 +177,7 @@ void additive_attention_block(const AdditiveCall<In, Acc>& c, const AdditiveRows
   bool may_hide = false;
   for (index_t r = 0; r < rows; ++r) {
     Acc* s = tile + r * lk;
-    may_hide |= mask_scores_row(c.mask, b * lq + r0 + r, visible, s, lk);
+    may_hide |= mask_scores_row(c.mask, b * lq + r0 + r, KeyRange{0, visible}, s, lk);
     softmax_inplace(s, lk);
   }
   if (dv == 0) return;
@@ -189,11 +187,13 @@ void additive_attention_block(const AdditiveCall<In, Acc>& c, const AdditiveRows
     context_fixup(c, tile, lk, visible, b, r0, rows);
 }
 
-// Keys of batch entry b not hidden by its length: lengths[b] clamped to [0, lk] (any int64).
-inline index_t visible_keys(const Strided<const std::int64_t>* lengths, index_t b, index_t lk) {
-  if (!lengths) return lk;
-  const std::int64_t n = lengths->data[lengths->batch_offset(b, 0)];
-  return n < 0 ? 0 : (n > lk ? lk : n);
+// Keys of batch entry b not hidden by its length (mask.hpp's visible-key rule: any int64
+// length, clamped to [0, lk]); additive attention has no causal or window, so the range is
+// [0, visible) for every query.
+inline index_t keys_within_length(const Strided<const std::int64_t>* lengths, index_t b, index_t lk) {
+  Visibility vis;
+  if (lengths) vis.length = lengths->data[lengths->batch_offset(b, 0)];
+  return attnext::visible_keys(vis, 0, lk).hi;
 }
 
 // Whether the call has nothing to compute: no output element, or (without weights) a context
@@ -234,7 +234,7 @@ void additive_attention(const Strided<const In>& q, const ConstMatrixMap<In>& w_
                                    keys.ok.data[keys.ok.batch_offset(b, 0)]
                                        ? keys.expo.data + keys.expo.batch_offset(b, 2)
                                        : nullptr};
-    detail::additive_attention_block(call, k_rows, lk, detail::visible_keys(lengths, b, lk), b, r0,
+    detail::additive_attention_block(call, k_rows, lk, detail::keys_within_length(lengths, b, lk), b, r0,
                                      std::min(kAdditiveRowBlock, lq - r0));
   });
 }
@@ -269,7 +269,7 @@ void additive_attention(const Strided<const In>& q, const ConstMatrixMap<In>& w_
       bool ok = false;
       additive_prepare_keys<In, Acc>(entry_keys, w_key, raw.data(), expo.data(), &ok, /*parallel=*/false);
       const AdditiveRows<Acc> k_rows{raw.data(), ok ? expo.data() : nullptr};
-      const index_t visible = detail::visible_keys(lengths, b, lk);
+      const index_t visible = detail::keys_within_length(lengths, b, lk);
       for (index_t r0 = 0; r0 < lq; r0 += kAdditiveRowBlock)
         detail::additive_attention_block(call, k_rows, lk, visible, b, r0, std::min(kAdditiveRowBlock, lq - r0));
     });
