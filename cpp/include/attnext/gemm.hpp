@@ -1,8 +1,8 @@
 // A packed matrix product for the layers' projections: y (M, N) = x (M, K) W^T, W (N, K).
 //
-// The projections are most of a multi-head attention forward pass and Eigen's GEMM leaves a
-// fifth of the machine's peak unused on them (docs/benchmarks.md), so they get their own
-// kernel, in the classic packed form:
+// The projections are most of a multi-head attention forward pass and Eigen's GEMM runs them
+// about a quarter slower than a packed kernel shaped for them (docs/benchmarks.md), so they
+// get their own kernel, in the classic packed form:
 // - W is packed once per call into panels of kNr = 4 packets of output columns, each panel
 //   (K, kNr) row after row (the vector operand, streamed from L2), unless the caller has it
 //   as a row-major (K, N) matrix already (InPlaceW: a projection's weights, attention values),
