@@ -172,6 +172,9 @@ py::object attention_dispatch(const py::array& q, Args&&... args) {
 }  // namespace
 
 void register_additive(py::module_& m) {
+  // The factored form's range (additive.hpp), the one source the Python side reads.
+  m.attr("additive_exp_form_limit") =
+      py::dict(py::arg("float32") = exp_form_limit<float>(), py::arg("float64") = exp_form_limit<double>());
   m.def("additive_keys", [](const py::array& key, const py::array& w_key) -> py::tuple {
     require_ndim(key, "key", 2);
     return float_dtype(key, "key") == DType::f32 ? prepare_keys_impl<float>(key, w_key)
