@@ -97,8 +97,8 @@ py::object attention_impl(const py::array& q, const py::object& w_query, const p
   if (wq.shape(1) != units)
     fail_value("w_query has shape " + shape_str(wq) + " but " + units_name + " has " + shape_str(units_ref) +
                ": the number of units must match");
-  const auto vc = parameter_vector<T>(q, "query", v, "v", units, "the number of units");
-  const Bias<T> bc = parameter_bias<T>(q, "query", bias, units, "the number of units");
+  const auto vc = parameter_vector<T>(q, "query", v, "v", units, units_are(units));
+  const Bias<T> bc = parameter_bias<T>(q, "query", bias, units, units_are(units));
 
   const index_t lk = value.shape(value.ndim() - 2);
   std::vector<index_t> score_shape = shape_of(q);

@@ -58,6 +58,10 @@ enum class DType { f32, f64 };
 inline DType float_dtype(const py::array& a, const char* name) {
   if (a.dtype().equal(py::dtype::of<float>())) return DType::f32;
   if (a.dtype().equal(py::dtype::of<double>())) return DType::f64;
+  const py::dtype dt = a.dtype();
+  if (dt.kind() == 'f' && (dt.itemsize() == 4 || dt.itemsize() == 8) && dt.byteorder() == '>')
+    fail_type(std::string(name) + " is " + std::string(py::str(dt)) +
+              ", big-endian: the kernels read native float32 or float64 (the Python API converts)");
   fail_type(std::string(name) + " must be float32 or float64, got " + std::string(py::str(a.dtype())));
 }
 
@@ -225,16 +229,18 @@ ConstMatrixMap<T> map_matrix(const py::array_t<T, py::array::c_style>& w) {
   return ConstMatrixMap<T>(w.data(), w.shape(0), w.shape(1));
 }
 
-// A vector of exactly `length` entries (`length_what` names that length in the error).
+// A vector of exactly `length` entries; `expected` ends the error ("<name> has shape (4,) but
+// <expected>"), saying where the length comes from.
 template <typename T>
 py::array_t<T, py::array::c_style> parameter_vector(const py::array& ref, const char* ref_name, const py::object& a,
-                                                    const char* name, py::ssize_t length, const char* length_what) {
+                                                    const char* name, py::ssize_t length, const std::string& expected) {
   py::array_t<T, py::array::c_style> c = parameter<T>(ref, ref_name, a, name, 1);
-  if (c.shape(0) != length)
-    fail_value(std::string(name) + " has shape " + shape_str(c) + " but " + length_what + " is " +
-               std::to_string(length));
+  if (c.shape(0) != length) fail_value(std::string(name) + " has shape " + shape_str(c) + " but " + expected);
   return c;
 }
+
+// The usual `expected` of parameter_vector: "the number of units is 6".
+inline std::string units_are(py::ssize_t units) { return "the number of units is " + std::to_string(units); }
 
 // An optional bias: None, or a parameter_vector. data() is null for None.
 template <typename T>
@@ -245,10 +251,10 @@ struct Bias {
 };
 template <typename T>
 Bias<T> parameter_bias(const py::array& ref, const char* ref_name, const py::object& bias, py::ssize_t length,
-                       const char* length_what) {
+                       const std::string& expected) {
   Bias<T> b;
   if (bias.is_none()) return b;
-  b.array = parameter_vector<T>(ref, ref_name, bias, "bias", length, length_what);
+  b.array = parameter_vector<T>(ref, ref_name, bias, "bias", length, expected);
   b.present = true;
   return b;
 }

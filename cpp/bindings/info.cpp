@@ -18,16 +18,6 @@ namespace bind {
 
 namespace {
 
-// The most threads set_num_threads accepts. Why 256: the work is split into blocks whose
-// boundaries do not depend on the thread count, and more threads than cores only adds
-// scheduling overhead, so the cap only has to exceed any core count a CPU-attention user meets
-// (the largest two-socket servers today have 256-384 hardware threads: the gain beyond 256 is
-// nil for these memory-bound kernels). And each OpenMP thread reserves a stack of address
-// space (8 MB with glibc's default): 256 threads reserve 2 GB, which a process fits under
-// address-space limits where 1024 threads (8 GB) made libgomp print "Thread creation failed"
-// and exit. Below the cap, a count the process still cannot start is refused by a probe.
-constexpr int kMaxThreads = 256;
-
 #ifdef ATTNEXT_HAS_ATFORK
 // The stack size libgomp gives its threads: OMP_STACKSIZE / GOMP_STACKSIZE (a number with an
 // optional B, K, M or G suffix; K when none), else the system default (0 here: use the default).
@@ -80,8 +70,8 @@ bool can_start_threads(int count) {
 }
 #endif
 
-// set_num_threads(n): n an int or np.integer (not a bool) in [1, kMaxThreads] that the process
-// can start; TypeError or ValueError otherwise, the setting unchanged.
+// set_num_threads(n): n an int or np.integer (not a bool) in [1, kMaxThreads] (parallel.hpp says
+// why 256) that the process can start; TypeError or ValueError otherwise, the setting unchanged.
 void set_threads(const py::object& n_arg) {
   if (PyBool_Check(n_arg.ptr()) || !PyIndex_Check(n_arg.ptr()))
     fail_type("n must be an int, got " + std::string(py::str(py::type::of(n_arg).attr("__name__"))));

@@ -16,7 +16,8 @@ py::array linear_impl(const py::array& x, const py::array& weight, const py::obj
   if (weight.shape(1) != x.shape(2) * x.shape(3))
     fail_value("x has shape " + shape_str(x) + " (" + std::to_string(x.shape(2) * x.shape(3)) +
                " features per row) but weight has " + shape_str(weight) + ": weight must be (out, in)");
-  const Bias<T> b = parameter_bias<T>(x, "x", bias, weight.shape(0), "the number of output features (weight's first dimension)");
+  const Bias<T> b = parameter_bias<T>(x, "x", bias, weight.shape(0),
+                                      "weight has " + shape_str(weight) + ": bias must be (out,)");
   const Strided<const T> xv = view<T>(x, "x"), wv = view<T>(weight, "weight");
   py::array_t<T> out = new_output<T>({xv.dim(0), xv.dim(1), wv.dim(0)}, "linear output");
   if (all_empty({&out})) return std::move(out);

@@ -46,9 +46,19 @@ inline void install_fork_handler() {
 #endif
 }
 
+// The most threads set_num_threads accepts. Why 256: the work is split into blocks whose
+// boundaries do not depend on the thread count, and more threads than cores only adds
+// scheduling overhead, so the cap only has to exceed the core counts CPU attention meets (the
+// gain past 256 threads is nil for these memory-bound kernels). And each OpenMP thread reserves
+// a stack of address space (8 MB with glibc's default): 256 threads reserve 2 GB, which fits
+// under address-space limits where 1024 threads (8 GB) made libgomp print "Thread creation
+// failed" and exit. Below the cap, the binding refuses a count the process cannot start
+// (it tries first: libgomp ends the process when it cannot create a pool thread).
+constexpr int kMaxThreads = 256;
+
 inline std::atomic<int>& thread_setting() {
 #ifdef _OPENMP
-  static std::atomic<int> n{std::max(1, omp_get_max_threads())};
+  static std::atomic<int> n{std::min(kMaxThreads, std::max(1, omp_get_max_threads()))};
 #else
   static std::atomic<int> n{1};
 #endif
@@ -62,7 +72,7 @@ inline int get_num_threads() {
 }
 
 // Callers bound n (the binding refuses counts above its documented cap).
-inline void set_num_threads(int n) { thread_setting().store(std::max(1, n), std::memory_order_relaxed); }
+inline void set_num_threads(int n) { thread_setting().store(std::clamp(n, 1, kMaxThreads), std::memory_order_relaxed); }
 
 inline bool openmp_enabled() {
 #ifdef _OPENMP
