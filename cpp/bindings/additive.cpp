@@ -142,6 +142,9 @@ py::object attention_impl(const py::array& q, const py::object& w_query, const p
 }  // namespace
 
 void register_additive(py::module_& m) {
+  // The factored form's range (additive.hpp), the one source the Python side reads.
+  m.attr("additive_exp_form_limit") =
+      py::dict(py::arg("float32") = exp_form_limit<float>(), py::arg("float64") = exp_form_limit<double>());
   m.def("additive_keys", [](const py::array& key, const py::object& w_key) -> py::tuple {
     return dispatch(float_dtype(key, "key"), [&](auto t) { return prepare_keys_impl<decltype(t)>(key, w_key); });
   }, py::arg("key").noconvert(), py::arg("w_key"),

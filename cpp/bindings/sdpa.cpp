@@ -40,12 +40,10 @@ py::tuple sdpa_impl(const py::array& q, const py::array& k, const py::array& v, 
   score_shape.push_back(L);
   score_shape.push_back(S);
   p.mask = mask_view<T>(attn_mask, score_shape, "attn_mask");
-  // Offsets beyond [-(L + 1), S] mean the same as those bounds (everything hidden or visible)
-  // and keep i + offset + 1 from overflowing.
-  p.causal = Causal{causal, std::min<index_t>(std::max<index_t>(causal_offset, -(L + 1)), S)};
-  // A window side at least as wide as the whole sequence hides nothing (and keeps i + right finite).
-  p.window_left = window_left >= L + S ? -1 : window_left;
-  p.window_right = window_right >= L + S ? -1 : window_right;
+  // Raw values: the kernels' visible-key rule (mask.hpp) is overflow-safe for any int64.
+  p.causal = Causal{causal, causal_offset};
+  p.window_left = window_left;
+  p.window_right = window_right;
   p.scale = static_cast<T>(scale);
   const OwnedBatch<std::int64_t> lengths = own_key_lengths(key_lengths, batch, S);
   if (lengths.get()) p.key_lengths = lengths.view();

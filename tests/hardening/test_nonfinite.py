@@ -53,7 +53,10 @@ def check_value_injection(kernel, kw, bad_kw, name):
         either = ~fin
         ok = (np.isnan(g[either]) | (g[either] == w[either])
               | np.isclose(g[either], c[either], rtol=1e-4, atol=1e-6))
-        if name not in ("value", "values", "keys"):
+        # MultiHeadAttention projects its `value` input per head, so it is a value projection too
+        # (under "hidden is hidden" a head that hides key j gives the clean result, a head that
+        # sees it gives +-inf, and the output projection mixes them where the formula has NaN).
+        if name not in ("value", "values", "keys") or kernel.name == "MultiHeadAttention":
             # A value projection's entry reaches every key of its head; the output projection
             # then mixes a head the row cannot see (0 * inf = NaN in the formula) with heads it
             # sees (+-inf): where the formula is non-finite the layer may be non-finite of another kind.

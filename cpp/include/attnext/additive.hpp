@@ -7,20 +7,22 @@
 // key unit) are computed once, and
 //   v . tanh(q' + k') = sum_u v_u + sum_u w_u / (e^{-2q'_u} + e^{2k'_u}),  w_u = -2 v_u e^{-2q'_u},
 // with w also computed once per query row. No exp or tanh polynomial is left in the inner loop:
-// two units share one division, (w1 d2 + w2 d1) / (d1 d2) with d = e^{-2q'} + e^{2k'}.
-// Cost on Zen 4 (microbenchmarked, cycles per 16-lane packet of terms): the loop is bound by
-// the two multiply pipes, which also take part of each 512-bit division (about 2.7 cycles),
-// while the divider itself accepts one every ~5.9 cycles. A pair then costs 3 multiply-pipe
-// operations plus its division, ~2.97 cycles per packet, against 3.5 for a shared hardware
-// reciprocal with a Newton step (the previous form) and 5.9 for one division per term; a
-// division shared by three or four units measured 2.84 / 2.94 but narrows the range below.
-// The adds run on the FP-add pipes beside them.
+// two units share one division, (w1 d2 + w2 d1) / (d1 d2) with d = e^{-2q'} + e^{2k'}. The
+// loop is bound by the multiply pipes, which also carry part of each vector division, so
+// halving the divisions for three extra multiplies is the cheapest of the forms we measured
+// (one division per term, a reciprocal with a Newton step, three or four units per division,
+// which also narrows the range below; figures in docs/benchmarks.md).
 // Accuracy: every operation is correctly rounded and the term is a ratio of positive
 // numbers, so each term is within a few ulp of the exact tanh form.
 // Range: the factored form is used while every |q'_u| and |k'_u| is at most exp_form_limit
 // (20 for float, 170 for double), so that the sums stay normal finite numbers, and every w_u
 // is finite. A row or key set outside that range (or holding NaN/inf) goes through the plain
 // vectorised tanh instead; which path runs depends only on the data, never on the thread count.
+//
+// Types: the kernels read q, k and the weights as `In` and compute the projections, the
+// scores and everything after them in `Acc`; conversions happen where the projections read
+// their operands (the GEMM's packers, Eigen's casts). The score functions below the
+// projections therefore take only the accumulation type, T.
 #pragma once
 
 #include <cmath>
@@ -156,7 +158,7 @@ namespace detail {
 // the other three (a key scored alone, as (acc, 0, 0, 0), gets the same bits as in a group).
 // With AVX-512 the four reductions share their shuffles: quarters of two vectors are added
 // across the pair, then across the four, then within each quarter, ~14 instructions for the
-// four sums instead of ~32 (the sums were 5% of the score loop).
+// four sums instead of ~32.
 template <typename P, typename T>
 inline void sum_lanes4(const P& a0, const P& a1, const P& a2, const P& a3, T* out) {
   namespace ei = Eigen::internal;
@@ -194,117 +196,148 @@ inline void sum_lanes4(const P& a0, const P& a1, const P& a2, const P& a3, T* ou
   out[3] = ei::predux(a3);
 }
 
-// additive_scores_row (below) for one form, fixed at compile time so that each inner loop is
-// straight.
+// One query row's operands in one form (additive_scores_row below), fixed at compile time so
+// that each inner loop is straight: qa is added to the key operand ka, wa weighs each term.
+// Factored: start = the lanes of sum_u v_u (in units of 2^exponent, as the weights),
+// term = 1 / (e^{-2q'} + e^{2k'}). Plain: start = 0, term = tanh(q' + k').
 template <typename T, bool factored>
-inline void additive_scores_row_in_form(const AdditiveQuery<T>& q, const AdditiveRows<T>& k, const T* v,
-                                        index_t units, index_t lk, T* out) {
-  namespace ei = Eigen::internal;
+struct RowForm {
   using P = vm::Packet<T>;
-  constexpr index_t W = vm::packet_size<T>();
-  const index_t full = units / W * W;
-  const index_t rest = units - full;
-  const T* qa = factored ? q.inv : q.raw;     // added to the key operand
-  const T* wa = factored ? q.weight : v;      // weighs each term
-  const T* ka = factored ? k.expo : k.raw;
+  static constexpr index_t W = vm::packet_size<T>();
+  const T *qa, *wa, *ka;
+  index_t units, full, rest;
   // The tail lanes: weight 0 makes their terms vanish; the query operand is padded with 1 so
-  // that a factored term stays 0 / 1 rather than 0 / 0.
+  // that a factored term stays 0 / 1 rather than 0 / 0. k_tail holds up to four keys' tails.
   alignas(64) T q_tail[W], w_tail[W] = {}, k_tail[4][W] = {};
-  std::fill(q_tail, q_tail + W, factored ? T(1) : T(0));
-  if (rest) {
-    std::memcpy(q_tail, qa + full, sizeof(T) * rest);
-    std::memcpy(w_tail, wa + full, sizeof(T) * rest);
-  }
-  // Factored: start = the lanes of sum_u v_u, term = 1 / (e^{-2q'} + e^{2k'}).
-  // Plain: start = 0, term = tanh(q' + k').
-  P start = ei::pset1<P>(T(0));
-  if constexpr (factored) {  // in units of 2^exponent, as the weights
-    const P scale = ei::pset1<P>(std::ldexp(T(1), -q.exponent));
-    alignas(64) T v_tail[W] = {};
-    for (index_t u = 0; u < full; u += W) start = ei::padd(start, ei::pmul(scale, ei::ploadu<P>(v + u)));
+  P start;
+  T unit;  // factored sums are in units of 2^exponent: scaled back by an exact power of two
+
+  RowForm(const AdditiveQuery<T>& q, const AdditiveRows<T>& k, const T* v, index_t units_)
+      : qa(factored ? q.inv : q.raw), wa(factored ? q.weight : v), ka(factored ? k.expo : k.raw), units(units_),
+        full(units_ / W * W), rest(units_ - units_ / W * W) {
+    namespace ei = Eigen::internal;
+    std::fill(q_tail, q_tail + W, factored ? T(1) : T(0));
     if (rest) {
-      std::memcpy(v_tail, v + full, sizeof(T) * rest);
-      start = ei::padd(start, ei::pmul(scale, ei::pload<P>(v_tail)));
+      std::memcpy(q_tail, qa + full, sizeof(T) * rest);
+      std::memcpy(w_tail, wa + full, sizeof(T) * rest);
     }
+    start = ei::pset1<P>(T(0));
+    if constexpr (factored) {
+      const P scale = ei::pset1<P>(std::ldexp(T(1), -q.exponent));
+      alignas(64) T v_tail[W] = {};
+      for (index_t u = 0; u < full; u += W) start = ei::padd(start, ei::pmul(scale, ei::ploadu<P>(v + u)));
+      if (rest) {
+        std::memcpy(v_tail, v + full, sizeof(T) * rest);
+        start = ei::padd(start, ei::pmul(scale, ei::pload<P>(v_tail)));
+      }
+    }
+    unit = factored ? std::ldexp(T(1), q.exponent) : T(1);
+  }
+  T finish(T sum) const { return factored ? sum * unit : sum; }
+
+  // acc + w term(q, k), one unit per lane
+  static P add_term(const P& acc, const P& w, const P& qu, const P& ku) {
+    namespace ei = Eigen::internal;
+    if constexpr (factored)
+      return ei::padd(acc, ei::pdiv(w, ei::padd(qu, ku)));
+    else
+      return ei::pmadd(w, vm::tanh<T>(ei::padd(qu, ku)), acc);
   }
   // Factored, two units at a time share one division:
   //   w1 / d1 + w2 / d2 = (w1 d2 + w2 d1) / (d1 d2),  d = e^{-2q'} + e^{2k'}.
   // In range: d in [2e^-2L, 2e^2L] (L = exp_form_limit) and |w| < 2 e^2L (|v'| < 1), so the
   // numerator and d1 d2 stay normal finite numbers (float: L = 20, e^80 ~ 5.5e34; double: L =
   // 170, e^680 ~ 1e295). Rounding: as for the two terms taken apart, a few ulp of |w1/d1| + |w2/d2|.
-  auto pair = [&](const P& i1, const P& i2, const P& w1, const P& w2, const T* kr, const P& acc) -> P {
+  static P add_pair(const P& i1, const P& i2, const P& w1, const P& w2, const T* kr, const P& acc) {
+    namespace ei = Eigen::internal;
     const P d1 = ei::padd(i1, ei::ploadu<P>(kr)), d2 = ei::padd(i2, ei::ploadu<P>(kr + W));
     const P num = ei::pmadd(w2, d1, ei::pmul(w1, d2));
     return ei::padd(acc, ei::pdiv(num, ei::pmul(d1, d2)));
-  };
-  // Factored sums are in units of 2^exponent: scaled back by an exact power of two.
-  const T unit = factored ? std::ldexp(T(1), q.exponent) : T(1);
-  auto finish = [&](T sum) -> T { return factored ? sum * unit : sum; };
-  // acc + w term(q, k), one unit per lane
-  auto add_term = [&](const P& acc, const P& w, const P& qu, const P& ku) -> P {
-    if constexpr (factored)
-      return ei::padd(acc, ei::pdiv(w, ei::padd(qu, ku)));
-    else
-      return ei::pmadd(w, vm::tanh<T>(ei::padd(qu, ku)), acc);
-  };
+  }
+};
+
+// out[j, j + 4) for keys j..j+3: four keys share each load of the query's operands.
+template <typename T, bool factored>
+inline void score_key_group(RowForm<T, factored>& f, index_t j, T* out) {
+  namespace ei = Eigen::internal;
+  using P = vm::Packet<T>;
+  constexpr index_t W = vm::packet_size<T>();
+  const T* qa = f.qa;
+  const T* wa = f.wa;
+  const index_t full = f.full, rest = f.rest;
+  const T* k0 = f.ka + j * f.units;
+  const T* k1 = k0 + f.units;
+  const T* k2 = k1 + f.units;
+  const T* k3 = k2 + f.units;
+  P a0 = f.start, a1 = f.start, a2 = f.start, a3 = f.start;
+  index_t u = 0;
+  if constexpr (factored) {
+    for (; u + 2 * W <= full; u += 2 * W) {
+      const P i1 = ei::ploadu<P>(qa + u), i2 = ei::ploadu<P>(qa + u + W);
+      const P w1 = ei::ploadu<P>(wa + u), w2 = ei::ploadu<P>(wa + u + W);
+      a0 = f.add_pair(i1, i2, w1, w2, k0 + u, a0);
+      a1 = f.add_pair(i1, i2, w1, w2, k1 + u, a1);
+      a2 = f.add_pair(i1, i2, w1, w2, k2 + u, a2);
+      a3 = f.add_pair(i1, i2, w1, w2, k3 + u, a3);
+    }
+  }
+  for (; u < full; u += W) {
+    const P qu = ei::ploadu<P>(qa + u), wu = ei::ploadu<P>(wa + u);
+    a0 = f.add_term(a0, wu, qu, ei::ploadu<P>(k0 + u));
+    a1 = f.add_term(a1, wu, qu, ei::ploadu<P>(k1 + u));
+    a2 = f.add_term(a2, wu, qu, ei::ploadu<P>(k2 + u));
+    a3 = f.add_term(a3, wu, qu, ei::ploadu<P>(k3 + u));
+  }
+  if (rest) {
+    std::memcpy(f.k_tail[0], k0 + full, sizeof(T) * rest);
+    std::memcpy(f.k_tail[1], k1 + full, sizeof(T) * rest);
+    std::memcpy(f.k_tail[2], k2 + full, sizeof(T) * rest);
+    std::memcpy(f.k_tail[3], k3 + full, sizeof(T) * rest);
+    const P qu = ei::pload<P>(f.q_tail), wu = ei::pload<P>(f.w_tail);
+    a0 = f.add_term(a0, wu, qu, ei::pload<P>(f.k_tail[0]));
+    a1 = f.add_term(a1, wu, qu, ei::pload<P>(f.k_tail[1]));
+    a2 = f.add_term(a2, wu, qu, ei::pload<P>(f.k_tail[2]));
+    a3 = f.add_term(a3, wu, qu, ei::pload<P>(f.k_tail[3]));
+  }
+  sum_lanes4(a0, a1, a2, a3, out + j);
+  for (int i = 0; i < 4; ++i) out[j + i] = f.finish(out[j + i]);
+}
+
+// out[j] for one key, through the same lane sums as a group (its bits do not depend on it
+// being scored alone).
+template <typename T, bool factored>
+inline void score_key(RowForm<T, factored>& f, index_t j, T* out) {
+  namespace ei = Eigen::internal;
+  using P = vm::Packet<T>;
+  constexpr index_t W = vm::packet_size<T>();
+  const T* qa = f.qa;
+  const T* wa = f.wa;
+  const T* kr = f.ka + j * f.units;
+  P acc = f.start;
+  index_t u = 0;
+  if constexpr (factored)
+    for (; u + 2 * W <= f.full; u += 2 * W)
+      acc = f.add_pair(ei::ploadu<P>(qa + u), ei::ploadu<P>(qa + u + W), ei::ploadu<P>(wa + u),
+                       ei::ploadu<P>(wa + u + W), kr + u, acc);
+  for (; u < f.full; u += W)
+    acc = f.add_term(acc, ei::ploadu<P>(wa + u), ei::ploadu<P>(qa + u), ei::ploadu<P>(kr + u));
+  if (f.rest) {
+    std::memcpy(f.k_tail[0], kr + f.full, sizeof(T) * f.rest);
+    acc = f.add_term(acc, ei::pload<P>(f.w_tail), ei::pload<P>(f.q_tail), ei::pload<P>(f.k_tail[0]));
+  }
+  const P zero = ei::pset1<P>(T(0));
+  T sums[4];
+  sum_lanes4(acc, zero, zero, zero, sums);
+  out[j] = f.finish(sums[0]);
+}
+
+template <typename T, bool factored>
+inline void additive_scores_row_in_form(const AdditiveQuery<T>& q, const AdditiveRows<T>& k, const T* v,
+                                        index_t units, index_t lk, T* out) {
+  RowForm<T, factored> f(q, k, v, units);
   index_t j = 0;
-  for (; j + 4 <= lk; j += 4) {
-    const T* k0 = ka + j * units;
-    const T* k1 = k0 + units;
-    const T* k2 = k1 + units;
-    const T* k3 = k2 + units;
-    P a0 = start, a1 = start, a2 = start, a3 = start;
-    index_t u = 0;
-    if constexpr (factored) {
-      for (; u + 2 * W <= full; u += 2 * W) {
-        const P i1 = ei::ploadu<P>(qa + u), i2 = ei::ploadu<P>(qa + u + W);
-        const P w1 = ei::ploadu<P>(wa + u), w2 = ei::ploadu<P>(wa + u + W);
-        a0 = pair(i1, i2, w1, w2, k0 + u, a0);
-        a1 = pair(i1, i2, w1, w2, k1 + u, a1);
-        a2 = pair(i1, i2, w1, w2, k2 + u, a2);
-        a3 = pair(i1, i2, w1, w2, k3 + u, a3);
-      }
-    }
-    for (; u < full; u += W) {
-      const P qu = ei::ploadu<P>(qa + u), wu = ei::ploadu<P>(wa + u);
-      a0 = add_term(a0, wu, qu, ei::ploadu<P>(k0 + u));
-      a1 = add_term(a1, wu, qu, ei::ploadu<P>(k1 + u));
-      a2 = add_term(a2, wu, qu, ei::ploadu<P>(k2 + u));
-      a3 = add_term(a3, wu, qu, ei::ploadu<P>(k3 + u));
-    }
-    if (rest) {
-      std::memcpy(k_tail[0], k0 + full, sizeof(T) * rest);
-      std::memcpy(k_tail[1], k1 + full, sizeof(T) * rest);
-      std::memcpy(k_tail[2], k2 + full, sizeof(T) * rest);
-      std::memcpy(k_tail[3], k3 + full, sizeof(T) * rest);
-      const P qu = ei::pload<P>(q_tail), wu = ei::pload<P>(w_tail);
-      a0 = add_term(a0, wu, qu, ei::pload<P>(k_tail[0]));
-      a1 = add_term(a1, wu, qu, ei::pload<P>(k_tail[1]));
-      a2 = add_term(a2, wu, qu, ei::pload<P>(k_tail[2]));
-      a3 = add_term(a3, wu, qu, ei::pload<P>(k_tail[3]));
-    }
-    sum_lanes4(a0, a1, a2, a3, out + j);
-    for (int i = 0; i < 4; ++i) out[j + i] = finish(out[j + i]);
-  }
-  for (; j < lk; ++j) {
-    const T* kr = ka + j * units;
-    P acc = start;
-    index_t u = 0;
-    if constexpr (factored)
-      for (; u + 2 * W <= full; u += 2 * W)
-        acc = pair(ei::ploadu<P>(qa + u), ei::ploadu<P>(qa + u + W), ei::ploadu<P>(wa + u),
-                   ei::ploadu<P>(wa + u + W), kr + u, acc);
-    for (; u < full; u += W)
-      acc = add_term(acc, ei::ploadu<P>(wa + u), ei::ploadu<P>(qa + u), ei::ploadu<P>(kr + u));
-    if (rest) {
-      std::memcpy(k_tail[0], kr + full, sizeof(T) * rest);
-      acc = add_term(acc, ei::pload<P>(w_tail), ei::pload<P>(q_tail), ei::pload<P>(k_tail[0]));
-    }
-    const P zero = ei::pset1<P>(T(0));
-    T sums[4];
-    sum_lanes4(acc, zero, zero, zero, sums);
-    out[j] = finish(sums[0]);
-  }
+  for (; j + 4 <= lk; j += 4) score_key_group(f, j, out);
+  for (; j < lk; ++j) score_key(f, j, out);
 }
 
 }  // namespace detail
@@ -361,13 +394,13 @@ void product_rows(const A& a, const B& b, T* dst) {
 }
 
 // Rows [r0, r0 + rows) of batch entry b of x (..., L, D) times w (D, U) (+ bias) into dst
-// (rows, U) row-major.
-template <typename T>
-void project_block(const Strided<const T>& x, index_t b, index_t r0, index_t rows, const ConstMatrixMap<T>& w,
-                   const T* bias, T* dst) {
+// (rows, U) row-major; x and w are cast to Acc where Eigen reads them.
+template <typename In, typename Acc>
+void project_block(const Strided<const In>& x, index_t b, index_t r0, index_t rows, const ConstMatrixMap<In>& w,
+                   const Acc* bias, Acc* dst) {
   const index_t units = w.cols();
-  using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
-  product_rows<T>(matrix_of(x, b, r0, rows), w, dst);
+  using RowVec = Eigen::Matrix<Acc, 1, Eigen::Dynamic>;
+  product_rows<Acc>(matrix_of(x, b, r0, rows).template cast<Acc>(), w.template cast<Acc>(), dst);
   if (bias) {
     const Eigen::Map<const RowVec> bv(bias, units);
     for (index_t r = 0; r < rows; ++r) Eigen::Map<RowVec>(dst + r * units, units) += bv;
@@ -377,64 +410,64 @@ void project_block(const Strided<const T>& x, index_t b, index_t r0, index_t row
 // dst (rows of every batch entry, U) = x (..., L, D) w (D, U) (+ bias), row-major. Many rows go
 // through the packed GEMM (on the library's threads when `parallel`), a few through
 // project_block; the choice depends on the shapes only.
-template <typename T>
-void project_rows(const Strided<const T>& x, const ConstMatrixMap<T>& w, const T* bias, T* dst, bool parallel) {
+template <typename In, typename Acc>
+void project_rows(const Strided<const In>& x, const ConstMatrixMap<In>& w, const Acc* bias, Acc* dst, bool parallel) {
   const index_t batches = x.batch_count(2), len = x.dim(-2), depth = x.dim(-1), units = w.cols();
   if (batches * len < kPackedGemmMinRows) {
-    for (index_t b = 0; b < batches; ++b) project_block(x, b, 0, len, w, bias, dst + b * len * units);
+    for (index_t b = 0; b < batches; ++b) project_block<In, Acc>(x, b, 0, len, w, bias, dst + b * len * units);
     return;
   }
   const index_t row_stride = x.stride(-2), col_stride = x.stride(-1);
-  const auto x_rows = [&](index_t m0, index_t rows, index_t k0, index_t kc, T* out, index_t ld) {
+  const auto x_rows = [&](index_t m0, index_t rows, index_t k0, index_t kc, const PanelWriter<In>& out) {
     for (index_t r = 0; r < rows; ++r) {
       const index_t m = m0 + r;
-      pack_row(x.data + x.batch_offset(m / len, 2) + (m % len) * row_stride + k0 * col_stride, col_stride, kc,
-               out + r, ld);
+      pack_row(x.data + x.batch_offset(m / len, 2) + (m % len) * row_stride + k0 * col_stride, col_stride, kc, out,
+               r);
     }
   };
-  const auto w_rows = [&](index_t n0, index_t cols, index_t k0, index_t kc, T* out, index_t ld) {
-    for (index_t k = 0; k < kc; ++k) std::copy_n(w.data() + (k0 + k) * units + n0, cols, out + k * ld);
+  const auto w_rows = [&](index_t n0, index_t cols, index_t k0, index_t kc, const PanelWriter<In>& out) {
+    for (index_t k = 0; k < kc; ++k) out.put_run(k, 0, w.data() + (k0 + k) * units + n0, cols);
   };
-  const auto x_row = [&](index_t m) -> const T* {
+  const auto x_row = [&](index_t m) -> const In* {
     return col_stride == 1 ? x.data + x.batch_offset(m / len, 2) + (m % len) * row_stride : nullptr;
   };
-  const InPlaceW<T> w_in_place{w.data(), units};
-  packed_gemm<T>(batches * len, units, depth, x_rows, x_row, w_rows, bias, dst, parallel, &w_in_place);
+  const InPlaceW<In> w_in_place{w.data(), units};
+  packed_gemm<In, Acc>(batches * len, units, depth, x_rows, x_row, w_rows, bias, dst, parallel, &w_in_place);
 }
 
 // Scores of query rows [r0, r0 + rows) of batch entry b of q (..., Lq, Dq) against one batch
 // entry's projected keys: tile[r * ld + j] = v . tanh(q_r W_q + bias + k'_j) for j < lk. The
 // rows are projected by the calling task itself (no parallelism inside), so they are still in
 // this core's cache when they are scored.
-template <typename T>
-void additive_score_block(const Strided<const T>& q, index_t b, index_t r0, index_t rows,
-                          const ConstMatrixMap<T>& w_query, const T* bias, const AdditiveRows<T>& keys,
-                          const AdditiveV<T>& v, index_t lk, T* tile, index_t ld) {
+template <typename In, typename Acc>
+void additive_score_block(const Strided<const In>& q, index_t b, index_t r0, index_t rows,
+                          const ConstMatrixMap<In>& w_query, const Acc* bias, const AdditiveRows<Acc>& keys,
+                          const AdditiveV<Acc>& v, index_t lk, Acc* tile, index_t ld) {
   const index_t units = w_query.cols();
-  const Scratch<T, AdditiveQueryTag> q_proj(static_cast<size_t>(rows * units));
-  const Strided<const T> q_rows(q.data + q.batch_offset(b, 2) + r0 * q.stride(-2), {rows, q.dim(-1)},
-                                {q.stride(-2), q.stride(-1)});
-  project_rows(q_rows, w_query, bias, q_proj.data(), /*parallel=*/false);
-  const Scratch<T, AdditiveQueryFormTag> form(static_cast<size_t>(2 * units));  // a row's inv and weight
-  T* const inv = form.data();
-  T* const weight = inv + units;
+  const Scratch<Acc, AdditiveQueryTag> q_proj(static_cast<size_t>(rows * units));
+  const Strided<const In> q_rows(q.data + q.batch_offset(b, 2) + r0 * q.stride(-2), {rows, q.dim(-1)},
+                                 {q.stride(-2), q.stride(-1)});
+  project_rows<In, Acc>(q_rows, w_query, bias, q_proj.data(), /*parallel=*/false);
+  const Scratch<Acc, AdditiveQueryFormTag> form(static_cast<size_t>(2 * units));  // a row's inv and weight
+  Acc* const inv = form.data();
+  Acc* const weight = inv + units;
   for (index_t r = 0; r < rows; ++r) {
-    const T* qr = q_proj.data() + r * units;
+    const Acc* qr = q_proj.data() + r * units;
     const bool factored = keys.expo && additive_query_form(qr, v, inv, weight, units);
-    const AdditiveQuery<T> query{qr, factored ? inv : nullptr, weight, v.exponent};
+    const AdditiveQuery<Acc> query{qr, factored ? inv : nullptr, weight, v.exponent};
     additive_scores_row(query, keys, v.v, units, lk, tile + r * ld);
   }
 }
 
 // Projected keys of (..., Lk, Dk) through w_key (Dk, U): raw = k W_k and expo = exp(2 raw),
 // both (batches, Lk, U) C-contiguous, and ok (batches,) = whether the batch entry's values all
-// lie in the factored form's range (see additive.hpp). `parallel` = false runs everything on
-// the calling thread (a caller already inside a task); the results are the same.
-template <typename T>
-void additive_prepare_keys(const Strided<const T>& key, const ConstMatrixMap<T>& w_key, T* raw, T* expo, bool* ok,
-                           bool parallel = true) {
+// lie in the factored form's range (see above). `parallel` = false runs everything on the
+// calling thread (a caller already inside a task); the results are the same.
+template <typename In, typename Acc = In>
+void additive_prepare_keys(const Strided<const In>& key, const ConstMatrixMap<In>& w_key, Acc* raw, Acc* expo,
+                           bool* ok, bool parallel = true) {
   const index_t batches = key.batch_count(2), lk = key.dim(-2), units = w_key.cols();
-  project_rows(key, w_key, static_cast<const T*>(nullptr), raw, parallel);
+  project_rows<In, Acc>(key, w_key, static_cast<const Acc*>(nullptr), raw, parallel);
   const index_t nb = additive_row_blocks(lk);
   std::vector<unsigned char> block_ok(static_cast<size_t>(batches * nb), 1);
   const auto exp_block = [&](index_t task) {

@@ -4,11 +4,25 @@
 // sentence); each task projects its own block of query rows (additive_score_block), whose
 // scores against all keys live in a (rows, Lk) tile that becomes the weights of the block's
 // weighted sum: the (..., Lq, Lk, U) tensor is never formed.
+//
+// Hidden is hidden: a key hidden by key_lengths or by the mask (False, -inf) never reaches
+// the output. Its score becomes -inf before the softmax (so its weight is exactly 0), the
+// weighted sum runs over the keys before the length only, and a value row of a masked key
+// inside that range that holds NaN or inf (where 0 x NaN would leak) sends the rows that hide
+// it through a product that skips it (context_fixup). A row that sees no key gets zeros.
+//
+// Which of the two execution strategies runs (one task per batch entry, or shared key
+// projection then query blocks) is decided here and only here (see the raw-keys overload);
+// both give the same bits.
+//
+// Types: q, the keys, the values and the parameters are read as `In`; projections, scores,
+// weights and the context are `Acc` (today In == Acc).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "additive.hpp"
@@ -21,74 +35,175 @@
 namespace attnext {
 
 // Keys prepared by additive_prepare_keys, seen through views (batch axes may be broadcast).
-template <typename T>
+template <typename Acc>
 struct AdditiveKeys {
-  Strided<const T> raw;     // (..., Lk, U), each batch entry's rows contiguous
-  Strided<const T> expo;    // (..., Lk, U), same layout
+  Strided<const Acc> raw;   // (..., Lk, U), each batch entry's rows contiguous
+  Strided<const Acc> expo;  // (..., Lk, U), same layout
   Strided<const bool> ok;   // (...,)
 };
 
 namespace detail {
 
-// Scratch tag (scratch.hpp) of a block's score tile when the caller wants no weights back.
+// Scratch tags (scratch.hpp) of a block's score tile when the caller wants no weights back,
+// and of the rare hidden-value fix-up.
 struct AdditiveTileTag {};
+struct AdditiveFixupTag {};
 
-// One task's work: the context (and weights) of query rows [r0, r0 + rows) of batch entry b,
-// against that entry's projected keys (Lk of them, the first `visible` not hidden by lengths).
-// Arguments as for additive_attention below.
-template <typename T>
-void additive_attention_block(const Strided<const T>& q, const ConstMatrixMap<T>& w_query, const T* bias,
-                              const AdditiveRows<T>& keys, index_t lk, index_t visible,
-                              const Strided<const T>& value, const AdditiveV<T>& v, const Mask<T>& mask, index_t b,
-                              index_t r0, index_t rows, T* out, T* weights) {
-  const index_t lq = q.dim(-2), dv = value.dim(-1);
-  const index_t value_row_stride = value.stride(-2), value_col_stride = value.stride(-1);
-  // The block's scores become its weights: in the caller's weights array, or in scratch memory.
-  const Scratch<T, AdditiveTileTag> scratch(weights ? 0 : static_cast<size_t>(rows * lk));
-  T* tile = weights ? weights + (b * lq + r0) * lk : scratch.data();
-  additive_score_block(q, b, r0, rows, w_query, bias, keys, v, visible, tile, lk);
+// One call's operands that do not change from task to task (arguments as for
+// additive_attention below; bias and v already in the accumulation type).
+template <typename In, typename Acc>
+struct AdditiveCall {
+  const Strided<const In>& q;
+  const ConstMatrixMap<In>& w_query;
+  const Acc* bias;
+  const Strided<const In>& value;
+  const AdditiveV<Acc>& v;
+  const Mask<Acc>& mask;
+  Acc* out;
+  Acc* weights;
+};
+
+// Masks one query row of scores s[0, lk) whose first `visible` keys are not hidden by length:
+// the tail becomes -inf without its mask entries being read, the mask applies to the rest.
+// Returns whether a key inside [0, visible) may be hidden (its value row must not leak).
+template <typename Acc>
+inline bool mask_scores_row(const Mask<Acc>& mask, index_t row, index_t visible, Acc* s, index_t lk) {
+  apply_mask_row(mask, row, s, visible);
+  hide_tail(s, visible, lk);
+  return mask.kind != MaskKind::none;
+}
+
+// Whether value rows [0, visible) of one batch entry (vb, row/col strides) are all finite.
+template <typename In>
+inline bool value_rows_finite(const In* vb, index_t rs, index_t cs, index_t visible, index_t dv) {
+  for (index_t j = 0; j < visible; ++j) {
+    const In* row = vb + j * rs;
+    if (cs == 1) {
+      if (max_magnitude_bits(row, dv) >= magnitude_bits(std::numeric_limits<In>::infinity())) return false;
+    } else {
+      for (index_t d = 0; d < dv; ++d)
+        if (!std::isfinite(row[d * cs])) return false;
+    }
+  }
+  return true;
+}
+
+// The careful path of hidden-value rows: for each row of the block that hides a key whose
+// value row is not finite, the context is recomputed over its unhidden keys only. Which keys
+// a row hides comes from the same mask rule, applied to a row of zeros (a hidden key becomes
+// -inf, any other entry stays finite or NaN).
+template <typename In, typename Acc>
+void context_fixup(const AdditiveCall<In, Acc>& c, const Acc* tile, index_t lk, index_t visible, index_t b, index_t r0,
+                   index_t rows) {
+  const index_t lq = c.q.dim(-2), dv = c.value.dim(-1);
+  const index_t rs = c.value.stride(-2), cs = c.value.stride(-1);
+  const In* vb = c.value.data + c.value.batch_offset(b, 2);
+  const Scratch<Acc, AdditiveFixupTag> scratch(static_cast<size_t>(2 * lk + dv));
+  Acc* finite = scratch.data();  // 1 where value row j is finite, else 0
+  Acc* hidden = finite + lk;     // the mask rule applied to zeros
+  Acc* acc = hidden + lk;
+  for (index_t j = 0; j < visible; ++j) finite[j] = value_rows_finite(vb + j * rs, rs, cs, 1, dv) ? Acc(1) : Acc(0);
   for (index_t r = 0; r < rows; ++r) {
-    T* s = tile + r * lk;
-    hide_tail(s, visible, lk);
-    apply_mask_row(mask, b * lq + r0 + r, s, lk);
-    softmax_inplace(s, lk);
-  }
-
-  // context rows = weights[:, :visible] value[:visible]
-  T* o = out + (b * lq + r0) * dv;
-  const T* vb = value.data + value.batch_offset(b, 2);
-  if (rows >= kPackedGemmMinRows) {  // the same choice as project_rows: by shape only
-    const auto tile_rows = [&](index_t m0, index_t n, index_t k0, index_t kc, T* dst, index_t ld) {
-      for (index_t r = 0; r < n; ++r) pack_row(tile + (m0 + r) * lk + k0, index_t(1), kc, dst + r, ld);
-    };
-    const auto tile_row = [&](index_t m) -> const T* { return tile + m * lk; };
-    const auto value_cols = [&](index_t n0, index_t cols, index_t k0, index_t kc, T* dst, index_t ld) {
-      for (index_t k = 0; k < kc; ++k) {
-        const T* src = vb + (k0 + k) * value_row_stride + n0 * value_col_stride;
-        if (value_col_stride == 1)
-          std::copy_n(src, cols, dst + k * ld);
-        else
-          for (index_t c = 0; c < cols; ++c) dst[k * ld + c] = src[c * value_col_stride];
-      }
-    };
-    const InPlaceW<T> value_in_place{vb, value_row_stride};
-    packed_gemm<T>(rows, dv, visible, tile_rows, tile_row, value_cols, static_cast<const T*>(nullptr), o,
-                   /*parallel=*/false, value_col_stride == 1 ? &value_in_place : nullptr);
-    return;
-  }
-  const auto w = ConstMatrixMap<T>(tile, rows, lk).leftCols(visible);
-  auto product = [&](const auto& val) { product_rows<T>(w, val, o); };
-  if (value_col_stride == 1) {
-    using RowStrided = Eigen::Map<const RowMatrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
-    product(RowStrided(vb, visible, dv, Eigen::OuterStride<>(value_row_stride)));
-  } else {
-    product(StridedMatrixMap<T>(vb, visible, dv,
-                                Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(value_row_stride, value_col_stride)));
+    std::fill(hidden, hidden + lk, Acc(0));
+    mask_scores_row(c.mask, b * lq + r0 + r, visible, hidden, lk);
+    bool leaks = false;
+    for (index_t j = 0; j < visible && !leaks; ++j) leaks = hidden[j] == -std::numeric_limits<Acc>::infinity() && !finite[j];
+    if (!leaks) continue;
+    std::fill(acc, acc + dv, Acc(0));
+    const Acc* w = tile + r * lk;
+    for (index_t j = 0; j < visible; ++j) {
+      if (hidden[j] == -std::numeric_limits<Acc>::infinity()) continue;
+      for (index_t d = 0; d < dv; ++d) acc[d] += w[j] * static_cast<Acc>(vb[j * rs + d * cs]);
+    }
+    std::copy(acc, acc + dv, c.out + (b * lq + r0 + r) * dv);
   }
 }
 
+// context rows (rows, Dv) = tile[:, :visible] (rows, Lk) value[:visible] of batch entry b.
+template <typename In, typename Acc>
+void block_context(const Strided<const In>& value, index_t b, const Acc* tile, index_t lk, index_t visible,
+                   index_t rows, Acc* o) {
+  const index_t dv = value.dim(-1);
+  const index_t value_row_stride = value.stride(-2), value_col_stride = value.stride(-1);
+  const In* vb = value.data + value.batch_offset(b, 2);
+  if (rows >= kPackedGemmMinRows) {  // the same choice as project_rows: by shape only
+    // The weights are the x operand, converted to the reading type by their packer (no
+    // conversion, and every row read in place, when In == Acc).
+    const auto tile_rows = [&](index_t m0, index_t n, index_t k0, index_t kc, const PanelWriter<In>& dst) {
+      for (index_t r = 0; r < n; ++r) {
+        const Acc* row = tile + (m0 + r) * lk + k0;
+        for (index_t k = 0; k < kc; ++k) dst.put(k, r, static_cast<In>(row[k]));
+      }
+    };
+    const auto tile_row = [&](index_t m) -> const In* {
+      if constexpr (std::is_same<In, Acc>::value)
+        return tile + m * lk;
+      else
+        return nullptr;
+    };
+    const auto value_cols = [&](index_t n0, index_t cols, index_t k0, index_t kc, const PanelWriter<In>& dst) {
+      for (index_t k = 0; k < kc; ++k) {
+        const In* src = vb + (k0 + k) * value_row_stride + n0 * value_col_stride;
+        if (value_col_stride == 1)
+          dst.put_run(k, 0, src, cols);
+        else
+          for (index_t c = 0; c < cols; ++c) dst.put(k, c, src[c * value_col_stride]);
+      }
+    };
+    const InPlaceW<In> value_in_place{vb, value_row_stride};
+    packed_gemm<In, Acc>(rows, dv, visible, tile_rows, tile_row, value_cols, static_cast<const Acc*>(nullptr), o,
+                         /*parallel=*/false, value_col_stride == 1 ? &value_in_place : nullptr);
+    return;
+  }
+  const auto w = ConstMatrixMap<Acc>(tile, rows, lk).leftCols(visible);
+  auto product = [&](const auto& val) { product_rows<Acc>(w, val.template cast<Acc>(), o); };
+  if (value_col_stride == 1) {
+    using RowStrided = Eigen::Map<const RowMatrix<In>, Eigen::Unaligned, Eigen::OuterStride<>>;
+    product(RowStrided(vb, visible, dv, Eigen::OuterStride<>(value_row_stride)));
+  } else {
+    product(StridedMatrixMap<In>(vb, visible, dv,
+                                 Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(value_row_stride, value_col_stride)));
+  }
+}
+
+// One task's work: the context (and weights) of query rows [r0, r0 + rows) of batch entry b,
+// against that entry's projected keys (lk of them, the first `visible` not hidden by length).
+template <typename In, typename Acc>
+void additive_attention_block(const AdditiveCall<In, Acc>& c, const AdditiveRows<Acc>& keys, index_t lk,
+                              index_t visible, index_t b, index_t r0, index_t rows) {
+  const index_t lq = c.q.dim(-2), dv = c.value.dim(-1);
+  // The block's scores become its weights: in the caller's weights array, or in scratch memory.
+  const Scratch<Acc, AdditiveTileTag> scratch(c.weights ? 0 : static_cast<size_t>(rows * lk));
+  Acc* tile = c.weights ? c.weights + (b * lq + r0) * lk : scratch.data();
+  additive_score_block<In, Acc>(c.q, b, r0, rows, c.w_query, c.bias, keys, c.v, lk, tile, lk);
+  bool may_hide = false;
+  for (index_t r = 0; r < rows; ++r) {
+    Acc* s = tile + r * lk;
+    may_hide |= mask_scores_row(c.mask, b * lq + r0 + r, visible, s, lk);
+    softmax_inplace(s, lk);
+  }
+  if (dv == 0) return;
+  block_context<In, Acc>(c.value, b, tile, lk, visible, rows, c.out + (b * lq + r0) * dv);
+  if (may_hide && !value_rows_finite(c.value.data + c.value.batch_offset(b, 2), c.value.stride(-2),
+                                     c.value.stride(-1), visible, dv))
+    context_fixup(c, tile, lk, visible, b, r0, rows);
+}
+
+// Keys of batch entry b not hidden by its length: lengths[b] clamped to [0, lk] (any int64).
 inline index_t visible_keys(const Strided<const std::int64_t>* lengths, index_t b, index_t lk) {
-  return lengths ? lengths->data[lengths->batch_offset(b, 0)] : lk;
+  if (!lengths) return lk;
+  const std::int64_t n = lengths->data[lengths->batch_offset(b, 0)];
+  return n < 0 ? 0 : (n > lk ? lk : n);
+}
+
+// Whether the call has nothing to compute: no output element, or (without weights) a context
+// of width 0. A call without keys gets a zero context (no row sees a key).
+template <typename Acc>
+inline bool additive_nothing_to_do(index_t batches, index_t lq, index_t lk, index_t dv, Acc* out, bool weights) {
+  if (batches == 0 || lq == 0 || (dv == 0 && !weights)) return true;
+  if (lk > 0) return false;
+  std::fill(out, out + batches * lq * dv, Acc(0));
+  return true;
 }
 
 }  // namespace detail
@@ -98,80 +213,85 @@ inline index_t visible_keys(const Strided<const std::int64_t>* lengths, index_t 
 //   w_query (Dq, U) contiguous; bias (U,) or nullptr; v (U,) contiguous
 //   keys    (..., Lk, U) projected keys; value (..., Lk, Dv) any strides; equal batch shapes
 //   mask    (..., Lq, Lk) broadcast view or none
-//   lengths (...,) keys [lengths[b], Lk) of batch entry b are hidden; nullptr = none. Values in [0, Lk].
+//   lengths (...,) keys [lengths[b], Lk) of batch entry b are hidden; nullptr = none. Any int64
+//           (clamped to [0, Lk]); the caller owns the values for the whole call.
 //   out     (..., Lq, Dv) C-contiguous; weights (..., Lq, Lk) C-contiguous or nullptr
 // A query row with nothing visible gets zero weights and a zero context.
-template <typename T>
-void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_query, const T* bias,
-                        const AdditiveKeys<T>& keys, const Strided<const T>& value, const T* v, const Mask<T>& mask,
-                        const Strided<const std::int64_t>* lengths, T* out, T* weights) {
+template <typename In, typename Acc = In>
+void additive_attention(const Strided<const In>& q, const ConstMatrixMap<In>& w_query, const In* bias,
+                        const AdditiveKeys<Acc>& keys, const Strided<const In>& value, const In* v,
+                        const Mask<Acc>& mask, const Strided<const std::int64_t>* lengths, Acc* out, Acc* weights) {
   const index_t batches = q.batch_count(2);
   const index_t lq = q.dim(-2), lk = keys.raw.dim(-2), units = w_query.cols();
+  if (detail::additive_nothing_to_do(batches, lq, lk, value.dim(-1), out, weights != nullptr)) return;
   const index_t nb = additive_row_blocks(lq);
-  const AdditiveV<T> v_form = additive_v(v, units);
+  const AccVector<In, Acc> bias_acc(bias, units), v_acc(v, units);
+  const AdditiveV<Acc> v_form = additive_v(v_acc.data(), units);
+  const detail::AdditiveCall<In, Acc> call{q, w_query, bias_acc.data(), value, v_form, mask, out, weights};
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
-    const AdditiveRows<T> k_rows{keys.raw.data + keys.raw.batch_offset(b, 2),
-                                 keys.ok.data[keys.ok.batch_offset(b, 0)]
-                                     ? keys.expo.data + keys.expo.batch_offset(b, 2)
-                                     : nullptr};
-    detail::additive_attention_block(q, w_query, bias, k_rows, lk, detail::visible_keys(lengths, b, lk), value,
-                                     v_form, mask, b, r0, std::min(kAdditiveRowBlock, lq - r0), out, weights);
+    const AdditiveRows<Acc> k_rows{keys.raw.data + keys.raw.batch_offset(b, 2),
+                                   keys.ok.data[keys.ok.batch_offset(b, 0)]
+                                       ? keys.expo.data + keys.expo.batch_offset(b, 2)
+                                       : nullptr};
+    detail::additive_attention_block(call, k_rows, lk, detail::visible_keys(lengths, b, lk), b, r0,
+                                     std::min(kAdditiveRowBlock, lq - r0));
   });
 }
 
 // The same with raw keys (..., Lk, Dk) (batch shape equal to the query's) and w_key (Dk, U):
 // the keys are projected into per-thread scratch memory (scratch.hpp). A call that is not
 // kept for later steps thus allocates no projection arrays for its keys.
-// With at least two batch entries per thread, each task takes one entry: it projects the
-// entry's keys and then attends with all of its query rows, so nothing waits between the two
-// stages and the keys are scored while they are in this core's cache. With fewer, all threads
-// project all keys first (additive_prepare_keys), then share the query blocks. Both give the
-// same bits: from kPackedGemmMinRows keys on both project through the packed GEMM, whose
-// results do not depend on how its rows are split, and below that only the second runs.
-template <typename T>
-void additive_attention(const Strided<const T>& q, const ConstMatrixMap<T>& w_query, const T* bias,
-                        const Strided<const T>& key, const ConstMatrixMap<T>& w_key, const Strided<const T>& value,
-                        const T* v, const Mask<T>& mask, const Strided<const std::int64_t>* lengths, T* out,
-                        T* weights) {
-  const index_t batches = key.batch_count(2), lk = key.dim(-2), units = w_key.cols();
+// The strategy: with at least two batch entries per thread, each task takes one entry: it
+// projects the entry's keys and then attends with all of its query rows, so nothing waits
+// between the two stages and the keys are scored while they are in this core's cache. With
+// fewer, all threads project all keys first (additive_prepare_keys), then share the query
+// blocks. Both give the same bits: from kPackedGemmMinRows keys on both project through the
+// packed GEMM, whose results do not depend on how its rows are split, and below that only the
+// second runs.
+template <typename In, typename Acc = In>
+void additive_attention(const Strided<const In>& q, const ConstMatrixMap<In>& w_query, const In* bias,
+                        const Strided<const In>& key, const ConstMatrixMap<In>& w_key, const Strided<const In>& value,
+                        const In* v, const Mask<Acc>& mask, const Strided<const std::int64_t>* lengths, Acc* out,
+                        Acc* weights) {
+  const index_t batches = key.batch_count(2), lk = key.dim(-2), units = w_key.cols(), lq = q.dim(-2);
+  if (detail::additive_nothing_to_do(batches, lq, lk, value.dim(-1), out, weights != nullptr)) return;
   if (batches >= 2 * index_t(get_num_threads()) && lk >= kPackedGemmMinRows) {
-    const index_t lq = q.dim(-2);
-    const AdditiveV<T> v_form = additive_v(v, units);
+    const AccVector<In, Acc> bias_acc(bias, units), v_acc(v, units);
+    const AdditiveV<Acc> v_form = additive_v(v_acc.data(), units);
+    const detail::AdditiveCall<In, Acc> call{q, w_query, bias_acc.data(), value, v_form, mask, out, weights};
     parallel_for(batches, [&](index_t b) {
       const size_t n = static_cast<size_t>(lk * units);
-      const Scratch<T, AdditiveKeyRawTag> raw(n);
-      const Scratch<T, AdditiveKeyExpTag> expo(n);
-      const Strided<const T> entry_keys(key.data + key.batch_offset(b, 2), {lk, key.dim(-1)},
-                                        {key.stride(-2), key.stride(-1)});
+      const Scratch<Acc, AdditiveKeyRawTag> raw(n);
+      const Scratch<Acc, AdditiveKeyExpTag> expo(n);
+      const Strided<const In> entry_keys(key.data + key.batch_offset(b, 2), {lk, key.dim(-1)},
+                                         {key.stride(-2), key.stride(-1)});
       bool ok = false;
-      additive_prepare_keys(entry_keys, w_key, raw.data(), expo.data(), &ok, /*parallel=*/false);
-      const AdditiveRows<T> k_rows{raw.data(), ok ? expo.data() : nullptr};
+      additive_prepare_keys<In, Acc>(entry_keys, w_key, raw.data(), expo.data(), &ok, /*parallel=*/false);
+      const AdditiveRows<Acc> k_rows{raw.data(), ok ? expo.data() : nullptr};
       const index_t visible = detail::visible_keys(lengths, b, lk);
       for (index_t r0 = 0; r0 < lq; r0 += kAdditiveRowBlock)
-        detail::additive_attention_block(q, w_query, bias, k_rows, lk, visible, value, v_form, mask, b, r0,
-                                         std::min(kAdditiveRowBlock, lq - r0), out, weights);
+        detail::additive_attention_block(call, k_rows, lk, visible, b, r0, std::min(kAdditiveRowBlock, lq - r0));
     });
     return;
   }
   const size_t n = static_cast<size_t>(batches * lk * units);
-  const Scratch<T, AdditiveKeyRawTag> raw(n);
-  const Scratch<T, AdditiveKeyExpTag> expo(n);
-  std::unique_ptr<bool[]> ok(new bool[static_cast<size_t>(std::max<index_t>(batches, 1))]);
-  additive_prepare_keys(key, w_key, raw.data(), expo.data(), ok.get());
-  // raw and expo as (..., Lk, U) C-contiguous views, ok as (...,)
-  const int nd = key.ndim();
-  std::vector<index_t> shape(key.shape), strides(nd);
+  const Scratch<Acc, AdditiveKeyRawTag> raw(n);
+  const Scratch<Acc, AdditiveKeyExpTag> expo(n);
+  std::unique_ptr<bool[]> ok(new bool[static_cast<size_t>(batches)]);
+  additive_prepare_keys<In, Acc>(key, w_key, raw.data(), expo.data(), ok.get());
+  // raw and expo as (batches, Lk, U) C-contiguous views with the key's batch shape, ok as (...,)
+  std::vector<index_t> shape(key.shape), strides(shape.size()), batch_strides(shape.size() - 2);
   shape.back() = units;
   const std::vector<index_t> batch(shape.begin(), shape.end() - 2);
-  std::vector<index_t> batch_strides(batch.size());
   index_t step = 1;
-  for (int ax = nd - 1; ax >= 0; --ax) strides[ax] = step, step *= shape[ax];
+  for (int ax = int(shape.size()) - 1; ax >= 0; --ax) strides[ax] = step, step *= shape[ax];
   step = 1;
-  for (int ax = nd - 3; ax >= 0; --ax) batch_strides[ax] = step, step *= batch[ax];
-  const AdditiveKeys<T> keys{Strided<const T>(raw.data(), shape, strides), Strided<const T>(expo.data(), shape, strides),
-                             Strided<const bool>(ok.get(), batch, batch_strides)};
-  additive_attention(q, w_query, bias, keys, value, v, mask, lengths, out, weights);
+  for (int ax = int(batch.size()) - 1; ax >= 0; --ax) batch_strides[ax] = step, step *= batch[ax];
+  const AdditiveKeys<Acc> keys{Strided<const Acc>(raw.data(), shape, strides),
+                               Strided<const Acc>(expo.data(), shape, strides),
+                               Strided<const bool>(ok.get(), batch, batch_strides)};
+  additive_attention<In, Acc>(q, w_query, bias, keys, value, v, mask, lengths, out, weights);
 }
 
 }  // namespace attnext

@@ -24,78 +24,71 @@ constexpr index_t kLinearColBlock = 256;
 constexpr index_t kLinearMinParallelWork = index_t(1) << 20;
 
 // linear() for many rows, through packed_gemm: the packers read x and W through their strides.
-template <typename T>
-void linear_packed(const Strided<const T>& x, const Strided<const T>& weight, const T* bias, T* y) {
+template <typename In, typename Acc>
+void linear_packed(const Strided<const In>& x, const Strided<const In>& weight, const Acc* bias, Acc* y) {
   const index_t nl = x.dim(1), nd = x.dim(3), in = x.dim(2) * nd;
   const index_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2), xs3 = x.stride(3);
   const bool x_features_run = xs3 == 1 && (x.dim(2) == 1 || xs2 == nd);  // a row's features are one run
-  const auto x_rows = [&](index_t m0, index_t rows, index_t k0, index_t kc, T* dst, index_t ld) {
+  const auto x_rows = [&](index_t m0, index_t rows, index_t k0, index_t kc, const PanelWriter<In>& dst) {
     for (index_t r = 0; r < rows; ++r) {
       const index_t m = m0 + r;
-      const T* row = x.data + (m / nl) * xs0 + (m % nl) * xs1;
+      const In* row = x.data + (m / nl) * xs0 + (m % nl) * xs1;
       if (x_features_run) {
-        pack_row(row + k0, index_t(1), kc, dst + r, ld);
+        pack_row(row + k0, index_t(1), kc, dst, r);
       } else {  // feature f = c * nd + d at row[c * xs2 + d * xs3], walked without divisions
         index_t c = k0 / nd, d = k0 % nd;
         for (index_t k = 0; k < kc; ++k) {
-          dst[k * ld + r] = row[c * xs2 + d * xs3];
+          dst.put(k, r, row[c * xs2 + d * xs3]);
           if (++d == nd) d = 0, ++c;
         }
       }
     }
   };
   const index_t ws0 = weight.stride(0), ws1 = weight.stride(1);
-  const auto w_rows = [&](index_t n0, index_t cols, index_t k0, index_t kc, T* dst, index_t ld) {
+  const auto w_rows = [&](index_t n0, index_t cols, index_t k0, index_t kc, const PanelWriter<In>& dst) {
     for (index_t c = 0; c < cols; ++c) {
-      const T* row = weight.data + (n0 + c) * ws0 + k0 * ws1;
-      for (index_t k = 0; k < kc; ++k) dst[k * ld + c] = row[k * ws1];
+      const In* row = weight.data + (n0 + c) * ws0 + k0 * ws1;
+      for (index_t k = 0; k < kc; ++k) dst.put(k, c, row[k * ws1]);
     }
   };
-  const auto x_row = [&](index_t m) -> const T* {
+  const auto x_row = [&](index_t m) -> const In* {
     return x_features_run ? x.data + (m / nl) * xs0 + (m % nl) * xs1 : nullptr;
   };
-  packed_gemm<T>(x.dim(0) * nl, weight.dim(0), in, x_rows, x_row, w_rows, bias, y);
+  packed_gemm<In, Acc>(x.dim(0) * nl, weight.dim(0), in, x_rows, x_row, w_rows, bias, y);
 }
 
-// y = x W^T + b
-//   x (B, L, C, D) any strides: row (b, l) has C * D features, feature c * D + d at x[b, l, c, d]
-//     (C > 1 reads a (B, H, L, D) attention output through a (B, L, H, D) view, no copy first)
-//   weight (O, C * D) any strides; bias (O,) or null (contiguous)
-//   y (B, L, O) C-contiguous
-template <typename T>
-void linear(const Strided<const T>& x, const Strided<const T>& weight, const T* bias, T* y) {
-  if (x.dim(0) * x.dim(1) >= kPackedGemmMinRows) {  // the choice depends on the shapes only
-    linear_packed(x, weight, bias, y);
-    return;
-  }
+// linear() for a few rows (blocks of kLinearRowBlock x kLinearColBlock of y): Eigen's products
+// read W in place when one of its axes is unit-stride (else one copy), and x rows in place when
+// a row's features are one unit-stride run (else gathered per task). x and W are cast to Acc
+// where Eigen reads them (a no-op for In == Acc).
+template <typename In, typename Acc>
+void linear_few_rows(const Strided<const In>& x, const Strided<const In>& weight, const Acc* bias, Acc* y) {
   const index_t nb = x.dim(0), nl = x.dim(1), nc = x.dim(2), nd = x.dim(3);
   const index_t in = nc * nd, out = weight.dim(0);
   const index_t row_blocks = (nl + kLinearRowBlock - 1) / kLinearRowBlock;
   const index_t col_blocks = (out + kLinearColBlock - 1) / kLinearColBlock;
-  using OuterMap = Eigen::Map<const RowMatrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
-  using ColMap = Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>, Eigen::Unaligned,
-                            Eigen::OuterStride<>>;
-  // W^T (in, out) straight from W's memory when one of its axes is unit-stride; else one copy.
-  RowMatrix<T> w_copy;
+  using OuterMap = Eigen::Map<const RowMatrix<In>, Eigen::Unaligned, Eigen::OuterStride<>>;
+  using ColMap = Eigen::Map<const Eigen::Matrix<In, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>,
+                            Eigen::Unaligned, Eigen::OuterStride<>>;
+  RowMatrix<In> w_copy;
   const bool w_rows = weight.stride(1) == 1, w_cols = !w_rows && weight.stride(0) == 1;
   if (!w_rows && !w_cols) w_copy = matrix_of(weight, 0);
-  // x rows read in place when a row's features are one unit-stride run; else gathered per task.
   const bool x_direct = nd * nc == 0 || ((nc == 1 || x.stride(2) == nd) && x.stride(3) == 1);
   const auto block = [&](index_t task) {
     const index_t c0 = (task % col_blocks) * kLinearColBlock, cols = std::min(kLinearColBlock, out - c0);
     const index_t rb = task / col_blocks;
     const index_t b = rb / row_blocks, r0 = (rb % row_blocks) * kLinearRowBlock;
     const index_t rows = std::min(kLinearRowBlock, nl - r0);
-    const T* x0 = x.data + b * x.stride(0) + r0 * x.stride(1);
-    RowMatrix<T> gathered;
-    const T* xp = x0;
+    const In* x0 = x.data + b * x.stride(0) + r0 * x.stride(1);
+    RowMatrix<In> gathered;
+    const In* xp = x0;
     index_t x_stride = x.stride(1);
     if (!x_direct) {
       gathered.resize(rows, in);
       for (index_t r = 0; r < rows; ++r)
         for (index_t c = 0; c < nc; ++c) {
-          const T* src = x0 + r * x.stride(1) + c * x.stride(2);
-          T* dst = gathered.data() + r * in + c * nd;
+          const In* src = x0 + r * x.stride(1) + c * x.stride(2);
+          In* dst = gathered.data() + r * in + c * nd;
           if (x.stride(3) == 1)
             std::copy(src, src + nd, dst);
           else
@@ -104,18 +97,18 @@ void linear(const Strided<const T>& x, const Strided<const T>& weight, const T* 
       xp = gathered.data();
       x_stride = in;
     }
-    const OuterMap xm(xp, rows, in, Eigen::OuterStride<>(x_stride));
-    Eigen::Map<RowMatrix<T>, Eigen::Unaligned, Eigen::OuterStride<>> ym(y + (b * nl + r0) * out + c0, rows, cols,
-                                                                        Eigen::OuterStride<>(out));
+    const auto xm = OuterMap(xp, rows, in, Eigen::OuterStride<>(x_stride)).template cast<Acc>();
+    Eigen::Map<RowMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>> ym(y + (b * nl + r0) * out + c0, rows, cols,
+                                                                          Eigen::OuterStride<>(out));
     if (w_rows) {
-      ym.noalias() =
-          xm * ColMap(weight.data + c0 * weight.stride(0), in, cols, Eigen::OuterStride<>(weight.stride(0)));
+      ym.noalias() = xm * ColMap(weight.data + c0 * weight.stride(0), in, cols, Eigen::OuterStride<>(weight.stride(0)))
+                              .template cast<Acc>();
     } else if (w_cols) {
-      ym.noalias() = xm * OuterMap(weight.data + c0, in, cols, Eigen::OuterStride<>(weight.stride(1)));
+      ym.noalias() = xm * OuterMap(weight.data + c0, in, cols, Eigen::OuterStride<>(weight.stride(1))).template cast<Acc>();
     } else {
-      ym.noalias() = xm * w_copy.transpose().middleCols(c0, cols);
+      ym.noalias() = xm * w_copy.transpose().middleCols(c0, cols).template cast<Acc>();
     }
-    if (bias) ym.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(bias + c0, cols);
+    if (bias) ym.rowwise() += Eigen::Map<const Eigen::Matrix<Acc, 1, Eigen::Dynamic>>(bias + c0, cols);
   };
   const index_t tasks = nb * row_blocks * col_blocks;
   if (nb * nl * in * out < kLinearMinParallelWork) {
@@ -123,6 +116,20 @@ void linear(const Strided<const T>& x, const Strided<const T>& weight, const T* 
   } else {
     parallel_for(tasks, block, /*dynamic=*/true);  // blocks go to whichever thread is free
   }
+}
+
+// y = x W^T + b
+//   x (B, L, C, D) any strides: row (b, l) has C * D features, feature c * D + d at x[b, l, c, d]
+//     (C > 1 reads a (B, H, L, D) attention output through a (B, L, H, D) view, no copy first)
+//   weight (O, C * D) any strides; bias (O,) or null (contiguous)
+//   y (B, L, O) C-contiguous
+template <typename In, typename Acc = In>
+void linear(const Strided<const In>& x, const Strided<const In>& weight, const In* bias, Acc* y) {
+  const AccVector<In, Acc> b(bias, weight.dim(0));
+  if (x.dim(0) * x.dim(1) >= kPackedGemmMinRows)  // the choice depends on the shapes only
+    linear_packed<In, Acc>(x, weight, b.data(), y);
+  else
+    linear_few_rows<In, Acc>(x, weight, b.data(), y);
 }
 
 }  // namespace attnext

@@ -22,20 +22,22 @@ inline index_t row_blocks(index_t rows) { return (rows + kScoreRowBlock - 1) / k
 //   q (..., Lq, Dq), k (..., Lk, Dk) with equal batch shapes (broadcast beforehand)
 //   weight (Dq, Dk) or empty
 //   out (..., Lq, Lk) C-contiguous
-template <typename T>
-void score_product(const Strided<const T>& q, const Strided<const T>& k, const Strided<const T>* weight, T scale,
-                   T* out) {
+// q, k and W are read as In and cast to Acc where Eigen reads them (a no-op for In == Acc).
+template <typename In, typename Acc = In>
+void score_product(const Strided<const In>& q, const Strided<const In>& k, const Strided<const In>* weight, Acc scale,
+                   Acc* out) {
   const index_t batches = q.batch_count(2);
   const index_t lq = q.dim(-2), lk = k.dim(-2);
+  if (batches == 0 || lq == 0 || lk == 0) return;
   const index_t nb = row_blocks(lq);
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kScoreRowBlock;
     const index_t rows = std::min(kScoreRowBlock, lq - r0);
-    MatrixMap<T> o(out + (b * lq + r0) * lk, rows, lk);
-    const auto qb = matrix_of(q, b, r0, rows);
-    const auto kb = matrix_of(k, b);
+    MatrixMap<Acc> o(out + (b * lq + r0) * lk, rows, lk);
+    const auto qb = matrix_of(q, b, r0, rows).template cast<Acc>();
+    const auto kb = matrix_of(k, b).template cast<Acc>();
     if (weight) {
-      const RowMatrix<T> qw = qb * matrix_of(*weight, 0);
+      const RowMatrix<Acc> qw = qb * matrix_of(*weight, 0).template cast<Acc>();
       o.noalias() = scale * (qw * kb.transpose());
     } else {
       o.noalias() = scale * (qb * kb.transpose());
@@ -46,27 +48,29 @@ void score_product(const Strided<const T>& q, const Strided<const T>& k, const S
 // out[i, j] = scale * v . tanh(q_i W_q + bias + k_j W_k)
 //   q (..., Lq, Dq), k (..., Lk, Dk), equal batch shapes; w_query (Dq, U), w_key (Dk, U) contiguous
 //   v (U,) contiguous, bias (U,) contiguous or nullptr; out (..., Lq, Lk) C-contiguous
-template <typename T>
-void score_additive(const Strided<const T>& q, const Strided<const T>& k, const ConstMatrixMap<T>& w_query,
-                    const ConstMatrixMap<T>& w_key, const T* v, const T* bias, T scale, T* out) {
+template <typename In, typename Acc = In>
+void score_additive(const Strided<const In>& q, const Strided<const In>& k, const ConstMatrixMap<In>& w_query,
+                    const ConstMatrixMap<In>& w_key, const In* v, const In* bias, Acc scale, Acc* out) {
   const index_t batches = q.batch_count(2);
   const index_t lq = q.dim(-2), lk = k.dim(-2), units = w_query.cols();
+  if (batches == 0 || lq == 0 || lk == 0) return;
   // Keys projected once, as a GEMM, with their exponential form (additive.hpp); each task
   // projects its own block of queries. Only (B, Lq or Lk, U) projections, never (B, Lq, Lk, U).
   const size_t kn = static_cast<size_t>(batches * lk * units);
-  const Scratch<T, AdditiveKeyRawTag> kp(kn);
-  const Scratch<T, AdditiveKeyExpTag> ke(kn);
-  std::unique_ptr<bool[]> k_ok(new bool[static_cast<size_t>(std::max<index_t>(batches, 1))]);
-  additive_prepare_keys(k, w_key, kp.data(), ke.data(), k_ok.get());
+  const Scratch<Acc, AdditiveKeyRawTag> kp(kn);
+  const Scratch<Acc, AdditiveKeyExpTag> ke(kn);
+  std::unique_ptr<bool[]> k_ok(new bool[static_cast<size_t>(batches)]);
+  additive_prepare_keys<In, Acc>(k, w_key, kp.data(), ke.data(), k_ok.get());
   const index_t nb = additive_row_blocks(lq);
-  const AdditiveV<T> v_form = additive_v(v, units);
+  const AccVector<In, Acc> bias_acc(bias, units), v_acc(v, units);
+  const AdditiveV<Acc> v_form = additive_v(v_acc.data(), units);
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
     const index_t rows = std::min(kAdditiveRowBlock, lq - r0);
-    const AdditiveRows<T> keys{kp.data() + b * lk * units, k_ok[b] ? ke.data() + b * lk * units : nullptr};
-    T* tile = out + (b * lq + r0) * lk;
-    additive_score_block(q, b, r0, rows, w_query, bias, keys, v_form, lk, tile, lk);
-    if (scale != T(1))
+    const AdditiveRows<Acc> keys{kp.data() + b * lk * units, k_ok[b] ? ke.data() + b * lk * units : nullptr};
+    Acc* tile = out + (b * lq + r0) * lk;
+    additive_score_block<In, Acc>(q, b, r0, rows, w_query, bias_acc.data(), keys, v_form, lk, tile, lk);
+    if (scale != Acc(1))
       for (index_t i = 0; i < rows * lk; ++i) tile[i] *= scale;
   });
 }

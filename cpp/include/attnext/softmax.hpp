@@ -5,15 +5,17 @@
 #include <limits>
 
 #include "mask.hpp"
+#include "online_softmax.hpp"
 #include "parallel.hpp"
 #include "strided.hpp"
 #include "vmath.hpp"
 
 namespace attnext {
 
-// Softmax of one contiguous row in place: exp(x - max) / sum. A row whose every entry is
-// -inf (nothing to attend) becomes zeros, never NaN; a NaN anywhere makes the row's visible
-// entries NaN, as the plain formula would, while hidden (-inf) entries stay 0.
+// Softmax of one contiguous row in place: prob_exp(x - max) / sum, the online-softmax state
+// of one tile (online_softmax.hpp). A row whose every entry is -inf (nothing to attend)
+// becomes zeros, never NaN; a NaN anywhere makes the row's visible entries NaN, as the plain
+// formula would, while hidden (-inf) entries stay 0.
 template <typename T>
 inline void softmax_inplace(T* x, index_t n) {
   if (n == 0) return;  // x may be null then (an empty buffer), which memset must not see
@@ -29,13 +31,14 @@ inline void softmax_inplace(T* x, index_t n) {
     return;
   }
   const T sum = vm::exp_shifted_sum(x, n, m);
-  vm::scale(x, n, T(1) / sum);
+  vm::scale(x, n, softmax_state::inverse_sum_one(sum));
 }
 
 // out = softmax(x + mask) over the last axis.
 //   x    (..., N) any strides
 //   mask broadcast to x's shape (or none)
-//   causal: rows are queries (axis -2), entries keys (axis -1); needs ndim >= 2 when on
+//   causal: rows are queries (axis -2), entries keys (axis -1); needs ndim >= 2 when on. Keys
+//   causal hides are hidden before the mask is read (mask.hpp's rule).
 //   out  (..., N) C-contiguous, same shape as x
 template <typename T>
 void softmax(const Strided<const T>& x, const Mask<T>& mask, const Causal& causal, T* out) {
@@ -43,6 +46,8 @@ void softmax(const Strided<const T>& x, const Mask<T>& mask, const Causal& causa
   const index_t rows = x.batch_count(1);
   const index_t queries = causal.on ? x.dim(-2) : 1;
   const index_t xs = x.stride(-1);
+  Visibility vis;
+  vis.causal = causal;
   // Rows are independent; blocks of rows keep scheduling overhead low for short rows.
   const index_t block = n >= 256 ? 1 : 256 / (n + 1) + 1;
   const index_t blocks = (rows + block - 1) / block;
@@ -56,8 +61,7 @@ void softmax(const Strided<const T>& x, const Mask<T>& mask, const Causal& causa
       } else {
         for (index_t j = 0; j < n; ++j) dst[j] = src[j * xs];
       }
-      apply_mask_row(mask, r, dst, n);
-      if (causal.on) hide_tail(dst, causal.visible_keys(r % queries, n), n);
+      mask_scores(dst, index_t(1), n, index_t(0), visible_keys(vis, r % queries, n), mask_row(mask, r));
       softmax_inplace(dst, n);
     }
   });

@@ -1,0 +1,331 @@
+// SDPA's blocked path (any L): one work unit is (batch entry, block of Bq queries), the
+// queries in the SIMD lanes (micro.hpp's geometry), keys visited in tiles of kBk with an
+// online softmax per lane. Only Q's block is copied (packed, scale folded in when safe); K and
+// V are read in place. Key tiles outside every row's visible range are skipped; masks (mask.hpp)
+// are applied only to tiles that cut through some row's range or when an attn_mask is given.
+// Few units and many keys: each block's keys are split into chunks whose partial states are
+// merged by log-sum-exp (online_softmax.hpp). With weights requested a block makes two passes
+// (row max and sum, then the final softmax, written out and multiplied by V), so the weights
+// returned are exactly those the output was made from.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../mask.hpp"
+#include "../online_softmax.hpp"
+#include "../parallel.hpp"
+#include "../scratch.hpp"
+#include "micro.hpp"
+#include "problem.hpp"
+
+namespace attnext {
+namespace sdpa_detail {
+
+// Keys per tile: a tile's S^T (kBk x Bq) stays in L2 next to Qt and the tile's K rows, and a
+// longer tile means fewer rescales of O^T per key. Chosen by sweeping 32..256 at E = 64 and
+// 128 (flat at 64, best at 128; docs/benchmarks-notes-h1.md).
+constexpr index_t kBk = 128;
+
+// Split of a block's keys into chunks (split_chunks): only with fewer than kSplitMinUnits
+// (batch x query block) units, which would leave threads idle; chunks of at least
+// kSplitMinKeys keys (a chunk must amortise its merge) and at most kSplitMaxChunks of them
+// (bounds the partials' memory). Decided from the shapes alone, so results do not depend on
+// the thread count.
+constexpr index_t kSplitMinUnits = 16;
+constexpr index_t kSplitMinKeys = 1024;
+constexpr index_t kSplitMaxChunks = 32;
+
+inline index_t split_chunks(index_t units, index_t S, bool weights) {
+  if (weights || units >= kSplitMinUnits) return 1;
+  return std::max<index_t>(1, std::min(kSplitMaxChunks, S / kSplitMinKeys));
+}
+
+struct SdpaBlockTag {};  // scratch.hpp tags
+struct SdpaMergeTag {};
+
+// One work unit: queries [i0, i0 + nq) of batch entry b, Q packed, and its softmax state
+// (one lane per query): O^T (Ev, Bq) unnormalised, running max M and sum Lsum (Bq each).
+template <typename In, typename Acc>
+struct Block {
+  const SdpaProblem<In>* p = nullptr;
+  index_t b = 0, i0 = 0, nq = 0;
+  index_t L = 0, E = 0, S = 0, Ev = 0;
+  Visibility vis;
+  KeyRange common;  // keys every row of the block sees
+  bool folded = true;  // scale folded into Qt; else scores are scaled after the dot products
+  Acc scale = Acc(1);
+  Acc *Qt = nullptr, *St = nullptr, *Sh = nullptr, *Ot = nullptr, *M = nullptr, *Lsum = nullptr;
+};
+
+template <typename Acc>
+inline index_t block_scratch_size(index_t E, index_t Ev) {
+  return block_queries<Acc>() * (std::max<index_t>(E, 1) + 2 * kBk + std::max<index_t>(Ev, 1) + 2);
+}
+
+// Carves the unit's buffers out of ws (block_scratch_size), packs Q, starts an empty state.
+template <typename In, typename Acc>
+Block<In, Acc> make_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, Acc* ws) {
+  constexpr index_t Bq = block_queries<Acc>();
+  Block<In, Acc> k;
+  k.p = &p;
+  k.b = b, k.i0 = i0, k.nq = nq;
+  k.L = p.q.dim(-2), k.E = p.q.dim(-1), k.S = p.k.dim(-2), k.Ev = p.v.dim(-1);
+  k.vis = visibility(p, b);
+  k.common = {visible_keys(k.vis, i0 + nq - 1, k.S).lo, visible_keys(k.vis, i0, k.S).hi};
+  k.scale = static_cast<Acc>(p.scale);
+  k.Qt = ws;
+  k.St = k.Qt + std::max<index_t>(k.E, 1) * Bq;
+  k.Sh = k.St + kBk * Bq;
+  k.Ot = k.Sh + kBk * Bq;
+  k.M = k.Ot + std::max<index_t>(k.Ev, 1) * Bq;
+  k.Lsum = k.M + Bq;
+  k.folded = pack_q_scaled(p.q.data + p.q.batch_offset(b, 2) + i0 * p.q.stride(-2), p.q.stride(-2), p.q.stride(-1), nq,
+                           k.E, k.scale, k.Qt);
+  std::fill(k.Ot, k.Ot + k.Ev * Bq, Acc(0));
+  std::fill(k.M, k.M + Bq, neg_inf<Acc>());
+  std::fill(k.Lsum, k.Lsum + Bq, Acc(0));
+  return k;
+}
+
+// S^T of keys [j0, j0 + nj) with masks applied (hidden = -inf) and mt, its lane-wise max.
+// Returns whether the tile's P V must take the careful path: some key of the tile is hidden
+// from some row and some value of the tile's keys is not finite; Sh then holds the scores.
+template <typename In, typename Acc>
+bool score_tile(Block<In, Acc>& k, index_t j0, index_t nj, Pk<Acc>* mt) {
+  constexpr index_t P = vm::packet_size<Acc>();
+  constexpr index_t Bq = block_queries<Acc>();
+  const SdpaProblem<In>& p = *k.p;
+  const In* kb = p.k.data + p.k.batch_offset(k.b, 2);
+  for (int c = 0; c < kC; ++c) mt[c] = ei::pset1<Pk<Acc>>(neg_inf<Acc>());
+  for_micro_tiles(nj, [&](auto R, index_t r) {
+    qk_micro<In, Acc, decltype(R)::value>(kb + (j0 + r) * p.k.stride(-2), p.k.stride(-2), p.k.stride(-1), k.E, k.Qt,
+                                          k.St + r * Bq, mt);
+  });
+  const bool boundary = !k.common.covers(j0, j0 + nj);
+  const bool masked = boundary || p.mask.kind != MaskKind::none;
+  if (!k.folded) {
+    const Pk<Acc> sc = ei::pset1<Pk<Acc>>(k.scale);
+    for (index_t x = 0; x < nj * Bq; x += P) ei::pstore(k.St + x, ei::pmul(ei::pload<Pk<Acc>>(k.St + x), sc));
+  }
+  const bool hidden = masked && mask_tile(p.mask, k.vis, k.S, k.L, k.b, k.i0, k.nq, j0, nj, k.St, index_t(1), Bq);
+  if (masked || !k.folded) {  // the max taken while storing no longer holds
+    for (int c = 0; c < kC; ++c) mt[c] = ei::pset1<Pk<Acc>>(neg_inf<Acc>());
+    for (index_t j = 0; j < nj; ++j)
+      for (int c = 0; c < kC; ++c) mt[c] = ei::pmax(mt[c], ei::pload<Pk<Acc>>(k.St + j * Bq + c * P));
+  }
+  if (!hidden) return false;
+  const In* vb = p.v.data + p.v.batch_offset(k.b, 2) + j0 * p.v.stride(-2);
+  if (rows_finite<Acc>(vb, p.v.stride(-2), p.v.stride(-1), nj, k.Ev)) return false;
+  std::copy(k.St, k.St + nj * Bq, k.Sh);
+  return true;
+}
+
+// O^T = O^T * alpha (if rescale) + P^T V for keys [j0, j0 + nj), P^T in St.
+template <typename In, typename Acc>
+void pv_tile(Block<In, Acc>& k, index_t j0, index_t nj, const Pk<Acc>* alpha, bool rescale, bool careful) {
+  constexpr index_t Bq = block_queries<Acc>();
+  const SdpaProblem<In>& p = *k.p;
+  const index_t vs = p.v.stride(-2), ve = p.v.stride(-1);
+  const In* vb = p.v.data + p.v.batch_offset(k.b, 2) + j0 * vs;
+  for_micro_tiles(k.Ev, [&](auto R, index_t r) {
+    constexpr int Rv = decltype(R)::value;
+    if (careful)
+      pv_micro<In, Acc, Rv, true>(vb + r * ve, vs, ve, nj, k.St, k.Sh, k.Ot + r * Bq, alpha, rescale);
+    else
+      pv_micro<In, Acc, Rv, false>(vb + r * ve, vs, ve, nj, k.St, k.Sh, k.Ot + r * Bq, alpha, rescale);
+  });
+}
+
+// One tile of the online pass: scores, the online-softmax update, probabilities, P V.
+template <typename In, typename Acc>
+void online_tile(Block<In, Acc>& k, index_t j0, index_t nj) {
+  constexpr index_t P = vm::packet_size<Acc>();
+  constexpr index_t Bq = block_queries<Acc>();
+  Pk<Acc> mt[kC], alpha[kC], sum[kC];
+  softmax_state::Step<Acc> st[kC];
+  const bool careful = score_tile(k, j0, nj, mt);
+  for (int c = 0; c < kC; ++c) {
+    Pk<Acc> m = ei::pload<Pk<Acc>>(k.M + c * P);
+    st[c] = softmax_state::raise_max<Acc>(m, mt[c]);
+    ei::pstore(k.M + c * P, m);
+    alpha[c] = st[c].alpha;
+    sum[c] = ei::pset1<Pk<Acc>>(Acc(0));
+  }
+  for (index_t j = 0; j < nj; ++j)
+    for (int c = 0; c < kC; ++c) {
+      Acc* s = k.St + j * Bq + c * P;
+      const Pk<Acc> e = vm::prob_exp<Acc>(ei::psub(ei::pload<Pk<Acc>>(s), st[c].shift));
+      ei::pstore(s, e);
+      sum[c] = ei::padd(sum[c], e);
+    }
+  for (int c = 0; c < kC; ++c)
+    ei::pstore(k.Lsum + c * P, softmax_state::add_sum<Acc>(ei::pload<Pk<Acc>>(k.Lsum + c * P), st[c], sum[c]));
+  pv_tile(k, j0, nj, alpha, true, careful);
+}
+
+// Weights wanted: pass 1 finds each row's max and sum; pass 2 forms the final softmax
+// P = exp(s - max) / sum once, writes it to w (the block's rows of the weights, row stride S)
+// and accumulates O = P V with it.
+template <typename In, typename Acc>
+void weights_passes(Block<In, Acc>& k, index_t kmin, index_t kmax, Acc* w) {
+  constexpr index_t P = vm::packet_size<Acc>();
+  constexpr index_t Bq = block_queries<Acc>();
+  const Pk<Acc> zero = ei::pset1<Pk<Acc>>(Acc(0));
+  for (index_t j0 = kmin; j0 < kmax; j0 += kBk) {
+    const index_t nj = std::min(kBk, kmax - j0);
+    Pk<Acc> mt[kC];
+    score_tile(k, j0, nj, mt);
+    for (int c = 0; c < kC; ++c) {
+      Pk<Acc> m = ei::pload<Pk<Acc>>(k.M + c * P);
+      const softmax_state::Step<Acc> st = softmax_state::raise_max<Acc>(m, mt[c]);
+      ei::pstore(k.M + c * P, m);
+      Pk<Acc> sum = zero;
+      for (index_t j = 0; j < nj; ++j)
+        sum = ei::padd(sum, vm::prob_exp<Acc>(ei::psub(ei::pload<Pk<Acc>>(k.St + j * Bq + c * P), st.shift)));
+      ei::pstore(k.Lsum + c * P, softmax_state::add_sum<Acc>(ei::pload<Pk<Acc>>(k.Lsum + c * P), st, sum));
+    }
+  }
+  Pk<Acc> shift[kC], inv[kC];
+  for (int c = 0; c < kC; ++c) {
+    shift[c] = softmax_state::shift_of<Acc>(ei::pload<Pk<Acc>>(k.M + c * P));
+    inv[c] = softmax_state::inverse_sum<Acc>(ei::pload<Pk<Acc>>(k.Lsum + c * P));
+  }
+  for (index_t i = 0; i < k.nq; ++i) std::fill(w + i * k.S, w + (i + 1) * k.S, Acc(0));
+  const Pk<Acc> ninf = ei::pset1<Pk<Acc>>(neg_inf<Acc>());
+  for (index_t j0 = kmin; j0 < kmax; j0 += kBk) {
+    const index_t nj = std::min(kBk, kmax - j0);
+    Pk<Acc> mt[kC];
+    const bool careful = score_tile(k, j0, nj, mt);
+    for (index_t j = 0; j < nj; ++j)
+      for (int c = 0; c < kC; ++c) {
+        Acc* s = k.St + j * Bq + c * P;
+        const Pk<Acc> sc = ei::pload<Pk<Acc>>(s);
+        // A hidden key (-inf) weighs exactly 0, even in a row a NaN score made NaN.
+        const Pk<Acc> pr = ei::pmul(vm::prob_exp<Acc>(ei::psub(sc, shift[c])), inv[c]);
+        ei::pstore(s, ei::pselect(ei::pcmp_eq(sc, ninf), zero, pr));
+      }
+    for (index_t i = 0; i < k.nq; ++i)
+      for (index_t j = 0; j < nj; ++j) w[i * k.S + j0 + j] = k.St[j * Bq + i];
+    pv_tile(k, j0, nj, static_cast<const Pk<Acc>*>(nullptr), false, careful);
+  }
+}
+
+// Where a unit's results go: the final rows (out, and weights/lse when given) or, for a key
+// chunk of a split block, its raw state (partial: O^T, then M, then Lsum).
+template <typename In, typename Acc>
+struct BlockOut {
+  In* out = nullptr;       // (N..., L, Ev)
+  Acc* weights = nullptr;  // (N..., L, S) or null
+  Acc* lse = nullptr;      // (N..., L) or null
+  Acc* partial = nullptr;  // ((Ev + 2) * Bq) or null
+};
+
+// Writes a finished unit's rows: out normalised (unless the weights pass already divided by
+// the sum), lse by the one formula.
+template <typename In, typename Acc>
+void write_rows(Block<In, Acc>& k, const BlockOut<In, Acc>& o, bool normalised) {
+  constexpr index_t P = vm::packet_size<Acc>();
+  const index_t row0 = k.b * k.L + k.i0;
+  if (o.lse)
+    for (index_t i = 0; i < k.nq; ++i) o.lse[row0 + i] = softmax_state::lse(k.M[i], k.Lsum[i]);
+  for (int c = 0; c < kC; ++c)
+    ei::pstore(k.Lsum + c * P, normalised ? ei::pset1<Pk<Acc>>(Acc(1))
+                                          : softmax_state::inverse_sum<Acc>(ei::pload<Pk<Acc>>(k.Lsum + c * P)));
+  unpack_o(k.Ot, k.Lsum, k.nq, k.Ev, o.out + row0 * k.Ev);
+}
+
+// One unit of the blocked path: queries [i0, i0 + nq) of batch entry b against keys [ka, kz).
+template <typename In, typename Acc>
+void attend_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, index_t ka, index_t kz,
+                  const BlockOut<In, Acc>& o) {
+  constexpr index_t Bq = block_queries<Acc>();
+  const Scratch<Acc, SdpaBlockTag> ws(static_cast<size_t>(block_scratch_size<Acc>(p.q.dim(-1), p.v.dim(-1))));
+  Block<In, Acc> k = make_block<In, Acc>(p, b, i0, nq, ws.data());
+  const index_t kmin = std::max(visible_keys(k.vis, i0, k.S).lo, ka);
+  const index_t kmax = std::max(kmin, std::min(visible_keys(k.vis, i0 + nq - 1, k.S).hi, kz));
+  if (o.weights) {
+    weights_passes(k, kmin, kmax, o.weights + (b * k.L + i0) * k.S);
+  } else {
+    for (index_t j0 = kmin; j0 < kmax; j0 += kBk) online_tile(k, j0, std::min(kBk, kmax - j0));
+  }
+  if (o.partial) {
+    std::copy(k.Ot, k.Ot + k.Ev * Bq, o.partial);
+    std::copy(k.M, k.M + Bq, o.partial + k.Ev * Bq);
+    std::copy(k.Lsum, k.Lsum + Bq, o.partial + (k.Ev + 1) * Bq);
+    return;
+  }
+  write_rows(k, o, o.weights != nullptr);
+}
+
+// Merges a query block's chunk partials (each O^T (Ev, Bq), M (Bq), Lsum (Bq)) in chunk order
+// by the log-sum-exp merge; writes the normalised rows (nq, Ev) and their lse.
+template <typename In, typename Acc>
+void merge_chunks(const Acc* parts, index_t chunks, index_t Ev, index_t nq, In* out, Acc* lse) {
+  constexpr index_t P = vm::packet_size<Acc>();
+  constexpr index_t Bq = block_queries<Acc>();
+  const index_t part = (Ev + 2) * Bq;
+  const Scratch<Acc, SdpaMergeTag> ws(static_cast<size_t>((Ev + 2) * Bq));
+  Acc* acc = ws.data();
+  Acc* M = acc + Ev * Bq;
+  Acc* Lsum = M + Bq;
+  std::fill(acc, acc + Ev * Bq, Acc(0));
+  std::fill(M, M + Bq, neg_inf<Acc>());
+  std::fill(Lsum, Lsum + Bq, Acc(0));
+  for (index_t c = 0; c < chunks; ++c) {
+    const Acc* pc = parts + c * part;
+    for (int g = 0; g < kC; ++g) {
+      Pk<Acc> m = ei::pload<Pk<Acc>>(M + g * P), l = ei::pload<Pk<Acc>>(Lsum + g * P);
+      const softmax_state::MergeFactors<Acc> f = softmax_state::merge<Acc>(
+          m, l, ei::pload<Pk<Acc>>(pc + Ev * Bq + g * P), ei::pload<Pk<Acc>>(pc + (Ev + 1) * Bq + g * P));
+      ei::pstore(M + g * P, m);
+      ei::pstore(Lsum + g * P, l);
+      for (index_t e = 0; e < Ev; ++e) {
+        Acc* a = acc + e * Bq + g * P;
+        ei::pstore(a, ei::pmadd(ei::pload<Pk<Acc>>(a), f.a, ei::pmul(ei::pload<Pk<Acc>>(pc + e * Bq + g * P), f.b)));
+      }
+    }
+  }
+  if (lse)
+    for (index_t i = 0; i < nq; ++i) lse[i] = softmax_state::lse(M[i], Lsum[i]);
+  for (int g = 0; g < kC; ++g)
+    ei::pstore(Lsum + g * P, softmax_state::inverse_sum<Acc>(ei::pload<Pk<Acc>>(Lsum + g * P)));
+  unpack_o(acc, Lsum, nq, Ev, out);
+}
+
+// The blocked path over all N batch entries.
+template <typename In, typename Acc>
+void blocked(const SdpaProblem<In>& p, index_t N, In* out, Acc* weights, Acc* lse) {
+  constexpr index_t Bq = block_queries<Acc>();
+  const index_t L = p.q.dim(-2), S = p.k.dim(-2), Ev = p.v.dim(-1);
+  const index_t blocks = (L + Bq - 1) / Bq;
+  const index_t chunks = split_chunks(N * blocks, S, weights != nullptr);
+  if (chunks == 1) {
+    parallel_for(N * blocks, [&](index_t u) {
+      // Later query blocks see more keys under a causal mask: hand them out first.
+      const index_t b = u / blocks, i0 = (blocks - 1 - u % blocks) * Bq;
+      attend_block<In, Acc>(p, b, i0, std::min(Bq, L - i0), 0, S, BlockOut<In, Acc>{out, weights, lse, nullptr});
+    }, true);
+    return;
+  }
+  // Few query blocks and many keys: every (block, key chunk) is a unit, merged afterwards.
+  const index_t chunk = (S + chunks - 1) / chunks;
+  const index_t part = (Ev + 2) * Bq;
+  std::vector<Acc, Eigen::aligned_allocator<Acc>> parts(static_cast<size_t>(N * blocks * chunks * part));
+  parallel_for(N * blocks * chunks, [&](index_t u) {
+    const index_t c = u % chunks, bq = u / chunks;
+    const index_t b = bq / blocks, i0 = (bq % blocks) * Bq;
+    BlockOut<In, Acc> o;
+    o.partial = parts.data() + u * part;
+    attend_block<In, Acc>(p, b, i0, std::min(Bq, L - i0), c * chunk, std::min(S, (c + 1) * chunk), o);
+  }, true);
+  parallel_for(N * blocks, [&](index_t bq) {
+    const index_t b = bq / blocks, i0 = (bq % blocks) * Bq, nq = std::min(Bq, L - i0);
+    merge_chunks<In, Acc>(parts.data() + bq * chunks * part, chunks, Ev, nq, out + (b * L + i0) * Ev,
+                          lse ? lse + b * L + i0 : nullptr);
+  });
+}
+
+}  // namespace sdpa_detail
+}  // namespace attnext

@@ -1,0 +1,162 @@
+// SDPA's decode path (L <= kDecodeMaxQueries, no weights). Keys are cut into fixed chunks of
+// kDecodeChunk; a unit is (batch entry, chunk) and computes every query row's partial softmax
+// state (max, sum, unnormalised output) from dot products along E; the partials are merged by
+// the log-sum-exp merge in chunk order. One query thus uses every core, and since the chunks
+// depend only on S the result does not depend on the thread count.
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include "../mask.hpp"
+#include "../online_softmax.hpp"
+#include "../parallel.hpp"
+#include "../scratch.hpp"
+#include "micro.hpp"
+#include "problem.hpp"
+
+namespace attnext {
+namespace sdpa_detail {
+
+// Keys per decode chunk: a chunk's K and V (2 x 64 KB at E = 64, float) stay in L2 between the
+// score and the P V pass while the chunks still outnumber the cores at a few thousand keys;
+// chosen from a sweep of 128/256/512 (docs/benchmarks-notes-h1.md).
+constexpr index_t kDecodeChunk = 256;
+// Up to this many query rows the decode path's per-row dot products beat packing Q into the
+// blocked path's tiles (a block holds 64 float queries, mostly padding at a handful of rows).
+constexpr index_t kDecodeMaxQueries = 16;
+
+struct SdpaDecodeQTag {};  // scratch.hpp tags
+struct SdpaDecodeSTag {};
+struct SdpaDecodeKTag {};
+struct SdpaDecodeVTag {};
+
+// Rows [0, n) of a strided (n, cols) matrix of In, contiguous: in place when they already are,
+// else copied into buf (a scratch of n * cols). Returns the rows and sets their stride.
+template <typename In>
+const In* contiguous_rows(const In* x, index_t rs, index_t cs, index_t n, index_t cols, In* buf, index_t& stride) {
+  stride = rs;
+  if (cs == 1 || n == 0) return x;
+  for (index_t j = 0; j < n; ++j)
+    for (index_t e = 0; e < cols; ++e) buf[j * cols + e] = x[j * rs + e * cs];
+  stride = cols;
+  return buf;
+}
+
+// Query rows of batch entry b, scaled when that cannot overflow (else unscaled: returns false
+// and the caller scales the scores after the dot products), into qbuf (L, E).
+template <typename In, typename Acc>
+bool pack_query_rows(const SdpaProblem<In>& p, index_t b, Acc scale, Acc* qbuf) {
+  const index_t L = p.q.dim(-2), E = p.q.dim(-1);
+  const In* qb = p.q.data + p.q.batch_offset(b, 2);
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    const Acc f = attempt == 0 ? scale : Acc(1);
+    Acc bad = Acc(0);
+    for (index_t i = 0; i < L; ++i)
+      for (index_t e = 0; e < E; ++e) {
+        const Acc x = f * to_acc<Acc>(qb[i * p.q.stride(-2) + e * p.q.stride(-1)]);
+        qbuf[i * E + e] = x;
+        bad += x * Acc(0);  // NaN exactly when some x is not finite
+      }
+    if (bad == bad) return attempt == 0;
+  }
+  return false;
+}
+
+// Partial states of keys [c0, c1) for every query row of batch entry b.
+// part: (L, Ev + 2) = unnormalised output, then the max, then the sum.
+template <typename In, typename Acc>
+void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, Acc* part) {
+  const index_t L = p.q.dim(-2), E = p.q.dim(-1), S = p.k.dim(-2), Ev = p.v.dim(-1);
+  const Visibility vis = visibility(p, b);
+  const index_t n = c1 - c0, w = Ev + 2;
+  // Keys any row may see inside the chunk.
+  const index_t ja = std::max(c0, visible_keys(vis, 0, S).lo);
+  const index_t jz = std::max(ja, std::min(c1, visible_keys(vis, L - 1, S).hi));
+  const index_t nv = jz - ja;
+  const Scratch<Acc, SdpaDecodeQTag> qs(static_cast<size_t>(L * E + 1));
+  const Scratch<Acc, SdpaDecodeSTag> ss(static_cast<size_t>(2 * n + L * n + 1));
+  const Scratch<In, SdpaDecodeKTag> kbuf(p.k.stride(-1) == 1 ? 0 : static_cast<size_t>(nv * E));
+  const Scratch<In, SdpaDecodeVTag> vbuf(p.v.stride(-1) == 1 ? 0 : static_cast<size_t>(nv * Ev));
+  Acc* qbuf = qs.data();
+  Acc* s = ss.data();
+  Acc* pre = s + L * n;  // a row's scores before the exponential, for a careful P V
+  const Acc scale = static_cast<Acc>(p.scale);
+  const bool folded = pack_query_rows(p, b, scale, qbuf);
+  index_t kcs = 0, vcs = 0;
+  const In* kc = contiguous_rows(p.k.data + p.k.batch_offset(b, 2) + ja * p.k.stride(-2), p.k.stride(-2),
+                                 p.k.stride(-1), nv, E, kbuf.data(), kcs);
+  const In* vc = contiguous_rows(p.v.data + p.v.batch_offset(b, 2) + ja * p.v.stride(-2), p.v.stride(-2),
+                                 p.v.stride(-1), nv, Ev, vbuf.data(), vcs);
+  // s[i][j - ja]: scores of the keys row i sees (the rest are hidden by mask_scores below).
+  for (index_t j = 0; j < nv; ++j) {
+    const In* kj = kc + j * kcs;
+    for (index_t i = 0; i < L; ++i) {
+      const KeyRange r = visible_keys(vis, i, S);
+      if (ja + j >= r.lo && ja + j < r.hi) s[i * n + j] = folded ? dot(qbuf + i * E, kj, E) : dot(qbuf + i * E, kj, E) * scale;
+    }
+  }
+  int values_finite = -1;  // checked once, only if some row hides a key of the chunk
+  for (index_t i = 0; i < L; ++i) {
+    const KeyRange r = visible_keys(vis, i, S);
+    Acc* si = s + i * n;
+    Acc* pi = part + i * w;
+    const bool hidden = mask_scores(si, index_t(1), nv, ja, r, mask_row(p.mask, b * L + i, ja));
+    // The row's own keys [a, z) of the chunk (relative to ja); outside them P V never looks.
+    const index_t a = std::min(nv, std::max(r.lo, ja) - ja), z = std::max(a, std::min(jz, r.hi) - ja);
+    Pk<Acc> m = ei::pset1<Pk<Acc>>(neg_inf<Acc>());
+    const softmax_state::Step<Acc> st = softmax_state::raise_max<Acc>(
+        m, ei::pset1<Pk<Acc>>(z > a ? vm::max_propagate_nan(si + a, z - a) : neg_inf<Acc>()));
+    pi[Ev] = ei::pfirst(m);
+    std::fill(pi, pi + Ev, Acc(0));
+    pi[Ev + 1] = Acc(0);
+    if (pi[Ev] == neg_inf<Acc>()) continue;  // nothing visible: the empty state
+    if (hidden && values_finite < 0) values_finite = rows_finite<Acc>(vc, vcs, index_t(1), nv, Ev);
+    const bool careful = hidden && values_finite == 0;
+    if (careful) std::copy(si + a, si + z, pre);
+    pi[Ev + 1] = ei::pfirst(softmax_state::add_sum<Acc>(ei::pset1<Pk<Acc>>(Acc(0)), st,
+                                                        ei::pset1<Pk<Acc>>(vm::exp_shifted_sum(si + a, z - a,
+                                                                                               ei::pfirst(st.shift)))));
+    if (!careful) {
+      row_pv(si + a, vc + a * vcs, vcs, z - a, Ev, pi);
+    } else {  // hidden keys (score -inf) skipped: a NaN/inf in their value rows never enters
+      for (index_t j = a; j < z; ++j)
+        if (pre[j - a] != neg_inf<Acc>()) axpy(si[j], vc + j * vcs, pi, Ev);
+    }
+  }
+}
+
+// The decode path over all N batch entries.
+template <typename In, typename Acc>
+void decode(const SdpaProblem<In>& p, index_t N, In* out, Acc* lse) {
+  const index_t L = p.q.dim(-2), S = p.k.dim(-2), Ev = p.v.dim(-1);
+  const index_t chunks = std::max<index_t>(1, (S + kDecodeChunk - 1) / kDecodeChunk);
+  const index_t w = Ev + 2;
+  std::vector<Acc, Eigen::aligned_allocator<Acc>> parts(static_cast<size_t>(N * chunks * L * w));
+  parallel_for(N * chunks, [&](index_t u) {
+    const index_t b = u / chunks, c = u % chunks;
+    const index_t c0 = c * kDecodeChunk, c1 = std::min(S, c0 + kDecodeChunk);
+    decode_chunk<In, Acc>(p, b, c0, c1, parts.data() + u * L * w);
+  }, true);
+  // Merge the chunks of each row by log-sum-exp, in chunk order.
+  parallel_for(N, [&](index_t b) {
+    const Scratch<Acc, SdpaMergeTag> ws(static_cast<size_t>(Ev + 1));
+    Acc* o = ws.data();
+    for (index_t i = 0; i < L; ++i) {
+      Acc m = neg_inf<Acc>(), l = Acc(0);
+      std::fill(o, o + Ev, Acc(0));
+      for (index_t c = 0; c < chunks; ++c) {
+        const Acc* pc = parts.data() + ((b * chunks + c) * L + i) * w;
+        const softmax_state::MergeFactorsOne<Acc> f = softmax_state::merge_one(m, l, pc[Ev], pc[Ev + 1]);
+        for (index_t e = 0; e < Ev; ++e) o[e] = o[e] * f.a + pc[e] * f.b;
+      }
+      const Acc inv = softmax_state::inverse_sum_one(l);
+      In* dst = out + (b * L + i) * Ev;
+      for (index_t e = 0; e < Ev; ++e) dst[e] = static_cast<In>(o[e] * inv);
+      if (lse) lse[b * L + i] = softmax_state::lse(m, l);
+    }
+  });
+}
+
+}  // namespace sdpa_detail
+}  // namespace attnext
