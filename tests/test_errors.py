@@ -110,7 +110,7 @@ def test_threads_setting():
     try:
         attnext.set_num_threads(3)
         assert attnext.get_num_threads() == 3
-        with pytest.raises(ValueError, match=r"n must be in \[1, 1024\], got 0"):
+        with pytest.raises(ValueError, match=r"n must be in \[1, 256\], got 0"):
             attnext.set_num_threads(0)
         with pytest.raises(TypeError, match="n must be an int"):
             attnext.set_num_threads(2.0)

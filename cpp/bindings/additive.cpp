@@ -1,5 +1,7 @@
 // Fused additive (Bahdanau) attention: the key preparation a decoder keeps per sentence, and
-// the attention itself, on prepared keys or on raw keys projected inside the call.
+// the attention itself, on prepared keys or on raw keys projected inside the call. Which of the
+// two a public call uses is decided by the Python front (functional.additive_attention); how
+// the raw-key entry splits its work is decided by the core (additive_attention.hpp).
 #include <attnext/additive_attention.hpp>
 
 #include "common.hpp"
@@ -9,41 +11,18 @@ namespace bind {
 
 namespace {
 
-// A weight matrix (rows, cols) as a C-contiguous array of T (copied only if it is not).
 template <typename T>
-py::array_t<T, py::array::c_style> contiguous_matrix(const py::array& ref, const char* ref_name, const py::array& w,
-                                                     const char* name) {
-  require_same_dtype(ref, ref_name, w, name);
-  require_ndim(w, name, 2, 2);
-  return contiguous_parameter<T>(w, name);
-}
-
-template <typename T>
-py::array_t<T, py::array::c_style> unit_vector(const py::array& ref, const char* ref_name, const py::array& a,
-                                               const char* name, py::ssize_t units) {
-  require_same_dtype(ref, ref_name, a, name);
-  require_ndim(a, name, 1, 1);
-  if (a.shape(0) != units)
-    fail_value(std::string(name) + " has shape " + shape_str(a) + " but the number of units is " +
-               std::to_string(units));
-  return contiguous_parameter<T>(a, name);
-}
-
-template <typename T>
-ConstMatrixMap<T> map_matrix(const py::array_t<T, py::array::c_style>& w) {
-  return ConstMatrixMap<T>(w.data(), w.shape(0), w.shape(1));
-}
-
-template <typename T>
-py::tuple prepare_keys_impl(const py::array& key, const py::array& w_key) {
-  const auto wk = contiguous_matrix<T>(key, "key", w_key, "w_key");
-  require_dim(key, "key", -1, w_key, "w_key", 0, "key's last dimension and w_key's first");
+py::tuple prepare_keys_impl(const py::array& key, const py::object& w_key) {
+  require_ndim(key, "key", 2);
+  const auto wk = parameter_matrix<T>(key, "key", w_key, "w_key");
+  require_dim(key, "key", -1, wk, "w_key", 0, "key's last dimension and w_key's first");
   std::vector<index_t> shape = shape_of(key);
-  shape.back() = w_key.shape(1);
+  shape.back() = wk.shape(1);
   const std::vector<index_t> batch(shape.begin(), shape.end() - 2);
   py::array_t<T> raw = new_output<T>(shape, "projected keys");
   py::array_t<T> expo = new_output<T>(shape, "projected keys");
   py::array_t<bool> ok = new_output<bool>(batch, "projected keys");
+  if (all_empty({&raw, &ok})) return py::make_tuple(raw, expo, ok);
   const Strided<const T> kv = view<T>(key, "key");
   T* rp = raw.mutable_data();
   T* ep = expo.mutable_data();
@@ -76,97 +55,88 @@ void check_projected(const py::array& q, const py::array& a, const char* name, c
 struct KeysArg {
   bool projected;
   const py::array *raw, *expo, *ok;  // projected
-  const py::array *key, *w_key;      // not projected
+  const py::array* key;              // not projected
+  const py::object* w_key;           // not projected
 };
 
 template <typename T>
-py::object attention_impl(const py::array& q, const py::array& w_query, const py::object& bias, const KeysArg& keys,
-                          const py::array& value, const py::array& v, const py::object& mask,
+py::object attention_impl(const py::array& q, const py::object& w_query, const py::object& bias, const KeysArg& keys,
+                          const py::array& value, const py::object& v, const py::object& mask,
                           const py::object& key_lengths, bool return_weights) {
   require_ndim(q, "query", 2);
   require_same_dtype(q, "query", value, "value");
   require_ndim(value, "value", 2);
   require_same_batch(q, "query", value, "value", 2);
   const std::vector<index_t> batch(q.shape(), q.shape() + q.ndim() - 2);
-  py::array_t<T, py::array::c_style> wk;
   const bool projected = keys.projected;
-  // key_ref: the array giving the number of keys; units_ref: the one giving the number of units
-  const py::array& key_ref = projected ? *keys.raw : *keys.key;
-  const py::array& units_ref = projected ? *keys.raw : *keys.w_key;
+  py::array_t<T, py::array::c_style> wk;
+  OwnedBatch<bool> ok;
   if (projected) {
-    const py::array &raw = *keys.raw, &expo = *keys.expo, &ok = *keys.ok;
+    const py::array &raw = *keys.raw, &expo = *keys.expo;
     check_projected(q, raw, "keys_raw", raw);
     check_projected(q, expo, "keys_exp", raw);
     require_same_batch(q, "query", raw, "keys_raw", 2);
     require_dim(raw, "keys_raw", -2, value, "value", -2, "the number of keys");
-    if (!ok.dtype().is(py::dtype::of<bool>()))
-      fail_type("keys_ok must be bool, got " + std::string(py::str(ok.dtype())));
-    if (shape_of(ok) != batch)
-      fail_value("keys_ok has shape " + shape_str(ok) + " but the batch shape is " + shape_str(batch));
+    // Owned: whether a batch entry reads keys_exp is decided by it.
+    ok = own_batch_array<bool>(*keys.ok, "keys_ok", batch);
   } else {
-    const py::array &key = *keys.key, &w_key = *keys.w_key;
+    const py::array& key = *keys.key;
     require_same_dtype(q, "query", key, "key");
     require_ndim(key, "key", 2);
     require_same_batch(q, "query", key, "key", 2);
     require_dim(key, "key", -2, value, "value", -2, "the number of keys");
-    wk = contiguous_matrix<T>(key, "key", w_key, "w_key");
-    require_dim(key, "key", -1, w_key, "w_key", 0, "key's last dimension and w_key's first");
+    wk = parameter_matrix<T>(key, "key", *keys.w_key, "w_key");
+    require_dim(key, "key", -1, wk, "w_key", 0, "key's last dimension and w_key's first");
   }
+  // units_ref: the array giving the number of units
+  const py::array& units_ref = projected ? *keys.raw : static_cast<const py::array&>(wk);
   const char* units_name = projected ? "keys_raw" : "w_key";
   const py::ssize_t units = units_ref.shape(units_ref.ndim() - 1);
-  const auto wq = contiguous_matrix<T>(q, "query", w_query, "w_query");
-  require_dim(q, "query", -1, w_query, "w_query", 0, "query's last dimension and w_query's first");
-  if (w_query.shape(1) != units)
-    fail_value("w_query has shape " + shape_str(w_query) + " but " + units_name + " has " + shape_str(units_ref) +
+  const auto wq = parameter_matrix<T>(q, "query", w_query, "w_query");
+  require_dim(q, "query", -1, wq, "w_query", 0, "query's last dimension and w_query's first");
+  if (wq.shape(1) != units)
+    fail_value("w_query has shape " + shape_str(wq) + " but " + units_name + " has " + shape_str(units_ref) +
                ": the number of units must match");
-  const auto vc = unit_vector<T>(q, "query", v, "v", units);
-  py::array_t<T, py::array::c_style> bc;
-  if (!bias.is_none()) {
-    if (!py::isinstance<py::array>(bias)) fail_type("bias must be a NumPy array or None");
-    bc = unit_vector<T>(q, "query", py::reinterpret_borrow<py::array>(bias), "bias", units);
-  }
+  const auto vc = parameter_vector<T>(q, "query", v, "v", units, units_are(units));
+  const Bias<T> bc = parameter_bias<T>(q, "query", bias, units, units_are(units));
 
-  const index_t lk = key_ref.shape(key_ref.ndim() - 2);
+  const index_t lk = value.shape(value.ndim() - 2);
   std::vector<index_t> score_shape = shape_of(q);
   score_shape.back() = lk;
   const Mask<T> m = mask_view<T>(mask, score_shape, "mask");
-
-  py::array lengths_array;
-  const Strided<const std::int64_t> lengths = key_lengths_view(key_lengths, batch, lk, lengths_array);
+  const OwnedBatch<std::int64_t> lengths = own_key_lengths(key_lengths, batch, lk);
 
   std::vector<index_t> out_shape = shape_of(q);
   out_shape.back() = value.shape(value.ndim() - 1);
   py::array_t<T> out = new_output<T>(out_shape, "context");
   py::array_t<T> w;
   if (return_weights) w = new_output<T>(score_shape, "weights");
+  const auto result = [&]() -> py::object {
+    if (return_weights) return py::make_tuple(out, w);
+    return std::move(out);
+  };
+  // Nothing to return: no key projection is built either.
+  if (all_empty({&out, return_weights ? &w : nullptr})) return result();
 
   const Strided<const T> qv = view<T>(q, "query"), vv = view<T>(value, "value");
   const ConstMatrixMap<T> wm = map_matrix(wq);
-  const T* bp = bias.is_none() ? nullptr : bc.data();
-  const Strided<const std::int64_t>* lp = key_lengths.is_none() ? nullptr : &lengths;
   T* op = out.mutable_data();
   T* wp = return_weights ? w.mutable_data() : nullptr;
   if (projected) {
-    const AdditiveKeys<T> prepared{view<T>(*keys.raw, "keys_raw"), view<T>(*keys.expo, "keys_exp"),
-                                   view<bool>(*keys.ok, "keys_ok")};
-    // Safe without the GIL: every array is kept alive by this frame; no Python object is used.
+    const AdditiveKeys<T> prepared{view<T>(*keys.raw, "keys_raw"), view<T>(*keys.expo, "keys_exp"), ok.view()};
+    // Safe without the GIL: every array is kept alive by this frame, keys_ok and key_lengths
+    // are the binding's own copies, and no Python object is used.
     py::gil_scoped_release nogil;
-    additive_attention<T>(qv, wm, bp, prepared, vv, vc.data(), m, lp, op, wp);
+    additive_attention<T>(qv, wm, bc.data(), prepared, vv, vc.data(), m, lengths.get(), op, wp);
   } else {
     const Strided<const T> kv = view<T>(*keys.key, "key");
     const ConstMatrixMap<T> wkm = map_matrix(wk);
-    // Safe without the GIL: every array is kept alive by this frame; no Python object is used.
+    // Safe without the GIL: every array is kept alive by this frame, key_lengths is the
+    // binding's own copy, and no Python object is used.
     py::gil_scoped_release nogil;
-    additive_attention<T>(qv, wm, bp, kv, wkm, vv, vc.data(), m, lp, op, wp);
+    additive_attention<T>(qv, wm, bc.data(), kv, wkm, vv, vc.data(), m, lengths.get(), op, wp);
   }
-  if (return_weights) return py::make_tuple(out, w);
-  return std::move(out);
-}
-
-template <typename... Args>
-py::object attention_dispatch(const py::array& q, Args&&... args) {
-  return float_dtype(q, "query") == DType::f32 ? attention_impl<float>(q, std::forward<Args>(args)...)
-                                               : attention_impl<double>(q, std::forward<Args>(args)...);
+  return result();
 }
 
 }  // namespace
@@ -175,35 +145,37 @@ void register_additive(py::module_& m) {
   // The factored form's range (additive.hpp), the one source the Python side reads.
   m.attr("additive_exp_form_limit") =
       py::dict(py::arg("float32") = exp_form_limit<float>(), py::arg("float64") = exp_form_limit<double>());
-  m.def("additive_keys", [](const py::array& key, const py::array& w_key) -> py::tuple {
-    require_ndim(key, "key", 2);
-    return float_dtype(key, "key") == DType::f32 ? prepare_keys_impl<float>(key, w_key)
-                                                 : prepare_keys_impl<double>(key, w_key);
-  }, py::arg("key").noconvert(), py::arg("w_key").noconvert(),
+  m.def("additive_keys", [](const py::array& key, const py::object& w_key) -> py::tuple {
+    return dispatch(float_dtype(key, "key"), [&](auto t) { return prepare_keys_impl<decltype(t)>(key, w_key); });
+  }, py::arg("key").noconvert(), py::arg("w_key"),
         "Projected keys for additive attention: key (..., Lk, Dk), w_key (Dk, U) -> (raw (..., Lk, U) = key w_key, "
         "expo (..., Lk, U) = exp(2 raw), ok (...,) bool: whether the batch entry may use expo).");
-  m.def("additive_attention", [](const py::array& q, const py::array& w_query, const py::object& bias,
+  m.def("additive_attention", [](const py::array& q, const py::object& w_query, const py::object& bias,
                                  const py::array& keys_raw, const py::array& keys_exp, const py::array& keys_ok,
-                                 const py::array& value, const py::array& v, const py::object& mask,
+                                 const py::array& value, const py::object& v, const py::object& mask,
                                  const py::object& key_lengths, bool return_weights) -> py::object {
-    return attention_dispatch(q, w_query, bias, KeysArg{true, &keys_raw, &keys_exp, &keys_ok, nullptr, nullptr}, value, v, mask,
-                              key_lengths, return_weights);
-  }, py::arg("query").noconvert(), py::arg("w_query").noconvert(), py::arg("bias").none(true),
+    const KeysArg keys{true, &keys_raw, &keys_exp, &keys_ok, nullptr, nullptr};
+    return dispatch(float_dtype(q, "query"), [&](auto t) {
+      return attention_impl<decltype(t)>(q, w_query, bias, keys, value, v, mask, key_lengths, return_weights);
+    });
+  }, py::arg("query").noconvert(), py::arg("w_query"), py::arg("bias").none(true),
         py::arg("keys_raw").noconvert(), py::arg("keys_exp").noconvert(), py::arg("keys_ok").noconvert(),
-        py::arg("value").noconvert(), py::arg("v").noconvert(), py::arg("mask").none(true),
+        py::arg("value").noconvert(), py::arg("v"), py::arg("mask").none(true),
         py::arg("key_lengths").none(true), py::arg("return_weights") = false,
         "softmax(v . tanh(query w_query + bias + keys) + mask) value on keys prepared by additive_keys. "
         "query (..., Lq, Dq), keys (..., Lk, U), value (..., Lk, Dv), equal batch shapes; mask broadcast to "
         "(..., Lq, Lk) or None; key_lengths (...,) int64 or None -> context (..., Lq, Dv) [, weights (..., Lq, Lk)].");
-  m.def("additive_attention_keys", [](const py::array& q, const py::array& w_query, const py::object& bias,
-                                      const py::array& key, const py::array& w_key, const py::array& value,
-                                      const py::array& v, const py::object& mask, const py::object& key_lengths,
+  m.def("additive_attention_keys", [](const py::array& q, const py::object& w_query, const py::object& bias,
+                                      const py::array& key, const py::object& w_key, const py::array& value,
+                                      const py::object& v, const py::object& mask, const py::object& key_lengths,
                                       bool return_weights) -> py::object {
-    return attention_dispatch(q, w_query, bias, KeysArg{false, nullptr, nullptr, nullptr, &key, &w_key}, value, v, mask, key_lengths,
-                              return_weights);
-  }, py::arg("query").noconvert(), py::arg("w_query").noconvert(), py::arg("bias").none(true),
-        py::arg("key").noconvert(), py::arg("w_key").noconvert(), py::arg("value").noconvert(),
-        py::arg("v").noconvert(), py::arg("mask").none(true), py::arg("key_lengths").none(true),
+    const KeysArg keys{false, nullptr, nullptr, nullptr, &key, &w_key};
+    return dispatch(float_dtype(q, "query"), [&](auto t) {
+      return attention_impl<decltype(t)>(q, w_query, bias, keys, value, v, mask, key_lengths, return_weights);
+    });
+  }, py::arg("query").noconvert(), py::arg("w_query"), py::arg("bias").none(true),
+        py::arg("key").noconvert(), py::arg("w_key"), py::arg("value").noconvert(),
+        py::arg("v"), py::arg("mask").none(true), py::arg("key_lengths").none(true),
         py::arg("return_weights") = false,
         "additive_attention on raw keys, projected inside the call: key (..., Lk, Dk) with the query's batch "
         "shape, w_key (Dk, U); otherwise as additive_attention.");

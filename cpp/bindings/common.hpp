@@ -1,6 +1,12 @@
-// Shared by the binding files: turning NumPy arrays into the core's Strided views, and the
-// argument checks every entry point repeats. The only headers (with the .cpp files here)
-// that include pybind11.
+// Shared by the binding files: the one dtype dispatch, turning NumPy arrays into the core's
+// Strided views, the argument checks every entry point repeats, and the copies a binding takes
+// before it releases the GIL. The only header (with the .cpp files here) that includes pybind11.
+//
+// The shape of every entry: the registering lambda only dispatches on the dtype of its first
+// array; `<entry>_impl<T>` parses and checks every argument once, takes its own copy of every
+// value that decides which memory the kernel touches (key_lengths, keys_ok; shapes and strides
+// are copied into the Strided views), returns at once when every output is empty, and then
+// releases the GIL for the kernel.
 #pragma once
 
 #include <pybind11/numpy.h>
@@ -9,10 +15,15 @@
 #include <attnext/mask.hpp>
 #include <attnext/strided.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
+#include <limits>
+#include <memory>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace attnext {
@@ -47,6 +58,10 @@ enum class DType { f32, f64 };
 inline DType float_dtype(const py::array& a, const char* name) {
   if (a.dtype().equal(py::dtype::of<float>())) return DType::f32;
   if (a.dtype().equal(py::dtype::of<double>())) return DType::f64;
+  const py::dtype dt = a.dtype();
+  if (dt.kind() == 'f' && (dt.itemsize() == 4 || dt.itemsize() == 8) && dt.byteorder() == '>')
+    fail_type(std::string(name) + " is " + std::string(py::str(dt)) +
+              ", big-endian: the kernels read native float32 or float64 (the Python API converts)");
   fail_type(std::string(name) + " must be float32 or float64, got " + std::string(py::str(a.dtype())));
 }
 
@@ -99,20 +114,6 @@ Strided<const T> view(const py::array& a, const char* name) {
   return Strided<const T>(static_cast<const T*>(a.data()), shape_of(a), element_strides<T>(a, name));
 }
 
-// A small parameter array (weights, a unit vector) as C-contiguous, aligned data of T; the
-// caller has checked its dtype is T. It is copied, through NumPy so that a failed allocation
-// raises MemoryError (array_t::ensure would hand back a null array), only when it is not
-// C-contiguous; misaligned data is refused as in view().
-template <typename T>
-py::array_t<T, py::array::c_style> contiguous_parameter(const py::array& a, const char* name) {
-  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
-    fail_value(std::string(name) + " of shape " + shape_str(a) +
-               " is not aligned to its item size (pass a copy: a.copy())");
-  if (a.flags() & py::array::c_style) return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(a);
-  const py::object copy = py::module_::import("numpy").attr("ascontiguousarray")(a);
-  return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(copy);
-}
-
 // Leading (batch) axes of a and b must agree exactly; the Python front broadcasts them
 // (as stride-0 views) before calling in.
 inline void require_same_batch(const py::array& a, const char* an, const py::array& b, const char* bn, int trailing) {
@@ -134,49 +135,6 @@ inline void require_dim(const py::array& a, const char* an, int axis_a, const py
 }
 
 // Product of a shape, refusing sizes that overflow 64-bit arithmetic.
-// Every value of the int64 array `a` lies in [0, limit] (ValueError naming `name` otherwise).
-// Walks only the axes that hold distinct values (stride-0 broadcast axes are read once), so a
-// huge broadcast view costs no more than the memory behind it.
-inline void require_in_range(const py::array& a, const char* name, std::int64_t limit) {
-  std::vector<py::ssize_t> shape, strides;
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
-    if (a.shape(i) == 0) return;
-    if (a.shape(i) > 1 && a.strides(i) != 0) {
-      shape.push_back(a.shape(i));
-      strides.push_back(a.strides(i));
-    }
-  }
-  const char* base = static_cast<const char*>(a.data());
-  std::vector<py::ssize_t> idx(shape.size(), 0);
-  for (;;) {
-    py::ssize_t off = 0;
-    for (std::size_t i = 0; i < idx.size(); ++i) off += idx[i] * strides[i];
-    std::int64_t value;
-    std::memcpy(&value, base + off, sizeof value);
-    if (value < 0 || value > limit)
-      fail_value(std::string(name) + " must lie in [0, " + std::to_string(limit) + "] (the number of keys), got " +
-                 std::to_string(value));
-    std::size_t i = idx.size();
-    while (i > 0 && ++idx[i - 1] == shape[i - 1]) idx[--i] = 0;
-    if (i == 0) return;
-  }
-}
-
-// key_lengths for kernels that take them: None, or an int64 array of exactly the batch shape
-// with every value in [0, num_keys]. `holder` keeps the array alive for the returned view.
-inline Strided<const std::int64_t> key_lengths_view(const py::object& obj, const std::vector<index_t>& batch,
-                                                    index_t num_keys, py::array& holder) {
-  if (obj.is_none()) return {};
-  if (!py::isinstance<py::array>(obj)) fail_type("key_lengths must be a NumPy int64 array or None");
-  holder = py::reinterpret_borrow<py::array>(obj);
-  if (!holder.dtype().is(py::dtype::of<std::int64_t>()))
-    fail_type("key_lengths must be int64, got " + std::string(py::str(holder.dtype())));
-  if (shape_of(holder) != batch)
-    fail_value("key_lengths has shape " + shape_str(holder) + " but the batch shape is " + shape_str(batch));
-  require_in_range(holder, "key_lengths", num_keys);
-  return view<std::int64_t>(holder, "key_lengths");
-}
-
 inline index_t checked_size(const std::vector<index_t>& shape, const char* what) {
   index_t n = 1;
   for (index_t d : shape) {
@@ -224,6 +182,194 @@ Mask<T> mask_view(const py::object& obj, const std::vector<index_t>& score_shape
               " (added to the scores), got " + std::string(py::str(a.dtype())));
   }
   return m;
+}
+
+// The one float32/float64 dispatch: f(T{}) with T the kernel scalar of `dt`, so an entry reads
+//   return dispatch(float_dtype(q, "query"), [&](auto t) { return impl<decltype(t)>(...); });
+template <typename F>
+decltype(auto) dispatch(DType dt, F&& f) {
+  if (dt == DType::f32) return f(float{});
+  return f(double{});
+}
+
+// True when every array an entry would return has no element: the entry then returns them at
+// once, without touching its inputs' data (a broadcast input may be huge behind an empty output).
+inline bool all_empty(std::initializer_list<const py::array*> outputs) {
+  for (const py::array* a : outputs)
+    if (a && a->size() != 0) return false;
+  return true;
+}
+
+// A parameter array (weights, a unit vector, a bias) as C-contiguous, aligned data of T: same
+// dtype as `ref`, `ndim` dimensions. Copied, through NumPy so that a failed allocation raises
+// MemoryError (array_t::ensure would hand back a null array), only when it is not C-contiguous;
+// misaligned data is refused as in view().
+template <typename T>
+py::array_t<T, py::array::c_style> parameter(const py::array& ref, const char* ref_name, const py::object& obj,
+                                             const char* name, py::ssize_t ndim) {
+  const py::array a = require_array(obj, name);
+  require_same_dtype(ref, ref_name, a, name);
+  require_ndim(a, name, ndim, ndim);
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    fail_value(std::string(name) + " of shape " + shape_str(a) +
+               " is not aligned to its item size (pass a copy: a.copy())");
+  if (a.flags() & py::array::c_style) return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(a);
+  const py::object copy = py::module_::import("numpy").attr("ascontiguousarray")(a);
+  return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(copy);
+}
+
+// A weight matrix (rows, cols) and its Eigen map (the map reads the contiguous array it is made from).
+template <typename T>
+py::array_t<T, py::array::c_style> parameter_matrix(const py::array& ref, const char* ref_name, const py::object& w,
+                                                    const char* name) {
+  return parameter<T>(ref, ref_name, w, name, 2);
+}
+template <typename T>
+ConstMatrixMap<T> map_matrix(const py::array_t<T, py::array::c_style>& w) {
+  return ConstMatrixMap<T>(w.data(), w.shape(0), w.shape(1));
+}
+
+// A vector of exactly `length` entries; `expected` ends the error ("<name> has shape (4,) but
+// <expected>"), saying where the length comes from.
+template <typename T>
+py::array_t<T, py::array::c_style> parameter_vector(const py::array& ref, const char* ref_name, const py::object& a,
+                                                    const char* name, py::ssize_t length, const std::string& expected) {
+  py::array_t<T, py::array::c_style> c = parameter<T>(ref, ref_name, a, name, 1);
+  if (c.shape(0) != length) fail_value(std::string(name) + " has shape " + shape_str(c) + " but " + expected);
+  return c;
+}
+
+// The usual `expected` of parameter_vector: "the number of units is 6".
+inline std::string units_are(py::ssize_t units) { return "the number of units is " + std::to_string(units); }
+
+// An optional bias: None, or a parameter_vector. data() is null for None.
+template <typename T>
+struct Bias {
+  py::array_t<T, py::array::c_style> array;
+  bool present = false;
+  const T* data() const { return present ? array.data() : nullptr; }
+};
+template <typename T>
+Bias<T> parameter_bias(const py::array& ref, const char* ref_name, const py::object& bias, py::ssize_t length,
+                       const std::string& expected) {
+  Bias<T> b;
+  if (bias.is_none()) return b;
+  b.array = parameter_vector<T>(ref, ref_name, bias, "bias", length, expected);
+  b.present = true;
+  return b;
+}
+
+// A small per-batch-entry array (key_lengths, keys_ok) copied into memory the binding owns.
+// Taken while the GIL is held and checked on the copy: another Python thread writing the
+// caller's array while the kernel runs without the GIL can then change nothing the kernel
+// reads to decide which memory it touches. Axes the caller broadcasts (stride 0, or length 1)
+// stay broadcast in the copy, so it is never larger than the memory behind the caller's array.
+template <typename I>
+class OwnedBatch {
+ public:
+  OwnedBatch() = default;
+  OwnedBatch(OwnedBatch&&) = default;
+  OwnedBatch& operator=(OwnedBatch&&) = default;
+
+  // `arr` has exactly the batch shape and dtype I (checked by the caller).
+  explicit OwnedBatch(const py::array& arr) : present_(true) {
+    const std::vector<index_t> shape = shape_of(arr);
+    std::vector<index_t> strides(shape.size(), 0);
+    std::vector<py::ssize_t> walk_shape, walk_src;  // the axes holding distinct values
+    std::vector<std::size_t> walk_axis;
+    index_t n = 1;
+    for (std::size_t ax = shape.size(); ax-- > 0;) {
+      if (shape[ax] == 0) n = 0;
+      if (shape[ax] > 1 && arr.strides(static_cast<py::ssize_t>(ax)) != 0) {
+        strides[ax] = n;
+        n *= shape[ax];
+        walk_shape.insert(walk_shape.begin(), shape[ax]);
+        walk_src.insert(walk_src.begin(), arr.strides(static_cast<py::ssize_t>(ax)));
+        walk_axis.insert(walk_axis.begin(), ax);
+      }
+    }
+    count_ = static_cast<std::size_t>(n);
+    values_.reset(new I[std::max<std::size_t>(count_, 1)]);
+    const char* base = static_cast<const char*>(arr.data());
+    std::vector<py::ssize_t> idx(walk_shape.size(), 0);
+    for (std::size_t k = 0; k < count_; ++k) {  // row-major over the walked axes = the copy's order
+      py::ssize_t off = 0;
+      for (std::size_t i = 0; i < idx.size(); ++i) off += idx[i] * walk_src[i];
+      values_[k] = read(base + off);
+      std::size_t i = idx.size();
+      while (i > 0 && ++idx[i - 1] == walk_shape[i - 1]) idx[--i] = 0;
+    }
+    view_ = Strided<const I>(values_.get(), shape, strides);
+  }
+
+  // The view handed to a kernel: null when the argument was None.
+  const Strided<const I>* get() const { return present_ ? &view_ : nullptr; }
+  const Strided<const I>& view() const { return view_; }
+  const I* begin() const { return values_.get(); }
+  const I* end() const { return values_.get() + count_; }
+
+ private:
+  // A bool is read as its byte, so a value other than 0 or 1 (written through another view of
+  // the same memory) becomes true rather than an invalid bool.
+  static I read(const char* p) {
+    if constexpr (std::is_same_v<I, bool>) {
+      unsigned char c;
+      std::memcpy(&c, p, 1);
+      return c != 0;
+    } else {
+      I v;
+      std::memcpy(&v, p, sizeof v);
+      return v;
+    }
+  }
+
+  bool present_ = false;
+  std::size_t count_ = 0;
+  std::unique_ptr<I[]> values_;
+  Strided<const I> view_;
+};
+
+// An array of dtype I with exactly the batch shape, owned (see OwnedBatch).
+template <typename I>
+OwnedBatch<I> own_batch_array(const py::array& a, const char* name, const std::vector<index_t>& batch) {
+  if (!a.dtype().equal(py::dtype::of<I>()))
+    fail_type(std::string(name) + " must be " + std::string(py::str(py::dtype::of<I>())) + ", got " +
+              std::string(py::str(a.dtype())));
+  if (shape_of(a) != batch)
+    fail_value(std::string(name) + " has shape " + shape_str(a) + " but the batch shape is " + shape_str(batch));
+  return OwnedBatch<I>(a);
+}
+
+// key_lengths: None, or an int64 array of exactly the batch shape, owned, with every value of
+// the copy in [0, num_keys].
+inline OwnedBatch<std::int64_t> own_key_lengths(const py::object& obj, const std::vector<index_t>& batch,
+                                                index_t num_keys) {
+  if (obj.is_none()) return {};
+  if (!py::isinstance<py::array>(obj)) fail_type("key_lengths must be a NumPy int64 array or None");
+  OwnedBatch<std::int64_t> lengths =
+      own_batch_array<std::int64_t>(py::reinterpret_borrow<py::array>(obj), "key_lengths", batch);
+  for (const std::int64_t value : lengths)
+    if (value < 0 || value > num_keys)
+      fail_value("key_lengths must lie in [0, " + std::to_string(num_keys) + "] (the number of keys), got " +
+                 std::to_string(value));
+  return lengths;
+}
+
+// A Python integer (int, np.integer: anything with __index__, except bool) as int64, values
+// beyond int64 saturated to its bounds: an offset or window side that large means the same as
+// the bound (everything visible or hidden), and the kernels' range function is overflow-safe
+// for every int64.
+inline index_t saturating_index(const py::handle& obj, const char* name) {
+  if (PyBool_Check(obj.ptr()) || !PyIndex_Check(obj.ptr()))
+    fail_type(std::string(name) + " must be an int, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
+  const py::object as_int = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+  if (!as_int) throw py::error_already_set();
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(as_int.ptr(), &overflow);
+  if (overflow > 0) return std::numeric_limits<index_t>::max();
+  if (overflow < 0) return std::numeric_limits<index_t>::min();
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return static_cast<index_t>(v);
 }
 
 }  // namespace bind

@@ -1,3 +1,4 @@
+// Fused scaled dot-product attention.
 #include <attnext/sdpa.hpp>
 
 #include "common.hpp"
@@ -8,10 +9,27 @@
 namespace attnext {
 namespace bind {
 
+namespace {
+
 template <typename T>
 py::tuple sdpa_impl(const py::array& q, const py::array& k, const py::array& v, const py::object& attn_mask,
-                    bool causal, index_t causal_offset, index_t window_left, index_t window_right,
-                    const py::object& key_lengths, double scale, bool return_weights, bool return_lse) {
+                    bool causal, const py::object& causal_offset_arg, const py::object& window_left_arg,
+                    const py::object& window_right_arg, const py::object& key_lengths, double scale,
+                    bool return_weights, bool return_lse) {
+  require_same_dtype(q, "query", k, "key");
+  require_same_dtype(q, "query", v, "value");
+  require_ndim(q, "query", 2);
+  require_ndim(k, "key", 2);
+  require_ndim(v, "value", 2);
+  require_same_batch(q, "query", k, "key", 2);
+  require_same_batch(q, "query", v, "value", 2);
+  require_dim(q, "query", -1, k, "key", -1, "the last (embedding) dimensions");
+  require_dim(k, "key", -2, v, "value", -2, "the number of keys (second-to-last dimensions)");
+  const index_t causal_offset = saturating_index(causal_offset_arg, "causal_offset");
+  const index_t window_left = saturating_index(window_left_arg, "window_left");
+  const index_t window_right = saturating_index(window_right_arg, "window_right");
+  if (window_left < -1 || window_right < -1)
+    fail_value("window_left and window_right must be >= 0, or -1 for an unbounded side");
   SdpaProblem<T> p;
   p.q = view<T>(q, "query");
   p.k = view<T>(k, "key");
@@ -27,59 +45,48 @@ py::tuple sdpa_impl(const py::array& q, const py::array& k, const py::array& v, 
   p.window_left = window_left;
   p.window_right = window_right;
   p.scale = static_cast<T>(scale);
-  py::array lengths;
-  p.key_lengths = key_lengths_view(key_lengths, batch, S, lengths);
+  const OwnedBatch<std::int64_t> lengths = own_key_lengths(key_lengths, batch, S);
+  if (lengths.get()) p.key_lengths = lengths.view();
   std::vector<index_t> out_shape = batch;
   out_shape.push_back(L);
   out_shape.push_back(p.v.dim(-1));
   py::array_t<T> out = new_output<T>(out_shape, "attention output");
-  py::object weights = py::none(), lse = py::none();
-  T* wp = nullptr;
-  T* lp = nullptr;
-  if (return_weights) {
-    py::array_t<T> w = new_output<T>(score_shape, "attention weights");
-    wp = w.mutable_data();
-    weights = std::move(w);
-  }
+  py::array_t<T> w, l;
+  if (return_weights) w = new_output<T>(score_shape, "attention weights");
   if (return_lse) {
     std::vector<index_t> lse_shape = batch;
     lse_shape.push_back(L);
-    py::array_t<T> l = new_output<T>(lse_shape, "log-sum-exp");
-    lp = l.mutable_data();
-    lse = std::move(l);
+    l = new_output<T>(lse_shape, "log-sum-exp");
   }
+  const py::object weights = return_weights ? py::object(w) : py::none();
+  const py::object lse = return_lse ? py::object(l) : py::none();
+  if (all_empty({&out, return_weights ? &w : nullptr, return_lse ? &l : nullptr}))
+    return py::make_tuple(out, weights, lse);
   T* op = out.mutable_data();
+  T* wp = return_weights ? w.mutable_data() : nullptr;
+  T* lp = return_lse ? l.mutable_data() : nullptr;
   {
     // Safe without the GIL: every array read or written is kept alive by this frame's
-    // references (q, k, v, attn_mask, lengths, out, weights, lse) and no Python object is touched.
+    // references (q, k, v, attn_mask, out, w, l), key_lengths is the binding's own copy, and
+    // no Python object is touched.
     py::gil_scoped_release nogil;
     scaled_dot_product_attention<T>(p, op, wp, lp);
   }
   return py::make_tuple(out, weights, lse);
 }
 
+}  // namespace
+
 void register_sdpa(py::module_& m) {
   m.def(
       "sdpa",
       [](const py::array& q, const py::array& k, const py::array& v, const py::object& attn_mask, bool causal,
-         index_t causal_offset, index_t window_left, index_t window_right, const py::object& key_lengths, double scale,
-         bool return_weights, bool return_lse) -> py::tuple {
-        const DType dt = float_dtype(q, "query");
-        require_same_dtype(q, "query", k, "key");
-        require_same_dtype(q, "query", v, "value");
-        require_ndim(q, "query", 2);
-        require_ndim(k, "key", 2);
-        require_ndim(v, "value", 2);
-        require_same_batch(q, "query", k, "key", 2);
-        require_same_batch(q, "query", v, "value", 2);
-        require_dim(q, "query", -1, k, "key", -1, "the last (embedding) dimensions");
-        require_dim(k, "key", -2, v, "value", -2, "the number of keys (second-to-last dimensions)");
-        if (window_left < -1 || window_right < -1)
-          fail_value("window_left and window_right must be >= 0, or -1 for an unbounded side");
-        return dt == DType::f32 ? sdpa_impl<float>(q, k, v, attn_mask, causal, causal_offset, window_left,
-                                                   window_right, key_lengths, scale, return_weights, return_lse)
-                                : sdpa_impl<double>(q, k, v, attn_mask, causal, causal_offset, window_left,
-                                                    window_right, key_lengths, scale, return_weights, return_lse);
+         const py::object& causal_offset, const py::object& window_left, const py::object& window_right,
+         const py::object& key_lengths, double scale, bool return_weights, bool return_lse) -> py::tuple {
+        return dispatch(float_dtype(q, "query"), [&](auto t) {
+          return sdpa_impl<decltype(t)>(q, k, v, attn_mask, causal, causal_offset, window_left, window_right,
+                                        key_lengths, scale, return_weights, return_lse);
+        });
       },
       py::arg("query").noconvert(), py::arg("key").noconvert(), py::arg("value").noconvert(),
       py::arg("attn_mask") = py::none(), py::arg("causal") = false, py::arg("causal_offset") = 0,
@@ -88,7 +95,8 @@ void register_sdpa(py::module_& m) {
       "Fused attention softmax(query key^T * scale + masks) value: query (..., L, E), key (..., S, E), "
       "value (..., S, Ev) with equal batch shapes; attn_mask (..., L, S) bool (True = attend) or float (added); "
       "causal hides key j from query i when j > i + causal_offset; window_left/right bound i - j and j - i "
-      "(-1 = unbounded); key_lengths (...,) int64. Returns (out, weights or None, lse or None).");
+      "(-1 = unbounded); offsets and window sides are ints of any size; key_lengths (...,) int64. "
+      "Returns (out, weights or None, lse or None).");
 }
 
 }  // namespace bind

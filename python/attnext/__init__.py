@@ -43,9 +43,10 @@ __all__ = [
 
 
 def set_num_threads(n: int) -> None:
-    """Sets how many threads every attnext kernel uses (process-wide; results do not depend on it)."""
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    """Sets how many threads every attnext kernel uses (process-wide; results do not depend on it).
+
+    n: an int or NumPy integer in [1, 256] (TypeError, ValueError otherwise). In a process made by
+    fork() kernels run on one thread whatever n is."""
     _core.set_num_threads(n)
 
 
