@@ -12,6 +12,10 @@ and their compositions :func:`attention` and :func:`scaled_dot_product_attention
 
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
+
 from . import _core, reference
 from .functional import attention, scaled_dot_product_attention, score, softmax, weighted_sum
 from .functional import ProjectedKeys, additive_attention, project_keys
@@ -38,14 +42,25 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "build_info",
+    "MAX_THREADS",
     "__version__",
 ]
 
 
+#: The most threads :func:`set_num_threads` accepts (the compiled module's cap).
+MAX_THREADS = 1024
+
+
 def set_num_threads(n: int) -> None:
-    """Sets how many threads every attnext kernel uses (process-wide; results do not depend on it)."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    """Sets how many threads every attnext kernel uses (process-wide; results do not depend on it).
+
+    n: an int (NumPy integers too) in [1, MAX_THREADS] (1024); TypeError for other types,
+    ValueError outside the range."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
+    n = int(n)
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"n must be in [1, {MAX_THREADS}], got {n}")
     _core.set_num_threads(n)
 
 

@@ -16,37 +16,21 @@ import numbers
 
 import numpy as np
 
+from typing import Any
+
 from . import _core
-from ._validation import as_float_array, check_state_keys, shape_str
-from .functional import scaled_dot_product_attention
+from ._layers import LAYER_DTYPES as _DTYPES
+from ._layers import checked_weight as _check_array_shape_named
+from ._layers import glorot_uniform, layer_dtype, layer_input, make_rng, positive_int
+from ._masks import as_mask, combine_masks, key_mask_as_lengths
+from ._validation import as_float_array, as_int, check_key_lengths, check_state_keys, shape_str, to_array
+from .functional import ArrayLike, Causal, scaled_dot_product_attention
 
 __all__ = ["SelfAttention", "MultiHeadAttention", "KVCache"]
-
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _layer_dtype(dtype) -> np.dtype:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-    if dt not in _DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
-    return dt
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    if value >= 2**63:  # beyond any array size; NumPy would raise OverflowError further on
-        raise ValueError(f"{name} is too large: {value}")
-    return int(value)
 
 
 def _linear(x: np.ndarray, weight: np.ndarray, bias) -> np.ndarray:
@@ -65,27 +49,16 @@ def _linear(x: np.ndarray, weight: np.ndarray, bias) -> np.ndarray:
     return _core.linear(x4, weight, bias).reshape(lead + (weight.shape[0],))
 
 
-def _xavier_uniform(rng, shape, dtype) -> np.ndarray:
-    fan_out, fan_in = shape
-    bound = math.sqrt(6.0 / (fan_in + fan_out))
-    return rng.uniform(-bound, bound, size=shape).astype(dtype)
-
-
 def _input(x, name: str, dtype: np.dtype, features: int, what: str) -> np.ndarray:
-    """x as a float array of the layer's dtype with `features` in its last axis."""
-    a = as_float_array(x, name)
+    """x as an aligned array of the layer's dtype with ``features`` in its last axis."""
+    a = layer_input(x, name, dtype)
     if a.ndim == 0 or a.shape[-1] != features:
         raise ValueError(f"{name} has shape {shape_str(a.shape)} but its last dimension must be {what} = {features}")
-    a = a.astype(dtype, copy=False)
-    # The projections hand the input to _core.linear as it is, which refuses misaligned data.
-    return a if a.flags.aligned else np.array(a)
+    return a
 
 
 def _check_array_shape(a, name: str, expected: tuple, dtype: np.dtype) -> np.ndarray:
-    arr = as_float_array(a, name)  # integer weights are refused, as everywhere in attnext
-    if arr.shape != tuple(expected):
-        raise ValueError(f"{name} has shape {shape_str(arr.shape)} but this layer needs {shape_str(expected)}")
-    return arr.astype(dtype, copy=False)
+    return _check_array_shape_named(a, name, expected, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,15 +88,15 @@ class SelfAttention:
 
     def __init__(self, embed_dim, *, qk_dim=None, v_dim=None, bias=False, exclude_self=False, dtype=np.float32,
                  rng=None):
-        self.embed_dim = _positive_int(embed_dim, "embed_dim")
-        self.qk_dim = self.embed_dim if qk_dim is None else _positive_int(qk_dim, "qk_dim")
-        self.v_dim = self.embed_dim if v_dim is None else _positive_int(v_dim, "v_dim")
+        self.embed_dim = positive_int(embed_dim, "embed_dim")
+        self.qk_dim = self.embed_dim if qk_dim is None else positive_int(qk_dim, "qk_dim")
+        self.v_dim = self.embed_dim if v_dim is None else positive_int(v_dim, "v_dim")
         self.exclude_self = bool(exclude_self)
-        self.dtype = _layer_dtype(dtype)
-        rng = np.random.default_rng(rng)
+        self.dtype = layer_dtype(dtype)
+        rng = make_rng(rng)
         e, dk, dv = self.embed_dim, self.qk_dim, self.v_dim
         # (embed_dim, 2 dk + dv): columns [W_q | W_k | W_v]
-        self._w = np.concatenate([_xavier_uniform(rng, (d, e), self.dtype).T for d in (dk, dk, dv)], axis=1)
+        self._w = np.concatenate([glorot_uniform(rng, (d, e), self.dtype).T for d in (dk, dk, dv)], axis=1)
         self._w = np.ascontiguousarray(self._w)
         self._b = np.zeros(2 * dk + dv, dtype=self.dtype) if bias else None
 
@@ -194,18 +167,16 @@ class SelfAttention:
 def _exclude_diagonal(mask, length: int, dtype: np.dtype):
     """mask with every position's own key hidden (bool False or float -inf on the diagonal)."""
     off_diagonal = ~np.eye(length, dtype=bool)
-    if mask is None:
-        return off_diagonal
-    m = np.asarray(mask)
-    if m.dtype == np.bool_:
-        return m & off_diagonal
-    if m.dtype.kind != "f":
-        raise TypeError(f"mask must be bool (True = may attend) or floating (added), got dtype {m.dtype}")
-    return np.where(off_diagonal, m.astype(dtype, copy=False), dtype.type(-np.inf))
+    return combine_masks(None if mask is None else as_mask(mask, dtype, "mask"), off_diagonal, dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # KVCache
+
+
+def _native(a: np.ndarray) -> np.ndarray:
+    """a in the machine's byte order (a big-endian array is converted, as everywhere in attnext)."""
+    return a.astype(a.dtype.newbyteorder("=")) if a.dtype.byteorder not in "=|" else a
 
 
 class KVCache:
@@ -220,8 +191,8 @@ class KVCache:
         capacity: positions to allocate on the first append (grows as needed).
     """
 
-    def __init__(self, capacity: int = 0):
-        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 0:
+    def __init__(self, capacity: int = 0) -> None:
+        if isinstance(capacity, (bool, np.bool_)) or not isinstance(capacity, numbers.Integral) or capacity < 0:
             raise ValueError(f"capacity must be a non-negative int, got {capacity!r}")
         self._initial = int(capacity)
         self._k = None  # (B, Hk, capacity, D)
@@ -249,12 +220,12 @@ class KVCache:
         """Forgets every cached position (the buffers are kept for the next sequence)."""
         self._length = 0
 
-    def append(self, key, value):
+    def append(self, key: ArrayLike, value: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """Appends T positions: key (B, Hk, T, D), value (B, Hk, T, Dv) (any layout).
 
         Returns the (keys, values) views of everything cached, T new positions included.
         """
-        key, value = np.asarray(key), np.asarray(value)
+        key, value = _native(to_array(key, "key")), _native(to_array(value, "value"))
         if key.ndim != 4 or value.ndim != 4 or key.shape[:3] != value.shape[:3]:
             raise ValueError(f"key has shape {shape_str(key.shape)} and value {shape_str(value.shape)}: both must "
                              "be (batch, num_kv_heads, T, dim) with equal first three dimensions")
@@ -331,35 +302,54 @@ class MultiHeadAttention:
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
                  batch_first=True, dtype=np.float32, rng=None):
-        self.embed_dim = _positive_int(embed_dim, "embed_dim")
-        self.num_heads = _positive_int(num_heads, "num_heads")
+        self.embed_dim = positive_int(embed_dim, "embed_dim")
+        self.num_heads = positive_int(num_heads, "num_heads")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
-        self.num_kv_heads = self.num_heads if num_kv_heads is None else _positive_int(num_kv_heads, "num_kv_heads")
+        self.num_kv_heads = self.num_heads if num_kv_heads is None else positive_int(num_kv_heads, "num_kv_heads")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-        self.kdim = self.embed_dim if kdim is None else _positive_int(kdim, "kdim")
-        self.vdim = self.embed_dim if vdim is None else _positive_int(vdim, "vdim")
+        self.kdim = self.embed_dim if kdim is None else positive_int(kdim, "kdim")
+        self.vdim = self.embed_dim if vdim is None else positive_int(vdim, "vdim")
         self.head_dim = self.embed_dim // self.num_heads
         self.batch_first = bool(batch_first)
-        self.dtype = _layer_dtype(dtype)
+        self.dtype = layer_dtype(dtype)
         self.bias = bool(bias)
         e, kv = self.embed_dim, self.num_kv_heads * self.head_dim
         self._kv_width = kv
         self._packed = self.kdim == e and self.vdim == e
-        rng = np.random.default_rng(rng)
+        rng = make_rng(rng)
         if self._packed:
-            self._in_w = _xavier_uniform(rng, (e + 2 * kv, e), self.dtype)
-            self._q_w, self._k_w, self._v_w = self._in_w[:e], self._in_w[e: e + kv], self._in_w[e + kv:]
+            self._in_w = glorot_uniform(rng, (e + 2 * kv, e), self.dtype)
+            self._split_in_proj()
         else:
             self._in_w = None
-            self._q_w = _xavier_uniform(rng, (e, e), self.dtype)
-            self._k_w = _xavier_uniform(rng, (kv, self.kdim), self.dtype)
-            self._v_w = _xavier_uniform(rng, (kv, self.vdim), self.dtype)
+            self._q_w = glorot_uniform(rng, (e, e), self.dtype)
+            self._k_w = glorot_uniform(rng, (kv, self.kdim), self.dtype)
+            self._v_w = glorot_uniform(rng, (kv, self.vdim), self.dtype)
         bound = 1.0 / math.sqrt(e)
         self._out_w = rng.uniform(-bound, bound, size=(e, e)).astype(self.dtype)
         self._in_b = np.zeros(e + 2 * kv, dtype=self.dtype) if self.bias else None
         self._out_b = np.zeros(e, dtype=self.dtype) if self.bias else None
+
+    def _split_in_proj(self) -> None:
+        """q/k/v_proj_weight as views of the rows of in_proj_weight (one GEMM for all three)."""
+        e, kv = self.embed_dim, self._kv_width
+        self._q_w, self._k_w, self._v_w = self._in_w[:e], self._in_w[e: e + kv], self._in_w[e + kv:]
+
+    # ---- pickling: a copy keeps q/k/v_proj_weight as views of in_proj_weight ----------------
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self._packed:  # the views are rebuilt from in_proj_weight; pickled, they would be copies
+            for name in ("_q_w", "_k_w", "_v_w"):
+                state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self._packed:
+            self._split_in_proj()
 
     # ---- weights --------------------------------------------------------------------------
 
@@ -515,15 +505,15 @@ class MultiHeadAttention:
         return _core.linear(heads_last, self._out_w, self._out_b)
 
     def _prepare_masks(self, key_mask, key_lengths, attn_mask, b: int, lq: int, s: int, unbatched: bool):
-        """(attn_mask for the kernel, key_lengths (B,) or None)."""
+        """(attn_mask for the kernel (B, H, L, S)-broadcastable or None, key_lengths (B,) or None).
+
+        A bool key_mask that is a padding mask (each row True then False) is passed on as key
+        lengths (:func:`attnext._masks.key_mask_as_lengths`, same results, padding tiles skipped);
+        any other key_mask is combined with attn_mask into one mask."""
         h = self.num_heads
         mask = None
         if attn_mask is not None:
-            m = np.asarray(attn_mask)
-            if m.dtype != np.bool_ and m.dtype.kind != "f":
-                raise TypeError(f"attn_mask must be bool (True = may attend) or floating (added), got dtype {m.dtype}")
-            if m.dtype.kind == "f":
-                m = m.astype(self.dtype, copy=False)
+            m = as_mask(attn_mask, self.dtype, "attn_mask")
             if m.shape == (lq, s):
                 pass
             elif m.shape == (b * h, lq, s):
@@ -538,37 +528,24 @@ class MultiHeadAttention:
             mask = m
         lengths = None
         if key_lengths is not None:
-            kl = np.asarray(key_lengths)
-            if kl.dtype.kind not in "iu":
-                raise TypeError(f"key_lengths must be integers, got dtype {kl.dtype}")
+            kl = to_array(key_lengths, "key_lengths")
             want = () if unbatched else (b,)
             if kl.shape != want:
                 raise ValueError(f"key_lengths has shape {shape_str(kl.shape)} but must be {shape_str(want)} "
                                  "(one length per sequence)")
-            if kl.size and (kl.min() < 0 or kl.max() > s):
-                raise ValueError(f"key_lengths must lie in [0, {s}] (the number of keys), got values from "
-                                 f"{kl.min()} to {kl.max()}")
-            lengths = kl.reshape(b)
+            lengths = np.array(check_key_lengths(kl, want, s)).reshape(b)
         if key_mask is not None:
-            km = np.asarray(key_mask)
+            km = as_mask(key_mask, self.dtype, "key_mask")
             want = (s,) if unbatched else (b, s)
             if km.shape != want:
                 raise ValueError(f"key_mask has shape {shape_str(km.shape)} but must be (B, S) = {shape_str(want)}"
                                  if not unbatched else
                                  f"key_mask has shape {shape_str(km.shape)} but must be (S,) = {shape_str(want)}")
             km = km.reshape(b, s)
-            if km.dtype == np.bool_:
-                counts = km.sum(axis=-1)
-                if lengths is None and np.array_equal(km, np.arange(s) < counts[:, None]):
-                    # A padding mask (True then False): key lengths, which the kernel applies
-                    # without reading a mask.
-                    return mask, counts
-            elif km.dtype.kind == "f":
-                km = km.astype(self.dtype, copy=False)
-            else:
-                raise TypeError(f"key_mask must be bool (True = may attend) or floating (added), got dtype {km.dtype}")
-            km = km[:, None, None, :]  # (B, 1, 1, S)
-            mask = km if mask is None else _combine_masks(mask, km, self.dtype)
+            as_lengths = key_mask_as_lengths(km) if lengths is None else None
+            if as_lengths is not None:
+                return mask, as_lengths
+            mask = combine_masks(mask, km[:, None, None, :], self.dtype)  # (B, 1, 1, S)
         return mask, lengths
 
     def __call__(self, query, key=None, value=None, *, key_mask=None, key_lengths=None, attn_mask=None,
@@ -697,13 +674,3 @@ class MultiHeadAttention:
         dims = "" if self._packed else f", kdim={self.kdim}, vdim={self.vdim}"
         return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}{extra}{dims}, "
                 f"bias={self.bias}, batch_first={self.batch_first}, dtype={self.dtype.name})")
-
-
-def _combine_masks(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Two masks (bool True = may attend, or float added) as one, broadcast together."""
-    if a.dtype == np.bool_ and b.dtype == np.bool_:
-        return a & b
-    neg_inf = dtype.type(-np.inf)
-    fa = np.where(a, dtype.type(0), neg_inf) if a.dtype == np.bool_ else a
-    fb = np.where(b, dtype.type(0), neg_inf) if b.dtype == np.bool_ else b
-    return fa + fb
