@@ -87,7 +87,8 @@ def reduce_to_shape(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     ``shape`` after it was broadcast) summed over the axes broadcasting added (leading) or
     stretched (size 1 in ``shape``), so the result has exactly ``shape`` and grad's dtype.
 
-    Raises ValueError when ``grad``'s shape is not a broadcast of ``shape``.
+    Returns grad itself when nothing was broadcast. Raises ValueError when ``grad``'s shape is
+    not a broadcast of ``shape``.
     """
     grad = np.asarray(grad)
     shape = tuple(int(d) for d in shape)
@@ -99,6 +100,6 @@ def reduce_to_shape(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
                          f"argument of shape {_shape_str(shape)}") from None
     added = grad.ndim - len(shape)
     stretched = tuple(added + i for i, d in enumerate(shape) if d == 1 and grad.shape[added + i] != 1)
-    out = grad.sum(axis=tuple(range(added)) + stretched, keepdims=True, dtype=grad.dtype) if (
-        added or stretched) else grad
-    return out.reshape(shape)
+    if not (added or stretched):
+        return grad
+    return grad.sum(axis=tuple(range(added)) + stretched, keepdims=True, dtype=grad.dtype).reshape(shape)
