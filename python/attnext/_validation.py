@@ -12,8 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from ._broadcast import broadcast_batch, reduce_to_shape  # noqa: F401  (the one batch rule, re-exported)
-
 _SUPPORTED = (np.float32, np.float64)
 
 

@@ -26,7 +26,6 @@ from ._validation import (
     promote,
     require_ndim,
     shape_str,
-    to_array,
 )
 
 __all__ = [

@@ -12,8 +12,10 @@ a value v_j (row j of V, (..., Lk, Dv)).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 __all__ = [
     "score",
@@ -101,7 +103,9 @@ def causal_mask(lq, lk, is_causal):
     return np.arange(lk)[None, :] <= np.arange(lq)[:, None] + offset
 
 
-def dense_mask(lq, lk, *, attn_mask=None, is_causal=False, key_lengths=None, window=None, dtype=np.float64):
+def dense_mask(lq: int, lk: int, *, attn_mask: ArrayLike | None = None, is_causal: Any = False,
+               key_lengths: ArrayLike | None = None, window: tuple | None = None,
+               dtype: DTypeLike = np.float64) -> np.ndarray:
     """Every masking argument folded into one additive (..., Lq, Lk) mask (0 or -inf, plus
     float masks), the way the fused kernels must behave. A key that causal, window or
     key_lengths hides is -inf whatever attn_mask holds there (NaN included)."""
@@ -126,8 +130,9 @@ def dense_mask(lq, lk, *, attn_mask=None, is_causal=False, key_lengths=None, win
     return total.astype(dtype)
 
 
-def attention(query, key, value, *, method="scaled_dot", mask=None, is_causal=False, return_weights=False,
-              **score_args):
+def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str = "scaled_dot",
+              mask: ArrayLike | None = None, is_causal: Any = False, return_weights: bool = False,
+              **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """context = softmax(score(Q, K) + mask) V, the three steps in a row."""
     s = _masked(score(query, key, method, **score_args), mask)
     if is_causal:
@@ -161,9 +166,12 @@ def _context(weights, value, hidden):
     return np.where(hidden[..., None], 0, terms).sum(axis=-2).astype(dtype)
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, key_lengths=None, window=None, return_weights=False,
-                                 return_lse=False):
+def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
+                                 attn_mask: ArrayLike | None = None, dropout_p: float = 0.0, is_causal: Any = False,
+                                 scale: float | None = None, enable_gqa: bool = False, *,
+                                 key_lengths: ArrayLike | None = None, window: tuple | None = None,
+                                 return_weights: bool = False, return_lse: bool = False
+                                 ) -> np.ndarray | tuple[np.ndarray, ...]:
     """softmax(Q K^T * scale + mask) V with PyTorch's argument meanings.
 
     Shapes: Q (..., Hq, L, E), K (..., Hk, S, E), V (..., Hk, S, Ev). With enable_gqa, query
@@ -219,8 +227,10 @@ def _length_mask(key_lengths, lk):
     return np.arange(lk) < np.asarray(key_lengths)[..., None, None]
 
 
-def additive_attention(query, key, value, w_query, w_key, v, *, bias=None, mask=None, key_lengths=None,
-                       return_weights=False):
+def additive_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, w_query: ArrayLike, w_key: ArrayLike,
+                       v: ArrayLike, *, bias: ArrayLike | None = None, mask: ArrayLike | None = None,
+                       key_lengths: ArrayLike | None = None, return_weights: bool = False
+                       ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """c_i = sum_j a_ij value_j, a_i = softmax_j(e_ij + mask_ij), e_ij = v . tanh(q_i W_q + b + k_j W_k).
 
     Builds the (..., Lq, Lk, U) tensor, as the formula reads. key_lengths (...,) hides keys at
@@ -240,7 +250,9 @@ def additive_attention(query, key, value, w_query, w_key, v, *, bias=None, mask=
     return (out, a) if return_weights else out
 
 
-def bahdanau_attention(query, keys, values, w_query, w_key, v, *, g=None, bias=None, key_lengths=None):
+def bahdanau_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike, w_query: ArrayLike, w_key: ArrayLike,
+                       v: ArrayLike, *, g: float | None = None, bias: ArrayLike | None = None,
+                       key_lengths: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """BahdanauAttention's math for one step (query (B, Dq)) or many (query (B, T, Dq)).
 
     e_tj = v' . tanh(s_t W_q + h_j W_k [+ bias]), v' = v, or g v / ||v|| (normalize=True);
@@ -258,8 +270,11 @@ def bahdanau_attention(query, keys, values, w_query, w_key, v, *, g=None, bias=N
     return (c[..., 0, :], a[..., 0, :]) if single else (c, a)
 
 
-def luong_attention(query, keys, values, w_c, *, method="dot", w_a=None, w_query=None, w_key=None, v=None, g=None,
-                    mask=None, key_lengths=None):
+def luong_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike | None, w_c: ArrayLike, *,
+                    method: str = "dot", w_a: ArrayLike | None = None, w_query: ArrayLike | None = None,
+                    w_key: ArrayLike | None = None, v: ArrayLike | None = None, g: float | None = None,
+                    mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LuongAttention's math for one step (query (B, Dq)) or many (query (B, T, Dq)).
 
     e_tj = s_t . h_j (dot), s_t W_a h_j (general) or v . tanh(s_t W_q + h_j W_k) (concat),
@@ -298,9 +313,12 @@ def luong_attention(query, keys, values, w_c, *, method="dot", w_a=None, w_query
 # ---- Multi-head attention (the formula behind attnext.MultiHeadAttention) -------------------
 
 
-def multi_head_attention(query, key, value, num_heads, q_weight, k_weight, v_weight, out_weight, *, q_bias=None,
-                         k_bias=None, v_bias=None, out_bias=None, num_kv_heads=None, attn_mask=None,
-                         is_causal=False):
+def multi_head_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, num_heads: int, q_weight: ArrayLike,
+                         k_weight: ArrayLike, v_weight: ArrayLike, out_weight: ArrayLike, *,
+                         q_bias: ArrayLike | None = None, k_bias: ArrayLike | None = None,
+                         v_bias: ArrayLike | None = None, out_bias: ArrayLike | None = None,
+                         num_kv_heads: int | None = None, attn_mask: ArrayLike | None = None,
+                         is_causal: Any = False) -> tuple[np.ndarray, np.ndarray]:
     """Batch-first multi-head attention, one head at a time, with grouped-query attention by
     repeating key/value heads.
 

@@ -13,7 +13,10 @@ the same results; any number of leading batch axes may stand in for B.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
+import numpy.typing as npt
 
 from ._layers import checked_weight, glorot_uniform, layer_dtype, layer_input, make_rng, positive_int
 from ._masks import prepare_mask
@@ -56,11 +59,11 @@ class _Weights:
     def dtype(self) -> np.dtype:
         return self._dtype
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, np.ndarray]:
         """A copy of every parameter, by name."""
         return {name: self.__dict__["_" + name].copy() for name in self._shapes}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Mapping[str, ArrayLike]) -> None:
         """Sets every parameter from ``state`` (as returned by :meth:`state_dict`); the names
         must match exactly and each array must have its parameter's shape."""
         check_state_keys(state, self._shapes, type(self).__name__)
@@ -144,8 +147,8 @@ class BahdanauAttention(_Weights):
     ``context, weights = layer(s_t, memory)`` at every step.
     """
 
-    def __init__(self, query_dim: int, key_dim: int, units: int, *, normalize: bool = False, dtype=np.float32,
-                 rng=None):
+    def __init__(self, query_dim: int, key_dim: int, units: int, *, normalize: bool = False,
+                 dtype: npt.DTypeLike = np.float32, rng: int | np.random.Generator | None = None) -> None:
         for name, n in (("query_dim", query_dim), ("key_dim", key_dim), ("units", units)):
             positive_int(n, name)
         self._dtype = layer_dtype(dtype)
@@ -272,7 +275,8 @@ class LuongAttention(_Weights):
 
     def __init__(self, query_dim: int, key_dim: int | None = None, method: str = "dot", *,
                  attentional_units: int | None = None, units: int | None = None, value_dim: int | None = None,
-                 scale: bool = False, dtype=np.float32, rng=None):
+                 scale: bool = False, dtype: npt.DTypeLike = np.float32,
+                 rng: int | np.random.Generator | None = None) -> None:
         if method not in _LUONG_METHODS:
             raise ValueError(f"method must be one of {_LUONG_METHODS}, got {method!r}")
         key_dim = query_dim if key_dim is None else key_dim

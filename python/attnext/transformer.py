@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
+from typing import Any, Optional, Tuple
 
 import numpy as np
-
-from typing import Any
+import numpy.typing as npt
 
 from . import _core
 from ._layers import LAYER_DTYPES as _DTYPES
 from ._layers import checked_weight as _check_array_shape_named
 from ._layers import glorot_uniform, layer_dtype, layer_input, make_rng, positive_int
 from ._masks import as_mask, combine_masks, key_mask_as_lengths
-from ._validation import as_float_array, as_int, check_key_lengths, check_state_keys, shape_str, to_array
+from ._validation import check_key_lengths, check_state_keys, shape_str, to_array
 from .functional import ArrayLike, Causal, scaled_dot_product_attention
 
 __all__ = ["SelfAttention", "MultiHeadAttention", "KVCache"]
+
+Projection = Tuple[ArrayLike, Optional[ArrayLike]]  # (W, b) of a torch.nn.Linear, b may be None
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,8 +89,9 @@ class SelfAttention:
     maps are one GEMM); assign with :meth:`set_weights` or in place (``layer.w_query[...] = W``).
     """
 
-    def __init__(self, embed_dim, *, qk_dim=None, v_dim=None, bias=False, exclude_self=False, dtype=np.float32,
-                 rng=None):
+    def __init__(self, embed_dim: int, *, qk_dim: int | None = None, v_dim: int | None = None, bias: bool = False,
+                 exclude_self: bool = False, dtype: npt.DTypeLike = np.float32,
+                 rng: int | np.random.Generator | None = None) -> None:
         self.embed_dim = positive_int(embed_dim, "embed_dim")
         self.qk_dim = self.embed_dim if qk_dim is None else positive_int(qk_dim, "qk_dim")
         self.v_dim = self.embed_dim if v_dim is None else positive_int(v_dim, "v_dim")
@@ -113,18 +117,20 @@ class SelfAttention:
         return self._w[:, 2 * self.qk_dim:]
 
     @property
-    def b_query(self):
+    def b_query(self) -> np.ndarray | None:
         return None if self._b is None else self._b[: self.qk_dim]
 
     @property
-    def b_key(self):
+    def b_key(self) -> np.ndarray | None:
         return None if self._b is None else self._b[self.qk_dim: 2 * self.qk_dim]
 
     @property
-    def b_value(self):
+    def b_value(self) -> np.ndarray | None:
         return None if self._b is None else self._b[2 * self.qk_dim:]
 
-    def set_weights(self, *, w_query=None, w_key=None, w_value=None, b_query=None, b_key=None, b_value=None):
+    def set_weights(self, *, w_query: ArrayLike | None = None, w_key: ArrayLike | None = None,
+                    w_value: ArrayLike | None = None, b_query: ArrayLike | None = None, b_key: ArrayLike | None = None,
+                    b_value: ArrayLike | None = None) -> None:
         """Copies the given weights in (shapes as the attributes of the same names); the rest stay."""
         e, dk, dv = self.embed_dim, self.qk_dim, self.v_dim
         for name, value, shape in (("w_query", w_query, (e, dk)), ("w_key", w_key, (e, dk)),
@@ -137,7 +143,8 @@ class SelfAttention:
                     raise ValueError(f"{name} given but this layer was built with bias=False")
                 getattr(self, name)[...] = _check_array_shape(value, name, shape, self.dtype)
 
-    def __call__(self, x, *, mask=None, is_causal=False, return_weights=False):
+    def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None, is_causal: Causal = False,
+                 return_weights: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Self-attention of x with itself.
 
         Args:
@@ -207,12 +214,12 @@ class KVCache:
         return 0 if self._k is None else self._k.shape[2]
 
     @property
-    def keys(self):
+    def keys(self) -> np.ndarray | None:
         """(B, Hk, len, D) view of the cached keys (None before the first append)."""
         return None if self._k is None else self._k[:, :, : self._length]
 
     @property
-    def values(self):
+    def values(self) -> np.ndarray | None:
         """(B, Hk, len, Dv) view of the cached values (None before the first append)."""
         return None if self._v is None else self._v[:, :, : self._length]
 
@@ -300,8 +307,9 @@ class MultiHeadAttention:
     :meth:`load_projections`. Dropout is not applied (inference).
     """
 
-    def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
-                 batch_first=True, dtype=np.float32, rng=None):
+    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None, kdim: int | None = None,
+                 vdim: int | None = None, bias: bool = True, batch_first: bool = True,
+                 dtype: npt.DTypeLike = np.float32, rng: int | np.random.Generator | None = None) -> None:
         self.embed_dim = positive_int(embed_dim, "embed_dim")
         self.num_heads = positive_int(num_heads, "num_heads")
         if self.embed_dim % self.num_heads:
@@ -354,7 +362,7 @@ class MultiHeadAttention:
     # ---- weights --------------------------------------------------------------------------
 
     @property
-    def in_proj_weight(self):
+    def in_proj_weight(self) -> np.ndarray | None:
         """(embed_dim + 2 kv, embed_dim), rows [W_q; W_k; W_v]; None when kdim/vdim differ."""
         return self._in_w
 
@@ -371,7 +379,7 @@ class MultiHeadAttention:
         return self._v_w
 
     @property
-    def in_proj_bias(self):
+    def in_proj_bias(self) -> np.ndarray | None:
         return self._in_b
 
     @property
@@ -379,7 +387,7 @@ class MultiHeadAttention:
         return self._out_w
 
     @property
-    def out_proj_bias(self):
+    def out_proj_bias(self) -> np.ndarray | None:
         return self._out_b
 
     def _bias_part(self, which: str):
@@ -407,11 +415,11 @@ class MultiHeadAttention:
                 "v_proj_weight": self._v_w, "in_proj_bias": self._in_b, "out_proj.weight": self._out_w,
                 "out_proj.bias": self._out_b}[name]
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, np.ndarray]:
         """The weights under ``torch.nn.MultiheadAttention``'s state-dict names, as NumPy copies."""
         return {name: self._storage(name).copy() for name in self._weight_shapes()}
 
-    def load_state_dict(self, state_dict) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, ArrayLike]) -> None:
         """Copies in the weights of a ``torch.nn.MultiheadAttention`` state dict converted to
         NumPy (``{k: v.numpy() for k, v in module.state_dict().items()}``).
 
@@ -432,7 +440,7 @@ class MultiHeadAttention:
             self._storage(name)[...] = value
 
     @classmethod
-    def from_torch(cls, module) -> "MultiHeadAttention":
+    def from_torch(cls, module: Any) -> "MultiHeadAttention":
         """A layer with the configuration and (copied) weights of a ``torch.nn.MultiheadAttention``.
 
         float16/bfloat16 modules give float32 layers; dropout is ignored (inference).
@@ -454,7 +462,8 @@ class MultiHeadAttention:
         layer.load_state_dict({k: v.detach().to("cpu", torch_dtype).numpy() for k, v in module.state_dict().items()})
         return layer
 
-    def load_projections(self, *, q=None, k=None, v=None, out=None) -> None:
+    def load_projections(self, *, q: Projection | None = None, k: Projection | None = None,
+                         v: Projection | None = None, out: Projection | None = None) -> None:
         """Copies in separate projection layers' weights, each a pair (W, b) in the
         (out_features, in_features) layout of ``torch.nn.Linear`` (BERT's query/key/value/
         output.dense, LLaMA's q_proj/k_proj/v_proj/o_proj with num_kv_heads).
@@ -548,8 +557,10 @@ class MultiHeadAttention:
             mask = combine_masks(mask, km[:, None, None, :], self.dtype)  # (B, 1, 1, S)
         return mask, lengths
 
-    def __call__(self, query, key=None, value=None, *, key_mask=None, key_lengths=None, attn_mask=None,
-                 is_causal=False, need_weights=False, average_attn_weights=True):
+    def __call__(self, query: ArrayLike, key: ArrayLike | None = None, value: ArrayLike | None = None, *,
+                 key_mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None,
+                 attn_mask: ArrayLike | None = None, is_causal: Causal = False, need_weights: bool = False,
+                 average_attn_weights: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Attention of query over key/value (self-attention when both are omitted).
 
         Args:
@@ -631,7 +642,7 @@ class MultiHeadAttention:
 
     # ---- incremental decoding --------------------------------------------------------------
 
-    def step(self, x_t, cache: KVCache):
+    def step(self, x_t: ArrayLike, cache: KVCache) -> np.ndarray:
         """Decodes one or a few new tokens against the cache (causal self-attention).
 
         The new tokens' keys and values are appended to ``cache``; each new token attends to
