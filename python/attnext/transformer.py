@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from . import _core
 from ._layers import LAYER_DTYPES as _DTYPES
-from ._layers import checked_weight as _check_array_shape_named
+from ._layers import checked_weight as _check_array_shape
 from ._layers import glorot_uniform, layer_dtype, layer_input, make_rng, positive_int
 from ._masks import as_mask, combine_masks, key_mask_as_lengths
 from ._validation import check_key_lengths, check_state_keys, shape_str, to_array
@@ -58,10 +58,6 @@ def _input(x, name: str, dtype: np.dtype, features: int, what: str) -> np.ndarra
     if a.ndim == 0 or a.shape[-1] != features:
         raise ValueError(f"{name} has shape {shape_str(a.shape)} but its last dimension must be {what} = {features}")
     return a
-
-
-def _check_array_shape(a, name: str, expected: tuple, dtype: np.dtype) -> np.ndarray:
-    return _check_array_shape_named(a, name, expected, dtype)
 
 
 # --------------------------------------------------------------------------------------------
