@@ -565,6 +565,9 @@ class MultiHeadAttention:
             value: (B, S, vdim) / (S, B, vdim) / (S, vdim); default key.
             key_mask: (B, S) (unbatched: (S,)); bool True = may attend (PyTorch's
                 ``key_padding_mask`` is its negation), or float added to the scores.
+                A bool padding mask (each row True for its first n keys, False after) is
+                passed to the kernel as key lengths n (``attnext._masks.key_mask_as_lengths``):
+                the same results, with the padding's tiles skipped instead of masked.
             key_lengths: (B,) ints (unbatched: a scalar); keys at positions >= length are padding.
             attn_mask: (L, S), (B * num_heads, L, S) or (B, num_heads, L, S); bool True = may
                 attend (PyTorch's MultiheadAttention bool mask is its negation), or float added.
