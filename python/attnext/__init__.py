@@ -47,15 +47,16 @@ __all__ = [
 ]
 
 
-#: The most threads :func:`set_num_threads` accepts (the compiled module's cap).
-MAX_THREADS = 1024
+#: The most threads :func:`set_num_threads` accepts: the compiled core's documented cap
+#: (``build_info()["thread_cap"]``; 1024 for a core built before it reported one).
+MAX_THREADS: int = int(_core.build_info().get("thread_cap", 1024))
 
 
 def set_num_threads(n: int) -> None:
     """Sets how many threads every attnext kernel uses (process-wide; results do not depend on it).
 
-    n: an int (NumPy integers too) in [1, MAX_THREADS] (1024); TypeError for other types,
-    ValueError outside the range."""
+    n: an int (NumPy integers too) in [1, MAX_THREADS]; TypeError for other types (bools
+    included), ValueError outside the range. After ``fork`` a child computes on one thread."""
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
     n = int(n)
@@ -69,7 +70,7 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
-def build_info() -> dict:
+def build_info() -> dict[str, object]:
     """How this build was made: version, compiler, SIMD level compiled in, OpenMP, Eigen version,
     whether it was tuned for the build machine (-march=native), and the default thread count."""
     return dict(_core.build_info())

@@ -324,6 +324,11 @@ def _window_bounds(window: Window, lq: int, lk: int) -> tuple[int, int]:
 # --- Fused additive (Bahdanau) attention ---------------------------------------------------
 
 
+# Where the additive kernel may use its factored tanh (|key projection| below this), read from
+# the core, which owns the rule; the literal is only for a _core built before it exported it.
+_EXP_FORM_LIMIT = getattr(_core, "additive_exp_form_limit", {"float32": 20.0, "float64": 170.0})
+
+
 class ProjectedKeys:
     """Keys projected once for additive attention: ``key @ w_key`` and its exponential form.
 
@@ -364,8 +369,7 @@ class ProjectedKeys:
         if self.projected.dtype == dtype:
             return self
         raw = self.projected.astype(dtype)
-        # The kernel's range for the factored tanh (bindings do not expose it yet).
-        limit = 20.0 if raw.dtype == np.float32 else 170.0
+        limit = _EXP_FORM_LIMIT[raw.dtype.name]
         with np.errstate(over="ignore", invalid="ignore"):
             expo = np.exp(2 * raw)
             ok = np.all(np.abs(raw) <= limit, axis=(-2, -1))

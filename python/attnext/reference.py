@@ -134,36 +134,54 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
               mask: ArrayLike | None = None, is_causal: Any = False, return_weights: bool = False,
               **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """context = softmax(score(Q, K) + mask) V, the three steps in a row."""
-    s = _masked(score(query, key, method, **score_args), mask)
+    s = score(query, key, method, **score_args)
+    hidden = _hidden_by(mask)
     if is_causal:
-        s = np.where(causal_mask(s.shape[-2], s.shape[-1], is_causal), s, -np.inf).astype(s.dtype)
-    out, a = _attend(s, value)
+        hidden = hidden | ~causal_mask(s.shape[-2], s.shape[-1], is_causal)
+    out, a = _attend(_masked(s, mask), value, hidden)
     return (out, a) if return_weights else out
 
 
-def _attend(s, value):
-    """Softmax of the scores s, whose hidden keys are already -inf, and the context it gives.
-    Returns (context, weights)."""
+def _hidden_by(mask):
+    """Where a mask hides a key: a bool mask's False, a float mask's -inf (False for None)."""
+    if mask is None:
+        return np.asarray(False)
+    mask = np.asarray(mask)
+    return ~mask if mask.dtype == np.bool_ else mask == -np.inf
+
+
+def _attend(s, value, hidden):
+    """Softmax of the scores s (float masks already added) with the hidden keys set to -inf,
+    and the context it gives. Returns (context, weights).
+
+    A key whose final score is -inf counts as hidden, whatever made it -inf: once a float mask
+    is added, a kernel cannot tell a -inf mask entry from a -inf score either."""
+    s = np.where(hidden, -np.inf, s).astype(s.dtype)
     a = softmax(s)
     return _context(a, value, s == -np.inf), a
 
 
 def _context(weights, value, hidden):
-    """c_i = sum of a_ij v_j over the keys j row i may see (hidden (..., Lq, Lk) marks the others).
+    """c_i = sum of a_ij v_j over the keys j row i may see (hidden (..., Lq, Lk) marks the others:
+    bool False, float -inf, causal, window, key_lengths, a -inf score).
 
-    Hidden is hidden: a hidden key's value row never enters, not even as 0 * NaN, so a row
-    that sees no key is zeros. When every hidden value row is finite that is plainly
-    weights @ value (a hidden key's weight is exactly 0); otherwise the sum is taken over
-    the visible keys only.
+    Hidden is hidden: a hidden key's value row never enters, not even as 0 * NaN, and a row
+    with nothing to attend (no visible key, or only -inf scores) is zeros. When every hidden
+    value row is finite that is plainly weights @ value (a hidden key's weight is exactly 0);
+    otherwise the sum is taken over the visible keys only. A visible key follows the plain
+    formula, even with weight 0 (0 * inf is NaN).
     """
     a, v = np.asarray(weights), np.asarray(value)
     dtype = np.result_type(a, v)
     non_finite_rows = ~np.all(np.isfinite(v), axis=-1)  # (..., Lk)
-    if not np.any(hidden & non_finite_rows[..., None, :]):
-        return (a @ v).astype(dtype)
     with np.errstate(invalid="ignore"):
-        terms = a[..., :, :, None] * v[..., None, :, :]  # (..., Lq, Lk, Dv)
-    return np.where(hidden[..., None], 0, terms).sum(axis=-2).astype(dtype)
+        if not np.any(hidden & non_finite_rows[..., None, :]):
+            out = a @ v
+        else:
+            terms = a[..., :, :, None] * v[..., None, :, :]  # (..., Lq, Lk, Dv)
+            out = np.where(hidden[..., None], 0, terms).sum(axis=-2)
+    empty = ~np.any(a != 0, axis=-1, keepdims=True)
+    return np.where(empty, 0, out).astype(dtype)
 
 
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
@@ -203,8 +221,9 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                         is_causal=is_causal, key_lengths=key_lengths, window=window, dtype=dtype) == -np.inf
     if float_mask:
         s = _masked(s, attn_mask)
+        hidden = hidden | _hidden_by(attn_mask)
     s = np.where(hidden, -np.inf, s).astype(dtype)
-    out, a = _attend(s, v)
+    out, a = _attend(s, v, hidden)
     extras = []
     if return_weights:
         extras.append(a)
@@ -243,10 +262,10 @@ def additive_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, w_que
         q_proj = q_proj + np.asarray(bias, dtype)
     k_proj = k.astype(dtype) @ np.asarray(w_key, dtype)  # (..., Lk, U)
     e = np.tanh(q_proj[..., :, None, :] + k_proj[..., None, :, :]) @ np.asarray(v, dtype)  # (..., Lq, Lk)
-    e = _masked(e, mask)
+    hidden = _hidden_by(mask)
     if key_lengths is not None:
-        e = np.where(_length_mask(key_lengths, e.shape[-1]), e, -np.inf)
-    out, a = _attend(e.astype(dtype), val.astype(dtype))
+        hidden = hidden | ~_length_mask(key_lengths, e.shape[-1])
+    out, a = _attend(_masked(e, mask).astype(dtype), val.astype(dtype), hidden)
     return (out, a) if return_weights else out
 
 
@@ -300,10 +319,10 @@ def luong_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike | None,
         raise ValueError(f"method must be 'dot', 'general' or 'concat', got {method!r}")
     if g is not None:
         e = e * g
-    e = _masked(e, mask)
+    hidden = _hidden_by(mask)
     if key_lengths is not None:
-        e = np.where(_length_mask(key_lengths, e.shape[-1]), e, -np.inf)
-    c, a = _attend(e, val)
+        hidden = hidden | ~_length_mask(key_lengths, e.shape[-1])
+    c, a = _attend(_masked(e, mask), val, hidden)
     hidden = np.tanh(np.concatenate([c, np.broadcast_to(s, c.shape[:-1] + s.shape[-1:])], axis=-1) @ np.asarray(w_c))
     if single:
         return hidden[..., 0, :], c[..., 0, :], a[..., 0, :]
@@ -348,10 +367,11 @@ def multi_head_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, num
     for h in range(num_heads):
         g = h // group  # the key/value head that query head h shares
         qh, kh, vh = q[:, :, h * d:(h + 1) * d], k[:, :, g * d:(g + 1) * d], v[:, :, g * d:(g + 1) * d]
-        sc = _masked(qh @ np.swapaxes(kh, -1, -2) / math.sqrt(d), None if mask is None else mask[:, h])
+        mask_h = None if mask is None else mask[:, h]
+        hidden = _hidden_by(mask_h)
         if is_causal:
-            sc = np.where(causal_mask(lq, s, is_causal), sc, -np.inf)
-        c, a = _attend(sc, vh)
+            hidden = hidden | ~causal_mask(lq, s, is_causal)
+        c, a = _attend(_masked(qh @ np.swapaxes(kh, -1, -2) / math.sqrt(d), mask_h), vh, hidden)
         heads.append(c)
         weights.append(a)
     out = project(np.concatenate(heads, axis=-1), out_weight, out_bias)
