@@ -236,3 +236,25 @@ def test_mha_key_mask_padding_and_gaps_match_the_reference():
             attn_mask=km)
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(gw, ww, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", COPIES)
+def test_kv_cache_and_projected_keys_round_trip(how):
+    rng = np.random.default_rng(4)
+    cache = attnext.KVCache(capacity=4)
+    k, v = rng.standard_normal((1, 2, 3, 4)), rng.standard_normal((1, 2, 3, 5))
+    cache.append(k, v)
+    twin = COPIES[how](cache)
+    assert len(twin) == 3 and twin.capacity == cache.capacity and repr(twin) == repr(cache)
+    k2, v2 = rng.standard_normal((1, 2, 20, 4)), rng.standard_normal((1, 2, 20, 5))
+    for c in (cache, twin):
+        c.append(k2, v2)
+    np.testing.assert_array_equal(twin.keys, cache.keys)
+    np.testing.assert_array_equal(twin.values, cache.values)
+    assert not np.shares_memory(twin.keys, cache.keys)
+    twin.reset()
+    assert len(twin) == 0 and len(cache) == 23
+    keys = attnext.project_keys(rng.standard_normal((2, 5, 3)), rng.standard_normal((3, 4)))
+    twin_keys = COPIES[how](keys)
+    assert repr(twin_keys) == repr(keys) and twin_keys.batch_shape == (2,)
+    np.testing.assert_array_equal(twin_keys.projected, keys.projected)
