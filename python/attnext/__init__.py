@@ -12,10 +12,6 @@ and their compositions :func:`attention` and :func:`scaled_dot_product_attention
 
 from __future__ import annotations
 
-import numbers
-
-import numpy as np
-
 from . import _core, reference
 from .functional import attention, scaled_dot_product_attention, score, softmax, weighted_sum
 from .functional import ProjectedKeys, additive_attention, project_keys
@@ -42,26 +38,15 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "build_info",
-    "MAX_THREADS",
     "__version__",
 ]
-
-
-#: The most threads :func:`set_num_threads` accepts: the compiled core's documented cap
-#: (``build_info()["thread_cap"]``; 1024 for a core built before it reported one).
-MAX_THREADS: int = int(_core.build_info().get("thread_cap", 1024))
 
 
 def set_num_threads(n: int) -> None:
     """Sets how many threads every attnext kernel uses (process-wide; results do not depend on it).
 
-    n: an int (NumPy integers too) in [1, MAX_THREADS]; TypeError for other types (bools
-    included), ValueError outside the range. After ``fork`` a child computes on one thread."""
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"n must be an int, got {type(n).__name__}")
-    n = int(n)
-    if not 1 <= n <= MAX_THREADS:
-        raise ValueError(f"n must be in [1, {MAX_THREADS}], got {n}")
+    n: an int or NumPy integer in [1, 256] (TypeError, ValueError otherwise). In a process made by
+    fork() kernels run on one thread whatever n is."""
     _core.set_num_threads(n)
 
 
