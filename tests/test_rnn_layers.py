@@ -192,7 +192,7 @@ def test_weights_attributes_and_state_dict():
     same = attnext.BahdanauAttention(4, 3, 5, normalize=True, dtype=np.float64, rng=0)
     other = attnext.BahdanauAttention(4, 3, 5, normalize=True, dtype=np.float64, rng=1)
     assert np.array_equal(same.w_query, layer.w_query) and not np.array_equal(other.w_query, layer.w_query)
-    with pytest.raises(ValueError, match=r"w_query must have shape \(4, 5\), got \(5, 4\)"):
+    with pytest.raises(ValueError, match=r"w_query has shape \(5, 4\) but this layer needs \(4, 5\)"):
         layer.w_query = np.zeros((5, 4))
     with pytest.raises(TypeError):
         layer.v = np.arange(5)

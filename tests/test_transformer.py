@@ -415,7 +415,7 @@ def test_constructor_errors():
         attnext.MultiHeadAttention(10, 3)
     with pytest.raises(ValueError, match=r"num_heads \(8\) must be a multiple of num_kv_heads \(3\)"):
         attnext.MultiHeadAttention(16, 8, num_kv_heads=3)
-    with pytest.raises(ValueError, match="num_heads must be positive"):
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
         attnext.MultiHeadAttention(16, 0)
     with pytest.raises(TypeError, match="dtype must be float32 or float64"):
         attnext.MultiHeadAttention(16, 2, dtype=np.int32)

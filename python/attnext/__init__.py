@@ -55,7 +55,7 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
-def build_info() -> dict:
+def build_info() -> dict[str, object]:
     """How this build was made: version, compiler, SIMD level compiled in, OpenMP, Eigen version,
     whether it was tuned for the build machine (-march=native), and the default thread count."""
     return dict(_core.build_info())

@@ -1,13 +1,14 @@
-"""Argument handling shared by the functional API and the layers: dtype promotion, shape
-checks with messages that name the argument and its shape, and mask preparation.
-
-Everything here returns NumPy views where it can (np.broadcast_to gives stride-0 views), so
-broadcast masks and batch dimensions reach the kernels without copies.
+"""Argument handling shared by the functional API and the layers: conversion to arrays,
+dtype promotion, scalar/int/axis arguments and shape checks with messages that name the
+argument and its shape. Batch broadcasting lives in :mod:`attnext._broadcast`, masks in
+:mod:`attnext._masks`.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any
 
 import numpy as np
 
@@ -18,9 +19,29 @@ def shape_str(shape) -> str:
     return str(tuple(int(d) for d in shape))
 
 
+def to_array(x: Any, name: str) -> np.ndarray:
+    """np.asarray(x) for every array argument, refusing what would silently change meaning.
+
+    - ``np.ma`` masked arrays: their mask's True means "invalid", the opposite of attnext's
+      bool masks (True = may attend), and np.asarray would drop it without a word.
+    - PyTorch tensors that require grad: converting them would cut the autograd graph;
+      :mod:`attnext.torch` is the differentiable entry point. Nothing is detached silently.
+    """
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy.ma masked array; attnext does not read np.ma masks (their True means "
+            "'invalid', the opposite of attnext's bool masks, where True = may attend). Pass the data "
+            "(x.filled(...)) and, as a mask, ~x.mask")
+    if getattr(x, "requires_grad", False) is True and type(x).__module__.split(".")[0] == "torch":
+        raise TypeError(
+            f"{name} is a torch tensor that requires grad; attnext's NumPy functions do not track "
+            "gradients. Use attnext.torch for autograd, or pass tensor.detach() if no gradient is wanted")
+    return np.asarray(x)
+
+
 def as_float_array(x, name: str) -> np.ndarray:
     """x as an ndarray of a floating dtype; integers, bools, complex and objects are refused."""
-    a = np.asarray(x)
+    a = to_array(x, name)
     if a.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point array (float32 or float64), got dtype {a.dtype}")
     if a.dtype.itemsize > 8:
@@ -47,14 +68,44 @@ def aligned(a: np.ndarray) -> np.ndarray:
 
 
 def as_scalar(value, name: str) -> float:
-    """A float argument (scale, ...): TypeError if it is not a number, ValueError if it does
-    not fit a double (Python ints can be larger)."""
+    """A float argument (scale, dropout_p, ...): a real number (int, float, NumPy scalar or 0-d
+    array), not a bool or a string. TypeError otherwise; ValueError if it does not fit a double
+    (Python ints can be larger)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     try:
         return float(value)
     except OverflowError:
         raise ValueError(f"{name} is too large for a float: {value!r}") from None
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+
+
+def as_int(value, name: str) -> int:
+    """An int argument: Python or NumPy integers; bools, floats and strings are refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def as_axis(axis, shape: tuple, name: str = "axis", of: str = "x") -> int:
+    """One axis index into ``shape`` (negative counts from the end): an int, not a bool, None
+    or a tuple (TypeError); ValueError when out of range."""
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name} must be one int (attnext normalises along a single axis), got {axis!r}")
+    ndim = len(shape)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name} {axis} is out of range for {of} of shape {shape_str(shape)}")
+    return int(axis) % ndim
+
+
+def check_dropout(dropout_p) -> None:
+    """dropout_p must be a number in [0, 1]; any p > 0 is refused until dropout is implemented."""
+    p = as_scalar(dropout_p, "dropout_p")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1], got {p}")
+    if p != 0.0:
+        raise ValueError(f"dropout is not supported yet: dropout_p must be 0.0, got {p}")
 
 
 def require_ndim(a: np.ndarray, name: str, min_ndim: int, what: str) -> None:
@@ -62,63 +113,30 @@ def require_ndim(a: np.ndarray, name: str, min_ndim: int, what: str) -> None:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions {what}, got shape {shape_str(a.shape)}")
 
 
-def broadcast_batch(arrays: dict, trailing: dict) -> tuple[tuple, dict]:
-    """Broadcasts the leading (batch) axes of several arrays against each other.
-
-    ``trailing[name]`` is how many trailing axes of that array are not batch axes. Returns the
-    common batch shape and stride-0 views with it.
-    """
-    batch_shapes = {name: a.shape[: a.ndim - trailing[name]] for name, a in arrays.items()}
-    try:
-        batch = np.broadcast_shapes(*batch_shapes.values())
-    except ValueError:
-        described = ", ".join(f"{n} has shape {shape_str(a.shape)}" for n, a in arrays.items())
-        raise ValueError(f"batch dimensions do not broadcast: {described}") from None
-    views = {
-        name: np.broadcast_to(a, batch + a.shape[a.ndim - trailing[name]:]) for name, a in arrays.items()
-    }
-    return batch, views
-
-
-def prepare_mask(mask, score_shape: tuple, dtype: np.dtype, name: str = "mask"):
-    """A mask as the kernels take it: bool (True = may attend) or ``dtype`` (added), broadcast
-    (as a view) to exactly the scores' shape. None stays None."""
-    if mask is None:
-        return None
-    m = np.asarray(mask)
-    if m.dtype == np.bool_:
-        pass
-    elif m.dtype.kind == "f":
-        m = aligned(m.astype(dtype, copy=False))
-    else:
-        raise TypeError(
-            f"{name} must be bool (True = may attend) or floating (added to the scores), got dtype {m.dtype}"
-        )
-    try:
-        return np.broadcast_to(m, score_shape)
-    except ValueError:
-        raise ValueError(
-            f"{name} has shape {shape_str(m.shape)}, which does not broadcast to the scores' shape "
-            f"{shape_str(score_shape)}"
-        ) from None
-
-
 def causal_offset(is_causal, lq: int, lk: int) -> tuple[bool, int]:
-    """(on, offset) for the kernels: key j is visible to query i iff j <= i + offset."""
-    if is_causal is False or is_causal is None:
+    """(on, offset) for the kernels: key j is visible to query i iff j <= i + offset.
+
+    is_causal: None, a bool (NumPy's too), ``"top_left"`` or ``"bottom_right"``."""
+    if is_causal is None:
         return False, 0
-    if is_causal is True or is_causal == "top_left":
-        return True, 0
-    if is_causal == "bottom_right":
-        return True, lk - lq
+    if isinstance(is_causal, (bool, np.bool_)):
+        return bool(is_causal), 0
+    if isinstance(is_causal, str) and is_causal in ("top_left", "bottom_right"):
+        return True, (lk - lq if is_causal == "bottom_right" else 0)
     raise ValueError(f"is_causal must be False, True, 'top_left' or 'bottom_right', got {is_causal!r}")
 
 
 def check_key_lengths(key_lengths, batch_shape: tuple, lk: int) -> np.ndarray:
-    """key_lengths as int64, broadcast (as a view) to ``batch_shape``; every value in [0, lk]."""
-    lengths = np.asarray(key_lengths)
+    """key_lengths as int64, broadcast (as a view) to ``batch_shape``; every value in [0, lk].
+
+    The values are copied first and the copy is both checked and returned: a caller's array
+    that changes later (another thread, a reused buffer) cannot bypass the check."""
+    lengths = to_array(key_lengths, "key_lengths")
     if lengths.dtype.kind not in "iu":
         raise TypeError(f"key_lengths must be integers, got dtype {lengths.dtype}")
+    if lengths.dtype.kind == "u" and lengths.size and lengths.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"key_lengths must lie in [0, {lk}] (the number of keys), got {lengths.max()}")
+    lengths = np.array(lengths, dtype=np.int64)  # an owned copy
     try:
         if np.broadcast_shapes(lengths.shape, batch_shape) != tuple(batch_shape):
             raise ValueError
@@ -130,7 +148,7 @@ def check_key_lengths(key_lengths, batch_shape: tuple, lk: int) -> np.ndarray:
     if lengths.size and math.prod(batch_shape) and (lengths.min() < 0 or lengths.max() > lk):
         raise ValueError(f"key_lengths must lie in [0, {lk}] (the number of keys), got values from "
                          f"{lengths.min()} to {lengths.max()}")
-    return np.broadcast_to(lengths.astype(np.int64, copy=False), batch_shape)
+    return np.broadcast_to(lengths, batch_shape)
 
 
 def check_state_keys(state, expected, owner: str) -> None:

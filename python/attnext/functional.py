@@ -2,22 +2,27 @@
 
 Every function accepts float32 or float64 arrays of any layout (C, Fortran, strided views);
 mixed dtypes follow NumPy's promotion and float16 computes as float32. Integer, bool and
-complex inputs raise TypeError. Leading (batch) dimensions broadcast.
+complex inputs raise TypeError. Leading (batch) dimensions broadcast (one rule, in
+:func:`attnext._broadcast.broadcast_batch`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _core
+from ._broadcast import broadcast_batch
+from ._masks import combine_masks, prepare_mask
 from ._validation import (
+    as_axis,
     as_scalar,
-    broadcast_batch,
     causal_offset,
+    check_dropout,
     check_key_lengths,
-    prepare_mask,
     promote,
     require_ndim,
     shape_str,
@@ -33,6 +38,10 @@ __all__ = [
     "project_keys",
     "ProjectedKeys",
 ]
+
+ArrayLike = npt.ArrayLike
+Causal = Union[bool, Literal["top_left", "bottom_right"], None]
+Window = Optional[tuple[Optional[int], Optional[int]]]
 
 METHODS = ("dot", "scaled_dot", "general", "additive")
 _METHOD_ARGS = {
@@ -51,7 +60,7 @@ def _require(**arrays) -> None:
 
 
 def _check_method_args(method, given: dict) -> None:
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     passed = {name for name, value in given.items() if value is not None}
     needed = _METHOD_ARGS[method]
@@ -63,7 +72,9 @@ def _check_method_args(method, given: dict) -> None:
         raise ValueError(f"{', '.join(sorted(extra))} is not used by method={method!r}")
 
 
-def score(query, key, method="scaled_dot", *, weight=None, w_query=None, w_key=None, v=None, scale=None):
+def score(query: ArrayLike, key: ArrayLike, method: str = "scaled_dot", *, weight: ArrayLike | None = None,
+          w_query: ArrayLike | None = None, w_key: ArrayLike | None = None, v: ArrayLike | None = None,
+          scale: float | None = None) -> np.ndarray:
     """Scores of every query against every key.
 
     Args:
@@ -84,7 +95,7 @@ def score(query, key, method="scaled_dot", *, weight=None, w_query=None, w_key=N
     dtype, a = promote(query=query, key=key, weight=weight, w_query=w_query, w_key=w_key, v=v)
     require_ndim(a["query"], "query", 2, "(..., Lq, Dq)")
     require_ndim(a["key"], "key", 2, "(..., Lk, Dk)")
-    _, qk = broadcast_batch({"query": a["query"], "key": a["key"]}, {"query": 2, "key": 2})
+    _, qk = broadcast_batch({"query": a["query"], "key": a["key"]})
     q, k = qk["query"], qk["key"]
     if scale is None:
         scale = 1.0 / math.sqrt(k.shape[-1]) if method == "scaled_dot" and k.shape[-1] > 0 else 1.0
@@ -94,13 +105,14 @@ def score(query, key, method="scaled_dot", *, weight=None, w_query=None, w_key=N
     return _core.score_product(q, k, a.get("weight"), scale)
 
 
-def softmax(x, *, mask=None, axis=-1):
+def softmax(x: ArrayLike, *, mask: ArrayLike | None = None, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax along ``axis``: exp(x - max) / sum.
 
     Args:
         x: any shape with at least one dimension.
         mask: broadcastable to x. bool: True = may attend (False entries get weight 0);
             float: added to x (-inf hides an entry).
+        axis: one int (not a tuple, None or a bool).
 
     Returns:
         Array of x's shape and dtype. A row with nothing to attend (every entry masked or
@@ -110,17 +122,16 @@ def softmax(x, *, mask=None, axis=-1):
     dtype, a = promote(x=x)
     x = a["x"]
     require_ndim(x, "x", 1, "")
-    if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis {axis} is out of range for x of shape {shape_str(x.shape)}")
+    axis = as_axis(axis, x.shape)
     m = prepare_mask(mask, x.shape, dtype)
-    if axis % x.ndim != x.ndim - 1:
+    if axis != x.ndim - 1:
         x = np.moveaxis(x, axis, -1)
         m = None if m is None else np.moveaxis(m, axis, -1)
         return np.moveaxis(_core.softmax(x, m), -1, axis)
     return _core.softmax(x, m)
 
 
-def weighted_sum(weights, value):
+def weighted_sum(weights: ArrayLike, value: ArrayLike) -> np.ndarray:
     """context_i = sum_j weights_ij value_j.
 
     Args:
@@ -134,12 +145,13 @@ def weighted_sum(weights, value):
     _, a = promote(weights=weights, value=value)
     require_ndim(a["weights"], "weights", 2, "(..., Lq, Lk)")
     require_ndim(a["value"], "value", 2, "(..., Lk, Dv)")
-    _, b = broadcast_batch(a, {"weights": 2, "value": 2})
+    _, b = broadcast_batch(a)
     return _core.weighted_sum(b["weights"], b["value"])
 
 
-def attention(query, key, value, *, method="scaled_dot", mask=None, is_causal=False, return_weights=False,
-              **score_args):
+def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str = "scaled_dot",
+              mask: ArrayLike | None = None, is_causal: Causal = False, return_weights: bool = False,
+              **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """The three steps composed: softmax(score(query, key) + mask) value.
 
     Args:
@@ -150,56 +162,61 @@ def attention(query, key, value, *, method="scaled_dot", mask=None, is_causal=Fa
         return_weights: also return the (..., Lq, Lk) attention weights.
 
     Returns:
-        context (..., Lq, Dv), or (context, weights).
+        context (..., Lq, Dv), or (context, weights). Every method runs as a fused kernel
+        (``general`` as scaled-dot attention of q W; ``additive`` as
+        :func:`additive_attention`), so keys hidden by the mask or causality never reach
+        the context, not even their values' NaNs.
     """
     unknown = set(score_args) - {"weight", "w_query", "w_key", "v", "scale"}
     if unknown:
         raise TypeError(f"attention() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
     _require(query=query, key=key, value=value)
-    if method in ("dot", "scaled_dot") and set(score_args) <= {"scale"}:
-        # The fused kernel computes exactly these three steps (and can return the weights).
-        _check_method_args(method, {})
-        _, a = promote(query=query, key=key, value=value)
-        require_ndim(a["query"], "query", 2, "(..., Lq, Dq)")
-        require_ndim(a["key"], "key", 2, "(..., Lk, Dk)")
-        require_ndim(a["value"], "value", 2, "(..., Lk, Dv)")
-        if a["value"].shape[-2] != a["key"].shape[-2]:
-            raise ValueError(
-                f"key has {a['key'].shape[-2]} positions but value has shape {shape_str(a['value'].shape)}: "
-                "value's second-to-last dimension must equal key's"
-            )
-        scale = score_args.get("scale")
-        if scale is None and method == "dot":
-            scale = 1.0
-        _, b = broadcast_batch(a, {"query": 2, "key": 2, "value": 2})
-        return scaled_dot_product_attention(b["query"], b["key"], b["value"], mask, 0.0, is_causal, scale,
-                                            return_weights=return_weights)
-    dtype, a = promote(value=value)
-    s = score(query, key, method, **score_args)
-    dtype = np.result_type(s.dtype, a["value"].dtype)
-    s = s.astype(dtype, copy=False)
-    val = a["value"].astype(dtype, copy=False)
+    given = {name: score_args.get(name) for name in ("weight", "w_query", "w_key", "v")}
+    _check_method_args(method, given)
+    _, a = promote(query=query, key=key, value=value, **given)
+    q, k, val = a["query"], a["key"], a["value"]
+    require_ndim(q, "query", 2, "(..., Lq, Dq)")
+    require_ndim(k, "key", 2, "(..., Lk, Dk)")
     require_ndim(val, "value", 2, "(..., Lk, Dv)")
-    if val.shape[-2] != s.shape[-1]:
-        raise ValueError(
-            f"key has {s.shape[-1]} positions but value has shape {shape_str(val.shape)}: "
-            "value's second-to-last dimension must equal key's"
-        )
-    causal, offset = causal_offset(is_causal, s.shape[-2], s.shape[-1])
-    w = _core.softmax(s, prepare_mask(mask, s.shape, dtype), causal, offset)
-    _, b = broadcast_batch({"weights": w, "value": val}, {"weights": 2, "value": 2})
-    out = _core.weighted_sum(b["weights"], b["value"])
-    # A row that attends to nothing is zeros, even if a value it never looks at is NaN
-    # (the plain product would give 0 * NaN there).
-    empty = ~b["weights"].any(axis=-1)
-    if empty.any():
-        out[empty] = 0
-    return (out, b["weights"]) if return_weights else out
+    if val.shape[-2] != k.shape[-2]:
+        raise ValueError(f"key has {k.shape[-2]} positions but value has shape {shape_str(val.shape)}: "
+                         "value's second-to-last dimension must equal key's")
+    scale = score_args.get("scale")
+    if method == "additive":
+        scale = 1.0 if scale is None else as_scalar(scale, "scale")
+        batch, _ = broadcast_batch({"query": q, "key": k, "value": val})
+        lq, lk = q.shape[-2], k.shape[-2]
+        causal, offset = causal_offset(is_causal, lq, lk)
+        # additive_attention has no causal argument: causality becomes one more bool mask.
+        keep = (np.arange(lk) <= np.arange(lq)[:, None] + offset) if causal else None
+        dtype = q.dtype
+        m = combine_masks(prepare_mask(mask, batch + (lq, lk), dtype), keep, dtype)
+        # scale * (v . tanh(...)) == (scale v) . tanh(...): the scale joins v.
+        v_scaled = a["v"] if scale == 1.0 else a["v"] * a["v"].dtype.type(scale)
+        return additive_attention(q, k, val, a["w_query"], a["w_key"], v_scaled, mask=m,
+                                  return_weights=return_weights)
+    if method == "general":
+        w = a["weight"]
+        if w.ndim != 2 or w.shape != (q.shape[-1], k.shape[-1]):
+            raise ValueError(f"weight has shape {shape_str(w.shape)} but query has {shape_str(q.shape)} and key "
+                             f"{shape_str(k.shape)}: weight must be (Dq, Dk)")
+        q = q @ w  # q_i W k_j = (q_i W) . k_j: scaled-dot attention of q W
+    elif q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"query has shape {shape_str(q.shape)} but key has {shape_str(k.shape)}: "
+                         "the last (embedding) dimensions must match")
+    if scale is None and method != "scaled_dot":
+        scale = 1.0
+    batch, b = broadcast_batch({"query": q, "key": k, "value": val})
+    return scaled_dot_product_attention(b["query"], b["key"], b["value"], mask, 0.0, is_causal, scale,
+                                        return_weights=return_weights)
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, key_lengths=None, window=None, return_weights=False,
-                                 return_lse=False):
+def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
+                                 attn_mask: ArrayLike | None = None, dropout_p: float = 0.0,
+                                 is_causal: Causal = False, scale: float | None = None, enable_gqa: bool = False, *,
+                                 key_lengths: ArrayLike | None = None, window: Window = None,
+                                 return_weights: bool = False, return_lse: bool = False
+                                 ) -> np.ndarray | tuple[np.ndarray, ...]:
     """softmax(query key^T * scale + mask) value, with PyTorch's argument meanings.
 
     Runs as one fused, tiled kernel (online softmax over key tiles): the (L, S) scores are
@@ -209,11 +226,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Args:
         query: (..., Hq, L, E); key: (..., Hk, S, E); value: (..., Hk, S, Ev).
-        attn_mask: broadcastable to (..., Hq, L, S); bool True = may attend, float added.
+        attn_mask: broadcastable to (..., Hq, L, S) (the query heads, also with enable_gqa);
+            bool True = may attend, float added.
         dropout_p: must be 0.0 (dropout is not supported yet).
         is_causal: False, True (top-left, PyTorch) or ``"bottom_right"`` (KV-cache decoding).
         scale: default 1/sqrt(E).
-        enable_gqa: Hq a multiple of Hk; query head h uses key/value head h // (Hq // Hk).
+        enable_gqa: Hq a multiple of Hk; query head h uses key/value head h // (Hq // Hk). The
+            axes before the heads broadcast as batch axes.
         key_lengths: ints broadcastable to the batch shape (the dimensions before Hq, L), each in
             [0, S]; keys at positions >= length are padding.
         window: (left, right): query i sees keys [i - left, i + right]; None = unbounded side.
@@ -224,8 +243,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         output (..., Hq, L, Ev), followed by weights and lse when asked for. A row that may
         attend to nothing gives output 0, weights 0, lse -inf.
     """
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout is not supported yet: dropout_p must be 0.0, got {dropout_p}")
+    check_dropout(dropout_p)
     _require(query=query, key=key, value=value)
     dtype, a = promote(query=query, key=key, value=value)
     q, k, v = a["query"], a["key"], a["value"]
@@ -238,81 +256,77 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"query has shape {shape_str(q.shape)} but key has {shape_str(k.shape)}: "
                          "the last (embedding) dimensions must match")
-    if enable_gqa and q.ndim >= 3 and k.ndim >= 3 and q.shape[-3] != k.shape[-3]:
+    gqa = bool(enable_gqa) and q.ndim >= 3 and k.ndim >= 3 and q.shape[-3] != k.shape[-3]
+    if gqa:
         hq, hk = q.shape[-3], k.shape[-3]
         if hk == 0 or hq % hk:
             raise ValueError(f"enable_gqa needs query heads to be a multiple of key heads: query has shape "
                              f"{shape_str(q.shape)}, key has {shape_str(k.shape)}")
-        # Group the query heads (..., Hk, G, L, E) against stride-0 key/value heads: no copies.
-        group = hq // hk
-        q = q.reshape(q.shape[:-3] + (hk, group) + q.shape[-2:])
-        k, v = k[..., :, None, :, :], v[..., :, None, :, :]
-        results = scaled_dot_product_attention(q, k, v, _regroup_mask(attn_mask, hk, group), 0.0, is_causal,
-                                               scale, False, key_lengths=_add_axis(key_lengths), window=window,
-                                               return_weights=return_weights, return_lse=return_lse)
-        def ungroup(r):  # (..., Hk, G, L[, X]) -> (..., Hq, L[, X])
-            lead = r.ndim - 4 if r.ndim == q.ndim else r.ndim - 3
-            return r.reshape(r.shape[:lead] + (hq,) + r.shape[lead + 2:])
-
-        return tuple(map(ungroup, results)) if isinstance(results, tuple) else ungroup(results)
-    _, qkv = broadcast_batch({"query": q, "key": k, "value": v}, {"query": 2, "key": 2, "value": 2})
+        # The axes before the heads are the batch; the heads pair up by group, not by broadcasting.
+        batch, qkv = broadcast_batch({"query": q, "key": k, "value": v}, 3)
+        heads = (hq,)
+    else:
+        batch, qkv = broadcast_batch({"query": q, "key": k, "value": v}, 2)
+        heads = ()
     q, k, v = qkv["query"], qkv["key"], qkv["value"]
     lq, lk = q.shape[-2], k.shape[-2]
-    score_shape = q.shape[:-1] + (lk,)
+    score_shape = batch + heads + (lq, lk)
     scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else as_scalar(scale, "scale")
     mask = prepare_mask(attn_mask, score_shape, dtype, "attn_mask")
     lengths = None
     if key_lengths is not None:
-        batch_shape = score_shape[:-3] if len(score_shape) >= 3 else ()
-        lengths = check_key_lengths(key_lengths, batch_shape, lk)
-        if len(score_shape) >= 3:  # one length per batch row, shared by its heads
-            lengths = lengths[..., None]
-        lengths = np.broadcast_to(lengths, score_shape[:-2])
-    window = _check_window(window)
-    # The kernel takes -1 for an unbounded side; a side wider than both sequences hides nothing.
-    left, right = (-1, -1) if window is None else (
-        -1 if w is None else min(int(w), lq + lk) for w in window)
+        per_row = score_shape[:-3]  # one length per batch row, shared by its heads
+        lengths = check_key_lengths(key_lengths, per_row, lk)[(...,) + (None,) * (len(score_shape) - 2 - len(per_row))]
+    left, right = _window_bounds(window, lq, lk)
     causal, offset = causal_offset(is_causal, lq, lk)
+    if gqa:
+        # (..., Hq, L, E) queries as (..., Hk, G, L, E) against stride-0 key/value heads: no copies.
+        group = hq // hk
+        q = q.reshape(batch + (hk, group) + q.shape[-2:])
+        k, v = k[..., :, None, :, :], v[..., :, None, :, :]
+        k = np.broadcast_to(k, batch + (hk, group) + k.shape[-2:])
+        v = np.broadcast_to(v, batch + (hk, group) + v.shape[-2:])
+        mask = None if mask is None else mask.reshape(batch + (hk, group, lq, lk))
+        if lengths is not None:
+            lengths = lengths[..., None]
+    if lengths is not None:
+        lengths = np.broadcast_to(lengths, q.shape[:-2])
     out, w, lse = _core.sdpa(q, k, v, mask, causal, offset, left, right, lengths, scale, bool(return_weights),
                              bool(return_lse))
-    extras = []
-    if return_weights:
-        extras.append(w)
-    if return_lse:
-        extras.append(lse)
-    return (out, *extras) if extras else out
+    results = [out] + ([w] if return_weights else []) + ([lse] if return_lse else [])
+    if gqa:  # (..., Hk, G, L[, X]) -> (..., Hq, L[, X]); the kernel's outputs are contiguous
+        results = [r.reshape(batch + (hq,) + r.shape[len(batch) + 2:]) for r in results]
+    return tuple(results) if len(results) > 1 else results[0]
 
 
-def _regroup_mask(attn_mask, hk: int, group: int):
-    """An attn_mask for (..., Hq, L, S) scores, reshaped for (..., Hk, G, L, S) ones."""
-    if attn_mask is None:
-        return None
-    m = np.asarray(attn_mask)
-    if m.ndim < 3:
-        return m
-    if m.shape[-3] == hk * group:
-        return m.reshape(m.shape[:-3] + (hk, group) + m.shape[-2:])
-    return m[..., None, :, :]
-
-
-def _add_axis(key_lengths):
-    return None if key_lengths is None else np.asarray(key_lengths)[..., None]
-
-
-def _check_window(window):
+def _window_bounds(window: Window, lq: int, lk: int) -> tuple[int, int]:
+    """(left, right) for the kernel: -1 for an unbounded side; a side wider than both
+    sequences hides nothing, so it is capped there."""
     if window is None:
-        return None
+        return -1, -1
     try:
-        left, right = window
-    except (TypeError, ValueError):
-        raise ValueError(f"window must be a pair (left, right), got {window!r}") from None
-    for side, value in (("left", left), ("right", right)):
-        if value is not None and (not isinstance(value, (int, np.integer)) or value < 0):
+        sides = tuple(window)
+    except TypeError:
+        sides = ()
+    if len(sides) != 2:
+        raise ValueError(f"window must be a pair (left, right), got {window!r}")
+    bounds = []
+    for side, value in zip(("left", "right"), sides):
+        if value is None:
+            bounds.append(-1)
+            continue
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"window {side} must be a non-negative int or None, got {value!r}")
-    return left, right
+        bounds.append(min(int(value), lq + lk))
+    return bounds[0], bounds[1]
 
 
 # --- Fused additive (Bahdanau) attention ---------------------------------------------------
+
+
+# Where the additive kernel may use its factored tanh (|key projection| below this), read from
+# the core, which owns the rule; the literal is only for a _core built before it exported it.
+_EXP_FORM_LIMIT = getattr(_core, "additive_exp_form_limit", {"float32": 20.0, "float64": 170.0})
 
 
 class ProjectedKeys:
@@ -321,16 +335,21 @@ class ProjectedKeys:
     Made by :func:`project_keys` (and by ``BahdanauAttention.precompute``); pass it as ``key``
     to :func:`additive_attention` with ``w_key=None`` so a decoder pays for ``key @ w_key``
     once per sentence instead of once per step. Attributes: ``projected`` (..., Lk, U) =
-    key @ w_key; ``units``; ``dtype``; ``batch_shape``; ``num_keys``.
+    key @ w_key; ``units``; ``dtype``; ``batch_shape``; ``num_keys``. It owns its arrays
+    (the kernel's outputs, never the caller's).
     """
 
     __slots__ = ("projected", "_expo", "_ok")
 
-    def __init__(self, projected, expo, ok):
+    def __init__(self, projected: np.ndarray, expo: np.ndarray, ok: np.ndarray):
         self.projected, self._expo, self._ok = projected, expo, ok
 
+    @classmethod
+    def _project(cls, key: np.ndarray, w_key: np.ndarray) -> "ProjectedKeys":
+        return cls(*_core.additive_keys(key, w_key))
+
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype:
         return self.projected.dtype
 
     @property
@@ -342,28 +361,32 @@ class ProjectedKeys:
         return self.projected.shape[-2]
 
     @property
-    def batch_shape(self) -> tuple:
+    def batch_shape(self) -> tuple[int, ...]:
         return self.projected.shape[:-2]
 
-    def astype(self, dtype) -> "ProjectedKeys":
+    def astype(self, dtype: npt.DTypeLike) -> "ProjectedKeys":
+        """The same projected keys in another dtype (self if it already is)."""
         if self.projected.dtype == dtype:
             return self
         raw = self.projected.astype(dtype)
-        limit = 20.0 if raw.dtype == np.float32 else 170.0  # the kernel's range for the factored form
+        limit = _EXP_FORM_LIMIT[raw.dtype.name]
         with np.errstate(over="ignore", invalid="ignore"):
             expo = np.exp(2 * raw)
             ok = np.all(np.abs(raw) <= limit, axis=(-2, -1))
         return ProjectedKeys(raw, expo, np.asarray(ok))
 
-    def broadcast_to(self, batch_shape: tuple) -> "ProjectedKeys":
-        if self.batch_shape == tuple(batch_shape):
-            return self
-        tail = self.projected.shape[-2:]
-        return ProjectedKeys(np.broadcast_to(self.projected, batch_shape + tail),
-                             np.broadcast_to(self._expo, batch_shape + tail), np.broadcast_to(self._ok, batch_shape))
+    def broadcast_to(self, batch_shape: tuple[int, ...]) -> "ProjectedKeys":
+        """A view with a larger batch shape (stride 0 on the new axes)."""
+        _, b = broadcast_batch({"projected": self.projected, "expo": self._expo, "ok": self._ok},
+                               {"projected": 2, "expo": 2, "ok": 0}, to=tuple(batch_shape))
+        return ProjectedKeys(b["projected"], b["expo"], b["ok"])
+
+    def __repr__(self) -> str:
+        return (f"ProjectedKeys(batch_shape={shape_str(self.batch_shape)}, num_keys={self.num_keys}, "
+                f"units={self.units}, dtype={self.dtype.name})")
 
 
-def project_keys(key, w_key) -> ProjectedKeys:
+def project_keys(key: ArrayLike, w_key: ArrayLike) -> ProjectedKeys:
     """``key @ w_key`` (..., Lk, U), prepared for :func:`additive_attention`.
 
     Args:
@@ -375,11 +398,13 @@ def project_keys(key, w_key) -> ProjectedKeys:
     require_ndim(a["key"], "key", 2, "(..., Lk, Dk)")
     if a["w_key"].ndim != 2:
         raise ValueError(f"w_key must have shape (Dk, U), got {shape_str(a['w_key'].shape)}")
-    return ProjectedKeys(*_core.additive_keys(a["key"], a["w_key"]))
+    return ProjectedKeys._project(a["key"], a["w_key"])
 
 
-def additive_attention(query, key, value, w_query, w_key, v, *, bias=None, mask=None, key_lengths=None,
-                       return_weights=False):
+def additive_attention(query: ArrayLike, key: ArrayLike | ProjectedKeys, value: ArrayLike, w_query: ArrayLike,
+                       w_key: ArrayLike | None, v: ArrayLike, *, bias: ArrayLike | None = None,
+                       mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None,
+                       return_weights: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Bahdanau's attention, fused: softmax_j(v . tanh(q_i W_q + bias + k_j W_k) + mask_ij) value_j.
 
     Both projections are computed once as matrix products and the scores are formed a block
@@ -411,13 +436,12 @@ def additive_attention(query, key, value, w_query, w_key, v, *, bias=None, mask=
         dtype = np.result_type(dtype, key.dtype)
         a = {name: arr.astype(dtype, copy=False) for name, arr in a.items()}
         keys = key.astype(dtype)
-        key_batch = keys.batch_shape
     else:
         if w_key is None:
             raise ValueError("w_key is required unless key is a ProjectedKeys")
         dtype, a = promote(query=query, key=key, value=value, w_query=w_query, w_key=w_key, v=v, bias=bias)
         require_ndim(a["key"], "key", 2, "(..., Lk, Dk)")
-        key_batch = a["key"].shape[:-2]
+        keys = a["key"]
     q, val = a["query"], a["value"]
     require_ndim(q, "query", 2, "(..., Lq, Dq)")
     require_ndim(val, "value", 2, "(..., Lk, Dv)")
@@ -431,34 +455,38 @@ def additive_attention(query, key, value, w_query, w_key, v, *, bias=None, mask=
         wk = a["w_key"]
         if wk.ndim != 2:
             raise ValueError(f"w_key must have shape (Dk, U), got {shape_str(wk.shape)}")
-        if wk.shape[0] != a["key"].shape[-1]:
-            raise ValueError(f"key has shape {shape_str(a['key'].shape)} but w_key has {shape_str(wk.shape)}: "
+        if wk.shape[0] != keys.shape[-1]:
+            raise ValueError(f"key has shape {shape_str(keys.shape)} but w_key has {shape_str(wk.shape)}: "
                              "key's last dimension and w_key's first must match")
         if wk.shape[1] != wq.shape[1]:
             raise ValueError(f"w_query has shape {shape_str(wq.shape)} but w_key has {shape_str(wk.shape)}: "
                              "the number of units (second dimensions) must match")
-    lk = keys.num_keys if projected else a["key"].shape[-2]
+    lk = keys.num_keys if projected else keys.shape[-2]
     if val.shape[-2] != lk:
         raise ValueError(f"key has {lk} positions but value has shape {shape_str(val.shape)}: "
                          "value's second-to-last dimension must equal key's")
-    try:
-        batch = np.broadcast_shapes(q.shape[:-2], key_batch, val.shape[:-2])
-    except ValueError:
-        raise ValueError(f"batch dimensions do not broadcast: query has shape {shape_str(q.shape)}, key has batch "
-                         f"shape {shape_str(key_batch)}, value has shape {shape_str(val.shape)}") from None
-    q = np.broadcast_to(q, batch + q.shape[-2:])
-    val = np.broadcast_to(val, batch + val.shape[-2:])
-    lengths = None
-    if key_lengths is not None:
-        lengths = check_key_lengths(key_lengths, batch, lk)
+    batch, b = broadcast_batch({"query": q, "key": keys, "value": val})
+    lengths = None if key_lengths is None else check_key_lengths(key_lengths, batch, lk)
     m = prepare_mask(mask, batch + (q.shape[-2], lk), dtype)
-    if not projected and key_batch == batch:
-        # The kernel projects the keys itself, into scratch memory it reuses between calls.
-        return _core.additive_attention_keys(q, wq, a.get("bias"), a["key"], a["w_key"], val, vv, m, lengths,
-                                             bool(return_weights))
-    if not projected:
+    if projected:
+        keys = b["key"]
+    elif keys.shape[:-2] != batch:
         # Keys shared over batch axes: projected once at their own batch shape, then broadcast as views.
-        keys = ProjectedKeys(*_core.additive_keys(a["key"], a["w_key"]))
-    keys = keys.broadcast_to(batch)
-    return _core.additive_attention(q, wq, a.get("bias"), keys.projected, keys._expo, keys._ok, val, vv, m, lengths,
-                                    bool(return_weights))
+        keys = ProjectedKeys._project(keys, a["w_key"]).broadcast_to(batch)
+    else:
+        keys = (keys, a["w_key"])
+    return _additive_kernel(b["query"], wq, a.get("bias"), keys, b["value"], vv, m, lengths, bool(return_weights))
+
+
+def _additive_kernel(query: np.ndarray, w_query: np.ndarray, bias: np.ndarray | None,
+                     keys: ProjectedKeys | tuple[np.ndarray, np.ndarray], value: np.ndarray, v: np.ndarray,
+                     mask: np.ndarray | None, key_lengths: np.ndarray | None, return_weights: bool):
+    """The one place that picks the additive kernel, for the functional API and the layers:
+    keys already projected (a ProjectedKeys of the batch shape) use them; raw (key, w_key) of
+    the batch shape are projected by the kernel itself, into scratch memory it reuses."""
+    if isinstance(keys, ProjectedKeys):
+        return _core.additive_attention(query, w_query, bias, keys.projected, keys._expo, keys._ok, value, v, mask,
+                                        key_lengths, return_weights)
+    key, w_key = keys
+    return _core.additive_attention_keys(query, w_query, bias, key, w_key, value, v, mask, key_lengths,
+                                         return_weights)

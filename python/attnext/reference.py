@@ -12,8 +12,10 @@ a value v_j (row j of V, (..., Lk, Dv)).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 __all__ = [
     "score",
@@ -101,10 +103,15 @@ def causal_mask(lq, lk, is_causal):
     return np.arange(lk)[None, :] <= np.arange(lq)[:, None] + offset
 
 
-def dense_mask(lq, lk, *, attn_mask=None, is_causal=False, key_lengths=None, window=None, dtype=np.float64):
+def dense_mask(lq: int, lk: int, *, attn_mask: ArrayLike | None = None, is_causal: Any = False,
+               key_lengths: ArrayLike | None = None, window: tuple | None = None,
+               dtype: DTypeLike = np.float64) -> np.ndarray:
     """Every masking argument folded into one additive (..., Lq, Lk) mask (0 or -inf, plus
-    float masks), the way the fused kernels must behave."""
+    float masks), the way the fused kernels must behave. A key that causal, window or
+    key_lengths hides is -inf whatever attn_mask holds there (NaN included)."""
     total = np.zeros((lq, lk), dtype=dtype)
+    if attn_mask is not None:
+        total = _masked(total, attn_mask)
     if is_causal:
         total = np.where(causal_mask(lq, lk, is_causal), total, -np.inf)
     if window is not None:
@@ -120,59 +127,103 @@ def dense_mask(lq, lk, *, attn_mask=None, is_causal=False, key_lengths=None, win
         lengths = np.asarray(key_lengths)
         keep = np.arange(lk) < lengths[..., None, None, None]  # (..., 1, 1, Lk)
         total = np.where(keep, total, -np.inf)
-    if attn_mask is not None:
-        total = _masked(total, attn_mask)
     return total.astype(dtype)
 
 
-def attention(query, key, value, *, method="scaled_dot", mask=None, is_causal=False, return_weights=False,
-              **score_args):
+def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str = "scaled_dot",
+              mask: ArrayLike | None = None, is_causal: Any = False, return_weights: bool = False,
+              **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """context = softmax(score(Q, K) + mask) V, the three steps in a row."""
     s = score(query, key, method, **score_args)
+    hidden = _hidden_by(mask)
     if is_causal:
-        s = np.where(causal_mask(s.shape[-2], s.shape[-1], is_causal), s, -np.inf).astype(s.dtype)
-    a = softmax(s, mask=mask)
-    out = _context(a, value)
+        hidden = hidden | ~causal_mask(s.shape[-2], s.shape[-1], is_causal)
+    out, a = _attend(_masked(s, mask), value, hidden)
     return (out, a) if return_weights else out
 
 
-def _context(weights, value):
-    """weights @ value, with zeros for rows that attend to nothing (all weights 0), so a NaN
-    value never reaches a row that sees no key (0 * NaN would be NaN)."""
-    out = np.asarray(weights) @ np.asarray(value)
-    empty = ~np.any(weights != 0, axis=-1, keepdims=True)
-    return np.where(empty, 0, out).astype(out.dtype)
+def _hidden_by(mask):
+    """Where a mask hides a key: a bool mask's False, a float mask's -inf (False for None)."""
+    if mask is None:
+        return np.asarray(False)
+    mask = np.asarray(mask)
+    return ~mask if mask.dtype == np.bool_ else mask == -np.inf
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, key_lengths=None, window=None, return_weights=False,
-                                 return_lse=False):
+def _attend(s, value, hidden):
+    """Softmax of the scores s (float masks already added) with the hidden keys set to -inf,
+    and the context it gives. Returns (context, weights).
+
+    A key whose final score is -inf counts as hidden, whatever made it -inf: once a float mask
+    is added, a kernel cannot tell a -inf mask entry from a -inf score either."""
+    s = np.where(hidden, -np.inf, s).astype(s.dtype)
+    a = softmax(s)
+    return _context(a, value, s == -np.inf), a
+
+
+def _context(weights, value, hidden):
+    """c_i = sum of a_ij v_j over the keys j row i may see (hidden (..., Lq, Lk) marks the others:
+    bool False, float -inf, causal, window, key_lengths, a -inf score).
+
+    Hidden is hidden: a hidden key's value row never enters, not even as 0 * NaN, and a row
+    with nothing to attend (no visible key, or only -inf scores) is zeros. When every hidden
+    value row is finite that is plainly weights @ value (a hidden key's weight is exactly 0);
+    otherwise the sum is taken over the visible keys only. A visible key follows the plain
+    formula, even with weight 0 (0 * inf is NaN).
+    """
+    a, v = np.asarray(weights), np.asarray(value)
+    dtype = np.result_type(a, v)
+    non_finite_rows = ~np.all(np.isfinite(v), axis=-1)  # (..., Lk)
+    with np.errstate(invalid="ignore"):
+        if not np.any(hidden & non_finite_rows[..., None, :]):
+            out = a @ v
+        else:
+            terms = a[..., :, :, None] * v[..., None, :, :]  # (..., Lq, Lk, Dv)
+            out = np.where(hidden[..., None], 0, terms).sum(axis=-2)
+    empty = ~np.any(a != 0, axis=-1, keepdims=True)
+    return np.where(empty, 0, out).astype(dtype)
+
+
+def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
+                                 attn_mask: ArrayLike | None = None, dropout_p: float = 0.0, is_causal: Any = False,
+                                 scale: float | None = None, enable_gqa: bool = False, *,
+                                 key_lengths: ArrayLike | None = None, window: tuple | None = None,
+                                 return_weights: bool = False, return_lse: bool = False
+                                 ) -> np.ndarray | tuple[np.ndarray, ...]:
     """softmax(Q K^T * scale + mask) V with PyTorch's argument meanings.
 
     Shapes: Q (..., Hq, L, E), K (..., Hk, S, E), V (..., Hk, S, Ev). With enable_gqa, query
-    head h uses key/value head h // (Hq / Hk). lse is log sum_j exp(s_ij) over visible keys
-    (-inf for a row with none).
+    head h uses key/value head h // (Hq / Hk), and attn_mask broadcasts against the Hq heads.
+    lse is log sum_j exp(s_ij) (natural log) over visible keys (-inf for a row with none).
+
+    Hidden is hidden: a key hidden by causal, window, key_lengths, a bool False or a -inf
+    float-mask entry contributes nothing (its score, its float-mask entry, NaN included, and
+    its value row); a row that sees no key gives zeros and lse -inf.
     """
-    if dropout_p != 0.0:
+    if np.any(np.asarray(dropout_p) != 0.0):
         raise ValueError("dropout is not supported yet: dropout_p must be 0.0")
     q, k, v = np.asarray(query), np.asarray(key), np.asarray(value)
     dtype = _float_dtype(q, k, v)
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
-    if enable_gqa and q.ndim >= 3 and k.shape[-3] != q.shape[-3]:
+    if enable_gqa and q.ndim >= 3 and k.ndim >= 3 and k.shape[-3] != q.shape[-3]:
+        if k.shape[-3] == 0 or q.shape[-3] % k.shape[-3]:
+            raise ValueError(f"enable_gqa needs query heads ({q.shape[-3]}) to be a multiple of key heads "
+                             f"({k.shape[-3]})")
         group = q.shape[-3] // k.shape[-3]
         k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
     scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else scale
     s = (q @ np.swapaxes(k, -1, -2)) * np.asarray(scale, dtype=dtype)
-    # Hidden keys (causal, window, key_lengths, bool attn_mask) get score -inf, whatever the
-    # score was (a NaN score of a hidden key never reaches the output); a float attn_mask is added.
+    # Keys hidden by causal, window, key_lengths or a bool attn_mask get score -inf whatever the
+    # score was; a float attn_mask is added, then the structural hiding is applied again, so a
+    # NaN mask entry on a key already hidden stays hidden.
     float_mask = attn_mask is not None and np.asarray(attn_mask).dtype != np.bool_
     hidden = dense_mask(s.shape[-2], s.shape[-1], attn_mask=None if float_mask else attn_mask,
                         is_causal=is_causal, key_lengths=key_lengths, window=window, dtype=dtype) == -np.inf
-    s = np.where(hidden, -np.inf, s).astype(dtype)
     if float_mask:
         s = _masked(s, attn_mask)
-    a = softmax(s)
-    out = _context(a, v).astype(dtype)
+        hidden = hidden | _hidden_by(attn_mask)
+    s = np.where(hidden, -np.inf, s).astype(dtype)
+    out, a = _attend(s, v, hidden)
     extras = []
     if return_weights:
         extras.append(a)
@@ -182,7 +233,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         with np.errstate(divide="ignore"):
             lse = (np.log(np.sum(np.exp(s - m), axis=-1, keepdims=True)) + m)[..., 0]
         extras.append(lse.astype(dtype))
-    return (out, *extras) if extras else out
+    return (out.astype(dtype), *extras) if extras else out.astype(dtype)
 
 
 # --- Encoder-decoder (RNN) attention: additive attention and the layers' math ----------------
@@ -195,8 +246,10 @@ def _length_mask(key_lengths, lk):
     return np.arange(lk) < np.asarray(key_lengths)[..., None, None]
 
 
-def additive_attention(query, key, value, w_query, w_key, v, *, bias=None, mask=None, key_lengths=None,
-                       return_weights=False):
+def additive_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, w_query: ArrayLike, w_key: ArrayLike,
+                       v: ArrayLike, *, bias: ArrayLike | None = None, mask: ArrayLike | None = None,
+                       key_lengths: ArrayLike | None = None, return_weights: bool = False
+                       ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """c_i = sum_j a_ij value_j, a_i = softmax_j(e_ij + mask_ij), e_ij = v . tanh(q_i W_q + b + k_j W_k).
 
     Builds the (..., Lq, Lk, U) tensor, as the formula reads. key_lengths (...,) hides keys at
@@ -209,14 +262,16 @@ def additive_attention(query, key, value, w_query, w_key, v, *, bias=None, mask=
         q_proj = q_proj + np.asarray(bias, dtype)
     k_proj = k.astype(dtype) @ np.asarray(w_key, dtype)  # (..., Lk, U)
     e = np.tanh(q_proj[..., :, None, :] + k_proj[..., None, :, :]) @ np.asarray(v, dtype)  # (..., Lq, Lk)
+    hidden = _hidden_by(mask)
     if key_lengths is not None:
-        e = np.where(_length_mask(key_lengths, e.shape[-1]), e, -np.inf).astype(dtype)
-    a = softmax(e, mask=mask)
-    out = (a @ val.astype(dtype)).astype(dtype)
+        hidden = hidden | ~_length_mask(key_lengths, e.shape[-1])
+    out, a = _attend(_masked(e, mask).astype(dtype), val.astype(dtype), hidden)
     return (out, a) if return_weights else out
 
 
-def bahdanau_attention(query, keys, values, w_query, w_key, v, *, g=None, bias=None, key_lengths=None):
+def bahdanau_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike, w_query: ArrayLike, w_key: ArrayLike,
+                       v: ArrayLike, *, g: float | None = None, bias: ArrayLike | None = None,
+                       key_lengths: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """BahdanauAttention's math for one step (query (B, Dq)) or many (query (B, T, Dq)).
 
     e_tj = v' . tanh(s_t W_q + h_j W_k [+ bias]), v' = v, or g v / ||v|| (normalize=True);
@@ -234,8 +289,11 @@ def bahdanau_attention(query, keys, values, w_query, w_key, v, *, g=None, bias=N
     return (c[..., 0, :], a[..., 0, :]) if single else (c, a)
 
 
-def luong_attention(query, keys, values, w_c, *, method="dot", w_a=None, w_query=None, w_key=None, v=None, g=None,
-                    mask=None, key_lengths=None):
+def luong_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike | None, w_c: ArrayLike, *,
+                    method: str = "dot", w_a: ArrayLike | None = None, w_query: ArrayLike | None = None,
+                    w_key: ArrayLike | None = None, v: ArrayLike | None = None, g: float | None = None,
+                    mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LuongAttention's math for one step (query (B, Dq)) or many (query (B, T, Dq)).
 
     e_tj = s_t . h_j (dot), s_t W_a h_j (general) or v . tanh(s_t W_q + h_j W_k) (concat),
@@ -261,20 +319,25 @@ def luong_attention(query, keys, values, w_c, *, method="dot", w_a=None, w_query
         raise ValueError(f"method must be 'dot', 'general' or 'concat', got {method!r}")
     if g is not None:
         e = e * g
+    hidden = _hidden_by(mask)
     if key_lengths is not None:
-        e = np.where(_length_mask(key_lengths, e.shape[-1]), e, -np.inf)
-    a = softmax(e, mask=mask)
-    c = a @ val
+        hidden = hidden | ~_length_mask(key_lengths, e.shape[-1])
+    c, a = _attend(_masked(e, mask), val, hidden)
     hidden = np.tanh(np.concatenate([c, np.broadcast_to(s, c.shape[:-1] + s.shape[-1:])], axis=-1) @ np.asarray(w_c))
     if single:
         return hidden[..., 0, :], c[..., 0, :], a[..., 0, :]
     return hidden, c, a
+
+
 # ---- Multi-head attention (the formula behind attnext.MultiHeadAttention) -------------------
 
 
-def multi_head_attention(query, key, value, num_heads, q_weight, k_weight, v_weight, out_weight, *, q_bias=None,
-                         k_bias=None, v_bias=None, out_bias=None, num_kv_heads=None, attn_mask=None,
-                         is_causal=False):
+def multi_head_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, num_heads: int, q_weight: ArrayLike,
+                         k_weight: ArrayLike, v_weight: ArrayLike, out_weight: ArrayLike, *,
+                         q_bias: ArrayLike | None = None, k_bias: ArrayLike | None = None,
+                         v_bias: ArrayLike | None = None, out_bias: ArrayLike | None = None,
+                         num_kv_heads: int | None = None, attn_mask: ArrayLike | None = None,
+                         is_causal: Any = False) -> tuple[np.ndarray, np.ndarray]:
     """Batch-first multi-head attention, one head at a time, with grouped-query attention by
     repeating key/value heads.
 
@@ -304,11 +367,12 @@ def multi_head_attention(query, key, value, num_heads, q_weight, k_weight, v_wei
     for h in range(num_heads):
         g = h // group  # the key/value head that query head h shares
         qh, kh, vh = q[:, :, h * d:(h + 1) * d], k[:, :, g * d:(g + 1) * d], v[:, :, g * d:(g + 1) * d]
-        sc = qh @ np.swapaxes(kh, -1, -2) / math.sqrt(d)
+        mask_h = None if mask is None else mask[:, h]
+        hidden = _hidden_by(mask_h)
         if is_causal:
-            sc = np.where(causal_mask(lq, s, is_causal), sc, -np.inf)
-        a = softmax(sc, mask=None if mask is None else mask[:, h])
-        heads.append(a @ vh)
+            hidden = hidden | ~causal_mask(lq, s, is_causal)
+        c, a = _attend(_masked(qh @ np.swapaxes(kh, -1, -2) / math.sqrt(d), mask_h), vh, hidden)
+        heads.append(c)
         weights.append(a)
     out = project(np.concatenate(heads, axis=-1), out_weight, out_bias)
     return out.astype(q.dtype), np.stack(weights, axis=1).astype(q.dtype)

@@ -13,24 +13,17 @@ the same results; any number of leading batch axes may stand in for B.
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Mapping
 
-from . import _core
-from ._validation import aligned, as_float_array, check_key_lengths, check_state_keys, prepare_mask, shape_str
+import numpy as np
+import numpy.typing as npt
+
+from ._layers import checked_weight, glorot_uniform, layer_dtype, layer_input, make_rng, positive_int
+from ._masks import prepare_mask
+from ._validation import check_key_lengths, check_state_keys, shape_str, to_array
+from .functional import ArrayLike, ProjectedKeys, _additive_kernel, additive_attention, scaled_dot_product_attention
 
 __all__ = ["BahdanauAttention", "BahdanauMemory", "LuongAttention"]
-
-
-def _make_rng(rng):
-    if isinstance(rng, np.random.Generator):
-        return rng
-    return np.random.default_rng(rng)
-
-
-def _glorot(rng, shape, dtype):
-    fan_in, fan_out = (shape[0], shape[1]) if len(shape) == 2 else (shape[0], 1)
-    limit = np.sqrt(6.0 / (fan_in + fan_out)) if fan_in + fan_out else 0.0
-    return rng.uniform(-limit, limit, size=shape).astype(dtype)
 
 
 class _Weights:
@@ -57,11 +50,7 @@ class _Weights:
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
     def _checked(self, name, value):
-        a = as_float_array(value, name)
-        shape = self._shapes[name]
-        if a.shape != shape:
-            raise ValueError(f"{name} must have shape {shape_str(shape)}, got {shape_str(a.shape)}")
-        return np.array(a, dtype=self.dtype, order="C", copy=True)
+        return np.array(checked_weight(value, name, self._shapes[name], self.dtype), order="C", copy=True)
 
     def _weights_changed(self, name):
         pass
@@ -70,11 +59,11 @@ class _Weights:
     def dtype(self) -> np.dtype:
         return self._dtype
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, np.ndarray]:
         """A copy of every parameter, by name."""
         return {name: self.__dict__["_" + name].copy() for name in self._shapes}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Mapping[str, ArrayLike]) -> None:
         """Sets every parameter from ``state`` (as returned by :meth:`state_dict`); the names
         must match exactly and each array must have its parameter's shape."""
         check_state_keys(state, self._shapes, type(self).__name__)
@@ -85,57 +74,55 @@ class _Weights:
             self._weights_changed(name)
 
     def _input(self, x, name):
-        """x as an array of the layer's dtype, aligned to its item size (the kernels refuse
-        unaligned data; the public API copies it, see docs/robustness.md)."""
-        if type(x) is np.ndarray and x.dtype == self._dtype:
-            return aligned(x)
-        return aligned(as_float_array(x, name).astype(self._dtype, copy=False))
+        return layer_input(x, name, self._dtype)
 
-
-def _check_size(name, n) -> None:
-    """A layer dimension: a positive int that fits 64 bits (a larger one would overflow the
-    initialisation's float arithmetic; anything that fits but cannot be allocated is a
-    MemoryError or ValueError from NumPy)."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"{name} must be a positive int, got {n!r}")
-    if n >= 2**63:
-        raise ValueError(f"{name} is too large: {n}")
-
-
-def _layer_dtype(dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    return dtype
+    def __repr__(self) -> str:
+        config = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
+        return f"{type(self).__name__}({config}, dtype={self._dtype.name})"
 
 
 def _lengths(key_lengths, batch_shape, lk):
-    """key_lengths as a contiguous int64 array of exactly the batch shape (values checked)."""
+    """key_lengths as a contiguous int64 array of exactly the batch shape (values checked),
+    owned by the caller of this function (never a view of the user's array)."""
     if key_lengths is None:
         return None
-    # np.require, not np.ascontiguousarray: the latter turns the 0-d lengths of unbatched keys into (1,).
-    return np.require(check_key_lengths(key_lengths, batch_shape, lk), np.int64, "C")
+    return np.array(check_key_lengths(key_lengths, batch_shape, lk), dtype=np.int64, order="C")
 
 
 class BahdanauMemory:
     """Encoder states prepared once per sentence by :meth:`BahdanauAttention.precompute`.
 
-    Holds the projected keys ``keys @ w_key`` (and their exponential form), the values and
-    the key lengths; every decoder step reuses them. Attributes: ``projected`` (..., Lk, U),
+    Holds the projected keys ``keys @ w_key`` (a :class:`ProjectedKeys`), the values and the
+    key lengths; every decoder step reuses them. It owns all of them: the values and lengths
+    are copies, so reusing the encoder's buffers for the next sentence cannot change a memory
+    already made. Attributes: ``keys`` (the ProjectedKeys), ``projected`` (..., Lk, U),
     ``values`` (..., Lk, Dv), ``key_lengths`` ((...,) int64 or None), ``batch_shape``,
     ``num_keys``. A memory belongs to the layer that made it and to its weights at the time:
     assigning ``w_key`` makes it stale (using it then raises).
     """
 
-    __slots__ = ("_layer", "_version", "projected", "_expo", "_ok", "values", "key_lengths", "batch_shape",
-                 "num_keys")
+    __slots__ = ("_layer", "_version", "keys", "values", "key_lengths")
 
-    def __init__(self, layer, version, projected, expo, ok, values, key_lengths):
+    def __init__(self, layer: "BahdanauAttention", version: int, keys: ProjectedKeys, values: np.ndarray,
+                 key_lengths: np.ndarray | None):
         self._layer, self._version = layer, version
-        self.projected, self._expo, self._ok = projected, expo, ok
-        self.values, self.key_lengths = values, key_lengths
-        self.batch_shape = projected.shape[:-2]
-        self.num_keys = projected.shape[-2]
+        self.keys, self.values, self.key_lengths = keys, values, key_lengths
+
+    @property
+    def projected(self) -> np.ndarray:
+        return self.keys.projected
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return self.keys.batch_shape
+
+    @property
+    def num_keys(self) -> int:
+        return self.keys.num_keys
+
+    def __repr__(self) -> str:
+        return (f"BahdanauMemory(batch_shape={shape_str(self.batch_shape)}, num_keys={self.num_keys}, "
+                f"values={shape_str(self.values.shape)}, key_lengths={self.key_lengths is not None})")
 
 
 class BahdanauAttention(_Weights):
@@ -160,11 +147,11 @@ class BahdanauAttention(_Weights):
     ``context, weights = layer(s_t, memory)`` at every step.
     """
 
-    def __init__(self, query_dim: int, key_dim: int, units: int, *, normalize: bool = False, dtype=np.float32,
-                 rng=None):
+    def __init__(self, query_dim: int, key_dim: int, units: int, *, normalize: bool = False,
+                 dtype: npt.DTypeLike = np.float32, rng: int | np.random.Generator | None = None) -> None:
         for name, n in (("query_dim", query_dim), ("key_dim", key_dim), ("units", units)):
-            _check_size(name, n)
-        self._dtype = _layer_dtype(dtype)
+            positive_int(n, name)
+        self._dtype = layer_dtype(dtype)
         self.query_dim, self.key_dim, self.units, self.normalize = int(query_dim), int(key_dim), int(units), bool(
             normalize)
         self._version = 0
@@ -173,10 +160,8 @@ class BahdanauAttention(_Weights):
         if self.normalize:
             shapes.update({"g": (), "bias": (self.units,)})
         self._shapes = shapes
-        gen = _make_rng(rng)
-        state = {"w_query": _glorot(gen, shapes["w_query"], self._dtype),
-                 "w_key": _glorot(gen, shapes["w_key"], self._dtype),
-                 "v": _glorot(gen, shapes["v"], self._dtype)}
+        gen = make_rng(rng)
+        state = {name: glorot_uniform(gen, shapes[name], self._dtype) for name in ("w_query", "w_key", "v")}
         if self.normalize:
             state.update({"g": np.asarray(np.sqrt(1.0 / self.units)), "bias": np.zeros(self.units)})
         self.load_state_dict(state)
@@ -200,7 +185,12 @@ class BahdanauAttention(_Weights):
         """The vector the scores use: v, or g v / ||v|| with normalize=True."""
         return self._v_eff
 
-    def precompute(self, keys, values=None, key_lengths=None) -> BahdanauMemory:
+    def _config(self) -> dict:
+        return {"query_dim": self.query_dim, "key_dim": self.key_dim, "units": self.units,
+                "normalize": self.normalize}
+
+    def precompute(self, keys: ArrayLike, values: ArrayLike | None = None,
+                   key_lengths: ArrayLike | None = None) -> BahdanauMemory:
         """Projects the encoder states once for every decoder step.
 
         Args:
@@ -218,11 +208,13 @@ class BahdanauAttention(_Weights):
         if val.ndim < 2 or val.shape[:-1] != k.shape[:-1]:
             raise ValueError(f"keys have shape {shape_str(k.shape)} but values have {shape_str(val.shape)}: "
                              "all but the last dimension must match")
-        raw, expo, ok = _core.additive_keys(k, self._w_key)
         lengths = _lengths(key_lengths, k.shape[:-2], k.shape[-2])
-        return BahdanauMemory(self, self._version, raw, expo, ok, np.ascontiguousarray(val), lengths)
+        # np.array copies: the memory must not follow later writes to the caller's buffer.
+        return BahdanauMemory(self, self._version, ProjectedKeys._project(k, self._w_key), np.array(val, order="C"),
+                              lengths)
 
-    def __call__(self, query, memory: BahdanauMemory, *, return_weights: bool = True):
+    def __call__(self, query: ArrayLike, memory: BahdanauMemory, *, return_weights: bool = True
+                 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """One decoder step (query (B, query_dim)) or many (query (B, T, query_dim)).
 
         Returns:
@@ -240,9 +232,9 @@ class BahdanauAttention(_Weights):
             raise ValueError(f"query has shape {shape_str(q.shape)} but the memory's batch shape is "
                              f"{shape_str(memory.batch_shape)}: expected (..., {self.query_dim}) for one step or "
                              f"(..., T, {self.query_dim}) for many")
-        result = _core.additive_attention(q[..., None, :] if single else q, self._w_query,
-                                          self.__dict__.get("_bias"), memory.projected, memory._expo, memory._ok,
-                                          memory.values, self._v_eff, None, memory.key_lengths, return_weights)
+        result = _additive_kernel(q[..., None, :] if single else q, self._w_query, self.__dict__.get("_bias"),
+                                  memory.keys, memory.values, self._v_eff, None, memory.key_lengths,
+                                  bool(return_weights))
         if not single:
             return result
         if return_weights:
@@ -283,7 +275,8 @@ class LuongAttention(_Weights):
 
     def __init__(self, query_dim: int, key_dim: int | None = None, method: str = "dot", *,
                  attentional_units: int | None = None, units: int | None = None, value_dim: int | None = None,
-                 scale: bool = False, dtype=np.float32, rng=None):
+                 scale: bool = False, dtype: npt.DTypeLike = np.float32,
+                 rng: int | np.random.Generator | None = None) -> None:
         if method not in _LUONG_METHODS:
             raise ValueError(f"method must be one of {_LUONG_METHODS}, got {method!r}")
         key_dim = query_dim if key_dim is None else key_dim
@@ -292,10 +285,10 @@ class LuongAttention(_Weights):
         units = query_dim if units is None else units
         for name, n in (("query_dim", query_dim), ("key_dim", key_dim), ("value_dim", value_dim),
                         ("attentional_units", attentional_units), ("units", units)):
-            _check_size(name, n)
+            positive_int(n, name)
         if method == "dot" and key_dim != query_dim:
             raise ValueError(f"method='dot' needs key_dim == query_dim, got {key_dim} and {query_dim}")
-        self._dtype = _layer_dtype(dtype)
+        self._dtype = layer_dtype(dtype)
         self.query_dim, self.key_dim, self.value_dim = int(query_dim), int(key_dim), int(value_dim)
         self.attentional_units, self.method, self.scale = int(attentional_units), method, bool(scale)
         self.units = int(units) if method == "concat" else None
@@ -309,13 +302,22 @@ class LuongAttention(_Weights):
             shapes["g"] = ()
         shapes["w_c"] = (self.value_dim + self.query_dim, self.attentional_units)
         self._shapes = shapes
-        gen = _make_rng(rng)
-        state = {name: _glorot(gen, shape, self._dtype) for name, shape in shapes.items() if name != "g"}
+        gen = make_rng(rng)
+        state = {name: glorot_uniform(gen, shape, self._dtype) for name, shape in shapes.items() if name != "g"}
         if self.scale:
             state["g"] = np.asarray(1.0)
         self.load_state_dict(state)
 
-    def __call__(self, query, keys, values=None, *, mask=None, key_lengths=None):
+    def _config(self) -> dict:
+        config = {"query_dim": self.query_dim, "key_dim": self.key_dim, "method": self.method,
+                  "attentional_units": self.attentional_units, "value_dim": self.value_dim, "scale": self.scale}
+        if self.units is not None:
+            config["units"] = self.units
+        return config
+
+    def __call__(self, query: ArrayLike, keys: ArrayLike, values: ArrayLike | None = None, *,
+                 mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One decoder step (query (B, query_dim)) or many (query (B, T, query_dim)).
 
         Args:
@@ -347,24 +349,20 @@ class LuongAttention(_Weights):
         score_shape = q3.shape[:-1] + (lk,)
         m = self._mask(mask, single, score_shape)
         lengths = _lengths(key_lengths, batch, lk)
-        g = float(self._g) if self.scale else 1.0
+        g = self._g[()] if self.scale else 1.0
         if self.method == "concat":
-            raw, expo, ok = _core.additive_keys(k, self._w_key)
             v_eff = self._v * self._dtype.type(g) if self.scale else self._v
-            context, weights = _core.additive_attention(q3, self._w_query, None, raw, expo, ok, val, v_eff, m,
-                                                        lengths, True)
+            context, weights = additive_attention(q3, k, val, self._w_query, self._w_key, v_eff, mask=m,
+                                                  key_lengths=lengths, return_weights=True)
         else:
-            s = _core.score_product(q3, k, self.__dict__.get("_w_a"), g)
-            if lengths is not None:
-                keep = np.arange(lk) < lengths[..., None, None]
-                if m is None:
-                    m = np.broadcast_to(keep, score_shape)
-                elif m.dtype == np.bool_:
-                    m = m & keep
-                else:
-                    m = np.where(keep, m, self._dtype.type(-np.inf))
-            weights = _core.softmax(s, m, False, 0)
-            context = _core.weighted_sum(weights, val)
+            # s_t W_a h_j = (s_t W_a) . h_j: scaled-dot attention of s_t W_a with scale g, on the
+            # fused kernel (keys past key_lengths are skipped, not masked).
+            # A head axis of 1 before (T, D), so the batch axes stay batch axes for key_lengths.
+            qa = (q3 if self.method == "dot" else q3 @ self._w_a)[..., None, :, :]
+            context, weights = scaled_dot_product_attention(
+                qa, k[..., None, :, :], val[..., None, :, :], None if m is None else m[..., None, :, :], scale=g,
+                key_lengths=lengths, return_weights=True)
+            context, weights = context[..., 0, :, :], weights[..., 0, :, :]
         dv = self.value_dim
         hidden = np.tanh(context @ self._w_c[:dv] + q3 @ self._w_c[dv:])
         if single:
@@ -374,7 +372,7 @@ class LuongAttention(_Weights):
     def _mask(self, mask, single, score_shape):
         if mask is None:
             return None
-        m = np.asarray(mask)
+        m = to_array(mask, "mask")
         if single and m.ndim >= 2:
             m = m[..., None, :]  # a one-step mask (B, Lk) gains the query axis
         return prepare_mask(m, score_shape, self._dtype)

@@ -13,40 +13,27 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
+from typing import Any, Optional, Tuple
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _core
-from ._validation import as_float_array, check_state_keys, shape_str
-from .functional import scaled_dot_product_attention
+from ._layers import LAYER_DTYPES as _DTYPES
+from ._layers import checked_weight as _check_array_shape
+from ._layers import glorot_uniform, layer_dtype, layer_input, make_rng, positive_int
+from ._masks import as_mask, combine_masks, key_mask_as_lengths
+from ._validation import check_key_lengths, check_state_keys, shape_str, to_array
+from .functional import ArrayLike, Causal, scaled_dot_product_attention
 
 __all__ = ["SelfAttention", "MultiHeadAttention", "KVCache"]
 
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+Projection = Tuple[ArrayLike, Optional[ArrayLike]]  # (W, b) of a torch.nn.Linear, b may be None
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _layer_dtype(dtype) -> np.dtype:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-    if dt not in _DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
-    return dt
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    if value >= 2**63:  # beyond any array size; NumPy would raise OverflowError further on
-        raise ValueError(f"{name} is too large: {value}")
-    return int(value)
 
 
 def _linear(x: np.ndarray, weight: np.ndarray, bias) -> np.ndarray:
@@ -65,27 +52,12 @@ def _linear(x: np.ndarray, weight: np.ndarray, bias) -> np.ndarray:
     return _core.linear(x4, weight, bias).reshape(lead + (weight.shape[0],))
 
 
-def _xavier_uniform(rng, shape, dtype) -> np.ndarray:
-    fan_out, fan_in = shape
-    bound = math.sqrt(6.0 / (fan_in + fan_out))
-    return rng.uniform(-bound, bound, size=shape).astype(dtype)
-
-
 def _input(x, name: str, dtype: np.dtype, features: int, what: str) -> np.ndarray:
-    """x as a float array of the layer's dtype with `features` in its last axis."""
-    a = as_float_array(x, name)
+    """x as an aligned array of the layer's dtype with ``features`` in its last axis."""
+    a = layer_input(x, name, dtype)
     if a.ndim == 0 or a.shape[-1] != features:
         raise ValueError(f"{name} has shape {shape_str(a.shape)} but its last dimension must be {what} = {features}")
-    a = a.astype(dtype, copy=False)
-    # The projections hand the input to _core.linear as it is, which refuses misaligned data.
-    return a if a.flags.aligned else np.array(a)
-
-
-def _check_array_shape(a, name: str, expected: tuple, dtype: np.dtype) -> np.ndarray:
-    arr = as_float_array(a, name)  # integer weights are refused, as everywhere in attnext
-    if arr.shape != tuple(expected):
-        raise ValueError(f"{name} has shape {shape_str(arr.shape)} but this layer needs {shape_str(expected)}")
-    return arr.astype(dtype, copy=False)
+    return a
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,17 +85,18 @@ class SelfAttention:
     maps are one GEMM); assign with :meth:`set_weights` or in place (``layer.w_query[...] = W``).
     """
 
-    def __init__(self, embed_dim, *, qk_dim=None, v_dim=None, bias=False, exclude_self=False, dtype=np.float32,
-                 rng=None):
-        self.embed_dim = _positive_int(embed_dim, "embed_dim")
-        self.qk_dim = self.embed_dim if qk_dim is None else _positive_int(qk_dim, "qk_dim")
-        self.v_dim = self.embed_dim if v_dim is None else _positive_int(v_dim, "v_dim")
+    def __init__(self, embed_dim: int, *, qk_dim: int | None = None, v_dim: int | None = None, bias: bool = False,
+                 exclude_self: bool = False, dtype: npt.DTypeLike = np.float32,
+                 rng: int | np.random.Generator | None = None) -> None:
+        self.embed_dim = positive_int(embed_dim, "embed_dim")
+        self.qk_dim = self.embed_dim if qk_dim is None else positive_int(qk_dim, "qk_dim")
+        self.v_dim = self.embed_dim if v_dim is None else positive_int(v_dim, "v_dim")
         self.exclude_self = bool(exclude_self)
-        self.dtype = _layer_dtype(dtype)
-        rng = np.random.default_rng(rng)
+        self.dtype = layer_dtype(dtype)
+        rng = make_rng(rng)
         e, dk, dv = self.embed_dim, self.qk_dim, self.v_dim
         # (embed_dim, 2 dk + dv): columns [W_q | W_k | W_v]
-        self._w = np.concatenate([_xavier_uniform(rng, (d, e), self.dtype).T for d in (dk, dk, dv)], axis=1)
+        self._w = np.concatenate([glorot_uniform(rng, (d, e), self.dtype).T for d in (dk, dk, dv)], axis=1)
         self._w = np.ascontiguousarray(self._w)
         self._b = np.zeros(2 * dk + dv, dtype=self.dtype) if bias else None
 
@@ -140,18 +113,20 @@ class SelfAttention:
         return self._w[:, 2 * self.qk_dim:]
 
     @property
-    def b_query(self):
+    def b_query(self) -> np.ndarray | None:
         return None if self._b is None else self._b[: self.qk_dim]
 
     @property
-    def b_key(self):
+    def b_key(self) -> np.ndarray | None:
         return None if self._b is None else self._b[self.qk_dim: 2 * self.qk_dim]
 
     @property
-    def b_value(self):
+    def b_value(self) -> np.ndarray | None:
         return None if self._b is None else self._b[2 * self.qk_dim:]
 
-    def set_weights(self, *, w_query=None, w_key=None, w_value=None, b_query=None, b_key=None, b_value=None):
+    def set_weights(self, *, w_query: ArrayLike | None = None, w_key: ArrayLike | None = None,
+                    w_value: ArrayLike | None = None, b_query: ArrayLike | None = None, b_key: ArrayLike | None = None,
+                    b_value: ArrayLike | None = None) -> None:
         """Copies the given weights in (shapes as the attributes of the same names); the rest stay."""
         e, dk, dv = self.embed_dim, self.qk_dim, self.v_dim
         for name, value, shape in (("w_query", w_query, (e, dk)), ("w_key", w_key, (e, dk)),
@@ -164,7 +139,8 @@ class SelfAttention:
                     raise ValueError(f"{name} given but this layer was built with bias=False")
                 getattr(self, name)[...] = _check_array_shape(value, name, shape, self.dtype)
 
-    def __call__(self, x, *, mask=None, is_causal=False, return_weights=False):
+    def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None, is_causal: Causal = False,
+                 return_weights: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Self-attention of x with itself.
 
         Args:
@@ -194,18 +170,16 @@ class SelfAttention:
 def _exclude_diagonal(mask, length: int, dtype: np.dtype):
     """mask with every position's own key hidden (bool False or float -inf on the diagonal)."""
     off_diagonal = ~np.eye(length, dtype=bool)
-    if mask is None:
-        return off_diagonal
-    m = np.asarray(mask)
-    if m.dtype == np.bool_:
-        return m & off_diagonal
-    if m.dtype.kind != "f":
-        raise TypeError(f"mask must be bool (True = may attend) or floating (added), got dtype {m.dtype}")
-    return np.where(off_diagonal, m.astype(dtype, copy=False), dtype.type(-np.inf))
+    return combine_masks(None if mask is None else as_mask(mask, dtype, "mask"), off_diagonal, dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # KVCache
+
+
+def _native(a: np.ndarray) -> np.ndarray:
+    """a in the machine's byte order (a big-endian array is converted, as everywhere in attnext)."""
+    return a.astype(a.dtype.newbyteorder("=")) if a.dtype.byteorder not in "=|" else a
 
 
 class KVCache:
@@ -220,8 +194,8 @@ class KVCache:
         capacity: positions to allocate on the first append (grows as needed).
     """
 
-    def __init__(self, capacity: int = 0):
-        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 0:
+    def __init__(self, capacity: int = 0) -> None:
+        if isinstance(capacity, (bool, np.bool_)) or not isinstance(capacity, numbers.Integral) or capacity < 0:
             raise ValueError(f"capacity must be a non-negative int, got {capacity!r}")
         self._initial = int(capacity)
         self._k = None  # (B, Hk, capacity, D)
@@ -236,12 +210,12 @@ class KVCache:
         return 0 if self._k is None else self._k.shape[2]
 
     @property
-    def keys(self):
+    def keys(self) -> np.ndarray | None:
         """(B, Hk, len, D) view of the cached keys (None before the first append)."""
         return None if self._k is None else self._k[:, :, : self._length]
 
     @property
-    def values(self):
+    def values(self) -> np.ndarray | None:
         """(B, Hk, len, Dv) view of the cached values (None before the first append)."""
         return None if self._v is None else self._v[:, :, : self._length]
 
@@ -249,12 +223,12 @@ class KVCache:
         """Forgets every cached position (the buffers are kept for the next sequence)."""
         self._length = 0
 
-    def append(self, key, value):
+    def append(self, key: ArrayLike, value: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """Appends T positions: key (B, Hk, T, D), value (B, Hk, T, Dv) (any layout).
 
         Returns the (keys, values) views of everything cached, T new positions included.
         """
-        key, value = np.asarray(key), np.asarray(value)
+        key, value = _native(to_array(key, "key")), _native(to_array(value, "value"))
         if key.ndim != 4 or value.ndim != 4 or key.shape[:3] != value.shape[:3]:
             raise ValueError(f"key has shape {shape_str(key.shape)} and value {shape_str(value.shape)}: both must "
                              "be (batch, num_kv_heads, T, dim) with equal first three dimensions")
@@ -329,42 +303,62 @@ class MultiHeadAttention:
     :meth:`load_projections`. Dropout is not applied (inference).
     """
 
-    def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
-                 batch_first=True, dtype=np.float32, rng=None):
-        self.embed_dim = _positive_int(embed_dim, "embed_dim")
-        self.num_heads = _positive_int(num_heads, "num_heads")
+    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None, kdim: int | None = None,
+                 vdim: int | None = None, bias: bool = True, batch_first: bool = True,
+                 dtype: npt.DTypeLike = np.float32, rng: int | np.random.Generator | None = None) -> None:
+        self.embed_dim = positive_int(embed_dim, "embed_dim")
+        self.num_heads = positive_int(num_heads, "num_heads")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
-        self.num_kv_heads = self.num_heads if num_kv_heads is None else _positive_int(num_kv_heads, "num_kv_heads")
+        self.num_kv_heads = self.num_heads if num_kv_heads is None else positive_int(num_kv_heads, "num_kv_heads")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-        self.kdim = self.embed_dim if kdim is None else _positive_int(kdim, "kdim")
-        self.vdim = self.embed_dim if vdim is None else _positive_int(vdim, "vdim")
+        self.kdim = self.embed_dim if kdim is None else positive_int(kdim, "kdim")
+        self.vdim = self.embed_dim if vdim is None else positive_int(vdim, "vdim")
         self.head_dim = self.embed_dim // self.num_heads
         self.batch_first = bool(batch_first)
-        self.dtype = _layer_dtype(dtype)
+        self.dtype = layer_dtype(dtype)
         self.bias = bool(bias)
         e, kv = self.embed_dim, self.num_kv_heads * self.head_dim
         self._kv_width = kv
         self._packed = self.kdim == e and self.vdim == e
-        rng = np.random.default_rng(rng)
+        rng = make_rng(rng)
         if self._packed:
-            self._in_w = _xavier_uniform(rng, (e + 2 * kv, e), self.dtype)
-            self._q_w, self._k_w, self._v_w = self._in_w[:e], self._in_w[e: e + kv], self._in_w[e + kv:]
+            self._in_w = glorot_uniform(rng, (e + 2 * kv, e), self.dtype)
+            self._split_in_proj()
         else:
             self._in_w = None
-            self._q_w = _xavier_uniform(rng, (e, e), self.dtype)
-            self._k_w = _xavier_uniform(rng, (kv, self.kdim), self.dtype)
-            self._v_w = _xavier_uniform(rng, (kv, self.vdim), self.dtype)
+            self._q_w = glorot_uniform(rng, (e, e), self.dtype)
+            self._k_w = glorot_uniform(rng, (kv, self.kdim), self.dtype)
+            self._v_w = glorot_uniform(rng, (kv, self.vdim), self.dtype)
         bound = 1.0 / math.sqrt(e)
         self._out_w = rng.uniform(-bound, bound, size=(e, e)).astype(self.dtype)
         self._in_b = np.zeros(e + 2 * kv, dtype=self.dtype) if self.bias else None
         self._out_b = np.zeros(e, dtype=self.dtype) if self.bias else None
 
+    def _split_in_proj(self) -> None:
+        """q/k/v_proj_weight as views of the rows of in_proj_weight (one GEMM for all three)."""
+        e, kv = self.embed_dim, self._kv_width
+        self._q_w, self._k_w, self._v_w = self._in_w[:e], self._in_w[e: e + kv], self._in_w[e + kv:]
+
+    # ---- pickling: a copy keeps q/k/v_proj_weight as views of in_proj_weight ----------------
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self._packed:  # the views are rebuilt from in_proj_weight; pickled, they would be copies
+            for name in ("_q_w", "_k_w", "_v_w"):
+                state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self._packed:
+            self._split_in_proj()
+
     # ---- weights --------------------------------------------------------------------------
 
     @property
-    def in_proj_weight(self):
+    def in_proj_weight(self) -> np.ndarray | None:
         """(embed_dim + 2 kv, embed_dim), rows [W_q; W_k; W_v]; None when kdim/vdim differ."""
         return self._in_w
 
@@ -381,7 +375,7 @@ class MultiHeadAttention:
         return self._v_w
 
     @property
-    def in_proj_bias(self):
+    def in_proj_bias(self) -> np.ndarray | None:
         return self._in_b
 
     @property
@@ -389,7 +383,7 @@ class MultiHeadAttention:
         return self._out_w
 
     @property
-    def out_proj_bias(self):
+    def out_proj_bias(self) -> np.ndarray | None:
         return self._out_b
 
     def _bias_part(self, which: str):
@@ -417,11 +411,11 @@ class MultiHeadAttention:
                 "v_proj_weight": self._v_w, "in_proj_bias": self._in_b, "out_proj.weight": self._out_w,
                 "out_proj.bias": self._out_b}[name]
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, np.ndarray]:
         """The weights under ``torch.nn.MultiheadAttention``'s state-dict names, as NumPy copies."""
         return {name: self._storage(name).copy() for name in self._weight_shapes()}
 
-    def load_state_dict(self, state_dict) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, ArrayLike]) -> None:
         """Copies in the weights of a ``torch.nn.MultiheadAttention`` state dict converted to
         NumPy (``{k: v.numpy() for k, v in module.state_dict().items()}``).
 
@@ -442,7 +436,7 @@ class MultiHeadAttention:
             self._storage(name)[...] = value
 
     @classmethod
-    def from_torch(cls, module) -> "MultiHeadAttention":
+    def from_torch(cls, module: Any) -> "MultiHeadAttention":
         """A layer with the configuration and (copied) weights of a ``torch.nn.MultiheadAttention``.
 
         float16/bfloat16 modules give float32 layers; dropout is ignored (inference).
@@ -464,7 +458,8 @@ class MultiHeadAttention:
         layer.load_state_dict({k: v.detach().to("cpu", torch_dtype).numpy() for k, v in module.state_dict().items()})
         return layer
 
-    def load_projections(self, *, q=None, k=None, v=None, out=None) -> None:
+    def load_projections(self, *, q: Projection | None = None, k: Projection | None = None,
+                         v: Projection | None = None, out: Projection | None = None) -> None:
         """Copies in separate projection layers' weights, each a pair (W, b) in the
         (out_features, in_features) layout of ``torch.nn.Linear`` (BERT's query/key/value/
         output.dense, LLaMA's q_proj/k_proj/v_proj/o_proj with num_kv_heads).
@@ -515,15 +510,15 @@ class MultiHeadAttention:
         return _core.linear(heads_last, self._out_w, self._out_b)
 
     def _prepare_masks(self, key_mask, key_lengths, attn_mask, b: int, lq: int, s: int, unbatched: bool):
-        """(attn_mask for the kernel, key_lengths (B,) or None)."""
+        """(attn_mask for the kernel (B, H, L, S)-broadcastable or None, key_lengths (B,) or None).
+
+        A bool key_mask that is a padding mask (each row True then False) is passed on as key
+        lengths (:func:`attnext._masks.key_mask_as_lengths`, same results, padding tiles skipped);
+        any other key_mask is combined with attn_mask into one mask."""
         h = self.num_heads
         mask = None
         if attn_mask is not None:
-            m = np.asarray(attn_mask)
-            if m.dtype != np.bool_ and m.dtype.kind != "f":
-                raise TypeError(f"attn_mask must be bool (True = may attend) or floating (added), got dtype {m.dtype}")
-            if m.dtype.kind == "f":
-                m = m.astype(self.dtype, copy=False)
+            m = as_mask(attn_mask, self.dtype, "attn_mask")
             if m.shape == (lq, s):
                 pass
             elif m.shape == (b * h, lq, s):
@@ -538,41 +533,30 @@ class MultiHeadAttention:
             mask = m
         lengths = None
         if key_lengths is not None:
-            kl = np.asarray(key_lengths)
-            if kl.dtype.kind not in "iu":
-                raise TypeError(f"key_lengths must be integers, got dtype {kl.dtype}")
+            kl = to_array(key_lengths, "key_lengths")
             want = () if unbatched else (b,)
             if kl.shape != want:
                 raise ValueError(f"key_lengths has shape {shape_str(kl.shape)} but must be {shape_str(want)} "
                                  "(one length per sequence)")
-            if kl.size and (kl.min() < 0 or kl.max() > s):
-                raise ValueError(f"key_lengths must lie in [0, {s}] (the number of keys), got values from "
-                                 f"{kl.min()} to {kl.max()}")
-            lengths = kl.reshape(b)
+            lengths = np.array(check_key_lengths(kl, want, s)).reshape(b)
         if key_mask is not None:
-            km = np.asarray(key_mask)
+            km = as_mask(key_mask, self.dtype, "key_mask")
             want = (s,) if unbatched else (b, s)
             if km.shape != want:
                 raise ValueError(f"key_mask has shape {shape_str(km.shape)} but must be (B, S) = {shape_str(want)}"
                                  if not unbatched else
                                  f"key_mask has shape {shape_str(km.shape)} but must be (S,) = {shape_str(want)}")
             km = km.reshape(b, s)
-            if km.dtype == np.bool_:
-                counts = km.sum(axis=-1)
-                if lengths is None and np.array_equal(km, np.arange(s) < counts[:, None]):
-                    # A padding mask (True then False): key lengths, which the kernel applies
-                    # without reading a mask.
-                    return mask, counts
-            elif km.dtype.kind == "f":
-                km = km.astype(self.dtype, copy=False)
-            else:
-                raise TypeError(f"key_mask must be bool (True = may attend) or floating (added), got dtype {km.dtype}")
-            km = km[:, None, None, :]  # (B, 1, 1, S)
-            mask = km if mask is None else _combine_masks(mask, km, self.dtype)
+            as_lengths = key_mask_as_lengths(km) if lengths is None else None
+            if as_lengths is not None:
+                return mask, as_lengths
+            mask = combine_masks(mask, km[:, None, None, :], self.dtype)  # (B, 1, 1, S)
         return mask, lengths
 
-    def __call__(self, query, key=None, value=None, *, key_mask=None, key_lengths=None, attn_mask=None,
-                 is_causal=False, need_weights=False, average_attn_weights=True):
+    def __call__(self, query: ArrayLike, key: ArrayLike | None = None, value: ArrayLike | None = None, *,
+                 key_mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None,
+                 attn_mask: ArrayLike | None = None, is_causal: Causal = False, need_weights: bool = False,
+                 average_attn_weights: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Attention of query over key/value (self-attention when both are omitted).
 
         Args:
@@ -581,6 +565,9 @@ class MultiHeadAttention:
             value: (B, S, vdim) / (S, B, vdim) / (S, vdim); default key.
             key_mask: (B, S) (unbatched: (S,)); bool True = may attend (PyTorch's
                 ``key_padding_mask`` is its negation), or float added to the scores.
+                A bool padding mask (each row True for its first n keys, False after) is
+                passed to the kernel as key lengths n (``attnext._masks.key_mask_as_lengths``):
+                the same results, with the padding's tiles skipped instead of masked.
             key_lengths: (B,) ints (unbatched: a scalar); keys at positions >= length are padding.
             attn_mask: (L, S), (B * num_heads, L, S) or (B, num_heads, L, S); bool True = may
                 attend (PyTorch's MultiheadAttention bool mask is its negation), or float added.
@@ -654,7 +641,7 @@ class MultiHeadAttention:
 
     # ---- incremental decoding --------------------------------------------------------------
 
-    def step(self, x_t, cache: KVCache):
+    def step(self, x_t: ArrayLike, cache: KVCache) -> np.ndarray:
         """Decodes one or a few new tokens against the cache (causal self-attention).
 
         The new tokens' keys and values are appended to ``cache``; each new token attends to
@@ -697,13 +684,3 @@ class MultiHeadAttention:
         dims = "" if self._packed else f", kdim={self.kdim}, vdim={self.vdim}"
         return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}{extra}{dims}, "
                 f"bias={self.bias}, batch_first={self.batch_first}, dtype={self.dtype.name})")
-
-
-def _combine_masks(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Two masks (bool True = may attend, or float added) as one, broadcast together."""
-    if a.dtype == np.bool_ and b.dtype == np.bool_:
-        return a & b
-    neg_inf = dtype.type(-np.inf)
-    fa = np.where(a, dtype.type(0), neg_inf) if a.dtype == np.bool_ else a
-    fb = np.where(b, dtype.type(0), neg_inf) if b.dtype == np.bool_ else b
-    return fa + fb
