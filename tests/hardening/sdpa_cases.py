@@ -149,7 +149,8 @@ def clean_inputs(case: SdpaCase):
     hk, lk = case.key.shape[-3], case.key.shape[-2]
     group = case.query.shape[-3] // hk
     hid_kv = hid.reshape(case.batch + (hk, group, lk)).all(axis=-2)[..., None]
-    return np.where(hid_kv, 0, case.key).astype(case.key.dtype), np.where(hid_kv, 0, case.value).astype(case.value.dtype)
+    return (np.where(hid_kv, 0, case.key).astype(case.key.dtype),
+            np.where(hid_kv, 0, case.value).astype(case.value.dtype))
 
 
 def same_rows(a, b, dtype, factor=10.0) -> str:

@@ -31,7 +31,8 @@ def _same(a, b):
 
 
 def _randomize(layer, rng):
-    state = {n: rng.standard_normal(np.shape(v)).astype(np.asarray(v).dtype) * 0.3 for n, v in layer.state_dict().items()}
+    state = {n: rng.standard_normal(np.shape(v)).astype(np.asarray(v).dtype) * 0.3
+             for n, v in layer.state_dict().items()}
     if "g" in state:
         state["g"] = np.abs(state["g"]) + 0.5
     layer.load_state_dict(state)

@@ -90,7 +90,8 @@ def bahdanau_memory():
     import attnext
     layer = attnext.BahdanauAttention(8, 9, 16, rng=0)
     rng = np.random.default_rng(1)
-    keys, values = rng.standard_normal((4, 300, 9)).astype(np.float32), rng.standard_normal((4, 300, 5)).astype(np.float32)
+    keys = rng.standard_normal((4, 300, 9)).astype(np.float32)
+    values = rng.standard_normal((4, 300, 5)).astype(np.float32)
     lengths = np.array([300, 7, 150, 1])
     mem = layer.precompute(keys, values, key_lengths=lengths)
     q = rng.standard_normal((4, 30, 8)).astype(np.float32)
