@@ -4,30 +4,13 @@ import os
 
 import numpy as np
 import pytest
-from conftest import peak_rss_growth
 
 import attnext
 from attnext import _core
 from attnext import reference as ref
-
-TOL = {np.float32: 1e-5, np.float64: 1e-12}
-DTYPES = [np.float32, np.float64]
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30) if b.size else 0.0
-
-
-def layout(x, kind):
-    if kind == "C":
-        return np.ascontiguousarray(x)
-    if kind == "F":
-        return np.asfortranarray(x)
-    # a strided view: every other element of a twice-as-long last axis
-    big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
-    big[..., ::2] = x
-    return big[..., ::2]
+from hardening.harness import DTYPES, layout, peak_rss_growth
+from hardening.harness import TOLERANCE as TOL
+from hardening.harness import relative_error as rel_err
 
 
 def make(rng, dtype, batch=(2,), lq=7, lk=33, dq=13, dk=9, units=19, dv=5, scale=1.0):

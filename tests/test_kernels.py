@@ -9,7 +9,8 @@ import pytest
 import attnext
 from attnext import reference as ref
 
-from conftest import DTYPES, LAYOUTS, assert_close, layout, randn
+from hardening.harness import BASIC_LAYOUTS as LAYOUTS
+from hardening.harness import DTYPES, assert_close, layout, randn
 
 SIZES = [1, 7, 33, 129]
 

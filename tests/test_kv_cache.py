@@ -7,13 +7,9 @@ import pytest
 
 import attnext
 
-TOL = {np.float32: 1e-5, np.float64: 1e-12}
+from hardening.harness import TOLERANCE as TOL
+from hardening.harness import relative_error as rel_err
 
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def make_layer(dtype, num_kv_heads=None, batch_first=True, seed=0):

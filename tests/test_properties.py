@@ -11,7 +11,7 @@ from hypothesis.extra import numpy as hnp
 import attnext
 from attnext import reference as ref
 
-from conftest import RTOL, relative_error
+from hardening.harness import relative_error, tolerance
 
 dims = st.integers(1, 12)
 dtypes = st.sampled_from([np.float32, np.float64])
@@ -41,7 +41,7 @@ def test_softmax_agrees_and_rows_sum_to_one_or_zero(case):
     x, mask = case
     out = attnext.softmax(x, mask=mask)
     want = ref.softmax(x, mask=mask)
-    assert relative_error(out, want) <= RTOL[np.dtype(x.dtype)]
+    assert relative_error(out, want) <= tolerance(x.dtype)
     sums = out.sum(axis=-1)
     assert np.all(np.isfinite(out))
     assert np.all((np.abs(sums - 1) < 1e-4) | (sums == 0))
@@ -65,4 +65,4 @@ def test_attention_agrees_with_reference(data, lq, lk, d, dv, dtype, method, is_
     out = attnext.attention(q, k, v, method=method, mask=mask, is_causal=is_causal, **args)
     want = ref.attention(q, k, v, method=method, mask=mask, is_causal=is_causal, **args)
     assert out.shape == (2, lq, dv)
-    assert relative_error(out, want) <= 10 * RTOL[np.dtype(dtype)]
+    assert relative_error(out, want) <= 10 * tolerance(dtype)

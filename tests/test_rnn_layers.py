@@ -12,16 +12,11 @@ import pytest
 
 import attnext
 from attnext import reference as ref
-from conftest import unaligned
+from hardening.harness import DTYPES, unaligned
+from hardening.harness import TOLERANCE as TOL
+from hardening.harness import relative_error as rel_err
 
-TOL = {np.float32: 1e-5, np.float64: 1e-12}
-DTYPES = [np.float32, np.float64]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
 
 
 def randomize(layer, rng):

@@ -2,35 +2,13 @@
 
 import numpy as np
 import pytest
-from conftest import peak_rss_growth
 
 import attnext
 from attnext import _core
 from attnext import reference as ref
-
-TOL = {np.float32: 1e-5, np.float64: 1e-12}
-DTYPES = [np.float32, np.float64]
-
-
-def randn(rng, shape, dtype):
-    return rng.standard_normal(shape).astype(dtype)
-
-
-def layout(a, kind):
-    """a with the same values in another memory layout: C, Fortran, or a strided view."""
-    if kind == "C":
-        return np.ascontiguousarray(a)
-    if kind == "F":
-        return np.asfortranarray(a)
-    big = np.zeros(a.shape[:-1] + (2 * a.shape[-1] + 1,), dtype=a.dtype)
-    big[..., 1::2] = a
-    return big[..., 1::2]  # stride 2 along the last axis
-
-
-def max_err(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return 0.0 if a.size == 0 else float(np.max(np.abs(a - b)))
+from hardening.harness import DTYPES, layout, peak_rss_growth, randn
+from hardening.harness import TOLERANCE as TOL
+from hardening.harness import absolute_error as max_err
 
 
 def torch_sdpa(torch, q, k, v, **kw):

@@ -17,20 +17,11 @@ from attnext import _core
 from attnext import reference as ref
 from attnext import transformer
 
-TOL = {np.float32: 1e-5, np.float64: 1e-12}
-DTYPES = [np.float32, np.float64]
+from hardening.harness import DTYPES
+from hardening.harness import TOLERANCE as TOL
+from hardening.harness import assert_close as close
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)) if b.size else 0.0
-
-
-def close(a, b, dtype):
-    err = rel_err(a, b)
-    assert err <= TOL[dtype], f"relative error {err} > {TOL[dtype]}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ Adding a kernel to the validation, fuzz, crash-fuzz, concurrency, determinism an
 is one ``Kernel(...)`` entry in ``KERNELS`` below:
 
 - ``make(case)`` returns the keyword arguments of one valid call, built from a :class:`Case`
-  (seeded rng, dtype, sizes, layout, mask kind, causal flag); it uses what it needs.
+  (seeded rng, dtype, sizes, layout, mask kind, causal flag, and named ``options`` such as
+  ``key_lengths`` or ``gqa``); it uses what it needs. ``options`` lists the option names the
+  entry reads (their choices are ``OPTION_CHOICES``; hypothesis draws them, see strategies.py).
 - ``call(kw)`` runs the kernel, ``reference(kw)`` the NumPy twin; both return a tuple of arrays.
 - ``core`` is True for direct ``attnext._core`` entries (their arguments are never promoted,
   broadcast or converted, so the crash fuzzer aims at them too).
@@ -24,9 +26,35 @@ import attnext
 from attnext import _core
 from attnext import reference as ref
 
-LAYOUTS = ("C", "F", "strided", "negative", "readonly", "broadcast")
+from .harness import LAYOUTS, layout as with_layout, relative_error, tolerance  # noqa: F401
+
 MASKS = ("none", "bool", "float", "float_ninf", "bool_broadcast")
 CAUSAL = (False, True, "bottom_right")
+
+# Named options of the generators: every choice a generator can make beyond sizes, dtypes,
+# layouts and masks. The first choice is the default (what a Case without that option gets).
+OPTION_CHOICES = {
+    "softmax_axis": (-1, -2, 0, 1, -3, 2),  # an axis that the array lacks falls back to -1
+    "key_lengths": (False, True),  # pass key_lengths (random lengths in [0, Lk])
+    "window": (None, (0, 0), (1, None), (0, 2), (2, 1)),  # SDPA's (left, right) window
+    "core_window": ((-1, -1), (0, 0), (1, -1), (-1, 2), (2, 1), (0, 2)),  # _core.sdpa's; -1 = unbounded
+    "scale": (None, 0.3),  # SDPA's scale (None: 1/sqrt(E))
+    "bias": (False, True),  # an additive bias / linear bias / MHA in_proj and out_proj biases
+    "heads": (1, 2, 3),  # MHA query heads
+    "gqa": (False, True),  # MHA with one key/value head (multi-query attention)
+    "packed": (True, False),  # MHA: kdim == vdim == embed_dim, one packed in_proj_weight
+    "self_attention": (False, True),  # MHA (packed only): query alone, key = value = query
+    "mask_2d": (False, True),  # MHA: an (L, S) mask instead of (B, H, L, S)
+    "key_extra": (1, 2),  # Bahdanau: key_dim = query_dim + key_extra
+    "normalize": (False, True),  # Bahdanau: weight-normalised g v / ||v|| and a bias inside the tanh
+    "single_step": (False, True),  # RNN layers: one decoder step (B, D) instead of (B, T, D)
+    "separate_values": (True, False),  # RNN layers: values given (else the keys are the values)
+    "learn_scale": (False, True),  # Luong: a learnable scalar g on the scores
+}
+# Every feature on (one choice per option) for the suites that run one fixed case per entry.
+FULL_OPTIONS = dict(softmax_axis=-2, key_lengths=True, window=(1, 2), core_window=(1, 2), scale=0.3, bias=True, heads=2,
+                    gqa=True, packed=True, self_attention=False, mask_2d=False, key_extra=2, normalize=True,
+                    single_step=False, separate_values=True, learn_scale=True)
 
 
 @dataclass
@@ -45,10 +73,15 @@ class Case:
     layout: str = "C"
     mask: str = "none"
     causal: object = False
+    options: dict = field(default_factory=dict)  # named choices (OPTION_CHOICES); missing = default
     rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
         self.rng = np.random.default_rng(self.seed)
+
+    def opt(self, name: str):
+        """The value of option `name` (its first choice unless this case sets it)."""
+        return self.options[name] if name in self.options else OPTION_CHOICES[name][0]
 
     def fresh(self) -> "Case":
         return replace(self)
@@ -77,31 +110,6 @@ class Case:
         return m
 
 
-def with_layout(a: np.ndarray, layout: str) -> np.ndarray:
-    """The same values as `a` in another memory layout."""
-    if layout == "C" or a.ndim == 0:
-        return np.ascontiguousarray(a)
-    if layout == "F":
-        return np.asfortranarray(a)
-    if layout == "strided":  # every other element of a larger buffer, along every axis
-        big = np.zeros(tuple(2 * s + 1 for s in a.shape), dtype=a.dtype)
-        view = big[tuple(slice(1, None, 2) for _ in a.shape)]
-        view[...] = a
-        return view
-    if layout == "negative":  # negative strides on every axis
-        flipped = np.ascontiguousarray(a[tuple(slice(None, None, -1) for _ in a.shape)])
-        return flipped[tuple(slice(None, None, -1) for _ in a.shape)]
-    if layout == "readonly":
-        r = np.array(a)
-        r.flags.writeable = False
-        return r
-    if layout == "broadcast":  # stride 0 on the leading axis (when its values repeat)
-        if a.shape[0] == 0:
-            return a
-        return np.broadcast_to(a[:1], a.shape) if a.ndim >= 3 else np.ascontiguousarray(a)
-    raise ValueError(layout)
-
-
 @dataclass
 class Kernel:
     name: str
@@ -112,6 +120,7 @@ class Kernel:
     # Whether the generator supports masks / causal (fuzzers only vary what it uses).
     uses_mask: bool = False
     uses_causal: bool = False
+    options: tuple = ()  # the OPTION_CHOICES names make() reads
 
 
 def _tuple(x):
@@ -161,7 +170,8 @@ def _score_ref(kw):
 
 def _softmax_make(c: Case):
     x = c.array(c.batch + (c.lq, c.lk), scale=3.0)
-    return dict(x=x, mask=c.mask_for(x.shape), axis=int(c.rng.integers(-x.ndim, x.ndim)) if c.seed % 3 == 0 else -1)
+    axis = c.opt("softmax_axis")
+    return dict(x=x, mask=c.mask_for(x.shape), axis=axis if -x.ndim <= axis < x.ndim else -1)
 
 
 def _softmax_ref(kw):
@@ -209,12 +219,12 @@ def _sdpa_make(c: Case):
     v = c.array(batch + (c.lk, c.dv))
     kw = dict(query=q, key=k, value=v, attn_mask=c.mask_for(batch + (c.lq, c.lk)), is_causal=c.causal,
               return_weights=True, return_lse=True)
-    if c.seed % 2 and c.lk:  # key_lengths over the dimensions before the heads
+    if c.opt("key_lengths") and c.lk:  # key_lengths over the dimensions before the heads
         kw["key_lengths"] = c.rng.integers(0, c.lk + 1, size=batch[:-1])
-    if c.seed % 5 == 1:
-        kw["window"] = (int(c.rng.integers(0, 3)), None if c.seed % 2 else int(c.rng.integers(0, 3)))
-    if c.seed % 7 == 3:
-        kw["scale"] = 0.3
+    if c.opt("window") is not None:
+        kw["window"] = c.opt("window")
+    if c.opt("scale") is not None:
+        kw["scale"] = c.opt("scale")
     return kw
 
 
@@ -246,7 +256,7 @@ def _core_product_ref(kw):
 def _core_additive_make(c: Case):
     return dict(query=c.array(c.batch + (c.lq, c.d)), key=c.array(c.batch + (c.lk, c.d + 1)),
                 w_query=c.array((c.d, c.units)), w_key=c.array((c.d + 1, c.units)), v=c.array((c.units,)),
-                bias=c.array((c.units,)) if c.seed % 2 else None, scale=1.5)
+                bias=c.array((c.units,)) if c.opt("bias") else None, scale=1.5)
 
 
 def _core_additive_ref(kw):
@@ -289,9 +299,9 @@ def _additive_attention_make(c: Case):
     kw = dict(query=c.array(c.batch + (c.lq, c.d)), key=c.array(c.batch + (c.lk, c.d + 1), c.dtype2),
               value=c.array(c.batch + (c.lk, c.dv)), w_query=c.array((c.d, c.units)),
               w_key=c.array((c.d + 1, c.units)), v=c.array((c.units,)),
-              bias=c.array((c.units,)) if c.seed % 2 else None, mask=c.mask_for(c.batch + (c.lq, c.lk)),
+              bias=c.array((c.units,)) if c.opt("bias") else None, mask=c.mask_for(c.batch + (c.lq, c.lk)),
               return_weights=True)
-    if c.seed % 3 != 2:  # key_lengths over the batch dimensions
+    if c.opt("key_lengths"):  # key_lengths over the batch dimensions
         kw["key_lengths"] = c.rng.integers(0, c.lk + 1, size=c.batch)
     return kw
 
@@ -336,12 +346,10 @@ def _core_sdpa_make(c: Case):
     offset = (c.lk - c.lq if c.causal == "bottom_right" else 0) if causal else 0
     kw = dict(query=q, key=k, value=v, attn_mask=None if mask is None else np.broadcast_to(mask, c.batch + (c.lq, c.lk)),
               causal=causal, causal_offset=offset, window_left=-1, window_right=-1, key_lengths=None,
-              scale=0.3 if c.seed % 7 == 3 else 1.0 / math.sqrt(max(c.d, 1)), return_weights=True, return_lse=True)
-    if c.seed % 2:  # one length per batch entry (heads included: _core takes the whole batch shape)
+              scale=c.opt("scale") or 1.0 / math.sqrt(max(c.d, 1)), return_weights=True, return_lse=True)
+    if c.opt("key_lengths"):  # one length per batch entry (heads included: _core takes the whole batch shape)
         kw["key_lengths"] = c.rng.integers(0, c.lk + 1, size=c.batch).astype(np.int64)
-    if c.seed % 5 == 1:
-        kw["window_left"] = int(c.rng.integers(-1, 3))
-        kw["window_right"] = int(c.rng.integers(-1, 3))
+    kw["window_left"], kw["window_right"] = c.opt("core_window")
     return kw
 
 
@@ -372,7 +380,7 @@ def _core_sdpa_ref(kw):
 def _core_linear_make(c: Case):
     b = int(np.prod(c.batch)) if c.batch else 2
     x = c.array((b, c.lq, c.dv, c.d))
-    return dict(x=x, weight=c.array((c.units, c.dv * c.d)), bias=c.array((c.units,)) if c.seed % 2 else None)
+    return dict(x=x, weight=c.array((c.units, c.dv * c.d)), bias=c.array((c.units,)) if c.opt("bias") else None)
 
 
 def _core_linear_ref(kw):
@@ -391,15 +399,15 @@ MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weigh
 
 
 def _mha_make(c: Case):
-    heads = 1 + c.seed % 3
-    kv_heads = heads if c.seed % 2 else 1  # grouped-query (multi-query) attention on odd seeds
+    heads = c.opt("heads")
+    kv_heads = 1 if c.opt("gqa") else heads  # grouped-query (multi-query) attention
     hd = max(c.d, 1)
     e, kvw = heads * hd, kv_heads * hd
-    packed = c.seed % 4 < 2  # kdim == vdim == embed_dim: one packed in_proj_weight
+    packed = c.opt("packed")  # kdim == vdim == embed_dim: one packed in_proj_weight
     kdim, vdim = (e, e) if packed else (c.units + 1, c.dv + 1)
     b = int(np.prod(c.batch)) if c.batch else 1
     kw = dict(query=c.array((b, c.lq, e)))
-    self_attention = packed and c.seed % 8 < 2  # query only: self-attention, one GEMM for Q, K, V
+    self_attention = packed and c.opt("self_attention")  # query only: self-attention, one GEMM for Q, K, V
     if self_attention:
         lk = c.lq
     else:
@@ -412,17 +420,17 @@ def _mha_make(c: Case):
     else:
         kw.update(q_proj_weight=c.array((e, e), scale=0.5), k_proj_weight=c.array((kvw, kdim), scale=0.5),
                   v_proj_weight=c.array((kvw, vdim), scale=0.5))
-    bias = c.seed % 3 != 1
+    bias = c.opt("bias")
     if bias:
         kw["in_proj_bias"] = c.array((e + 2 * kvw,))
     kw["out_proj.weight"] = c.array((e, e), scale=0.5)
     if bias:
         kw["out_proj.bias"] = c.array((e,))
     m = c.mask_for((b, heads, c.lq, lk))
-    if m is not None and (m.shape != (b, heads, c.lq, lk) or c.seed % 5 == 0):
+    if m is not None and (m.shape != (b, heads, c.lq, lk) or c.opt("mask_2d")):
         m = np.ascontiguousarray(np.broadcast_to(c.mask_for((c.lq, lk)), (c.lq, lk)))  # the (L, S) form
     kw.update(attn_mask=m, is_causal=c.causal)
-    if c.seed % 2 and lk:
+    if c.opt("key_lengths") and lk:
         kw["key_lengths"] = c.rng.integers(0, lk + 1, size=b)
     kw.update(need_weights=True, average_attn_weights=False)
     return kw
@@ -487,14 +495,14 @@ BAHDANAU_WEIGHTS = ("w_query", "w_key", "v", "g", "bias")
 
 def _bahdanau_make(c: Case):
     qd, units = max(c.d, 1), max(c.units, 1)
-    kd = qd + 1 + c.seed % 2
-    normalize = c.seed % 4 >= 2  # weight-normalised: g v / ||v|| and a bias inside the tanh
-    single = c.seed % 3 == 0  # one decoder step (B, D) or many (B, T, D)
+    kd = qd + c.opt("key_extra")
+    normalize = c.opt("normalize")  # weight-normalised: g v / ||v|| and a bias inside the tanh
+    single = c.opt("single_step")  # one decoder step (B, D) or many (B, T, D)
     kw = dict(query=c.array(c.batch + ((qd,) if single else (c.lq, qd))),
               keys=c.array(c.batch + (c.lk, kd), c.dtype2))
-    if c.seed % 5 != 4:  # else the keys are the values
+    if c.opt("separate_values"):  # else the keys are the values
         kw["values"] = c.array(c.batch + (c.lk, c.dv))
-    if c.seed % 7 < 5:  # key_lengths over the batch dimensions
+    if c.opt("key_lengths"):  # key_lengths over the batch dimensions
         kw["key_lengths"] = c.rng.integers(0, c.lk + 1, size=c.batch)
     kw.update(query_dim=qd, key_dim=kd, units=units, normalize=normalize)
     kw.update(w_query=c.array((qd, units), scale=1 / math.sqrt(qd)), w_key=c.array((kd, units), scale=1 / math.sqrt(kd)),
@@ -537,15 +545,15 @@ def _luong_make(method):
         qd = max(c.d, 1)
         kd = qd if method == "dot" else qd + 1
         units, att = max(c.units, 1), max(c.units, 1) + 1
-        scale = c.seed % 2 == 1  # a learnable scalar g on the scores
-        single = c.seed % 3 == 0  # one decoder step (B, D) or many (B, T, D)
+        scale = c.opt("learn_scale")  # a learnable scalar g on the scores
+        single = c.opt("single_step")  # one decoder step (B, D) or many (B, T, D)
         kw = dict(query=c.array(c.batch + ((qd,) if single else (c.lq, qd))),
                   keys=c.array(c.batch + (c.lk, kd), c.dtype2))
-        if c.seed % 4 != 3:  # else the keys are the values
+        if c.opt("separate_values"):  # else the keys are the values
             kw["values"] = c.array(c.batch + (c.lk, max(c.dv, 1)))
         vd = kw["values"].shape[-1] if "values" in kw else kd
         kw["mask"] = c.mask_for(c.batch + ((c.lk,) if single else (c.lq, c.lk)))
-        if c.seed % 5 < 3:  # key_lengths over the batch dimensions
+        if c.opt("key_lengths"):  # key_lengths over the batch dimensions
             kw["key_lengths"] = c.rng.integers(0, c.lk + 1, size=c.batch)
         kw.update(query_dim=qd, key_dim=kd, method=method, attentional_units=att, value_dim=vd, scale=scale)
         if method == "general":
@@ -579,12 +587,15 @@ def _luong_ref(kw):
                               g=kw.get("g"), mask=kw.get("mask"), key_lengths=kw.get("key_lengths"))
     return tuple(np.asarray(r).astype(dtype) for r in out)
 
+LUONG_OPTIONS = ("learn_scale", "single_step", "separate_values", "key_lengths")
+
 KERNELS: list[Kernel] = [
     Kernel("score[dot]", _score_make("dot"), lambda kw: (attnext.score(**kw),), _score_ref),
     Kernel("score[scaled_dot]", _score_make("scaled_dot"), lambda kw: (attnext.score(**kw),), _score_ref),
     Kernel("score[general]", _score_make("general"), lambda kw: (attnext.score(**kw),), _score_ref),
     Kernel("score[additive]", _score_make("additive"), lambda kw: (attnext.score(**kw),), _score_ref),
-    Kernel("softmax", _softmax_make, lambda kw: (attnext.softmax(**kw),), _softmax_ref, uses_mask=True),
+    Kernel("softmax", _softmax_make, lambda kw: (attnext.softmax(**kw),), _softmax_ref, uses_mask=True,
+           options=("softmax_axis",)),
     Kernel("weighted_sum", _ws_make, lambda kw: (attnext.weighted_sum(**kw),), _ws_ref),
     Kernel("attention[scaled_dot]", _attention_make("scaled_dot"), lambda kw: _tuple(attnext.attention(**kw)),
            _attention_ref, uses_mask=True, uses_causal=True),
@@ -592,31 +603,38 @@ KERNELS: list[Kernel] = [
            _attention_ref, uses_mask=True, uses_causal=True),
     Kernel("scaled_dot_product_attention", _sdpa_make,
            lambda kw: _tuple(attnext.scaled_dot_product_attention(**kw)), _sdpa_ref, uses_mask=True,
-           uses_causal=True),
+           uses_causal=True, options=("key_lengths", "window", "scale")),
     Kernel("_core.score_product", _core_product_make(0), lambda kw: (_core.score_product(**kw),),
            _core_product_ref, core=True),
     Kernel("_core.score_product[weight]", _core_product_make(1), lambda kw: (_core.score_product(**kw),),
            _core_product_ref, core=True),
     Kernel("_core.score_additive", _core_additive_make, lambda kw: (_core.score_additive(**kw),),
-           _core_additive_ref, core=True),
+           _core_additive_ref, core=True, options=("bias",)),
     Kernel("_core.softmax", _core_softmax_make, lambda kw: (_core.softmax(**kw),), _core_softmax_ref, core=True,
            uses_mask=True, uses_causal=True),
     Kernel("_core.weighted_sum", _core_ws_make, lambda kw: (_core.weighted_sum(**kw),),
            lambda kw: (ref.weighted_sum(kw["weights"], kw["value"]),), core=True),
     Kernel("additive_attention", _additive_attention_make, lambda kw: _tuple(attnext.additive_attention(**kw)),
-           _additive_attention_ref, uses_mask=True),
+           _additive_attention_ref, uses_mask=True, options=("bias", "key_lengths")),
     Kernel("_core.sdpa", _core_sdpa_make, lambda kw: tuple(_core.sdpa(**kw)), _core_sdpa_ref, core=True,
-           uses_mask=True, uses_causal=True),
+           uses_mask=True, uses_causal=True,
+           options=("key_lengths", "core_window", "scale")),
     Kernel("_core.additive_attention", _core_additive_attention_make, _core_additive_attention_call,
-           _additive_attention_ref, core=True, uses_mask=True),
+           _additive_attention_ref, core=True, uses_mask=True, options=("bias", "key_lengths")),
     Kernel("_core.additive_attention_keys", _core_additive_attention_make, _core_additive_attention_keys_call,
-           _additive_attention_ref, core=True, uses_mask=True),
-    Kernel("_core.linear", _core_linear_make, lambda kw: (_core.linear(**kw),), _core_linear_ref, core=True),
-    Kernel("MultiHeadAttention", _mha_make, _mha_call, _mha_ref, uses_mask=True, uses_causal=True),
-    Kernel("BahdanauAttention", _bahdanau_make, _bahdanau_call, _bahdanau_ref),
-    Kernel("LuongAttention[dot]", _luong_make("dot"), _luong_call, _luong_ref, uses_mask=True),
-    Kernel("LuongAttention[general]", _luong_make("general"), _luong_call, _luong_ref, uses_mask=True),
-    Kernel("LuongAttention[concat]", _luong_make("concat"), _luong_call, _luong_ref, uses_mask=True),
+           _additive_attention_ref, core=True, uses_mask=True, options=("bias", "key_lengths")),
+    Kernel("_core.linear", _core_linear_make, lambda kw: (_core.linear(**kw),), _core_linear_ref, core=True,
+           options=("bias",)),
+    Kernel("MultiHeadAttention", _mha_make, _mha_call, _mha_ref, uses_mask=True, uses_causal=True,
+           options=("heads", "gqa", "packed", "self_attention", "bias", "mask_2d", "key_lengths")),
+    Kernel("BahdanauAttention", _bahdanau_make, _bahdanau_call, _bahdanau_ref,
+           options=("key_extra", "normalize", "single_step", "separate_values", "key_lengths")),
+    Kernel("LuongAttention[dot]", _luong_make("dot"), _luong_call, _luong_ref, uses_mask=True,
+           options=LUONG_OPTIONS),
+    Kernel("LuongAttention[general]", _luong_make("general"), _luong_call, _luong_ref, uses_mask=True,
+           options=LUONG_OPTIONS),
+    Kernel("LuongAttention[concat]", _luong_make("concat"), _luong_call, _luong_ref, uses_mask=True,
+           options=LUONG_OPTIONS),
 ]
 
 BY_NAME = {k.name: k for k in KERNELS}
@@ -641,25 +659,7 @@ CORE_FUNCTIONS = {name: getattr(_core, name) for name in dir(_core) if not name.
 DOCUMENTED_ERRORS = (TypeError, ValueError, MemoryError)
 
 
-def tolerance(dtype) -> float:
-    return 1e-5 if np.dtype(dtype) == np.float32 else 1e-12
-
-
-def max_rel_err(a, b) -> float:
-    """max|a - b| / max(|b|, 1e-30) over finite entries; NaN/inf must sit in the same places."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise AssertionError(f"shape {a.shape} != reference {b.shape}")
-    if a.size == 0:
-        return 0.0
-    same_nonfinite = (np.isnan(a) == np.isnan(b)).all() and (np.isposinf(a) == np.isposinf(b)).all() and (
-        np.isneginf(a) == np.isneginf(b)).all()
-    if not same_nonfinite:
-        return math.inf
-    fin = np.isfinite(b)
-    if not fin.any():
-        return 0.0
-    return float(np.max(np.abs(a[fin] - b[fin])) / max(float(np.max(np.abs(b[fin]))), 1e-30))
+max_rel_err = relative_error  # the registry suites' name for the harness's measure
 
 
 def check_against_reference(kernel: Kernel, kw: dict, tol_dtype=None) -> None:

@@ -6,7 +6,7 @@ import gc
 import os
 import tracemalloc
 
-from .kernels import KERNELS, Case
+from .kernels import FULL_OPTIONS, KERNELS, Case
 
 
 def rss_bytes() -> int:
@@ -20,7 +20,8 @@ def rss_bytes() -> int:
 
 def leak_inputs(kernel):
     # Outputs of several KiB per call, so that a leaked output would add megabytes.
-    return kernel.make(Case(seed=31, batch=(2,), lq=24, lk=20, d=8, dv=6, units=5, mask="bool", causal=True))
+    return kernel.make(Case(seed=31, batch=(2,), lq=24, lk=20, d=8, dv=6, units=5, mask="bool", causal=True,
+                                  options=FULL_OPTIONS))
 
 
 def measure(kernel, calls: int, warmup: int = 200):

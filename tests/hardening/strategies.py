@@ -1,15 +1,22 @@
-"""Hypothesis strategies drawing a :class:`kernels.Case` for any registry entry."""
+"""Hypothesis strategies drawing a :class:`kernels.Case` for any registry entry: sizes, dtypes,
+layouts, mask kinds, causal modes and every named option the entry reads (``Kernel.options``,
+choices in ``kernels.OPTION_CHOICES``), so a failing example names each choice it made."""
 
 from __future__ import annotations
 
 import numpy as np
 from hypothesis import strategies as st
 
-from .kernels import CAUSAL, LAYOUTS, MASKS, Case, Kernel
+from .kernels import CAUSAL, LAYOUTS, MASKS, OPTION_CHOICES, Case, Kernel
 
 # Sizes: empty, one, small odd, and the block-boundary sizes of the kernels (64-row blocks).
 SIZES = st.one_of(st.sampled_from([0, 1, 2, 3, 7]), st.integers(0, 12), st.sampled_from([33, 65]))
 SMALL = st.one_of(st.sampled_from([1, 2, 3]), st.integers(0, 3))
+
+
+def options(kernel: Kernel):
+    """A dict drawing every option `kernel` reads from its choices."""
+    return st.fixed_dictionaries({name: st.sampled_from(OPTION_CHOICES[name]) for name in kernel.options})
 
 
 @st.composite
@@ -25,9 +32,10 @@ def cases(draw, kernel: Kernel) -> Case:
     lq, lk = draw(SIZES), draw(SIZES)
     # Keep the work small: large sequence lengths only with a small batch.
     if lq * lk * max(1, int(np.prod(batch))) > 20000:
-        batch = ()  if not kernel.name.startswith("scaled_dot_product") else (1,)
+        batch = () if not kernel.name.startswith("scaled_dot_product") else (1,)
     return Case(seed=draw(st.integers(0, 2**31 - 1)), dtype=dtype, dtype2=dtype2, batch=batch, lq=lq, lk=lk,
                 d=draw(st.integers(0, 9)), dv=draw(st.integers(0, 6)), units=draw(st.integers(0, 9)),
                 layout=draw(st.sampled_from(LAYOUTS)),
                 mask=draw(st.sampled_from(MASKS)) if kernel.uses_mask else "none",
-                causal=draw(st.sampled_from(CAUSAL)) if kernel.uses_causal else False)
+                causal=draw(st.sampled_from(CAUSAL)) if kernel.uses_causal else False,
+                options=draw(options(kernel)))

@@ -11,16 +11,18 @@ import pytest
 
 import attnext
 
-from .kernels import KERNELS, Case
+from .kernels import FULL_OPTIONS, KERNELS, Case
 
 CALLS_PER_THREAD = 2000 if os.environ.get("ATTNEXT_HEAVY") else 150
 THREADS = 8
 
 
 def _inputs(i, kernel):
-    # Big enough to split into several parallel blocks (65 query rows, batch 2 x 2).
+    # Big enough to split into several parallel blocks (65 query rows, batch 2 x 2); every
+    # other job with every option on (key_lengths, windows, biases, GQA, ...).
     return kernel.make(Case(seed=100 + i, batch=(2, 2), lq=65, lk=33, d=8, dv=5, units=7, mask="bool",
-                            causal="bottom_right", layout=("C", "F", "strided", "negative")[i % 4]))
+                            causal="bottom_right", layout=("C", "F", "strided", "negative")[i % 4],
+                            options=FULL_OPTIONS if i % 2 else {}))
 
 
 def _same(a, b):

@@ -1,6 +1,8 @@
 """A short run of tools/fuzz_crash.py (malformed arguments at every public and _core function,
-in a subprocess so that a crash is seen): no crash, hang or undocumented exception.
-The full run is `python tools/fuzz_crash.py` (40,000 calls); ATTNEXT_HEAVY=1 runs it here."""
+and issue 13's generators: extreme values, GQA x broadcasting x masks, hidden NaN, racing
+mutation, thread counts, empty outputs, the bad-argument list; in a subprocess so that a crash
+is seen): no crash, hang or undocumented exception. The release run is
+`python tools/fuzz_crash.py --million`; ATTNEXT_HEAVY=1 runs 40,000 calls here."""
 
 import os
 import subprocess

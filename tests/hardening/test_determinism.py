@@ -6,7 +6,7 @@ import pytest
 
 import attnext
 
-from .kernels import KERNELS, Case
+from .kernels import FULL_OPTIONS, KERNELS, Case
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def restore_threads():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_bit_identical_across_thread_counts(kernel, dtype, restore_threads):
     kw = kernel.make(Case(seed=21, dtype=dtype, batch=(3, 2), lq=130, lk=67, d=19, dv=9, units=13, mask="float_ninf",
-                          causal=True, layout="strided"))
+                          causal=True, layout="strided", options=FULL_OPTIONS))
     attnext.set_num_threads(1)
     want = [o.tobytes() for o in kernel.call(kw)]
     for threads in (2, 3, 8, 1, 8):

@@ -10,7 +10,7 @@ import attnext
 from attnext import _core
 from attnext import reference as ref
 
-from .kernels import KERNELS, Case, check_against_reference
+from .kernels import FULL_OPTIONS, KERNELS, Case, check_against_reference
 
 SPECIALS = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
 
@@ -70,7 +70,9 @@ def check_value_injection(kernel, kw, bad_kw, name):
 def test_propagates_like_reference(kernel, special, dtype):
     rng = np.random.default_rng(11)
     for mask in ("none", "bool", "float_ninf"):
-        kw = kernel.make(Case(seed=7, dtype=dtype, mask=mask, causal=True, batch=(2, 3), lq=6, lk=9))
+        # Every option on; the RNN layers' keys serve as their values under the bool mask.
+        options = dict(FULL_OPTIONS, separate_values=mask != "bool")
+        kw = kernel.make(Case(seed=7, dtype=dtype, mask=mask, causal=True, batch=(2, 3), lq=6, lk=9, options=options))
         for name, a in kw.items():
             if not isinstance(a, np.ndarray) or a.dtype.kind != "f" or name in ("mask", "attn_mask"):
                 continue

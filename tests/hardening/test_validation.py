@@ -10,9 +10,8 @@ import pytest
 import attnext
 from attnext import _core
 
-from conftest import unaligned
-
-from .kernels import KERNELS, Case, check_against_reference
+from .harness import unaligned
+from .kernels import FULL_OPTIONS, KERNELS, Case, check_against_reference
 
 PUBLIC = [k for k in KERNELS if not k.core]
 CORE = [k for k in KERNELS if k.core]
@@ -26,7 +25,7 @@ def float_args(kw):
 @pytest.mark.parametrize("kernel", KERNELS, ids=ids)
 @pytest.mark.parametrize("bad", ["int32", "int64", "bool", "complex128", "object", "U1"])
 def test_non_float_dtype_is_type_error(kernel, bad):
-    kw = kernel.make(Case(seed=1))
+    kw = kernel.make(Case(seed=1, options=FULL_OPTIONS))
     for name in float_args(kw):
         if kernel.name == "softmax" and name == "mask":
             continue
@@ -39,7 +38,7 @@ def test_non_float_dtype_is_type_error(kernel, bad):
 
 @pytest.mark.parametrize("kernel", CORE, ids=ids)
 def test_core_rejects_float16(kernel):
-    kw = kernel.make(Case(seed=1))
+    kw = kernel.make(Case(seed=1, options=FULL_OPTIONS))
     for name in float_args(kw):
         with pytest.raises(TypeError):
             kernel.call(dict(kw, **{name: kw[name].astype(np.float16)}))
@@ -47,7 +46,7 @@ def test_core_rejects_float16(kernel):
 
 @pytest.mark.parametrize("kernel", PUBLIC, ids=ids)
 def test_public_upcasts_float16_to_float32(kernel):
-    kw = kernel.make(Case(seed=1, dtype=np.float16))
+    kw = kernel.make(Case(seed=1, options=FULL_OPTIONS, dtype=np.float16))
     for out in kernel.call(kw):
         assert out.dtype == np.float32
     check_against_reference(kernel, kw)
@@ -55,7 +54,7 @@ def test_public_upcasts_float16_to_float32(kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=ids)
 def test_zero_dimensional_argument_is_value_error(kernel):
-    kw = kernel.make(Case(seed=2))
+    kw = kernel.make(Case(seed=2, options=FULL_OPTIONS))
     for name in float_args(kw):
         if name in ("mask", "attn_mask"):
             continue  # a 0-d mask broadcasts to anything
@@ -74,7 +73,7 @@ def test_zero_dimensional_argument_is_value_error(kernel):
 def test_empty_sizes_give_empty_or_zeros(kernel, sizes):
     if kernel.name.startswith("scaled_dot_product") and sizes.get("batch") == (0,):
         sizes = dict(batch=(0, 2))
-    kw = kernel.make(Case(seed=3, mask="bool", causal=True, **sizes))
+    kw = kernel.make(Case(seed=3, options=FULL_OPTIONS, mask="bool", causal=True, **sizes))
     outs = kernel.call(kw)
     check_against_reference(kernel, kw)
     if sizes == dict(lk=0) and kernel.name in ("weighted_sum", "_core.weighted_sum"):
@@ -83,7 +82,7 @@ def test_empty_sizes_give_empty_or_zeros(kernel, sizes):
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=ids)
 def test_unaligned_inputs(kernel):
-    kw = kernel.make(Case(seed=4, mask="float"))
+    kw = kernel.make(Case(seed=4, options=FULL_OPTIONS, mask="float"))
     for name in float_args(kw):
         bad = dict(kw, **{name: unaligned(kw[name])})
         if kernel.core:
@@ -96,12 +95,13 @@ def test_unaligned_inputs(kernel):
 @pytest.mark.parametrize("kernel", KERNELS, ids=ids)
 @pytest.mark.parametrize("layout", ["readonly", "negative", "strided", "F", "broadcast"])
 def test_odd_layouts_accepted(kernel, layout):
-    check_against_reference(kernel, kernel.make(Case(seed=5, layout=layout, batch=(3, 2), lq=9, lk=11)))
+    check_against_reference(kernel, kernel.make(Case(seed=5, options=FULL_OPTIONS, layout=layout, batch=(3, 2), lq=9,
+                                                     lk=11)))
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=ids)
 def test_non_native_byte_order(kernel):
-    kw = kernel.make(Case(seed=6))
+    kw = kernel.make(Case(seed=6, options=FULL_OPTIONS))
     for name in float_args(kw):
         swapped = dict(kw, **{name: kw[name].astype(kw[name].dtype.newbyteorder(">"))})
         if kernel.core:
