@@ -32,7 +32,16 @@ import shutil
 import subprocess
 import warnings
 
+from typing import TYPE_CHECKING, Optional, Sequence, Union
+
 import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import os
+
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["heatmap", "heads", "MissingGlyphWarning", "font_for", "DPI", "MAX_SIDE_PX"]
 
@@ -105,7 +114,7 @@ def _default_font_path() -> str:
     return font_manager.findfont(font_manager.FontProperties(), fallback_to_default=True)
 
 
-def font_for(text: str):
+def font_for(text: str) -> Optional[str]:
     """The family name of an installed font that has every glyph of ``text`` (None when the
     default font has them all); raises LookupError when no installed font has them."""
     _mpl()
@@ -150,8 +159,10 @@ def _prepare_labels(labels):
     return labels, [family, font_manager.get_font(_default_font_path()).family_name]
 
 
-DPI = 120  # dots per inch of the saved image
-MAX_SIDE_PX = 1600  # no side of a figure made here is larger, whatever Lq and Lk
+DPI = 120
+"""Dots per inch of the saved images."""
+MAX_SIDE_PX = 1600
+"""No side of a figure made here is larger, in pixels at ``DPI``, whatever Lq and Lk."""
 _MAX_SIDE_IN = MAX_SIDE_PX / DPI
 # Inches per key column / query row while the figure is below the cap: room for a 4-letter token.
 _CELL_W, _CELL_H = 0.55, 0.5
@@ -308,8 +319,10 @@ def _vmax(w) -> float:
     return max(float(finite.max()) if finite.size else 1.0, 1e-12)
 
 
-def heatmap(weights, *, x_labels=None, y_labels=None, ax=None, path=None, title=None, annotate=True,
-            key_lengths=None, query_lengths=None):
+def heatmap(weights: npt.ArrayLike, *, x_labels: Optional[Sequence[object]] = None,
+            y_labels: Optional[Sequence[object]] = None, ax: Optional[Axes] = None,
+            path: Union[str, os.PathLike, None] = None, title: Optional[str] = None, annotate: bool = True,
+            key_lengths: Optional[int] = None, query_lengths: Optional[int] = None) -> Figure:
     """Draws attention weights as a heatmap.
 
     Args:
@@ -349,8 +362,10 @@ def heatmap(weights, *, x_labels=None, y_labels=None, ax=None, path=None, title=
     return fig
 
 
-def heads(weights, *, x_labels=None, y_labels=None, path=None, title=None, cols=None, annotate=False,
-          key_lengths=None, query_lengths=None):
+def heads(weights: npt.ArrayLike, *, x_labels: Optional[Sequence[object]] = None,
+          y_labels: Optional[Sequence[object]] = None, path: Union[str, os.PathLike, None] = None,
+          title: Optional[str] = None, cols: Optional[int] = None, annotate: bool = False,
+          key_lengths: Optional[int] = None, query_lengths: Optional[int] = None) -> Figure:
     """Draws (H, Lq, Lk) attention weights as a grid, one panel per head.
 
     Args:
