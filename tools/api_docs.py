@@ -54,8 +54,8 @@ def audit(modules=MODULES) -> tuple[list[str], list[str]]:
                 params = list(member.signature.parameters.values())
                 if [p.kind for p in params] == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]:
                     problems.append(f"{qual}: signature cannot be read {member.signature}")
-                bare = [p.name for p in member.signature_without_self.parameters.values()
-                        if p.annotation is inspect.Parameter.empty]
+                bare = [p.name for i, p in enumerate(params) if p.annotation is inspect.Parameter.empty
+                        and not (i == 0 and p.name in ("self", "cls"))]
                 if bare:
                     notes.append(f"{qual}: parameters without annotation: {', '.join(bare)}")
                 if member.signature.return_annotation is inspect.Signature.empty and name != "__init__":
