@@ -22,7 +22,8 @@ def _weights(rng, *shape):
 
 
 def _png_size(path):
-    data = open(path, "rb").read(24)
+    with open(path, "rb") as f:
+        data = f.read(24)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     return struct.unpack(">II", data[16:24])  # IHDR: width, height
 
@@ -63,7 +64,8 @@ def test_large_heatmap_bounded_in_pixels_and_memory(n, tmp_path):
         labels = [f"tok{{i}}" for i in range({n})]
         def run():
             plot.heatmap(w, x_labels=labels, y_labels=labels, path={str(path)!r}, title="{n} tokens")
-            return np.array(struct.unpack(">II", open({str(path)!r}, "rb").read(24)[16:24]))
+            with open({str(path)!r}, "rb") as f:
+                return np.array(struct.unpack(">II", f.read(24)[16:24]))
     """, "run()")
     assert biggest_side <= plot.MAX_SIDE_PX <= 2000
     assert max(_png_size(path)) <= plot.MAX_SIDE_PX
