@@ -149,6 +149,21 @@ def test_lengths_errors():
         plot.heatmap(w, x_labels=list("abc"), key_lengths=2)
 
 
+def test_empty_weights_raise():
+    with pytest.raises(ValueError, match=r"shape \(0, 3\) have no queries or no keys"):
+        plot.heatmap(np.zeros((0, 3)))
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 0\) have no queries or no keys"):
+        plot.heads(np.zeros((2, 3, 0)))
+
+
+def test_odd_values_plot():
+    """NaN and inf weights, integers and bools draw without a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for w in (np.full((3, 3), np.nan), np.eye(2, dtype=int), np.array([[True, False]]), np.eye(1)):
+            assert plot.heatmap(w).axes[0].images
+
+
 def test_head_weights_given_to_heatmap_point_to_heads():
     with pytest.raises(ValueError, match=r"got shape \(2, 3, 3\); for \(H, Lq, Lk\) weights use attnext\.plot\.heads"):
         plot.heatmap(np.ones((2, 3, 3)))

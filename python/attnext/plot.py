@@ -287,6 +287,8 @@ def _as_weights(weights, ndim: int, what: str) -> np.ndarray:
         elif ndim == 3 and w.ndim == 2:
             hint = "; for one (Lq, Lk) matrix use attnext.plot.heatmap(weights)"
         raise ValueError(f"weights must be {what}, got shape {tuple(w.shape)}{hint}")
+    if w.shape[-1] == 0 or w.shape[-2] == 0:
+        raise ValueError(f"weights of shape {tuple(w.shape)} have no queries or no keys: nothing to draw")
     return np.asarray(w, dtype=np.float64)
 
 
