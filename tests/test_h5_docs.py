@@ -106,6 +106,12 @@ def test_contributing_guide_is_linked_and_describes_ci():
         "pip install -r requirements/test.txt && pytest") + 1]
 
 
+def test_ci_type_checks_the_examples_with_a_pinned_mypy():
+    assert "pip install -r requirements/typecheck.txt && mypy --follow-imports=silent examples" in _ci_commands()
+    assert re.fullmatch(r"mypy==[\d.]+", "".join(_requirements("typecheck.txt")))
+    assert sorted(p.name for p in (ROOT / "examples").glob("*.py"))  # something to check
+
+
 # ---- tools/api_docs.py (needs pdoc: pip install -r requirements/docs.txt) --------------------
 
 @pytest.fixture
