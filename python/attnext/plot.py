@@ -265,8 +265,9 @@ def _draw(ax, w, x_labels, y_labels, title, annotate, vmax, colorbar=True):
 
 def _save(fig, path, own: bool):
     """Saves at DPI. A PNG of a figure made here is drawn once (savefig draws twice under a
-    layout engine, resampling every image twice) and compressed lightly (level 1: a third of the
-    default's time for a 1600-pixel heatmap)."""
+    layout engine, resampling every image twice) and compressed at zlib level 1: a heatmap of
+    noisy weights barely compresses, so the default level costs time for little size (figures in
+    docs/benchmarks.md)."""
     if own and str(path).lower().endswith(".png"):
         fig.canvas.print_png(path, pil_kwargs={"compress_level": 1})
     else:
