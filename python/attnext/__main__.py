@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Shows the three steps of attention on a small sentence, then Luong attention "
                                       "in an RNN encoder-decoder; writes heatmap PNGs when matplotlib is installed.")
     demo.add_argument("--out", metavar="DIR", default="attnext-demo", help="where the PNGs go (default attnext-demo)")
-    demo.add_argument("--quiet", action="store_true", help="print only the files written")
+    demo.add_argument("--quiet", action="store_true", help="print nothing (the PNGs are still written)")
     demo.set_defaults(run=_demo)
     return parser
 

@@ -14,8 +14,10 @@ learns the same picture. The heatmaps go to ``--out`` when matplotlib is install
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -119,7 +121,19 @@ def luong_translation(say=print):
     return np.stack(rows), src, out
 
 
+def heatmap_specs(out, w_en, w_zh, w_tr, src, words):
+    """(path, weights, x labels, y labels, title) of the demo's three heatmaps."""
+    en = "the cat sat on the mat".split()
+    zh = ["我", "是", "谁"]
+    return [
+        (os.path.join(out, "self_attention_en.png"), w_en, en, en, "self-attention weights"),
+        (os.path.join(out, "self_attention_zh.png"), w_zh, zh, zh, "self-attention weights: 我 是 谁"),
+        (os.path.join(out, "luong_who_am_i.png"), w_tr, src, words, "Luong attention: who am I → 我 是 谁"),
+    ]
+
+
 def run(out="attnext-demo", show_steps=True) -> int:
+    """The demo; ``show_steps=False`` (``--quiet``) prints nothing at all, warnings included."""
     say = print if show_steps else (lambda *a, **k: None)
     say("=" * 78)
     say("attention, step by step")
@@ -133,19 +147,27 @@ def run(out="attnext-demo", show_steps=True) -> int:
     say("Luong attention in an RNN encoder-decoder")
     say("=" * 78)
     w_tr, src, words = luong_translation(say=say)
-    try:
-        from . import plot
+    try:  # through sys.modules, not the package attribute, so a removed matplotlib is noticed
+        plot = importlib.import_module(__package__ + ".plot")
     except ImportError as exc:
-        print(f"\nno heatmaps: {exc}", file=sys.stderr)
+        if show_steps:
+            print(f"\nno heatmaps: {exc}", file=sys.stderr)
         return 0
     os.makedirs(out, exist_ok=True)
-    files = [
-        (os.path.join(out, "self_attention_en.png"), w_en, en, en, "self-attention weights"),
-        (os.path.join(out, "self_attention_zh.png"), w_zh, zh, zh, "self-attention weights: 我 是 谁"),
-        (os.path.join(out, "luong_who_am_i.png"), w_tr, src, words, "Luong attention: who am I → 我 是 谁"),
-    ]
     say("")
-    for path, w, xl, yl, title in files:
-        plot.heatmap(w, x_labels=xl, y_labels=yl, path=path, title=title)
-        print(f"wrote {path}")
+    missing = []
+    for path, w, xl, yl, title in heatmap_specs(out, w_en, w_zh, w_tr, src, words):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", plot.MissingGlyphWarning)
+            plot.heatmap(w, x_labels=xl, y_labels=yl, path=path, title=title)
+        for warning in caught:
+            if issubclass(warning.category, plot.MissingGlyphWarning):
+                missing.append(path)
+            else:  # anything else is re-issued as it came
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        say(f"wrote {path}")
+    if missing:
+        say("note: no installed font has the Chinese characters, so they are shown as code points (U+6211) in "
+            + ", ".join(sorted(set(os.path.basename(p) for p in missing)))
+            + "; install a CJK font (Debian/Ubuntu: fonts-noto-cjk) to see them.", file=sys.stderr)
     return 0

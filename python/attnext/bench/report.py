@@ -71,9 +71,16 @@ def machine_lines(doc) -> list:
     return lines
 
 
+def _present(doc) -> list:
+    """Contenders with a result in some case, less those unavailable for the whole run."""
+    available = {c: info.get("available", True) for c, info in doc.get("contenders", {}).items()}
+    return [c for c in CONTENDERS if available.get(c, True) and any(c in case["results"] for case in doc["cases"])]
+
+
 def table(doc) -> str:
-    """The terminal table: one row per case and contender."""
-    present = [c for c in CONTENDERS if any(c in case["results"] for case in doc["cases"])]
+    """The terminal table: one row per case and contender. A contender missing from the whole run
+    (PyTorch not importable) has no rows: the list below the table names it once, with why."""
+    present = _present(doc)
     header = ["case", "contender", "median", "IQR", "rate", "% peak"] + [f"vs {c}" for c in present]
     rows = []
     for case in doc["cases"]:
@@ -159,8 +166,9 @@ def save_csv(doc, path) -> None:
 
 
 def markdown(doc) -> str:
-    """The README results table: one row per case, attnext's rate and its speedups."""
-    present = [c for c in CONTENDERS if any(c in case["results"] for case in doc["cases"])]
+    """The README results table: one row per case, attnext's rate and its speedups (a contender
+    missing from the whole run has no column; the line under the table says why, once)."""
+    present = _present(doc)
     others = [c for c in present if c != "attnext"]
     lines = [f"Suite `{doc['suite']}`, {doc['created']}. " + " ".join(f"{x}." for x in machine_lines(doc)), ""]
     head = ["case", "dtype"] + [f"{c} (median)" for c in present] + ["attnext rate", "% of peak"] + \

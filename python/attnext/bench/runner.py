@@ -33,9 +33,10 @@ class Progress:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.start = time.perf_counter()
 
-    def update(self, label: str, advance: int = 0):
+    def update(self, label: str, advance: int = 0, quiet: bool = False):
+        """Advances by `advance` steps and shows `label` (`quiet`: advance without a line)."""
         self.done += advance
-        if not self.enabled:
+        if not self.enabled or (quiet and not self.tty):
             return
         frac = min(self.done / self.total, 1.0)
         elapsed = time.perf_counter() - self.start
@@ -151,7 +152,9 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
         if fn is None or isinstance(fn, cases_mod.Skip):
             reason = fn.reason if fn is not None else "no implementation for this case"
             record["results"][cname] = {"status": "skipped", "reason": reason}
-            progress.update(f"{case.name}: {cname} skipped", 1)
+            # A contender missing from the whole run (PyTorch not importable) is named once, in the
+            # list under the table; a progress line per case would repeat it.
+            progress.update(f"{case.name}: {cname} skipped", 1, quiet=cname in getattr(env, "unavailable", ()))
             continue
         progress.update(f"{case.name}: {cname} warm-up")
         try:
@@ -225,6 +228,7 @@ def run_suite(suite: str = "full", patterns=None, threads=None, seed: int = 0, p
     peaks = machine.run_probes(n, suite) if probe else {"method": "skipped (--no-probe)", "threads": n}
     bar.update("probes done", 1)
     env = cases_mod.Env(torch, torch_reason, max_reference_mb)
+    env.unavailable = {"torch"} if torch is None else set()
     records = []
     try:
         for i, case in enumerate(selected):
