@@ -160,6 +160,30 @@ def test_api_docs_builds_the_plot_reference_cleanly(api_docs, tmp_path):
     assert "MAX_SIDE_PX" in (tmp_path / "attnext" / "plot.html").read_text(encoding="utf-8")
 
 
+def test_api_docs_names_numpy_typing_aliases(api_docs, monkeypatch, tmp_path):
+    """numpy.typing.ArrayLike is a Union of seven private types; the reference says ArrayLike."""
+    import inspect
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "h5_fake_typed.py").write_text('''
+from typing import Optional
+import numpy as np
+import numpy.typing as npt
+
+def f(x: npt.ArrayLike, mask: Optional[npt.ArrayLike] = None, dtype: npt.DTypeLike = None) -> np.ndarray:
+    """Returns x."""
+    return np.asarray(x)
+''')
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    tmp_path = tmp_path / "out"
+    before = inspect.formatannotation
+    assert api_docs.build(tmp_path, ("h5_fake_typed",)) == []
+    assert inspect.formatannotation is before  # put back after rendering
+    html = re.sub(r"<[^>]+>", "", (tmp_path / "h5_fake_typed.html").read_text(encoding="utf-8"))
+    assert "x: ArrayLike" in html and "mask: ArrayLike | None = None" in html and "dtype: DTypeLike" in html
+    assert "_SupportsArray" not in html
+
+
 def test_api_docs_without_pdoc_says_how_to_get_it(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT / "tools"))
     monkeypatch.setitem(sys.modules, "pdoc", None)

@@ -72,8 +72,49 @@ def audit(modules=MODULES) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
+def _short_annotations(format_annotation):
+    """pdoc prints an annotation as the object it evaluates to, so numpy.typing.ArrayLike (a
+    Union of seven private types) would fill a signature; this names such aliases instead."""
+    import types
+    import typing
+
+    import numpy.typing as npt
+
+    aliases = {"ArrayLike": npt.ArrayLike, "DTypeLike": npt.DTypeLike}
+
+    def fmt(annotation) -> str:
+        union = typing.get_origin(annotation) in (typing.Union, getattr(types, "UnionType", typing.Union))
+        args = typing.get_args(annotation) if union else ()
+        for name, alias in aliases.items():
+            if annotation == alias:
+                return name
+            members = set(typing.get_args(alias))
+            if members and members <= set(args):
+                rest = ["None" if a is type(None) else format_annotation(a) for a in args if a not in members]
+                return " | ".join([name] + rest)
+        return format_annotation(annotation)
+
+    return fmt
+
+
 def build(out: Path, modules=MODULES) -> list[str]:
     """Renders the reference into `out`; returns the warnings issued meanwhile."""
+    import pdoc
+    import pdoc.doc
+    import pdoc.render
+
+    # Parameters are printed by inspect.Parameter.__str__ (inspect.formatannotation), return
+    # values by pdoc.doc.formatannotation: both name the aliases while rendering.
+    saved = inspect.formatannotation, pdoc.doc.formatannotation
+    inspect.formatannotation = _short_annotations(saved[0])
+    pdoc.doc.formatannotation = _short_annotations(saved[1])
+    try:
+        return _render(out, modules)
+    finally:
+        inspect.formatannotation, pdoc.doc.formatannotation = saved
+
+
+def _render(out: Path, modules) -> list[str]:
     import pdoc
     import pdoc.render
 

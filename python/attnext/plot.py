@@ -405,7 +405,7 @@ def heads(weights: npt.ArrayLike, *, x_labels: Optional[Sequence[object]] = None
             ax.set_axis_off()
             continue
         image = _draw(ax, w[index], x_labels, y_labels, f"head {index}", annotate, vmax, colorbar=False)
-    fig.colorbar(image, ax=axes, shrink=0.8)
+    fig.colorbar(image, ax=axes, shrink=0.8, fraction=0.03, aspect=40)  # a slim bar beside the whole grid
     if title is not None:
         (text,), family = _prepare_labels([title])
         fig.suptitle(text, fontfamily=family, wrap=True)
