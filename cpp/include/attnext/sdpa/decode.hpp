@@ -43,27 +43,6 @@ const In* contiguous_rows(const In* x, index_t rs, index_t cs, index_t n, index_
   return buf;
 }
 
-// Query rows of batch entry b, scaled when that cannot overflow (see pack_q_scaled; else unscaled: returns false
-// and the caller scales the scores after the dot products), into qbuf (L, E).
-template <typename In, typename Acc>
-bool pack_query_rows(const SdpaProblem<In>& p, index_t b, Acc scale, Acc* qbuf) {
-  const index_t L = p.q.dim(-2), E = p.q.dim(-1);
-  const In* qb = p.q.data + p.q.batch_offset(b, 2);
-  const bool check = scale_may_overflow(scale);
-  for (int attempt = 0; attempt < 2; ++attempt) {
-    const Acc f = attempt == 0 ? scale : Acc(1);
-    Acc bad = Acc(0);
-    for (index_t i = 0; i < L; ++i)
-      for (index_t e = 0; e < E; ++e) {
-        const Acc x = f * to_acc<Acc>(qb[i * p.q.stride(-2) + e * p.q.stride(-1)]);
-        qbuf[i * E + e] = x;
-        if (check) bad += x * Acc(0);  // NaN exactly when some x is not finite
-      }
-    if (bad == bad) return attempt == 0;
-  }
-  return false;
-}
-
 // Partial states of keys [c0, c1) for every query row (L <= kDecodeMaxQueries) of batch entry b.
 // part: (L, Ev + 2) = unnormalised output, then the max, then the sum.
 template <typename In, typename Acc>
@@ -83,7 +62,7 @@ void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, A
   Acc* s = ss.data();
   Acc* pre = s + L * n;  // a row's scores before the exponential, for a careful P V
   const Acc scale = static_cast<Acc>(p.scale);
-  const bool folded = pack_query_rows(p, b, scale, qbuf);
+  const bool folded = pack_q_rows(p.q.data + p.q.batch_offset(b, 2), p.q.stride(-2), p.q.stride(-1), L, E, scale, qbuf);
   index_t kcs = 0, vcs = 0;
   const In* kc = contiguous_rows(p.k.data + p.k.batch_offset(b, 2) + ja * p.k.stride(-2), p.k.stride(-2),
                                  p.k.stride(-1), nv, E, kbuf.data(), kcs);
@@ -154,7 +133,7 @@ void decode(const SdpaProblem<In>& p, index_t N, In* out, Acc* lse) {
       }
       const Acc inv = softmax_state::inverse_sum_one(l);
       In* dst = out + (b * L + i) * Ev;
-      for (index_t e = 0; e < Ev; ++e) dst[e] = static_cast<In>(o[e] * inv);
+      store_scaled(o, inv, Ev, dst);
       if (lse) lse[b * L + i] = softmax_state::lse(m, l);
     }
   });

@@ -221,6 +221,32 @@ inline bool pack_q_scaled(const In* qb, index_t qs, index_t qe, index_t nq, inde
   return false;
 }
 
+// The decode path's packer: query rows (nq, E) (rows at qb + i * qs, element stride qe) into
+// qbuf, contiguous, scaled when that cannot overflow (as pack_q_scaled; else unscaled and
+// false is returned: the caller scales the scores after the dot products).
+template <typename In, typename Acc>
+bool pack_q_rows(const In* qb, index_t qs, index_t qe, index_t nq, index_t E, Acc scale, Acc* qbuf) {
+  const bool check = scale_may_overflow(scale);
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    const Acc f = attempt == 0 ? scale : Acc(1);
+    Acc bad = Acc(0);
+    for (index_t i = 0; i < nq; ++i)
+      for (index_t e = 0; e < E; ++e) {
+        const Acc x = f * to_acc<Acc>(qb[i * qs + e * qe]);
+        qbuf[i * E + e] = x;
+        if (check) bad += x * Acc(0);  // NaN exactly when some x is not finite
+      }
+    if (bad == bad) return attempt == 0;
+  }
+  return false;
+}
+
+// dst[c] = o[c] * f for one output row (the decode path's unpacker).
+template <typename Acc, typename Out>
+inline void store_scaled(const Acc* o, Acc f, index_t n, Out* dst) {
+  for (index_t c = 0; c < n; ++c) dst[c] = static_cast<Out>(o[c] * f);
+}
+
 // o[i, c] = Ot[c][i] * f[i] for the block's nq queries (o: rows of Ev, contiguous).
 template <typename Acc, typename Out>
 inline void unpack_o(const Acc* Ot, const Acc* f, index_t nq, index_t Ev, Out* o) {

@@ -21,7 +21,7 @@ struct SdpaProblem {
   index_t window_left = -1;   // query i sees keys >= i - left; -1 = unbounded; any size
   index_t window_right = -1;  // query i sees keys <= i + right; -1 = unbounded; any size
   Strided<const std::int64_t> key_lengths;  // (N...) keys >= length are padding; data null = none
-  double scale = 1.0;
+  double scale = 1.0;  // converted to the accumulation type once per kernel call
 };
 
 // What hides keys by position in batch entry b (mask.hpp's visible_keys takes it).
