@@ -565,7 +565,9 @@ def additive_attention(query: ArrayLike, key: ArrayLike | ProjectedKeys, value: 
     batch, b = broadcast_batch({"query": q, "key": keys, "value": val})
     lengths = None if key_lengths is None else check_key_lengths(key_lengths, batch, lk)
     m = prepare_mask(mask, batch + (q.shape[-2], lk), dtype, "attn_mask", check_core=2 if warn else 0)
-    m = combine_masks(m, _structural_keep(q.shape[-2], lk, is_causal, window), dtype)
+    keep = _structural_keep(q.shape[-2], lk, is_causal, window)
+    if keep is not None:
+        m = np.broadcast_to(combine_masks(m, keep, dtype), batch + (q.shape[-2], lk))
     if projected:
         keys = b["key"]
     elif keys.shape[:-2] != batch:

@@ -783,3 +783,68 @@ class MultiHeadAttention:
         dims = "" if self._packed else f", kdim={self.kdim}, vdim={self.vdim}"
         return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}{extra}{dims}, "
                 f"bias={self.bias}, batch_first={self.batch_first}, dtype={self.dtype.name})")
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face BERT
+
+
+def from_bert_attention(module: Any, *, batch_first: bool = True, dtype: npt.DTypeLike | None = None
+                        ) -> MultiHeadAttention:
+    """A :class:`MultiHeadAttention` holding (copies of) the weights of a Hugging Face BERT
+    attention block, for running a pretrained BERT-style encoder's attention on attnext.
+
+    Args:
+        module: a ``BertAttention`` (``model.encoder.layer[i].attention``) or a ``BertLayer``
+            (``model.encoder.layer[i]``), or any module shaped like them (RoBERTa's,
+            ELECTRA's...): ``.self.query/.key/.value`` and ``.output.dense`` are
+            ``torch.nn.Linear``; the head count is ``.self.num_attention_heads``.
+        batch_first: the layer's layout, (B, L, E) by default (as Hugging Face's hidden states).
+        dtype: the layer's dtype; default float64 for a float64 module, else float32.
+
+    The layer computes ``output.dense(self_attention(x))``; BERT's block then adds the residual
+    and its LayerNorm, which stay with the caller::
+
+        attn = attnext.transformer.from_bert_attention(model.encoder.layer[0].attention)
+        ln = model.encoder.layer[0].attention.output.LayerNorm
+        y, _ = attn(x, key_mask=attention_mask.astype(bool))    # HF's 1 = token is True = may attend
+        out = layer_norm(x + y, ln.weight, ln.bias, ln.eps)     # = BertAttention(x, mask)[0]
+
+    Hugging Face's ``attention_mask`` (1 = token, 0 = padding) is passed as a bool ``key_mask``,
+    never as a float (a 0/1 float mask would be added to the scores; attnext warns about it).
+    Raises TypeError for a module without those parts, ValueError for relative position
+    embeddings (``position_embedding_type`` other than ``"absolute"``), which change the scores.
+    """
+    attention = getattr(module, "attention", module)
+    self_attn, output = getattr(attention, "self", None), getattr(attention, "output", None)
+    parts = [getattr(self_attn, n, None) for n in ("query", "key", "value")] + [getattr(output, "dense", None)]
+    if any(p is None or not hasattr(p, "weight") for p in parts):
+        raise TypeError(f"module must be a Hugging Face BertAttention or BertLayer (with .self.query/key/value and "
+                        f".output.dense), got {type(module).__name__}")
+    kind = getattr(self_attn, "position_embedding_type", None) or getattr(
+        getattr(self_attn, "config", None), "position_embedding_type", None) or "absolute"
+    if kind != "absolute":
+        raise ValueError(f"position_embedding_type={kind!r} adds relative-position terms to the scores, which "
+                         "MultiHeadAttention does not compute; only 'absolute' is supported")
+    heads = getattr(self_attn, "num_attention_heads", None)
+    if heads is None:
+        raise TypeError(f"{type(self_attn).__name__} has no num_attention_heads")
+
+    def numpy(t):
+        return None if t is None else t.detach().to("cpu").double().numpy()
+
+    query, key, value, dense = parts
+    embed_dim = int(query.weight.shape[1])
+    if dtype is None:
+        dtype = np.float64 if str(query.weight.dtype) == "torch.float64" else np.float32
+    if tuple(query.weight.shape) != (embed_dim, embed_dim):
+        raise ValueError(f"query projection has shape {tuple(query.weight.shape)}; MultiHeadAttention needs "
+                         f"all heads together to span the hidden size ({embed_dim}, {embed_dim})")
+    has_bias = query.bias is not None
+    layer = MultiHeadAttention(embed_dim, int(heads), bias=has_bias, batch_first=batch_first, dtype=dtype)
+    layer.load_projections(**{name: (numpy(p.weight), numpy(p.bias) if has_bias else None)
+                              for name, p in zip(("q", "k", "v", "out"), parts)})
+    return layer
+
+
+__all__ += ["from_bert_attention"]
