@@ -8,6 +8,17 @@ The three steps of attention, each a function:
 
 and their compositions :func:`attention` and :func:`scaled_dot_product_attention`.
 :mod:`attnext.reference` holds the same functions in plain NumPy.
+
+One vocabulary everywhere: ``return_weights`` (MultiHeadAttention also takes PyTorch's
+``need_weights``), ``attn_mask`` for masks broadcastable to the (..., Lq, Lk) scores (``mask``
+is its older name, still accepted), ``key_mask`` for per-key (B, S) masks, ``key_lengths`` and
+``window`` wherever keys are attended; bool masks mean True = may attend.
+
+Warnings: :class:`MaskWarning` flags masks that are valid but most likely mistaken (a bool mask
+that hides every key of a batch entry, as a PyTorch ``key_padding_mask`` passed uninverted
+does; a float mask of only 0 and 1, as a bool mask cast to float is). Silence it per call with
+``warn=False`` or globally with ``warnings.filterwarnings("ignore", category=attnext.MaskWarning)``.
+:class:`ThreadWarning` (a RuntimeWarning) flags more threads than usable cores.
 """
 
 from __future__ import annotations

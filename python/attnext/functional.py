@@ -430,7 +430,7 @@ class ProjectedKeys:
 
     __slots__ = ("projected", "_expo", "_ok")
 
-    def __init__(self, projected: np.ndarray, expo: np.ndarray, ok: np.ndarray):
+    def __init__(self, projected: np.ndarray, expo: np.ndarray, ok: np.ndarray) -> None:
         self.projected, self._expo, self._ok = projected, expo, ok
 
     @classmethod

@@ -105,7 +105,7 @@ class BahdanauMemory:
     __slots__ = ("_layer", "_version", "keys", "values", "key_lengths")
 
     def __init__(self, layer: "BahdanauAttention", version: int, keys: ProjectedKeys, values: np.ndarray,
-                 key_lengths: np.ndarray | None):
+                 key_lengths: np.ndarray | None) -> None:
         self._layer, self._version = layer, version
         self.keys, self.values, self.key_lengths = keys, values, key_lengths
 
