@@ -336,3 +336,16 @@ def test_from_bert_attention_matches_a_small_bert():
     np.testing.assert_allclose(out, captured["y"], atol=2e-5)
     with pytest.raises(TypeError, match="BertAttention"):
         attnext.transformer.from_bert_attention(torch.nn.Linear(2, 2))
+
+
+def test_self_attention_reference_takes_the_layer_arguments():
+    layer = attnext.SelfAttention(6, qk_dim=4, bias=True, exclude_self=True, dtype=np.float64, rng=8)
+    layer.set_weights(b_query=randn(4), b_key=randn(4), b_value=randn(6))
+    x = randn(2, 5, 6)
+    m = rng.random((2, 5, 5)) > 0.2
+    args = dict(attn_mask=m, is_causal=True, key_lengths=np.array([5, 3]), window=(3, None), return_weights=True)
+    got = layer(x, warn=False, **args)
+    want = ref.self_attention(x, layer.w_query, layer.w_key, layer.w_value, b_query=layer.b_query,
+                              b_key=layer.b_key, b_value=layer.b_value, exclude_self=True, **args)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=1e-12)

@@ -417,3 +417,36 @@ def multi_head_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, num
         weights.append(a)
     out = project(np.concatenate(heads, axis=-1), out_weight, out_bias)
     return out.astype(q.dtype), np.stack(weights, axis=1).astype(q.dtype)
+
+
+# ---- Self-attention (the formula behind attnext.SelfAttention) -------------------------------
+
+__all__ += ["self_attention"]
+
+
+def self_attention(x: ArrayLike, w_query: ArrayLike, w_key: ArrayLike, w_value: ArrayLike, *,
+                   b_query: ArrayLike | None = None, b_key: ArrayLike | None = None,
+                   b_value: ArrayLike | None = None, attn_mask: ArrayLike | None = None, is_causal: Any = False,
+                   key_lengths: ArrayLike | None = None, window: tuple | None = None, exclude_self: bool = False,
+                   return_weights: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """SelfAttention's math, with the layer's call arguments: Q = x W_q + b_q, K = x W_k + b_k,
+    V = x W_v + b_v (the layer's textbook-orientation attributes, w_query (E, d_k), ...), then
+    softmax(Q K^T / sqrt(d_k) + attn_mask) V with causal, key_lengths (x's batch axes) and window
+    as in :func:`attention`; exclude_self hides each position's own key."""
+    x = np.asarray(x)
+
+    def project(w, b):
+        y = x @ np.asarray(w)
+        return y if b is None else y + np.asarray(b)
+
+    q, k, v = project(w_query, b_query), project(w_key, b_key), project(w_value, b_value)
+    if exclude_self:
+        off_diagonal = ~np.eye(x.shape[-2], dtype=bool)
+        if attn_mask is None:
+            attn_mask = off_diagonal
+        elif np.asarray(attn_mask).dtype == np.bool_:
+            attn_mask = np.asarray(attn_mask) & off_diagonal
+        else:
+            attn_mask = np.where(off_diagonal, np.asarray(attn_mask), -np.inf)
+    return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, key_lengths=key_lengths, window=window,
+                     return_weights=return_weights)
