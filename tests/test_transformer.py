@@ -62,7 +62,7 @@ def test_self_attention_matches_torch(dtype, batch_first, bias, average):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(1)
     m = torch_module(torch, 24, 3, bias=bias, batch_first=batch_first, dtype=dtype)
-    layer = attnext.MultiHeadAttention.from_torch(m)
+    layer = attnext.MultiHeadAttention.from_torch(m, batch_first=m.batch_first)
     assert layer.dtype == dtype and layer.batch_first == batch_first and layer.bias == bias
     x = randn(rng, (2, 7, 24) if batch_first else (7, 2, 24), dtype)
     out, w = layer(x, need_weights=True, average_attn_weights=average)
@@ -83,7 +83,7 @@ def test_cross_attention_matches_torch(dtype, kdim, vdim, batch_first):
     rng = np.random.default_rng(2)
     e, h, lq, s, b = 32, 4, 5, 9, 3
     m = torch_module(torch, e, h, kdim=kdim, vdim=vdim, batch_first=batch_first, dtype=dtype)
-    layer = attnext.MultiHeadAttention.from_torch(m)
+    layer = attnext.MultiHeadAttention.from_torch(m, batch_first=m.batch_first)
     shape = (lambda n, f: (b, n, f)) if batch_first else (lambda n, f: (n, b, f))
     q = randn(rng, shape(lq, e), dtype)
     k = randn(rng, shape(s, kdim or e), dtype)
@@ -103,7 +103,7 @@ def test_unbatched_matches_torch():
     rng = np.random.default_rng(3)
     for batch_first in (True, False):
         m = torch_module(torch, 16, 2, batch_first=batch_first)
-        layer = attnext.MultiHeadAttention.from_torch(m)
+        layer = attnext.MultiHeadAttention.from_torch(m, batch_first=m.batch_first)
         q, k = randn(rng, (6, 16), np.float32), randn(rng, (4, 16), np.float32)
         km = np.array([True, True, False, True])
         out, w = layer(q, k, key_mask=km, need_weights=True)

@@ -8,11 +8,28 @@ The three steps of attention, each a function:
 
 and their compositions :func:`attention` and :func:`scaled_dot_product_attention`.
 :mod:`attnext.reference` holds the same functions in plain NumPy.
+
+One vocabulary everywhere: ``return_weights`` (MultiHeadAttention also takes PyTorch's
+``need_weights``), ``attn_mask`` for masks broadcastable to the (..., Lq, Lk) scores (``mask``
+is its older name, still accepted), ``key_mask`` for per-key (B, S) masks, ``key_lengths`` and
+``window`` wherever keys are attended; bool masks mean True = may attend.
+
+Warnings: :class:`MaskWarning` flags masks that are valid but most likely mistaken (a bool mask
+that hides every key of a batch entry, as a PyTorch ``key_padding_mask`` passed uninverted
+does; a float mask of only 0 and 1, as a bool mask cast to float is). Silence it per call with
+``warn=False`` or globally with ``warnings.filterwarnings("ignore", category=attnext.MaskWarning)``.
+:class:`ThreadWarning` (a RuntimeWarning) flags more threads than usable cores.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from . import _core, reference
+from ._warnings import MaskWarning, ThreadWarning
+from ._warnings import usable_cores as _usable_cores
+from ._warnings import warn as _warn
 from .functional import attention, scaled_dot_product_attention, score, softmax, weighted_sum
 from .functional import ProjectedKeys, additive_attention, project_keys
 from .rnn import BahdanauAttention, BahdanauMemory, LuongAttention
@@ -37,6 +54,9 @@ __all__ = [
     "KVCache",
     "set_num_threads",
     "get_num_threads",
+    "threads",
+    "MaskWarning",
+    "ThreadWarning",
     "build_info",
     "__version__",
 ]
@@ -46,8 +66,30 @@ def set_num_threads(n: int) -> None:
     """Sets how many threads every attnext kernel uses (process-wide; results do not depend on it).
 
     n: an int or NumPy integer in [1, 256] (TypeError, ValueError otherwise). In a process made by
-    fork() kernels run on one thread whatever n is."""
+    fork() kernels run on one thread whatever n is. More threads than the cores this process may
+    run on (``os.sched_getaffinity``) is accepted but warns (:class:`ThreadWarning`, a
+    RuntimeWarning): the extra threads only time-share cores. The default comes from OpenMP
+    (``OMP_NUM_THREADS`` when set before import, else the core count). For a scoped setting use
+    ``with attnext.threads(n):``."""
     _core.set_num_threads(n)
+    cores = _usable_cores()
+    if int(n) > cores:
+        _warn(f"set_num_threads({int(n)}) asks for more threads than the {cores} cores this process may run on; "
+             "kernels will time-share cores and run slower", ThreadWarning)
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[int]:
+    """``with attnext.threads(n):`` runs the block with n kernel threads, then restores the
+    previous count, also when the block raises. n as for :func:`set_num_threads` (checked before
+    anything changes). The count is process-wide, so threads of your own that call attnext
+    inside the block see it too. Yields n."""
+    before = get_num_threads()
+    set_num_threads(n)
+    try:
+        yield int(n)
+    finally:
+        _core.set_num_threads(before)
 
 
 def get_num_threads() -> int:

@@ -12,8 +12,25 @@ from __future__ import annotations
 import numpy as np
 
 from ._validation import aligned, shape_str, to_array
+from ._warnings import check_bool_mask, check_float_mask
 
-__all__ = ["as_mask", "fold_mask", "combine_masks", "prepare_mask", "key_mask_as_lengths"]
+__all__ = ["as_mask", "fold_mask", "combine_masks", "prepare_mask", "key_mask_as_lengths", "check_mask"]
+
+
+def check_mask(mask: np.ndarray | None, name: str, core_ndim: int) -> None:
+    """The mask sanity checks (:class:`attnext.MaskWarning`), on the mask as the caller gave it.
+
+    core_ndim: how many trailing axes of the scores are not batch axes (2 for (..., Lq, Lk),
+    3 for SDPA's (..., H, L, S), 1 for a per-key (B, S) key_mask); the mask's axes before them
+    are its batch entries. Bool: warns when an entry hides every key. Float: warns when it
+    holds only 0 and 1. Cost: at most two vectorised passes over the given mask (never over
+    its broadcast view)."""
+    if mask is None:
+        return
+    if mask.dtype == np.bool_:
+        check_bool_mask(mask, name, mask.ndim - core_ndim)
+    else:
+        check_float_mask(mask, name)
 
 
 def as_mask(mask, dtype: np.dtype, name: str = "mask") -> np.ndarray:
@@ -48,12 +65,17 @@ def combine_masks(a: np.ndarray | None, b: np.ndarray | None, dtype: np.dtype) -
         return np.where((fa == neg_inf) | (fb == neg_inf), neg_inf, fa + fb)
 
 
-def prepare_mask(mask, score_shape: tuple, dtype: np.dtype, name: str = "mask") -> np.ndarray | None:
+def prepare_mask(mask, score_shape: tuple, dtype: np.dtype, name: str = "mask", *,
+                 check_core: int = 0) -> np.ndarray | None:
     """A mask as the kernels take it: bool (True = may attend) or ``dtype`` (added), broadcast
-    (as a view, nothing copied) to exactly the scores' shape. None stays None."""
+    (as a view, nothing copied) to exactly the scores' shape. None stays None.
+
+    check_core > 0 runs :func:`check_mask` on the given mask with that many core axes first."""
     if mask is None:
         return None
     m = as_mask(mask, dtype, name)
+    if check_core:
+        check_mask(m, name, check_core)
     try:
         return np.broadcast_to(m, score_shape)
     except ValueError:

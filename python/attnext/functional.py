@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from . import _core
 from ._broadcast import broadcast_batch
-from ._masks import combine_masks, prepare_mask
+from ._masks import as_mask, check_mask, combine_masks, prepare_mask
 from ._validation import (
     as_axis,
     as_scalar,
@@ -149,17 +149,54 @@ def weighted_sum(weights: ArrayLike, value: ArrayLike) -> np.ndarray:
     return _core.weighted_sum(b["weights"], b["value"])
 
 
+def _mask_alias(attn_mask, mask, owner: str):
+    """``mask=`` is the documented older name of ``attn_mask=`` (kept working, no warning)."""
+    if mask is None:
+        return attn_mask
+    if attn_mask is not None:
+        raise TypeError(f"{owner} got both attn_mask and its older name mask; pass attn_mask only")
+    return mask
+
+
+def _structural_keep(lq: int, lk: int, is_causal: Causal, window: Window) -> np.ndarray | None:
+    """(Lq, Lk) bool, True where causality and the window let query i see key j (None if both
+    are off), for the paths whose kernel takes a mask instead (additive attention). The same
+    rule as the fused kernels' visible-key range: causal j <= i + offset, window
+    i - left <= j <= i + right."""
+    causal, offset = causal_offset(is_causal, lq, lk)
+    left, right = _window_bounds(window, lq, lk)
+    if not causal and left < 0 and right < 0:
+        return None
+    d = np.arange(lk)[None, :] - np.arange(lq)[:, None]  # key index - query index
+    keep = np.ones((lq, lk), dtype=bool)
+    if causal:
+        keep &= d <= offset
+    if left >= 0:
+        keep &= d >= -left
+    if right >= 0:
+        keep &= d <= right
+    return keep
+
+
 def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str = "scaled_dot",
-              mask: ArrayLike | None = None, is_causal: Causal = False, return_weights: bool = False,
-              **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """The three steps composed: softmax(score(query, key) + mask) value.
+              attn_mask: ArrayLike | None = None, is_causal: Causal = False, key_lengths: ArrayLike | None = None,
+              window: Window = None, return_weights: bool = False, warn: bool = True,
+              mask: ArrayLike | None = None, **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """The three steps composed: softmax(score(query, key) + attn_mask) value.
 
     Args:
         query: (..., Lq, Dq); key: (..., Lk, Dk); value: (..., Lk, Dv).
         method, score_args: as for :func:`score` (weight, w_query, w_key, v, scale).
-        mask: broadcastable to (..., Lq, Lk); bool True = may attend, float added.
+        attn_mask: broadcastable to (..., Lq, Lk); bool True = may attend, float added.
+            ``mask`` is its older name, still accepted.
         is_causal: False, True (top-left aligned, as PyTorch) or ``"bottom_right"``.
+        key_lengths: ints broadcastable to the batch shape (...,), each in [0, Lk]; keys at
+            positions >= length are padding (hidden, never warned about).
+        window: (left, right): query i sees keys [i - left, i + right]; None = unbounded side.
         return_weights: also return the (..., Lq, Lk) attention weights.
+        warn: check attn_mask for the usual mistakes (:class:`attnext.MaskWarning`: a bool mask
+            hiding every key of a batch entry, a float mask of only 0 and 1); False skips the
+            check (it costs at most two passes over the mask as given).
 
     Returns:
         context (..., Lq, Dv), or (context, weights). Every method runs as a fused kernel
@@ -167,13 +204,14 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
         :func:`additive_attention`), so keys hidden by the mask or causality never reach
         the context, not even their values' NaNs.
     """
+    mask = _mask_alias(attn_mask, mask, "attention()")
     unknown = set(score_args) - {"weight", "w_query", "w_key", "v", "scale"}
     if unknown:
         raise TypeError(f"attention() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
     _require(query=query, key=key, value=value)
     given = {name: score_args.get(name) for name in ("weight", "w_query", "w_key", "v")}
     _check_method_args(method, given)
-    _, a = promote(query=query, key=key, value=value, **given)
+    dtype, a = promote(query=query, key=key, value=value, **given)
     q, k, val = a["query"], a["key"], a["value"]
     require_ndim(q, "query", 2, "(..., Lq, Dq)")
     require_ndim(k, "key", 2, "(..., Lk, Dk)")
@@ -181,20 +219,22 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
     if val.shape[-2] != k.shape[-2]:
         raise ValueError(f"key has {k.shape[-2]} positions but value has shape {shape_str(val.shape)}: "
                          "value's second-to-last dimension must equal key's")
+    if mask is not None:
+        mask = as_mask(mask, dtype, "attn_mask")
+        if warn:
+            check_mask(mask, "attn_mask", 2)
     scale = score_args.get("scale")
     if method == "additive":
         scale = 1.0 if scale is None else as_scalar(scale, "scale")
         batch, _ = broadcast_batch({"query": q, "key": k, "value": val})
         lq, lk = q.shape[-2], k.shape[-2]
-        causal, offset = causal_offset(is_causal, lq, lk)
-        # additive_attention has no causal argument: causality becomes one more bool mask.
-        keep = (np.arange(lk) <= np.arange(lq)[:, None] + offset) if causal else None
-        dtype = q.dtype
-        m = combine_masks(prepare_mask(mask, batch + (lq, lk), dtype), keep, dtype)
+        # additive_attention has no causal argument: causality and the window become one more bool mask.
+        keep = _structural_keep(lq, lk, is_causal, window)
+        m = combine_masks(prepare_mask(mask, batch + (lq, lk), dtype, "attn_mask"), keep, dtype)
         # scale * (v . tanh(...)) == (scale v) . tanh(...): the scale joins v.
         v_scaled = a["v"] if scale == 1.0 else a["v"] * a["v"].dtype.type(scale)
-        return additive_attention(q, k, val, a["w_query"], a["w_key"], v_scaled, mask=m,
-                                  return_weights=return_weights)
+        return additive_attention(q, k, val, a["w_query"], a["w_key"], v_scaled, attn_mask=m,
+                                  key_lengths=key_lengths, return_weights=return_weights, warn=False)
     if method == "general":
         w = a["weight"]
         if w.ndim != 2 or w.shape != (q.shape[-1], k.shape[-1]):
@@ -207,15 +247,28 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
     if scale is None and method != "scaled_dot":
         scale = 1.0
     batch, b = broadcast_batch({"query": q, "key": k, "value": val})
-    return scaled_dot_product_attention(b["query"], b["key"], b["value"], mask, 0.0, is_causal, scale,
-                                        return_weights=return_weights)
+    q, k, val = b["query"], b["key"], b["value"]
+    if key_lengths is None:
+        return scaled_dot_product_attention(q, k, val, mask, 0.0, is_causal, scale, window=window,
+                                            return_weights=return_weights, warn=False)
+    # SDPA's key_lengths run over the axes before its head axis: give it a head axis of 1, so
+    # every leading axis here is a batch axis.
+    lengths = check_key_lengths(key_lengths, batch, k.shape[-2])
+    if mask is not None and mask.ndim >= 3:
+        mask = mask[..., None, :, :]
+    result = scaled_dot_product_attention(q[..., None, :, :], k[..., None, :, :], val[..., None, :, :], mask, 0.0,
+                                          is_causal, scale, key_lengths=lengths, window=window,
+                                          return_weights=return_weights, warn=False)
+    if return_weights:
+        return result[0][..., 0, :, :], result[1][..., 0, :, :]
+    return result[..., 0, :, :]
 
 
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
                                  attn_mask: ArrayLike | None = None, dropout_p: float = 0.0,
                                  is_causal: Causal = False, scale: float | None = None, enable_gqa: bool = False, *,
                                  key_lengths: ArrayLike | None = None, window: Window = None,
-                                 return_weights: bool = False, return_lse: bool = False
+                                 return_weights: bool = False, return_lse: bool = False, warn: bool = True
                                  ) -> np.ndarray | tuple[np.ndarray, ...]:
     """softmax(query key^T * scale + mask) value, with PyTorch's argument meanings.
 
@@ -238,6 +291,14 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         window: (left, right): query i sees keys [i - left, i + right]; None = unbounded side.
         return_weights: also return the (..., Hq, L, S) weights.
         return_lse: also return the (..., Hq, L) log-sum-exp of each row (-inf if empty).
+        warn: check attn_mask for the usual mistakes (:class:`attnext.MaskWarning`: a bool mask
+            hiding every key of a batch entry, the mark of PyTorch's inverted key_padding_mask;
+            a float mask of only 0 and 1, the mark of a bool mask cast to float). The check
+            reads the mask as given (not its broadcast view), at most twice; False skips it.
+
+    Layout: a 3-D input is (H, L, E), with no batch axis; for (B, L, E) data add a head axis
+    with ``x[:, None]``. (B, L, H, E) data must be transposed to (B, H, L, E) first
+    (``x.transpose(0, 2, 1, 3)``); where the shapes reveal that mistake the error says so.
 
     Returns:
         output (..., Hq, L, Ev), followed by weights and lse when asked for. A row that may
@@ -261,22 +322,29 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         hq, hk = q.shape[-3], k.shape[-3]
         if hk == 0 or hq % hk:
             raise ValueError(f"enable_gqa needs query heads to be a multiple of key heads: query has shape "
-                             f"{shape_str(q.shape)}, key has {shape_str(k.shape)}")
+                             f"{shape_str(q.shape)}, key has {shape_str(k.shape)}" + _heads_hint(q, k))
         # The axes before the heads are the batch; the heads pair up by group, not by broadcasting.
-        batch, qkv = broadcast_batch({"query": q, "key": k, "value": v}, 3)
+        batch, qkv = _broadcast_qkv(q, k, v, 3)
         heads = (hq,)
     else:
-        batch, qkv = broadcast_batch({"query": q, "key": k, "value": v}, 2)
+        batch, qkv = _broadcast_qkv(q, k, v, 2)
         heads = ()
     q, k, v = qkv["query"], qkv["key"], qkv["value"]
     lq, lk = q.shape[-2], k.shape[-2]
     score_shape = batch + heads + (lq, lk)
     scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else as_scalar(scale, "scale")
-    mask = prepare_mask(attn_mask, score_shape, dtype, "attn_mask")
+    mask = prepare_mask(attn_mask, score_shape, dtype, "attn_mask", check_core=3 if warn else 0)
     lengths = None
     if key_lengths is not None:
         per_row = score_shape[:-3]  # one length per batch row, shared by its heads
-        lengths = check_key_lengths(key_lengths, per_row, lk)[(...,) + (None,) * (len(score_shape) - 2 - len(per_row))]
+        try:
+            lengths = check_key_lengths(key_lengths, per_row, lk)
+        except ValueError as e:
+            if per_row or "broadcast" not in str(e):
+                raise
+            raise ValueError(f"{e}. SDPA expects (..., H, L, E) and reads a {q.ndim}-D query as (H, L, E), with no "
+                             "batch axis; for (B, L, E) inputs add a head axis with x[:, None]") from None
+        lengths = lengths[(...,) + (None,) * (len(score_shape) - 2 - len(per_row))]
     left, right = _window_bounds(window, lq, lk)
     causal, offset = causal_offset(is_causal, lq, lk)
     if gqa:
@@ -297,6 +365,27 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
     if gqa:  # (..., Hk, G, L[, X]) -> (..., Hq, L[, X]); the kernel's outputs are contiguous
         results = [r.reshape(batch + (hq,) + r.shape[len(batch) + 2:]) for r in results]
     return tuple(results) if len(results) > 1 else results[0]
+
+
+def _heads_hint(q: np.ndarray, k: np.ndarray) -> str:
+    """A hint for shapes that look like (B, L, H, E) given where SDPA reads (B, H, L, E): equal
+    sizes on the axis read as positions (really the heads) and different ones on the axis read
+    as heads (really query and key lengths)."""
+    if q.ndim >= 4 and k.ndim >= 4 and q.shape[-2] == k.shape[-2] and q.shape[-3] != k.shape[-3]:
+        return (". SDPA expects (..., H, L, E); if these are (B, L, H, E) arrays, pass "
+                "x.transpose(0, 2, 1, 3)")
+    return ""
+
+
+def _broadcast_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, core: int):
+    """broadcast_batch for SDPA's query, key and value, with the layout hint on failure."""
+    try:
+        return broadcast_batch({"query": q, "key": k, "value": v}, core)
+    except ValueError as e:
+        hint = _heads_hint(q, k)
+        if not hint:
+            raise
+        raise ValueError(f"{e}{hint}") from None
 
 
 def _window_bounds(window: Window, lq: int, lk: int) -> tuple[int, int]:
@@ -341,7 +430,7 @@ class ProjectedKeys:
 
     __slots__ = ("projected", "_expo", "_ok")
 
-    def __init__(self, projected: np.ndarray, expo: np.ndarray, ok: np.ndarray):
+    def __init__(self, projected: np.ndarray, expo: np.ndarray, ok: np.ndarray) -> None:
         self.projected, self._expo, self._ok = projected, expo, ok
 
     @classmethod
@@ -403,8 +492,10 @@ def project_keys(key: ArrayLike, w_key: ArrayLike) -> ProjectedKeys:
 
 def additive_attention(query: ArrayLike, key: ArrayLike | ProjectedKeys, value: ArrayLike, w_query: ArrayLike,
                        w_key: ArrayLike | None, v: ArrayLike, *, bias: ArrayLike | None = None,
-                       mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None,
-                       return_weights: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                       attn_mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None,
+                       is_causal: Causal = False, window: Window = None, return_weights: bool = False,
+                       warn: bool = True, mask: ArrayLike | None = None
+                       ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Bahdanau's attention, fused: softmax_j(v . tanh(q_i W_q + bias + k_j W_k) + mask_ij) value_j.
 
     Both projections are computed once as matrix products and the scores are formed a block
@@ -418,15 +509,21 @@ def additive_attention(query: ArrayLike, key: ArrayLike | ProjectedKeys, value: 
         value: (..., Lk, Dv). Leading (batch) dimensions of query, key and value broadcast.
         w_query: (Dq, U); w_key: (Dk, U); v: (U,).
         bias: (U,), added inside the tanh (TF Addons' ``normalize=True`` bias), or None.
-        mask: broadcastable to (..., Lq, Lk); bool True = may attend, float added to the scores.
+        attn_mask: broadcastable to (..., Lq, Lk); bool True = may attend, float added to the
+            scores. ``mask`` is its older name, still accepted.
         key_lengths: ints broadcastable to the batch shape (...,); keys at positions >= length
             are hidden.
+        is_causal: False, True (top-left) or ``"bottom_right"``; window: (left, right), query i
+            sees keys [i - left, i + right], None = unbounded side. Both become a bool mask.
         return_weights: also return the (..., Lq, Lk) attention weights.
+        warn: check attn_mask for the usual mistakes (:class:`attnext.MaskWarning`, as in
+            :func:`scaled_dot_product_attention`); False skips the check.
 
     Returns:
         context (..., Lq, Dv), or (context, weights). A query row that may attend to no key
         gets zero weights and a zero context.
     """
+    mask = _mask_alias(attn_mask, mask, "additive_attention()")
     _require(query=query, key=key, value=value, w_query=w_query, v=v)
     projected = isinstance(key, ProjectedKeys)
     if projected:
@@ -467,7 +564,10 @@ def additive_attention(query: ArrayLike, key: ArrayLike | ProjectedKeys, value: 
                          "value's second-to-last dimension must equal key's")
     batch, b = broadcast_batch({"query": q, "key": keys, "value": val})
     lengths = None if key_lengths is None else check_key_lengths(key_lengths, batch, lk)
-    m = prepare_mask(mask, batch + (q.shape[-2], lk), dtype)
+    m = prepare_mask(mask, batch + (q.shape[-2], lk), dtype, "attn_mask", check_core=2 if warn else 0)
+    keep = _structural_keep(q.shape[-2], lk, is_causal, window)
+    if keep is not None:
+        m = np.broadcast_to(combine_masks(m, keep, dtype), batch + (q.shape[-2], lk))
     if projected:
         keys = b["key"]
     elif keys.shape[:-2] != batch:

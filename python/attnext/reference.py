@@ -36,7 +36,9 @@ def _float_dtype(*arrays):
     return np.float32 if dtype == np.float16 else dtype
 
 
-def score(query, key, method="scaled_dot", *, weight=None, w_query=None, w_key=None, v=None, scale=None):
+def score(query: ArrayLike, key: ArrayLike, method: str = "scaled_dot", *, weight: ArrayLike | None = None,
+          w_query: ArrayLike | None = None, w_key: ArrayLike | None = None, v: ArrayLike | None = None,
+          scale: float | None = None) -> np.ndarray:
     """Scores of every query against every key, shape (..., Lq, Lk).
 
     - dot:        s_ij = q_i . k_j
@@ -73,7 +75,7 @@ def _masked(x, mask):
     return np.where(mask == -np.inf, -np.inf, x + mask.astype(x.dtype)).astype(x.dtype)
 
 
-def softmax(x, *, mask=None, axis=-1):
+def softmax(x: ArrayLike, *, mask: ArrayLike | None = None, axis: int = -1) -> np.ndarray:
     """softmax(x)_j = exp(x_j - m) / sum_k exp(x_k - m), m = max_k x_k, over ``axis``.
 
     A row with nothing to attend (all -inf after masking) gives zeros.
@@ -91,12 +93,12 @@ def softmax(x, *, mask=None, axis=-1):
     return np.where(x == -np.inf, 0, w).astype(x.dtype)
 
 
-def weighted_sum(weights, value):
+def weighted_sum(weights: ArrayLike, value: ArrayLike) -> np.ndarray:
     """c_i = sum_j a_ij v_j: (..., Lq, Lk) x (..., Lk, Dv) -> (..., Lq, Dv)."""
     return np.asarray(weights) @ np.asarray(value)
 
 
-def causal_mask(lq, lk, is_causal):
+def causal_mask(lq: int, lk: int, is_causal: Any) -> np.ndarray:
     """(Lq, Lk) bool, True where query i may see key j: j <= i (top-left, PyTorch's) or
     j <= i + Lk - Lq (``"bottom_right"``)."""
     offset = lk - lq if is_causal == "bottom_right" else 0
@@ -130,14 +132,27 @@ def dense_mask(lq: int, lk: int, *, attn_mask: ArrayLike | None = None, is_causa
     return total.astype(dtype)
 
 
+def _mask_alias(attn_mask, mask):
+    if mask is not None and attn_mask is not None:
+        raise TypeError("got both attn_mask and its older name mask; pass attn_mask only")
+    return attn_mask if mask is None else mask
+
+
 def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str = "scaled_dot",
-              mask: ArrayLike | None = None, is_causal: Any = False, return_weights: bool = False,
-              **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """context = softmax(score(Q, K) + mask) V, the three steps in a row."""
+              attn_mask: ArrayLike | None = None, is_causal: Any = False, key_lengths: ArrayLike | None = None,
+              window: tuple | None = None, return_weights: bool = False, warn: bool = True,
+              mask: ArrayLike | None = None, **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """context = softmax(score(Q, K) + attn_mask) V, the three steps in a row. Causal, window
+    and key_lengths (over the batch axes (...,)) hide keys as in :func:`dense_mask`. ``mask`` is
+    attn_mask's older name; ``warn`` is accepted for signature parity (the twin checks nothing)."""
+    mask = _mask_alias(attn_mask, mask)
     s = score(query, key, method, **score_args)
     hidden = _hidden_by(mask)
-    if is_causal:
-        hidden = hidden | ~causal_mask(s.shape[-2], s.shape[-1], is_causal)
+    if is_causal or window is not None or key_lengths is not None:
+        # dense_mask reads key_lengths over SDPA's batch axes and adds a head axis; dropped below.
+        structural = dense_mask(s.shape[-2], s.shape[-1], is_causal=is_causal, window=window,
+                                key_lengths=key_lengths) == -np.inf
+        hidden = hidden | (structural[..., 0, :, :] if key_lengths is not None else structural)
     out, a = _attend(_masked(s, mask), value, hidden)
     return (out, a) if return_weights else out
 
@@ -188,9 +203,10 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  attn_mask: ArrayLike | None = None, dropout_p: float = 0.0, is_causal: Any = False,
                                  scale: float | None = None, enable_gqa: bool = False, *,
                                  key_lengths: ArrayLike | None = None, window: tuple | None = None,
-                                 return_weights: bool = False, return_lse: bool = False
+                                 return_weights: bool = False, return_lse: bool = False, warn: bool = True
                                  ) -> np.ndarray | tuple[np.ndarray, ...]:
-    """softmax(Q K^T * scale + mask) V with PyTorch's argument meanings.
+    """softmax(Q K^T * scale + mask) V with PyTorch's argument meanings (``warn`` is accepted for
+    signature parity; the twin checks nothing).
 
     Shapes: Q (..., Hq, L, E), K (..., Hk, S, E), V (..., Hk, S, Ev). With enable_gqa, query
     head h uses key/value head h // (Hq / Hk), and attn_mask broadcasts against the Hq heads.
@@ -247,14 +263,17 @@ def _length_mask(key_lengths, lk):
 
 
 def additive_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, w_query: ArrayLike, w_key: ArrayLike,
-                       v: ArrayLike, *, bias: ArrayLike | None = None, mask: ArrayLike | None = None,
-                       key_lengths: ArrayLike | None = None, return_weights: bool = False
+                       v: ArrayLike, *, bias: ArrayLike | None = None, attn_mask: ArrayLike | None = None,
+                       key_lengths: ArrayLike | None = None, is_causal: Any = False, window: tuple | None = None,
+                       return_weights: bool = False, warn: bool = True, mask: ArrayLike | None = None
                        ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """c_i = sum_j a_ij value_j, a_i = softmax_j(e_ij + mask_ij), e_ij = v . tanh(q_i W_q + b + k_j W_k).
 
     Builds the (..., Lq, Lk, U) tensor, as the formula reads. key_lengths (...,) hides keys at
-    positions >= length.
+    positions >= length; is_causal and window hide keys as in :func:`dense_mask`. ``mask`` is
+    attn_mask's older name; ``warn`` is accepted for signature parity.
     """
+    mask = _mask_alias(attn_mask, mask)
     q, k, val = np.asarray(query), np.asarray(key), np.asarray(value)
     dtype = _float_dtype(q, k, val, w_query, w_key, v)
     q_proj = q.astype(dtype) @ np.asarray(w_query, dtype)  # (..., Lq, U)
@@ -265,6 +284,8 @@ def additive_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, w_que
     hidden = _hidden_by(mask)
     if key_lengths is not None:
         hidden = hidden | ~_length_mask(key_lengths, e.shape[-1])
+    if is_causal or window is not None:
+        hidden = hidden | (dense_mask(e.shape[-2], e.shape[-1], is_causal=is_causal, window=window) == -np.inf)
     out, a = _attend(_masked(e, mask).astype(dtype), val.astype(dtype), hidden)
     return (out, a) if return_weights else out
 
@@ -289,18 +310,24 @@ def bahdanau_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike, w_q
     return (c[..., 0, :], a[..., 0, :]) if single else (c, a)
 
 
-def luong_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike | None, w_c: ArrayLike, *,
-                    method: str = "dot", w_a: ArrayLike | None = None, w_query: ArrayLike | None = None,
-                    w_key: ArrayLike | None = None, v: ArrayLike | None = None, g: float | None = None,
-                    mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None
+def luong_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike | None = None,
+                    w_c: ArrayLike | None = None, *, method: str = "dot", w_a: ArrayLike | None = None,
+                    w_query: ArrayLike | None = None, w_key: ArrayLike | None = None, v: ArrayLike | None = None,
+                    g: float | None = None, attn_mask: ArrayLike | None = None,
+                    key_lengths: ArrayLike | None = None, mask: ArrayLike | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LuongAttention's math for one step (query (B, Dq)) or many (query (B, T, Dq)).
 
-    e_tj = s_t . h_j (dot), s_t W_a h_j (general) or v . tanh(s_t W_q + h_j W_k) (concat),
-    times g when given; a_t = softmax(e_t + mask); c_t = sum_j a_tj value_j;
-    h~_t = tanh([c_t; s_t] W_c). Returns (h~, context, weights). For one step the mask
-    broadcasts against (B, Lk).
+    Takes the layer's call arguments (query, keys, values, attn_mask, key_lengths) and its
+    weights by their state-dict names, so ``luong_attention(q, k, method=m, **layer.state_dict())``
+    is the layer's formula. e_tj = s_t . h_j (dot), s_t W_a h_j (general) or
+    v . tanh(s_t W_q + h_j W_k) (concat), times g when given; a_t = softmax(e_t + attn_mask);
+    c_t = sum_j a_tj value_j; h~_t = tanh([c_t; s_t] W_c). Returns (h~, context, weights). For
+    one step the mask broadcasts against (B, Lk). ``mask`` is attn_mask's older name.
     """
+    mask = _mask_alias(attn_mask, mask)
+    if w_c is None:
+        raise TypeError("luong_attention needs w_c")
     s = np.asarray(query)
     h = np.asarray(keys)
     val = h if values is None else np.asarray(values)
@@ -337,14 +364,18 @@ def multi_head_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, num
                          q_bias: ArrayLike | None = None, k_bias: ArrayLike | None = None,
                          v_bias: ArrayLike | None = None, out_bias: ArrayLike | None = None,
                          num_kv_heads: int | None = None, attn_mask: ArrayLike | None = None,
-                         is_causal: Any = False) -> tuple[np.ndarray, np.ndarray]:
+                         is_causal: Any = False, key_mask: ArrayLike | None = None,
+                         key_lengths: ArrayLike | None = None, window: tuple | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """Batch-first multi-head attention, one head at a time, with grouped-query attention by
     repeating key/value heads.
 
     query (B, L, E), key (B, S, kdim), value (B, S, vdim); weights in (out_features,
     in_features) layout: q_weight (E, E), k_weight and v_weight (Hk * d, kdim / vdim),
     out_weight (E, E) with d = E / num_heads. attn_mask broadcastable to (B, H, L, S), bool
-    True = may attend or float added. Returns (output (B, L, E), weights (B, H, L, S)).
+    True = may attend or float added; key_mask (B, S) likewise per key; key_lengths (B,) and
+    window as in :func:`dense_mask` (the layer's call arguments). Returns (output (B, L, E),
+    weights (B, H, L, S)).
 
         Q = query W_q^T + b_q, K = key W_k^T + b_k, V = value W_v^T + b_v
         head_h = softmax(Q_h K_g^T / sqrt(d) + mask) V_g,  g = h // (H / Hk)
@@ -363,16 +394,59 @@ def multi_head_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, num
     d = e // num_heads
     group = num_heads // num_kv_heads
     mask = None if attn_mask is None else np.broadcast_to(np.asarray(attn_mask), (bsz, num_heads, lq, s))
+    if key_mask is not None:
+        km = np.broadcast_to(np.asarray(key_mask)[:, None, None, :], (bsz, num_heads, lq, s))
+        if mask is None:
+            mask = km
+        elif mask.dtype == np.bool_ and km.dtype == np.bool_:
+            mask = mask & km
+        else:  # both as additive masks; a key either one hides stays hidden
+            fm, fk = _masked(np.zeros(mask.shape, q.dtype), mask), _masked(np.zeros(km.shape, q.dtype), km)
+            with np.errstate(invalid="ignore"):
+                mask = np.where((fm == -np.inf) | (fk == -np.inf), -np.inf, fm + fk)
+    structural = (dense_mask(lq, s, is_causal=is_causal, window=window, key_lengths=key_lengths) == -np.inf
+                  if (is_causal or window is not None or key_lengths is not None) else np.asarray(False))
     heads, weights = [], []
     for h in range(num_heads):
         g = h // group  # the key/value head that query head h shares
         qh, kh, vh = q[:, :, h * d:(h + 1) * d], k[:, :, g * d:(g + 1) * d], v[:, :, g * d:(g + 1) * d]
         mask_h = None if mask is None else mask[:, h]
-        hidden = _hidden_by(mask_h)
-        if is_causal:
-            hidden = hidden | ~causal_mask(lq, s, is_causal)
+        hidden = _hidden_by(mask_h) | (structural[:, 0] if structural.ndim == 4 else structural)
         c, a = _attend(_masked(qh @ np.swapaxes(kh, -1, -2) / math.sqrt(d), mask_h), vh, hidden)
         heads.append(c)
         weights.append(a)
     out = project(np.concatenate(heads, axis=-1), out_weight, out_bias)
     return out.astype(q.dtype), np.stack(weights, axis=1).astype(q.dtype)
+
+
+# ---- Self-attention (the formula behind attnext.SelfAttention) -------------------------------
+
+__all__ += ["self_attention"]
+
+
+def self_attention(x: ArrayLike, w_query: ArrayLike, w_key: ArrayLike, w_value: ArrayLike, *,
+                   b_query: ArrayLike | None = None, b_key: ArrayLike | None = None,
+                   b_value: ArrayLike | None = None, attn_mask: ArrayLike | None = None, is_causal: Any = False,
+                   key_lengths: ArrayLike | None = None, window: tuple | None = None, exclude_self: bool = False,
+                   return_weights: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """SelfAttention's math, with the layer's call arguments: Q = x W_q + b_q, K = x W_k + b_k,
+    V = x W_v + b_v (the layer's textbook-orientation attributes, w_query (E, d_k), ...), then
+    softmax(Q K^T / sqrt(d_k) + attn_mask) V with causal, key_lengths (x's batch axes) and window
+    as in :func:`attention`; exclude_self hides each position's own key."""
+    x = np.asarray(x)
+
+    def project(w, b):
+        y = x @ np.asarray(w)
+        return y if b is None else y + np.asarray(b)
+
+    q, k, v = project(w_query, b_query), project(w_key, b_key), project(w_value, b_value)
+    if exclude_self:
+        off_diagonal = ~np.eye(x.shape[-2], dtype=bool)
+        if attn_mask is None:
+            attn_mask = off_diagonal
+        elif np.asarray(attn_mask).dtype == np.bool_:
+            attn_mask = np.asarray(attn_mask) & off_diagonal
+        else:
+            attn_mask = np.where(off_diagonal, np.asarray(attn_mask), -np.inf)
+    return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, key_lengths=key_lengths, window=window,
+                     return_weights=return_weights)

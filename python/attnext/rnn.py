@@ -21,7 +21,8 @@ import numpy.typing as npt
 from ._layers import checked_weight, glorot_uniform, layer_dtype, layer_input, make_rng, positive_int
 from ._masks import prepare_mask
 from ._validation import check_key_lengths, check_state_keys, shape_str, to_array
-from .functional import ArrayLike, ProjectedKeys, _additive_kernel, additive_attention, scaled_dot_product_attention
+from .functional import (ArrayLike, ProjectedKeys, _additive_kernel, _mask_alias, additive_attention,
+                         scaled_dot_product_attention)
 
 __all__ = ["BahdanauAttention", "BahdanauMemory", "LuongAttention"]
 
@@ -104,7 +105,7 @@ class BahdanauMemory:
     __slots__ = ("_layer", "_version", "keys", "values", "key_lengths")
 
     def __init__(self, layer: "BahdanauAttention", version: int, keys: ProjectedKeys, values: np.ndarray,
-                 key_lengths: np.ndarray | None):
+                 key_lengths: np.ndarray | None) -> None:
         self._layer, self._version = layer, version
         self.keys, self.values, self.key_lengths = keys, values, key_lengths
 
@@ -316,21 +317,27 @@ class LuongAttention(_Weights):
         return config
 
     def __call__(self, query: ArrayLike, keys: ArrayLike, values: ArrayLike | None = None, *,
-                 mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 attn_mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None, warn: bool = True,
+                 mask: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One decoder step (query (B, query_dim)) or many (query (B, T, query_dim)).
 
         Args:
             keys: (B, Lk, key_dim) encoder states.
             values: (B, Lk, value_dim); default: the keys.
-            mask: broadcastable to the weights' shape ((B, Lk) for one step, (B, T, Lk) for
-                many); bool True = may attend, float added to the scores.
+            attn_mask: broadcastable to the weights' shape ((B, Lk) for one step, (B, T, Lk)
+                for many); bool True = may attend, float added to the scores. ``mask`` is its
+                older name, still accepted.
             key_lengths: ints broadcastable to (B,); keys at positions >= length are hidden.
+            warn: check attn_mask for the usual mistakes (:class:`attnext.MaskWarning`: a bool
+                mask hiding every key of a batch entry, a float mask of only 0 and 1).
+
+        There is no ``window``: a decoder step is not a position among the encoder's keys.
 
         Returns:
             (attentional_hidden, context, weights): (B, attentional_units), (B, value_dim),
             (B, Lk) for one step; with a T axis before the last for many steps.
         """
+        mask = _mask_alias(attn_mask, mask, "LuongAttention()")
         q = self._input(query, "query")
         k = self._input(keys, "keys")
         val = k if values is None else self._input(values, "values")
@@ -347,13 +354,13 @@ class LuongAttention(_Weights):
                              f"(..., {self.query_dim}) for one step or (..., T, {self.query_dim}) for many")
         q3 = q[..., None, :] if single else q
         score_shape = q3.shape[:-1] + (lk,)
-        m = self._mask(mask, single, score_shape)
+        m = self._mask(mask, single, score_shape, warn)
         lengths = _lengths(key_lengths, batch, lk)
         g = self._g[()] if self.scale else 1.0
         if self.method == "concat":
             v_eff = self._v * self._dtype.type(g) if self.scale else self._v
-            context, weights = additive_attention(q3, k, val, self._w_query, self._w_key, v_eff, mask=m,
-                                                  key_lengths=lengths, return_weights=True)
+            context, weights = additive_attention(q3, k, val, self._w_query, self._w_key, v_eff, attn_mask=m,
+                                                  key_lengths=lengths, return_weights=True, warn=False)
         else:
             # s_t W_a h_j = (s_t W_a) . h_j: scaled-dot attention of s_t W_a with scale g, on the
             # fused kernel (keys past key_lengths are skipped, not masked).
@@ -361,7 +368,7 @@ class LuongAttention(_Weights):
             qa = (q3 if self.method == "dot" else q3 @ self._w_a)[..., None, :, :]
             context, weights = scaled_dot_product_attention(
                 qa, k[..., None, :, :], val[..., None, :, :], None if m is None else m[..., None, :, :], scale=g,
-                key_lengths=lengths, return_weights=True)
+                key_lengths=lengths, return_weights=True, warn=False)
             context, weights = context[..., 0, :, :], weights[..., 0, :, :]
         dv = self.value_dim
         hidden = np.tanh(context @ self._w_c[:dv] + q3 @ self._w_c[dv:])
@@ -369,10 +376,10 @@ class LuongAttention(_Weights):
             return hidden[..., 0, :], context[..., 0, :], weights[..., 0, :]
         return hidden, context, weights
 
-    def _mask(self, mask, single, score_shape):
+    def _mask(self, mask, single, score_shape, warn=True):
         if mask is None:
             return None
         m = to_array(mask, "mask")
         if single and m.ndim >= 2:
             m = m[..., None, :]  # a one-step mask (B, Lk) gains the query axis
-        return prepare_mask(m, score_shape, self._dtype)
+        return prepare_mask(m, score_shape, self._dtype, check_core=2 if warn else 0)

@@ -23,9 +23,9 @@ from . import _core
 from ._layers import LAYER_DTYPES as _DTYPES
 from ._layers import checked_weight as _check_array_shape
 from ._layers import glorot_uniform, layer_dtype, layer_input, make_rng, positive_int
-from ._masks import as_mask, combine_masks, key_mask_as_lengths
+from ._masks import as_mask, check_mask, combine_masks, key_mask_as_lengths
 from ._validation import check_key_lengths, check_state_keys, shape_str, to_array
-from .functional import ArrayLike, Causal, scaled_dot_product_attention
+from .functional import ArrayLike, Causal, Window, _mask_alias, scaled_dot_product_attention
 
 __all__ = ["SelfAttention", "MultiHeadAttention", "KVCache"]
 
@@ -83,6 +83,12 @@ class SelfAttention:
     ``w_key`` (embed_dim, qk_dim), ``w_value`` (embed_dim, v_dim), biases ``b_query``, ``b_key``
     (qk_dim,), ``b_value`` (v_dim,) or None. They are views of one packed matrix (so the three
     maps are one GEMM); assign with :meth:`set_weights` or in place (``layer.w_query[...] = W``).
+
+    :meth:`state_dict` / :meth:`load_state_dict` use PyTorch's ``nn.Linear`` layout and BERT's
+    names instead: ``query.weight`` (qk_dim, embed_dim) = w_query.T, ``key.weight``,
+    ``value.weight`` (v_dim, embed_dim), and ``query.bias``, ``key.bias``, ``value.bias`` when
+    bias=True (a ``BertSelfAttention``'s state dict, converted to NumPy, loads as it is).
+    :meth:`set_weights` is the textbook-orientation alias, kept for existing code.
     """
 
     def __init__(self, embed_dim: int, *, qk_dim: int | None = None, v_dim: int | None = None, bias: bool = False,
@@ -124,10 +130,45 @@ class SelfAttention:
     def b_value(self) -> np.ndarray | None:
         return None if self._b is None else self._b[2 * self.qk_dim:]
 
+    def _state_shapes(self) -> dict[str, tuple[int, ...]]:
+        e, dk, dv = self.embed_dim, self.qk_dim, self.v_dim
+        shapes = {"query.weight": (dk, e), "key.weight": (dk, e), "value.weight": (dv, e)}
+        if self._b is not None:
+            shapes.update({"query.bias": (dk,), "key.bias": (dk,), "value.bias": (dv,)})
+        return shapes
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of the weights in PyTorch's (out_features, in_features) layout, under BERT's
+        names: ``query.weight`` (qk_dim, embed_dim), ``key.weight``, ``value.weight``
+        (v_dim, embed_dim), plus ``query.bias``, ``key.bias``, ``value.bias`` with bias=True."""
+        state = {"query.weight": self.w_query.T.copy(), "key.weight": self.w_key.T.copy(),
+                 "value.weight": self.w_value.T.copy()}
+        if self._b is not None:
+            state.update({"query.bias": self.b_query.copy(), "key.bias": self.b_key.copy(),
+                          "value.bias": self.b_value.copy()})
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, ArrayLike]) -> None:
+        """Copies in weights named and shaped as :meth:`state_dict` returns them (PyTorch's
+        (out, in) layout). Every key must be present with its shape; nothing changes if a
+        check fails."""
+        d = dict(state_dict)
+        shapes = self._state_shapes()
+        check_state_keys(d, shapes, "this layer")
+        checked = {name: _check_array_shape(d[name], name, shape, self.dtype) for name, shape in shapes.items()}
+        self.w_query[...] = checked["query.weight"].T
+        self.w_key[...] = checked["key.weight"].T
+        self.w_value[...] = checked["value.weight"].T
+        if self._b is not None:
+            self.b_query[...] = checked["query.bias"]
+            self.b_key[...] = checked["key.bias"]
+            self.b_value[...] = checked["value.bias"]
+
     def set_weights(self, *, w_query: ArrayLike | None = None, w_key: ArrayLike | None = None,
                     w_value: ArrayLike | None = None, b_query: ArrayLike | None = None, b_key: ArrayLike | None = None,
                     b_value: ArrayLike | None = None) -> None:
-        """Copies the given weights in (shapes as the attributes of the same names); the rest stay."""
+        """Copies the given weights in, in the textbook (in, out) orientation of the attributes of
+        the same names; the rest stay. The (out, in) equivalent is :meth:`load_state_dict`."""
         e, dk, dv = self.embed_dim, self.qk_dim, self.v_dim
         for name, value, shape in (("w_query", w_query, (e, dk)), ("w_key", w_key, (e, dk)),
                                    ("w_value", w_value, (e, dv))):
@@ -139,28 +180,51 @@ class SelfAttention:
                     raise ValueError(f"{name} given but this layer was built with bias=False")
                 getattr(self, name)[...] = _check_array_shape(value, name, shape, self.dtype)
 
-    def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None, is_causal: Causal = False,
-                 return_weights: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    def __call__(self, x: ArrayLike, *, attn_mask: ArrayLike | None = None, is_causal: Causal = False,
+                 key_lengths: ArrayLike | None = None, window: Window = None, return_weights: bool = False,
+                 warn: bool = True, mask: ArrayLike | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Self-attention of x with itself.
 
         Args:
             x: (..., L, embed_dim).
-            mask: broadcastable to (..., L, L); bool True = may attend, float added.
+            attn_mask: broadcastable to (..., L, L); bool True = may attend, float added.
+                ``mask`` is its older name, still accepted.
             is_causal: False, True (position i sees j <= i) or ``"bottom_right"`` (same here).
+            key_lengths: ints broadcastable to x's batch shape (...,); positions >= length are
+                padding, hidden as keys.
+            window: (left, right): position i sees [i - left, i + right]; None = unbounded side.
             return_weights: also return the (..., L, L) attention weights.
+            warn: check attn_mask for the usual mistakes (:class:`attnext.MaskWarning`).
 
         Returns:
             output (..., L, v_dim), or (output, weights).
         """
+        mask = _mask_alias(attn_mask, mask, "SelfAttention()")
         x = _input(x, "x", self.dtype, self.embed_dim, "embed_dim")
         if x.ndim < 2:
             raise ValueError(f"x must have at least 2 dimensions (..., L, embed_dim), got shape {shape_str(x.shape)}")
         qkv = _linear(x, self._w.T, self._b)  # one GEMM: (..., L, 2 dk + dv)
         dk = self.qk_dim
         q, k, v = qkv[..., :dk], qkv[..., dk: 2 * dk], qkv[..., 2 * dk:]
+        if mask is not None:
+            mask = as_mask(mask, self.dtype, "attn_mask")
+            if warn:
+                check_mask(mask, "attn_mask", 2)
         if self.exclude_self:
             mask = _exclude_diagonal(mask, x.shape[-2], self.dtype)
-        return scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, return_weights=return_weights)
+        if key_lengths is None:
+            return scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, window=window,
+                                                return_weights=return_weights, warn=False)
+        # A head axis of 1, so every axis before (L, d) is a batch axis for key_lengths.
+        lengths = check_key_lengths(key_lengths, x.shape[:-2], x.shape[-2])
+        if mask is not None and mask.ndim >= 3:
+            mask = mask[..., None, :, :]
+        result = scaled_dot_product_attention(q[..., None, :, :], k[..., None, :, :], v[..., None, :, :], mask,
+                                              is_causal=is_causal, key_lengths=lengths, window=window,
+                                              return_weights=return_weights, warn=False)
+        if return_weights:
+            return result[0][..., 0, :, :], result[1][..., 0, :, :]
+        return result[..., 0, :, :]
 
     def __repr__(self) -> str:
         return (f"SelfAttention(embed_dim={self.embed_dim}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, "
@@ -436,8 +500,13 @@ class MultiHeadAttention:
             self._storage(name)[...] = value
 
     @classmethod
-    def from_torch(cls, module: Any) -> "MultiHeadAttention":
+    def from_torch(cls, module: Any, *, batch_first: bool | None = True) -> "MultiHeadAttention":
         """A layer with the configuration and (copied) weights of a ``torch.nn.MultiheadAttention``.
+
+        batch_first: the layer's layout. True (the default, attnext's layout): inputs are
+            (B, L, E) whatever the module's ``batch_first``; the weights do not depend on the
+            layout, so nothing needs converting back. False: PyTorch's (L, B, E). None: the
+            module's own setting.
 
         float16/bfloat16 modules give float32 layers; dropout is ignored (inference).
         """
@@ -453,7 +522,8 @@ class MultiHeadAttention:
             raise ValueError("modules with add_zero_attn=True are not supported")
         dtype = np.float64 if module.out_proj.weight.dtype == torch.float64 else np.float32
         layer = cls(module.embed_dim, module.num_heads, kdim=module.kdim, vdim=module.vdim,
-                    bias=module.in_proj_bias is not None, batch_first=module.batch_first, dtype=dtype)
+                    bias=module.in_proj_bias is not None,
+                    batch_first=module.batch_first if batch_first is None else bool(batch_first), dtype=dtype)
         torch_dtype = torch.float64 if dtype == np.float64 else torch.float32
         layer.load_state_dict({k: v.detach().to("cpu", torch_dtype).numpy() for k, v in module.state_dict().items()})
         return layer
@@ -509,7 +579,13 @@ class MultiHeadAttention:
         heads_last = o.transpose(0, 2, 1, 3) if batch_first else o.transpose(2, 0, 1, 3)
         return _core.linear(heads_last, self._out_w, self._out_b)
 
-    def _prepare_masks(self, key_mask, key_lengths, attn_mask, b: int, lq: int, s: int, unbatched: bool):
+    def _layout_hint(self) -> str:
+        other = "(L, B, E)" if self.batch_first else "(B, L, E)"
+        return (f"; did you mean batch_first={not self.batch_first}? This layer reads inputs as "
+                f"{'(B, L, E)' if self.batch_first else '(L, B, E)'}, and these shapes fit {other}")
+
+    def _prepare_masks(self, key_mask, key_lengths, attn_mask, b: int, lq: int, s: int, unbatched: bool,
+                       warn: bool = True):
         """(attn_mask for the kernel (B, H, L, S)-broadcastable or None, key_lengths (B,) or None).
 
         A bool key_mask that is a padding mask (each row True then False) is passed on as key
@@ -530,22 +606,28 @@ class MultiHeadAttention:
                 if not unbatched:
                     allowed += f" or (B, num_heads, L, S) = {shape_str((b, h, lq, s))}"
                 raise ValueError(f"attn_mask has shape {shape_str(m.shape)} but must be {allowed}")
+            if warn:
+                check_mask(m, "attn_mask", 3 if m.ndim == 4 else 2)
             mask = m
         lengths = None
         if key_lengths is not None:
             kl = to_array(key_lengths, "key_lengths")
             want = () if unbatched else (b,)
             if kl.shape != want:
+                hint = self._layout_hint() if not unbatched and kl.shape == (lq,) and lq == s else ""
                 raise ValueError(f"key_lengths has shape {shape_str(kl.shape)} but must be {shape_str(want)} "
-                                 "(one length per sequence)")
+                                 f"(one length per sequence){hint}")
             lengths = np.array(check_key_lengths(kl, want, s)).reshape(b)
         if key_mask is not None:
             km = as_mask(key_mask, self.dtype, "key_mask")
             want = (s,) if unbatched else (b, s)
             if km.shape != want:
-                raise ValueError(f"key_mask has shape {shape_str(km.shape)} but must be (B, S) = {shape_str(want)}"
+                hint = self._layout_hint() if not unbatched and km.shape == (s, b) and lq == s else ""
+                raise ValueError(f"key_mask has shape {shape_str(km.shape)} but must be (B, S) = {shape_str(want)}{hint}"
                                  if not unbatched else
                                  f"key_mask has shape {shape_str(km.shape)} but must be (S,) = {shape_str(want)}")
+            if warn:
+                check_mask(km, "key_mask", 1)
             km = km.reshape(b, s)
             as_lengths = key_mask_as_lengths(km) if lengths is None else None
             if as_lengths is not None:
@@ -555,8 +637,9 @@ class MultiHeadAttention:
 
     def __call__(self, query: ArrayLike, key: ArrayLike | None = None, value: ArrayLike | None = None, *,
                  key_mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None,
-                 attn_mask: ArrayLike | None = None, is_causal: Causal = False, need_weights: bool = False,
-                 average_attn_weights: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                 attn_mask: ArrayLike | None = None, is_causal: Causal = False, window: Window = None,
+                 return_weights: bool | None = None, average_attn_weights: bool = True, warn: bool = True,
+                 need_weights: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Attention of query over key/value (self-attention when both are omitted).
 
         Args:
@@ -573,15 +656,29 @@ class MultiHeadAttention:
                 attend (PyTorch's MultiheadAttention bool mask is its negation), or float added.
             is_causal: False, True (query i sees keys j <= i, top-left as PyTorch) or
                 ``"bottom_right"`` (the last query aligned with the last key).
-            need_weights: also compute and return the attention weights.
+            window: (left, right): query i sees keys [i - left, i + right]; None = unbounded side.
+            return_weights: also compute and return the attention weights (default False).
+                ``need_weights`` is PyTorch's name for it, accepted too.
             average_attn_weights: weights averaged over heads (B, L, S) if True, else per head
                 (B, num_heads, L, S).
+            warn: check attn_mask and key_mask for the usual mistakes
+                (:class:`attnext.MaskWarning`: a bool mask hiding every key of a batch entry,
+                the mark of an uninverted PyTorch key_padding_mask; a float mask of only 0 and
+                1). The check reads the masks as given, at most twice; False skips it.
+
+        Layout: with batch_first=True (the default) inputs are (B, L, E); PyTorch's default
+        (L, B, E) needs batch_first=False. Where the shapes of key, key_mask or key_lengths
+        reveal the other layout, the error asks "did you mean batch_first=...?"; a plain
+        self-attention call cannot tell the two apart.
 
         Returns:
             (output, weights): output like query with embed_dim features; weights as above, or
-            None when need_weights is False. A query that may attend to nothing gets output
+            None when return_weights is False (the pair is always returned, as PyTorch does). A query that may attend to nothing gets output
             b_out (zero attention) and zero weights, where PyTorch gives NaN.
         """
+        if need_weights is not None and return_weights is not None and bool(need_weights) != bool(return_weights):
+            raise TypeError("return_weights and need_weights (its PyTorch name) disagree; pass one of them")
+        want_weights = bool(return_weights if return_weights is not None else need_weights)
         q_in = _input(query, "query", self.dtype, self.embed_dim, "embed_dim")
         # query is key is value (or both omitted): one GEMM for Q, K and V together
         self_attention = (key is None or key is query) and (value is None or value is query)
@@ -606,11 +703,12 @@ class MultiHeadAttention:
             q_in, k_in, v_in = q_in[None], k_in[None], v_in[None]
         b_axis = 0 if batch_first else 1
         if k_in.shape[b_axis] != q_in.shape[b_axis]:
+            hint = self._layout_hint() if k_in.shape[1 - b_axis] == q_in.shape[1 - b_axis] else ""
             raise ValueError(f"query has shape {shape_str(np.shape(query))} but key has {shape_str(np.shape(key))}: "
-                             f"their batch dimensions (axis {b_axis}) differ")
+                             f"their batch dimensions (axis {b_axis}) differ{hint}")
         b, lq, s = q_in.shape[b_axis], q_in.shape[1 - b_axis], k_in.shape[1 - b_axis]
         e, kv, hk = self.embed_dim, self._kv_width, self.num_kv_heads
-        mask, lengths = self._prepare_masks(key_mask, key_lengths, attn_mask, b, lq, s, unbatched)
+        mask, lengths = self._prepare_masks(key_mask, key_lengths, attn_mask, b, lq, s, unbatched, warn)
 
         # Projections: one GEMM for Q, K, V together in self-attention, else one for Q and one
         # for K and V together when key is value.
@@ -629,8 +727,9 @@ class MultiHeadAttention:
                 v = self._split_heads(_linear(v_in, self._v_w, self._bias_part("v")), 0, hk, batch_first)
 
         result = scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=hk != self.num_heads,
-                                              key_lengths=lengths, return_weights=need_weights)
-        o, weights = result if need_weights else (result, None)
+                                              key_lengths=lengths, window=window, return_weights=want_weights,
+                                              warn=False)
+        o, weights = result if want_weights else (result, None)
         out = self._project_out(o, batch_first)
         if weights is not None and average_attn_weights:
             weights = weights.mean(axis=1)
@@ -684,3 +783,68 @@ class MultiHeadAttention:
         dims = "" if self._packed else f", kdim={self.kdim}, vdim={self.vdim}"
         return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}{extra}{dims}, "
                 f"bias={self.bias}, batch_first={self.batch_first}, dtype={self.dtype.name})")
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face BERT
+
+
+def from_bert_attention(module: Any, *, batch_first: bool = True, dtype: npt.DTypeLike | None = None
+                        ) -> MultiHeadAttention:
+    """A :class:`MultiHeadAttention` holding (copies of) the weights of a Hugging Face BERT
+    attention block, for running a pretrained BERT-style encoder's attention on attnext.
+
+    Args:
+        module: a ``BertAttention`` (``model.encoder.layer[i].attention``) or a ``BertLayer``
+            (``model.encoder.layer[i]``), or any module shaped like them (RoBERTa's,
+            ELECTRA's...): ``.self.query/.key/.value`` and ``.output.dense`` are
+            ``torch.nn.Linear``; the head count is ``.self.num_attention_heads``.
+        batch_first: the layer's layout, (B, L, E) by default (as Hugging Face's hidden states).
+        dtype: the layer's dtype; default float64 for a float64 module, else float32.
+
+    The layer computes ``output.dense(self_attention(x))``; BERT's block then adds the residual
+    and its LayerNorm, which stay with the caller::
+
+        attn = attnext.transformer.from_bert_attention(model.encoder.layer[0].attention)
+        ln = model.encoder.layer[0].attention.output.LayerNorm
+        y, _ = attn(x, key_mask=attention_mask.astype(bool))    # HF's 1 = token is True = may attend
+        out = layer_norm(x + y, ln.weight, ln.bias, ln.eps)     # = BertAttention(x, mask)[0]
+
+    Hugging Face's ``attention_mask`` (1 = token, 0 = padding) is passed as a bool ``key_mask``,
+    never as a float (a 0/1 float mask would be added to the scores; attnext warns about it).
+    Raises TypeError for a module without those parts, ValueError for relative position
+    embeddings (``position_embedding_type`` other than ``"absolute"``), which change the scores.
+    """
+    attention = getattr(module, "attention", module)
+    self_attn, output = getattr(attention, "self", None), getattr(attention, "output", None)
+    parts = [getattr(self_attn, n, None) for n in ("query", "key", "value")] + [getattr(output, "dense", None)]
+    if any(p is None or not hasattr(p, "weight") for p in parts):
+        raise TypeError(f"module must be a Hugging Face BertAttention or BertLayer (with .self.query/key/value and "
+                        f".output.dense), got {type(module).__name__}")
+    kind = getattr(self_attn, "position_embedding_type", None) or getattr(
+        getattr(self_attn, "config", None), "position_embedding_type", None) or "absolute"
+    if kind != "absolute":
+        raise ValueError(f"position_embedding_type={kind!r} adds relative-position terms to the scores, which "
+                         "MultiHeadAttention does not compute; only 'absolute' is supported")
+    heads = getattr(self_attn, "num_attention_heads", None)
+    if heads is None:
+        raise TypeError(f"{type(self_attn).__name__} has no num_attention_heads")
+
+    def numpy(t):
+        return None if t is None else t.detach().to("cpu").double().numpy()
+
+    query, key, value, dense = parts
+    embed_dim = int(query.weight.shape[1])
+    if dtype is None:
+        dtype = np.float64 if str(query.weight.dtype) == "torch.float64" else np.float32
+    if tuple(query.weight.shape) != (embed_dim, embed_dim):
+        raise ValueError(f"query projection has shape {tuple(query.weight.shape)}; MultiHeadAttention needs "
+                         f"all heads together to span the hidden size ({embed_dim}, {embed_dim})")
+    has_bias = query.bias is not None
+    layer = MultiHeadAttention(embed_dim, int(heads), bias=has_bias, batch_first=batch_first, dtype=dtype)
+    layer.load_projections(**{name: (numpy(p.weight), numpy(p.bias) if has_bias else None)
+                              for name, p in zip(("q", "k", "v", "out"), parts)})
+    return layer
+
+
+__all__ += ["from_bert_attention"]
