@@ -5,9 +5,7 @@ zero-argument callable on those same inputs (PyTorch tensors share the NumPy arr
 through ``torch.from_numpy``). A contender that cannot run the case is a :class:`Skip` with the
 reason. Contenders:
 
-- ``attnext``: the compiled library. Functions that other parts of the project add later
-  (``additive_attention``, ``MultiHeadAttention``, ``KVCache``) are looked up by name; when
-  absent the contender is skipped with "not in this build".
+- ``attnext``: the compiled library.
 - ``torch``: PyTorch on the CPU, the way a PyTorch user writes it (its SDPA, its
   ``nn.MultiheadAttention`` in eval mode under ``no_grad``, the usual additive formula).
 - ``reference``: :mod:`attnext.reference`, the plain NumPy twin (dense scores, materialised masks).
@@ -26,7 +24,6 @@ Work counted per call (documented in docs/benchmarks.md):
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,7 +31,6 @@ from typing import Callable
 import numpy as np
 
 CONTENDERS = ("attnext", "torch", "reference")
-NOT_IN_BUILD = "not in this build"
 
 
 class Skip:
@@ -77,9 +73,6 @@ class Env:
 
     def need_torch(self):
         return Skip(self.torch_reason) if self.torch is None else None
-
-    def attnext_has(self, name):
-        return hasattr(self.attnext, name)
 
     def reference_too_big(self, nbytes: float):
         mb = nbytes / 2 ** 20
@@ -164,11 +157,8 @@ def additive_case(name, b, lq, lk, u, *, d=None, dtype="float32", suites=("full"
     def setup(rng, env):
         q, k, v, wq, wk, vv = _additive_inputs(rng, b, lq, lk, d, d, u, d, dtype)
         run = {}
-        if env.attnext_has("additive_attention"):
-            f = env.attnext.additive_attention
-            run["attnext"] = lambda: f(q, k, v, wq, wk, vv)
-        else:
-            run["attnext"] = Skip(f"additive_attention {NOT_IN_BUILD}")
+        f = env.attnext.additive_attention
+        run["attnext"] = lambda: f(q, k, v, wq, wk, vv)
         run["torch"] = env.need_torch()
         if run["torch"] is None:
             torch = env.torch
@@ -255,8 +245,6 @@ def _mha_weights(rng, e, dtype):
 
 
 def _attnext_mha(env, e, h, weights, dtype):
-    if not env.attnext_has("MultiHeadAttention"):
-        return Skip(f"MultiHeadAttention {NOT_IN_BUILD}")
     m = env.attnext.MultiHeadAttention(e, h, bias=True, batch_first=True, dtype=_np_dtype(dtype),
                                        rng=np.random.default_rng(0))
     m.load_state_dict(weights)
@@ -284,7 +272,7 @@ def mha_case(name, b, l, e, h, *, dtype="float32", suites=("full",)):
         w = _mha_weights(rng, e, dtype)
         run = {}
         m = _attnext_mha(env, e, h, w, dtype)
-        run["attnext"] = m if isinstance(m, Skip) else (lambda: m(x, need_weights=False))
+        run["attnext"] = lambda: m(x, need_weights=False)
         run["torch"] = env.need_torch()
         if run["torch"] is None:
             torch = env.torch
@@ -310,32 +298,6 @@ def mha_case(name, b, l, e, h, *, dtype="float32", suites=("full",)):
                 {"B": b, "L": l, "E": e, "heads": h}, "GFLOP/s", work, setup, suites)
 
 
-_CACHE_ARGS = {  # parameter names a KVCache constructor may take -> how to fill them
-    "batch_size": "b", "batch": "b", "num_heads": "hk", "num_kv_heads": "hk", "heads": "hk", "head_dim": "dh",
-    "capacity": "t", "max_len": "t", "max_length": "t", "initial_capacity": "t", "max_seq_len": "t",
-    "dtype": "dtype", "embed_dim": "e",
-}
-
-
-def _new_kv_cache(env, module, b, e, h, t, dtype):
-    """A fresh attnext.KVCache, built from whatever of its documented arguments it asks for."""
-    cls = env.attnext.KVCache
-    values = {"b": b, "hk": h, "dh": e // h, "t": t, "dtype": _np_dtype(dtype), "e": e}
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return cls()
-    kwargs = {}
-    for pname, p in params.items():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        if pname in _CACHE_ARGS:
-            kwargs[pname] = values[_CACHE_ARGS[pname]]
-        elif p.default is p.empty:
-            raise TypeError(f"KVCache{inspect.signature(cls)}: do not know how to fill {pname!r}")
-    return cls(**kwargs)
-
-
 def kvcache_case(name, b, e, h, t, *, dtype="float32", suites=("full",)):
     itemsize = np.dtype(dtype).itemsize
     work = t * (4.0 * e * e + 4.0 * e) * itemsize + sum(2.0 * b * (i + 1) * e * itemsize for i in range(t))
@@ -345,23 +307,13 @@ def kvcache_case(name, b, e, h, t, *, dtype="float32", suites=("full",)):
         x = rng.standard_normal((b, t, e)).astype(_np_dtype(dtype))
         w = _mha_weights(rng, e, dtype)
         run = {}
-        if not env.attnext_has("KVCache"):
-            run["attnext"] = Skip(f"KVCache {NOT_IN_BUILD}")
-        else:
-            m = _attnext_mha(env, e, h, w, dtype)
-            if isinstance(m, Skip):
-                run["attnext"] = m
-            else:
-                try:
-                    _new_kv_cache(env, m, b, e, h, t, dtype)
-                except TypeError as exc:
-                    run["attnext"] = Skip(str(exc))
-                else:
-                    def attnext_decode(step_times=None):
-                        cache = _new_kv_cache(env, m, b, e, h, t, dtype)
-                        return _decode(lambda i: m.step(x[:, i:i + 1], cache), t, step_times)
+        m = _attnext_mha(env, e, h, w, dtype)
 
-                    run["attnext"] = attnext_decode
+        def attnext_decode(step_times=None):
+            cache = env.attnext.KVCache(capacity=t)
+            return _decode(lambda i: m.step(x[:, i:i + 1], cache), t, step_times)
+
+        run["attnext"] = attnext_decode
         run["torch"] = env.need_torch()
         if run["torch"] is None:
             torch = env.torch
