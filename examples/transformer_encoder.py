@@ -7,7 +7,8 @@ feed-forward network, the block BERT and the original Transformer stack.
 
 Run it (``python examples/transformer_encoder.py``): it runs a block on a padded batch and, when
 PyTorch is installed, copies the weights of a ``torch.nn.TransformerEncoderLayer`` and checks
-that both give the same output.
+that both give the same output; with Hugging Face ``transformers`` installed too, it does the
+same for a layer of a small BERT model built from a config (random weights, no download).
 
 Loading real weights
 --------------------
@@ -17,14 +18,16 @@ without transposes.
 - ``torch.nn.TransformerEncoderLayer``: ``EncoderBlock.from_torch(layer)`` (below) copies
   ``self_attn`` with ``MultiHeadAttention.from_torch``, ``linear1``/``linear2`` into the
   feed-forward weights and ``norm1``/``norm2`` into the layer norms.
-- A Hugging Face BERT layer (``model.encoder.layer[i]``; convert each tensor with
-  ``.detach().numpy()``): ``attention.self.query/key/value`` go to
-  ``block.attn.load_projections(q=(W, b), k=(W, b), v=(W, b), out=(W, b))`` with ``out`` from
-  ``attention.output.dense``; ``attention.output.LayerNorm`` is norm1 (its ``weight``/``bias``
-  are gamma/beta, eps 1e-12); ``intermediate.dense`` is (w1, b1) with ``activation="gelu"``;
-  ``output.dense`` is (w2, b2); ``output.LayerNorm`` is norm2. BERT is post-norm. Its
-  ``attention_mask`` (1 = token, 0 = padding) is ``key_mask=attention_mask.astype(bool)``
-  (True = may attend; PyTorch's ``src_key_padding_mask`` is the negation).
+- A Hugging Face BERT layer (``model.encoder.layer[i]``): ``EncoderBlock.from_bert(layer)``
+  (below). Its attention comes from ``attnext.transformer.from_bert_attention(layer)``, which
+  copies ``attention.self.query/key/value`` and ``attention.output.dense`` into a
+  ``MultiHeadAttention``; ``attention.output.LayerNorm`` is norm1 (eps 1e-12),
+  ``intermediate.dense`` is (w1, b1) with ``activation="gelu"``, ``output.dense`` is (w2, b2) and
+  ``output.LayerNorm`` is norm2. BERT is post-norm. Its ``attention_mask`` (1 = token,
+  0 = padding) is ``key_mask=attention_mask.astype(bool)`` (True = may attend; PyTorch's
+  ``src_key_padding_mask`` is the negation). For the attention alone:
+  ``y, _ = attn(x, key_mask=attention_mask.astype(bool))``, then LayerNorm(x + y) is
+  BertAttention's output.
 - LLaMA-style models keep separate q/k/v/o projections with fewer key/value heads: build
   ``MultiHeadAttention(E, H, num_kv_heads=Hk, bias=False)`` and use ``load_projections``; they
   also rotate Q and K (rotary embeddings) and use RMSNorm and a gated feed-forward, which this
@@ -105,6 +108,21 @@ class EncoderBlock:
         block.norm2 = [np_(layer.norm2.weight), np_(layer.norm2.bias)]
         return block
 
+    @classmethod
+    def from_bert(cls, layer):
+        """The block of a Hugging Face ``BertLayer`` (``model.encoder.layer[i]``): post-norm, GELU."""
+        np_ = lambda t: t.detach().cpu().numpy()
+        attn = attnext.transformer.from_bert_attention(layer)
+        norm1, norm2 = layer.attention.output.LayerNorm, layer.output.LayerNorm
+        ff = layer.intermediate.dense
+        block = cls(attn.embed_dim, attn.num_heads, ff.out_features, activation="gelu", eps=norm1.eps)
+        block.attn = attn
+        block.w1, block.b1 = np_(ff.weight), np_(ff.bias)
+        block.w2, block.b2 = np_(layer.output.dense.weight), np_(layer.output.dense.bias)
+        block.norm1 = [np_(norm1.weight), np_(norm1.bias)]
+        block.norm2 = [np_(norm2.weight), np_(norm2.bias)]
+        return block
+
 
 def main():
     rng = np.random.default_rng(0)
@@ -136,6 +154,24 @@ def main():
         print(f"torch.nn.TransformerEncoderLayer({activation}, norm_first={norm_first}): "
               f"max relative difference {err:.1e}")
         assert err < 1e-5, err
+
+    try:
+        import transformers
+    except ImportError:
+        print("transformers not installed: skipping the comparison with a BERT layer")
+        return
+    config = transformers.BertConfig(vocab_size=100, hidden_size=e, num_hidden_layers=2, num_attention_heads=h,
+                                     intermediate_size=ff, max_position_embeddings=32)
+    model = transformers.BertModel(config).eval()  # random weights from the config, no download
+    ids = torch.randint(0, 100, (b, l))
+    attention_mask = torch.from_numpy(key_mask.astype(np.int64))  # HF: 1 = token, 0 = padding
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+    layer_input, theirs = hidden[1].numpy(), hidden[2].numpy()  # the input and output of layer 1
+    ours = EncoderBlock.from_bert(model.encoder.layer[1])(layer_input, key_mask=attention_mask.numpy().astype(bool))
+    err = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    print(f"BertLayer: max relative difference {err:.1e}")
+    assert err < 1e-5, err
 
 
 if __name__ == "__main__":
