@@ -5,7 +5,7 @@
     python tools/api_docs.py                  # writes docs/api/index.html (open it in a browser)
     python tools/api_docs.py --check          # CI: builds into a temporary folder, exit 1 on a problem
 
-It documents the public modules (``attnext``, ``attnext.reference``, ``attnext.plot``) of the
+It documents the public modules (``attnext``, ``attnext.transformer``, ``attnext.reference``, ``attnext.plot``) of the
 attnext that Python imports (an installed one, or ``PYTHONPATH=python`` after
 ``tools/dev_build.sh``). Docstrings are Google style (``Args:``, ``Returns:``).
 
@@ -26,7 +26,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-MODULES = ("attnext", "attnext.reference", "attnext.plot")
+MODULES = ("attnext", "attnext.transformer", "attnext.reference", "attnext.plot")
 ROOT = Path(__file__).resolve().parent.parent
 
 
