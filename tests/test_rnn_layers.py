@@ -20,14 +20,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def randomize(layer, rng):
-    """Random weights of healthy size in every parameter (g stays positive)."""
-    for name, value in layer.state_dict().items():
-        new = rng.standard_normal(value.shape)
+    """Random weights of healthy size in every parameter (g stays positive), set by their
+    textbook attribute names (set_weights, the (in, out) alias of load_state_dict)."""
+    new = {}
+    for name, shape in layer._shapes.items():
+        value = rng.standard_normal(shape)
         if name.startswith("w_"):
-            new /= np.sqrt(value.shape[0])
+            value /= np.sqrt(shape[0])
         if name == "g":
-            new = np.abs(new) + 0.5
-        setattr(layer, name, new)
+            value = np.abs(value) + 0.5
+        new[name] = value
+    layer.set_weights(**new)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -114,17 +117,19 @@ def test_luong_matches_formula(dtype, method, scale):
     randomize(layer, rng)
     keys = rng.standard_normal((3, 9, key_dim)).astype(dtype)
     values = rng.standard_normal((3, 9, 5)).astype(dtype)
-    params = layer.state_dict()
-    w_c = params.pop("w_c")
+    params = {name: getattr(layer, name) for name in ("w_a", "w_query", "w_key", "v", "g") if name in layer._shapes}
+    w_c = layer.w_c
     for query in (rng.standard_normal((3, 10)), rng.standard_normal((3, 4, 10))):
         query = query.astype(dtype)
         mask = rng.random(query.shape[:-1] + (9,)) < 0.8
         for kwargs in (dict(), dict(mask=mask), dict(key_lengths=[9, 3, 5]), dict(mask=mask, key_lengths=4)):
             got = layer(query, keys, values, **kwargs)
             want = ref.luong_attention(query, keys, values, w_c, method=method, **params, **kwargs)
-            for a, b in zip(got, want):
+            by_state = ref.luong_attention(query, keys, values, method=method, **layer.state_dict(), **kwargs)
+            for a, b, c in zip(got, want, by_state):
                 assert a.dtype == dtype and a.shape == b.shape
                 assert rel_err(a, b) <= TOL[dtype], (method, kwargs.keys())
+                assert rel_err(c, b) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -194,19 +199,44 @@ def test_weights_attributes_and_state_dict():
     layer.v = np.arange(1.0, 6.0)
     assert layer.v.dtype == np.float64
     np.testing.assert_allclose(layer.effective_v, layer.g * np.arange(1.0, 6.0) / np.linalg.norm(np.arange(1.0, 6.0)))
+    # state_dict: PyTorch's names and (out, in) layout (issue 14; the keys were the attribute
+    # names, in (in, out) orientation, before).
     state = layer.state_dict()
-    assert set(state) == {"w_query", "w_key", "v", "g", "bias"}
-    state["v"][:] = 0  # a copy: the layer is unchanged
+    assert {k: v.shape for k, v in state.items()} == {
+        "query_proj.weight": (5, 4), "query_proj.bias": (5,), "key_proj.weight": (5, 3), "v.weight": (1, 5),
+        "g": ()}
+    np.testing.assert_array_equal(state["query_proj.weight"], layer.w_query.T)
+    np.testing.assert_array_equal(state["key_proj.weight"], layer.w_key.T)
+    np.testing.assert_array_equal(state["v.weight"][0], layer.v)
+    np.testing.assert_array_equal(state["query_proj.bias"], layer.bias)
+    state["v.weight"][:] = 0  # a copy: the layer is unchanged
     assert layer.v[0] == 1.0
     other.load_state_dict(layer.state_dict())
-    for name, value in layer.state_dict().items():
-        assert np.array_equal(getattr(other, name), value)
-    with pytest.raises(ValueError, match=r"missing keys \['bias'\]"):
-        other.load_state_dict({k: v for k, v in state.items() if k != "bias"})
+    for name in layer._shapes:
+        assert np.array_equal(getattr(other, name), getattr(layer, name))
+    with pytest.raises(ValueError, match=r"missing keys \['query_proj.bias'\]"):
+        other.load_state_dict({k: v for k, v in state.items() if k != "query_proj.bias"})
     with pytest.raises(ValueError, match=r"unexpected keys \['extra'\]"):
         other.load_state_dict({**state, "extra": np.zeros(1)})
+    with pytest.raises(ValueError, match=r"query_proj.weight has shape \(4, 5\) but this layer needs \(5, 4\)"):
+        other.load_state_dict({**state, "query_proj.weight": np.zeros((4, 5))})
+    # the textbook names: set_weights (the alias), and a whole dict of them in load_state_dict
+    before = other.state_dict()
+    with pytest.raises(TypeError, match="unexpected names"):
+        other.set_weights(w_query=np.zeros((4, 5)), w_value=np.zeros((4, 5)))
+    assert all(np.array_equal(before[k], v) for k, v in other.state_dict().items())
+    other.set_weights(w_query=np.ones((4, 5)))
+    assert np.all(other.state_dict()["query_proj.weight"] == 1)
+    other.load_state_dict({name: getattr(layer, name) for name in ("w_query", "w_key", "v", "g", "bias")})
+    assert all(np.array_equal(layer.state_dict()[k], v) for k, v in other.state_dict().items())
     luong = attnext.LuongAttention(4, 3, "general", attentional_units=2, scale=True, rng=0)
-    assert set(luong.state_dict()) == {"w_a", "g", "w_c"} and luong.w_c.shape == (7, 2)
+    assert {k: v.shape for k, v in luong.state_dict().items()} == {
+        "key_proj.weight": (4, 3), "g": (), "out_proj.weight": (2, 7)} and luong.w_c.shape == (7, 2)
+    np.testing.assert_array_equal(luong.state_dict()["key_proj.weight"], luong.w_a)
+    np.testing.assert_array_equal(luong.state_dict()["out_proj.weight"], luong.w_c.T)
+    concat = attnext.LuongAttention(4, 3, "concat", units=6, rng=0)
+    assert {k: v.shape for k, v in concat.state_dict().items()} == {
+        "query_proj.weight": (6, 4), "key_proj.weight": (6, 3), "v.weight": (1, 6), "out_proj.weight": (4, 7)}
     assert luong.w_a.dtype == np.float32 and luong.g == 1.0
     with pytest.raises(TypeError, match="dtype must be float32 or float64"):
         attnext.LuongAttention(4, dtype=np.int32)
@@ -234,10 +264,8 @@ def test_key_lengths_with_unbatched_keys(single):
     for method in ("dot", "general", "concat"):
         luong = attnext.LuongAttention(4, 4 if method == "dot" else 3, method, dtype=np.float64, rng=1)
         k = rng.standard_normal((6, luong.key_dim))
-        params = luong.state_dict()
-        w_c = params.pop("w_c")
         got = luong(query, k, key_lengths=np.int64(3))
-        want = ref.luong_attention(query, k, None, w_c, method=method, key_lengths=3, **params)
+        want = ref.luong_attention(query, k, None, method=method, key_lengths=3, **luong.state_dict())
         for a, b in zip(got, want):
             assert a.shape == b.shape and rel_err(a, b) <= 1e-12, method
         assert np.all(got[2][..., 3:] == 0)
@@ -321,3 +349,99 @@ def test_example_runs_as_a_script():
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "rnn_attention.py"), "--task", "reverse",
                           "--length", "5"], capture_output=True, text=True, env=env, check=True).stdout
     assert "step 0: weights" in out and "attends to position 4" in out
+
+
+# --- PyTorch modules load as they are (issue 14: one vocabulary, PyTorch's (out, in) layout) ----
+
+
+def _torch_state(module):
+    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bahdanau_loads_a_pytorch_module(bias):
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Bahdanau(nn.Module):  # the usual PyTorch form: three nn.Linear
+        def __init__(self, dq, dk, units):
+            super().__init__()
+            self.query_proj = nn.Linear(dq, units, bias=bias)
+            self.key_proj = nn.Linear(dk, units, bias=bias)
+            self.v = nn.Linear(units, 1, bias=bias)
+
+        def forward(self, s, h, values):  # s (B, T, dq), h (B, Lk, dk)
+            e = self.v(torch.tanh(self.query_proj(s)[:, :, None, :] + self.key_proj(h)[:, None, :, :])).squeeze(-1)
+            a = torch.softmax(e, dim=-1)
+            return a @ values, a
+
+    torch.manual_seed(0)
+    module = Bahdanau(6, 5, 7)
+    with torch.no_grad():
+        for p in module.parameters():  # biases of weight-like size, so they matter
+            p.normal_(0, 0.5)
+    layer = attnext.BahdanauAttention(6, 5, 7, bias=bias)
+    layer.load_state_dict(_torch_state(module))
+    assert _same_state(layer.state_dict(), _torch_state(module))
+    rng = np.random.default_rng(30)
+    s = rng.standard_normal((2, 3, 6)).astype(np.float32)
+    h = rng.standard_normal((2, 4, 5)).astype(np.float32)
+    values = rng.standard_normal((2, 4, 3)).astype(np.float32)
+    with torch.no_grad():
+        want_c, want_a = (t.numpy() for t in module(torch.from_numpy(s), torch.from_numpy(h),
+                                                    torch.from_numpy(values)))
+    got_c, got_a = layer(s, layer.precompute(h, values))
+    np.testing.assert_allclose(got_a, want_a, atol=1e-5)
+    np.testing.assert_allclose(got_c, want_c, atol=1e-5)
+    ref_c, ref_a = ref.bahdanau_attention(s, h, values, **layer.state_dict())
+    np.testing.assert_allclose(ref_a, want_a, atol=1e-5)
+    np.testing.assert_allclose(ref_c, want_c, atol=1e-5)
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(a[k].shape == np.shape(b[k]) and np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["dot", "general", "concat"])
+def test_luong_loads_a_pytorch_module(method):
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    dq, dk, dv, units, att = 6, (6 if method == "dot" else 5), 4, 7, 3
+
+    class Luong(nn.Module):
+        def __init__(self):
+            super().__init__()
+            if method == "general":
+                self.key_proj = nn.Linear(dk, dq, bias=False)  # e_tj = s_t . key_proj(h_j) = s_t W_a h_j
+            elif method == "concat":
+                self.query_proj = nn.Linear(dq, units, bias=False)
+                self.key_proj = nn.Linear(dk, units, bias=False)
+                self.v = nn.Linear(units, 1, bias=False)
+            self.g = nn.Parameter(torch.tensor(1.3))
+            self.out_proj = nn.Linear(dv + dq, att, bias=False)  # W_c on [c_t; s_t]
+
+        def forward(self, s, h, values):  # s (B, T, dq)
+            if method == "dot":
+                e = s @ h.transpose(-1, -2)
+            elif method == "general":
+                e = s @ self.key_proj(h).transpose(-1, -2)
+            else:
+                e = self.v(torch.tanh(self.query_proj(s)[:, :, None] + self.key_proj(h)[:, None])).squeeze(-1)
+            a = torch.softmax(self.g * e, dim=-1)
+            c = a @ values
+            return torch.tanh(self.out_proj(torch.cat([c, s], dim=-1))), c, a
+
+    torch.manual_seed(1)
+    module = Luong()
+    layer = attnext.LuongAttention(dq, dk, method, units=units, value_dim=dv, attentional_units=att, scale=True)
+    layer.load_state_dict(_torch_state(module))
+    assert _same_state(layer.state_dict(), _torch_state(module))
+    rng = np.random.default_rng(31)
+    s = rng.standard_normal((2, 3, dq)).astype(np.float32)
+    h = rng.standard_normal((2, 5, dk)).astype(np.float32)
+    values = rng.standard_normal((2, 5, dv)).astype(np.float32)
+    with torch.no_grad():
+        want = [t.numpy() for t in module(*(torch.from_numpy(x) for x in (s, h, values)))]
+    for got in (layer(s, h, values), ref.luong_attention(s, h, values, method=method, **layer.state_dict())):
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, atol=1e-5)

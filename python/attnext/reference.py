@@ -290,14 +290,54 @@ def additive_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, w_que
     return (out, a) if return_weights else out
 
 
-def bahdanau_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike, w_query: ArrayLike, w_key: ArrayLike,
-                       v: ArrayLike, *, g: float | None = None, bias: ArrayLike | None = None,
-                       key_lengths: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+# PyTorch state-dict names of the encoder-decoder layers -> (textbook name, how to turn the
+# (out, in) array into the textbook (in, out) one).
+_TORCH_NAMES = {"query_proj.weight": ("w_query", np.transpose), "key_proj.weight": ("w_key", np.transpose),
+                "v.weight": ("v", lambda a: a[0]), "query_proj.bias": ("bias", np.asarray),
+                "key_proj.bias": ("key_bias", np.asarray), "v.bias": ("v_bias", lambda a: a[0]),
+                "out_proj.weight": ("w_c", np.transpose)}
+
+
+def _textbook(state, owner, general=False):
+    """Weights given by their PyTorch state-dict names, under their textbook names and layout."""
+    out = {}
+    for name, value in state.items():
+        if general and name == "key_proj.weight":
+            out["w_a"] = np.asarray(value)  # Luong general: nn.Linear(key_dim, query_dim) holds W_a itself
+        elif name in _TORCH_NAMES:
+            textbook, convert = _TORCH_NAMES[name]
+            out[textbook] = convert(np.asarray(value))
+        else:
+            raise TypeError(f"{owner} got an unexpected keyword argument {name!r}")
+    return out
+
+
+def bahdanau_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike, w_query: ArrayLike | None = None,
+                       w_key: ArrayLike | None = None, v: ArrayLike | None = None, *, g: float | None = None,
+                       bias: ArrayLike | None = None, key_bias: ArrayLike | None = None,
+                       v_bias: ArrayLike | None = None, key_lengths: ArrayLike | None = None,
+                       **state: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """BahdanauAttention's math for one step (query (B, Dq)) or many (query (B, T, Dq)).
 
-    e_tj = v' . tanh(s_t W_q + h_j W_k [+ bias]), v' = v, or g v / ||v|| (normalize=True);
-    a_t = softmax(e_t); c_t = sum_j a_tj value_j. Returns (context, weights).
+    e_tj = v' . tanh(s_t W_q + bias + h_j W_k + key_bias) + v_bias, v' = v, or g v / ||v||
+    (normalize=True); a_t = softmax(e_t); c_t = sum_j a_tj value_j. Returns (context, weights).
+    The weights go by the layer's textbook attribute names (w_query (Dq, U), ...) or by its
+    state-dict names, so ``bahdanau_attention(q, k, v, **layer.state_dict())`` is the layer's
+    formula (``query_proj.weight`` (U, Dq), ``key_proj.weight`` (U, Dk), ``v.weight`` (1, U),
+    ``query_proj.bias``, ``key_proj.bias``, ``v.bias``).
     """
+    given = dict(w_query=w_query, w_key=w_key, v=v, bias=bias, key_bias=key_bias, v_bias=v_bias)
+    for name, value in _textbook(state, "bahdanau_attention").items():
+        given[name] = value
+    w_query, w_key, v, bias, key_bias, v_bias = (given[n] for n in ("w_query", "w_key", "v", "bias", "key_bias",
+                                                                     "v_bias"))
+    if w_query is None or w_key is None or v is None:
+        raise TypeError("bahdanau_attention needs w_query, w_key and v (or their state-dict names)")
+    if g is not None:
+        g = float(np.asarray(g))
+    if key_bias is not None:
+        bias = np.asarray(key_bias) if bias is None else np.asarray(bias) + np.asarray(key_bias)
+    # v_bias adds the same number to every score: softmax does not see it.
     s = np.asarray(query)
     single = s.ndim == np.ndim(keys) - 1
     if single:
@@ -314,20 +354,30 @@ def luong_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike | None 
                     w_c: ArrayLike | None = None, *, method: str = "dot", w_a: ArrayLike | None = None,
                     w_query: ArrayLike | None = None, w_key: ArrayLike | None = None, v: ArrayLike | None = None,
                     g: float | None = None, attn_mask: ArrayLike | None = None,
-                    key_lengths: ArrayLike | None = None, mask: ArrayLike | None = None
+                    key_lengths: ArrayLike | None = None, mask: ArrayLike | None = None, **state: ArrayLike
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LuongAttention's math for one step (query (B, Dq)) or many (query (B, T, Dq)).
 
     Takes the layer's call arguments (query, keys, values, attn_mask, key_lengths) and its
-    weights by their state-dict names, so ``luong_attention(q, k, method=m, **layer.state_dict())``
-    is the layer's formula. e_tj = s_t . h_j (dot), s_t W_a h_j (general) or
+    weights by their textbook attribute names (w_a, w_query, w_key, v, g, w_c) or by their
+    state-dict names (``key_proj.weight``, ``query_proj.weight``, ``v.weight``, ``g``,
+    ``out_proj.weight``), so ``luong_attention(q, k, method=m, **layer.state_dict())`` is the
+    layer's formula. e_tj = s_t . h_j (dot), s_t W_a h_j (general) or
     v . tanh(s_t W_q + h_j W_k) (concat), times g when given; a_t = softmax(e_t + attn_mask);
     c_t = sum_j a_tj value_j; h~_t = tanh([c_t; s_t] W_c). Returns (h~, context, weights). For
     one step the mask broadcasts against (B, Lk). ``mask`` is attn_mask's older name.
     """
     mask = _mask_alias(attn_mask, mask)
+    given = dict(w_c=w_c, w_a=w_a, w_query=w_query, w_key=w_key, v=v)
+    for name, value in _textbook(state, "luong_attention", general=method == "general").items():
+        if name not in given:
+            raise TypeError(f"luong_attention got an unexpected weight {name!r}")
+        given[name] = value
+    w_c, w_a, w_query, w_key, v = (given[n] for n in ("w_c", "w_a", "w_query", "w_key", "v"))
+    if g is not None:
+        g = float(np.asarray(g))
     if w_c is None:
-        raise TypeError("luong_attention needs w_c")
+        raise TypeError("luong_attention needs w_c (or out_proj.weight)")
     s = np.asarray(query)
     h = np.asarray(keys)
     val = h if values is None else np.asarray(values)

@@ -2,9 +2,11 @@
 
 A decoder state s_t (the query) attends over the encoder states h_1..h_n (keys, and values
 unless given separately) at every output step. Both layers hold their weights as NumPy arrays
-of one dtype (float32 by default, or float64), readable and assignable as attributes (an
-assignment is checked for shape and converted to the layer's dtype), and round-trip through
-``state_dict()`` / ``load_state_dict()``. Inputs of another floating dtype are converted to
+of one dtype (float32 by default, or float64), readable and assignable as attributes in the
+textbook (in, out) orientation (an assignment is checked for shape and converted to the
+layer's dtype; ``set_weights`` sets several at once), and round-trip through ``state_dict()`` /
+``load_state_dict()`` with PyTorch's names and (out, in) layout, so the equivalent PyTorch
+module's state dict loads as it is. Inputs of another floating dtype are converted to
 the layer's dtype.
 
 Both layers take one decoder step, query (B, D), or many steps at once, query (B, T, D), with
@@ -60,15 +62,49 @@ class _Weights:
     def dtype(self) -> np.dtype:
         return self._dtype
 
+    def _torch_shape(self, name):
+        attr, kind = self._torch[name]
+        shape = self._shapes[attr]
+        return {"T": shape[::-1], "row": (1,) + shape, "one": (1,)}.get(kind, shape)
+
     def state_dict(self) -> dict[str, np.ndarray]:
-        """A copy of every parameter, by name."""
-        return {name: self.__dict__["_" + name].copy() for name in self._shapes}
+        """A copy of every parameter, named and laid out as in the equivalent PyTorch module
+        (``nn.Linear`` weights (out_features, in_features)); see the class docstring."""
+        out = {}
+        for name, (attr, kind) in self._torch.items():
+            value = self.__dict__["_" + attr]
+            out[name] = np.array(value.T if kind == "T" else value.reshape(self._torch_shape(name)), order="C",
+                                 copy=True)
+        return out
 
     def load_state_dict(self, state: Mapping[str, ArrayLike]) -> None:
-        """Sets every parameter from ``state`` (as returned by :meth:`state_dict`); the names
-        must match exactly and each array must have its parameter's shape."""
-        check_state_keys(state, self._shapes, type(self).__name__)
-        checked = {name: self._checked(name, state[name]) for name in self._shapes}
+        """Sets every parameter from ``state``, named and shaped as :meth:`state_dict` returns
+        them (PyTorch's layout: ``{k: v.numpy() for k, v in module.state_dict().items()}`` of the
+        equivalent module); the names must match exactly and each array must have its shape.
+        Nothing changes when it raises. A dict of exactly the textbook attribute names (the
+        layout before the PyTorch names) is still accepted and goes to :meth:`set_weights`."""
+        if set(state) == set(self._shapes) and set(state) != set(self._torch):
+            self.set_weights(**state)
+            return
+        check_state_keys(state, self._torch, type(self).__name__)
+        checked = {}
+        for name, (attr, kind) in self._torch.items():
+            a = checked_weight(state[name], name, self._torch_shape(name), self._dtype)
+            checked[attr] = self._checked(attr, a.T if kind == "T" else a.reshape(self._shapes[attr]))
+        self._assign(checked)
+
+    def set_weights(self, **weights: ArrayLike) -> None:
+        """Sets the named parameters in the textbook (in, out) orientation, by attribute name
+        (``w_query=``, ``w_key=``, ...; see the class docstring); the rest stay. The alias of
+        :meth:`load_state_dict` kept for existing code, as is assigning one attribute
+        (``layer.w_query = W``). Nothing changes when it raises."""
+        unknown = sorted(set(weights) - set(self._shapes))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.set_weights got unexpected names {unknown}; "
+                            f"it takes {list(self._shapes)}")
+        self._assign({name: self._checked(name, value) for name, value in weights.items()})
+
+    def _assign(self, checked):
         for name, value in checked.items():
             object.__setattr__(self, "_" + name, value)
         for name in checked:
@@ -130,17 +166,35 @@ class BahdanauAttention(_Weights):
     """Bahdanau's additive attention: e_tj = v . tanh(s_t W_q + h_j W_k), a_t = softmax(e_t),
     c_t = sum_j a_tj value_j.
 
-    Parameters (attributes, assignable): ``w_query`` (query_dim, units), ``w_key``
-    (key_dim, units), ``v`` (units,). With ``normalize=True`` (the weight-normalised variant,
-    as TF Addons' ``BahdanauAttention(normalize=True)``): the scores use g v / ||v|| instead of
-    v, with a scalar ``g`` (initialised to sqrt(1 / units)), and a bias ``bias`` (units,)
-    (initialised to zeros) is added inside the tanh: e_tj = (g v / ||v||) . tanh(s_t W_q + h_j W_k + bias).
+    :meth:`state_dict` / :meth:`load_state_dict` use the names and the (out_features,
+    in_features) layout of the PyTorch module with ``query_proj = nn.Linear(query_dim, units)``,
+    ``key_proj = nn.Linear(key_dim, units)`` and ``v = nn.Linear(units, 1)``, whose scores are
+    ``v(tanh(query_proj(s)[..., None, :] + key_proj(h)[..., None, :, :])).squeeze(-1)``:
+
+    - ``query_proj.weight`` (units, query_dim), ``key_proj.weight`` (units, key_dim),
+      ``v.weight`` (1, units);
+    - with ``bias=True``: ``query_proj.bias`` (units,), ``key_proj.bias`` (units,), ``v.bias``
+      (1,) (initialised to zeros; ``v.bias`` shifts every score alike, so it never changes
+      the output, but it is kept so that such a module loads as it is);
+    - with ``normalize=True`` (the weight-normalised variant, as TF Addons'
+      ``BahdanauAttention(normalize=True)``): the scores use g v / ||v|| instead of v, with a
+      scalar ``g`` (shape (), initialised to sqrt(1 / units)), and ``query_proj.bias`` (units,)
+      (initialised to zeros) is added inside the tanh:
+      e_tj = (g v / ||v||) . tanh(s_t W_q + h_j W_k + bias). (From
+      ``torch.nn.utils.weight_norm(v)``: ``v.weight`` is its ``v.weight_v`` and ``g`` its
+      ``v.weight_g`` as a scalar.)
+
+    The same parameters as attributes, in the textbook (in, out) orientation, assignable one at
+    a time or together with :meth:`set_weights` (the older form, kept): ``w_query``
+    (query_dim, units), ``w_key`` (key_dim, units), ``v`` (units,), ``g`` (), ``bias`` (units,)
+    (``query_proj.bias``), ``key_bias`` (units,), ``v_bias`` ().
 
     Args:
         query_dim: size of the decoder state s_t.
         key_dim: size of the encoder states h_j.
         units: size of the hidden layer of the score.
         normalize: the weight-normalised form above.
+        bias: biases in the three projections, as ``nn.Linear``'s default.
         dtype: float32 (default) or float64, for the weights and the computation.
         rng: seed or ``np.random.Generator`` for the initialisation (Glorot-uniform weights).
 
@@ -148,7 +202,7 @@ class BahdanauAttention(_Weights):
     ``context, weights = layer(s_t, memory)`` at every step.
     """
 
-    def __init__(self, query_dim: int, key_dim: int, units: int, *, normalize: bool = False,
+    def __init__(self, query_dim: int, key_dim: int, units: int, *, normalize: bool = False, bias: bool = False,
                  dtype: npt.DTypeLike = np.float32, rng: int | np.random.Generator | None = None) -> None:
         for name, n in (("query_dim", query_dim), ("key_dim", key_dim), ("units", units)):
             positive_int(n, name)
@@ -157,15 +211,29 @@ class BahdanauAttention(_Weights):
             normalize)
         self._version = 0
         self._v_eff = None
+        self.use_bias = bool(bias)
         shapes = {"w_query": (self.query_dim, self.units), "w_key": (self.key_dim, self.units), "v": (self.units,)}
+        torch = {"query_proj.weight": ("w_query", "T")}
+        if self.normalize or self.use_bias:
+            shapes["bias"] = (self.units,)
+            torch["query_proj.bias"] = ("bias", None)
+        torch["key_proj.weight"] = ("w_key", "T")
+        if self.use_bias:
+            shapes.update({"key_bias": (self.units,), "v_bias": ()})
+            torch["key_proj.bias"] = ("key_bias", None)
+        torch["v.weight"] = ("v", "row")
+        if self.use_bias:
+            torch["v.bias"] = ("v_bias", "one")
         if self.normalize:
-            shapes.update({"g": (), "bias": (self.units,)})
-        self._shapes = shapes
+            shapes["g"] = ()
+            torch["g"] = ("g", None)
+        self._shapes, self._torch = shapes, torch
         gen = make_rng(rng)
         state = {name: glorot_uniform(gen, shapes[name], self._dtype) for name in ("w_query", "w_key", "v")}
+        state.update({name: np.zeros(shapes[name]) for name in ("bias", "key_bias", "v_bias") if name in shapes})
         if self.normalize:
-            state.update({"g": np.asarray(np.sqrt(1.0 / self.units)), "bias": np.zeros(self.units)})
-        self.load_state_dict(state)
+            state["g"] = np.asarray(np.sqrt(1.0 / self.units))
+        self.set_weights(**state)
 
     def _weights_changed(self, name):
         if name == "w_key":
@@ -188,7 +256,7 @@ class BahdanauAttention(_Weights):
 
     def _config(self) -> dict:
         return {"query_dim": self.query_dim, "key_dim": self.key_dim, "units": self.units,
-                "normalize": self.normalize}
+                "normalize": self.normalize, "bias": self.use_bias}
 
     def precompute(self, keys: ArrayLike, values: ArrayLike | None = None,
                    key_lengths: ArrayLike | None = None) -> BahdanauMemory:
@@ -233,7 +301,10 @@ class BahdanauAttention(_Weights):
             raise ValueError(f"query has shape {shape_str(q.shape)} but the memory's batch shape is "
                              f"{shape_str(memory.batch_shape)}: expected (..., {self.query_dim}) for one step or "
                              f"(..., T, {self.query_dim}) for many")
-        result = _additive_kernel(q[..., None, :] if single else q, self._w_query, self.__dict__.get("_bias"),
+        bias = self.__dict__.get("_bias")
+        if self.use_bias:  # q W_q + b_q + k W_k + b_k: the key bias joins the query's (no re-projection)
+            bias = (bias + self._key_bias).astype(self._dtype)
+        result = _additive_kernel(q[..., None, :] if single else q, self._w_query, bias,
                                   memory.keys, memory.values, self._v_eff, None, memory.key_lengths,
                                   bool(return_weights))
         if not single:
@@ -261,6 +332,25 @@ class LuongAttention(_Weights):
     TF Addons' ``LuongAttention(scale=True)`` and Keras' ``Attention(use_scale=True)``.
     ``w_c`` (value_dim + query_dim, attentional_units) joins context and state; no bias, as in
     the paper.
+
+    :meth:`state_dict` / :meth:`load_state_dict` use the names and the (out_features,
+    in_features) layout of the equivalent PyTorch module (``nn.Linear(..., bias=False)``):
+
+    - ``general``: ``key_proj.weight`` (query_dim, key_dim), of
+      ``key_proj = nn.Linear(key_dim, query_dim, bias=False)``; e_tj = s_t . key_proj(h_j)
+      (its weight is W_a itself);
+    - ``concat``: ``query_proj.weight`` (units, query_dim), ``key_proj.weight`` (units,
+      key_dim), ``v.weight`` (1, units), as in :class:`BahdanauAttention` (Luong's single
+      W_a (units, query_dim + key_dim) on [s_t; h_j] is ``[query_proj.weight, key_proj.weight]``
+      side by side);
+    - ``g`` (shape ()) with ``scale=True``;
+    - ``out_proj.weight`` (attentional_units, value_dim + query_dim), of
+      ``out_proj = nn.Linear(value_dim + query_dim, attentional_units, bias=False)`` on
+      [c_t; s_t]: h~_t = tanh(out_proj([c_t; s_t])) (OpenNMT's ``linear_out``).
+
+    The attributes above (``w_a``, ``w_query``, ``w_key``, ``v``, ``g``, ``w_c``) are the same
+    parameters in the textbook (in, out) orientation, assignable one at a time or together with
+    :meth:`set_weights` (the older form, kept).
 
     Args:
         query_dim: size of s_t.
@@ -293,21 +383,26 @@ class LuongAttention(_Weights):
         self.query_dim, self.key_dim, self.value_dim = int(query_dim), int(key_dim), int(value_dim)
         self.attentional_units, self.method, self.scale = int(attentional_units), method, bool(scale)
         self.units = int(units) if method == "concat" else None
-        shapes = {}
+        shapes, torch = {}, {}
         if method == "general":
             shapes["w_a"] = (self.query_dim, self.key_dim)
+            torch["key_proj.weight"] = ("w_a", None)
         elif method == "concat":
             shapes.update({"w_query": (self.query_dim, self.units), "w_key": (self.key_dim, self.units),
                            "v": (self.units,)})
+            torch.update({"query_proj.weight": ("w_query", "T"), "key_proj.weight": ("w_key", "T"),
+                          "v.weight": ("v", "row")})
         if self.scale:
             shapes["g"] = ()
+            torch["g"] = ("g", None)
         shapes["w_c"] = (self.value_dim + self.query_dim, self.attentional_units)
-        self._shapes = shapes
+        torch["out_proj.weight"] = ("w_c", "T")
+        self._shapes, self._torch = shapes, torch
         gen = make_rng(rng)
         state = {name: glorot_uniform(gen, shape, self._dtype) for name, shape in shapes.items() if name != "g"}
         if self.scale:
             state["g"] = np.asarray(1.0)
-        self.load_state_dict(state)
+        self.set_weights(**state)
 
     def _config(self) -> dict:
         config = {"query_dim": self.query_dim, "key_dim": self.key_dim, "method": self.method,
