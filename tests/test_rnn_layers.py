@@ -445,3 +445,9 @@ def test_luong_loads_a_pytorch_module(method):
     for got in (layer(s, h, values), ref.luong_attention(s, h, values, method=method, **layer.state_dict())):
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_textbook_names_in_load_state_dict_point_to_set_weights():
+    layer = attnext.BahdanauAttention(4, 3, 5, rng=0)
+    with pytest.raises(ValueError, match=r"\['w_query'\] are attribute names .* set_weights"):
+        layer.load_state_dict({"w_query": np.zeros((4, 5))})

@@ -86,7 +86,14 @@ class _Weights:
         if set(state) == set(self._shapes) and set(state) != set(self._torch):
             self.set_weights(**state)
             return
-        check_state_keys(state, self._torch, type(self).__name__)
+        try:
+            check_state_keys(state, self._torch, type(self).__name__)
+        except ValueError as e:
+            textbook = sorted(set(state) & (set(self._shapes) - set(self._torch)))
+            if textbook:
+                raise ValueError(f"{e}; {textbook} are attribute names in the textbook (in, out) orientation: "
+                                 "set those with set_weights()") from None
+            raise
         checked = {}
         for name, (attr, kind) in self._torch.items():
             a = checked_weight(state[name], name, self._torch_shape(name), self._dtype)
