@@ -7,7 +7,8 @@ Hypothesis profiles (every property test in the suite uses them):
 - ``ci`` (default): few examples, derandomized (the same examples on every run), no deadline.
 - ``thorough``: many more, random; ``ATTNEXT_FUZZ=thorough`` or ``HYPOTHESIS_PROFILE=thorough``.
   ``ATTNEXT_FUZZ_EXAMPLES=N`` sets the count of either.
-Heavy variants of other suites (concurrency, leaks, crash fuzzing, fork) run with ``ATTNEXT_HEAVY=1``.
+Heavy variants of other suites (concurrency, leaks, crash fuzzing, fork, argument races, the two-thread
+SDPA workspace release) run with ``ATTNEXT_HEAVY=1``.
 """
 
 import os

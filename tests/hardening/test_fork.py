@@ -88,5 +88,6 @@ def test_children_compute_after_parent_ran_parallel_kernels(method, tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_fork_is_documented():
-    doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "robustness.md")).read()
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "robustness.md")) as f:
+        doc = f.read()
     assert "fork" in doc and "serial" in doc

@@ -9,10 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from .harness import HIDES_EVERY_KEY
 from .kernels import KERNELS, check_against_reference
 from .strategies import cases
 
 
+@pytest.mark.filterwarnings(HIDES_EVERY_KEY)
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
 @given(data=st.data())
 def test_matches_reference(kernel, data):

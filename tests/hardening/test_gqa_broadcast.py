@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import attnext
 from attnext import reference as ref
 
+from .harness import HIDES_EVERY_KEY
 from .sdpa_cases import same_rows
 
 sdpa = attnext.scaled_dot_product_attention
@@ -49,6 +50,7 @@ def gqa_cases(draw):
     return q, k, v, mask, causal, full[:-1] + (ev,)
 
 
+@pytest.mark.filterwarnings(HIDES_EVERY_KEY)
 @settings(max_examples=60)
 @given(case=gqa_cases())
 def test_gqa_broadcast_masks_match_reference(case):

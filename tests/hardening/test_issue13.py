@@ -103,6 +103,10 @@ def test_empty_additive_outputs_build_no_projections(shape):
 # --- 12. scratch memory is released after the call ---------------------------------------------
 
 
+# ~8 s (hundreds of MB of workspace on two threads): ATTNEXT_HEAVY=1 only. The default run keeps
+# the behaviour through tests/test_h1_sdpa_limits.py::test_workspaces_above_16mb_are_released
+# (the same E = 2**20 SDPA case through _core) and tests/test_h2a_scratch.py.
+@pytest.mark.skipif(not __import__("os").environ.get("ATTNEXT_HEAVY"), reason="heavy: set ATTNEXT_HEAVY=1")
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs /proc")
 def test_sdpa_workspace_released_after_call():
     """One SDPA call with E = 2**20 needs ~100s of MB of per-thread workspace; afterwards the

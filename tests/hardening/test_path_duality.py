@@ -19,6 +19,7 @@ from hypothesis import given, settings
 import attnext
 from attnext import reference as ref
 
+from .harness import HIDES_EVERY_KEY
 from .sdpa_cases import DECODE_ROWS, SdpaCase, clean_inputs, same_rows, sdpa_cases
 
 sdpa = attnext.scaled_dot_product_attention
@@ -95,6 +96,7 @@ def check_duality(case: SdpaCase):
     assert not problems, "\n".join(problems) + f"\ncase: mask={None if case.attn_mask is None else (np.shape(case.attn_mask), np.asarray(case.attn_mask).dtype)}, causal={case.is_causal}, window={case.window}, key_lengths={case.key_lengths}, scale={case.scale}, q{case.query.shape} k{case.key.shape}"  # noqa: E501
 
 
+@pytest.mark.filterwarnings(HIDES_EVERY_KEY)
 @settings(max_examples=60)
 @given(case=sdpa_cases())
 def test_paths_agree(case):
