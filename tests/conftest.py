@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-from hardening.harness import (BASIC_LAYOUTS, DTYPES, EXACT_LAYOUTS, RTOL, TOLERANCE, absolute_error,  # noqa: F401
-                               assert_close, layout, peak_rss_growth, randn, relative_error, run_python,
+from hardening.harness import (BASIC_LAYOUTS, DTYPES, EXACT_LAYOUTS, NOT_UNDER_SANITIZERS, RTOL,  # noqa: F401
+                               TOLERANCE, absolute_error, assert_close, layout, peak_rss_growth, randn,
+                               relative_error, run_python,
                                subprocess_env, tolerance, unaligned)
 
 LAYOUTS = BASIC_LAYOUTS  # the name the per-kernel tests used for their three layouts

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import NOT_UNDER_SANITIZERS
+
 SCRIPT = textwrap.dedent("""
     import numpy as np
     import attnext
@@ -29,6 +31,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@NOT_UNDER_SANITIZERS
 def test_large_workspaces_are_released_after_the_call():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

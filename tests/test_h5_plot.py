@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import peak_rss_growth
+from conftest import NOT_UNDER_SANITIZERS, peak_rss_growth
 
 pytest.importorskip("matplotlib")
 
@@ -49,6 +49,7 @@ def _assert_no_overlap(boxes, rotated=False, size_px=None):
             assert not a.overlaps(b), f"tick labels {a_text!r} and {b_text!r} overlap"
 
 
+@NOT_UNDER_SANITIZERS
 @pytest.mark.parametrize("n", [512, 2048])
 def test_large_heatmap_bounded_in_pixels_and_memory(n, tmp_path):
     """A BERT-sized (512) and a 2048-token matrix: no side above MAX_SIDE_PX and a bounded peak

@@ -18,6 +18,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 DTYPES = [np.float32, np.float64]
 class _ByDtype(dict):
@@ -123,6 +124,12 @@ def run_python(code: str, timeout: float, **kw) -> subprocess.CompletedProcess:
     """Runs `code` in a fresh interpreter with a timeout (so a crash or hang fails one test only)."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           env=subprocess_env(), timeout=timeout, **kw)
+
+
+# Memory and address-space measurements measure AddressSanitizer instead of attnext under
+# tools/sanitize.sh (terabytes of shadow mappings, a quarantine of freed blocks, redzones).
+NOT_UNDER_SANITIZERS = pytest.mark.skipif(bool(os.environ.get("ATTNEXT_SANITIZED")),
+                                          reason="measures memory or address space, which ASan inflates")
 
 
 def peak_rss_growth(setup: str, call: str) -> tuple[int, float]:

@@ -7,7 +7,7 @@ import pytest
 
 import attnext
 
-from .harness import peak_rss_growth, run_python
+from .harness import NOT_UNDER_SANITIZERS, peak_rss_growth, run_python
 
 sdpa = attnext.scaled_dot_product_attention
 
@@ -39,6 +39,7 @@ def test_non_integer_thread_counts_are_type_errors(n):
         attnext.set_num_threads(n)
 
 
+@NOT_UNDER_SANITIZERS
 def test_largest_thread_count_under_address_space_limit_does_not_end_the_process():
     """The cap itself must be survivable: under a 2 GiB address-space limit, the largest
     accepted count either runs or raises; the process never exits on its own."""

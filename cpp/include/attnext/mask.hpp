@@ -89,7 +89,9 @@ inline T add_mask(T score, M mask) {
 template <typename M>
 struct MaskRow {
   MaskKind kind = MaskKind::none;
-  const bool* keep = nullptr;
+  // NumPy's bool storage read as bytes (nonzero = True, as NumPy reads it): a byte another
+  // thread or a view wrote outside {0, 1} must not be loaded as a C++ bool, which would be UB.
+  const unsigned char* keep = nullptr;
   const M* add = nullptr;
   index_t stride = 0;
 };
@@ -101,7 +103,7 @@ inline MaskRow<M> mask_row(const Mask<M>& mask, index_t row, index_t j0 = 0) {
   r.kind = mask.kind;
   if (mask.kind == MaskKind::boolean) {
     r.stride = mask.keep.stride(-1);
-    r.keep = mask.keep.data + mask.keep.batch_offset(row, 1) + j0 * r.stride;
+    r.keep = reinterpret_cast<const unsigned char*>(mask.keep.data + mask.keep.batch_offset(row, 1) + j0 * r.stride);
   } else if (mask.kind == MaskKind::additive) {
     r.stride = mask.add.stride(-1);
     r.add = mask.add.data + mask.add.batch_offset(row, 1) + j0 * r.stride;
@@ -124,7 +126,7 @@ inline bool mask_scores(T* s, index_t ss, index_t n, index_t j0, KeyRange vis, c
   for (index_t j = z; j < n; ++j) s[j * ss] = ninf;
   if (m.kind == MaskKind::boolean) {
     for (index_t j = a; j < z; ++j)
-      if (!m.keep[j * m.stride]) s[j * ss] = ninf, hidden = true;
+      if (m.keep[j * m.stride] == 0) s[j * ss] = ninf, hidden = true;
   } else if (m.kind == MaskKind::additive) {
     for (index_t j = a; j < z; ++j) {
       const M e = m.add[j * m.stride];
@@ -153,21 +155,6 @@ inline bool mask_tile(const Mask<M>& mask, const Visibility& vis, index_t keys, 
     if (m.add) m.add += m_query;
   }
   return hidden;
-}
-
-// --- Compatibility for callers not yet on the functions above (additive_attention.hpp);
-// --- they should call mask_scores(s, 1, n, 0, visible_keys(...), mask_row(mask, row)).
-
-// Applies the mask of row `row` to scores s[0, n) in place (every key in range).
-template <typename T>
-inline void apply_mask_row(const Mask<T>& mask, index_t row, T* s, index_t n) {
-  mask_scores(s, index_t(1), n, index_t(0), KeyRange{0, n}, mask_row(mask, row));
-}
-
-// Hides keys [visible, n) of a row.
-template <typename T>
-inline void hide_tail(T* s, index_t visible, index_t n) {
-  mask_scores(s, index_t(1), n, index_t(0), KeyRange{0, std::max<index_t>(visible, 0)}, MaskRow<T>{});
 }
 
 }  // namespace attnext
