@@ -406,7 +406,7 @@ def _window_bounds(window: Window, lq: int, lk: int) -> tuple[int, int]:
             continue
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"window {side} must be a non-negative int or None, got {value!r}")
-        bounds.append(min(int(value), lq + lk))
+        bounds.append(int(value))  # any size: the core's visible-key rule saturates it
     return bounds[0], bounds[1]
 
 
