@@ -373,3 +373,24 @@ def test_argument_errors():
         backward(pb, out, lse, g, dropout_p=1.5)
     with pytest.raises(ValueError, match="seed"):
         backward(pb, out, lse, g, seed=-1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_whose_lse_is_huge(dtype):
+    # Every key of some rows carries finfo.min (or -1e9): lse = m + log(l) has lost log(l) to
+    # rounding there, so exp(s - lse) would be wrong; those rows use the row max and sum.
+    rng = np.random.default_rng(31)
+    batch, L, S = (2,), 40, 70
+    mask = np.where(rng.random(batch + (L, S)) < 0.5, np.finfo(dtype).min, 0.0).astype(dtype)
+    mask[:, ::3] = np.finfo(dtype).min  # rows whose every key has finfo.min: uniform weights
+    if dtype == np.float64:  # -1e9 keeps the scores' differences in float64 only
+        mask[:, 1::3] = -1e9 + rng.standard_normal(mask[:, 1::3].shape)
+    pb = make_problem(rng, batch, L, S, 8, 6, dtype, mask=mask)
+    out, w, lse = forward(pb, return_weights=True)
+    g = rng.standard_normal(out.shape).astype(dtype)
+    dq, dk, dv, dm = backward(pb, out, lse, g, mask_grad=True)
+    rq, rk, rv, rds, rp = reference_backward(pb, g)
+    tol = 1e-10 if dtype == np.float64 else 2e-5
+    assert_close_rel(w, rp, tol, "weights")
+    for a, b, n in ((dq, rq, "dq"), (dk, rk, "dk"), (dv, rv, "dv"), (dm, rds, "dmask")):
+        assert_close_rel(a, b, tol, n)

@@ -114,7 +114,8 @@ void register_sdpa_backward(py::module_& m) {
       py::arg("query").noconvert(), py::arg("key").noconvert(), py::arg("value").noconvert(),
       py::arg("attn_mask"), py::arg("causal"), py::arg("causal_offset"), py::arg("window_left"),
       py::arg("window_right"), py::arg("key_lengths"), py::arg("scale"), py::arg("out"), py::arg("lse"),
-      py::arg("grad_out"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0, py::arg("grad_weights") = py::none(), py::arg("mask_grad") = false,
+      py::arg("grad_out"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0, py::arg("grad_weights") = py::none(),
+      py::arg("mask_grad") = false,
       "Gradients of sdpa (same first ten arguments and rules): out (..., L, Ev) and lse (..., L) as the forward "
       "returned them, grad_out (..., L, Ev) the cotangent of out, dropout_p and seed as the forward's, "
       "grad_weights (..., L, S) or None a cotangent of the returned weights (after dropout). "

@@ -28,6 +28,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -35,6 +36,7 @@
 #include "../dropout.hpp"
 #include "../gemm.hpp"
 #include "../mask.hpp"
+#include "../online_softmax.hpp"
 #include "../parallel.hpp"
 #include "../scratch.hpp"
 #include "blocked.hpp"
@@ -115,6 +117,8 @@ struct Backward {
   index_t chunks = 1, chunk_keys = 0;  // key chunks per batch entry and keys per chunk (whole tiles)
   Acc scale = Acc(1);
   const Acc* D = nullptr;      // (N, L): D_i
+  Acc* shift = nullptr;        // (N, L): P = prob_exp(s - shift) * inv (row_normalisers)
+  Acc* inv = nullptr;          // (N, L)
   Acc* parts = nullptr;        // (N, chunks, blocks, E, Bq) chunk parts of dQ^T, when chunks > 1
 };
 
@@ -126,7 +130,8 @@ struct Workspace {
   Acc* Qr = nullptr;     // (Bq, Ep) the block's queries, rows, unscaled
   Acc* dOt = nullptr;    // (Ev, Bq) grad_out transposed
   Acc* dOr = nullptr;    // (Bq, Evp) grad_out rows
-  Acc* lse = nullptr;    // (Bq) the rows' lse (+inf for padding and empty rows: P = 0)
+  Acc* lse = nullptr;    // (Bq) the rows' shift (+inf for padding and empty rows: P = 0)
+  Acc* inv = nullptr;    // (Bq) the rows' normaliser
   Acc* D = nullptr;      // (Bq) the rows' D
   Acc* Pt = nullptr;     // (kBk, Bq) P^T of a tile
   Acc* PZt = nullptr;    // (kBk, Bq) (P ∘ Z)^T of a tile, with dropout
@@ -140,7 +145,7 @@ template <typename In, typename Acc>
 index_t workspace_size(const Backward<In, Acc>& c, index_t keys) {
   constexpr index_t Bq = block_queries<Acc>();
   const index_t E1 = std::max<index_t>(c.E, 1), Ev1 = std::max<index_t>(c.Ev, 1);
-  return sdpa_detail::block_scratch_size<Acc>(c.E, c.Ev) + Bq * (c.Ep + Ev1 + c.Evp + 2 + 3 * kBk + E1) +
+  return sdpa_detail::block_scratch_size<Acc>(c.E, c.Ev) + Bq * (c.Ep + Ev1 + c.Evp + 3 + 3 * kBk + E1) +
          keys * (c.Ep + c.Evp);
 }
 
@@ -153,7 +158,8 @@ Workspace<Acc> carve(const Backward<In, Acc>& c, index_t keys, Acc* base) {
   w.dOt = w.Qr + Bq * c.Ep;
   w.dOr = w.dOt + Bq * std::max<index_t>(c.Ev, 1);
   w.lse = w.dOr + Bq * c.Evp;
-  w.D = w.lse + Bq;
+  w.inv = w.lse + Bq;
+  w.D = w.inv + Bq;
   w.Pt = w.D + Bq;
   w.PZt = w.Pt + kBk * Bq;
   w.dSt = w.PZt + kBk * Bq;
@@ -198,19 +204,20 @@ void load_lse_lanes(const Strided<const Acc>& lse, index_t b, index_t i0, index_
   }
 }
 
-// P^T of a tile from its scores St (the forward's, masked): prob_exp(s - lse), exactly 0 for a
-// hidden key (score -inf), whatever the lse.
+// P^T of a tile from its scores St (the forward's, masked): prob_exp(s - shift) * inv (shift
+// the lse, inv 1, but for rows row_normalisers recomputes), exactly 0 for a hidden key (score
+// -inf), whatever the shift.
 template <typename Acc>
-void tile_probabilities(const Acc* St, const Acc* lse, index_t nj, Acc* Pt) {
+void tile_probabilities(const Acc* St, const Acc* lse, const Acc* inv, index_t nj, Acc* Pt) {
   constexpr index_t P = vm::packet_size<Acc>();
   constexpr index_t Bq = block_queries<Acc>();
   const Pk<Acc> ninf = ei::pset1<Pk<Acc>>(neg_inf<Acc>()), zero = ei::pzero(ninf);
-  Pk<Acc> shift[kC];
-  for (int q = 0; q < kC; ++q) shift[q] = ei::pload<Pk<Acc>>(lse + q * P);
+  Pk<Acc> shift[kC], norm[kC];
+  for (int q = 0; q < kC; ++q) shift[q] = ei::pload<Pk<Acc>>(lse + q * P), norm[q] = ei::pload<Pk<Acc>>(inv + q * P);
   for (index_t j = 0; j < nj; ++j)
     for (int q = 0; q < kC; ++q) {
       const Pk<Acc> s = ei::pload<Pk<Acc>>(St + j * Bq + q * P);
-      const Pk<Acc> pr = vm::prob_exp<Acc>(ei::psub(s, shift[q]));
+      const Pk<Acc> pr = ei::pmul(vm::prob_exp<Acc>(ei::psub(s, shift[q])), norm[q]);
       ei::pstore(Pt + j * Bq + q * P, ei::pselect(ei::pcmp_eq(s, ninf), zero, pr));
     }
 }
@@ -343,8 +350,12 @@ QueryBlock<In, Acc> pack_query_block(const Backward<In, Acc>& c, index_t b, inde
   const In* grows = go.data + go.batch_offset(b, 2) + i0 * go.stride(-2);
   sdpa_detail::pack_q(grows, go.stride(-2), go.stride(-1), nq, c.Ev, Acc(1), w.dOt);
   pack_rows(grows, go.stride(-2), go.stride(-1), nq, c.Ev, c.Evp, w.dOr);
-  load_lse_lanes(c.g->lse, b, i0, nq, w.lse);
-  for (index_t i = 0; i < Bq; ++i) w.D[i] = i < nq ? c.D[b * c.L + i0 + i] : Acc(0);
+  for (index_t i = 0; i < Bq; ++i) {
+    const index_t r = b * c.L + i0 + i;
+    w.lse[i] = i < nq ? c.shift[r] : std::numeric_limits<Acc>::infinity();
+    w.inv[i] = i < nq ? c.inv[r] : Acc(0);
+    w.D[i] = i < nq ? c.D[r] : Acc(0);
+  }
   qb.flags.q_finite = packed_rows_finite(w.Qr, c.Ep, nq, c.E);
   qb.flags.do_finite = packed_rows_finite(w.dOr, c.Evp, nq, c.Ev);
   std::fill(w.dQt, w.dQt + c.E * Bq, Acc(0));
@@ -361,7 +372,7 @@ void backward_tile(const Backward<In, Acc>& c, QueryBlock<In, Acc>& qb, index_t 
   Pk<Acc> unused[kC];
   sdpa_detail::score_tile(k, j0, nj, unused);  // k.St: the forward's scores, masked
   const bool masked = !k.common.covers(j0, j0 + nj) || p.mask.kind != MaskKind::none;
-  tile_probabilities(k.St, w.lse, nj, w.Pt);
+  tile_probabilities(k.St, w.lse, w.inv, nj, w.Pt);
   tile_dp(p, k.b, j0, nj, w.dOt, w.dSt);
   if (g.grad_weights.data) add_grad_weights(g.grad_weights, k.b, k.i0, k.nq, j0, nj, w.dSt);
   const bool drop = g.dropout.active();
@@ -429,41 +440,111 @@ void backward_unit(const Backward<In, Acc>& c, index_t b, index_t chunk) {
   }
 }
 
-// D_i = rowsum(dO ∘ O) (+ rowsum(W ∘ gW)) for the rows of query block [i0, i0 + nq) of batch
-// entry b, into D (nq). The W ∘ gW term recomputes the block's probabilities over every key it
-// sees, in tile order.
+// Above this |lse| the probabilities are not taken as prob_exp(s - lse): lse = m + log(l)
+// carries the rounding of m (ulp(64) ~ 8e-6 in float32), which exp(s - lse) turns into a
+// relative error of P (a row whose every key has a mask of -1e9 or finfo.min would lose
+// everything). Such rows get the forward's exact form prob_exp(s - m) / l instead.
+constexpr double kExactLseAbove = 64.0;
+
+// The shift and normaliser of the block's rows (into c.shift, c.inv and the lanes of w): the
+// lse and 1, or for rows whose |lse| exceeds kExactLseAbove the row max m and 1 / l of their
+// visible scores, recomputed as the forward's first weights pass does (online_softmax.hpp).
+template <typename In, typename Acc>
+void row_normalisers(const Backward<In, Acc>& c, Block<In, Acc>& k, const Workspace<Acc>& w) {
+  constexpr index_t P = vm::packet_size<Acc>();
+  constexpr index_t Bq = block_queries<Acc>();
+  load_lse_lanes(c.g->lse, k.b, k.i0, k.nq, w.lse);
+  bool large = false;
+  for (index_t i = 0; i < Bq; ++i) {
+    w.inv[i] = i < k.nq ? Acc(1) : Acc(0);
+    large |= i < k.nq && std::abs(w.lse[i]) > Acc(kExactLseAbove) && std::isfinite(w.lse[i]);
+  }
+  if (large) {
+    const index_t kmin = visible_keys(k.vis, k.i0, c.S).lo;
+    const index_t kmax = std::max(kmin, visible_keys(k.vis, k.i0 + k.nq - 1, c.S).hi);
+    for (index_t j0 = kmin; j0 < kmax; j0 += kBk) {
+      const index_t nj = std::min(kBk, kmax - j0);
+      Pk<Acc> mt[kC];
+      sdpa_detail::score_tile(k, j0, nj, mt);
+      for (int q = 0; q < kC; ++q) {
+        Pk<Acc> m = ei::pload<Pk<Acc>>(k.M + q * P);
+        const softmax_state::Step<Acc> st = softmax_state::raise_max<Acc>(m, mt[q]);
+        ei::pstore(k.M + q * P, m);
+        Pk<Acc> sum = ei::pset1<Pk<Acc>>(Acc(0));
+        for (index_t j = 0; j < nj; ++j)
+          sum = ei::padd(sum, vm::prob_exp<Acc>(ei::psub(ei::pload<Pk<Acc>>(k.St + j * Bq + q * P), st.shift)));
+        ei::pstore(k.Lsum + q * P, softmax_state::add_sum<Acc>(ei::pload<Pk<Acc>>(k.Lsum + q * P), st, sum));
+      }
+    }
+    for (index_t i = 0; i < k.nq; ++i)
+      if (std::abs(w.lse[i]) > Acc(kExactLseAbove) && std::isfinite(w.lse[i])) {
+        w.lse[i] = k.M[i] == neg_inf<Acc>() ? Acc(0) : k.M[i];
+        w.inv[i] = softmax_state::inverse_sum_one(k.Lsum[i]);
+      }
+  }
+  for (index_t i = 0; i < k.nq; ++i) {
+    c.shift[k.b * c.L + k.i0 + i] = w.lse[i];
+    c.inv[k.b * c.L + k.i0 + i] = w.inv[i];
+  }
+}
+
+// D_i for the rows of query block [i0, i0 + nq) of batch entry b, into D (nq): rowsum(dO ∘ O)
+// (+ rowsum(W ∘ gW), the block's probabilities recomputed over the keys it sees, in tile order).
+// Where rowsum(dO ∘ O) is not finite (an out row made NaN by a value only dropped entries
+// reach), D is the sum it stands for, rowsum(P ∘ dP) with dP = (dO V^T + gW) ∘ Z, hidden and
+// dropped entries exactly 0, so that such a NaN reaches no gradient the formula keeps finite.
 template <typename In, typename Acc>
 void row_deltas(const Backward<In, Acc>& c, index_t b, index_t i0, index_t nq, Acc* D) {
   constexpr index_t Bq = block_queries<Acc>();
   const SdpaGradInputs<In, Acc>& g = *c.g;
   const Strided<const In>&o = g.out, &go = g.grad_out;
+  const In* grows = go.data + go.batch_offset(b, 2) + i0 * go.stride(-2);
+  bool exact = false;
   for (index_t i = 0; i < nq; ++i) {
     const In* orow = o.data + o.batch_offset(b, 2) + (i0 + i) * o.stride(-2);
-    const In* grow = go.data + go.batch_offset(b, 2) + (i0 + i) * go.stride(-2);
+    const In* grow = grows + i * go.stride(-2);
     Acc s = Acc(0);
-    for (index_t e = 0; e < c.Ev; ++e) s += to_acc<Acc>(grow[e * go.stride(-1)]) * to_acc<Acc>(orow[e * o.stride(-1)]);
+    for (index_t e = 0; e < c.Ev; ++e)
+      s += to_acc<Acc>(grow[e * go.stride(-1)]) * to_acc<Acc>(orow[e * o.stride(-1)]);
     D[i] = s;
+    exact |= !(s - s == Acc(0));  // s is NaN or inf
   }
-  if (!g.grad_weights.data) return;
   const Scratch<Acc, BackwardTag> ws(static_cast<size_t>(workspace_size(c, 0)));
   const Workspace<Acc> w = carve(c, index_t(0), ws.data());
   Block<In, Acc> k = sdpa_detail::make_block<In, Acc>(*c.p, b, i0, nq, w.block);
-  load_lse_lanes(g.lse, b, i0, nq, w.lse);
+  row_normalisers(c, k, w);
+  if (!g.grad_weights.data && !exact) return;
+  if (exact) {
+    sdpa_detail::pack_q(grows, go.stride(-2), go.stride(-1), nq, c.Ev, Acc(1), w.dOt);
+    std::fill(D, D + nq, Acc(0));
+  }
   const index_t kmin = visible_keys(k.vis, i0, c.S).lo;
   const index_t kmax = std::max(kmin, visible_keys(k.vis, i0 + nq - 1, c.S).hi);
   const Strided<const Acc>& gw = g.grad_weights;
-  const Acc* gb = gw.data + gw.batch_offset(b, 2) + i0 * gw.stride(-2);
+  const Acc* gb = gw.data ? gw.data + gw.batch_offset(b, 2) + i0 * gw.stride(-2) : nullptr;
   for (index_t j0 = kmin; j0 < kmax; j0 += kBk) {
     const index_t nj = std::min(kBk, kmax - j0);
     Pk<Acc> unused[kC];
     sdpa_detail::score_tile(k, j0, nj, unused);
-    tile_probabilities(k.St, w.lse, nj, w.Pt);
-    if (g.dropout.active()) tile_dropout(g.dropout, b, i0, nq, j0, nj, w.Pt, w.PZt, static_cast<Acc*>(nullptr));
-    const Acc* W = g.dropout.active() ? w.PZt : w.Pt;
+    tile_probabilities(k.St, w.lse, w.inv, nj, w.Pt);
+    const Acc* weights = w.Pt;  // exact: P times dP (dropped); else: W = P ∘ Z times gW
+    const Acc* factor = w.dSt;
+    if (exact) {
+      tile_dp(*c.p, b, j0, nj, w.dOt, w.dSt);
+      if (gb) add_grad_weights(gw, b, i0, nq, j0, nj, w.dSt);
+      if (g.dropout.active())
+        apply_dropout_tile<Acc>(g.dropout, static_cast<std::uint64_t>(b), i0, nq, j0, nj, w.dSt, index_t(1), Bq);
+    } else {
+      if (g.dropout.active()) tile_dropout(g.dropout, b, i0, nq, j0, nj, w.Pt, w.PZt, static_cast<Acc*>(nullptr));
+      weights = g.dropout.active() ? w.PZt : w.Pt;
+      factor = nullptr;
+    }
     for (index_t i = 0; i < nq; ++i)
-      for (index_t j = 0; j < nj; ++j)
-        if (k.St[j * Bq + i] != neg_inf<Acc>())
-          D[i] += W[j * Bq + i] * gb[i * gw.stride(-2) + (j0 + j) * gw.stride(-1)];
+      for (index_t j = 0; j < nj; ++j) {
+        if (k.St[j * Bq + i] == neg_inf<Acc>()) continue;
+        const Acc f = factor ? factor[j * Bq + i] : gb[i * gw.stride(-2) + (j0 + j) * gw.stride(-1)];
+        D[i] += weights[j * Bq + i] * f;
+      }
   }
 }
 
@@ -517,7 +598,8 @@ void scaled_dot_product_attention_backward(const SdpaProblem<In>& p, const SdpaG
   c.chunks = backward_chunks<Acc>(c.N, c.L, c.S, c.E);
   c.chunk_keys = (tiles + c.chunks - 1) / c.chunks * kBk;
   c.chunks = (c.S + c.chunk_keys - 1) / c.chunk_keys;  // no empty chunk
-  std::vector<Acc, Eigen::aligned_allocator<Acc>> D(static_cast<size_t>(c.N * c.L));
+  std::vector<Acc, Eigen::aligned_allocator<Acc>> D(static_cast<size_t>(c.N * c.L)), shift(D.size()), inv(D.size());
+  c.shift = shift.data(), c.inv = inv.data();
   parallel_for(c.N * c.blocks, [&](index_t u) {
     const index_t b = u / c.blocks, i0 = (u % c.blocks) * Bq;
     row_deltas(c, b, i0, std::min(Bq, c.L - i0), D.data() + b * c.L + i0);
