@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "additive.hpp"
@@ -76,97 +77,121 @@ struct AdditiveGradQueryTag {};
 struct AdditiveGradTileTag {};
 struct AdditiveGradKeysTag {};
 struct AdditiveGradRowTag {};
+struct AdditiveGradKeyListTag {};
+struct AdditiveGradQueryProjTag {};
+struct AdditiveGradKeyShareTag {};
+struct AdditiveGradValueShareTag {};
+struct AdditiveGradUnitShareTag {};
+struct AdditiveGradKeyRawTag {};
+struct AdditiveGradKeyExpTag {};
 
-// Units padded to whole packets: the gradient pass runs over whole packets only.
+// Units padded to whole pairs of packets: the gradient pass runs over pairs of packets only.
 template <typename T>
 inline index_t padded_units(index_t units) {
-  constexpr index_t W = vm::packet_size<T>();
-  return (units + W - 1) / W * W;
+  constexpr index_t W2 = 2 * vm::packet_size<T>();
+  return (units + W2 - 1) / W2 * W2;
 }
 
-// t and s with g = c_scale * c * s = dS (1 - t^2), for one packet of units; qa and ka are
-// a query's and a key's operands in the form (factored: e^{-2 qp}, e^{2 kp}; plain: qp, kp).
+// t and s with g = c_scale * c * s = dS (1 - t^2), for two packets of units (1 and 2); qa and
+// ka are a query's and a key's operands in the form (factored: e^{-2 qp}, e^{2 kp}; plain: qp, kp).
 template <typename T, bool factored>
 struct GradTerm {
   using P = vm::Packet<T>;
   static constexpr T c_scale = factored ? T(4) : T(1);
   // The padding of the operands' tail lanes: finite terms whose gradients land in tail lanes.
   static constexpr T pad = factored ? T(1) : T(0);
-  static void at(const P& qa, const P& ka, P& t, P& s) {
+  // Factored, the two packets share one division: 1/d1 = d2 / (d1 d2), 1/d2 = d1 / (d1 d2).
+  // In range d lies in [2e^-2L, 2e^2L] (L = exp_form_limit), so d1 d2 stays a normal finite
+  // number (as in the forward's add_pair); a = inv/d and b = expo/d lie in [0, 1].
+  // 1 / x for the normal positive x of the factored form. With AVX-512 and float: the 14-bit
+  // estimate and one Newton step (about 1 ulp, two FMAs instead of a division, which is most
+  // of the pass's cost); elsewhere the division.
+  static P reciprocal(const P& x) {
+    namespace ei = Eigen::internal;
+#if defined(EIGEN_VECTORIZE_AVX512)
+    if constexpr (std::is_same<P, __m512>::value) {
+      const __m512 r = _mm512_rcp14_ps(x);
+      return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.0f)), r);
+    }
+#endif
+    return ei::pdiv(ei::pset1<P>(T(1)), x);
+  }
+  static void at(const P& q1, const P& q2, const P& k1, const P& k2, P& t1, P& s1, P& t2, P& s2) {
     namespace ei = Eigen::internal;
     if constexpr (factored) {
-      const P r = ei::pdiv(ei::pset1<P>(T(1)), ei::padd(qa, ka));
-      const P a = ei::pmul(qa, r), b = ei::pmul(ka, r);
-      t = ei::psub(b, a);
-      s = ei::pmul(a, b);
+      const P d1 = ei::padd(q1, k1), d2 = ei::padd(q2, k2);
+      const P inv = reciprocal(ei::pmul(d1, d2));
+      const P r1 = ei::pmul(d2, inv), r2 = ei::pmul(d1, inv);
+      const P a1 = ei::pmul(q1, r1), b1 = ei::pmul(k1, r1);
+      const P a2 = ei::pmul(q2, r2), b2 = ei::pmul(k2, r2);
+      t1 = ei::psub(b1, a1), s1 = ei::pmul(a1, b1);
+      t2 = ei::psub(b2, a2), s2 = ei::pmul(a2, b2);
     } else {
       const P one = ei::pset1<P>(T(1));
-      t = vm::tanh<T>(ei::padd(qa, ka));
-      s = ei::pmul(ei::psub(one, t), ei::padd(one, t));
+      t1 = vm::tanh<T>(ei::padd(q1, k1));
+      t2 = vm::tanh<T>(ei::padd(q2, k2));
+      s1 = ei::pmul(ei::psub(one, t1), ei::padd(one, t1));
+      s2 = ei::pmul(ei::psub(one, t2), ei::padd(one, t2));
     }
   }
 };
 
-// One row's pass over its keys with nonzero dS: key[n] (padded operand rows of ldk, up to
-// units_pad), c[n] = dS of that key. Adds c s into row_s (U_pad, summed over keys) and into
-// key_s[key * ldk ...] (each key's share), and c t into row_t. Four keys share each load of
-// the row's operand and accumulators.
+// One key's terms on units [u, u + 2W) of a row: c s added to the row's sums rs, to the key's
+// share ks[u..] and c t to rt; c (dS) and g = c_scale c broadcast.
 template <typename T, bool factored>
-void grad_row_pass(const T* qa, const T* k_op, index_t ldk, const index_t* key, const T* c, index_t n, index_t units_pad,
-                   T* row_s, T* row_t, T* key_s) {
+inline void add_key_terms(const vm::Packet<T>& q1, const vm::Packet<T>& q2, const T* kr, T* ks,
+                          const vm::Packet<T>& c, const vm::Packet<T>& g, vm::Packet<T>* rs, vm::Packet<T>* rt) {
   namespace ei = Eigen::internal;
   using P = vm::Packet<T>;
-  using Term = GradTerm<T, factored>;
   constexpr index_t W = vm::packet_size<T>();
+  P t1, s1, t2, s2;
+  GradTerm<T, factored>::at(q1, q2, ei::ploadu<P>(kr), ei::ploadu<P>(kr + W), t1, s1, t2, s2);
+  s1 = ei::pmul(g, s1), s2 = ei::pmul(g, s2);
+  rs[0] = ei::padd(rs[0], s1), rs[1] = ei::padd(rs[1], s2);
+  rt[0] = ei::pmadd(c, t1, rt[0]), rt[1] = ei::pmadd(c, t2, rt[1]);
+  ei::pstoreu(ks, ei::padd(ei::ploadu<P>(ks), s1));
+  ei::pstoreu(ks + W, ei::padd(ei::ploadu<P>(ks + W), s2));
+}
+
+// One row's pass over its keys with nonzero dS: key[n] (padded operand rows of ldk units, a
+// multiple of two packets), c[n] = dS of that key. Adds c s into row_s (ldk, summed over keys)
+// and into key_s[key * ldk ...] (each key's share), and c t into row_t. Four keys share each
+// load of the row's operand and accumulators; each sum runs in key order.
+template <typename T, bool factored>
+void grad_row_pass(const T* qa, const T* k_op, index_t ldk, const index_t* key, const T* c, index_t n, T* row_s,
+                   T* row_t, T* key_s) {
+  namespace ei = Eigen::internal;
+  using P = vm::Packet<T>;
+  constexpr index_t W = vm::packet_size<T>();
+  constexpr T scale = GradTerm<T, factored>::c_scale;
   index_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    const T* k0 = k_op + key[j] * ldk;
-    const T* k1 = k_op + key[j + 1] * ldk;
-    const T* k2 = k_op + key[j + 2] * ldk;
-    const T* k3 = k_op + key[j + 3] * ldk;
-    T* s0 = key_s + key[j] * ldk;
-    T* s1 = key_s + key[j + 1] * ldk;
-    T* s2 = key_s + key[j + 2] * ldk;
-    T* s3 = key_s + key[j + 3] * ldk;
+    const index_t* kj = key + j;
     const P c0 = ei::pset1<P>(c[j]), c1 = ei::pset1<P>(c[j + 1]), c2 = ei::pset1<P>(c[j + 2]),
             c3 = ei::pset1<P>(c[j + 3]);
-    const P g0 = ei::pset1<P>(Term::c_scale * c[j]), g1 = ei::pset1<P>(Term::c_scale * c[j + 1]),
-            g2 = ei::pset1<P>(Term::c_scale * c[j + 2]), g3 = ei::pset1<P>(Term::c_scale * c[j + 3]);
-    for (index_t u = 0; u < units_pad; u += W) {
-      const P q = ei::ploadu<P>(qa + u);
-      P rs = ei::ploadu<P>(row_s + u), rt = ei::ploadu<P>(row_t + u);
-      P t, s;
-      Term::at(q, ei::ploadu<P>(k0 + u), t, s);
-      s = ei::pmul(g0, s);
-      rs = ei::padd(rs, s), rt = ei::pmadd(c0, t, rt);
-      ei::pstoreu(s0 + u, ei::padd(ei::ploadu<P>(s0 + u), s));
-      Term::at(q, ei::ploadu<P>(k1 + u), t, s);
-      s = ei::pmul(g1, s);
-      rs = ei::padd(rs, s), rt = ei::pmadd(c1, t, rt);
-      ei::pstoreu(s1 + u, ei::padd(ei::ploadu<P>(s1 + u), s));
-      Term::at(q, ei::ploadu<P>(k2 + u), t, s);
-      s = ei::pmul(g2, s);
-      rs = ei::padd(rs, s), rt = ei::pmadd(c2, t, rt);
-      ei::pstoreu(s2 + u, ei::padd(ei::ploadu<P>(s2 + u), s));
-      Term::at(q, ei::ploadu<P>(k3 + u), t, s);
-      s = ei::pmul(g3, s);
-      rs = ei::padd(rs, s), rt = ei::pmadd(c3, t, rt);
-      ei::pstoreu(s3 + u, ei::padd(ei::ploadu<P>(s3 + u), s));
-      ei::pstoreu(row_s + u, rs);
-      ei::pstoreu(row_t + u, rt);
+    const P g0 = ei::pset1<P>(scale * c[j]), g1 = ei::pset1<P>(scale * c[j + 1]),
+            g2 = ei::pset1<P>(scale * c[j + 2]), g3 = ei::pset1<P>(scale * c[j + 3]);
+    for (index_t u = 0; u < ldk; u += 2 * W) {
+      const P q1 = ei::ploadu<P>(qa + u), q2 = ei::ploadu<P>(qa + u + W);
+      P rs[2] = {ei::ploadu<P>(row_s + u), ei::ploadu<P>(row_s + u + W)};
+      P rt[2] = {ei::ploadu<P>(row_t + u), ei::ploadu<P>(row_t + u + W)};
+      add_key_terms<T, factored>(q1, q2, k_op + kj[0] * ldk + u, key_s + kj[0] * ldk + u, c0, g0, rs, rt);
+      add_key_terms<T, factored>(q1, q2, k_op + kj[1] * ldk + u, key_s + kj[1] * ldk + u, c1, g1, rs, rt);
+      add_key_terms<T, factored>(q1, q2, k_op + kj[2] * ldk + u, key_s + kj[2] * ldk + u, c2, g2, rs, rt);
+      add_key_terms<T, factored>(q1, q2, k_op + kj[3] * ldk + u, key_s + kj[3] * ldk + u, c3, g3, rs, rt);
+      ei::pstoreu(row_s + u, rs[0]), ei::pstoreu(row_s + u + W, rs[1]);
+      ei::pstoreu(row_t + u, rt[0]), ei::pstoreu(row_t + u + W, rt[1]);
     }
   }
   for (; j < n; ++j) {
-    const T* kr = k_op + key[j] * ldk;
-    T* sr = key_s + key[j] * ldk;
-    const P cj = ei::pset1<P>(c[j]), gj = ei::pset1<P>(Term::c_scale * c[j]);
-    for (index_t u = 0; u < units_pad; u += W) {
-      P t, s;
-      Term::at(ei::ploadu<P>(qa + u), ei::ploadu<P>(kr + u), t, s);
-      s = ei::pmul(gj, s);
-      ei::pstoreu(row_s + u, ei::padd(ei::ploadu<P>(row_s + u), s));
-      ei::pstoreu(row_t + u, ei::pmadd(cj, t, ei::ploadu<P>(row_t + u)));
-      ei::pstoreu(sr + u, ei::padd(ei::ploadu<P>(sr + u), s));
+    const P cj = ei::pset1<P>(c[j]), gj = ei::pset1<P>(scale * c[j]);
+    for (index_t u = 0; u < ldk; u += 2 * W) {
+      P rs[2] = {ei::ploadu<P>(row_s + u), ei::ploadu<P>(row_s + u + W)};
+      P rt[2] = {ei::ploadu<P>(row_t + u), ei::ploadu<P>(row_t + u + W)};
+      add_key_terms<T, factored>(ei::ploadu<P>(qa + u), ei::ploadu<P>(qa + u + W), k_op + key[j] * ldk + u,
+                                 key_s + key[j] * ldk + u, cj, gj, rs, rt);
+      ei::pstoreu(row_s + u, rs[0]), ei::pstoreu(row_s + u + W, rs[1]);
+      ei::pstoreu(row_t + u, rt[0]), ei::pstoreu(row_t + u + W, rt[1]);
     }
   }
 }
@@ -184,6 +209,7 @@ struct AdditiveBackwardCall {
   const Strided<const std::int64_t>* lengths;
   const Strided<const T>& grad_out;      // (..., Lq, Dv)
   const Strided<const T>* grad_weights;  // (..., Lq, Lk) or nullptr
+  const Strided<const T>* saved_weights; // (..., Lq, Lk): the forward's weights, or nullptr (recomputed)
   index_t lq, lk, units, dv, rows_per_block, blocks;
   T* q_grad;      // d(qp) (batches, Lq, U)
   T* key_share;   // (batches, blocks, Lk, U_pad): each block's sum_i c_ij s_ij
@@ -213,21 +239,33 @@ inline void pad_key_rows(const T* src, index_t visible, index_t units, index_t l
   }
 }
 
-// dP rows (rows, visible) = dO rows (rows, Dv) V[:visible]^T (+ gW rows), dst row stride visible.
+// dP rows (rows, visible) = dO rows (rows, Dv) V[:visible]^T (+ gW rows), dst row stride
+// visible, and the block's share of dV: value_share (Lk, Dv) = P[:, :visible]^T dO rows (rows
+// past visible 0). Both through the packed GEMM on the calling thread.
 template <typename T>
 void block_value_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, index_t rows, index_t visible,
                        const T* weights, T* dp, T* value_share) {
-  const auto d_out = matrix_of(c.grad_out, b, r0, rows);
+  const index_t lk = c.lk, dv = c.dv;
+  const T* go = c.grad_out.data + c.grad_out.batch_offset(b, 2) + r0 * c.grad_out.stride(-2);
+  const T* val = c.value.data + c.value.batch_offset(b, 2);
+  const index_t go_rs = c.grad_out.stride(-2), go_cs = c.grad_out.stride(-1);
+  const index_t val_rs = c.value.stride(-2), val_cs = c.value.stride(-1);
+  const auto go_row = [&](index_t r) { return go + r * go_rs; };
+  const auto val_row = [&](index_t j) { return val + j * val_rs; };
+  const auto weight_row = [&](index_t r) { return weights + r * lk; };
   if (visible > 0) {
-    product_rows<T>(d_out, matrix_of(c.value, b, 0, visible).transpose(), dp);
+    gemm_rows_times_transposed<T>(rows, visible, dv, go_row, go_cs, val_row, val_cs, dp, /*parallel=*/false);
     if (c.grad_weights)
       for (index_t r = 0; r < rows; ++r) {
-        const T* gw = c.grad_weights->data + c.grad_weights->batch_offset(b, 2) + (r0 + r) * c.grad_weights->stride(-2);
-        for (index_t j = 0; j < visible; ++j) dp[r * visible + j] += gw[j * c.grad_weights->stride(-1)];
+        const Strided<const T>& gw = *c.grad_weights;
+        const T* row = gw.data + gw.batch_offset(b, 2) + (r0 + r) * gw.stride(-2);
+        for (index_t j = 0; j < visible; ++j) dp[r * visible + j] += row[j * gw.stride(-1)];
       }
-    product_rows<T>(ConstMatrixMap<T>(weights, rows, c.lk).leftCols(visible).transpose(), d_out, value_share);
+    const InPlaceW<T> go_in_place{go, go_rs};
+    gemm_transposed_rows<T>(rows, visible, dv, weight_row, 1, go_row, go_cs, value_share,
+                            go_cs == 1 ? &go_in_place : nullptr, /*parallel=*/false);
   }
-  std::fill(value_share + visible * c.dv, value_share + c.lk * c.dv, T(0));
+  std::fill(value_share + visible * dv, value_share + lk * dv, T(0));
 }
 
 // The gradient pass of one block: every row's d(qp), the block's key shares and unit shares.
@@ -250,7 +288,7 @@ void block_unit_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, i
   T* const row_s = qa + up;
   T* const row_t = row_s + up;
   T* const cs = row_t + up;
-  std::unique_ptr<index_t[]> key_list(new index_t[static_cast<size_t>(std::max<index_t>(visible, 1))]);
+  const Scratch<index_t, AdditiveGradKeyListTag> key_list(static_cast<size_t>(visible));
   std::fill(key_share, key_share + c.lk * up, T(0));
   T* const dv_sum = unit_share;
   T* const bias_sum = unit_share + units;
@@ -259,7 +297,7 @@ void block_unit_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, i
     T* const q_grad = c.q_grad + (b * c.lq + r0 + r) * units;
     index_t n = 0;
     for (index_t j = 0; j < visible; ++j)
-      if (ds[r * visible + j] != T(0)) key_list[n] = j, cs[n++] = ds[r * visible + j];
+      if (ds[r * visible + j] != T(0)) key_list.data()[n] = j, cs[n++] = ds[r * visible + j];
     if (n == 0) {
       std::fill(q_grad, q_grad + units, T(0));
       continue;
@@ -271,12 +309,12 @@ void block_unit_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, i
     if (factored) {
       if (!have_expo) pad_key_rows(keys.expo, visible, units, up, GradTerm<T, true>::pad, expo_op), have_expo = true;
       std::fill(qa + units, qa + up, GradTerm<T, true>::pad);
-      grad_row_pass<T, true>(qa, expo_op, up, key_list.get(), cs, n, up, row_s, row_t, key_share);
+      grad_row_pass<T, true>(qa, expo_op, up, key_list.data(), cs, n, row_s, row_t, key_share);
     } else {
       if (!have_raw) pad_key_rows(keys.raw, visible, units, up, GradTerm<T, false>::pad, raw_op), have_raw = true;
       std::copy(qr, qr + units, qa);
       std::fill(qa + units, qa + up, GradTerm<T, false>::pad);
-      grad_row_pass<T, false>(qa, raw_op, up, key_list.get(), cs, n, up, row_s, row_t, key_share);
+      grad_row_pass<T, false>(qa, raw_op, up, key_list.data(), cs, n, row_s, row_t, key_share);
     }
     for (index_t u = 0; u < units; ++u) {
       q_grad[u] = c.v.v[u] * row_s[u];
@@ -305,8 +343,16 @@ void additive_backward_block(const AdditiveBackwardCall<T>& c, index_t b, index_
   const AdditiveRows<T> keys{c.keys.raw.data + c.keys.raw.batch_offset(b, 2),
                              c.keys.ok.data[c.keys.ok.batch_offset(b, 0)] ? c.keys.expo.data + c.keys.expo.batch_offset(b, 2)
                                                                          : nullptr};
-  additive_score_projected<T>(q_proj.data(), rows, units, keys, c.v, lk, weights, lk);
-  scores_to_weights(c.mask, c.lq, b, r0, rows, visible, weights, lk);
+  if (c.saved_weights) {
+    const Strided<const T>& w = *c.saved_weights;
+    for (index_t r = 0; r < rows; ++r) {
+      const T* src = w.data + w.batch_offset(b, 2) + (r0 + r) * w.stride(-2);
+      for (index_t j = 0; j < lk; ++j) weights[r * lk + j] = src[j * w.stride(-1)];
+    }
+  } else {
+    additive_score_projected<T>(q_proj.data(), rows, units, keys, c.v, lk, weights, lk);
+    scores_to_weights(c.mask, c.lq, b, r0, rows, visible, weights, lk);
+  }
   block_value_grads(c, b, r0, rows, visible, weights, ds, value_share);
   for (index_t r = 0; r < rows; ++r) row_score_grad(weights + r * lk, ds + r * visible, visible);
   if (c.mask_grad)
@@ -373,7 +419,8 @@ void projection_grads(const Strided<const T>& x, const ConstMatrixMap<T>& w, con
 //   value (..., Lk, Dv), v (U,), mask, lengths: exactly as the forward took them (equal batch
 //   shapes, broadcast views allowed);
 //   grad_out (..., Lq, Dv) any strides: dL/d(context); grad_weights (..., Lq, Lk) any strides or
-//   nullptr: dL/d(weights).
+//   nullptr: dL/d(weights); saved_weights (..., Lq, Lk) any strides: the weights the forward
+//   returned for these arguments (saves recomputing the scores), or nullptr: recomputed.
 // Fills g.query, g.w_query, g.bias, g.v, g.keys_raw, g.value and (when given) g.mask; g.key and
 // g.w_key are the raw-key overload's. Bit-identical for any thread count.
 template <typename T>
@@ -381,20 +428,21 @@ void additive_attention_backward(const Strided<const T>& q, const ConstMatrixMap
                                  const AdditiveKeys<T>& keys, const Strided<const T>& value, const T* v,
                                  const Mask<T>& mask, const Strided<const std::int64_t>* lengths,
                                  const Strided<const T>& grad_out, const Strided<const T>* grad_weights,
-                                 const AdditiveGradients<T>& g) {
+                                 const AdditiveGradients<T>& g, const Strided<const T>* saved_weights = nullptr) {
   const index_t batches = q.batch_count(2), lq = q.dim(-2), lk = keys.raw.dim(-2), units = w_query.cols();
   const index_t dv = value.dim(-1), up = detail::padded_units<T>(units);
   const index_t rows_per_block = additive_backward_rows(lq);
   const index_t blocks = lq == 0 ? 0 : (lq + rows_per_block - 1) / rows_per_block;
-  // Every element is written by the task owning it before it is read: no initialisation.
-  const auto buffer = [](index_t n) { return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]); };
-  const std::unique_ptr<T[]> q_grad = buffer(batches * lq * units), key_share = buffer(batches * blocks * lk * up),
-                             value_share = buffer(batches * blocks * lk * dv),
-                             unit_share = buffer(batches * blocks * 2 * units);
+  // Scratch (reused between calls, no initialisation): every element is written by the task
+  // owning it before it is read.
+  const Scratch<T, detail::AdditiveGradQueryProjTag> q_grad(static_cast<size_t>(batches * lq * units));
+  const Scratch<T, detail::AdditiveGradKeyShareTag> key_share(static_cast<size_t>(batches * blocks * lk * up));
+  const Scratch<T, detail::AdditiveGradValueShareTag> value_share(static_cast<size_t>(batches * blocks * lk * dv));
+  const Scratch<T, detail::AdditiveGradUnitShareTag> unit_share(static_cast<size_t>(batches * blocks * 2 * units));
   const AdditiveV<T> v_form = additive_v(v, units);
   const detail::AdditiveBackwardCall<T> call{q, w_query, bias, keys, value, v_form, mask, lengths, grad_out,
-                                             grad_weights, lq, lk, units, dv, rows_per_block, blocks,
-                                             q_grad.get(), key_share.get(), value_share.get(), unit_share.get(),
+                                             grad_weights, saved_weights, lq, lk, units, dv, rows_per_block, blocks,
+                                             q_grad.data(), key_share.data(), value_share.data(), unit_share.data(),
                                              g.mask};
   parallel_for(batches * blocks, [&](index_t task) { detail::additive_backward_block(call, task / blocks, task % blocks); });
   if (blocks > 0) {
@@ -407,10 +455,10 @@ void additive_attention_backward(const Strided<const T>& q, const ConstMatrixMap
   std::fill(g.bias, g.bias + units, T(0));
   for (index_t s = 0; s < batches * blocks; ++s)  // the blocks' unit shares, in block order
     for (index_t u = 0; u < units; ++u) {
-      g.v[u] += unit_share[s * 2 * units + u];
-      g.bias[u] += unit_share[s * 2 * units + units + u];
+      g.v[u] += unit_share.data()[s * 2 * units + u];
+      g.bias[u] += unit_share.data()[s * 2 * units + units + u];
     }
-  detail::projection_grads<T>(q, w_query, q_grad.get(), g.query, g.w_query);
+  detail::projection_grads<T>(q, w_query, q_grad.data(), g.query, g.w_query);
 }
 
 // The same with raw keys (..., Lk, Dk) (the query's batch shape) and w_key (Dk, U), projected
@@ -420,14 +468,17 @@ void additive_attention_backward(const Strided<const T>& q, const ConstMatrixMap
                                  const Strided<const T>& key, const ConstMatrixMap<T>& w_key,
                                  const Strided<const T>& value, const T* v, const Mask<T>& mask,
                                  const Strided<const std::int64_t>* lengths, const Strided<const T>& grad_out,
-                                 const Strided<const T>* grad_weights, const AdditiveGradients<T>& g) {
+                                 const Strided<const T>* grad_weights, const AdditiveGradients<T>& g,
+                                 const Strided<const T>* saved_weights = nullptr) {
   const index_t batches = key.batch_count(2), lk = key.dim(-2), units = w_key.cols();
   const size_t n = static_cast<size_t>(batches * lk * units);
-  std::vector<T> raw(n), expo(n);
+  const Scratch<T, detail::AdditiveGradKeyRawTag> raw(n);
+  const Scratch<T, detail::AdditiveGradKeyExpTag> expo(n);
   std::unique_ptr<bool[]> ok(new bool[static_cast<size_t>(std::max<index_t>(batches, 1))]);
   additive_prepare_keys<T, T>(key, w_key, raw.data(), expo.data(), ok.get());
   const AdditiveKeys<T> keys = contiguous_keys<T>(key.shape, units, raw.data(), expo.data(), ok.get());
-  additive_attention_backward<T>(q, w_query, bias, keys, value, v, mask, lengths, grad_out, grad_weights, g);
+  additive_attention_backward<T>(q, w_query, bias, keys, value, v, mask, lengths, grad_out, grad_weights, g,
+                                 saved_weights);
   detail::projection_grads<T>(key, w_key, g.keys_raw, g.key, g.w_key);
 }
 
