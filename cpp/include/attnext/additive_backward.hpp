@@ -19,7 +19,7 @@
 //
 // Work split: one task per (batch entry, block of query rows). A task recomputes its rows'
 // weights, forms dS, and runs one pass over (row, visible key, unit) that accumulates d(qp) of
-// its rows and the block's share of sum_i g_ij for every key; the shares of the blocks (and
+// its rows and the block's share of sum_i g_ij for every key (block_unit_grads); the shares of the blocks (and
 // their shares of dV, dv, dbias) are added afterwards in block order. The blocks depend on the
 // shapes only, so the gradients are bit-identical for any thread count; nothing is atomic.
 // Keys hidden from a row (mask, length) have dS = 0 and are skipped: they get exactly zero,
@@ -153,47 +153,29 @@ inline void add_key_terms(const vm::Packet<T>& q1, const vm::Packet<T>& q2, cons
   ei::pstoreu(ks + W, ei::padd(ei::ploadu<P>(ks + W), s2));
 }
 
-// One row's pass over its keys with nonzero dS: key[n] (padded operand rows of ldk units, a
-// multiple of two packets), c[n] = dS of that key. Adds c s into row_s (ldk, summed over keys)
-// and into key_s[key * ldk ...] (each key's share), and c t into row_t. Four keys share each
-// load of the row's operand and accumulators; each sum runs in key order.
+// Keys per chunk of the gradient pass: a chunk's operands and shares on one pair of packets
+// (128 keys x 2 packets x 2 arrays = 32 KB) stay in L1 while every row of the block passes
+// over them; the rows' sums on that pair stay in registers across the chunk's keys.
+constexpr index_t kGradKeyChunk = 128;
+
+// One row's terms on one pair of packets (qa, row_s, row_t, k_op and key_s all point at the
+// pair's first unit) for its keys key[0, n) with nonzero dS c[0, n), in key order: c s is
+// added to row_s and to each key's share key_s[key * ldk ...], c t to row_t.
 template <typename T, bool factored>
-void grad_row_pass(const T* qa, const T* k_op, index_t ldk, const index_t* key, const T* c, index_t n, T* row_s,
-                   T* row_t, T* key_s) {
+inline void row_pair_terms(const T* qa, const T* k_op, T* key_s, index_t ldk, const index_t* key, const T* c,
+                           index_t n, T* row_s, T* row_t) {
   namespace ei = Eigen::internal;
   using P = vm::Packet<T>;
   constexpr index_t W = vm::packet_size<T>();
   constexpr T scale = GradTerm<T, factored>::c_scale;
-  index_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const index_t* kj = key + j;
-    const P c0 = ei::pset1<P>(c[j]), c1 = ei::pset1<P>(c[j + 1]), c2 = ei::pset1<P>(c[j + 2]),
-            c3 = ei::pset1<P>(c[j + 3]);
-    const P g0 = ei::pset1<P>(scale * c[j]), g1 = ei::pset1<P>(scale * c[j + 1]),
-            g2 = ei::pset1<P>(scale * c[j + 2]), g3 = ei::pset1<P>(scale * c[j + 3]);
-    for (index_t u = 0; u < ldk; u += 2 * W) {
-      const P q1 = ei::ploadu<P>(qa + u), q2 = ei::ploadu<P>(qa + u + W);
-      P rs[2] = {ei::ploadu<P>(row_s + u), ei::ploadu<P>(row_s + u + W)};
-      P rt[2] = {ei::ploadu<P>(row_t + u), ei::ploadu<P>(row_t + u + W)};
-      add_key_terms<T, factored>(q1, q2, k_op + kj[0] * ldk + u, key_s + kj[0] * ldk + u, c0, g0, rs, rt);
-      add_key_terms<T, factored>(q1, q2, k_op + kj[1] * ldk + u, key_s + kj[1] * ldk + u, c1, g1, rs, rt);
-      add_key_terms<T, factored>(q1, q2, k_op + kj[2] * ldk + u, key_s + kj[2] * ldk + u, c2, g2, rs, rt);
-      add_key_terms<T, factored>(q1, q2, k_op + kj[3] * ldk + u, key_s + kj[3] * ldk + u, c3, g3, rs, rt);
-      ei::pstoreu(row_s + u, rs[0]), ei::pstoreu(row_s + u + W, rs[1]);
-      ei::pstoreu(row_t + u, rt[0]), ei::pstoreu(row_t + u + W, rt[1]);
-    }
-  }
-  for (; j < n; ++j) {
-    const P cj = ei::pset1<P>(c[j]), gj = ei::pset1<P>(scale * c[j]);
-    for (index_t u = 0; u < ldk; u += 2 * W) {
-      P rs[2] = {ei::ploadu<P>(row_s + u), ei::ploadu<P>(row_s + u + W)};
-      P rt[2] = {ei::ploadu<P>(row_t + u), ei::ploadu<P>(row_t + u + W)};
-      add_key_terms<T, factored>(ei::ploadu<P>(qa + u), ei::ploadu<P>(qa + u + W), k_op + key[j] * ldk + u,
-                                 key_s + key[j] * ldk + u, cj, gj, rs, rt);
-      ei::pstoreu(row_s + u, rs[0]), ei::pstoreu(row_s + u + W, rs[1]);
-      ei::pstoreu(row_t + u, rt[0]), ei::pstoreu(row_t + u + W, rt[1]);
-    }
-  }
+  const P q1 = ei::ploadu<P>(qa), q2 = ei::ploadu<P>(qa + W);
+  P rs[2] = {ei::ploadu<P>(row_s), ei::ploadu<P>(row_s + W)};
+  P rt[2] = {ei::ploadu<P>(row_t), ei::ploadu<P>(row_t + W)};
+  for (index_t k = 0; k < n; ++k)
+    add_key_terms<T, factored>(q1, q2, k_op + key[k] * ldk, key_s + key[k] * ldk, ei::pset1<P>(c[k]),
+                               ei::pset1<P>(scale * c[k]), rs, rt);
+  ei::pstoreu(row_s, rs[0]), ei::pstoreu(row_s + W, rs[1]);
+  ei::pstoreu(row_t, rt[0]), ei::pstoreu(row_t + W, rt[1]);
 }
 
 // The operands of one call that do not change from task to task.
@@ -269,7 +251,8 @@ void block_value_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, 
 }
 
 // The gradient pass of one block: every row's d(qp), the block's key shares and unit shares.
-// q_proj (rows, U); ds (rows, visible) = dS.
+// q_proj (rows, U); ds (rows, visible) = dS. Loops: key chunks, pairs of packets, rows, the
+// row's keys in the chunk; each sum still runs in key order (a row's) or row order (a key's).
 template <typename T>
 void block_unit_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, index_t rows, index_t visible,
                       const T* q_proj, const T* ds, T* key_share, T* unit_share) {
@@ -277,48 +260,73 @@ void block_unit_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, i
   const AdditiveRows<T> keys{c.keys.raw.data + c.keys.raw.batch_offset(b, 2),
                              c.keys.ok.data[c.keys.ok.batch_offset(b, 0)] ? c.keys.expo.data + c.keys.expo.batch_offset(b, 2)
                                                                          : nullptr};
-  // The keys' operands, padded: expo (factored rows) and raw (plain rows), each made when first needed.
+  // Per row: its operand (padded), its sums, its keys with nonzero dS (capacity visible each).
+  const Scratch<T, AdditiveGradRowTag> row_buf(static_cast<size_t>(3 * rows * up + rows * visible));
+  T* const qa = row_buf.data();
+  T* const row_s = qa + rows * up;
+  T* const row_t = row_s + rows * up;
+  T* const cs = row_t + rows * up;
+  const Scratch<index_t, AdditiveGradKeyListTag> list_buf(static_cast<size_t>(rows * visible + 4 * rows));
+  index_t* const key_list = list_buf.data();
+  index_t* const count = key_list + rows * visible;
+  index_t* const cursor = count + rows;
+  index_t* const chunk_begin = cursor + rows;
+  std::unique_ptr<bool[]> factored(new bool[static_cast<size_t>(std::max<index_t>(rows, 1))]);
+  bool any_factored = false, any_plain = false;
+  for (index_t r = 0; r < rows; ++r) {
+    index_t n = 0;
+    for (index_t j = 0; j < visible; ++j) {
+      const T d = ds[r * visible + j];
+      if (d != T(0)) key_list[r * visible + n] = j, cs[r * visible + n++] = d;
+    }
+    count[r] = n, cursor[r] = 0;
+    const T* qr = q_proj + r * units;
+    T* q_op = qa + r * up;
+    factored[r] = keys.expo && additive_exp_form(qr, q_op, units, T(-2));
+    if (!factored[r]) std::copy(qr, qr + units, q_op);
+    std::fill(q_op + units, q_op + up, factored[r] ? GradTerm<T, true>::pad : GradTerm<T, false>::pad);
+    any_factored |= n > 0 && factored[r];
+    any_plain |= n > 0 && !factored[r];
+  }
+  std::fill(row_s, row_s + 2 * rows * up, T(0));  // row_s and row_t
+  std::fill(key_share, key_share + c.lk * up, T(0));
+  // The keys' operands, padded: expo for factored rows, raw for plain rows.
   const Scratch<T, AdditiveGradKeysTag> key_ops(static_cast<size_t>(2 * visible * up));
   T* const expo_op = key_ops.data();
   T* const raw_op = expo_op + visible * up;
-  bool have_expo = false, have_raw = false;
-  // A row's operand, accumulators and list of keys with nonzero dS.
-  const Scratch<T, AdditiveGradRowTag> row(static_cast<size_t>(3 * up + 2 * visible));
-  T* const qa = row.data();
-  T* const row_s = qa + up;
-  T* const row_t = row_s + up;
-  T* const cs = row_t + up;
-  const Scratch<index_t, AdditiveGradKeyListTag> key_list(static_cast<size_t>(visible));
-  std::fill(key_share, key_share + c.lk * up, T(0));
+  if (any_factored) pad_key_rows(keys.expo, visible, units, up, GradTerm<T, true>::pad, expo_op);
+  if (any_plain) pad_key_rows(keys.raw, visible, units, up, GradTerm<T, false>::pad, raw_op);
+  constexpr index_t W2 = 2 * vm::packet_size<T>();
+  for (index_t j0 = 0; j0 < visible; j0 += kGradKeyChunk) {
+    const index_t j1 = std::min(visible, j0 + kGradKeyChunk);
+    for (index_t r = 0; r < rows; ++r) {  // each row's keys in [j0, j1): list entries [chunk_begin, cursor)
+      chunk_begin[r] = cursor[r];
+      while (cursor[r] < count[r] && key_list[r * visible + cursor[r]] < j1) ++cursor[r];
+    }
+    for (index_t u = 0; u < up; u += W2)
+      for (index_t r = 0; r < rows; ++r) {
+        const index_t first = r * visible + chunk_begin[r], n = cursor[r] - chunk_begin[r];
+        if (n == 0) continue;
+        if (factored[r])
+          row_pair_terms<T, true>(qa + r * up + u, expo_op + u, key_share + u, up, key_list + first, cs + first, n,
+                                  row_s + r * up + u, row_t + r * up + u);
+        else
+          row_pair_terms<T, false>(qa + r * up + u, raw_op + u, key_share + u, up, key_list + first, cs + first, n,
+                                   row_s + r * up + u, row_t + r * up + u);
+      }
+  }
   T* const dv_sum = unit_share;
   T* const bias_sum = unit_share + units;
   std::fill(unit_share, unit_share + 2 * units, T(0));
   for (index_t r = 0; r < rows; ++r) {
     T* const q_grad = c.q_grad + (b * c.lq + r0 + r) * units;
-    index_t n = 0;
-    for (index_t j = 0; j < visible; ++j)
-      if (ds[r * visible + j] != T(0)) key_list.data()[n] = j, cs[n++] = ds[r * visible + j];
-    if (n == 0) {
+    if (count[r] == 0) {
       std::fill(q_grad, q_grad + units, T(0));
       continue;
     }
-    const T* qr = q_proj + r * units;
-    const bool factored = keys.expo && additive_exp_form(qr, qa, units, T(-2));
-    std::fill(row_s, row_s + up, T(0));
-    std::fill(row_t, row_t + up, T(0));
-    if (factored) {
-      if (!have_expo) pad_key_rows(keys.expo, visible, units, up, GradTerm<T, true>::pad, expo_op), have_expo = true;
-      std::fill(qa + units, qa + up, GradTerm<T, true>::pad);
-      grad_row_pass<T, true>(qa, expo_op, up, key_list.data(), cs, n, row_s, row_t, key_share);
-    } else {
-      if (!have_raw) pad_key_rows(keys.raw, visible, units, up, GradTerm<T, false>::pad, raw_op), have_raw = true;
-      std::copy(qr, qr + units, qa);
-      std::fill(qa + units, qa + up, GradTerm<T, false>::pad);
-      grad_row_pass<T, false>(qa, raw_op, up, key_list.data(), cs, n, row_s, row_t, key_share);
-    }
     for (index_t u = 0; u < units; ++u) {
-      q_grad[u] = c.v.v[u] * row_s[u];
-      dv_sum[u] += row_t[u];
+      q_grad[u] = c.v.v[u] * row_s[r * up + u];
+      dv_sum[u] += row_t[r * up + u];
       bias_sum[u] += q_grad[u];
     }
   }
