@@ -14,8 +14,8 @@
 //
 // 1 - t^2 comes from the forward's factored form: with inv = e^{-2 qp} and expo = e^{2 kp},
 // d = inv + expo, a = inv / d, b = expo / d: t = b - a and 1 - t^2 = (1 - t)(1 + t) = 4 a b,
-// one division per unit, no exp or tanh in the inner loop, a and b in [0, 1] (every term
-// finite in the form's range). A row or key set outside the range uses tanh itself.
+// one reciprocal per two units, no exp or tanh in the inner loop, a and b in [0, 1] (every
+// term finite in the form's range). A row or key set outside the range uses tanh itself.
 //
 // Work split: one task per (batch entry, block of query rows). A task recomputes its rows'
 // weights, forms dS, and runs one pass over (row, visible key, unit) that accumulates d(qp) of
@@ -92,20 +92,24 @@ inline index_t padded_units(index_t units) {
   return (units + W2 - 1) / W2 * W2;
 }
 
-// t and s with g = c_scale * c * s = dS (1 - t^2), for two packets of units (1 and 2); qa and
-// ka are a query's and a key's operands in the form (factored: e^{-2 qp}, e^{2 kp}; plain: qp, kp).
+// One key's terms on two packets of units [u, u + 2W) of one row, for the row's sums rs and rt
+// and the key's share ks[u..]: rs and ks get g_u = dS (1 - t_u^2); rt gets what dv needs. qa
+// and ka are the query's and the key's operands in the row's form; c = dS broadcast.
+//   Factored (qa = e^{-2 qp}, ka = e^{2 kp}): with d = qa + ka, a = qa / d, b = ka / d (both in
+//   [0, 1]), t = b - a = 1 - 2a and 1 - t^2 = 4ab. rt gets 4 c a, and the row's dv is then
+//   sum_j c_j - rt / 2 (= sum_j c_j t_j); 4c is folded into a, so g = (4c a) b. The two packets
+//   share one reciprocal: 1/d1 = d2 / (d1 d2), 1/d2 = d1 / (d1 d2). In range d lies in
+//   [2e^-2L, 2e^2L] (L = exp_form_limit), so d1 d2 stays a normal finite number (as in the
+//   forward's add_pair).
+//   Plain (qa = qp, ka = kp): t = tanh(qp + kp), g = c (1 - t)(1 + t), rt gets c t.
 template <typename T, bool factored>
 struct GradTerm {
   using P = vm::Packet<T>;
-  static constexpr T c_scale = factored ? T(4) : T(1);
   // The padding of the operands' tail lanes: finite terms whose gradients land in tail lanes.
   static constexpr T pad = factored ? T(1) : T(0);
-  // Factored, the two packets share one division: 1/d1 = d2 / (d1 d2), 1/d2 = d1 / (d1 d2).
-  // In range d lies in [2e^-2L, 2e^2L] (L = exp_form_limit), so d1 d2 stays a normal finite
-  // number (as in the forward's add_pair); a = inv/d and b = expo/d lie in [0, 1].
   // 1 / x for the normal positive x of the factored form. With AVX-512 and float: the 14-bit
-  // estimate and one Newton step (about 1 ulp, two FMAs instead of a division, which is most
-  // of the pass's cost); elsewhere the division.
+  // estimate and one Newton step (about 1 ulp, two FMAs instead of a division); elsewhere the
+  // division.
   static P reciprocal(const P& x) {
     namespace ei = Eigen::internal;
 #if defined(EIGEN_VECTORIZE_AVX512)
@@ -116,42 +120,34 @@ struct GradTerm {
 #endif
     return ei::pdiv(ei::pset1<P>(T(1)), x);
   }
-  static void at(const P& q1, const P& q2, const P& k1, const P& k2, P& t1, P& s1, P& t2, P& s2) {
+  // The row's dv on one unit from its rt and the sum of its dS.
+  static T row_dv(T rt, T c_sum) { return factored ? c_sum - rt / T(2) : rt; }
+
+  static void add(const P& q1, const P& q2, const T* kr, T* ks, const P& c, P* rs, P* rt) {
     namespace ei = Eigen::internal;
+    constexpr index_t W = vm::packet_size<T>();
+    const P k1 = ei::ploadu<P>(kr), k2 = ei::ploadu<P>(kr + W);
+    P g1, g2;
     if constexpr (factored) {
       const P d1 = ei::padd(q1, k1), d2 = ei::padd(q2, k2);
       const P inv = reciprocal(ei::pmul(d1, d2));
       const P r1 = ei::pmul(d2, inv), r2 = ei::pmul(d1, inv);
-      const P a1 = ei::pmul(q1, r1), b1 = ei::pmul(k1, r1);
-      const P a2 = ei::pmul(q2, r2), b2 = ei::pmul(k2, r2);
-      t1 = ei::psub(b1, a1), s1 = ei::pmul(a1, b1);
-      t2 = ei::psub(b2, a2), s2 = ei::pmul(a2, b2);
+      const P c4 = ei::pmul(ei::pset1<P>(T(4)), c);
+      const P a1 = ei::pmul(q1, ei::pmul(c4, r1)), a2 = ei::pmul(q2, ei::pmul(c4, r2));  // 4c a
+      g1 = ei::pmul(a1, ei::pmul(k1, r1)), g2 = ei::pmul(a2, ei::pmul(k2, r2));
+      rt[0] = ei::padd(rt[0], a1), rt[1] = ei::padd(rt[1], a2);
     } else {
       const P one = ei::pset1<P>(T(1));
-      t1 = vm::tanh<T>(ei::padd(q1, k1));
-      t2 = vm::tanh<T>(ei::padd(q2, k2));
-      s1 = ei::pmul(ei::psub(one, t1), ei::padd(one, t1));
-      s2 = ei::pmul(ei::psub(one, t2), ei::padd(one, t2));
+      const P t1 = vm::tanh<T>(ei::padd(q1, k1)), t2 = vm::tanh<T>(ei::padd(q2, k2));
+      g1 = ei::pmul(c, ei::pmul(ei::psub(one, t1), ei::padd(one, t1)));
+      g2 = ei::pmul(c, ei::pmul(ei::psub(one, t2), ei::padd(one, t2)));
+      rt[0] = ei::pmadd(c, t1, rt[0]), rt[1] = ei::pmadd(c, t2, rt[1]);
     }
+    rs[0] = ei::padd(rs[0], g1), rs[1] = ei::padd(rs[1], g2);
+    ei::pstoreu(ks, ei::padd(ei::ploadu<P>(ks), g1));
+    ei::pstoreu(ks + W, ei::padd(ei::ploadu<P>(ks + W), g2));
   }
 };
-
-// One key's terms on units [u, u + 2W) of a row: c s added to the row's sums rs, to the key's
-// share ks[u..] and c t to rt; c (dS) and g = c_scale c broadcast.
-template <typename T, bool factored>
-inline void add_key_terms(const vm::Packet<T>& q1, const vm::Packet<T>& q2, const T* kr, T* ks,
-                          const vm::Packet<T>& c, const vm::Packet<T>& g, vm::Packet<T>* rs, vm::Packet<T>* rt) {
-  namespace ei = Eigen::internal;
-  using P = vm::Packet<T>;
-  constexpr index_t W = vm::packet_size<T>();
-  P t1, s1, t2, s2;
-  GradTerm<T, factored>::at(q1, q2, ei::ploadu<P>(kr), ei::ploadu<P>(kr + W), t1, s1, t2, s2);
-  s1 = ei::pmul(g, s1), s2 = ei::pmul(g, s2);
-  rs[0] = ei::padd(rs[0], s1), rs[1] = ei::padd(rs[1], s2);
-  rt[0] = ei::pmadd(c, t1, rt[0]), rt[1] = ei::pmadd(c, t2, rt[1]);
-  ei::pstoreu(ks, ei::padd(ei::ploadu<P>(ks), s1));
-  ei::pstoreu(ks + W, ei::padd(ei::ploadu<P>(ks + W), s2));
-}
 
 // Keys per chunk of the gradient pass: a chunk's operands and shares on one pair of packets
 // (128 keys x 2 packets x 2 arrays = 32 KB) stay in L1 while every row of the block passes
@@ -159,21 +155,19 @@ inline void add_key_terms(const vm::Packet<T>& q1, const vm::Packet<T>& q2, cons
 constexpr index_t kGradKeyChunk = 128;
 
 // One row's terms on one pair of packets (qa, row_s, row_t, k_op and key_s all point at the
-// pair's first unit) for its keys key[0, n) with nonzero dS c[0, n), in key order: c s is
-// added to row_s and to each key's share key_s[key * ldk ...], c t to row_t.
+// pair's first unit) for its keys key[0, n) with nonzero dS c[0, n), in key order: g is added
+// to row_s and to each key's share key_s[key * ldk ...], the dv terms to row_t (GradTerm::add).
 template <typename T, bool factored>
 inline void row_pair_terms(const T* qa, const T* k_op, T* key_s, index_t ldk, const index_t* key, const T* c,
                            index_t n, T* row_s, T* row_t) {
   namespace ei = Eigen::internal;
   using P = vm::Packet<T>;
   constexpr index_t W = vm::packet_size<T>();
-  constexpr T scale = GradTerm<T, factored>::c_scale;
   const P q1 = ei::ploadu<P>(qa), q2 = ei::ploadu<P>(qa + W);
   P rs[2] = {ei::ploadu<P>(row_s), ei::ploadu<P>(row_s + W)};
   P rt[2] = {ei::ploadu<P>(row_t), ei::ploadu<P>(row_t + W)};
   for (index_t k = 0; k < n; ++k)
-    add_key_terms<T, factored>(q1, q2, k_op + key[k] * ldk, key_s + key[k] * ldk, ei::pset1<P>(c[k]),
-                               ei::pset1<P>(scale * c[k]), rs, rt);
+    GradTerm<T, factored>::add(q1, q2, k_op + key[k] * ldk, key_s + key[k] * ldk, ei::pset1<P>(c[k]), rs, rt);
   ei::pstoreu(row_s, rs[0]), ei::pstoreu(row_s + W, rs[1]);
   ei::pstoreu(row_t, rt[0]), ei::pstoreu(row_t + W, rt[1]);
 }
@@ -324,9 +318,12 @@ void block_unit_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, i
       std::fill(q_grad, q_grad + units, T(0));
       continue;
     }
+    T c_sum = T(0);
+    for (index_t k = 0; k < count[r]; ++k) c_sum += cs[r * visible + k];
     for (index_t u = 0; u < units; ++u) {
       q_grad[u] = c.v.v[u] * row_s[r * up + u];
-      dv_sum[u] += row_t[r * up + u];
+      const T rt = row_t[r * up + u];
+      dv_sum[u] += factored[r] ? GradTerm<T, true>::row_dv(rt, c_sum) : GradTerm<T, false>::row_dv(rt, c_sum);
       bias_sum[u] += q_grad[u];
     }
   }
