@@ -16,15 +16,15 @@ signatures, written from the formulas.
 from __future__ import annotations
 
 import inspect
-import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import numpy.typing as npt
 
-from . import functional, reference
+from . import _core, functional, reference
 from ._broadcast import reduce_to_shape
+from ._validation import aligned, as_float_array, as_scalar, check_dropout, promote, shape_str, to_array
 from .functional import ProjectedKeys
 
 __all__ = [
@@ -203,11 +203,7 @@ def _dropout_wanted(p) -> bool:
 def _sdpa_rule(fn, backend, call, saved):
     """scaled_dot_product_attention: the forward runs with return_lse=True (the backward needs
     lse), which is dropped from what the caller sees unless asked for."""
-    seed = call.get("seed")
-    if _dropout_wanted(call.get("dropout_p", 0.0)) and seed is None:
-        from . import _philox
-
-        seed = call["seed"] = saved["seed"] = _philox.draw_seed()
+    seed = _draw_seed_if_needed(call, saved)
     want_weights, want_lse = bool(call.get("return_weights", False)), bool(call.get("return_lse", False))
     results = _as_outputs(fn(**{**call, "return_lse": True}))
     out, lse = results[0].copy(), results[-1].copy()
@@ -286,9 +282,20 @@ def _weighted_sum_rule(fn, backend, call, saved):
     return (out,), backward, None
 
 
+def _draw_seed_if_needed(call, saved):
+    """The dropout seed of a call: the one passed, or, with dropout_p > 0 and none passed, one
+    drawn now from os.urandom and written into the call (forward and backward use it)."""
+    seed = call.get("seed")
+    if _dropout_wanted(call.get("dropout_p", 0.0)) and seed is None:
+        from ._philox import draw_seed
+
+        seed = call["seed"] = saved["seed"] = draw_seed()
+    return seed
+
+
 def _reference_attention_rule(fn, backend, call, saved):
-    """reference.attention (and, until the fused backward routes it, attnext.attention): the
-    dense backward of softmax(score + mask) V."""
+    """reference.attention: the dense backward of softmax(score + mask) V."""
+    seed = _draw_seed_if_needed(call, saved)
     results = _as_outputs(fn(**call))
     want_weights = len(results) > 1
     mask_name = _mask_name(call)
@@ -300,11 +307,56 @@ def _reference_attention_rule(fn, backend, call, saved):
             g_out, saved["query"], saved["key"], saved["value"], method=saved.get("method", "scaled_dot"),
             attn_mask=saved.get(mask_name), is_causal=saved.get("is_causal", False),
             key_lengths=saved.get("key_lengths"), window=saved.get("window"),
-            grad_weights=cts[1] if want_weights else None, **score_args)
+            grad_weights=cts[1] if want_weights else None, dropout_p=saved.get("dropout_p", 0.0), seed=seed,
+            **score_args)
         grads[mask_name] = grads.pop("attn_mask")
         return grads
 
-    return results, backward, None
+    return results, backward, seed
+
+
+def _attention_rule(fn, backend, call, saved):
+    """attnext.attention: pulled back through the fused call it routes to (SDPA, or additive
+    attention), then through the route's own steps (general's query @ weight, additive's
+    scale folded into v, the head axis added for key_lengths)."""
+    seed = _draw_seed_if_needed(call, saved)
+    route = functional._route_attention(**call)
+    inner_out, inner_pullback = vjp(route.fn, *route.args, **route.kwargs)
+    results = _as_outputs(route.finish(inner_out))
+    mask_name = _mask_name(call)
+    weight = None if route.weight is None else saved["weight"]
+    query = saved["query"]
+
+    def backward(cts):
+        if route.head_axis:
+            cts = tuple(None if ct is None else ct[..., None, :, :] for ct in cts)
+        inner = inner_pullback(cts if len(cts) > 1 else cts[0])
+        if route.fn is functional.additive_attention:
+            grads = {name: inner[name] for name in ("query", "key", "value", "w_query", "w_key")}
+            grads["v"] = None if inner["v"] is None else inner["v"] * inner["v"].dtype.type(route.v_scale)
+            grads[mask_name] = inner["attn_mask"]
+            return grads
+        dq, dk, dv, dmask = inner[:4]
+        if route.head_axis:
+            dq, dk, dv = dq[..., 0, :, :], dk[..., 0, :, :], dv[..., 0, :, :]
+            if dmask is not None and dmask.ndim >= 4:
+                dmask = dmask[..., 0, :, :]
+        grads = {"key": dk, "value": dv, mask_name: dmask}
+        if weight is not None:  # the routed query was query @ weight
+            w = weight.astype(dq.dtype, copy=False)
+            grads["weight"] = _sum_outer(np.asarray(query, dq.dtype), dq)
+            dq = dq @ w.T
+        grads["query"] = dq
+        return grads
+
+    return results, backward, seed
+
+
+def _sum_outer(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sum over the batch axes of a^T b, for a (..., N, I) and b (..., N, J) (batch axes
+    broadcast): the gradient of a weight W in a W."""
+    prod = np.swapaxes(a, -1, -2) @ b
+    return prod.reshape((-1,) + prod.shape[-2:]).sum(axis=0)
 
 
 _RULES: dict[Callable, Callable] = {}
@@ -432,9 +484,73 @@ def scaled_dot_product_attention_backward(
         dattn_mask only for a float mask (else None). A row that attends to nothing gets zero
         gradients; hidden keys get exactly zero.
     """
-    return reference.scaled_dot_product_attention_backward(
-        grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-        key_lengths=key_lengths, window=window, seed=seed, grad_weights=grad_weights, grad_lse=grad_lse)
+    if not hasattr(_core, "sdpa_backward"):  # a _core built before the SDPA backward kernel
+        return reference.scaled_dot_product_attention_backward(
+            grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+            key_lengths=key_lengths, window=window, seed=seed, grad_weights=grad_weights, grad_lse=grad_lse)
+    check_dropout(dropout_p)
+    p = as_scalar(dropout_p, "dropout_p")
+    if p != 0.0 and seed is None:
+        raise ValueError("seed is required with dropout_p > 0: pass the seed the forward used (vjp records it "
+                         "as pullback.seed)")
+    seed = functional._dropout_seed(seed, p)
+    inputs = {"query": to_array(query, "query"), "key": to_array(key, "key"), "value": to_array(value, "value")}
+    dtype, _ = promote(**inputs)
+    ev = inputs["value"].shape[-1] if inputs["value"].ndim else 0
+    if grad_lse is not None:
+        value, out, grad_out = _fold_lse_cotangent(inputs["value"], out, grad_out, grad_lse, dtype)
+    call = functional._prepare_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, key_lengths,
+                                    window, warn=False)
+    rows, (lk, ev_kernel) = call.row_shape(), call.value.shape[-2:]
+    g = call.kernel(_rows_array(grad_out, "grad_out", rows + (ev_kernel,), dtype))
+    o = call.kernel(_rows_array(out, "out", rows + (ev_kernel,), dtype))
+    l_ = call.kernel(_rows_array(lse, "lse", rows, dtype))
+    gw = None if grad_weights is None else call.kernel(_rows_array(grad_weights, "grad_weights", rows + (lk,), dtype))
+    mask_grad = call.mask is not None and call.mask.dtype != np.bool_
+    dq, dk, dv, dmask = _core.sdpa_backward(*call.kernel_args(), o, l_, g, p, seed, gw, mask_grad)
+    dq, dk, dv = call.public(dq), call.public(dk), call.public(dv)[..., :ev]
+    if call.query_heads is not None:  # (..., Hq, S, X) -> (..., Hk, G, S, X): each group sums into its head
+        dk, dv = (_sum_groups(d, inputs[name].shape) for d, name in ((dk, "key"), (dv, "value")))
+    grads = tuple(_shaped_like(d, inputs[name].shape, inputs[name].dtype, name)
+                  for d, name in ((dq, "query"), (dk, "key"), (dv, "value")))
+    mask_out = None
+    if mask_grad:
+        mask = to_array(attn_mask, "attn_mask")
+        mask_out = _shaped_like(call.public(dmask), mask.shape, mask.dtype, "attn_mask")
+    return (*grads, mask_out)
+
+
+def _rows_array(a, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An array the backward reads per query row (grad_out, out, lse, grad_weights), checked
+    against the shape the forward gave it and converted to the compute dtype."""
+    arr = as_float_array(a, name)
+    if arr.shape != shape:
+        raise ValueError(f"{name} has shape {shape_str(arr.shape)} but the forward's gives {shape_str(shape)}")
+    return aligned(arr.astype(dtype, copy=False))
+
+
+def _sum_groups(d: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A key/value-head gradient (..., Hq, S, X) summed back to the argument's ``shape``
+    (..., Hk, S, X): the inverse of the forward's stride-0 (..., Hk, G, S, X) view of
+    (..., Hk, 1, S, X), batch broadcasting included."""
+    grouped = d.reshape(d.shape[:-3] + (shape[-3], d.shape[-3] // shape[-3]) + d.shape[-2:])
+    return reduce_to_shape(grouped, shape[:-2] + (1,) + shape[-2:]).reshape(shape)
+
+
+def _fold_lse_cotangent(value, out, grad_out, grad_lse, dtype):
+    """The kernel's dS = P (dP - D) with D_i = rowsum(dO * O); an lse cotangent adds g_lse P to dS,
+    i.e. it lowers D by g_lse. One more column does that without a second kernel: value gets a
+    zero column (dP and the output unchanged), out gets -g_lse and grad_out gets 1 there, so
+    D_i picks up -g_lse_i. The extra column of dvalue is dropped."""
+    v = as_float_array(value, "value").astype(dtype, copy=False)
+    o = as_float_array(out, "out").astype(dtype, copy=False)
+    g = as_float_array(grad_out, "grad_out").astype(dtype, copy=False)
+    gl = as_float_array(grad_lse, "grad_lse").astype(dtype, copy=False)
+    if gl.shape != o.shape[:-1]:
+        raise ValueError(f"grad_lse has shape {shape_str(gl.shape)} but lse has {shape_str(o.shape[:-1])}")
+    zero_column = np.zeros(v.shape[:-1] + (1,), dtype)
+    return (np.concatenate([v, zero_column], axis=-1), np.concatenate([o, -gl[..., None]], axis=-1),
+            np.concatenate([g, np.ones(g.shape[:-1] + (1,), dtype)], axis=-1))
 
 
 def additive_attention_backward(grad_out: ArrayLike, query: ArrayLike, key: ArrayLike | ProjectedKeys,
@@ -473,7 +589,7 @@ def linear_backward(grad: ArrayLike, x: ArrayLike, weight: ArrayLike, bias: Arra
 
 
 _register(functional, _Backend(scaled_dot_product_attention_backward, additive_attention_backward, softmax_backward,
-                               weighted_sum_backward, score_backward, _reference_attention_rule))
+                               weighted_sum_backward, score_backward, _attention_rule))
 _register(reference, _Backend(reference.scaled_dot_product_attention_backward, reference.additive_attention_backward,
                               reference.softmax_backward, reference.weighted_sum_backward, reference.score_backward,
                               _reference_attention_rule))
