@@ -645,7 +645,39 @@ def additive_attention(query: ArrayLike, key: ArrayLike | ProjectedKeys, value: 
         context (..., Lq, Dv), or (context, weights). A query row that may attend to no key
         gets zero weights and a zero context.
     """
-    mask = _mask_alias(attn_mask, mask, "additive_attention()")
+    call = _prepare_additive(query, key, value, w_query, w_key, v, bias=bias,
+                             attn_mask=_mask_alias(attn_mask, mask, "additive_attention()"), key_lengths=key_lengths,
+                             is_causal=is_causal, window=window, warn=warn)
+    return _additive_kernel(call.query, call.w_query, call.bias, call.keys, call.value, call.v, call.mask,
+                            call.lengths, bool(return_weights))
+
+
+@dataclass(frozen=True)
+class AdditiveCall:
+    """additive_attention's arguments as the kernels take them, prepared once by
+    :func:`_prepare_additive` for the forward and the backward alike: promoted, broadcast to the
+    batch shape (views), causality and the window folded into the mask. ``keys`` is a
+    :class:`ProjectedKeys` of the batch shape or (key, w_key) with the batch shape; ``key`` and
+    ``w_key`` are the promoted raw key arguments (None for a ProjectedKeys key), which keys
+    shared over batch axes were projected from."""
+
+    query: np.ndarray  # (N..., Lq, Dq)
+    w_query: np.ndarray  # (Dq, U)
+    bias: np.ndarray | None  # (U,)
+    keys: Any  # ProjectedKeys (N..., Lk, U) or (key (N..., Lk, Dk), w_key (Dk, U))
+    value: np.ndarray  # (N..., Lk, Dv)
+    v: np.ndarray  # (U,)
+    mask: np.ndarray | None  # (N..., Lq, Lk)
+    lengths: np.ndarray | None  # (N...)
+    key: np.ndarray | None
+    w_key: np.ndarray | None
+    dtype: np.dtype
+
+
+def _prepare_additive(query, key, value, w_query, w_key, v, *, bias=None, attn_mask=None, key_lengths=None,
+                      is_causal=False, window=None, warn=True) -> AdditiveCall:
+    """Checks additive_attention's arguments and prepares them for the kernels (see :class:`AdditiveCall`)."""
+    mask = attn_mask
     _require(query=query, key=key, value=value, w_query=w_query, v=v)
     projected = isinstance(key, ProjectedKeys)
     if projected:
@@ -690,6 +722,7 @@ def additive_attention(query: ArrayLike, key: ArrayLike | ProjectedKeys, value: 
     keep = _structural_keep(q.shape[-2], lk, is_causal, window)
     if keep is not None:
         m = np.broadcast_to(combine_masks(m, keep, dtype), batch + (q.shape[-2], lk))
+    raw_key, raw_w_key = (None, None) if projected else (keys, a["w_key"])
     if projected:
         keys = b["key"]
     elif keys.shape[:-2] != batch:
@@ -697,7 +730,7 @@ def additive_attention(query: ArrayLike, key: ArrayLike | ProjectedKeys, value: 
         keys = ProjectedKeys._project(keys, a["w_key"]).broadcast_to(batch)
     else:
         keys = (keys, a["w_key"])
-    return _additive_kernel(b["query"], wq, a.get("bias"), keys, b["value"], vv, m, lengths, bool(return_weights))
+    return AdditiveCall(b["query"], wq, a.get("bias"), keys, b["value"], vv, m, lengths, raw_key, raw_w_key, dtype)
 
 
 def _additive_kernel(query: np.ndarray, w_query: np.ndarray, bias: np.ndarray | None,
@@ -712,3 +745,18 @@ def _additive_kernel(query: np.ndarray, w_query: np.ndarray, bias: np.ndarray | 
     key, w_key = keys
     return _core.additive_attention_keys(query, w_query, bias, key, w_key, value, v, mask, key_lengths,
                                          return_weights)
+
+
+def _additive_backward_kernel(call: AdditiveCall, grad_out: np.ndarray, grad_weights: np.ndarray | None,
+                              mask_grad: bool) -> dict:
+    """The additive backward kernel for a prepared call, picked as :func:`_additive_kernel` picks
+    the forward's. Returns the kernel's dict (full batch shape): query, w_query, bias, v, value,
+    keys_raw = dL/d(key w_key), mask = dL/d(score + mask) when mask_grad, and key, w_key for raw keys."""
+    if isinstance(call.keys, ProjectedKeys):
+        k = call.keys
+        return _core.additive_attention_backward(call.query, call.w_query, call.bias, k.projected, k._expo, k._ok,
+                                                 call.value, call.v, call.mask, call.lengths, grad_out, grad_weights,
+                                                 mask_grad)
+    key, w_key = call.keys
+    return _core.additive_attention_keys_backward(call.query, call.w_query, call.bias, key, w_key, call.value, call.v,
+                                                  call.mask, call.lengths, grad_out, grad_weights, mask_grad)
