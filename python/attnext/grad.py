@@ -589,11 +589,10 @@ def scaled_dot_product_attention_backward(
         dattn_mask only for a float mask (else None). A row that attends to nothing gets zero
         gradients; hidden keys get exactly zero.
     """
-    p = as_scalar(dropout_p, "dropout_p")
+    p = check_dropout(dropout_p)
     if p != 0.0 and seed is None:
         raise ValueError("seed is required with dropout_p > 0: pass the seed the forward used (vjp records it "
                          "as pullback.seed)")
-    check_dropout(dropout_p)
     seed = functional._dropout_seed(seed, p)
     inputs = {"query": to_array(query, "query"), "key": to_array(key, "key"), "value": to_array(value, "value")}
     dtype, _ = promote(**inputs)
