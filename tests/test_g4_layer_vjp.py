@@ -433,8 +433,9 @@ def test_bahdanau_memory_grad_checks():
         pre(other_grad)
     with pytest.raises(TypeError, match="belong to the memory"):
         layer.vjp(rng.standard_normal((2, 4)), memory, key_lengths=[1, 2])
-    (dk,), params = pre(grad)  # values defaulted to the keys: one gradient
-    assert dk.shape == (2, 6, 3) and dk.dtype == np.float32 and list(params) == list(layer.state_dict())
+    (dk,), params = pre(grad)  # values defaulted to the keys: one gradient, in the keys' dtype
+    assert dk.shape == (2, 6, 3) and dk.dtype == np.float64 and list(params) == list(layer.state_dict())
+    assert all(p.dtype == np.float32 for p in params.values())
 
 
 # --------------------------------------------------------------------------------------------
