@@ -19,10 +19,8 @@ from attnext.rnn import BahdanauMemoryGrad
 def one_thread():
     """Tiny shapes, many calls: one thread keeps them fast on a loaded machine (the threads'
     results are bit-identical anyway)."""
-    before = attnext.get_num_threads()
-    attnext.set_num_threads(1)
-    yield
-    attnext.set_num_threads(before)
+    with attnext.threads(1):
+        yield
 
 
 STEP = 1e-5  # central differences in float64: truncation ~STEP**2, rounding ~1e-16 / STEP
