@@ -331,9 +331,10 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         dropout_p: the probability of dropping each attention weight (PyTorch's meaning): kept
             weights are scaled by 1 / (1 - p). Which (batch, head, query, key) elements drop is
             decided by a counter-based generator keyed by ``seed`` and the element's
-            coordinates (documented in docs/backward.md; the NumPy reference reproduces it bit
-            for bit), so the result does not depend on tiling, path or thread count and the
-            backward regenerates it. lse is that of the weights before dropout.
+            (batch entry, query head, query, key) coordinates (under GQA the query head's;
+            documented in docs/backward.md; the NumPy reference reproduces it bit for bit), so
+            the result does not depend on tiling, path or thread count and the backward
+            regenerates it. lse is that of the weights before dropout.
         is_causal: False, True (top-left, PyTorch) or ``"bottom_right"`` (KV-cache decoding).
         scale: default 1/sqrt(E).
         enable_gqa: Hq a multiple of Hk; query head h uses key/value head h // (Hq // Hk). The

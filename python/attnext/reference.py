@@ -336,15 +336,15 @@ def _additive_dtype(query, key, value, w_query, w_key, v):
 
 
 def _additive_tanh(query, key, w_query, w_key, bias, dtype):
-    """T_iju = tanh(q_i W_q + b + k_j W_k)_u, the (..., Lq, Lk, U) tensor of the formula, and
-    the queries' projection q W_q + b. key may be a ProjectedKeys: its ``projected`` is k W_k."""
+    """T_iju = tanh(q_i W_q + b + k_j W_k)_u, the (..., Lq, Lk, U) tensor of the formula. key may
+    be a ProjectedKeys: its ``projected`` is k W_k."""
     q_proj = np.asarray(query, dtype) @ np.asarray(w_query, dtype)  # (..., Lq, U)
     if bias is not None:
         q_proj = q_proj + np.asarray(bias, dtype)
     projected = getattr(key, "projected", None)
     k_proj = (np.asarray(key, dtype) @ np.asarray(w_key, dtype) if projected is None
               else np.asarray(projected, dtype))  # (..., Lk, U)
-    return np.tanh(q_proj[..., :, None, :] + k_proj[..., None, :, :]), q_proj
+    return np.tanh(q_proj[..., :, None, :] + k_proj[..., None, :, :])
 
 
 def _additive_hidden(mask, key_lengths, is_causal, window, lq, lk):
@@ -372,7 +372,7 @@ def additive_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, w_que
     """
     mask = _mask_alias(attn_mask, mask)
     dtype = _additive_dtype(query, key, value, w_query, w_key, v)
-    t, _ = _additive_tanh(query, key, w_query, w_key, bias, dtype)
+    t = _additive_tanh(query, key, w_query, w_key, bias, dtype)
     e = t @ np.asarray(v, dtype)  # (..., Lq, Lk)
     hidden = _additive_hidden(mask, key_lengths, is_causal, window, e.shape[-2], e.shape[-1])
     out, a = _attend(_masked(e, mask).astype(dtype), np.asarray(value, dtype), hidden)
@@ -696,7 +696,7 @@ def score_backward(grad: ArrayLike, query: ArrayLike, key: ArrayLike, method: st
         out["query"], out["weight"] = dqw @ w.T, _sum_outer(q, dqw)
         out["key"] = np.swapaxes(g, -1, -2) @ (q @ w)
     elif method == "additive":
-        t, _ = _additive_tanh(q, k, w_query, w_key, None, dtype)
+        t = _additive_tanh(q, k, w_query, w_key, None, dtype)
         grads = _additive_score_backward(g, q, t, k, w_query, w_key, v, dtype)
         out.update({name: grads[name] for name in ("query", "key", "w_query", "w_key", "v")})
     else:
@@ -772,7 +772,7 @@ def additive_attention_backward(grad_out: ArrayLike, query: ArrayLike, key: Arra
     and dtype, None where the input is None or not a float array.
     """
     dtype = _additive_dtype(query, key, value, w_query, w_key, v)
-    t, _ = _additive_tanh(query, key, w_query, w_key, bias, dtype)
+    t = _additive_tanh(query, key, w_query, w_key, bias, dtype)
     e = t @ np.asarray(v, dtype)
     hidden = _additive_hidden(attn_mask, key_lengths, is_causal, window, e.shape[-2], e.shape[-1])
     s = np.where(hidden, -np.inf, _masked(e, attn_mask)).astype(dtype)
