@@ -27,6 +27,14 @@ from attnext import reference as ref
 from hardening.harness import relative_error, tolerance
 
 SDPA = attnext.scaled_dot_product_attention
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Thousands of tiny calls: on one thread (results do not depend on the count; on a busy
+    # machine waking a second thread per tiny call costs milliseconds).
+    with attnext.threads(1):
+        yield
 MASK32 = np.uint64(0xFFFFFFFF)
 
 # Random123's known-answer vectors for Philox4x32-10 (counter, key, output).

@@ -27,6 +27,14 @@ from hardening.harness import layout
 SDPA = attnext.scaled_dot_product_attention
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Thousands of tiny calls: on one thread (results do not depend on the count; on a busy
+    # machine waking a second thread per tiny call costs milliseconds).
+    with attnext.threads(1):
+        yield
+
+
 def bool_mask(rng, shape, empty_row=True):
     """A bool mask (True = may attend) that leaves key 0 visible to every row except, when
     `empty_row`, the first row of every batch entry (a row with nothing to attend; no batch

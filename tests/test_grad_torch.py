@@ -22,6 +22,14 @@ TOL = 1e-5  # float32
 SDPA = attnext.scaled_dot_product_attention
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Thousands of tiny calls: on one thread (results do not depend on the count; on a busy
+    # machine waking a second thread per tiny call costs milliseconds).
+    with attnext.threads(1):
+        yield
+
+
 def t(a, grad=True):
     return torch.tensor(np.ascontiguousarray(a), requires_grad=grad)
 
@@ -78,7 +86,12 @@ def test_sdpa_gradients_match_torch(name, rng):
     dq, dk, dv, dm = pb(g)
     tq, tk, tv = t(q), t(k), t(v)
     tm = None if m is None else t(m, grad=m.dtype != np.bool_)
-    tout = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm, enable_gqa=gqa, **opts)
+    topts = dict(opts)
+    tmask = tm
+    if tm is not None and topts.pop("is_causal", False):  # torch takes a mask or is_causal, not both
+        tril = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+        tmask = tm.masked_fill(~tril, float("-inf")) if tm.dtype != torch.bool else tm & tril
+    tout = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=tmask, enable_gqa=gqa, **topts)
     close("output", out, tout)
     tout.backward(torch.tensor(g))
     close("dquery", dq, tq.grad)
