@@ -480,3 +480,31 @@ def test_finite_differences_catch_a_wrong_gradient(rng):
     with pytest.raises(AssertionError, match="relative error"):
         check_gradient("dq", bad, q, numeric)
     assert abs(loss(out, g)) > 0
+
+
+def test_additive_vjp_projected_keys(rng):
+    # A ProjectedKeys key gets the memory-shaped gradient d(key W_k) (..., Lk, U); through
+    # project_keys it gives key's and w_key's gradients by the chain rule.
+    q, k, val, wq, wk, v = _additive(rng)
+    b = rng.standard_normal(6)
+    m = float_mask(rng, (2, 4, 5))
+
+    def f():
+        return attnext.additive_attention(q, attnext.project_keys(k, wk), val, wq, None, v, bias=b, attn_mask=m)
+
+    out, pb = attnext.vjp(attnext.additive_attention, q, attnext.project_keys(k, wk), val, wq, None, v, bias=b,
+                          attn_mask=m)
+    ct = random_cotangent(out, rng)
+    grads = pb(ct)
+    dproj = grads[1]
+    assert dproj.shape == (2, 5, 6) and grads[4] is None
+    check_gradient("key through project_keys", dproj @ wk.T, k, numeric_gradient(f, k, ct))
+    check_gradient("w_key through project_keys", np.einsum("bki,bku->iu", k, dproj), wk, numeric_gradient(f, wk, ct))
+    for i, x in ((0, q), (2, val), (3, wq), (5, v)):
+        check_gradient(f"argument {i}", grads[i], x, numeric_gradient(f, x, ct))
+    check_gradient("bias", grads["bias"], b, numeric_gradient(f, b, ct))
+    check_gradient("attn_mask", grads["attn_mask"], m, numeric_gradient(f, m, ct))
+    # The same through the public backward function.
+    direct = attnext.additive_attention_backward(ct, q, attnext.project_keys(k, wk), val, wq, None, v, out, None,
+                                                 bias=b, attn_mask=m)
+    np.testing.assert_allclose(direct["key"], dproj, rtol=1e-12, atol=1e-14)
