@@ -35,3 +35,17 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or os.environ.get("AT
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261125)
+
+
+# Known failures of merged work, each naming the missing or wrong piece: test ids (substrings of
+# the node id) -> reason. Applied as xfail(strict=True), so a fix shows up as an XPASS failure
+# and its entry must then be removed. Empty when everything passes.
+KNOWN_FAILURES: dict[str, str] = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for pattern, reason in KNOWN_FAILURES.items():
+            if pattern in item.nodeid:
+                item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+                break

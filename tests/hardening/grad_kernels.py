@@ -17,8 +17,8 @@ import attnext
 from attnext import _core
 from attnext import reference as ref
 
-from .kernels import Case, Kernel, _additive_attention_make, _core_sdpa_make, _sdpa_make, _score_make, \
-    compute_dtype
+from .kernels import Case, Kernel, _additive_attention_make, _core_additive_attention_make, _core_linear_make, \
+    _core_sdpa_make, _sdpa_make, _score_make, compute_dtype
 
 SEED = 0x5EED0FD20  # the dropout seed of every entry with dropout on (decisions depend on coordinates only)
 
@@ -205,6 +205,72 @@ def _additive_vjp_call(kw):
     return _present(list(grads) + [grads[n] for n in ("bias", "attn_mask") if isinstance(kw.get(n), np.ndarray)])
 
 
+# --- _core additive backward (raw keys, and keys prepared by additive_keys) ----------------------
+
+def _core_additive_grad_make(c: Case) -> dict:
+    kw = _core_additive_attention_make(c)
+    kw.pop("return_weights")
+    kw["grad_out"] = c.array(kw["query"].shape[:-1] + (kw["value"].shape[-1],))
+    kw["grad_weights"] = c.array(kw["query"].shape[:-1] + (kw["key"].shape[-2],)) if c.opt("grad_weights") else None
+    return kw
+
+
+CORE_ADDITIVE_GRADS = ("query", "w_query", "bias", "v", "value", "keys_raw", "key", "w_key", "mask")
+
+
+def _core_additive_grad_call(prepared: bool):
+    def call(kw):
+        kw = dict(kw)
+        m = kw["mask"]
+        mask_grad = m is not None and m.dtype != np.bool_
+        if prepared:
+            raw, expo, ok = _core.additive_keys(kw.pop("key"), kw.pop("w_key"))
+            grads = _core.additive_attention_backward(**kw, keys_raw=raw, keys_exp=expo, keys_ok=ok,
+                                                      mask_grad=mask_grad)
+        else:
+            grads = _core.additive_attention_keys_backward(**kw, mask_grad=mask_grad)
+        return tuple(grads[n] for n in CORE_ADDITIVE_GRADS if grads.get(n) is not None)
+    return call
+
+
+def _core_additive_grad_ref(prepared: bool):
+    def reference(kw):
+        m = kw["mask"]
+
+        def twin(key, w_key):
+            return ref.additive_attention_backward(kw["grad_out"], kw["query"], key, kw["value"], kw["w_query"], w_key,
+                                                   kw["v"], None, None, bias=kw["bias"], attn_mask=m,
+                                                   key_lengths=kw["key_lengths"], grad_weights=kw["grad_weights"])
+
+        r = twin(attnext.project_keys(kw["key"], kw["w_key"]), None)  # "key" is then d(key w_key)
+        grads = dict(query=r["query"], w_query=r["w_query"], bias=r["bias"], v=r["v"], value=r["value"],
+                     keys_raw=r["key"])
+        if not prepared:
+            raw = twin(kw["key"], kw["w_key"])
+            grads.update(key=raw["key"], w_key=raw["w_key"])
+        if m is not None and m.dtype != np.bool_:
+            grads["mask"] = np.broadcast_to(r["attn_mask"], m.shape)
+        dtype = kw["query"].dtype
+        return tuple(np.asarray(grads[n]).astype(dtype) for n in CORE_ADDITIVE_GRADS if grads.get(n) is not None)
+    return reference
+
+
+def _core_linear_grad_make(c: Case) -> dict:
+    kw = _core_linear_make(c)
+    x, w = kw["x"], kw["weight"]
+    kw["grad"] = c.array(x.shape[:2] + (w.shape[0],))
+    kw["want_bias"] = kw.pop("bias") is not None
+    return kw
+
+
+def _core_linear_grad_ref(kw):
+    x = kw["x"]
+    flat = x.reshape(x.shape[:2] + (-1,))
+    dx, dw, db = ref.linear_backward(kw["grad"], flat, kw["weight"], np.zeros(kw["weight"].shape[0], x.dtype)
+                                     if kw["want_bias"] else None)
+    return tuple(np.asarray(g).astype(x.dtype) for g in (np.asarray(dx).reshape(x.shape), dw, db) if g is not None)
+
+
 # --- softmax, weighted_sum, score, linear ---------------------------------------------------------
 
 def _softmax_grad_make(c: Case) -> dict:
@@ -277,6 +343,15 @@ GRAD_KERNELS: list[Kernel] = [
            _ws_grad_ref, grad=True),
     *[Kernel(f"score_backward[{m}]", _score_grad_make(m), lambda kw: _present(attnext.score_backward(**kw)),
              _score_grad_ref, grad=True) for m in ("dot", "scaled_dot", "general", "additive")],
+    Kernel("_core.additive_attention_backward", _core_additive_grad_make, _core_additive_grad_call(True),
+           _core_additive_grad_ref(True), core=True, uses_mask=True, options=("bias", "key_lengths", "grad_weights"),
+           grad=True),
+    Kernel("_core.additive_attention_keys_backward", _core_additive_grad_make, _core_additive_grad_call(False),
+           _core_additive_grad_ref(False), core=True, uses_mask=True,
+           options=("bias", "key_lengths", "grad_weights"), grad=True),
+    Kernel("_core.linear_backward", _core_linear_grad_make,
+           lambda kw: tuple(g for g in _core.linear_backward(**kw) if g is not None), _core_linear_grad_ref, core=True,
+           options=("bias",), grad=True),
     Kernel("linear_backward", _linear_grad_make, lambda kw: _present(attnext.linear_backward(**kw)),
            _linear_grad_ref, options=("bias",), grad=True),
 ]
