@@ -127,7 +127,7 @@ def _core_sdpa_grad_ref(kw):
     else:
         m = np.where(hidden, -np.inf, m).astype(m.dtype)
     unit = (...,) + (None,) + (slice(None),) * 2
-    mm = m[unit] if m.ndim > 2 else m
+    mm = m[unit]
     dq, dk, dv, dm = ref.scaled_dot_product_attention_backward(
         kw["grad_out"][unit], q[unit], k[unit], v[unit], *ref.scaled_dot_product_attention(
             q[unit], k[unit], v[unit], mm, kw["dropout_p"], scale=kw["scale"], key_lengths=kw["key_lengths"],
