@@ -31,8 +31,15 @@ def _present(grads) -> tuple:
 
 
 def _like_args(grads, kw, names):
-    """The reference's gradients cast to the dtype of their argument (as attnext returns them)."""
+    """The reference's gradients cast to the dtype of their argument, byte order included (as
+    attnext returns them: "same dtype as that argument")."""
     return tuple(np.asarray(g).astype(kw[n].dtype) for g, n in zip(grads, names) if g is not None)
+
+
+def native(dtype) -> np.dtype:
+    """dtype in native byte order (softmax_backward's dx: x is not its argument, the weights are
+    softmax's native-order output)."""
+    return np.dtype(np.dtype(dtype).type)
 
 
 def _in(kw, dtype):
@@ -76,8 +83,29 @@ def _sdpa_grad_ref(kw):
     return _like_args(_sdpa_grad(ref, _in(kw, dtype)), kw, SDPA_GRAD_NAMES)
 
 
-def _sdpa_vjp_call(kw):
+def vjp_make(make):
+    """make() with the cotangents named as a pullback's messages name them ("the cotangent",
+    "cotangent 1" for the weights' when the call returns two arrays)."""
+    def vjp_kw(c: Case) -> dict:
+        kw = make(c)
+        kw["cotangent"] = kw.pop("grad_out")
+        if "grad_weights" in kw:
+            kw["cotangent 1"] = kw.pop("grad_weights")
+        return kw
+    return vjp_kw
+
+
+def _from_vjp(kw) -> dict:
+    """A vjp entry's kw with the backward entry's names (for the shared reference)."""
     kw = dict(kw)
+    kw["grad_out"] = kw.pop("cotangent")
+    if "cotangent 1" in kw:
+        kw["grad_weights"] = kw.pop("cotangent 1")
+    return kw
+
+
+def _sdpa_vjp_call(kw):
+    kw = _from_vjp(kw)
     g, gw = kw.pop("grad_out"), kw.pop("grad_weights", None)
     args = (kw.pop("query"), kw.pop("key"), kw.pop("value"), kw.pop("attn_mask"))
     out, pullback = attnext.vjp(attnext.scaled_dot_product_attention, *args, return_weights=gw is not None, **kw)
@@ -197,7 +225,7 @@ def _additive_grad_ref(kw):
 
 
 def _additive_vjp_call(kw):
-    kw = dict(kw)
+    kw = _from_vjp(kw)
     g, gw = kw.pop("grad_out"), kw.pop("grad_weights", None)
     args = [kw.pop(n) for n in ADDITIVE_ARGS]
     out, pullback = attnext.vjp(attnext.additive_attention, *args, return_weights=gw is not None, **kw)
@@ -265,7 +293,7 @@ def _core_linear_grad_make(c: Case) -> dict:
 
 def _core_linear_grad_ref(kw):
     x = kw["x"]
-    flat = x.reshape(x.shape[:2] + (-1,))
+    flat = x.reshape(x.shape[:2] + (x.shape[2] * x.shape[3],))
     dx, dw, db = ref.linear_backward(kw["grad"], flat, kw["weight"], np.zeros(kw["weight"].shape[0], x.dtype)
                                      if kw["want_bias"] else None)
     return tuple(np.asarray(g).astype(x.dtype) for g in (np.asarray(dx).reshape(x.shape), dw, db) if g is not None)
@@ -285,7 +313,7 @@ def _softmax_grad(module, kw):
 
 def _softmax_grad_ref(kw):
     dtype = compute_dtype(kw["x"], kw["grad"])
-    return tuple(g.astype(kw["x"].dtype) for g in _softmax_grad(ref, _in(kw, dtype)))
+    return tuple(g.astype(native(kw["x"].dtype)) for g in _softmax_grad(ref, _in(kw, dtype)))
 
 
 def _ws_grad_make(c: Case) -> dict:
@@ -328,14 +356,16 @@ SDPA_GRAD_OPTIONS = ("key_lengths", "window", "scale", "gqa", "dropout", "grad_w
 GRAD_KERNELS: list[Kernel] = [
     Kernel("scaled_dot_product_attention_backward", _sdpa_grad_make, lambda kw: _present(_sdpa_grad(attnext, kw)),
            _sdpa_grad_ref, uses_mask=True, uses_causal=True, options=SDPA_GRAD_OPTIONS, grad=True),
-    Kernel("vjp[scaled_dot_product_attention]", _sdpa_grad_make, _sdpa_vjp_call, _sdpa_grad_ref, uses_mask=True,
+    Kernel("vjp[scaled_dot_product_attention]", vjp_make(_sdpa_grad_make), _sdpa_vjp_call,
+           lambda kw: _sdpa_grad_ref(_from_vjp(kw)), uses_mask=True,
            uses_causal=True, options=SDPA_GRAD_OPTIONS, grad=True),
     Kernel("_core.sdpa_backward", _core_sdpa_grad_make, _core_sdpa_grad_call, _core_sdpa_grad_ref, core=True,
            uses_mask=True, uses_causal=True, options=("key_lengths", "core_window", "scale", "dropout",
                                                       "grad_weights"), grad=True),
     Kernel("additive_attention_backward", _additive_grad_make, _additive_grad_call, _additive_grad_ref,
            uses_mask=True, options=("bias", "key_lengths", "grad_weights"), grad=True),
-    Kernel("vjp[additive_attention]", _additive_grad_make, _additive_vjp_call, _additive_grad_ref, uses_mask=True,
+    Kernel("vjp[additive_attention]", vjp_make(_additive_grad_make), _additive_vjp_call,
+           lambda kw: _additive_grad_ref(_from_vjp(kw)), uses_mask=True,
            options=("bias", "key_lengths", "grad_weights"), grad=True),
     Kernel("softmax_backward", _softmax_grad_make, lambda kw: _softmax_grad(attnext, kw), _softmax_grad_ref,
            options=("softmax_axis",), grad=True),

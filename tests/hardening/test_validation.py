@@ -32,6 +32,8 @@ def test_non_float_dtype_is_type_error(kernel, bad):
             continue
         if name == "mask" and bad == "bool":
             continue  # a bool mask is legal
+        if name.startswith("cotangent") and bad in ("int32", "int64"):
+            continue  # a pullback takes any real cotangent, cast to the output's dtype
         bad_kw = dict(kw, **{name: kw[name].astype(bad) if bad != "U1" else np.full(kw[name].shape, "a")})
         with pytest.raises(TypeError, match=name if not kernel.core or name != "query" else "query"):
             kernel.call(bad_kw)
