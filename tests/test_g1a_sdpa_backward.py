@@ -311,14 +311,14 @@ def test_bit_identical_for_any_thread_count(dtype):
         make_problem(rng, (1,), 300, 1500, 16, 16, dtype, causal=True, offset=1200),  # key chunks
         make_problem(rng, (5,), 90, 200, 8, 12, dtype, mask=rng.random((5, 90, 200)) < 0.9),
     ]
-    for pb in cases:
-        out, w, lse = forward(pb, return_weights=True)
+    for pb, p in zip(cases, (0.0, 0.2)):
+        out, w, lse = forward(pb, True, p, 7)
         g = rng.standard_normal(out.shape).astype(dtype)
         gw = rng.standard_normal(w.shape).astype(dtype)
         results = []
         for n in (1, 2, 3, 8):
             with attnext.threads(n) if n <= 2 else _oversubscribed(n):
-                results.append(backward(pb, out, lse, g, grad_weights=gw, mask_grad=True))
+                results.append(backward(pb, out, lse, g, grad_weights=gw, mask_grad=True, dropout_p=p, seed=7))
         for r in results[1:]:
             for a, b in zip(r, results[0]):
                 assert a.tobytes() == b.tobytes()
