@@ -114,7 +114,8 @@ def test_bias_masks_lengths_and_weights_cotangent(dtype):
     gw = rng.standard_normal((3, 6, 11)).astype(dtype)
     for kwargs in [dict(bias=bias), dict(mask=bool_mask), dict(mask=float_mask), dict(lengths=lengths),
                    dict(bias=bias, mask=bool_mask, lengths=lengths), dict(mask=float_mask, lengths=[3, 3, 3]),
-                   dict(mask=bool_mask[:, :1, :]), dict(gw=gw), dict(gw=gw, mask=float_mask, lengths=lengths, bias=bias)]:
+                   dict(mask=bool_mask[:, :1, :]), dict(gw=gw),
+                   dict(gw=gw, mask=float_mask, lengths=lengths, bias=bias)]:
         check_against_reference(a, dtype, **kwargs)
         check_against_reference(a, dtype, projected=True, **kwargs)
 

@@ -71,7 +71,8 @@ void register_linear(py::module_& m) {
         "bias (out,) or None -> (B, L, out) C-contiguous.");
   m.def("linear_backward", [](const py::array& grad, const py::array& x, const py::object& weight,
                               bool want_bias) -> py::tuple {
-    return dispatch(float_dtype(x, "x"), [&](auto t) { return linear_backward_impl<decltype(t)>(grad, x, weight, want_bias); });
+    return dispatch(float_dtype(x, "x"),
+                    [&](auto t) { return linear_backward_impl<decltype(t)>(grad, x, weight, want_bias); });
   }, py::arg("grad").noconvert(), py::arg("x").noconvert(), py::arg("weight"), py::arg("want_bias"),
         "Gradients of y = x weight^T + bias (linear): grad (B, L, out) = dL/dy, x (B, L, C, D) as linear took it, "
         "weight (out, C * D) -> (dx (B, L, C, D), dweight (out, C * D), dbias (out,) or None unless want_bias), "

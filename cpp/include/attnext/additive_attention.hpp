@@ -58,6 +58,13 @@ AdditiveKeys<Acc> contiguous_keys(const std::vector<index_t>& key_shape, index_t
                            Strided<const bool>(ok, batch, batch_strides)};
 }
 
+// Batch entry b's projected key rows: raw, and expo when the entry may use the factored form.
+template <typename Acc>
+inline AdditiveRows<Acc> entry_rows(const AdditiveKeys<Acc>& keys, index_t b) {
+  const bool ok = keys.ok.data[keys.ok.batch_offset(b, 0)];
+  return {keys.raw.data + keys.raw.batch_offset(b, 2), ok ? keys.expo.data + keys.expo.batch_offset(b, 2) : nullptr};
+}
+
 namespace detail {
 
 // Scratch tags (scratch.hpp) of a block's score tile when the caller wants no weights back,
@@ -257,11 +264,7 @@ void additive_attention(const Strided<const In>& q, const ConstMatrixMap<In>& w_
   const detail::AdditiveCall<In, Acc> call{q, w_query, bias_acc.data(), value, v_form, mask, out, weights};
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
-    const AdditiveRows<Acc> k_rows{keys.raw.data + keys.raw.batch_offset(b, 2),
-                                   keys.ok.data[keys.ok.batch_offset(b, 0)]
-                                       ? keys.expo.data + keys.expo.batch_offset(b, 2)
-                                       : nullptr};
-    detail::additive_attention_block(call, k_rows, lk, detail::keys_within_length(lengths, b, lk), b, r0,
+    detail::additive_attention_block(call, entry_rows(keys, b), lk, detail::keys_within_length(lengths, b, lk), b, r0,
                                      std::min(kAdditiveRowBlock, lq - r0));
   });
 }

@@ -18,9 +18,10 @@
 // term finite in the form's range). A row or key set outside the range uses tanh itself.
 //
 // Work split: one task per (batch entry, block of query rows). A task recomputes its rows'
-// weights, forms dS, and runs one pass over (row, visible key, unit) that accumulates d(qp) of
-// its rows and the block's share of sum_i g_ij for every key (block_unit_grads); the shares of the blocks (and
-// their shares of dV, dv, dbias) are added afterwards in block order. The blocks depend on the
+// weights (or reads the ones the forward returned, when the caller kept them), forms dS, and
+// runs one pass over (row, visible key, unit) that accumulates d(qp) of its rows and the
+// block's share of sum_i g_ij for every key (block_unit_grads); the blocks' shares (and their
+// shares of dV, dv, dbias) are added afterwards in block order. The blocks depend on the
 // shapes only, so the gradients are bit-identical for any thread count; nothing is atomic.
 // Keys hidden from a row (mask, length) have dS = 0 and are skipped: they get exactly zero,
 // and a row that sees no key has zero gradients.
@@ -185,12 +186,12 @@ struct AdditiveBackwardCall {
   const Strided<const std::int64_t>* lengths;
   const Strided<const T>& grad_out;      // (..., Lq, Dv)
   const Strided<const T>* grad_weights;  // (..., Lq, Lk) or nullptr
-  const Strided<const T>* saved_weights; // (..., Lq, Lk): the forward's weights, or nullptr (recomputed)
+  const Strided<const T>* saved_weights;  // (..., Lq, Lk): the forward's weights, or nullptr
   index_t lq, lk, units, dv, rows_per_block, blocks;
   T* q_grad;      // d(qp) (batches, Lq, U)
-  T* key_share;   // (batches, blocks, Lk, U_pad): each block's sum_i c_ij s_ij
+  T* key_share;   // (batches, blocks, Lk, U_pad): each block's sum_i dS_ij (1 - t_ij^2) (v comes last)
   T* value_share; // (batches, blocks, Lk, Dv): each block's P^T dO
-  T* unit_share;  // (batches, blocks, 2, U): each block's sum_i dv_i and sum_i d(qp)_i
+  T* unit_share;  // (batches, blocks, 2, U): each block's sum_ij dS_ij t_ij and sum_i d(qp)_i
   T* mask_grad;   // (batches, Lq, Lk) or nullptr
 };
 
@@ -251,9 +252,7 @@ template <typename T>
 void block_unit_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, index_t rows, index_t visible,
                       const T* q_proj, const T* ds, T* key_share, T* unit_share) {
   const index_t units = c.units, up = padded_units<T>(units);
-  const AdditiveRows<T> keys{c.keys.raw.data + c.keys.raw.batch_offset(b, 2),
-                             c.keys.ok.data[c.keys.ok.batch_offset(b, 0)] ? c.keys.expo.data + c.keys.expo.batch_offset(b, 2)
-                                                                         : nullptr};
+  const AdditiveRows<T> keys = entry_rows(c.keys, b);
   // Per row: its operand (padded), its sums, its keys with nonzero dS (capacity visible each).
   const Scratch<T, AdditiveGradRowTag> row_buf(static_cast<size_t>(3 * rows * up + rows * visible));
   T* const qa = row_buf.data();
@@ -345,9 +344,7 @@ void additive_backward_block(const AdditiveBackwardCall<T>& c, index_t b, index_
   const Scratch<T, AdditiveGradTileTag> tiles(static_cast<size_t>(rows * lk + rows * visible));
   T* const weights = tiles.data();
   T* const ds = weights + rows * lk;  // dP, then dS in place: (rows, visible)
-  const AdditiveRows<T> keys{c.keys.raw.data + c.keys.raw.batch_offset(b, 2),
-                             c.keys.ok.data[c.keys.ok.batch_offset(b, 0)] ? c.keys.expo.data + c.keys.expo.batch_offset(b, 2)
-                                                                         : nullptr};
+  const AdditiveRows<T> keys = entry_rows(c.keys, b);
   if (c.saved_weights) {
     const Strided<const T>& w = *c.saved_weights;
     for (index_t r = 0; r < rows; ++r) {
@@ -449,7 +446,8 @@ void additive_attention_backward(const Strided<const T>& q, const ConstMatrixMap
                                              grad_weights, saved_weights, lq, lk, units, dv, rows_per_block, blocks,
                                              q_grad.data(), key_share.data(), value_share.data(), unit_share.data(),
                                              g.mask};
-  parallel_for(batches * blocks, [&](index_t task) { detail::additive_backward_block(call, task / blocks, task % blocks); });
+  parallel_for(batches * blocks,
+               [&](index_t task) { detail::additive_backward_block(call, task / blocks, task % blocks); });
   if (blocks > 0) {
     detail::add_key_shares(call, batches, g);
   } else {
