@@ -50,11 +50,14 @@ OPTION_CHOICES = {
     "single_step": (False, True),  # RNN layers: one decoder step (B, D) instead of (B, T, D)
     "separate_values": (True, False),  # RNN layers: values given (else the keys are the values)
     "learn_scale": (False, True),  # Luong: a learnable scalar g on the scores
+    "dropout": (False, True),  # backward entries: dropout_p 0.3 with a fixed seed
+    "grad_weights": (False, True),  # backward entries: a cotangent for the returned weights too
 }
 # Every feature on (one choice per option) for the suites that run one fixed case per entry.
 FULL_OPTIONS = dict(softmax_axis=-2, key_lengths=True, window=(1, 2), core_window=(1, 2), scale=0.3, bias=True, heads=2,
                     gqa=True, packed=True, self_attention=False, mask_2d=False, key_extra=2, normalize=True,
-                    single_step=False, separate_values=True, learn_scale=True)
+                    single_step=False, separate_values=True, learn_scale=True, dropout=True,
+                    grad_weights=True)
 
 
 @dataclass
@@ -121,6 +124,9 @@ class Kernel:
     uses_mask: bool = False
     uses_causal: bool = False
     options: tuple = ()  # the OPTION_CHOICES names make() reads
+    # A backward entry (grad_kernels.py): its gradients come in their arguments' dtypes, so it
+    # draws float32/float64 only (no float16 upcast, no mixed dtypes).
+    grad: bool = False
 
 
 def _tuple(x):
@@ -637,6 +643,11 @@ KERNELS: list[Kernel] = [
            options=LUONG_OPTIONS),
 ]
 
+# Issue 15's backward functions and vjp pullbacks (they build on the entries above).
+from .grad_kernels import GRAD_KERNELS  # noqa: E402
+
+KERNELS += GRAD_KERNELS
+
 BY_NAME = {k.name: k for k in KERNELS}
 
 # The public functions and _core functions the crash fuzzer also calls with arbitrary
@@ -666,9 +677,17 @@ def check_against_reference(kernel: Kernel, kw: dict, tol_dtype=None) -> None:
     got = kernel.call(kw)
     want = kernel.reference(kw)
     assert len(got) == len(want), f"{kernel.name}: {len(got)} outputs, reference {len(want)}"
+    # A backward's gradients share the scale of one loss: each is measured against the largest
+    # gradient of the call, so one that is zero in exact arithmetic (a single visible key's dq)
+    # may carry the rounding noise of the others rather than being held to 1e-30.
+    scale = max((float(np.max(np.abs(w[np.isfinite(w)]), initial=0.0)) for w in want), default=0.0) \
+        if kernel.grad else 0.0
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.dtype == w.dtype, f"{kernel.name} output {i}: dtype {g.dtype}, reference {w.dtype}"
         err = max_rel_err(g, w)
+        if kernel.grad and np.isfinite(err) and w.size:
+            own = float(np.max(np.abs(w[np.isfinite(w)]), initial=0.0))
+            err = err * max(own, 1e-30) / max(scale, own, 1e-30)
         tol = tolerance(tol_dtype or g.dtype)
         assert err <= tol, f"{kernel.name} output {i}: max rel err {err:.3g} > {tol:g} for {shapes(kw)}"
 

@@ -21,7 +21,7 @@ def options(kernel: Kernel):
 
 @st.composite
 def cases(draw, kernel: Kernel) -> Case:
-    if kernel.core:
+    if kernel.core or kernel.grad:
         dtype, dtype2 = draw(st.sampled_from([np.float32, np.float64])), None
     else:
         dtype = draw(st.sampled_from([np.float32, np.float64, np.float16]))

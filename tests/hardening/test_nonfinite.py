@@ -72,6 +72,19 @@ def check_value_injection(kernel, kw, bad_kw, name):
         assert ok.all(), f"{kernel.name}: {np.count_nonzero(~ok)} entries neither NaN nor the clean result"
 
 
+def check_gradient_injection(kernel, bad_kw):
+    """A non-finite input to a backward: wherever the plain formula's gradient stays finite the
+    backward's is finite and equal (a NaN never leaks into entries it cannot reach). Where the
+    formula's is not finite the backward may be finite: it keeps hidden and dropped entries
+    exactly zero (hidden is hidden, as in the forward) where the formula multiplies 0 * NaN."""
+    for i, (g, w) in enumerate(zip(kernel.call(bad_kw), kernel.reference(bad_kw))):
+        g, w = np.asarray(g, dtype=np.float64), np.asarray(w, dtype=np.float64)
+        fin = np.isfinite(w)
+        assert np.isfinite(g[fin]).all(), f"{kernel.name} output {i}: non-finite where the formula is finite"
+        np.testing.assert_allclose(g[fin], w[fin], rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(w[fin]).max(
+            initial=0.0))))
+
+
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
 @pytest.mark.parametrize("special", SPECIALS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -93,7 +106,9 @@ def _propagates_like_reference(kernel, special, dtype):
             if not isinstance(a, np.ndarray) or a.dtype.kind != "f" or name in ("mask", "attn_mask"):
                 continue
             bad_kw = dict(kw, **{name: inject(a, SPECIALS[special], rng)})
-            if name in VALUE_SIDE or (name == "keys" and "values" not in kw):  # a layer's keys serve as values
+            if kernel.grad:
+                check_gradient_injection(kernel, bad_kw)
+            elif name in VALUE_SIDE or (name == "keys" and "values" not in kw):
                 check_value_injection(kernel, kw, bad_kw, name)
             elif name in PARAMETERS:
                 for g, w in zip(kernel.call(bad_kw), kernel.reference(bad_kw)):

@@ -14,6 +14,7 @@ from .harness import unaligned
 from .kernels import FULL_OPTIONS, KERNELS, Case, check_against_reference
 
 PUBLIC = [k for k in KERNELS if not k.core]
+UPCASTING = [k for k in PUBLIC if not k.grad]  # a backward returns gradients in its arguments' dtypes
 CORE = [k for k in KERNELS if k.core]
 ids = lambda k: k.name  # noqa: E731
 
@@ -31,6 +32,8 @@ def test_non_float_dtype_is_type_error(kernel, bad):
             continue
         if name == "mask" and bad == "bool":
             continue  # a bool mask is legal
+        if name.startswith("cotangent") and bad in ("int32", "int64"):
+            continue  # a pullback takes any real cotangent, cast to the output's dtype
         bad_kw = dict(kw, **{name: kw[name].astype(bad) if bad != "U1" else np.full(kw[name].shape, "a")})
         with pytest.raises(TypeError, match=name if not kernel.core or name != "query" else "query"):
             kernel.call(bad_kw)
@@ -44,7 +47,7 @@ def test_core_rejects_float16(kernel):
             kernel.call(dict(kw, **{name: kw[name].astype(np.float16)}))
 
 
-@pytest.mark.parametrize("kernel", PUBLIC, ids=ids)
+@pytest.mark.parametrize("kernel", UPCASTING, ids=ids)
 def test_public_upcasts_float16_to_float32(kernel):
     kw = kernel.make(Case(seed=1, options=FULL_OPTIONS, dtype=np.float16))
     for out in kernel.call(kw):
