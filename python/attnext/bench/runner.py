@@ -135,10 +135,65 @@ def _stats(times) -> dict:
             "max_s": float(a.max())}
 
 
+def _plan(est: float, suite: str) -> tuple:
+    """(calls per sample, samples) for a call that takes about ``est`` seconds, per the suite's TIMING."""
+    min_rep, max_rep, target, min_sample = TIMING[suite]
+    number = max(1, math.ceil(min_sample / max(est, 1e-9))) if min_sample else 1
+    floor = min_rep if est * number < 1.0 else min(min_rep, 3)  # calls over a second: 3 repeats do
+    repeats = int(min(max_rep, max(floor, target // max(est * number, 1e-9))))
+    return number, repeats
+
+
+def time_alone(fn, suite: str) -> dict:
+    """Times ``fn`` by itself with the suite's plan (warm-up, then quiet-waited samples): the
+    statistics of :func:`_stats` plus ``repeats`` and ``number``. For measurements beside a case's
+    contenders, such as attnext's forward pass in a fwd+bwd case."""
+    t_first = _sample(fn, 1)
+    number, repeats = _plan(_sample(fn, 1) if t_first < 1.0 else t_first, suite)
+    times = []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            _quiesce()
+            fn()
+            times.append(_sample(fn, number))
+    finally:
+        if gc_was:
+            gc.enable()
+    return {**_stats(times), "repeats": repeats, "number": number}
+
+
+def _backward_summary(case, forward, record: dict, suite: str) -> dict:
+    """A fwd+bwd case's own numbers: attnext's forward timed alone on the same inputs, the fwd+bwd
+    throughput (the case's rate: 3.5 x forward flops / time) as a fraction of that forward's
+    throughput, the ratio against torch, and whether each of the issue's targets is met."""
+    info = case.backward
+    out = {"forward_work": info["forward_work"], "targets": dict(info["targets"]), "met": {}}
+    attnext = record["results"].get("attnext", {})
+    if attnext.get("status") != "ok" or forward is None:
+        return out
+    try:
+        st = time_alone(forward, suite)
+    except Exception as exc:
+        out["forward_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        return out
+    out["forward_median_s"] = st["median_s"]
+    out["forward_rate"] = info["forward_work"] / st["median_s"] / 1e9
+    out["fwd_bwd_rate"] = attnext["rate"]
+    out["fraction_of_forward"] = attnext["rate"] / out["forward_rate"]
+    vs_torch = record["ratios"].get("attnext_vs_torch")
+    if vs_torch is not None:
+        out["attnext_vs_torch"] = vs_torch
+    for key, target in info["targets"].items():
+        if out.get(key) is not None:
+            out["met"][key] = out[key] >= target
+    return out
+
+
 def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) -> dict:
     """Runs one case: warm-up each contender, then interleaved repeats (contender order rotates
     each round, so drifts in machine load spread over all of them)."""
-    min_rep, max_rep, target, min_sample = TIMING[suite]
     record = {"name": case.name, "group": case.group, "description": case.description, "dtype": case.dtype,
               "params": case.params, "metric": case.metric, "work": case.work, "results": {}, "ratios": {},
               "check": {}, "extra": {}}
@@ -166,10 +221,7 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
             outputs.pop(cname, None)
             progress.update(f"{case.name}: {cname} failed", 1)
             continue
-        number = max(1, math.ceil(min_sample / max(est, 1e-9))) if min_sample else 1
-        floor = min_rep if est * number < 1.0 else min(min_rep, 3)  # calls over a second: 3 repeats do
-        repeats = int(min(max_rep, max(floor, target // max(est * number, 1e-9))))
-        live[cname], plan[cname] = fn, (number, repeats)
+        live[cname], plan[cname] = fn, _plan(est, suite)
     record["check"] = cases_mod.check_outputs(outputs)
     outputs.clear()
     times = {c: [] for c in live}
@@ -211,6 +263,9 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
             if a != b:
                 record["ratios"][f"{a}_vs_{b}"] = (record["results"][b]["median_s"] /
                                                    record["results"][a]["median_s"])
+    if case.backward is not None:
+        progress.update(f"{case.name}: attnext forward alone")
+        record["backward"] = _backward_summary(case, run.get(cases_mod.FORWARD), record, suite)
     return record
 
 
