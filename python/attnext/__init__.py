@@ -7,6 +7,8 @@ The three steps of attention, each a function:
 - :func:`weighted_sum` turns weights and values into context vectors,
 
 and their compositions :func:`attention` and :func:`scaled_dot_product_attention`.
+Gradients: ``out, pullback = vjp(fn, *args, **kwargs)`` for each of them (:mod:`attnext.grad`),
+and the backward functions behind it (``scaled_dot_product_attention_backward``, ...).
 :mod:`attnext.reference` holds the same functions in plain NumPy.
 
 One vocabulary everywhere: ``return_weights`` (MultiHeadAttention also takes PyTorch's
@@ -32,6 +34,9 @@ from ._warnings import usable_cores as _usable_cores
 from ._warnings import warn as _warn
 from .functional import attention, scaled_dot_product_attention, score, softmax, weighted_sum
 from .functional import ProjectedKeys, additive_attention, project_keys
+from .grad import (Gradients, Pullback, additive_attention_backward, linear_backward,
+                   scaled_dot_product_attention_backward, score_backward, softmax_backward, vjp,
+                   weighted_sum_backward)
 from .rnn import BahdanauAttention, BahdanauMemory, LuongAttention
 from .transformer import KVCache, MultiHeadAttention, SelfAttention
 
@@ -46,6 +51,15 @@ __all__ = [
     "additive_attention",
     "project_keys",
     "ProjectedKeys",
+    "vjp",
+    "Gradients",
+    "Pullback",
+    "scaled_dot_product_attention_backward",
+    "additive_attention_backward",
+    "score_backward",
+    "softmax_backward",
+    "weighted_sum_backward",
+    "linear_backward",
     "BahdanauAttention",
     "BahdanauMemory",
     "LuongAttention",

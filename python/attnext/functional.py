@@ -268,8 +268,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  attn_mask: ArrayLike | None = None, dropout_p: float = 0.0,
                                  is_causal: Causal = False, scale: float | None = None, enable_gqa: bool = False, *,
                                  key_lengths: ArrayLike | None = None, window: Window = None,
-                                 return_weights: bool = False, return_lse: bool = False, warn: bool = True
-                                 ) -> np.ndarray | tuple[np.ndarray, ...]:
+                                 return_weights: bool = False, return_lse: bool = False, warn: bool = True,
+                                 seed: int | None = None) -> np.ndarray | tuple[np.ndarray, ...]:
     """softmax(query key^T * scale + mask) value, with PyTorch's argument meanings.
 
     Runs as one fused, tiled kernel (online softmax over key tiles): the (L, S) scores are
@@ -281,7 +281,12 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         query: (..., Hq, L, E); key: (..., Hk, S, E); value: (..., Hk, S, Ev).
         attn_mask: broadcastable to (..., Hq, L, S) (the query heads, also with enable_gqa);
             bool True = may attend, float added.
-        dropout_p: must be 0.0 (dropout is not supported yet).
+        dropout_p: the probability of dropping each attention weight (PyTorch's meaning): kept
+            weights are scaled by 1 / (1 - p). Which (batch, head, query, key) elements drop is
+            decided by a counter-based generator keyed by ``seed`` and the element's
+            coordinates (documented in docs/backward.md; the NumPy reference reproduces it bit
+            for bit), so the result does not depend on tiling, path or thread count and the
+            backward regenerates it. lse is that of the weights before dropout.
         is_causal: False, True (top-left, PyTorch) or ``"bottom_right"`` (KV-cache decoding).
         scale: default 1/sqrt(E).
         enable_gqa: Hq a multiple of Hk; query head h uses key/value head h // (Hq // Hk). The
@@ -289,12 +294,16 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         key_lengths: ints broadcastable to the batch shape (the dimensions before Hq, L), each in
             [0, S]; keys at positions >= length are padding.
         window: (left, right): query i sees keys [i - left, i + right]; None = unbounded side.
-        return_weights: also return the (..., Hq, L, S) weights.
+        return_weights: also return the (..., Hq, L, S) weights; with dropout, the weights after
+            dropout (what multiplied value: zeros where dropped, kept ones scaled by 1 / (1 - p)).
         return_lse: also return the (..., Hq, L) log-sum-exp of each row (-inf if empty).
         warn: check attn_mask for the usual mistakes (:class:`attnext.MaskWarning`: a bool mask
             hiding every key of a batch entry, the mark of PyTorch's inverted key_padding_mask;
             a float mask of only 0 and 1, the mark of a bool mask cast to float). The check
             reads the mask as given (not its broadcast view), at most twice; False skips it.
+        seed: the dropout seed, an int in [0, 2**64); None draws a fresh one from the operating
+            system's entropy (os.urandom, never a global generator). Ignored when dropout_p is 0.
+            :func:`attnext.vjp` records the seed it used as ``pullback.seed``.
 
     Layout: a 3-D input is (H, L, E), with no batch axis; for (B, L, E) data add a head axis
     with ``x[:, None]``. (B, L, H, E) data must be transposed to (B, H, L, E) first
@@ -305,6 +314,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         attend to nothing gives output 0, weights 0, lse -inf.
     """
     check_dropout(dropout_p)
+    dropout_p = as_scalar(dropout_p, "dropout_p")
+    seed = _dropout_seed(seed, dropout_p)
     _require(query=query, key=key, value=value)
     dtype, a = promote(query=query, key=key, value=value)
     q, k, v = a["query"], a["key"], a["value"]
@@ -359,12 +370,30 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
             lengths = lengths[..., None]
     if lengths is not None:
         lengths = np.broadcast_to(lengths, q.shape[:-2])
-    out, w, lse = _core.sdpa(q, k, v, mask, causal, offset, left, right, lengths, scale, bool(return_weights),
-                             bool(return_lse))
+    kernel_args = (q, k, v, mask, causal, offset, left, right, lengths, scale, bool(return_weights), bool(return_lse))
+    # Without dropout the call stays in the forward's original argument list.
+    dropout_args = (dropout_p, seed) if dropout_p != 0.0 else ()
+    out, w, lse = _core.sdpa(*kernel_args, *dropout_args)
     results = [out] + ([w] if return_weights else []) + ([lse] if return_lse else [])
     if gqa:  # (..., Hk, G, L[, X]) -> (..., Hq, L[, X]); the kernel's outputs are contiguous
         results = [r.reshape(batch + (hq,) + r.shape[len(batch) + 2:]) for r in results]
     return tuple(results) if len(results) > 1 else results[0]
+
+
+def _dropout_seed(seed, dropout_p: float) -> int:
+    """The dropout seed as the kernel takes it: an int in [0, 2**64); None draws one from
+    os.urandom when dropout is on (0 when it is off: no element is dropped, the seed unused)."""
+    if seed is None:
+        if dropout_p == 0.0:
+            return 0
+        from ._philox import draw_seed
+
+        return draw_seed()
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int in [0, 2**64) or None, got {type(seed).__name__}")
+    if not 0 <= int(seed) < 2 ** 64:
+        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
+    return int(seed)
 
 
 def _heads_hint(q: np.ndarray, k: np.ndarray) -> str:

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
+from ._broadcast import reduce_to_shape
+
 __all__ = [
     "score",
     "softmax",
@@ -147,14 +149,20 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
     attn_mask's older name; ``warn`` is accepted for signature parity (the twin checks nothing)."""
     mask = _mask_alias(attn_mask, mask)
     s = score(query, key, method, **score_args)
+    hidden = _attention_hidden(mask, s.shape, is_causal, window, key_lengths)
+    out, a = _attend(_masked(s, mask), value, hidden)
+    return (out, a) if return_weights else out
+
+
+def _attention_hidden(mask, score_shape, is_causal, window, key_lengths):
+    """Where :func:`attention` hides a key: the mask, causal, window and key_lengths (...,)."""
     hidden = _hidden_by(mask)
     if is_causal or window is not None or key_lengths is not None:
         # dense_mask reads key_lengths over SDPA's batch axes and adds a head axis; dropped below.
-        structural = dense_mask(s.shape[-2], s.shape[-1], is_causal=is_causal, window=window,
+        structural = dense_mask(score_shape[-2], score_shape[-1], is_causal=is_causal, window=window,
                                 key_lengths=key_lengths) == -np.inf
         hidden = hidden | (structural[..., 0, :, :] if key_lengths is not None else structural)
-    out, a = _attend(_masked(s, mask), value, hidden)
-    return (out, a) if return_weights else out
+    return hidden
 
 
 def _hidden_by(mask):
@@ -199,12 +207,63 @@ def _context(weights, value, hidden):
     return np.where(empty, 0, out).astype(dtype)
 
 
+def _gqa_repeat(q, k, v, enable_gqa):
+    """K and V with each key/value head repeated for the query heads that share it, and the group
+    size G = Hq / Hk (1 without grouped-query attention)."""
+    if not (enable_gqa and q.ndim >= 3 and k.ndim >= 3 and k.shape[-3] != q.shape[-3]):
+        return k, v, 1
+    if k.shape[-3] == 0 or q.shape[-3] % k.shape[-3]:
+        raise ValueError(f"enable_gqa needs query heads ({q.shape[-3]}) to be a multiple of key heads "
+                         f"({k.shape[-3]})")
+    group = q.shape[-3] // k.shape[-3]
+    return np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3), group
+
+
+def _sdpa_scores(q, k, attn_mask, is_causal, scale, key_lengths, window, dtype):
+    """s_ij = q_i . k_j * scale + mask_ij, with every hidden key at -inf. Returns (s, hidden).
+
+    Keys hidden by causal, window, key_lengths or a bool attn_mask get score -inf whatever the
+    score was; a float attn_mask is added, then the structural hiding is applied again, so a NaN
+    mask entry on a key already hidden stays hidden."""
+    s = (q @ np.swapaxes(k, -1, -2)) * np.asarray(scale, dtype=dtype)
+    float_mask = attn_mask is not None and np.asarray(attn_mask).dtype != np.bool_
+    hidden = dense_mask(s.shape[-2], s.shape[-1], attn_mask=None if float_mask else attn_mask,
+                        is_causal=is_causal, key_lengths=key_lengths, window=window, dtype=dtype) == -np.inf
+    if float_mask:
+        s = _masked(s, attn_mask)
+        hidden = hidden | _hidden_by(attn_mask)
+    return np.where(hidden, -np.inf, s).astype(dtype), hidden
+
+
+def _log_sum_exp(s):
+    """log sum_j exp(s_ij) over the last axis; -inf for a row whose every entry is -inf."""
+    m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
+    m = np.where(m == -np.inf, 0, m)
+    with np.errstate(divide="ignore"):
+        return (np.log(np.sum(np.exp(s - m), axis=-1, keepdims=True)) + m)[..., 0]
+
+
+def _dropout_scale(dropout_p, seed, batch_shape, lq, lk, dtype):
+    """Z (batch_shape + (Lq, Lk)): 1 / (1 - p) where the element is kept, 0 where dropped, by
+    the documented counter-based rule (:mod:`attnext._philox`); None when p is 0."""
+    p = float(dropout_p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1], got {p}")
+    if p == 0.0:
+        return None
+    from . import _philox  # the NumPy twin of the C++ generator
+
+    keep = _philox.keep_mask(int(seed), p, tuple(batch_shape), lq, lk)
+    kept_scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
+    return np.where(keep, kept_scale, 0.0).astype(dtype)
+
+
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
                                  attn_mask: ArrayLike | None = None, dropout_p: float = 0.0, is_causal: Any = False,
                                  scale: float | None = None, enable_gqa: bool = False, *,
                                  key_lengths: ArrayLike | None = None, window: tuple | None = None,
-                                 return_weights: bool = False, return_lse: bool = False, warn: bool = True
-                                 ) -> np.ndarray | tuple[np.ndarray, ...]:
+                                 return_weights: bool = False, return_lse: bool = False, warn: bool = True,
+                                 seed: int | None = None) -> np.ndarray | tuple[np.ndarray, ...]:
     """softmax(Q K^T * scale + mask) V with PyTorch's argument meanings (``warn`` is accepted for
     signature parity; the twin checks nothing).
 
@@ -212,43 +271,35 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
     head h uses key/value head h // (Hq / Hk), and attn_mask broadcasts against the Hq heads.
     lse is log sum_j exp(s_ij) (natural log) over visible keys (-inf for a row with none).
 
+    Dropout: W = P * Z with Z_ij = 1 / (1 - p) where the element is kept and 0 where dropped
+    (:func:`attnext._philox.keep_mask` with this seed over the (..., Hq) batch entries; a fresh
+    seed from os.urandom when None); out = W V and ``return_weights`` returns W, the weights
+    after dropout. lse is that of the undropped P.
+
     Hidden is hidden: a key hidden by causal, window, key_lengths, a bool False or a -inf
     float-mask entry contributes nothing (its score, its float-mask entry, NaN included, and
     its value row); a row that sees no key gives zeros and lse -inf.
     """
-    if np.any(np.asarray(dropout_p) != 0.0):
-        raise ValueError("dropout is not supported yet: dropout_p must be 0.0")
     q, k, v = np.asarray(query), np.asarray(key), np.asarray(value)
     dtype = _float_dtype(q, k, v)
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
-    if enable_gqa and q.ndim >= 3 and k.ndim >= 3 and k.shape[-3] != q.shape[-3]:
-        if k.shape[-3] == 0 or q.shape[-3] % k.shape[-3]:
-            raise ValueError(f"enable_gqa needs query heads ({q.shape[-3]}) to be a multiple of key heads "
-                             f"({k.shape[-3]})")
-        group = q.shape[-3] // k.shape[-3]
-        k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
+    k, v, _ = _gqa_repeat(q, k, v, enable_gqa)
     scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else scale
-    s = (q @ np.swapaxes(k, -1, -2)) * np.asarray(scale, dtype=dtype)
-    # Keys hidden by causal, window, key_lengths or a bool attn_mask get score -inf whatever the
-    # score was; a float attn_mask is added, then the structural hiding is applied again, so a
-    # NaN mask entry on a key already hidden stays hidden.
-    float_mask = attn_mask is not None and np.asarray(attn_mask).dtype != np.bool_
-    hidden = dense_mask(s.shape[-2], s.shape[-1], attn_mask=None if float_mask else attn_mask,
-                        is_causal=is_causal, key_lengths=key_lengths, window=window, dtype=dtype) == -np.inf
-    if float_mask:
-        s = _masked(s, attn_mask)
-        hidden = hidden | _hidden_by(attn_mask)
-    s = np.where(hidden, -np.inf, s).astype(dtype)
-    out, a = _attend(s, v, hidden)
+    s, _ = _sdpa_scores(q, k, attn_mask, is_causal, scale, key_lengths, window, dtype)
+    if float(dropout_p) != 0.0 and seed is None:
+        from . import _philox
+
+        seed = _philox.draw_seed()
+    z = _dropout_scale(dropout_p, seed, s.shape[:-2], s.shape[-2], s.shape[-1], dtype)
+    a = softmax(s)
+    if z is not None:
+        a = a * z
+    out = _context(a, v, s == -np.inf)
     extras = []
     if return_weights:
-        extras.append(a)
+        extras.append(a.astype(dtype))
     if return_lse:
-        m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
-        m = np.where(m == -np.inf, 0, m)
-        with np.errstate(divide="ignore"):
-            lse = (np.log(np.sum(np.exp(s - m), axis=-1, keepdims=True)) + m)[..., 0]
-        extras.append(lse.astype(dtype))
+        extras.append(_log_sum_exp(s).astype(dtype))
     return (out.astype(dtype), *extras) if extras else out.astype(dtype)
 
 
@@ -262,31 +313,53 @@ def _length_mask(key_lengths, lk):
     return np.arange(lk) < np.asarray(key_lengths)[..., None, None]
 
 
-def additive_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, w_query: ArrayLike, w_key: ArrayLike,
-                       v: ArrayLike, *, bias: ArrayLike | None = None, attn_mask: ArrayLike | None = None,
-                       key_lengths: ArrayLike | None = None, is_causal: Any = False, window: tuple | None = None,
-                       return_weights: bool = False, warn: bool = True, mask: ArrayLike | None = None
+def _additive_dtype(query, key, value, w_query, w_key, v):
+    """The compute dtype of additive attention; key may be a ProjectedKeys (its ``projected``)."""
+    key = getattr(key, "projected", key)
+    return _float_dtype(*(np.asarray(x) for x in (query, key, value, w_query, w_key, v) if x is not None))
+
+
+def _additive_tanh(query, key, w_query, w_key, bias, dtype):
+    """T_iju = tanh(q_i W_q + b + k_j W_k)_u, the (..., Lq, Lk, U) tensor of the formula, and
+    the queries' projection q W_q + b. key may be a ProjectedKeys: its ``projected`` is k W_k."""
+    q_proj = np.asarray(query, dtype) @ np.asarray(w_query, dtype)  # (..., Lq, U)
+    if bias is not None:
+        q_proj = q_proj + np.asarray(bias, dtype)
+    projected = getattr(key, "projected", None)
+    k_proj = (np.asarray(key, dtype) @ np.asarray(w_key, dtype) if projected is None
+              else np.asarray(projected, dtype))  # (..., Lk, U)
+    return np.tanh(q_proj[..., :, None, :] + k_proj[..., None, :, :]), q_proj
+
+
+def _additive_hidden(mask, key_lengths, is_causal, window, lq, lk):
+    """Where additive attention hides a key: the mask, key_lengths (...,), causal and window."""
+    hidden = _hidden_by(mask)
+    if key_lengths is not None:
+        hidden = hidden | ~_length_mask(key_lengths, lk)
+    if is_causal or window is not None:
+        hidden = hidden | (dense_mask(lq, lk, is_causal=is_causal, window=window) == -np.inf)
+    return hidden
+
+
+def additive_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, w_query: ArrayLike,
+                       w_key: ArrayLike | None, v: ArrayLike, *, bias: ArrayLike | None = None,
+                       attn_mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None,
+                       is_causal: Any = False, window: tuple | None = None, return_weights: bool = False,
+                       warn: bool = True, mask: ArrayLike | None = None
                        ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """c_i = sum_j a_ij value_j, a_i = softmax_j(e_ij + mask_ij), e_ij = v . tanh(q_i W_q + b + k_j W_k).
 
     Builds the (..., Lq, Lk, U) tensor, as the formula reads. key_lengths (...,) hides keys at
-    positions >= length; is_causal and window hide keys as in :func:`dense_mask`. ``mask`` is
-    attn_mask's older name; ``warn`` is accepted for signature parity.
+    positions >= length; is_causal and window hide keys as in :func:`dense_mask`. key may be an
+    :class:`attnext.ProjectedKeys` (then w_key is None). ``mask`` is attn_mask's older name;
+    ``warn`` is accepted for signature parity.
     """
     mask = _mask_alias(attn_mask, mask)
-    q, k, val = np.asarray(query), np.asarray(key), np.asarray(value)
-    dtype = _float_dtype(q, k, val, w_query, w_key, v)
-    q_proj = q.astype(dtype) @ np.asarray(w_query, dtype)  # (..., Lq, U)
-    if bias is not None:
-        q_proj = q_proj + np.asarray(bias, dtype)
-    k_proj = k.astype(dtype) @ np.asarray(w_key, dtype)  # (..., Lk, U)
-    e = np.tanh(q_proj[..., :, None, :] + k_proj[..., None, :, :]) @ np.asarray(v, dtype)  # (..., Lq, Lk)
-    hidden = _hidden_by(mask)
-    if key_lengths is not None:
-        hidden = hidden | ~_length_mask(key_lengths, e.shape[-1])
-    if is_causal or window is not None:
-        hidden = hidden | (dense_mask(e.shape[-2], e.shape[-1], is_causal=is_causal, window=window) == -np.inf)
-    out, a = _attend(_masked(e, mask).astype(dtype), val.astype(dtype), hidden)
+    dtype = _additive_dtype(query, key, value, w_query, w_key, v)
+    t, _ = _additive_tanh(query, key, w_query, w_key, bias, dtype)
+    e = t @ np.asarray(v, dtype)  # (..., Lq, Lk)
+    hidden = _additive_hidden(mask, key_lengths, is_causal, window, e.shape[-2], e.shape[-1])
+    out, a = _attend(_masked(e, mask).astype(dtype), np.asarray(value, dtype), hidden)
     return (out, a) if return_weights else out
 
 
@@ -500,3 +573,236 @@ def self_attention(x: ArrayLike, w_query: ArrayLike, w_key: ArrayLike, w_value: 
             attn_mask = np.where(off_diagonal, np.asarray(attn_mask), -np.inf)
     return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, key_lengths=key_lengths, window=window,
                      return_weights=return_weights)
+
+
+# ---- Gradients: the backward of every differentiable function, from the formulas ------------
+#
+# Each takes the cotangent of the forward's output and returns the cotangents of its inputs,
+# each with its input's shape (axes that broadcasting added or stretched summed back by
+# attnext._broadcast.reduce_to_shape, the one inverse of broadcasting) and dtype.
+
+__all__ += ["softmax_backward", "weighted_sum_backward", "score_backward", "scaled_dot_product_attention_backward",
+            "additive_attention_backward", "linear_backward"]
+
+
+def _like(grad, x):
+    """grad summed back to x's shape (the inverse of broadcasting), in x's dtype."""
+    x = getattr(x, "projected", x)  # a ProjectedKeys' gradient is its projected array's
+    x = np.asarray(x)
+    return reduce_to_shape(np.asarray(grad), x.shape).astype(x.dtype)
+
+
+def _float_mask_grad(grad, mask):
+    """The gradient of a float mask added to the scores (None for None or a bool mask)."""
+    if mask is None or np.asarray(mask).dtype == np.bool_:
+        return None
+    return _like(grad, mask)
+
+
+def _probabilities(s, lse):
+    """P_ij = exp(s_ij - lse_i) from the saved log-sum-exp (softmax(s) when lse is None); 0 where
+    s is -inf and in rows with nothing to attend (lse -inf)."""
+    if lse is None:
+        return softmax(s)
+    lse = np.asarray(lse, s.dtype)[..., None]
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.exp(s - lse)
+    return np.where((s == -np.inf) | (lse == -np.inf), 0, p).astype(s.dtype)
+
+
+def _softmax_input_grad(dp, p):
+    """dS = P * (dP - sum_j P_ij dP_ij): the softmax's Jacobian (diag(p) - p p^T) applied to dP."""
+    return p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+
+
+def softmax_backward(grad: ArrayLike, weights: ArrayLike, *, axis: int = -1) -> np.ndarray:
+    """dx = w * (g - sum(g * w, axis)) for w = softmax(x) along ``axis`` (weights: softmax's
+    output; grad: its cotangent, the same shape). A masked entry (weight 0) gets 0; the same
+    array is the gradient of a float mask added to x (summed to the mask's shape)."""
+    w = np.asarray(weights)
+    g = np.asarray(grad, dtype=w.dtype)
+    return (w * (g - np.sum(g * w, axis=axis, keepdims=True))).astype(w.dtype)
+
+
+def weighted_sum_backward(grad: ArrayLike, weights: ArrayLike, value: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """For c = A V ((..., Lq, Lk) x (..., Lk, Dv)): dA = g V^T, dV = A^T g. Returns (dweights, dvalue)."""
+    a, v = np.asarray(weights), np.asarray(value)
+    g = np.asarray(grad, dtype=_float_dtype(a, v))
+    return _like(g @ np.swapaxes(v, -1, -2), a), _like(np.swapaxes(a, -1, -2) @ g, v)
+
+
+def _sum_outer(a, b):
+    """sum over the batch axes of a^T b, for a (..., N, I) and b (..., N, J): (I, J)."""
+    prod = np.swapaxes(a, -1, -2) @ b
+    return prod.reshape((-1,) + prod.shape[-2:]).sum(axis=0)
+
+
+def _additive_score_backward(ds, q, t, key, w_query, w_key, v, dtype):
+    """Cotangents of e_ij = v . T_ij, T = tanh(q W_q + b + k W_k), given de = ds (..., Lq, Lk):
+    dv = sum_ij de_ij T_ij; dZ = de v (1 - T^2); d(q W_q + b) = sum_j dZ; d(k W_k) = sum_i dZ."""
+    v = np.asarray(v, dtype)
+    dv = (ds[..., None] * t).reshape(-1, t.shape[-1]).sum(axis=0)
+    dz = ds[..., None] * v * (1 - t * t)  # (..., Lq, Lk, U)
+    dq_proj, dk_proj = dz.sum(axis=-2), dz.sum(axis=-3)  # (..., Lq, U), (..., Lk, U)
+    wq = np.asarray(w_query, dtype)
+    grads = {"query": dq_proj @ wq.T, "w_query": _sum_outer(np.asarray(q, dtype), dq_proj), "v": dv,
+             "bias": dq_proj.reshape(-1, dq_proj.shape[-1]).sum(axis=0)}
+    if hasattr(key, "projected"):
+        grads["key"], grads["w_key"] = dk_proj, None
+    else:
+        wk = np.asarray(w_key, dtype)
+        grads["key"], grads["w_key"] = dk_proj @ wk.T, _sum_outer(np.asarray(key, dtype), dk_proj)
+    return grads
+
+
+def score_backward(grad: ArrayLike, query: ArrayLike, key: ArrayLike, method: str = "scaled_dot", *,
+                   weight: ArrayLike | None = None, w_query: ArrayLike | None = None, w_key: ArrayLike | None = None,
+                   v: ArrayLike | None = None, scale: float | None = None) -> dict[str, np.ndarray | None]:
+    """Cotangents of :func:`score`'s inputs from the scores' cotangent grad (..., Lq, Lk).
+
+    dot/scaled_dot (s = c q k^T): dq = c g K, dk = c g^T Q. general (s = c (q W) k^T): dq = c g K W^T,
+    dW = c sum Q^T g K, dk = c g^T Q W. additive (s = c v . tanh(q W_q + k W_k)): through the
+    (..., Lq, Lk, U) tensor. Returns {query, key, weight, w_query, w_key, v}, None for the
+    arguments the method does not use.
+    """
+    q, k = np.asarray(query), np.asarray(key)
+    dtype = _float_dtype(*(np.asarray(x) for x in (q, k, weight, w_query, w_key, v) if x is not None))
+    q, k = q.astype(dtype), k.astype(dtype)
+    if scale is None:
+        scale = 1.0 / math.sqrt(k.shape[-1]) if method == "scaled_dot" and k.shape[-1] else 1.0
+    g = np.asarray(grad, dtype) * np.asarray(scale, dtype)
+    out = dict.fromkeys(("query", "key", "weight", "w_query", "w_key", "v"))
+    if method in ("dot", "scaled_dot"):
+        out["query"], out["key"] = g @ k, np.swapaxes(g, -1, -2) @ q
+    elif method == "general":
+        w = np.asarray(weight, dtype)
+        dqw = g @ k  # the cotangent of q W
+        out["query"], out["weight"] = dqw @ w.T, _sum_outer(q, dqw)
+        out["key"] = np.swapaxes(g, -1, -2) @ (q @ w)
+    elif method == "additive":
+        t, _ = _additive_tanh(q, k, w_query, w_key, None, dtype)
+        grads = _additive_score_backward(g, q, t, k, w_query, w_key, v, dtype)
+        out.update({name: grads[name] for name in ("query", "key", "w_query", "w_key", "v")})
+    else:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    given = {"query": query, "key": key, "weight": weight, "w_query": w_query, "w_key": w_key, "v": v}
+    return {name: None if g_ is None else _like(g_, given[name]) for name, g_ in out.items()}
+
+
+def scaled_dot_product_attention_backward(
+        grad_out: ArrayLike, query: ArrayLike, key: ArrayLike, value: ArrayLike, out: ArrayLike | None,
+        lse: ArrayLike | None, attn_mask: ArrayLike | None = None, dropout_p: float = 0.0, is_causal: Any = False,
+        scale: float | None = None, enable_gqa: bool = False, *, key_lengths: ArrayLike | None = None,
+        window: tuple | None = None, seed: int | None = None, grad_weights: ArrayLike | None = None,
+        grad_lse: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The backward of :func:`scaled_dot_product_attention` (same arguments; out and lse as it
+    returned them; grad_out (..., Hq, L, Ev) the output's cotangent).
+
+    With P = exp(S - lse), Z the dropout scale (1 without dropout) and W = P * Z:
+    dW = dO V^T + grad_weights (the cotangent of the returned weights, after dropout);
+    dP = dW * Z; dS = P * (dP - rowsum(P * dP)) + grad_lse P (grad_lse (..., Hq, L): the
+    cotangent of lse); dQ = scale dS K; dK = scale dS^T Q; dV = W^T dO. Under enable_gqa the
+    query heads' dK and dV are summed over each key/value head's group. ``out`` is accepted for
+    signature parity (this twin forms rowsum(P * dP) directly); lse None recomputes it.
+
+    Returns (dquery, dkey, dvalue, dattn_mask), each of its input's shape and dtype;
+    dattn_mask is dS summed to the mask's shape for a float mask, else None.
+    """
+    q, k, v = np.asarray(query), np.asarray(key), np.asarray(value)
+    dtype = _float_dtype(q, k, v)
+    qc, kc, vc = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    kr, vr, group = _gqa_repeat(qc, kc, vc, enable_gqa)
+    scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else scale
+    s, _ = _sdpa_scores(qc, kr, attn_mask, is_causal, scale, key_lengths, window, dtype)
+    lq, lk = s.shape[-2:]
+    if float(dropout_p) != 0.0 and seed is None:
+        raise ValueError("seed is required with dropout_p > 0: pass the seed the forward used")
+    z = _dropout_scale(dropout_p, seed, s.shape[:-2], lq, lk, dtype)
+    p = _probabilities(s, lse)
+    w = p if z is None else p * z
+    g = np.asarray(grad_out, dtype)
+    dw = g @ np.swapaxes(vr, -1, -2)
+    if grad_weights is not None:
+        dw = dw + np.asarray(grad_weights, dtype)
+    ds = _softmax_input_grad(dw if z is None else dw * z, p)
+    if grad_lse is not None:
+        ds = ds + np.asarray(grad_lse, dtype)[..., None] * p
+    c = np.asarray(scale, dtype)
+    dq = (ds @ kr) * c
+    dk = (np.swapaxes(ds, -1, -2) @ qc) * c
+    dv = np.swapaxes(w, -1, -2) @ g
+    if group > 1:  # (..., Hq, S, X) -> (..., Hk, G, S, X), summed over G as k[..., :, None] was broadcast
+        dk, dv = (d.reshape(d.shape[:-3] + (k.shape[-3], group) + d.shape[-2:]) for d in (dk, dv))
+        dk = reduce_to_shape(dk, k.shape[:-2] + (1,) + k.shape[-2:]).reshape(k.shape)
+        dv = reduce_to_shape(dv, v.shape[:-2] + (1,) + v.shape[-2:]).reshape(v.shape)
+    return _like(dq, q), _like(dk, k), _like(dv, v), _float_mask_grad(ds, attn_mask)
+
+
+def additive_attention_backward(grad_out: ArrayLike, query: ArrayLike, key: ArrayLike, value: ArrayLike,
+                                w_query: ArrayLike, w_key: ArrayLike | None, v: ArrayLike, out: ArrayLike | None,
+                                lse: ArrayLike | None, *, bias: ArrayLike | None = None,
+                                attn_mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None,
+                                is_causal: Any = False, window: tuple | None = None,
+                                grad_weights: ArrayLike | None = None) -> dict[str, np.ndarray | None]:
+    """The backward of :func:`additive_attention` (same arguments; grad_out (..., Lq, Dv)).
+
+    dA = dO V^T + grad_weights; dE = A * (dA - rowsum(A * dA)) (the scores' cotangent, also the
+    float mask's); dvalue = A^T dO; then through e_ij = v . tanh(q_i W_q + b + k_j W_k):
+    dv = sum dE_ij T_ij, dZ = dE v (1 - T^2), d(q W_q + b) = sum_j dZ, d(k W_k) = sum_i dZ.
+    A ProjectedKeys key gets the gradient of its ``projected`` array (w_key None). ``out`` is
+    accepted for signature parity; lse None (or the forward's) gives the same probabilities.
+
+    Returns {query, key, value, w_query, w_key, v, bias, attn_mask}: each of its input's shape
+    and dtype, None where the input is None or not a float array.
+    """
+    dtype = _additive_dtype(query, key, value, w_query, w_key, v)
+    t, _ = _additive_tanh(query, key, w_query, w_key, bias, dtype)
+    e = t @ np.asarray(v, dtype)
+    hidden = _additive_hidden(attn_mask, key_lengths, is_causal, window, e.shape[-2], e.shape[-1])
+    s = np.where(hidden, -np.inf, _masked(e, attn_mask)).astype(dtype)
+    p = _probabilities(s, lse)
+    g, val = np.asarray(grad_out, dtype), np.asarray(value, dtype)
+    dw = g @ np.swapaxes(val, -1, -2)
+    if grad_weights is not None:
+        dw = dw + np.asarray(grad_weights, dtype)
+    ds = _softmax_input_grad(dw, p)
+    grads = _additive_score_backward(ds, query, t, key, w_query, w_key, v, dtype)
+    grads["value"] = np.swapaxes(p, -1, -2) @ g
+    given = {"query": query, "key": key, "value": value, "w_query": w_query, "w_key": w_key, "v": v, "bias": bias}
+    result = {name: None if given[name] is None or grads[name] is None else _like(grads[name], given[name])
+              for name in given}
+    result["attn_mask"] = _float_mask_grad(ds, attn_mask)
+    return result
+
+
+def linear_backward(grad: ArrayLike, x: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """For y = x W^T + b (x (..., In), W (Out, In), b (Out,)): dx = g W, dW = sum g^T x over
+    the batch axes, db = sum g. Returns (dx, dweight, dbias), dbias None without a bias."""
+    x_, w = np.asarray(x), np.asarray(weight)
+    dtype = _float_dtype(*(np.asarray(a) for a in (x_, w, bias) if a is not None))
+    g = np.asarray(grad, dtype)
+    dx = g @ w.astype(dtype)
+    dw = _sum_outer(g.reshape(-1, g.shape[-1]), x_.astype(dtype).reshape(-1, x_.shape[-1]))
+    db = None if bias is None else _like(g.reshape(-1, g.shape[-1]).sum(axis=0), bias)
+    return _like(dx, x_), _like(dw, w), db
+
+
+def _attention_backward(grad_out, query, key, value, *, method="scaled_dot", attn_mask=None, is_causal=False,
+                        key_lengths=None, window=None, grad_weights=None, **score_args):
+    """The backward of :func:`attention`, dense: S = score(Q, K) + mask, A = softmax(S),
+    dA = dO V^T + grad_weights, dS = A * (dA - rowsum(A * dA)), dV = A^T dO, then
+    :func:`score_backward` of dS. Returns score_backward's dict plus value and attn_mask."""
+    s = score(query, key, method, **score_args)
+    hidden = _attention_hidden(attn_mask, s.shape, is_causal, window, key_lengths)
+    p = softmax(np.where(hidden, -np.inf, _masked(s, attn_mask)).astype(s.dtype))
+    dtype = _float_dtype(s, np.asarray(value))
+    g, val = np.asarray(grad_out, dtype), np.asarray(value, dtype)
+    dw = g @ np.swapaxes(val, -1, -2)
+    if grad_weights is not None:
+        dw = dw + np.asarray(grad_weights, dtype)
+    ds = _softmax_input_grad(dw, p)
+    grads = score_backward(ds, query, key, method, **score_args)
+    grads["value"] = _like(np.swapaxes(p, -1, -2) @ g, value)
+    grads["attn_mask"] = _float_mask_grad(ds, attn_mask)
+    return grads
