@@ -1,5 +1,6 @@
 """What every layer (rnn.py, transformer.py) needs the same way: its dtype, its sizes, its
-random initialisation, and its inputs converted to its dtype."""
+random initialisation, its inputs converted to its dtype, and the pieces of its ``vjp``
+(the pullback object, the cotangent checks, the dropout seed, linear maps' gradients)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import aligned, as_float_array, shape_str
+from ._validation import aligned, as_float_array, as_scalar, shape_str
 
-__all__ = ["LAYER_DTYPES", "layer_dtype", "positive_int", "make_rng", "glorot_uniform", "layer_input", "checked_weight"]
+__all__ = ["LAYER_DTYPES", "layer_dtype", "positive_int", "make_rng", "glorot_uniform", "layer_input", "checked_weight",
+           "LayerPullback", "output_cotangents", "dropout_rate", "dropout_seed", "owned", "input_grad",
+           "linear_grads"]
 
 LAYER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -68,3 +71,104 @@ def checked_weight(value: Any, name: str, shape: tuple[int, ...], dtype: np.dtyp
     if a.shape != tuple(shape):
         raise ValueError(f"{name} has shape {shape_str(a.shape)} but this layer needs {shape_str(shape)}")
     return a.astype(dtype, copy=False)
+
+
+# --- the backward pass (layer.vjp) ------------------------------------------------------------
+
+
+class LayerPullback:
+    """What a layer's ``vjp`` returns beside its output: ``pullback(cotangent)`` gives
+    ``(input_grads, param_grads)``, the gradients of the inputs (a tuple, one per input the call
+    was given) and of the parameters (a dict keyed exactly like ``layer.state_dict()``, same
+    shapes and layout). ``seed`` is the dropout seed the forward pass used (None when no dropout
+    was applied), so the same step can be run again. Calling it twice gives the same result:
+    it holds its own copies of what it needs, not the caller's arrays or the layer's weights."""
+
+    __slots__ = ("_backward", "seed")
+
+    def __init__(self, backward, seed: int | None = None) -> None:
+        self._backward, self.seed = backward, seed
+
+    def __call__(self, cotangent):
+        return self._backward(cotangent)
+
+    def __repr__(self) -> str:
+        return f"LayerPullback(seed={self.seed!r})"
+
+
+def output_cotangents(cotangent: Any, outputs: Any, dtype: np.dtype) -> list:
+    """The cotangent of a layer's outputs as a list of C-contiguous arrays of ``dtype``, one per
+    output, each of its output's shape, or None for an output not differentiated.
+
+    ``outputs`` is the layer's result: a tuple takes a tuple (or list) of the same length (an
+    output that is None, such as weights not asked for, takes None), a single array takes a
+    single array (or None)."""
+    several = isinstance(outputs, tuple)
+    entries = cotangent if several else (cotangent,)
+    results = outputs if several else (outputs,)
+    if several and (not isinstance(cotangent, (tuple, list)) or len(cotangent) != len(outputs)):
+        got = f"a {type(cotangent).__name__} of {len(cotangent)}" if isinstance(cotangent, (tuple, list)) \
+            else type(cotangent).__name__
+        raise TypeError(f"cotangent must be a tuple of {len(outputs)} entries, one per output (None for an output "
+                        f"not differentiated), got {got}")
+    out = []
+    for i, (ct, result) in enumerate(zip(entries, results)):
+        name = f"cotangent[{i}]" if several else "cotangent"
+        if ct is None:
+            out.append(None)
+            continue
+        if result is None:
+            raise ValueError(f"{name} is given but that output is None (not computed): pass None")
+        a = as_float_array(ct, name)
+        if a.shape != result.shape:
+            raise ValueError(f"{name} has shape {shape_str(a.shape)} but the output has {shape_str(result.shape)}")
+        out.append(np.ascontiguousarray(a, dtype=dtype))
+    return out
+
+
+def dropout_rate(value: Any) -> float:
+    """A layer's ``dropout``: the probability of zeroing each attention weight in training
+    (PyTorch's meaning), a real number in [0, 1]."""
+    p = as_scalar(value, "dropout")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout must lie in [0, 1], got {p}")
+    return p
+
+
+def dropout_seed(p: float, seed: Any) -> int | None:
+    """The seed of one training step's dropout: ``seed`` as given, a fresh one from the
+    operating system when None (the generator's rule, :func:`attnext._philox.draw_seed`), and
+    None when there is no dropout (p == 0)."""
+    if p == 0.0:
+        return None
+    if seed is None:
+        from ._philox import draw_seed  # the one place a seed is drawn
+        return draw_seed()
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
+    return int(seed)
+
+
+def owned(a: np.ndarray, given: Any) -> np.ndarray:
+    """a, copied if it shares memory with the caller's ``given``: a pullback keeps what it
+    needs and must not see later writes to the caller's arrays."""
+    return a.copy() if isinstance(given, np.ndarray) and np.may_share_memory(a, given) else a
+
+
+def input_grad(grad: np.ndarray, given: Any) -> np.ndarray:
+    """The gradient of an input in that input's floating dtype (a float64 input of a float32
+    layer gets a float64 gradient); lists and other array-likes get the layer's dtype."""
+    dtype = getattr(given, "dtype", None)
+    if isinstance(given, np.ndarray) and dtype.kind == "f" and dtype != grad.dtype:
+        return grad.astype(dtype)
+    return grad
+
+
+def linear_grads(grad: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None):
+    """(dx, dweight, dbias) of y = x weight^T + bias, x (..., in), weight (out, in) (PyTorch's
+    ``nn.Linear`` layout), grad (..., out); dweight and dbias summed over every leading axis,
+    dbias None without a bias. Through :func:`attnext.grad.linear_backward`."""
+    from .grad import linear_backward  # grad imports the functional API, which the layers import too
+    lead = x.shape[:-1]
+    dx, dw, db = linear_backward(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), weight, bias)
+    return dx.reshape(lead + (x.shape[-1],)), dw, db

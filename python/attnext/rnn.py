@@ -11,22 +11,31 @@ the layer's dtype.
 
 Both layers take one decoder step, query (B, D), or many steps at once, query (B, T, D), with
 the same results; any number of leading batch axes may stand in for B.
+
+Training: ``out, pullback = layer.vjp(...)`` takes what the call takes;
+``pullback(cotangent)`` gives ``(input_grads, param_grads)``, param_grads keyed like
+``state_dict()``. A Bahdanau decoder loop keeps the key projection once per sentence:
+``memory, pre = layer.precompute_vjp(keys)``, every step's ``vjp(s_t, memory)`` returns a
+:class:`BahdanauMemoryGrad` for the memory, and ``pre(sum of them)`` gives the gradients of the
+encoder states and of ``w_key``.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 
 import numpy as np
 import numpy.typing as npt
 
-from ._layers import checked_weight, glorot_uniform, layer_dtype, layer_input, make_rng, positive_int
+from ._layers import (LayerPullback, checked_weight, glorot_uniform, input_grad, layer_dtype, layer_input, linear_grads,
+                      make_rng, output_cotangents, owned, positive_int)
 from ._masks import prepare_mask
 from ._validation import check_key_lengths, check_state_keys, shape_str, to_array
 from .functional import (ArrayLike, ProjectedKeys, _additive_kernel, _mask_alias, additive_attention,
                          scaled_dot_product_attention)
 
-__all__ = ["BahdanauAttention", "BahdanauMemory", "LuongAttention"]
+__all__ = ["BahdanauAttention", "BahdanauMemory", "BahdanauMemoryGrad", "LuongAttention"]
 
 
 class _Weights:
@@ -169,6 +178,37 @@ class BahdanauMemory:
                 f"values={shape_str(self.values.shape)}, key_lengths={self.key_lengths is not None})")
 
 
+class BahdanauMemoryGrad:
+    """The gradient of a :class:`BahdanauMemory`, from a decoder step's ``vjp``.
+
+    ``projected`` (..., Lk, U) is the gradient of the projected keys ``keys @ w_key`` and
+    ``values`` (..., Lk, Dv) that of the memory's values. The steps that read one memory add
+    their gradients with ``+`` (``sum(grads)`` works too); the pullback of
+    :meth:`BahdanauAttention.precompute_vjp` turns the total into the gradients of the keys,
+    the values and ``w_key``.
+    """
+
+    __slots__ = ("projected", "values")
+
+    def __init__(self, projected: np.ndarray, values: np.ndarray) -> None:
+        self.projected, self.values = projected, values
+
+    def __add__(self, other):
+        if isinstance(other, numbers.Number) and other == 0:  # sum() starts from 0
+            return self
+        if type(other) is not BahdanauMemoryGrad:
+            return NotImplemented
+        if other.projected.shape != self.projected.shape or other.values.shape != self.values.shape:
+            raise ValueError(f"cannot add gradients of different memories: {self!r} and {other!r}")
+        return BahdanauMemoryGrad(self.projected + other.projected, self.values + other.values)
+
+    __radd__ = __add__
+
+    def __repr__(self) -> str:
+        return (f"BahdanauMemoryGrad(projected={shape_str(self.projected.shape)}, "
+                f"values={shape_str(self.values.shape)})")
+
+
 class BahdanauAttention(_Weights):
     """Bahdanau's additive attention: e_tj = v . tanh(s_t W_q + h_j W_k), a_t = softmax(e_t),
     c_t = sum_j a_tj value_j.
@@ -277,6 +317,10 @@ class BahdanauAttention(_Weights):
         Returns:
             A :class:`BahdanauMemory` for :meth:`__call__`.
         """
+        return self._precompute(keys, values, key_lengths)[0]
+
+    def _precompute(self, keys, values, key_lengths):
+        """(memory, keys as the layer's dtype) for precompute and precompute_vjp."""
         k = self._input(keys, "keys")
         if k.ndim < 2 or k.shape[-1] != self.key_dim:
             raise ValueError(f"keys must have shape (..., Lk, {self.key_dim}), got {shape_str(k.shape)}")
@@ -286,8 +330,42 @@ class BahdanauAttention(_Weights):
                              "all but the last dimension must match")
         lengths = _lengths(key_lengths, k.shape[:-2], k.shape[-2])
         # np.array copies: the memory must not follow later writes to the caller's buffer.
-        return BahdanauMemory(self, self._version, ProjectedKeys._project(k, self._w_key), np.array(val, order="C"),
-                              lengths)
+        memory = BahdanauMemory(self, self._version, ProjectedKeys._project(k, self._w_key), np.array(val, order="C"),
+                                lengths)
+        return memory, k
+
+    def precompute_vjp(self, keys: ArrayLike, values: ArrayLike | None = None,
+                       key_lengths: ArrayLike | None = None) -> tuple[BahdanauMemory, LayerPullback]:
+        """:meth:`precompute` for training: ``memory, pullback``.
+
+        Every decoder step's ``vjp(s_t, memory)`` gives a :class:`BahdanauMemoryGrad` for the
+        memory; ``pullback(total)`` with their sum returns ``(input_grads, param_grads)``:
+        input_grads (dkeys,), or (dkeys, dvalues) when values were given; param_grads keyed
+        like :meth:`state_dict`, zero except ``key_proj.weight`` (the steps' param_grads hold
+        the rest, ``key_proj.bias`` included).
+        """
+        memory, k = self._precompute(keys, values, key_lengths)
+        k = owned(k, keys)
+        w_key = self._w_key.copy()
+
+        def backward(grad):
+            if type(grad) is not BahdanauMemoryGrad:
+                raise TypeError(f"the precompute pullback takes a BahdanauMemoryGrad (the sum of the steps' memory "
+                                f"gradients), got {type(grad).__name__}")
+            if grad.projected.shape != memory.projected.shape or grad.values.shape != memory.values.shape:
+                raise ValueError(f"{grad!r} is not the gradient of {memory!r}")
+            dkeys, d_key_proj, _ = linear_grads(np.ascontiguousarray(grad.projected, dtype=self._dtype), k, w_key.T,
+                                                None)
+            params = self._zero_grads()
+            params["key_proj.weight"] = d_key_proj.astype(self._dtype, copy=False)
+            if values is None:  # the keys were the values too
+                return (input_grad(dkeys + grad.values, keys),), params
+            return (input_grad(dkeys, keys), input_grad(np.array(grad.values, dtype=self._dtype), values)), params
+
+        return memory, LayerPullback(backward)
+
+    def _zero_grads(self) -> dict:
+        return {name: np.zeros(self._torch_shape(name), dtype=self._dtype) for name in self._torch}
 
     def __call__(self, query: ArrayLike, memory: BahdanauMemory, *, return_weights: bool = True
                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -297,6 +375,18 @@ class BahdanauAttention(_Weights):
             (context, weights): (B, Dv) and (B, Lk) for one step, (B, T, Dv) and (B, T, Lk)
             for many; only the context if ``return_weights=False``.
         """
+        q, single = self._step_query(query, memory)
+        result = _additive_kernel(q[..., None, :] if single else q, self._w_query, self._step_bias(),
+                                  memory.keys, memory.values, self._v_eff, None, memory.key_lengths,
+                                  bool(return_weights))
+        if not single:
+            return result
+        if return_weights:
+            return result[0][..., 0, :], result[1][..., 0, :]
+        return result[..., 0, :]
+
+    def _step_query(self, query, memory) -> tuple[np.ndarray, bool]:
+        """(query as the layer's dtype, whether it is one step) after checking it against memory."""
         q = self._input(query, "query")
         if type(memory) is not BahdanauMemory:
             raise TypeError(f"memory must be a BahdanauMemory from precompute(), got {type(memory).__name__}")
@@ -308,17 +398,99 @@ class BahdanauAttention(_Weights):
             raise ValueError(f"query has shape {shape_str(q.shape)} but the memory's batch shape is "
                              f"{shape_str(memory.batch_shape)}: expected (..., {self.query_dim}) for one step or "
                              f"(..., T, {self.query_dim}) for many")
+        return q, single
+
+    def _step_bias(self) -> np.ndarray | None:
+        """The bias inside the tanh: query_proj.bias, plus key_proj.bias with bias=True."""
         bias = self.__dict__.get("_bias")
         if self.use_bias:  # q W_q + b_q + k W_k + b_k: the key bias joins the query's (no re-projection)
             bias = (bias + self._key_bias).astype(self._dtype)
-        result = _additive_kernel(q[..., None, :] if single else q, self._w_query, bias,
-                                  memory.keys, memory.values, self._v_eff, None, memory.key_lengths,
-                                  bool(return_weights))
-        if not single:
-            return result
-        if return_weights:
-            return result[0][..., 0, :], result[1][..., 0, :]
-        return result[..., 0, :]
+        return bias
+
+    def vjp(self, query: ArrayLike, memory: BahdanauMemory | ArrayLike, values: ArrayLike | None = None, *,
+            key_lengths: ArrayLike | None = None, return_weights: bool = True):
+        """A training step's forward pass and its pullback: ``result, pullback``, result as
+        :meth:`__call__` returns it.
+
+        ``memory`` is a :class:`BahdanauMemory` (from :meth:`precompute` or
+        :meth:`precompute_vjp`), or the encoder states themselves (B, Lk, key_dim) with
+        optional ``values`` and ``key_lengths`` as :meth:`precompute` takes them; then the key
+        projection is part of this step.
+
+        ``pullback(grad_context)``, or ``pullback((grad_context, grad_weights))`` with
+        return_weights (None for an output not differentiated), returns
+        ``(input_grads, param_grads)``: input_grads is (dquery, memory_grad) for a memory,
+        memory_grad a :class:`BahdanauMemoryGrad` (sum it over the steps and pass it to the
+        precompute_vjp pullback), or (dquery, dkeys[, dvalues]) for encoder states;
+        param_grads is keyed like :meth:`state_dict` (``key_proj.weight`` is zero for a memory:
+        its gradient comes from the precompute pullback). With ``normalize=True`` and v = 0 the
+        gradients of v and g are zero (g v / ||v|| has none there).
+        """
+        if type(memory) is BahdanauMemory:
+            if values is not None or key_lengths is not None:
+                raise TypeError("values and key_lengths belong to the memory: pass them to precompute(), or pass "
+                                "the encoder states instead of a memory")
+            return self._step_vjp(query, memory, return_weights)
+        if isinstance(memory, (BahdanauMemoryGrad, ProjectedKeys)):
+            raise TypeError(f"memory must be a BahdanauMemory or the encoder states, got {type(memory).__name__}")
+        mem, pre_pullback = self.precompute_vjp(memory, values, key_lengths)
+        result, step_pullback = self._step_vjp(query, mem, return_weights)
+
+        def backward(cotangent):
+            (dq, memory_grad), params = step_pullback(cotangent)
+            encoder_grads, pre_params = pre_pullback(memory_grad)
+            return (dq,) + encoder_grads, {name: params[name] + pre_params[name] for name in params}
+
+        return result, LayerPullback(backward)
+
+    def _step_vjp(self, query, memory: BahdanauMemory, return_weights: bool):
+        """vjp of one call on a memory: (result, pullback)."""
+        from .grad import additive_attention_backward
+        q, single = self._step_query(query, memory)
+        q3 = owned(q[..., None, :] if single else q, query)
+        w_query, v_eff, bias = self._w_query.copy(), np.array(self._v_eff), self._step_bias()
+        bias = None if bias is None else np.array(bias)
+        v, g = self._v.copy(), self.__dict__.get("_g")
+        context, weights, lse = additive_attention(q3, memory.keys, memory.values, w_query, None, v_eff, bias=bias,
+                                                   key_lengths=memory.key_lengths, return_weights=True,
+                                                   return_lse=True, warn=False)
+        squeeze = (lambda a: a[..., 0, :]) if single else (lambda a: a)
+        result = (squeeze(context), squeeze(weights)) if return_weights else squeeze(context)
+
+        def backward(cotangent):
+            cts = output_cotangents(cotangent, result, self._dtype)
+            grad_context, grad_weights = cts[0], (cts[1] if return_weights else None)
+            unsqueeze = (lambda a: None if a is None else a[..., None, :]) if single else (lambda a: a)
+            grad_context = np.zeros_like(context) if grad_context is None else unsqueeze(grad_context)
+            grads = additive_attention_backward(grad_context, q3, memory.keys, memory.values, w_query, None, v_eff,
+                                                context, lse, bias=bias, key_lengths=memory.key_lengths,
+                                                grad_weights=unsqueeze(grad_weights))
+            memory_grad = BahdanauMemoryGrad(grads["key"], grads["value"])
+            dq = grads["query"][..., 0, :] if single else grads["query"]
+            return (input_grad(dq, query), memory_grad), self._step_params(grads, v, g)
+
+        return result, LayerPullback(backward)
+
+    def _step_params(self, grads: dict, v: np.ndarray, g) -> dict:
+        """param_grads (state_dict's keys) from the additive backward's gradients of w_query,
+        the bias and the effective v (v, or g v / ||v||, taken apart here)."""
+        params = self._zero_grads()
+        params["query_proj.weight"] = grads["w_query"].T
+        if "query_proj.bias" in params:
+            params["query_proj.bias"] = grads["bias"]
+        if self.use_bias:  # the key bias is added where the query's is
+            params["key_proj.bias"] = grads["bias"]
+        d_v_eff = grads["v"]
+        if self.normalize:
+            norm = np.sqrt(np.sum(v * v))
+            if norm != 0:
+                unit = v / norm
+                along = np.sum(d_v_eff * unit)
+                params["g"] = np.asarray(along)
+                params["v.weight"] = (g / norm * (d_v_eff - along * unit)).reshape(1, -1)
+        else:
+            params["v.weight"] = d_v_eff.reshape(1, -1)
+        return {name: np.array(a, dtype=self._dtype, order="C") for name, a in params.items()}
 
 
 _LUONG_METHODS = ("dot", "general", "concat")
@@ -439,7 +611,12 @@ class LuongAttention(_Weights):
             (attentional_hidden, context, weights): (B, attentional_units), (B, value_dim),
             (B, Lk) for one step; with a T axis before the last for many steps.
         """
-        mask = _mask_alias(attn_mask, mask, "LuongAttention()")
+        return self._forward(query, keys, values, attn_mask, key_lengths, warn, mask)[0]
+
+    def _forward(self, query, keys, values, attn_mask, key_lengths, warn, mask, keep: bool = False):
+        """The forward pass of __call__ and vjp: (result, saved), saved (only with keep) holding
+        what the backward needs."""
+        given_mask = mask = _mask_alias(attn_mask, mask, "LuongAttention()")
         q = self._input(query, "query")
         k = self._input(keys, "keys")
         val = k if values is None else self._input(values, "values")
@@ -459,24 +636,111 @@ class LuongAttention(_Weights):
         m = self._mask(mask, single, score_shape, warn)
         lengths = _lengths(key_lengths, batch, lk)
         g = self._g[()] if self.scale else 1.0
+        lse = qa = None
+        lse_arg = {"return_lse": True} if keep else {}
         if self.method == "concat":
             v_eff = self._v * self._dtype.type(g) if self.scale else self._v
-            context, weights = additive_attention(q3, k, val, self._w_query, self._w_key, v_eff, attn_mask=m,
-                                                  key_lengths=lengths, return_weights=True, warn=False)
+            context, weights, *lse = additive_attention(q3, k, val, self._w_query, self._w_key, v_eff, attn_mask=m,
+                                                        key_lengths=lengths, return_weights=True, warn=False,
+                                                        **lse_arg)
         else:
             # s_t W_a h_j = (s_t W_a) . h_j: scaled-dot attention of s_t W_a with scale g, on the
             # fused kernel (keys past key_lengths are skipped, not masked).
             # A head axis of 1 before (T, D), so the batch axes stay batch axes for key_lengths.
             qa = (q3 if self.method == "dot" else q3 @ self._w_a)[..., None, :, :]
-            context, weights = scaled_dot_product_attention(
+            context, weights, *lse = scaled_dot_product_attention(
                 qa, k[..., None, :, :], val[..., None, :, :], None if m is None else m[..., None, :, :], scale=g,
-                key_lengths=lengths, return_weights=True, warn=False)
+                key_lengths=lengths, return_weights=True, warn=False, **lse_arg)
             context, weights = context[..., 0, :, :], weights[..., 0, :, :]
         dv = self.value_dim
         hidden = np.tanh(context @ self._w_c[:dv] + q3 @ self._w_c[dv:])
+        saved = None
+        if keep:
+            saved = dict(q3=owned(q3, query), k=owned(k, keys), val=owned(val, keys if values is None else values),
+                         mask=None if m is None else owned(m, given_mask), lengths=lengths, qa=qa, context=context,
+                         lse=lse[0], hidden=hidden, g=g,
+                         weights={name: np.array(self.__dict__["_" + name]) for name in self._shapes})
         if single:
-            return hidden[..., 0, :], context[..., 0, :], weights[..., 0, :]
-        return hidden, context, weights
+            return (hidden[..., 0, :], context[..., 0, :], weights[..., 0, :]), saved
+        return (hidden, context, weights), saved
+
+    def vjp(self, query: ArrayLike, keys: ArrayLike, values: ArrayLike | None = None, *,
+            attn_mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None, warn: bool = True,
+            mask: ArrayLike | None = None):
+        """A training step's forward pass and its pullback: ``(hidden, context, weights), pullback``.
+
+        Takes what :meth:`__call__` takes. ``pullback((grad_hidden, grad_context,
+        grad_weights))`` (None for an output not differentiated) returns
+        ``(input_grads, param_grads)``: input_grads (dquery, dkeys) (dkeys including the
+        gradient through the values, which default to the keys) or (dquery, dkeys, dvalues)
+        when values were given; param_grads keyed like :meth:`state_dict`, summed over the
+        batch. Masks and key lengths get no gradient.
+        """
+        result, saved = self._forward(query, keys, values, attn_mask, key_lengths, warn, mask, keep=True)
+        given = (query, keys) if values is None else (query, keys, values)
+
+        def backward(cotangent):
+            cts = output_cotangents(cotangent, result, self._dtype)
+            if result[0].ndim < saved["hidden"].ndim:  # one step: the T axis of 1 back
+                cts = [None if c is None else c[..., None, :] for c in cts]
+            grads, params = self._backward(saved, *cts)
+            if values is None:
+                grads = (grads[0], grads[1] + grads[2])
+            if result[0].ndim < saved["hidden"].ndim:
+                grads = (grads[0][..., 0, :],) + grads[1:]
+            return tuple(input_grad(d, a) for d, a in zip(grads, given)), params
+
+        return result, LayerPullback(backward)
+
+    def _backward(self, s: dict, grad_hidden, grad_context, grad_weights):
+        """((dquery, dkeys, dvalues), param_grads) of the T-axis form from what _forward saved."""
+        from .grad import additive_attention_backward, scaled_dot_product_attention_backward
+        w, q3, context, dv = s["weights"], s["q3"], s["context"], self.value_dim
+        params = {name: np.zeros(self._torch_shape(name), dtype=self._dtype) for name in self._torch}
+        d_q3 = np.zeros_like(q3)
+        if grad_context is None:
+            grad_context = np.zeros_like(context)
+        if grad_hidden is not None:  # hidden = tanh([c; s] W_c): the attentional layer, nn.Linear without bias
+            d_pre = grad_hidden * (1 - s["hidden"] * s["hidden"])
+            joined = np.concatenate([context, q3], axis=-1)
+            d_joined, d_out_proj, _ = linear_grads(d_pre, joined, w["w_c"].T, None)
+            grad_context = grad_context + d_joined[..., :dv]
+            d_q3 += d_joined[..., dv:]
+            params["out_proj.weight"] = d_out_proj
+        g = s["g"]
+        if self.method == "concat":
+            v_eff = w["v"] * self._dtype.type(g) if self.scale else w["v"]
+            grads = additive_attention_backward(grad_context, q3, s["k"], s["val"], w["w_query"], w["w_key"], v_eff,
+                                                context, s["lse"], attn_mask=s["mask"], key_lengths=s["lengths"],
+                                                grad_weights=grad_weights)
+            d_q3 += grads["query"]
+            d_keys, d_values = grads["key"], grads["value"]
+            params["query_proj.weight"] = grads["w_query"].T
+            params["key_proj.weight"] = grads["w_key"].T
+            params["v.weight"] = (grads["v"] * g).reshape(1, -1)
+            if self.scale:
+                params["g"] = np.asarray(np.sum(grads["v"] * w["v"]))
+        else:
+            # The scale g joins the query (scale 1), so the backward's query gradient gives g's too.
+            qa, m = s["qa"], s["mask"]
+            scaled = qa * self._dtype.type(g) if self.scale else qa
+            d_scaled, d_keys, d_values, _ = scaled_dot_product_attention_backward(
+                grad_context[..., None, :, :], scaled, s["k"][..., None, :, :], s["val"][..., None, :, :],
+                context[..., None, :, :], s["lse"], None if m is None else m[..., None, :, :], scale=1.0,
+                key_lengths=s["lengths"], grad_weights=None if grad_weights is None else grad_weights[..., None, :, :])
+            d_scaled, d_keys, d_values = d_scaled[..., 0, :, :], d_keys[..., 0, :, :], d_values[..., 0, :, :]
+            d_qa = d_scaled
+            if self.scale:
+                params["g"] = np.asarray(np.sum(d_scaled * qa[..., 0, :, :]))
+                d_qa = d_scaled * self._dtype.type(g)
+            if self.method == "general":
+                d_from_qa, d_w_a_t, _ = linear_grads(d_qa, q3, w["w_a"].T, None)
+                d_q3 += d_from_qa
+                params["key_proj.weight"] = d_w_a_t.T
+            else:
+                d_q3 += d_qa
+        params = {name: np.array(a, dtype=self._dtype, order="C") for name, a in params.items()}
+        return (d_q3, d_keys, d_values), params
 
     def _mask(self, mask, single, score_shape, warn=True):
         if mask is None:

@@ -22,7 +22,8 @@ import numpy.typing as npt
 from . import _core
 from ._layers import LAYER_DTYPES as _DTYPES
 from ._layers import checked_weight as _check_array_shape
-from ._layers import glorot_uniform, layer_dtype, layer_input, make_rng, positive_int
+from ._layers import (LayerPullback, dropout_rate, dropout_seed, glorot_uniform, input_grad, layer_dtype, layer_input,
+                      linear_grads, make_rng, output_cotangents, owned, positive_int)
 from ._masks import as_mask, check_mask, combine_masks, key_mask_as_lengths
 from ._validation import check_key_lengths, check_state_keys, shape_str, to_array
 from .functional import ArrayLike, Causal, Window, _mask_alias, scaled_dot_product_attention
@@ -52,6 +53,20 @@ def _linear(x: np.ndarray, weight: np.ndarray, bias) -> np.ndarray:
     return _core.linear(x4, weight, bias).reshape(lead + (weight.shape[0],))
 
 
+def _want_weights(return_weights, need_weights) -> bool:
+    """MultiHeadAttention's return_weights, or need_weights (its PyTorch name)."""
+    if need_weights is not None and return_weights is not None and bool(need_weights) != bool(return_weights):
+        raise TypeError("return_weights and need_weights (its PyTorch name) disagree; pass one of them")
+    return bool(return_weights if return_weights is not None else need_weights)
+
+
+def _merge_heads(d: np.ndarray, batch_first: bool) -> np.ndarray:
+    """(B, H, L, head_dim) -> (B, L, H * head_dim) / (L, B, H * head_dim), C-contiguous: the
+    inverse of MultiHeadAttention._split_heads, for gradients and the output projection."""
+    heads_last = d.transpose(0, 2, 1, 3) if batch_first else d.transpose(2, 0, 1, 3)
+    return np.ascontiguousarray(heads_last).reshape(heads_last.shape[:2] + (-1,))
+
+
 def _input(x, name: str, dtype: np.dtype, features: int, what: str) -> np.ndarray:
     """x as an aligned array of the layer's dtype with ``features`` in its last axis."""
     a = layer_input(x, name, dtype)
@@ -78,6 +93,9 @@ class SelfAttention:
             nothing to attend (position 0 under ``is_causal=True``) outputs zeros.
         dtype: float32 or float64, the dtype of the weights and of the computation.
         rng: seed or ``np.random.Generator`` for the (Xavier-uniform) initial weights.
+        dropout: probability of zeroing each attention weight (the kept ones scaled by
+            1 / (1 - dropout)), PyTorch's meaning; applied in :meth:`vjp` (training) only, never
+            in plain calls (inference).
 
     Weights (textbook orientation, ``Q = x @ w_query + b_query``): ``w_query`` (embed_dim, qk_dim),
     ``w_key`` (embed_dim, qk_dim), ``w_value`` (embed_dim, v_dim), biases ``b_query``, ``b_key``
@@ -93,11 +111,12 @@ class SelfAttention:
 
     def __init__(self, embed_dim: int, *, qk_dim: int | None = None, v_dim: int | None = None, bias: bool = False,
                  exclude_self: bool = False, dtype: npt.DTypeLike = np.float32,
-                 rng: int | np.random.Generator | None = None) -> None:
+                 rng: int | np.random.Generator | None = None, dropout: float = 0.0) -> None:
         self.embed_dim = positive_int(embed_dim, "embed_dim")
         self.qk_dim = self.embed_dim if qk_dim is None else positive_int(qk_dim, "qk_dim")
         self.v_dim = self.embed_dim if v_dim is None else positive_int(v_dim, "v_dim")
         self.exclude_self = bool(exclude_self)
+        self.dropout = dropout_rate(dropout)
         self.dtype = layer_dtype(dtype)
         rng = make_rng(rng)
         e, dk, dv = self.embed_dim, self.qk_dim, self.v_dim
@@ -199,7 +218,15 @@ class SelfAttention:
         Returns:
             output (..., L, v_dim), or (output, weights).
         """
-        mask = _mask_alias(attn_mask, mask, "SelfAttention()")
+        result, _ = self._forward(x, attn_mask, is_causal, key_lengths, window, return_weights, warn, mask)
+        return result
+
+    def _forward(self, x, attn_mask, is_causal, key_lengths, window, return_weights, warn, mask=None,
+                 dropout_p: float = 0.0, seed: int | None = None, keep: bool = False):
+        """The forward pass of __call__ and vjp: (result, saved), saved (only with keep) holding
+        what the backward needs."""
+        given_mask = mask = _mask_alias(attn_mask, mask, "SelfAttention()")
+        given = x
         x = _input(x, "x", self.dtype, self.embed_dim, "embed_dim")
         if x.ndim < 2:
             raise ValueError(f"x must have at least 2 dimensions (..., L, embed_dim), got shape {shape_str(x.shape)}")
@@ -212,23 +239,88 @@ class SelfAttention:
                 check_mask(mask, "attn_mask", 2)
         if self.exclude_self:
             mask = _exclude_diagonal(mask, x.shape[-2], self.dtype)
-        if key_lengths is None:
-            return scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, window=window,
-                                                return_weights=return_weights, warn=False)
-        # A head axis of 1, so every axis before (L, d) is a batch axis for key_lengths.
-        lengths = check_key_lengths(key_lengths, x.shape[:-2], x.shape[-2])
-        if mask is not None and mask.ndim >= 3:
-            mask = mask[..., None, :, :]
-        result = scaled_dot_product_attention(q[..., None, :, :], k[..., None, :, :], v[..., None, :, :], mask,
-                                              is_causal=is_causal, key_lengths=lengths, window=window,
-                                              return_weights=return_weights, warn=False)
-        if return_weights:
-            return result[0][..., 0, :, :], result[1][..., 0, :, :]
-        return result[..., 0, :, :]
+        lengths = None
+        if key_lengths is not None:
+            # A head axis of 1, so every axis before (L, d) is a batch axis for key_lengths.
+            lengths = np.array(check_key_lengths(key_lengths, x.shape[:-2], x.shape[-2]))
+            if mask is not None and mask.ndim >= 3:
+                mask = mask[..., None, :, :]
+            q, k, v = q[..., None, :, :], k[..., None, :, :], v[..., None, :, :]
+        # dropout only in training (vjp): a plain call passes no dropout arguments at all
+        training = {"dropout_p": dropout_p, "seed": seed} if dropout_p else {}
+        result = scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, key_lengths=lengths, window=window,
+                                              return_weights=return_weights, return_lse=keep, warn=False, **training)
+        parts = list(result) if isinstance(result, tuple) else [result]
+        saved = None
+        if keep:
+            saved = dict(x=owned(x, given), q=q, k=k, v=v, o=parts[0], lse=parts[-1],
+                         mask=None if mask is None else owned(mask, given_mask), lengths=lengths,
+                         is_causal=is_causal, window=window, dropout_p=dropout_p, seed=seed,
+                         weights=self.state_dict())
+            parts = parts[:-1]
+        if lengths is not None:
+            parts = [r[..., 0, :, :] for r in parts]
+        return (tuple(parts) if return_weights else parts[0]), saved
+
+    def vjp(self, x: ArrayLike, *, attn_mask: ArrayLike | None = None, is_causal: Causal = False,
+            key_lengths: ArrayLike | None = None, window: Window = None, return_weights: bool = False,
+            warn: bool = True, mask: ArrayLike | None = None, seed: int | None = None):
+        """A training step's forward pass and its pullback: ``result, pullback``.
+
+        Takes what :meth:`__call__` takes (and returns what it returns), plus ``seed`` for the
+        attention dropout (the layer's ``dropout``, applied here and never in plain calls):
+        None draws a fresh seed from the operating system, recorded as ``pullback.seed``.
+
+        ``pullback(grad_output)`` (or ``pullback((grad_output, grad_weights))`` with
+        return_weights, None for an output not differentiated) returns ``((dx,), param_grads)``,
+        param_grads keyed like :meth:`state_dict` and summed over the batch. Masks and key
+        lengths get no gradient.
+        """
+        seed = dropout_seed(self.dropout, seed)
+        result, saved = self._forward(x, attn_mask, is_causal, key_lengths, window, return_weights, warn, mask,
+                                      self.dropout, seed, keep=True)
+
+        def backward(cotangent):
+            grads = output_cotangents(cotangent, result, self.dtype)
+            dx, params = self._backward(saved, grads[0], grads[1] if return_weights else None)
+            return (input_grad(dx, x),), params
+
+        return result, LayerPullback(backward, seed)
+
+    def _backward(self, s: dict, grad_out, grad_weights):
+        """(dx, param_grads) from what _forward saved."""
+        from .grad import scaled_dot_product_attention_backward
+        o, head_axis = s["o"], s["lengths"] is not None
+        if grad_out is None:
+            grad_out = np.zeros(o.shape, dtype=self.dtype)
+        elif head_axis:
+            grad_out = grad_out[..., None, :, :]
+        if grad_weights is not None and head_axis:
+            grad_weights = grad_weights[..., None, :, :]
+        dq, dk, dv, _ = scaled_dot_product_attention_backward(
+            grad_out, s["q"], s["k"], s["v"], o, s["lse"], s["mask"], s["dropout_p"], s["is_causal"],
+            key_lengths=s["lengths"], window=s["window"], seed=s["seed"], grad_weights=grad_weights)
+        d_qkv = np.concatenate([dq, dk, dv], axis=-1)
+        if head_axis:
+            d_qkv = d_qkv[..., 0, :, :]
+        w = s["weights"]
+        weight = np.concatenate([w["query.weight"], w["key.weight"], w["value.weight"]])
+        bias = None if self._b is None else np.concatenate([w["query.bias"], w["key.bias"], w["value.bias"]])
+        dx, dweight, dbias = linear_grads(d_qkv, s["x"], weight, bias)
+        e, dk = self.embed_dim, self.qk_dim
+        params = {"query.weight": dweight[:dk], "key.weight": dweight[dk: 2 * dk], "value.weight": dweight[2 * dk:]}
+        if bias is not None:
+            params.update({"query.bias": dbias[:dk], "key.bias": dbias[dk: 2 * dk], "value.bias": dbias[2 * dk:]})
+        return dx, {name: np.array(g, dtype=self.dtype, order="C") for name, g in params.items()}
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("dropout", 0.0)  # pickled before layers had dropout
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return (f"SelfAttention(embed_dim={self.embed_dim}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, "
-                f"bias={self._b is not None}, exclude_self={self.exclude_self}, dtype={self.dtype.name})")
+                f"bias={self._b is not None}, exclude_self={self.exclude_self}, dropout={self.dropout!r}, "
+                f"dtype={self.dtype.name})")
 
 
 def _exclude_diagonal(mask, length: int, dtype: np.dtype):
@@ -358,18 +450,23 @@ class MultiHeadAttention:
             converted to it).
         rng: seed or ``np.random.Generator`` for the initial weights (PyTorch's scheme:
             Xavier-uniform input projections, zero biases).
+        dropout: probability of zeroing each attention weight (the kept ones scaled by
+            1 / (1 - dropout)), PyTorch's ``dropout``; applied in :meth:`vjp` (training) only,
+            never in plain calls (inference).
 
     Weights use PyTorch's names and (out_features, in_features) layout: ``in_proj_weight``
     (embed_dim + 2 num_kv_heads head_dim, embed_dim), only when kdim == vdim == embed_dim;
     ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` (views into it, or separate when
     kdim/vdim differ); ``in_proj_bias``; ``out_proj_weight`` (embed_dim, embed_dim);
     ``out_proj_bias``. Load them with :meth:`load_state_dict`, :meth:`from_torch` or
-    :meth:`load_projections`. Dropout is not applied (inference).
+    :meth:`load_projections`. :meth:`vjp` gives the gradients of the inputs and of these
+    weights (keyed like :meth:`state_dict`).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None, kdim: int | None = None,
                  vdim: int | None = None, bias: bool = True, batch_first: bool = True,
-                 dtype: npt.DTypeLike = np.float32, rng: int | np.random.Generator | None = None) -> None:
+                 dtype: npt.DTypeLike = np.float32, rng: int | np.random.Generator | None = None,
+                 dropout: float = 0.0) -> None:
         self.embed_dim = positive_int(embed_dim, "embed_dim")
         self.num_heads = positive_int(num_heads, "num_heads")
         if self.embed_dim % self.num_heads:
@@ -383,6 +480,7 @@ class MultiHeadAttention:
         self.batch_first = bool(batch_first)
         self.dtype = layer_dtype(dtype)
         self.bias = bool(bias)
+        self.dropout = dropout_rate(dropout)
         e, kv = self.embed_dim, self.num_kv_heads * self.head_dim
         self._kv_width = kv
         self._packed = self.kdim == e and self.vdim == e
@@ -415,6 +513,7 @@ class MultiHeadAttention:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("dropout", 0.0)  # pickled before layers had dropout
         self.__dict__.update(state)
         if self._packed:
             self._split_in_proj()
@@ -508,7 +607,8 @@ class MultiHeadAttention:
             layout, so nothing needs converting back. False: PyTorch's (L, B, E). None: the
             module's own setting.
 
-        float16/bfloat16 modules give float32 layers; dropout is ignored (inference).
+        float16/bfloat16 modules give float32 layers; the module's ``dropout`` is the layer's
+        (applied in :meth:`vjp` only).
         """
         try:
             import torch
@@ -523,7 +623,8 @@ class MultiHeadAttention:
         dtype = np.float64 if module.out_proj.weight.dtype == torch.float64 else np.float32
         layer = cls(module.embed_dim, module.num_heads, kdim=module.kdim, vdim=module.vdim,
                     bias=module.in_proj_bias is not None,
-                    batch_first=module.batch_first if batch_first is None else bool(batch_first), dtype=dtype)
+                    batch_first=module.batch_first if batch_first is None else bool(batch_first), dtype=dtype,
+                    dropout=module.dropout)
         torch_dtype = torch.float64 if dtype == np.float64 else torch.float32
         layer.load_state_dict({k: v.detach().to("cpu", torch_dtype).numpy() for k, v in module.state_dict().items()})
         return layer
@@ -676,9 +777,16 @@ class MultiHeadAttention:
             None when return_weights is False (the pair is always returned, as PyTorch does). A query that may attend to nothing gets output
             b_out (zero attention) and zero weights, where PyTorch gives NaN.
         """
-        if need_weights is not None and return_weights is not None and bool(need_weights) != bool(return_weights):
-            raise TypeError("return_weights and need_weights (its PyTorch name) disagree; pass one of them")
-        want_weights = bool(return_weights if return_weights is not None else need_weights)
+        want_weights = _want_weights(return_weights, need_weights)
+        out, weights, _ = self._forward(query, key, value, key_mask, key_lengths, attn_mask, is_causal, window,
+                                        want_weights, average_attn_weights, warn)
+        return out, weights
+
+    def _forward(self, query, key, value, key_mask, key_lengths, attn_mask, is_causal, window, want_weights: bool,
+                 average_attn_weights: bool, warn: bool, dropout_p: float = 0.0, seed: int | None = None,
+                 keep: bool = False):
+        """The forward pass of __call__ and vjp: (output, weights, saved), where saved (only with
+        keep) holds what the backward needs."""
         q_in = _input(query, "query", self.dtype, self.embed_dim, "embed_dim")
         # query is key is value (or both omitted): one GEMM for Q, K and V together
         self_attention = (key is None or key is query) and (value is None or value is query)
@@ -726,17 +834,138 @@ class MultiHeadAttention:
                 k = self._split_heads(_linear(k_in, self._k_w, self._bias_part("k")), 0, hk, batch_first)
                 v = self._split_heads(_linear(v_in, self._v_w, self._bias_part("v")), 0, hk, batch_first)
 
-        result = scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=hk != self.num_heads,
-                                              key_lengths=lengths, window=window, return_weights=want_weights,
-                                              warn=False)
-        o, weights = result if want_weights else (result, None)
+        gqa = hk != self.num_heads
+        # dropout only in training (vjp): a plain call passes no dropout arguments at all
+        training = {"dropout_p": dropout_p, "seed": seed} if dropout_p else {}
+        result = scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa, key_lengths=lengths,
+                                              window=window, return_weights=want_weights, return_lse=keep,
+                                              warn=False, **training)
+        result = result if isinstance(result, tuple) else (result,)
+        o = result[0]
+        weights = result[1] if want_weights else None
         out = self._project_out(o, batch_first)
         if weights is not None and average_attn_weights:
             weights = weights.mean(axis=1)
         if unbatched:
             out = out[0]
             weights = None if weights is None else weights[0]
-        return out, weights
+        saved = None
+        if keep:
+            n_inputs = 1 if key is None else (2 if value is None else 3)
+            inputs = tuple(owned(a, g) for a, g in zip((q_in, k_in, v_in)[:n_inputs], (query, key, value)))
+            mask = None if mask is None else owned(owned(mask, attn_mask), key_mask)
+            saved = dict(inputs=inputs, q=q, k=k, v=v, o=o, lse=result[-1], mask=mask, lengths=lengths,
+                         is_causal=is_causal, window=window, gqa=gqa, dropout_p=dropout_p, seed=seed,
+                         batch_first=batch_first, unbatched=unbatched, average=bool(average_attn_weights),
+                         weights=self.state_dict())
+        return out, weights, saved
+
+    # ---- training --------------------------------------------------------------------------
+
+    def vjp(self, query: ArrayLike, key: ArrayLike | None = None, value: ArrayLike | None = None, *,
+            key_mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None,
+            attn_mask: ArrayLike | None = None, is_causal: Causal = False, window: Window = None,
+            return_weights: bool | None = None, average_attn_weights: bool = True, warn: bool = True,
+            need_weights: bool | None = None, seed: int | None = None
+            ) -> tuple[tuple[np.ndarray, np.ndarray | None], LayerPullback]:
+        """A training step's forward pass and its pullback: ``(out, weights), pullback``.
+
+        Takes what :meth:`__call__` takes, plus ``seed`` for the attention dropout (the layer's
+        ``dropout``, applied here and never in plain calls): None draws a fresh seed from the
+        operating system, recorded as ``pullback.seed``; the same seed gives the same dropout.
+
+        ``pullback((grad_out, grad_weights))`` (``grad_weights`` None unless the weights were
+        asked for and are differentiated; ``grad_out`` None when only the weights are) returns
+        ``(input_grads, param_grads)``: input_grads has one gradient per input given, (dquery,)
+        for self-attention with key and value omitted, (dquery, dkey) when value defaults to key,
+        (dquery, dkey, dvalue) otherwise, even when they are the same array (each is then the
+        gradient through that argument alone; their sum is the array's); param_grads is keyed
+        like :meth:`state_dict` (``in_proj_weight`` in the (out, in) layout, ...), summed over
+        the batch. Masks and key lengths get no gradient.
+        """
+        want_weights = _want_weights(return_weights, need_weights)
+        seed = dropout_seed(self.dropout, seed)
+        out, weights, saved = self._forward(query, key, value, key_mask, key_lengths, attn_mask, is_causal, window,
+                                            want_weights, average_attn_weights, warn, self.dropout, seed, keep=True)
+        given = (query,) if key is None else ((query, key) if value is None else (query, key, value))
+        outputs = (out, weights)
+
+        def backward(cotangent):
+            grad_out, grad_weights = output_cotangents(cotangent, outputs, self.dtype)
+            dx, params = self._backward(saved, len(given), grad_out, grad_weights)
+            return tuple(input_grad(d, g) for d, g in zip(dx, given)), params
+
+        return outputs, LayerPullback(backward, seed)
+
+    def _backward(self, s: dict, n_inputs: int, grad_out, grad_weights):
+        """(input gradients, param_grads) from what _forward saved."""
+        from .grad import scaled_dot_product_attention_backward
+        w = s["weights"]
+        batch_first, o = s["batch_first"], s["o"]
+        if s["unbatched"]:
+            grad_out = None if grad_out is None else grad_out[None]
+            grad_weights = None if grad_weights is None else grad_weights[None]
+        b, h = o.shape[:2]
+        merged = _merge_heads(o, batch_first)
+        if grad_out is None:
+            grad_out = np.zeros(merged.shape, dtype=self.dtype)
+        d_merged, d_out_w, d_out_b = linear_grads(grad_out, merged, w["out_proj.weight"], w.get("out_proj.bias"))
+        d_o = self._split_heads(d_merged, 0, h, batch_first)
+        if grad_weights is not None and s["average"]:  # the mean over heads spreads evenly back to each
+            grad_weights = np.broadcast_to((grad_weights / self.dtype.type(h))[:, None],
+                                           (b, h) + grad_weights.shape[1:])
+        dq, dk, dv, _ = scaled_dot_product_attention_backward(
+            d_o, s["q"], s["k"], s["v"], s["o"], s["lse"], s["mask"], s["dropout_p"], s["is_causal"], None, s["gqa"],
+            key_lengths=s["lengths"], window=s["window"], seed=s["seed"], grad_weights=grad_weights)
+        parts = {"q": _merge_heads(dq, batch_first), "k": _merge_heads(dk, batch_first),
+                 "v": _merge_heads(dv, batch_first)}
+        dx, params = self._projection_grads(parts, s["inputs"], n_inputs, w)
+        params["out_proj.weight"] = d_out_w
+        if self.bias:
+            params["out_proj.bias"] = d_out_b
+        if s["unbatched"]:
+            dx = [d[0] for d in dx]
+        return dx, {name: params[name].astype(self.dtype, copy=False) for name in self._weight_shapes()}
+
+    def _projection_grads(self, parts: dict, inputs: tuple, n_inputs: int, w: dict):
+        """Gradients of the inputs and the input projections' weights from the gradients of the
+        projected Q, K, V (``parts``, each laid out as the inputs). Q, K and V come from inputs
+        0, 0, 0 (self-attention), 0, 1, 1 (value defaulting to key) or 0, 1, 2; rows of the
+        packed weight that come from the same input go through one linear backward."""
+        e, kv = self.embed_dim, self._kv_width
+        rows = {"q": (0, e), "k": (e, e + kv), "v": (e + kv, e + 2 * kv)}
+        source = {"q": 0, "k": min(1, n_inputs - 1), "v": min(2, n_inputs - 1)}
+        groups = []  # [(input index, [part names])]
+        for name in ("q", "k", "v"):
+            if self._packed and groups and groups[-1][0] == source[name]:
+                groups[-1][1].append(name)
+            else:
+                groups.append((source[name], [name]))
+        packed_w = w.get("in_proj_weight")
+        in_b = w.get("in_proj_bias")
+        d_in_b = None if in_b is None else np.empty_like(in_b)
+        d_w = {}
+        dx = [None] * n_inputs
+        for index, names in groups:
+            r0, r1 = rows[names[0]][0], rows[names[-1]][1]
+            weight = packed_w[r0:r1] if packed_w is not None else w[f"{names[0]}_proj_weight"]
+            grad = parts[names[0]] if len(names) == 1 else np.concatenate([parts[n] for n in names], axis=-1)
+            d, dweight, dbias = linear_grads(grad, inputs[index], weight, None if in_b is None else in_b[r0:r1])
+            dx[index] = d if dx[index] is None else dx[index] + d
+            d_w[names[0] if len(names) == 1 else "".join(names)] = (r0, r1, dweight)
+            if d_in_b is not None:
+                d_in_b[r0:r1] = dbias
+        params = {}
+        if packed_w is not None:
+            d_packed = np.empty_like(packed_w)
+            for r0, r1, dweight in d_w.values():
+                d_packed[r0:r1] = dweight
+            params["in_proj_weight"] = d_packed
+        else:
+            params.update({f"{n}_proj_weight": d_w[n][2] for n in ("q", "k", "v")})
+        if d_in_b is not None:
+            params["in_proj_bias"] = d_in_b
+        return dx, params
 
     # ---- incremental decoding --------------------------------------------------------------
 
@@ -781,8 +1010,9 @@ class MultiHeadAttention:
     def __repr__(self) -> str:
         extra = "" if self.num_kv_heads == self.num_heads else f", num_kv_heads={self.num_kv_heads}"
         dims = "" if self._packed else f", kdim={self.kdim}, vdim={self.vdim}"
+        dropout = f", dropout={self.dropout!r}" if self.dropout else ""
         return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}{extra}{dims}, "
-                f"bias={self.bias}, batch_first={self.batch_first}, dtype={self.dtype.name})")
+                f"bias={self.bias}, batch_first={self.batch_first}{dropout}, dtype={self.dtype.name})")
 
 
 # --------------------------------------------------------------------------------------------
