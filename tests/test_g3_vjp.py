@@ -394,3 +394,108 @@ def test_vjp_refuses_other_functions():
         vjp(np.tanh, np.ones(3))
     with pytest.raises(TypeError):
         vjp(attnext.softmax, np.ones(3), bogus=1)
+
+
+# ---- the public backward functions against their reference twins -----------------------------
+
+def _assert_same_gradients(got, want, rtol=1e-9):
+    items = got.items() if isinstance(got, dict) else enumerate(got)
+    for name, g in items:
+        w = want[name]
+        if w is None:
+            assert g is None, name
+        else:
+            assert g.shape == w.shape and g.dtype == w.dtype, name
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=1e-11, err_msg=str(name))
+
+
+@pytest.mark.parametrize("shared_keys", [False, True])
+@pytest.mark.parametrize("mask_kind", [None, "float", "bool"])
+def test_additive_backward_matches_the_reference(shared_keys, mask_kind, rng):
+    q, val = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 2))
+    k = rng.standard_normal((1 if shared_keys else 2, 5, 3))
+    wq, wk, v, b = rng.standard_normal((4, 6)), rng.standard_normal((3, 6)), rng.standard_normal(6), rng.standard_normal(6)
+    mask = {None: None, "float": rng.standard_normal((3, 5)), "bool": rng.random((2, 3, 5)) < 0.8}[mask_kind]
+    kwargs = {"bias": b, "attn_mask": mask, "key_lengths": np.array([5, 4]), "is_causal": "bottom_right"}
+    out = attnext.additive_attention(q, k, val, wq, wk, v, **kwargs)
+    g, gw = rng.standard_normal(out.shape), rng.standard_normal((2, 3, 5))
+    got = attnext.additive_attention_backward(g, q, k, val, wq, wk, v, out, None, grad_weights=gw, **kwargs)
+    want = reference.additive_attention_backward(g, q, k, val, wq, wk, v, out, None, grad_weights=gw, **kwargs)
+    _assert_same_gradients(got, want)
+    assert sorted(got) == ["attn_mask", "bias", "key", "query", "v", "value", "w_key", "w_query"]
+
+
+def test_additive_backward_of_projected_keys_is_the_projection_gradient(rng):
+    q, k, val = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 5, 2))
+    wq, wk, v = rng.standard_normal((4, 6)), rng.standard_normal((3, 6)), rng.standard_normal(6)
+    keys = attnext.project_keys(k, wk)
+    out, pullback = vjp(attnext.additive_attention, q, keys, val, wq, None, v)
+    ct = rng.standard_normal(out.shape)
+    grads = pullback(ct)
+    assert grads[1].shape == keys.projected.shape and grads[4] is None
+    raw = vjp(attnext.additive_attention, q, k, val, wq, wk, v)[1](ct)
+    # d(key w_key) chained through key and w_key gives the raw-key gradients
+    np.testing.assert_allclose(grads[1] @ wk.T, raw[1], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.einsum("bjd,bju->du", k, grads[1]), raw[4], rtol=1e-9, atol=1e-12)
+    want = reference.additive_attention_backward(ct, q, keys, val, wq, None, v, out, None)
+    np.testing.assert_allclose(grads[1], want["key"], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["dot", "scaled_dot", "general", "additive"])
+def test_score_backward_matches_the_reference(method, rng, monkeypatch):
+    from attnext import grad as grad_module
+
+    monkeypatch.setattr(grad_module, "_ADDITIVE_BLOCK_ELEMENTS", 7)  # several query blocks
+    q, k = rng.standard_normal((2, 1, 5, 4)), rng.standard_normal((3, 6, 3 if method in ("general", "additive") else 4))
+    kwargs = {"general": {"weight": rng.standard_normal((4, 3))},
+              "additive": {"w_query": rng.standard_normal((4, 6)), "w_key": rng.standard_normal((3, 6)),
+                           "v": rng.standard_normal(6)}}.get(method, {})
+    g = rng.standard_normal((2, 3, 5, 6))
+    _assert_same_gradients(attnext.score_backward(g, q, k, method, scale=0.4, **kwargs),
+                           reference.score_backward(g, q, k, method, scale=0.4, **kwargs))
+
+
+def test_softmax_weighted_sum_and_linear_backward_match_the_reference(rng):
+    w, g = attnext.softmax(rng.standard_normal((2, 3, 4)), axis=0), rng.standard_normal((2, 3, 4))
+    np.testing.assert_allclose(attnext.softmax_backward(g, w, axis=0), reference.softmax_backward(g, w, axis=0),
+                               rtol=1e-12)
+    a, val, g = rng.standard_normal((2, 3, 4)), rng.standard_normal((4, 5)), rng.standard_normal((2, 3, 5))
+    _assert_same_gradients(attnext.weighted_sum_backward(g, a, val), reference.weighted_sum_backward(g, a, val))
+    for shape in [(6,), (3, 6), (2, 3, 6), (2, 2, 3, 6)]:
+        x, w, b = rng.standard_normal(shape), rng.standard_normal((5, 6)), rng.standard_normal(5)
+        g = rng.standard_normal(shape[:-1] + (5,))
+        _assert_same_gradients(attnext.linear_backward(g, x, w, b), reference.linear_backward(g, x, w, b))
+        assert attnext.linear_backward(g, x, w)[2] is None
+
+
+def test_sdpa_backward_matches_the_reference_with_float32_inputs(rng):
+    q = rng.standard_normal((2, 4, 3, 8)).astype(np.float32)
+    k, v = rng.standard_normal((2, 2, 6, 8)).astype(np.float32), rng.standard_normal((2, 2, 6, 5)).astype(np.float32)
+    mask = rng.standard_normal((4, 3, 6)).astype(np.float32)
+    kwargs = {"enable_gqa": True, "window": (2, 1), "key_lengths": np.array([6, 5])}
+    out, lse = attnext.scaled_dot_product_attention(q, k, v, mask, return_lse=True, **kwargs)
+    g, gl = rng.standard_normal(out.shape).astype(np.float32), rng.standard_normal(lse.shape).astype(np.float32)
+    got = attnext.scaled_dot_product_attention_backward(g, q, k, v, out, lse, mask, grad_lse=gl, **kwargs)
+    want = reference.scaled_dot_product_attention_backward(g, q, k, v, out, lse, mask, grad_lse=gl, **kwargs)
+    _assert_same_gradients(got, want, rtol=2e-4)
+
+
+def test_backward_argument_errors(rng):
+    q, k, v = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 3))
+    out, lse = attnext.scaled_dot_product_attention(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match=r"grad_out has shape \(2, 3, 4\) but the forward's gives \(2, 3, 3\)"):
+        attnext.scaled_dot_product_attention_backward(np.ones((2, 3, 4)), q, k, v, out, lse)
+    with pytest.raises(ValueError, match=r"lse has shape"):
+        attnext.scaled_dot_product_attention_backward(out, q, k, v, out, lse[..., :2])
+    with pytest.raises(ValueError, match="seed is required"):
+        attnext.scaled_dot_product_attention_backward(out, q, k, v, out, lse, dropout_p=0.5)
+    with pytest.raises(ValueError, match=r"grad has shape \(3, 4\) but weights has \(2, 3, 4\)"):
+        attnext.softmax_backward(np.ones((3, 4)), q)
+    with pytest.raises(ValueError, match=r"grad has shape \(2, 3, 4\) but the forward's output has \(2, 3, 5\)"):
+        attnext.score_backward(q, q, k, "dot")
+    with pytest.raises(ValueError, match=r"weight has shape \(3, 3\)"):
+        attnext.score_backward(np.ones((2, 3, 5)), q, k, "general", weight=np.ones((3, 3)))
+    with pytest.raises(ValueError, match="needs weight"):
+        attnext.score_backward(np.ones((2, 3, 5)), q, k, "general")
+    with pytest.raises(ValueError, match=r"grad has shape"):
+        attnext.weighted_sum_backward(np.ones((2, 3, 4)), np.ones((2, 3, 5)), v)

@@ -3,6 +3,7 @@
 // two a public call uses is decided by the Python front (functional.additive_attention); how
 // the raw-key entry splits its work is decided by the core (additive_attention.hpp).
 #include <attnext/additive_attention.hpp>
+#include <attnext/additive_backward.hpp>
 
 #include "common.hpp"
 
@@ -59,58 +60,72 @@ struct KeysArg {
   const py::object* w_key;           // not projected
 };
 
+// The arguments of one attention call (forward or backward), parsed and checked once.
 template <typename T>
-py::object attention_impl(const py::array& q, const py::object& w_query, const py::object& bias, const KeysArg& keys,
-                          const py::array& value, const py::object& v, const py::object& mask,
-                          const py::object& key_lengths, bool return_weights) {
+struct AttentionArgs {
+  std::vector<index_t> batch, score_shape, out_shape;
+  py::array_t<T, py::array::c_style> wq, wk, vc;
+  Bias<T> bias;
+  Mask<T> mask;
+  OwnedBatch<std::int64_t> lengths;
+  OwnedBatch<bool> ok;  // projected keys: owned, whether a batch entry reads keys_exp is decided by it
+};
+
+template <typename T>
+AttentionArgs<T> parse_attention(const py::array& q, const py::object& w_query, const py::object& bias,
+                                 const KeysArg& keys, const py::array& value, const py::object& v,
+                                 const py::object& mask, const py::object& key_lengths) {
   require_ndim(q, "query", 2);
   require_same_dtype(q, "query", value, "value");
   require_ndim(value, "value", 2);
   require_same_batch(q, "query", value, "value", 2);
-  const std::vector<index_t> batch(q.shape(), q.shape() + q.ndim() - 2);
-  const bool projected = keys.projected;
-  py::array_t<T, py::array::c_style> wk;
-  OwnedBatch<bool> ok;
-  if (projected) {
+  AttentionArgs<T> a;
+  a.batch.assign(q.shape(), q.shape() + q.ndim() - 2);
+  if (keys.projected) {
     const py::array &raw = *keys.raw, &expo = *keys.expo;
     check_projected(q, raw, "keys_raw", raw);
     check_projected(q, expo, "keys_exp", raw);
     require_same_batch(q, "query", raw, "keys_raw", 2);
     require_dim(raw, "keys_raw", -2, value, "value", -2, "the number of keys");
-    // Owned: whether a batch entry reads keys_exp is decided by it.
-    ok = own_batch_array<bool>(*keys.ok, "keys_ok", batch);
+    a.ok = own_batch_array<bool>(*keys.ok, "keys_ok", a.batch);
   } else {
     const py::array& key = *keys.key;
     require_same_dtype(q, "query", key, "key");
     require_ndim(key, "key", 2);
     require_same_batch(q, "query", key, "key", 2);
     require_dim(key, "key", -2, value, "value", -2, "the number of keys");
-    wk = parameter_matrix<T>(key, "key", *keys.w_key, "w_key");
-    require_dim(key, "key", -1, wk, "w_key", 0, "key's last dimension and w_key's first");
+    a.wk = parameter_matrix<T>(key, "key", *keys.w_key, "w_key");
+    require_dim(key, "key", -1, a.wk, "w_key", 0, "key's last dimension and w_key's first");
   }
   // units_ref: the array giving the number of units
-  const py::array& units_ref = projected ? *keys.raw : static_cast<const py::array&>(wk);
-  const char* units_name = projected ? "keys_raw" : "w_key";
+  const py::array& units_ref = keys.projected ? *keys.raw : static_cast<const py::array&>(a.wk);
+  const char* units_name = keys.projected ? "keys_raw" : "w_key";
   const py::ssize_t units = units_ref.shape(units_ref.ndim() - 1);
-  const auto wq = parameter_matrix<T>(q, "query", w_query, "w_query");
-  require_dim(q, "query", -1, wq, "w_query", 0, "query's last dimension and w_query's first");
-  if (wq.shape(1) != units)
-    fail_value("w_query has shape " + shape_str(wq) + " but " + units_name + " has " + shape_str(units_ref) +
+  a.wq = parameter_matrix<T>(q, "query", w_query, "w_query");
+  require_dim(q, "query", -1, a.wq, "w_query", 0, "query's last dimension and w_query's first");
+  if (a.wq.shape(1) != units)
+    fail_value("w_query has shape " + shape_str(a.wq) + " but " + units_name + " has " + shape_str(units_ref) +
                ": the number of units must match");
-  const auto vc = parameter_vector<T>(q, "query", v, "v", units, units_are(units));
-  const Bias<T> bc = parameter_bias<T>(q, "query", bias, units, units_are(units));
-
+  a.vc = parameter_vector<T>(q, "query", v, "v", units, units_are(units));
+  a.bias = parameter_bias<T>(q, "query", bias, units, units_are(units));
   const index_t lk = value.shape(value.ndim() - 2);
-  std::vector<index_t> score_shape = shape_of(q);
-  score_shape.back() = lk;
-  const Mask<T> m = mask_view<T>(mask, score_shape, "mask");
-  const OwnedBatch<std::int64_t> lengths = own_key_lengths(key_lengths, batch, lk);
+  a.score_shape = shape_of(q);
+  a.score_shape.back() = lk;
+  a.mask = mask_view<T>(mask, a.score_shape, "mask");
+  a.lengths = own_key_lengths(key_lengths, a.batch, lk);
+  a.out_shape = shape_of(q);
+  a.out_shape.back() = value.shape(value.ndim() - 1);
+  return a;
+}
 
-  std::vector<index_t> out_shape = shape_of(q);
-  out_shape.back() = value.shape(value.ndim() - 1);
-  py::array_t<T> out = new_output<T>(out_shape, "context");
+template <typename T>
+py::object attention_impl(const py::array& q, const py::object& w_query, const py::object& bias, const KeysArg& keys,
+                          const py::array& value, const py::object& v, const py::object& mask,
+                          const py::object& key_lengths, bool return_weights) {
+  const AttentionArgs<T> a = parse_attention<T>(q, w_query, bias, keys, value, v, mask, key_lengths);
+  py::array_t<T> out = new_output<T>(a.out_shape, "context");
   py::array_t<T> w;
-  if (return_weights) w = new_output<T>(score_shape, "weights");
+  if (return_weights) w = new_output<T>(a.score_shape, "weights");
   const auto result = [&]() -> py::object {
     if (return_weights) return py::make_tuple(out, w);
     return std::move(out);
@@ -119,24 +134,102 @@ py::object attention_impl(const py::array& q, const py::object& w_query, const p
   if (all_empty({&out, return_weights ? &w : nullptr})) return result();
 
   const Strided<const T> qv = view<T>(q, "query"), vv = view<T>(value, "value");
-  const ConstMatrixMap<T> wm = map_matrix(wq);
+  const ConstMatrixMap<T> wm = map_matrix(a.wq);
   T* op = out.mutable_data();
   T* wp = return_weights ? w.mutable_data() : nullptr;
-  if (projected) {
-    const AdditiveKeys<T> prepared{view<T>(*keys.raw, "keys_raw"), view<T>(*keys.expo, "keys_exp"), ok.view()};
+  if (keys.projected) {
+    const AdditiveKeys<T> prepared{view<T>(*keys.raw, "keys_raw"), view<T>(*keys.expo, "keys_exp"), a.ok.view()};
     // Safe without the GIL: every array is kept alive by this frame, keys_ok and key_lengths
     // are the binding's own copies, and no Python object is used.
     py::gil_scoped_release nogil;
-    additive_attention<T>(qv, wm, bc.data(), prepared, vv, vc.data(), m, lengths.get(), op, wp);
+    additive_attention<T>(qv, wm, a.bias.data(), prepared, vv, a.vc.data(), a.mask, a.lengths.get(), op, wp);
   } else {
     const Strided<const T> kv = view<T>(*keys.key, "key");
-    const ConstMatrixMap<T> wkm = map_matrix(wk);
+    const ConstMatrixMap<T> wkm = map_matrix(a.wk);
     // Safe without the GIL: every array is kept alive by this frame, key_lengths is the
     // binding's own copy, and no Python object is used.
     py::gil_scoped_release nogil;
-    additive_attention<T>(qv, wm, bc.data(), kv, wkm, vv, vc.data(), m, lengths.get(), op, wp);
+    additive_attention<T>(qv, wm, a.bias.data(), kv, wkm, vv, a.vc.data(), a.mask, a.lengths.get(), op, wp);
   }
   return result();
+}
+
+// A cotangent of the same dtype as the query and exactly the given shape (any strides).
+template <typename T>
+Strided<const T> cotangent_view(const py::array& q, const py::array& a, const char* name,
+                                const std::vector<index_t>& shape, const char* of) {
+  require_same_dtype(q, "query", a, name);
+  if (shape_of(a) != shape)
+    fail_value(std::string(name) + " has shape " + shape_str(a) + " but the " + of + " has " + shape_str(shape));
+  return view<T>(a, name);
+}
+
+template <typename T>
+py::dict backward_impl(const py::array& q, const py::object& w_query, const py::object& bias, const KeysArg& keys,
+                       const py::array& value, const py::object& v, const py::object& mask,
+                       const py::object& key_lengths, const py::array& grad_out, const py::object& grad_weights,
+                       bool mask_grad) {
+  const AttentionArgs<T> a = parse_attention<T>(q, w_query, bias, keys, value, v, mask, key_lengths);
+  const Strided<const T> go = cotangent_view<T>(q, grad_out, "grad_out", a.out_shape, "context");
+  Strided<const T> gw;
+  if (!grad_weights.is_none())
+    gw = cotangent_view<T>(q, require_array(grad_weights, "grad_weights"), "grad_weights", a.score_shape, "weights");
+  const index_t units = a.wq.shape(1);
+  std::vector<index_t> keys_shape = shape_of(value);
+  keys_shape.back() = units;
+  py::array_t<T> dq = new_output<T>(shape_of(q), "query gradient");
+  py::array_t<T> dwq = new_output<T>(shape_of(a.wq), "w_query gradient");
+  py::array_t<T> dbias = new_output<T>({units}, "bias gradient");
+  py::array_t<T> dv = new_output<T>({units}, "v gradient");
+  py::array_t<T> dkeys = new_output<T>(keys_shape, "keys_raw gradient");
+  py::array_t<T> dvalue = new_output<T>(shape_of(value), "value gradient");
+  py::array_t<T> dmask, dkey, dwk;
+  if (mask_grad) dmask = new_output<T>(a.score_shape, "mask gradient");
+  if (!keys.projected) {
+    dkey = new_output<T>(shape_of(*keys.key), "key gradient");
+    dwk = new_output<T>(shape_of(a.wk), "w_key gradient");
+  }
+  AdditiveGradients<T> g;
+  g.query = dq.mutable_data();
+  g.w_query = dwq.mutable_data();
+  g.bias = dbias.mutable_data();
+  g.v = dv.mutable_data();
+  g.keys_raw = dkeys.mutable_data();
+  g.value = dvalue.mutable_data();
+  g.mask = mask_grad ? dmask.mutable_data() : nullptr;
+  const Strided<const T> qv = view<T>(q, "query"), vv = view<T>(value, "value");
+  const ConstMatrixMap<T> wm = map_matrix(a.wq);
+  const Strided<const T>* gwp = grad_weights.is_none() ? nullptr : &gw;
+  if (keys.projected) {
+    const AdditiveKeys<T> prepared{view<T>(*keys.raw, "keys_raw"), view<T>(*keys.expo, "keys_exp"), a.ok.view()};
+    // Safe without the GIL: every array is kept alive by this frame, keys_ok and key_lengths
+    // are the binding's own copies, the outputs are ours, and no Python object is used.
+    py::gil_scoped_release nogil;
+    additive_attention_backward<T>(qv, wm, a.bias.data(), prepared, vv, a.vc.data(), a.mask, a.lengths.get(), go,
+                                   gwp, g);
+  } else {
+    g.key = dkey.mutable_data();
+    g.w_key = dwk.mutable_data();
+    const Strided<const T> kv = view<T>(*keys.key, "key");
+    const ConstMatrixMap<T> wkm = map_matrix(a.wk);
+    // Safe without the GIL: as above.
+    py::gil_scoped_release nogil;
+    additive_attention_backward<T>(qv, wm, a.bias.data(), kv, wkm, vv, a.vc.data(), a.mask, a.lengths.get(), go,
+                                   gwp, g);
+  }
+  py::dict result;
+  result["query"] = dq;
+  result["w_query"] = dwq;
+  result["bias"] = a.bias.present ? py::object(dbias) : py::none();
+  result["v"] = dv;
+  result["keys_raw"] = dkeys;
+  result["value"] = dvalue;
+  result["mask"] = mask_grad ? py::object(dmask) : py::none();
+  if (!keys.projected) {
+    result["key"] = dkey;
+    result["w_key"] = dwk;
+  }
+  return result;
 }
 
 }  // namespace
@@ -179,6 +272,47 @@ void register_additive(py::module_& m) {
         py::arg("return_weights") = false,
         "additive_attention on raw keys, projected inside the call: key (..., Lk, Dk) with the query's batch "
         "shape, w_key (Dk, U); otherwise as additive_attention.");
+  m.def("additive_attention_backward", [](const py::array& q, const py::object& w_query, const py::object& bias,
+                                          const py::array& keys_raw, const py::array& keys_exp,
+                                          const py::array& keys_ok, const py::array& value, const py::object& v,
+                                          const py::object& mask, const py::object& key_lengths,
+                                          const py::array& grad_out, const py::object& grad_weights,
+                                          bool mask_grad) -> py::dict {
+    const KeysArg keys{true, &keys_raw, &keys_exp, &keys_ok, nullptr, nullptr};
+    return dispatch(float_dtype(q, "query"), [&](auto t) {
+      return backward_impl<decltype(t)>(q, w_query, bias, keys, value, v, mask, key_lengths, grad_out, grad_weights,
+                                        mask_grad);
+    });
+  }, py::arg("query").noconvert(), py::arg("w_query"), py::arg("bias").none(true),
+        py::arg("keys_raw").noconvert(), py::arg("keys_exp").noconvert(), py::arg("keys_ok").noconvert(),
+        py::arg("value").noconvert(), py::arg("v"), py::arg("mask").none(true),
+        py::arg("key_lengths").none(true), py::arg("grad_out").noconvert(),
+        py::arg("grad_weights").none(true) = py::none(), py::arg("mask_grad") = false,
+        "Gradients of additive_attention (same arguments, keys prepared by additive_keys) given grad_out "
+        "(..., Lq, Dv) = dL/d(context) and optionally grad_weights (..., Lq, Lk) = dL/d(weights), any strides. "
+        "The weights are recomputed (the forward's bits), so out and lse are not needed. Returns a dict of "
+        "C-contiguous arrays with the full (broadcast) batch shape: query (..., Lq, Dq), w_query (Dq, U), "
+        "bias (U,) or None when bias is None, v (U,), keys_raw (..., Lk, U) = dL/d(key w_key), value "
+        "(..., Lk, Dv), mask (..., Lq, Lk) = dL/d(score + mask) when mask_grad else None. Hidden keys and rows "
+        "that see no key get zero gradients; bit-identical for any thread count.");
+  m.def("additive_attention_keys_backward", [](const py::array& q, const py::object& w_query,
+                                               const py::object& bias, const py::array& key,
+                                               const py::object& w_key, const py::array& value, const py::object& v,
+                                               const py::object& mask, const py::object& key_lengths,
+                                               const py::array& grad_out, const py::object& grad_weights,
+                                               bool mask_grad) -> py::dict {
+    const KeysArg keys{false, nullptr, nullptr, nullptr, &key, &w_key};
+    return dispatch(float_dtype(q, "query"), [&](auto t) {
+      return backward_impl<decltype(t)>(q, w_query, bias, keys, value, v, mask, key_lengths, grad_out, grad_weights,
+                                        mask_grad);
+    });
+  }, py::arg("query").noconvert(), py::arg("w_query"), py::arg("bias").none(true),
+        py::arg("key").noconvert(), py::arg("w_key"), py::arg("value").noconvert(),
+        py::arg("v"), py::arg("mask").none(true), py::arg("key_lengths").none(true),
+        py::arg("grad_out").noconvert(), py::arg("grad_weights").none(true) = py::none(),
+        py::arg("mask_grad") = false,
+        "additive_attention_backward on raw keys (as additive_attention_keys takes them): the dict also has "
+        "key (..., Lk, Dk) and w_key (Dk, U); keys_raw is dL/d(key w_key).");
 }
 
 }  // namespace bind

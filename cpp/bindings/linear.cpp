@@ -31,6 +31,36 @@ py::array linear_impl(const py::array& x, const py::array& weight, const py::obj
   return std::move(out);
 }
 
+template <typename T>
+py::tuple linear_backward_impl(const py::array& grad, const py::array& x, const py::object& weight, bool want_bias) {
+  require_same_dtype(x, "x", grad, "grad");
+  require_ndim(x, "x", 4, 4);
+  require_ndim(grad, "grad", 3, 3);
+  // weight as C-contiguous data (copied when it is not): the GEMM reads its rows in place
+  const auto w = parameter_matrix<T>(x, "x", weight, "weight");
+  if (w.shape(1) != x.shape(2) * x.shape(3))
+    fail_value("x has shape " + shape_str(x) + " (" + std::to_string(x.shape(2) * x.shape(3)) +
+               " features per row) but weight has " + shape_str(w) + ": weight must be (out, in)");
+  if (grad.shape(0) != x.shape(0) || grad.shape(1) != x.shape(1) || grad.shape(2) != w.shape(0))
+    fail_value("grad has shape " + shape_str(grad) + " but x has " + shape_str(x) + " and weight " + shape_str(w) +
+               ": grad must be (B, L, out)");
+  const Strided<const T> gv = view<T>(grad, "grad"), xv = view<T>(x, "x");
+  py::array_t<T> dx = new_output<T>(shape_of(x), "x gradient");
+  py::array_t<T> dw = new_output<T>(shape_of(w), "weight gradient");
+  py::array_t<T> db;
+  if (want_bias) db = new_output<T>({w.shape(0)}, "bias gradient");
+  T* dxp = dx.mutable_data();
+  T* dwp = dw.mutable_data();
+  T* dbp = want_bias ? db.mutable_data() : nullptr;
+  const T* wp = w.data();
+  {
+    // Safe without the GIL: grad, x, the weight's data and the outputs are kept alive by this frame.
+    py::gil_scoped_release nogil;
+    linear_backward<T>(gv, xv, wp, dxp, dwp, dbp);
+  }
+  return py::make_tuple(dx, dw, want_bias ? py::object(db) : py::none());
+}
+
 }  // namespace
 
 void register_linear(py::module_& m) {
@@ -39,6 +69,13 @@ void register_linear(py::module_& m) {
   }, py::arg("x").noconvert(), py::arg("weight").noconvert(), py::arg("bias").none(true),
         "y = x weight^T + bias: x (B, L, C, D) any strides (C * D input features), weight (out, C * D), "
         "bias (out,) or None -> (B, L, out) C-contiguous.");
+  m.def("linear_backward", [](const py::array& grad, const py::array& x, const py::object& weight,
+                              bool want_bias) -> py::tuple {
+    return dispatch(float_dtype(x, "x"), [&](auto t) { return linear_backward_impl<decltype(t)>(grad, x, weight, want_bias); });
+  }, py::arg("grad").noconvert(), py::arg("x").noconvert(), py::arg("weight"), py::arg("want_bias"),
+        "Gradients of y = x weight^T + bias (linear): grad (B, L, out) = dL/dy, x (B, L, C, D) as linear took it, "
+        "weight (out, C * D) -> (dx (B, L, C, D), dweight (out, C * D), dbias (out,) or None unless want_bias), "
+        "C-contiguous, bit-identical for any thread count.");
 }
 
 }  // namespace bind

@@ -13,6 +13,7 @@ void register_weighted_sum(py::module_& m);
 void register_additive(py::module_& m);
 void register_linear(py::module_& m);
 void register_sdpa(py::module_& m);
+void register_sdpa_backward(py::module_& m);
 }  // namespace bind
 }  // namespace attnext
 
@@ -25,4 +26,5 @@ PYBIND11_MODULE(_core, m) {
   attnext::bind::register_additive(m);
   attnext::bind::register_linear(m);
   attnext::bind::register_sdpa(m);
+  attnext::bind::register_sdpa_backward(m);
 }

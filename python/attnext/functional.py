@@ -9,6 +9,8 @@ complex inputs raise TypeError. Leading (batch) dimensions broadcast (one rule, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
@@ -181,7 +183,8 @@ def _structural_keep(lq: int, lk: int, is_causal: Causal, window: Window) -> np.
 def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str = "scaled_dot",
               attn_mask: ArrayLike | None = None, is_causal: Causal = False, key_lengths: ArrayLike | None = None,
               window: Window = None, return_weights: bool = False, warn: bool = True,
-              mask: ArrayLike | None = None, **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+              mask: ArrayLike | None = None, dropout_p: float = 0.0, seed: int | None = None,
+              **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """The three steps composed: softmax(score(query, key) + attn_mask) value.
 
     Args:
@@ -193,10 +196,12 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
         key_lengths: ints broadcastable to the batch shape (...,), each in [0, Lk]; keys at
             positions >= length are padding (hidden, never warned about).
         window: (left, right): query i sees keys [i - left, i + right]; None = unbounded side.
-        return_weights: also return the (..., Lq, Lk) attention weights.
+        return_weights: also return the (..., Lq, Lk) attention weights (after dropout, with dropout).
         warn: check attn_mask for the usual mistakes (:class:`attnext.MaskWarning`: a bool mask
             hiding every key of a batch entry, a float mask of only 0 and 1); False skips the
             check (it costs at most two passes over the mask as given).
+        dropout_p, seed: attention dropout as in :func:`scaled_dot_product_attention` (the
+            (...) batch entries are its batch entries); not for method ``additive``.
 
     Returns:
         context (..., Lq, Dv), or (context, weights). Every method runs as a fused kernel
@@ -204,6 +209,42 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
         :func:`additive_attention`), so keys hidden by the mask or causality never reach
         the context, not even their values' NaNs.
     """
+    route = _route_attention(query, key, value, method=method, attn_mask=attn_mask, is_causal=is_causal,
+                             key_lengths=key_lengths, window=window, return_weights=return_weights, warn=warn,
+                             mask=mask, dropout_p=dropout_p, seed=seed, **score_args)
+    return route.finish(route.fn(*route.args, **route.kwargs))
+
+
+@dataclass(frozen=True)
+class AttentionRoute:
+    """How :func:`attention` runs, for the forward and its vjp alike: ``fn(*args, **kwargs)``
+    (:func:`scaled_dot_product_attention` or :func:`additive_attention`) on transformed arguments.
+
+    weight: method ``general`` ran scaled-dot attention of query @ weight (the query passed
+    on is that product). head_axis: a head axis of 1 was added before the last two axes of
+    query, key, value and a mask of 3 or more dimensions (SDPA's key_lengths run over the axes
+    before its heads). v_scale: method ``additive`` passed v * scale as v."""
+
+    fn: Callable
+    args: tuple
+    kwargs: dict
+    weight: np.ndarray | None = None
+    head_axis: bool = False
+    v_scale: float | None = None
+
+    def finish(self, result):
+        """The routed call's result as attention returns it."""
+        if not self.head_axis:
+            return result
+        if isinstance(result, tuple):
+            return tuple(r[..., 0, :, :] for r in result)
+        return result[..., 0, :, :]
+
+
+def _route_attention(query, key, value, *, method="scaled_dot", attn_mask=None, is_causal=False, key_lengths=None,
+                     window=None, return_weights=False, warn=True, mask=None, dropout_p=0.0, seed=None,
+                     **score_args) -> AttentionRoute:
+    """Checks attention's arguments and decides its route (see :class:`AttentionRoute`)."""
     mask = _mask_alias(attn_mask, mask, "attention()")
     unknown = set(score_args) - {"weight", "w_query", "w_key", "v", "scale"}
     if unknown:
@@ -211,6 +252,8 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
     _require(query=query, key=key, value=value)
     given = {name: score_args.get(name) for name in ("weight", "w_query", "w_key", "v")}
     _check_method_args(method, given)
+    check_dropout(dropout_p)
+    dropout_p = as_scalar(dropout_p, "dropout_p")
     dtype, a = promote(query=query, key=key, value=value, **given)
     q, k, val = a["query"], a["key"], a["value"]
     require_ndim(q, "query", 2, "(..., Lq, Dq)")
@@ -225,6 +268,9 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
             check_mask(mask, "attn_mask", 2)
     scale = score_args.get("scale")
     if method == "additive":
+        if dropout_p != 0.0:
+            raise ValueError(f"dropout is not supported by method='additive' (dropout_p={dropout_p}); "
+                             "use a product method or dropout_p=0")
         scale = 1.0 if scale is None else as_scalar(scale, "scale")
         batch, _ = broadcast_batch({"query": q, "key": k, "value": val})
         lq, lk = q.shape[-2], k.shape[-2]
@@ -233,14 +279,16 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
         m = combine_masks(prepare_mask(mask, batch + (lq, lk), dtype, "attn_mask"), keep, dtype)
         # scale * (v . tanh(...)) == (scale v) . tanh(...): the scale joins v.
         v_scaled = a["v"] if scale == 1.0 else a["v"] * a["v"].dtype.type(scale)
-        return additive_attention(q, k, val, a["w_query"], a["w_key"], v_scaled, attn_mask=m,
-                                  key_lengths=key_lengths, return_weights=return_weights, warn=False)
+        return AttentionRoute(additive_attention, (q, k, val, a["w_query"], a["w_key"], v_scaled),
+                              {"attn_mask": m, "key_lengths": key_lengths, "return_weights": return_weights,
+                               "warn": False}, v_scale=scale)
+    weight = None
     if method == "general":
-        w = a["weight"]
-        if w.ndim != 2 or w.shape != (q.shape[-1], k.shape[-1]):
-            raise ValueError(f"weight has shape {shape_str(w.shape)} but query has {shape_str(q.shape)} and key "
-                             f"{shape_str(k.shape)}: weight must be (Dq, Dk)")
-        q = q @ w  # q_i W k_j = (q_i W) . k_j: scaled-dot attention of q W
+        weight = a["weight"]
+        if weight.ndim != 2 or weight.shape != (q.shape[-1], k.shape[-1]):
+            raise ValueError(f"weight has shape {shape_str(weight.shape)} but query has {shape_str(q.shape)} and "
+                             f"key {shape_str(k.shape)}: weight must be (Dq, Dk)")
+        q = q @ weight  # q_i W k_j = (q_i W) . k_j: scaled-dot attention of q W
     elif q.shape[-1] != k.shape[-1]:
         raise ValueError(f"query has shape {shape_str(q.shape)} but key has {shape_str(k.shape)}: "
                          "the last (embedding) dimensions must match")
@@ -248,20 +296,20 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
         scale = 1.0
     batch, b = broadcast_batch({"query": q, "key": k, "value": val})
     q, k, val = b["query"], b["key"], b["value"]
+    options = {"window": window, "return_weights": return_weights, "warn": False}
+    if dropout_p != 0.0:
+        options.update(seed=seed)
     if key_lengths is None:
-        return scaled_dot_product_attention(q, k, val, mask, 0.0, is_causal, scale, window=window,
-                                            return_weights=return_weights, warn=False)
+        return AttentionRoute(scaled_dot_product_attention, (q, k, val, mask, dropout_p, is_causal, scale), options,
+                              weight=weight)
     # SDPA's key_lengths run over the axes before its head axis: give it a head axis of 1, so
     # every leading axis here is a batch axis.
     lengths = check_key_lengths(key_lengths, batch, k.shape[-2])
     if mask is not None and mask.ndim >= 3:
         mask = mask[..., None, :, :]
-    result = scaled_dot_product_attention(q[..., None, :, :], k[..., None, :, :], val[..., None, :, :], mask, 0.0,
-                                          is_causal, scale, key_lengths=lengths, window=window,
-                                          return_weights=return_weights, warn=False)
-    if return_weights:
-        return result[0][..., 0, :, :], result[1][..., 0, :, :]
-    return result[..., 0, :, :]
+    return AttentionRoute(scaled_dot_product_attention,
+                          (q[..., None, :, :], k[..., None, :, :], val[..., None, :, :], mask, dropout_p, is_causal,
+                           scale), {**options, "key_lengths": lengths}, weight=weight, head_axis=True)
 
 
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
@@ -316,6 +364,58 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
     check_dropout(dropout_p)
     dropout_p = as_scalar(dropout_p, "dropout_p")
     seed = _dropout_seed(seed, dropout_p)
+    call = _prepare_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, key_lengths, window, warn)
+    # Without dropout the call stays in the forward's original argument list.
+    dropout_args = (dropout_p, seed) if dropout_p != 0.0 else ()
+    out, w, lse = _core.sdpa(*call.kernel_args(), bool(return_weights), bool(return_lse), *dropout_args)
+    results = [call.public(r) for r in [out] + ([w] if return_weights else []) + ([lse] if return_lse else [])]
+    return tuple(results) if len(results) > 1 else results[0]
+
+
+@dataclass(frozen=True)
+class SdpaCall:
+    """SDPA's arguments as the kernels take them, prepared once by :func:`_prepare_sdpa` for the
+    forward and the backward alike: promoted, batch-broadcast views; under GQA the queries as
+    (..., Hk, G, L, E) against stride-0 (..., Hk, G, S, E) key/value views (no copies)."""
+
+    query: np.ndarray  # (N..., L, E)
+    key: np.ndarray  # (N..., S, E)
+    value: np.ndarray  # (N..., S, Ev)
+    mask: np.ndarray | None  # (N..., L, S)
+    causal: bool
+    offset: int
+    left: int
+    right: int
+    lengths: np.ndarray | None  # (N...)
+    scale: float
+    dtype: np.dtype
+    batch: tuple[int, ...]  # the broadcast batch axes (before the heads under GQA)
+    query_heads: int | None  # Hq under GQA, else None
+
+    def kernel_args(self) -> tuple:
+        """The positional arguments _core.sdpa and _core.sdpa_backward start with."""
+        return (self.query, self.key, self.value, self.mask, self.causal, self.offset, self.left, self.right,
+                self.lengths, self.scale)
+
+    def public(self, result: np.ndarray) -> np.ndarray:
+        """A kernel result (N..., L[, X]) in the caller's layout: (..., Hk, G, ...) -> (..., Hq, ...)."""
+        if self.query_heads is None:
+            return result
+        return result.reshape(self.batch + (self.query_heads,) + result.shape[len(self.batch) + 2:])
+
+    def row_shape(self) -> tuple[int, ...]:
+        """The caller's shape of the query rows: (..., Hq, L)."""
+        heads = self.query.shape[:-2] if self.query_heads is None else self.batch + (self.query_heads,)
+        return heads + self.query.shape[-2:-1]
+
+    def kernel(self, a: np.ndarray) -> np.ndarray:
+        """A per-query-row array of the caller's layout ((..., Hq, L, ...)) in the kernel's."""
+        return a.reshape(self.query.shape[:-1] + a.shape[len(self.row_shape()):])
+
+
+def _prepare_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, key_lengths, window,
+                  warn: bool) -> SdpaCall:
+    """Checks SDPA's arguments and prepares them for the kernels (see :class:`SdpaCall`)."""
     _require(query=query, key=key, value=value)
     dtype, a = promote(query=query, key=key, value=value)
     q, k, v = a["query"], a["key"], a["value"]
@@ -370,14 +470,7 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
             lengths = lengths[..., None]
     if lengths is not None:
         lengths = np.broadcast_to(lengths, q.shape[:-2])
-    kernel_args = (q, k, v, mask, causal, offset, left, right, lengths, scale, bool(return_weights), bool(return_lse))
-    # Without dropout the call stays in the forward's original argument list.
-    dropout_args = (dropout_p, seed) if dropout_p != 0.0 else ()
-    out, w, lse = _core.sdpa(*kernel_args, *dropout_args)
-    results = [out] + ([w] if return_weights else []) + ([lse] if return_lse else [])
-    if gqa:  # (..., Hk, G, L[, X]) -> (..., Hq, L[, X]); the kernel's outputs are contiguous
-        results = [r.reshape(batch + (hq,) + r.shape[len(batch) + 2:]) for r in results]
-    return tuple(results) if len(results) > 1 else results[0]
+    return SdpaCall(q, k, v, mask, causal, offset, left, right, lengths, scale, dtype, batch, hq if gqa else None)
 
 
 def _dropout_seed(seed, dropout_p: float) -> int:
@@ -552,7 +645,39 @@ def additive_attention(query: ArrayLike, key: ArrayLike | ProjectedKeys, value: 
         context (..., Lq, Dv), or (context, weights). A query row that may attend to no key
         gets zero weights and a zero context.
     """
-    mask = _mask_alias(attn_mask, mask, "additive_attention()")
+    call = _prepare_additive(query, key, value, w_query, w_key, v, bias=bias,
+                             attn_mask=_mask_alias(attn_mask, mask, "additive_attention()"), key_lengths=key_lengths,
+                             is_causal=is_causal, window=window, warn=warn)
+    return _additive_kernel(call.query, call.w_query, call.bias, call.keys, call.value, call.v, call.mask,
+                            call.lengths, bool(return_weights))
+
+
+@dataclass(frozen=True)
+class AdditiveCall:
+    """additive_attention's arguments as the kernels take them, prepared once by
+    :func:`_prepare_additive` for the forward and the backward alike: promoted, broadcast to the
+    batch shape (views), causality and the window folded into the mask. ``keys`` is a
+    :class:`ProjectedKeys` of the batch shape or (key, w_key) with the batch shape; ``key`` and
+    ``w_key`` are the promoted raw key arguments (None for a ProjectedKeys key), which keys
+    shared over batch axes were projected from."""
+
+    query: np.ndarray  # (N..., Lq, Dq)
+    w_query: np.ndarray  # (Dq, U)
+    bias: np.ndarray | None  # (U,)
+    keys: Any  # ProjectedKeys (N..., Lk, U) or (key (N..., Lk, Dk), w_key (Dk, U))
+    value: np.ndarray  # (N..., Lk, Dv)
+    v: np.ndarray  # (U,)
+    mask: np.ndarray | None  # (N..., Lq, Lk)
+    lengths: np.ndarray | None  # (N...)
+    key: np.ndarray | None
+    w_key: np.ndarray | None
+    dtype: np.dtype
+
+
+def _prepare_additive(query, key, value, w_query, w_key, v, *, bias=None, attn_mask=None, key_lengths=None,
+                      is_causal=False, window=None, warn=True) -> AdditiveCall:
+    """Checks additive_attention's arguments and prepares them for the kernels (see :class:`AdditiveCall`)."""
+    mask = attn_mask
     _require(query=query, key=key, value=value, w_query=w_query, v=v)
     projected = isinstance(key, ProjectedKeys)
     if projected:
@@ -597,6 +722,7 @@ def additive_attention(query: ArrayLike, key: ArrayLike | ProjectedKeys, value: 
     keep = _structural_keep(q.shape[-2], lk, is_causal, window)
     if keep is not None:
         m = np.broadcast_to(combine_masks(m, keep, dtype), batch + (q.shape[-2], lk))
+    raw_key, raw_w_key = (None, None) if projected else (keys, a["w_key"])
     if projected:
         keys = b["key"]
     elif keys.shape[:-2] != batch:
@@ -604,7 +730,7 @@ def additive_attention(query: ArrayLike, key: ArrayLike | ProjectedKeys, value: 
         keys = ProjectedKeys._project(keys, a["w_key"]).broadcast_to(batch)
     else:
         keys = (keys, a["w_key"])
-    return _additive_kernel(b["query"], wq, a.get("bias"), keys, b["value"], vv, m, lengths, bool(return_weights))
+    return AdditiveCall(b["query"], wq, a.get("bias"), keys, b["value"], vv, m, lengths, raw_key, raw_w_key, dtype)
 
 
 def _additive_kernel(query: np.ndarray, w_query: np.ndarray, bias: np.ndarray | None,
@@ -619,3 +745,18 @@ def _additive_kernel(query: np.ndarray, w_query: np.ndarray, bias: np.ndarray | 
     key, w_key = keys
     return _core.additive_attention_keys(query, w_query, bias, key, w_key, value, v, mask, key_lengths,
                                          return_weights)
+
+
+def _additive_backward_kernel(call: AdditiveCall, grad_out: np.ndarray, grad_weights: np.ndarray | None,
+                              mask_grad: bool) -> dict:
+    """The additive backward kernel for a prepared call, picked as :func:`_additive_kernel` picks
+    the forward's. Returns the kernel's dict (full batch shape): query, w_query, bias, v, value,
+    keys_raw = dL/d(key w_key), mask = dL/d(score + mask) when mask_grad, and key, w_key for raw keys."""
+    if isinstance(call.keys, ProjectedKeys):
+        k = call.keys
+        return _core.additive_attention_backward(call.query, call.w_query, call.bias, k.projected, k._expo, k._ok,
+                                                 call.value, call.v, call.mask, call.lengths, grad_out, grad_weights,
+                                                 mask_grad)
+    key, w_key = call.keys
+    return _core.additive_attention_keys_backward(call.query, call.w_query, call.bias, key, w_key, call.value, call.v,
+                                                  call.mask, call.lengths, grad_out, grad_weights, mask_grad)

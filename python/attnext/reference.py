@@ -143,14 +143,22 @@ def _mask_alias(attn_mask, mask):
 def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str = "scaled_dot",
               attn_mask: ArrayLike | None = None, is_causal: Any = False, key_lengths: ArrayLike | None = None,
               window: tuple | None = None, return_weights: bool = False, warn: bool = True,
-              mask: ArrayLike | None = None, **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+              mask: ArrayLike | None = None, dropout_p: float = 0.0, seed: int | None = None,
+              **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """context = softmax(score(Q, K) + attn_mask) V, the three steps in a row. Causal, window
     and key_lengths (over the batch axes (...,)) hide keys as in :func:`dense_mask`. ``mask`` is
-    attn_mask's older name; ``warn`` is accepted for signature parity (the twin checks nothing)."""
+    attn_mask's older name; ``warn`` is accepted for signature parity (the twin checks nothing).
+    Dropout as in :func:`scaled_dot_product_attention`, over the batch entries (...)."""
     mask = _mask_alias(attn_mask, mask)
     s = score(query, key, method, **score_args)
     hidden = _attention_hidden(mask, s.shape, is_causal, window, key_lengths)
-    out, a = _attend(_masked(s, mask), value, hidden)
+    if float(dropout_p) != 0.0 and seed is None:
+        from . import _philox
+
+        seed = _philox.draw_seed()
+    z = _dropout_scale(dropout_p, seed, np.broadcast_shapes(s.shape[:-2], np.shape(value)[:-2]), s.shape[-2],
+                       s.shape[-1], s.dtype)
+    out, a = _attend(_masked(s, mask), value, hidden, z)
     return (out, a) if return_weights else out
 
 
@@ -173,14 +181,17 @@ def _hidden_by(mask):
     return ~mask if mask.dtype == np.bool_ else mask == -np.inf
 
 
-def _attend(s, value, hidden):
+def _attend(s, value, hidden, dropout=None):
     """Softmax of the scores s (float masks already added) with the hidden keys set to -inf,
-    and the context it gives. Returns (context, weights).
+    and the context it gives. Returns (context, weights); with dropout (Z, see
+    :func:`_dropout_scale`) the weights are A * Z, what multiplies the values.
 
     A key whose final score is -inf counts as hidden, whatever made it -inf: once a float mask
     is added, a kernel cannot tell a -inf mask entry from a -inf score either."""
     s = np.where(hidden, -np.inf, s).astype(s.dtype)
     a = softmax(s)
+    if dropout is not None:
+        a = (a * dropout).astype(s.dtype)
     return _context(a, value, s == -np.inf), a
 
 
@@ -789,20 +800,23 @@ def linear_backward(grad: ArrayLike, x: ArrayLike, weight: ArrayLike, bias: Arra
 
 
 def _attention_backward(grad_out, query, key, value, *, method="scaled_dot", attn_mask=None, is_causal=False,
-                        key_lengths=None, window=None, grad_weights=None, **score_args):
+                        key_lengths=None, window=None, grad_weights=None, dropout_p=0.0, seed=None, **score_args):
     """The backward of :func:`attention`, dense: S = score(Q, K) + mask, A = softmax(S),
-    dA = dO V^T + grad_weights, dS = A * (dA - rowsum(A * dA)), dV = A^T dO, then
-    :func:`score_backward` of dS. Returns score_backward's dict plus value and attn_mask."""
+    W = A * Z (Z the dropout scale), dW = dO V^T + grad_weights, dS = A * (dW Z - rowsum(A * dW Z)),
+    dV = W^T dO, then :func:`score_backward` of dS. Returns score_backward's dict plus value and
+    attn_mask."""
     s = score(query, key, method, **score_args)
     hidden = _attention_hidden(attn_mask, s.shape, is_causal, window, key_lengths)
     p = softmax(np.where(hidden, -np.inf, _masked(s, attn_mask)).astype(s.dtype))
     dtype = _float_dtype(s, np.asarray(value))
+    z = _dropout_scale(dropout_p, seed, np.broadcast_shapes(s.shape[:-2], np.shape(value)[:-2]), s.shape[-2],
+                       s.shape[-1], dtype)
     g, val = np.asarray(grad_out, dtype), np.asarray(value, dtype)
     dw = g @ np.swapaxes(val, -1, -2)
     if grad_weights is not None:
         dw = dw + np.asarray(grad_weights, dtype)
-    ds = _softmax_input_grad(dw, p)
+    ds = _softmax_input_grad(dw if z is None else dw * z, p)
     grads = score_backward(ds, query, key, method, **score_args)
-    grads["value"] = _like(np.swapaxes(p, -1, -2) @ g, value)
+    grads["value"] = _like(np.swapaxes(p if z is None else p * z, -1, -2) @ g, value)
     grads["attn_mask"] = _float_mask_grad(ds, attn_mask)
     return grads

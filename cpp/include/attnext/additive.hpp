@@ -435,6 +435,33 @@ void project_rows(const Strided<const In>& x, const ConstMatrixMap<In>& w, const
   packed_gemm<In, Acc>(batches * len, units, depth, x_rows, x_row, w_rows, bias, dst, parallel, &w_in_place);
 }
 
+// Scores of projected query rows q_proj (rows, U) row-major against one batch entry's projected
+// keys: tile[r * ld + j] = v . tanh(q_proj_r + k'_j) for j < lk, each row in the factored form
+// when its values and the keys allow it (the forward and the backward both score through here).
+template <typename Acc>
+void additive_score_projected(const Acc* q_proj, index_t rows, index_t units, const AdditiveRows<Acc>& keys,
+                              const AdditiveV<Acc>& v, index_t lk, Acc* tile, index_t ld) {
+  const Scratch<Acc, AdditiveQueryFormTag> form(static_cast<size_t>(2 * units));  // a row's inv and weight
+  Acc* const inv = form.data();
+  Acc* const weight = inv + units;
+  for (index_t r = 0; r < rows; ++r) {
+    const Acc* qr = q_proj + r * units;
+    const bool factored = keys.expo && additive_query_form(qr, v, inv, weight, units);
+    const AdditiveQuery<Acc> query{qr, factored ? inv : nullptr, weight, v.exponent};
+    additive_scores_row(query, keys, v.v, units, lk, tile + r * ld);
+  }
+}
+
+// Query rows [r0, r0 + rows) of batch entry b of q (..., Lq, Dq) projected: dst (rows, U) =
+// q_r W_q + bias, on the calling thread (the forward and the backward project through here).
+template <typename In, typename Acc>
+void additive_project_query_block(const Strided<const In>& q, index_t b, index_t r0, index_t rows,
+                                  const ConstMatrixMap<In>& w_query, const Acc* bias, Acc* dst) {
+  const Strided<const In> q_rows(q.data + q.batch_offset(b, 2) + r0 * q.stride(-2), {rows, q.dim(-1)},
+                                 {q.stride(-2), q.stride(-1)});
+  project_rows<In, Acc>(q_rows, w_query, bias, dst, /*parallel=*/false);
+}
+
 // Scores of query rows [r0, r0 + rows) of batch entry b of q (..., Lq, Dq) against one batch
 // entry's projected keys: tile[r * ld + j] = v . tanh(q_r W_q + bias + k'_j) for j < lk. The
 // rows are projected by the calling task itself (no parallelism inside), so they are still in
@@ -445,18 +472,8 @@ void additive_score_block(const Strided<const In>& q, index_t b, index_t r0, ind
                           const AdditiveV<Acc>& v, index_t lk, Acc* tile, index_t ld) {
   const index_t units = w_query.cols();
   const Scratch<Acc, AdditiveQueryTag> q_proj(static_cast<size_t>(rows * units));
-  const Strided<const In> q_rows(q.data + q.batch_offset(b, 2) + r0 * q.stride(-2), {rows, q.dim(-1)},
-                                 {q.stride(-2), q.stride(-1)});
-  project_rows<In, Acc>(q_rows, w_query, bias, q_proj.data(), /*parallel=*/false);
-  const Scratch<Acc, AdditiveQueryFormTag> form(static_cast<size_t>(2 * units));  // a row's inv and weight
-  Acc* const inv = form.data();
-  Acc* const weight = inv + units;
-  for (index_t r = 0; r < rows; ++r) {
-    const Acc* qr = q_proj.data() + r * units;
-    const bool factored = keys.expo && additive_query_form(qr, v, inv, weight, units);
-    const AdditiveQuery<Acc> query{qr, factored ? inv : nullptr, weight, v.exponent};
-    additive_scores_row(query, keys, v.v, units, lk, tile + r * ld);
-  }
+  additive_project_query_block<In, Acc>(q, b, r0, rows, w_query, bias, q_proj.data());
+  additive_score_projected<Acc>(q_proj.data(), rows, units, keys, v, lk, tile, ld);
 }
 
 // Projected keys of (..., Lk, Dk) through w_key (Dk, U): raw = k W_k and expo = exp(2 raw),

@@ -42,6 +42,22 @@ struct AdditiveKeys {
   Strided<const bool> ok;   // (...,)
 };
 
+// Keys prepared by additive_prepare_keys into C-contiguous buffers, as views: raw and expo
+// (batches, Lk, U) with the batch shape of key_shape (..., Lk, Dk), ok (...,).
+template <typename Acc>
+AdditiveKeys<Acc> contiguous_keys(const std::vector<index_t>& key_shape, index_t units, const Acc* raw,
+                                  const Acc* expo, const bool* ok) {
+  std::vector<index_t> shape(key_shape), strides(shape.size()), batch_strides(shape.size() - 2);
+  shape.back() = units;
+  const std::vector<index_t> batch(shape.begin(), shape.end() - 2);
+  index_t step = 1;
+  for (int ax = int(shape.size()) - 1; ax >= 0; --ax) strides[ax] = step, step *= shape[ax];
+  step = 1;
+  for (int ax = int(batch.size()) - 1; ax >= 0; --ax) batch_strides[ax] = step, step *= batch[ax];
+  return AdditiveKeys<Acc>{Strided<const Acc>(raw, shape, strides), Strided<const Acc>(expo, shape, strides),
+                           Strided<const bool>(ok, batch, batch_strides)};
+}
+
 namespace detail {
 
 // Scratch tags (scratch.hpp) of a block's score tile when the caller wants no weights back,
@@ -69,6 +85,22 @@ struct AdditiveCall {
 template <typename Acc>
 inline bool mask_scores_row(const Mask<Acc>& mask, index_t row, KeyRange range, Acc* s, index_t lk) {
   return mask_scores(s, index_t(1), lk, index_t(0), range, mask_row(mask, row)) && mask.kind != MaskKind::none;
+}
+
+// Scores tile (rows, Lk) of query rows [r0, r0 + rows) of batch entry b become their weights
+// in place: masked (mask_scores_row, keys [visible, Lk) hidden by length), then softmax. The
+// forward and the backward (which recomputes the weights) both go through here. Returns
+// whether a key inside the length may be hidden.
+template <typename Acc>
+inline bool scores_to_weights(const Mask<Acc>& mask, index_t lq, index_t b, index_t r0, index_t rows, index_t visible,
+                              Acc* tile, index_t lk) {
+  bool may_hide = false;
+  for (index_t r = 0; r < rows; ++r) {
+    Acc* s = tile + r * lk;
+    may_hide |= mask_scores_row(mask, b * lq + r0 + r, KeyRange{0, visible}, s, lk);
+    softmax_inplace(s, lk);
+  }
+  return may_hide;
 }
 
 // Whether value rows [0, visible) of one batch entry (vb, row/col strides) are all finite.
@@ -174,12 +206,7 @@ void additive_attention_block(const AdditiveCall<In, Acc>& c, const AdditiveRows
   const Scratch<Acc, AdditiveTileTag> scratch(c.weights ? 0 : static_cast<size_t>(rows * lk));
   Acc* tile = c.weights ? c.weights + (b * lq + r0) * lk : scratch.data();
   additive_score_block<In, Acc>(c.q, b, r0, rows, c.w_query, c.bias, keys, c.v, lk, tile, lk);
-  bool may_hide = false;
-  for (index_t r = 0; r < rows; ++r) {
-    Acc* s = tile + r * lk;
-    may_hide |= mask_scores_row(c.mask, b * lq + r0 + r, KeyRange{0, visible}, s, lk);
-    softmax_inplace(s, lk);
-  }
+  const bool may_hide = scores_to_weights(c.mask, lq, b, r0, rows, visible, tile, lk);
   if (dv == 0) return;
   block_context<In, Acc>(c.value, b, tile, lk, visible, rows, c.out + (b * lq + r0) * dv);
   if (may_hide && !value_rows_finite(c.value.data + c.value.batch_offset(b, 2), c.value.stride(-2),
@@ -280,17 +307,7 @@ void additive_attention(const Strided<const In>& q, const ConstMatrixMap<In>& w_
   const Scratch<Acc, AdditiveKeyExpTag> expo(n);
   std::unique_ptr<bool[]> ok(new bool[static_cast<size_t>(batches)]);
   additive_prepare_keys<In, Acc>(key, w_key, raw.data(), expo.data(), ok.get());
-  // raw and expo as (batches, Lk, U) C-contiguous views with the key's batch shape, ok as (...,)
-  std::vector<index_t> shape(key.shape), strides(shape.size()), batch_strides(shape.size() - 2);
-  shape.back() = units;
-  const std::vector<index_t> batch(shape.begin(), shape.end() - 2);
-  index_t step = 1;
-  for (int ax = int(shape.size()) - 1; ax >= 0; --ax) strides[ax] = step, step *= shape[ax];
-  step = 1;
-  for (int ax = int(batch.size()) - 1; ax >= 0; --ax) batch_strides[ax] = step, step *= batch[ax];
-  const AdditiveKeys<Acc> keys{Strided<const Acc>(raw.data(), shape, strides),
-                               Strided<const Acc>(expo.data(), shape, strides),
-                               Strided<const bool>(ok.get(), batch, batch_strides)};
+  const AdditiveKeys<Acc> keys = contiguous_keys<Acc>(key.shape, units, raw.data(), expo.data(), ok.get());
   additive_attention<In, Acc>(q, w_query, bias, keys, value, v, mask, lengths, out, weights);
 }
 

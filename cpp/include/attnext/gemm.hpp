@@ -334,4 +334,46 @@ void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const XRo
   });
 }
 
+// c (M, N) = a (M, K) b (K, N) through packed_gemm (a gradient through a projection: dx = dy W).
+//   a_row(m): &a(m, 0), row m's elements a_cs apart; b row-major (K, N), row stride ldb, read in place.
+template <typename T, typename ARow>
+void gemm_rows_times(index_t M, index_t N, index_t K, const ARow& a_row, index_t a_cs, const T* b, index_t ldb, T* c,
+                     bool parallel = true) {
+  const auto x_rows = [&](index_t m0, index_t rows, index_t k0, index_t kc, const PanelWriter<T>& dst) {
+    for (index_t r = 0; r < rows; ++r) pack_row(a_row(m0 + r) + k0 * a_cs, a_cs, kc, dst, r);
+  };
+  const auto x_row = [&](index_t m) -> const T* { return a_cs == 1 ? a_row(m) : nullptr; };
+  const auto w_rows = [&](index_t n0, index_t cols, index_t k0, index_t kc, const PanelWriter<T>& dst) {
+    for (index_t k = 0; k < kc; ++k) dst.put_run(k, 0, b + (k0 + k) * ldb + n0, cols);
+  };
+  const InPlaceW<T> b_in_place{b, ldb};
+  packed_gemm<T, T>(M, N, K, x_rows, x_row, w_rows, static_cast<const T*>(nullptr), c, parallel, &b_in_place);
+}
+
+// c (N1, N2) = a^T b = sum over rows m < M of a(m, :)^T b(m, :) (a weight's gradient: x^T dy).
+//   a_row(m): &a(m, 0), elements a_cs apart (N1 of them); b_row(m) likewise for b (N2, stride b_cs);
+//   b_in_place: b itself when its rows are one row-major matrix with unit columns (read in place).
+// The sum over M runs in packed_gemm's K blocks, in a fixed order: the same bits for any thread count.
+template <typename T, typename ARow, typename BRow>
+void gemm_transposed_rows(index_t M, index_t N1, index_t N2, const ARow& a_row, index_t a_cs, const BRow& b_row,
+                          index_t b_cs, T* c, const InPlaceW<T>* b_in_place = nullptr, bool parallel = true) {
+  const auto x_rows = [&](index_t m0, index_t rows, index_t k0, index_t kc, const PanelWriter<T>& dst) {
+    for (index_t k = 0; k < kc; ++k) {
+      const T* row = a_row(k0 + k) + m0 * a_cs;
+      for (index_t r = 0; r < rows; ++r) dst.put(k, r, row[r * a_cs]);
+    }
+  };
+  const auto x_row = [](index_t) -> const T* { return nullptr; };  // a^T's rows are a's columns: packed
+  const auto w_rows = [&](index_t n0, index_t cols, index_t k0, index_t kc, const PanelWriter<T>& dst) {
+    for (index_t k = 0; k < kc; ++k) {
+      const T* row = b_row(k0 + k) + n0 * b_cs;
+      if (b_cs == 1)
+        dst.put_run(k, 0, row, cols);
+      else
+        for (index_t col = 0; col < cols; ++col) dst.put(k, col, row[col * b_cs]);
+    }
+  };
+  packed_gemm<T, T>(N1, N2, M, x_rows, x_row, w_rows, static_cast<const T*>(nullptr), c, parallel, b_in_place);
+}
+
 }  // namespace attnext

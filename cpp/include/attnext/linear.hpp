@@ -132,4 +132,51 @@ void linear(const Strided<const In>& x, const Strided<const In>& weight, const I
     linear_few_rows<In, Acc>(x, weight, b.data(), y);
 }
 
+// Gradients of y = x W^T + b (linear above), through the packed GEMM:
+//   grad (B, L, O) any strides: dL/dy; x (B, L, C, D) any strides, as linear took it;
+//   weight (O, C * D) row-major contiguous;
+//   dx (B, L, C * D) C-contiguous = grad W; dweight (O, C * D) = grad^T x, summed over all rows;
+//   dbias (O,) = the sum of grad's rows, or null (not wanted).
+// Every sum over rows runs in a fixed order (the GEMM's K blocks, or row order for dbias), so
+// the results are bit-identical for any thread count.
+template <typename T>
+void linear_backward(const Strided<const T>& grad, const Strided<const T>& x, const T* weight, T* dx, T* dweight,
+                     T* dbias) {
+  const index_t nl = x.dim(1), rows = x.dim(0) * nl, nc = x.dim(2), nd = x.dim(3), in = nc * nd, out = grad.dim(2);
+  const auto dy_row = [&](index_t m) { return grad.data + (m / nl) * grad.stride(0) + (m % nl) * grad.stride(1); };
+  gemm_rows_times<T>(rows, in, out, dy_row, grad.stride(2), weight, in, dx);
+  // x's rows for dweight: read where they are when a row's features lie one stride apart, else gathered.
+  index_t x_cs = 0;
+  if (nd == 1)
+    x_cs = x.stride(2);
+  else if (nc == 1 || x.stride(2) == nd * x.stride(3))
+    x_cs = x.stride(3);
+  std::vector<T> gathered;
+  if (x_cs == 0 && rows * in > 0) {
+    gathered.resize(static_cast<size_t>(rows * in));
+    for (index_t m = 0; m < rows; ++m)
+      for (index_t c = 0; c < nc; ++c)
+        for (index_t d = 0; d < nd; ++d)
+          gathered[static_cast<size_t>(m * in + c * nd + d)] =
+              x.data[(m / nl) * x.stride(0) + (m % nl) * x.stride(1) + c * x.stride(2) + d * x.stride(3)];
+  }
+  const bool use_gathered = !gathered.empty();
+  const auto x_row = [&](index_t m) -> const T* {
+    return use_gathered ? gathered.data() + m * in : x.data + (m / nl) * x.stride(0) + (m % nl) * x.stride(1);
+  };
+  const index_t row_cs = use_gathered ? 1 : x_cs;
+  // x rows as one row-major matrix (unit features, one row stride): read in place by the GEMM
+  const bool uniform_rows = x.dim(0) <= 1 || x.stride(0) == nl * x.stride(1);
+  InPlaceW<T> x_in_place{use_gathered ? gathered.data() : x.data, use_gathered ? in : x.stride(1)};
+  const bool in_place = row_cs == 1 && (use_gathered || uniform_rows);
+  gemm_transposed_rows<T>(rows, out, in, dy_row, grad.stride(2), x_row, row_cs, dweight,
+                          in_place ? &x_in_place : nullptr);
+  if (!dbias) return;
+  std::fill(dbias, dbias + out, T(0));
+  for (index_t m = 0; m < rows; ++m) {
+    const T* row = dy_row(m);
+    for (index_t o = 0; o < out; ++o) dbias[o] += row[o * grad.stride(2)];
+  }
+}
+
 }  // namespace attnext

@@ -1,0 +1,143 @@
+// The backward of fused scaled dot-product attention.
+#include <attnext/sdpa/backward.hpp>
+
+#include "common.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace attnext {
+namespace bind {
+
+namespace {
+
+// `name` (out, lse, grad_out, grad_weights) must have dtype T and exactly `shape`.
+template <typename T>
+Strided<const T> saved_view(const py::object& obj, const char* name, const std::vector<index_t>& shape,
+                            const char* what) {
+  const py::array a = require_array(obj, name);
+  if (!a.dtype().equal(py::dtype::of<T>()))
+    fail_type(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) + " but query has " +
+              std::string(py::str(py::dtype::of<T>())));
+  if (shape_of(a) != shape)
+    fail_value(std::string(name) + " has shape " + shape_str(a) + " but " + what + " is " + shape_str(shape));
+  return view<T>(a, name);
+}
+
+// A dropout seed: a Python int in [0, 2**64).
+std::uint64_t seed_value(const py::handle& obj) {
+  if (PyBool_Check(obj.ptr()) || !PyIndex_Check(obj.ptr()))
+    fail_type("seed must be an int, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
+  const py::object as_int = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+  if (!as_int) throw py::error_already_set();
+  const unsigned long long v = PyLong_AsUnsignedLongLong(as_int.ptr());
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    fail_value("seed must lie in [0, 2**64), got " + std::string(py::str(as_int)));
+  }
+  return static_cast<std::uint64_t>(v);
+}
+
+std::vector<index_t> with_tail(std::vector<index_t> shape, std::initializer_list<index_t> tail) {
+  shape.insert(shape.end(), tail);
+  return shape;
+}
+
+template <typename T>
+py::tuple sdpa_backward_impl(const py::array& q, const py::array& k, const py::array& v, const py::object& attn_mask,
+                             bool causal, const py::object& causal_offset_arg, const py::object& window_left_arg,
+                             const py::object& window_right_arg, const py::object& key_lengths, double scale,
+                             const py::object& out, const py::object& lse, const py::object& grad_out,
+                             double dropout_p, const py::object& seed, const py::object& grad_weights,
+                             bool mask_grad) {
+  require_same_dtype(q, "query", k, "key");
+  require_same_dtype(q, "query", v, "value");
+  require_ndim(q, "query", 2);
+  require_ndim(k, "key", 2);
+  require_ndim(v, "value", 2);
+  require_same_batch(q, "query", k, "key", 2);
+  require_same_batch(q, "query", v, "value", 2);
+  require_dim(q, "query", -1, k, "key", -1, "the last (embedding) dimensions");
+  require_dim(k, "key", -2, v, "value", -2, "the number of keys (second-to-last dimensions)");
+  const index_t causal_offset = saturating_index(causal_offset_arg, "causal_offset");
+  const index_t window_left = saturating_index(window_left_arg, "window_left");
+  const index_t window_right = saturating_index(window_right_arg, "window_right");
+  if (window_left < -1 || window_right < -1)
+    fail_value("window_left and window_right must be >= 0, or -1 for an unbounded side");
+  if (!(dropout_p >= 0.0 && dropout_p <= 1.0))
+    fail_value("dropout_p must lie in [0, 1], got " + std::to_string(dropout_p));
+  SdpaProblem<T> p;
+  p.q = view<T>(q, "query");
+  p.k = view<T>(k, "key");
+  p.v = view<T>(v, "value");
+  const index_t L = p.q.dim(-2), S = p.k.dim(-2), E = p.q.dim(-1), Ev = p.v.dim(-1);
+  const std::vector<index_t> batch(p.q.shape.begin(), p.q.shape.end() - 2);
+  const std::vector<index_t> score_shape = with_tail(batch, {L, S});
+  p.mask = mask_view<T>(attn_mask, score_shape, "attn_mask");
+  p.causal = Causal{causal, causal_offset};
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.scale = static_cast<T>(scale);  // as the forward binding rounds it: the same scores
+  SdpaGradInputs<T, T> g;
+  g.out = saved_view<T>(out, "out", with_tail(batch, {L, Ev}), "the attention output's shape");
+  g.lse = saved_view<T>(lse, "lse", with_tail(batch, {L}), "the log-sum-exp's shape");
+  g.grad_out = saved_view<T>(grad_out, "grad_out", with_tail(batch, {L, Ev}), "the attention output's shape");
+  if (!grad_weights.is_none())
+    g.grad_weights = saved_view<T>(grad_weights, "grad_weights", score_shape, "the weights' shape");
+  g.dropout = make_dropout(dropout_p, seed_value(seed));
+  const OwnedBatch<std::int64_t> lengths = own_key_lengths(key_lengths, batch, S);
+  if (lengths.get()) p.key_lengths = lengths.view();
+  py::array_t<T> dq = new_output<T>(with_tail(batch, {L, E}), "query gradient");
+  py::array_t<T> dk = new_output<T>(with_tail(batch, {S, E}), "key gradient");
+  py::array_t<T> dv = new_output<T>(with_tail(batch, {S, Ev}), "value gradient");
+  py::array_t<T> dm;
+  if (mask_grad) dm = new_output<T>(score_shape, "mask gradient");
+  const py::object dmask = mask_grad ? py::object(dm) : py::none();
+  if (all_empty({&dq, &dk, &dv, mask_grad ? &dm : nullptr})) return py::make_tuple(dq, dk, dv, dmask);
+  SdpaGrads<T, T> d;
+  d.dq = dq.mutable_data();
+  d.dk = dk.mutable_data();
+  d.dv = dv.mutable_data();
+  d.dmask = mask_grad ? dm.mutable_data() : nullptr;
+  {
+    // Safe without the GIL: every array read or written is kept alive by this frame's
+    // references (the arguments and the four outputs), key_lengths is the binding's own copy,
+    // and no Python object is touched.
+    py::gil_scoped_release nogil;
+    scaled_dot_product_attention_backward<T, T>(p, g, d);
+  }
+  return py::make_tuple(dq, dk, dv, dmask);
+}
+
+}  // namespace
+
+void register_sdpa_backward(py::module_& m) {
+  m.def(
+      "sdpa_backward",
+      [](const py::array& q, const py::array& k, const py::array& v, const py::object& attn_mask, bool causal,
+         const py::object& causal_offset, const py::object& window_left, const py::object& window_right,
+         const py::object& key_lengths, double scale, const py::object& out, const py::object& lse,
+         const py::object& grad_out, double dropout_p, const py::object& seed, const py::object& grad_weights,
+         bool mask_grad) -> py::tuple {
+        return dispatch(float_dtype(q, "query"), [&](auto t) {
+          return sdpa_backward_impl<decltype(t)>(q, k, v, attn_mask, causal, causal_offset, window_left, window_right,
+                                                 key_lengths, scale, out, lse, grad_out, dropout_p, seed,
+                                                 grad_weights, mask_grad);
+        });
+      },
+      py::arg("query").noconvert(), py::arg("key").noconvert(), py::arg("value").noconvert(),
+      py::arg("attn_mask"), py::arg("causal"), py::arg("causal_offset"), py::arg("window_left"),
+      py::arg("window_right"), py::arg("key_lengths"), py::arg("scale"), py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("dropout_p") = 0.0,
+      py::arg("seed") = 0, py::arg("grad_weights") = py::none(), py::arg("mask_grad") = false,
+      "Gradients of sdpa (same first ten arguments and rules): out (..., L, Ev) and lse (..., L) as the forward "
+      "returned them, grad_out (..., L, Ev) the cotangent of out, dropout_p and seed as the forward's, "
+      "grad_weights (..., L, S) or None a cotangent of the returned weights (after dropout). "
+      "Returns (dq (..., L, E), dk (..., S, E), dv (..., S, Ev), dmask (..., L, S) or None): C-contiguous, "
+      "with the full batch shape of the views passed (a stride-0 broadcast key gives a full-size dk); "
+      "dmask = dL/d(score + mask), only when mask_grad. Deterministic for any thread count.");
+}
+
+}  // namespace bind
+}  // namespace attnext
