@@ -19,10 +19,8 @@ from attnext.rnn import BahdanauMemoryGrad
 def one_thread():
     """Tiny shapes, many calls: one thread keeps them fast on a loaded machine (the threads'
     results are bit-identical anyway)."""
-    before = attnext.get_num_threads()
-    attnext.set_num_threads(1)
-    yield
-    attnext.set_num_threads(before)
+    with attnext.threads(1):
+        yield
 
 
 STEP = 1e-5  # central differences in float64: truncation ~STEP**2, rounding ~1e-16 / STEP
@@ -312,6 +310,7 @@ def test_self_attention_state_dict_keys_and_pickled_dropout():
 
 
 def dropout_layers(rng):
+    pytest.importorskip("attnext._philox", reason="the dropout generator (g1b's branch) is not merged")
     mha = randomize(MultiHeadAttention(8, 2, dropout=0.4, dtype=np.float64, rng=0), rng)
     sa = randomize(SelfAttention(6, bias=True, dropout=0.4, dtype=np.float64, rng=0), rng)
     return [(mha, rng.standard_normal((2, 5, 8))), (sa, rng.standard_normal((2, 5, 6)))]

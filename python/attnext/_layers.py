@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 
 from ._validation import aligned, as_float_array, as_scalar, shape_str
+from .functional import _dropout_seed
+from .grad import linear_backward
 
 __all__ = ["LAYER_DTYPES", "layer_dtype", "positive_int", "make_rng", "glorot_uniform", "layer_input", "checked_weight",
            "LayerPullback", "output_cotangents", "dropout_rate", "dropout_seed", "owned", "input_grad",
@@ -136,17 +138,10 @@ def dropout_rate(value: Any) -> float:
 
 
 def dropout_seed(p: float, seed: Any) -> int | None:
-    """The seed of one training step's dropout: ``seed`` as given, a fresh one from the
-    operating system when None (the generator's rule, :func:`attnext._philox.draw_seed`), and
-    None when there is no dropout (p == 0)."""
-    if p == 0.0:
-        return None
-    if seed is None:
-        from ._philox import draw_seed  # the one place a seed is drawn
-        return draw_seed()
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
-    return int(seed)
+    """The seed of one training step's dropout: ``seed`` as given (checked), a fresh one from
+    the operating system when None (as scaled_dot_product_attention draws it), and None when
+    there is no dropout (p == 0), so the pullback records only a seed that was used."""
+    return None if p == 0.0 else _dropout_seed(seed, p)
 
 
 def owned(a: np.ndarray, given: Any) -> np.ndarray:
@@ -168,7 +163,6 @@ def linear_grads(grad: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.n
     """(dx, dweight, dbias) of y = x weight^T + bias, x (..., in), weight (out, in) (PyTorch's
     ``nn.Linear`` layout), grad (..., out); dweight and dbias summed over every leading axis,
     dbias None without a bias. Through :func:`attnext.grad.linear_backward`."""
-    from .grad import linear_backward  # grad imports the functional API, which the layers import too
     lead = x.shape[:-1]
     dx, dw, db = linear_backward(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), weight, bias)
     return dx.reshape(lead + (x.shape[-1],)), dw, db

@@ -34,6 +34,7 @@ from ._masks import prepare_mask
 from ._validation import check_key_lengths, check_state_keys, shape_str, to_array
 from .functional import (ArrayLike, ProjectedKeys, _additive_kernel, _mask_alias, additive_attention,
                          scaled_dot_product_attention)
+from .grad import additive_attention_backward, scaled_dot_product_attention_backward
 
 __all__ = ["BahdanauAttention", "BahdanauMemory", "BahdanauMemoryGrad", "LuongAttention"]
 
@@ -445,15 +446,13 @@ class BahdanauAttention(_Weights):
 
     def _step_vjp(self, query, memory: BahdanauMemory, return_weights: bool):
         """vjp of one call on a memory: (result, pullback)."""
-        from .grad import additive_attention_backward
         q, single = self._step_query(query, memory)
         q3 = owned(q[..., None, :] if single else q, query)
         w_query, v_eff, bias = self._w_query.copy(), np.array(self._v_eff), self._step_bias()
         bias = None if bias is None else np.array(bias)
         v, g = self._v.copy(), self.__dict__.get("_g")
-        context, weights, lse = additive_attention(q3, memory.keys, memory.values, w_query, None, v_eff, bias=bias,
-                                                   key_lengths=memory.key_lengths, return_weights=True,
-                                                   return_lse=True, warn=False)
+        context, weights = additive_attention(q3, memory.keys, memory.values, w_query, None, v_eff, bias=bias,
+                                              key_lengths=memory.key_lengths, return_weights=True, warn=False)
         squeeze = (lambda a: a[..., 0, :]) if single else (lambda a: a)
         result = (squeeze(context), squeeze(weights)) if return_weights else squeeze(context)
 
@@ -463,7 +462,7 @@ class BahdanauAttention(_Weights):
             unsqueeze = (lambda a: None if a is None else a[..., None, :]) if single else (lambda a: a)
             grad_context = np.zeros_like(context) if grad_context is None else unsqueeze(grad_context)
             grads = additive_attention_backward(grad_context, q3, memory.keys, memory.values, w_query, None, v_eff,
-                                                context, lse, bias=bias, key_lengths=memory.key_lengths,
+                                                context, None, bias=bias, key_lengths=memory.key_lengths,
                                                 grad_weights=unsqueeze(grad_weights))
             memory_grad = BahdanauMemoryGrad(grads["key"], grads["value"])
             dq = grads["query"][..., 0, :] if single else grads["query"]
@@ -636,29 +635,28 @@ class LuongAttention(_Weights):
         m = self._mask(mask, single, score_shape, warn)
         lengths = _lengths(key_lengths, batch, lk)
         g = self._g[()] if self.scale else 1.0
-        lse = qa = None
-        lse_arg = {"return_lse": True} if keep else {}
+        lse = qa = None  # (the additive backward recomputes its lse)
         if self.method == "concat":
             v_eff = self._v * self._dtype.type(g) if self.scale else self._v
-            context, weights, *lse = additive_attention(q3, k, val, self._w_query, self._w_key, v_eff, attn_mask=m,
-                                                        key_lengths=lengths, return_weights=True, warn=False,
-                                                        **lse_arg)
+            context, weights = additive_attention(q3, k, val, self._w_query, self._w_key, v_eff, attn_mask=m,
+                                                  key_lengths=lengths, return_weights=True, warn=False)
         else:
             # s_t W_a h_j = (s_t W_a) . h_j: scaled-dot attention of s_t W_a with scale g, on the
             # fused kernel (keys past key_lengths are skipped, not masked).
             # A head axis of 1 before (T, D), so the batch axes stay batch axes for key_lengths.
             qa = (q3 if self.method == "dot" else q3 @ self._w_a)[..., None, :, :]
-            context, weights, *lse = scaled_dot_product_attention(
+            results = scaled_dot_product_attention(
                 qa, k[..., None, :, :], val[..., None, :, :], None if m is None else m[..., None, :, :], scale=g,
-                key_lengths=lengths, return_weights=True, warn=False, **lse_arg)
-            context, weights = context[..., 0, :, :], weights[..., 0, :, :]
+                key_lengths=lengths, return_weights=True, return_lse=keep, warn=False)
+            context, weights = results[0][..., 0, :, :], results[1][..., 0, :, :]
+            lse = results[2] if keep else None
         dv = self.value_dim
         hidden = np.tanh(context @ self._w_c[:dv] + q3 @ self._w_c[dv:])
         saved = None
         if keep:
             saved = dict(q3=owned(q3, query), k=owned(k, keys), val=owned(val, keys if values is None else values),
                          mask=None if m is None else owned(m, given_mask), lengths=lengths, qa=qa, context=context,
-                         lse=lse[0], hidden=hidden, g=g,
+                         lse=lse, hidden=hidden, g=g,
                          weights={name: np.array(self.__dict__["_" + name]) for name in self._shapes})
         if single:
             return (hidden[..., 0, :], context[..., 0, :], weights[..., 0, :]), saved
@@ -694,7 +692,6 @@ class LuongAttention(_Weights):
 
     def _backward(self, s: dict, grad_hidden, grad_context, grad_weights):
         """((dquery, dkeys, dvalues), param_grads) of the T-axis form from what _forward saved."""
-        from .grad import additive_attention_backward, scaled_dot_product_attention_backward
         w, q3, context, dv = s["weights"], s["q3"], s["context"], self.value_dim
         params = {name: np.zeros(self._torch_shape(name), dtype=self._dtype) for name in self._torch}
         d_q3 = np.zeros_like(q3)

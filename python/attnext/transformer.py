@@ -27,6 +27,7 @@ from ._layers import (LayerPullback, dropout_rate, dropout_seed, glorot_uniform,
 from ._masks import as_mask, check_mask, combine_masks, key_mask_as_lengths
 from ._validation import check_key_lengths, check_state_keys, shape_str, to_array
 from .functional import ArrayLike, Causal, Window, _mask_alias, scaled_dot_product_attention
+from .grad import scaled_dot_product_attention_backward
 
 __all__ = ["SelfAttention", "MultiHeadAttention", "KVCache"]
 
@@ -289,7 +290,6 @@ class SelfAttention:
 
     def _backward(self, s: dict, grad_out, grad_weights):
         """(dx, param_grads) from what _forward saved."""
-        from .grad import scaled_dot_product_attention_backward
         o, head_axis = s["o"], s["lengths"] is not None
         if grad_out is None:
             grad_out = np.zeros(o.shape, dtype=self.dtype)
@@ -899,7 +899,6 @@ class MultiHeadAttention:
 
     def _backward(self, s: dict, n_inputs: int, grad_out, grad_weights):
         """(input gradients, param_grads) from what _forward saved."""
-        from .grad import scaled_dot_product_attention_backward
         w = s["weights"]
         batch_first, o = s["batch_first"], s["o"]
         if s["unbatched"]:
