@@ -74,8 +74,8 @@ def test_mask_errors():
 
 def test_sdpa_argument_errors():
     q = z(2, 4, 5, 8)
-    with pytest.raises(ValueError, match="dropout is not supported yet"):
-        attnext.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"dropout_p must lie in \[0, 1\]"):
+        attnext.scaled_dot_product_attention(q, q, q, dropout_p=1.5)
     with pytest.raises(ValueError, match=r"key has shape \(2, 4, 5, 8\) but value has \(2, 4, 6, 8\)"):
         attnext.scaled_dot_product_attention(q, q, z(2, 4, 6, 8))
     with pytest.raises(ValueError, match="enable_gqa needs query heads to be a multiple of key heads"):

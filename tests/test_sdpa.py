@@ -242,8 +242,8 @@ def test_errors():
     rng = np.random.default_rng(12)
     q, k, v = randn(rng, (2, 4, 5, 8), np.float32), randn(rng, (2, 4, 6, 8), np.float32), randn(rng, (2, 4, 6, 8), np.float32)
     sdpa = attnext.scaled_dot_product_attention
-    with pytest.raises(ValueError, match="dropout is not supported"):
-        sdpa(q, k, v, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"dropout_p must lie in \[0, 1\]"):
+        sdpa(q, k, v, dropout_p=1.5)
     with pytest.raises(ValueError, match=r"key has shape \(2, 4, 6, 8\) but value has \(2, 4, 7, 8\)"):
         sdpa(q, k, v[:, :, :1].repeat(7, axis=2))
     with pytest.raises(ValueError, match=r"query has shape \(2, 4, 5, 8\) but key has \(2, 4, 6, 7\)"):

@@ -2,6 +2,7 @@
 #include <attnext/sdpa.hpp>
 
 #include "common.hpp"
+#include "dropout_args.hpp"
 
 #include <cstdint>
 #include <limits>
@@ -15,7 +16,7 @@ template <typename T>
 py::tuple sdpa_impl(const py::array& q, const py::array& k, const py::array& v, const py::object& attn_mask,
                     bool causal, const py::object& causal_offset_arg, const py::object& window_left_arg,
                     const py::object& window_right_arg, const py::object& key_lengths, double scale,
-                    bool return_weights, bool return_lse) {
+                    bool return_weights, bool return_lse, double dropout_p, const py::object& seed) {
   require_same_dtype(q, "query", k, "key");
   require_same_dtype(q, "query", v, "value");
   require_ndim(q, "query", 2);
@@ -30,6 +31,7 @@ py::tuple sdpa_impl(const py::array& q, const py::array& k, const py::array& v, 
   const index_t window_right = saturating_index(window_right_arg, "window_right");
   if (window_left < -1 || window_right < -1)
     fail_value("window_left and window_right must be >= 0, or -1 for an unbounded side");
+  const Dropout drop = dropout_arg(dropout_p, seed);
   SdpaProblem<T> p;
   p.q = view<T>(q, "query");
   p.k = view<T>(k, "key");
@@ -70,33 +72,75 @@ py::tuple sdpa_impl(const py::array& q, const py::array& k, const py::array& v, 
     // references (q, k, v, attn_mask, out, w, l), key_lengths is the binding's own copy, and
     // no Python object is touched.
     py::gil_scoped_release nogil;
-    scaled_dot_product_attention<T>(p, op, wp, lp);
+    scaled_dot_product_attention<T>(p, op, wp, lp, drop);
   }
   return py::make_tuple(out, weights, lse);
+}
+
+// The test hook behind tests/test_g1b_dropout.py: apply_dropout_tile on a 2-d array in place,
+// its element (r, c) being (n, i0 + r, j0 + c), in whatever layout the array has (a transposed
+// view is the blocked path's queries-in-lanes tile, a C-contiguous row the decode path's).
+template <typename T>
+void dropout_tile_impl(py::array& tile, const Dropout& drop, std::uint64_t n, index_t i0, index_t j0) {
+  require_ndim(tile, "tile", 2, 2);
+  if (!tile.writeable()) fail_value("tile must be writeable");
+  const Strided<const T> t = view<T>(tile, "tile");
+  if (i0 < 0 || j0 < 0) fail_value("i0 and j0 must be >= 0");
+  T* data = static_cast<T*>(tile.mutable_data());
+  apply_dropout_tile<T>(drop, n, i0, t.dim(0), j0, t.dim(1), data, t.stride(0), t.stride(1));
 }
 
 }  // namespace
 
 void register_sdpa(py::module_& m) {
   m.def(
+      "_philox4x32_10",
+      [](std::uint32_t c0, std::uint32_t c1, std::uint32_t c2, std::uint32_t c3, std::uint32_t key0,
+         std::uint32_t key1) {
+        const std::uint32_t ctr[4] = {c0, c1, c2, c3};
+        std::uint32_t out[4];
+        philox4x32_10(ctr, key0, key1, out);
+        return py::make_tuple(out[0], out[1], out[2], out[3]);
+      },
+      py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"), py::arg("key0"), py::arg("key1"),
+      "Testing hook: dropout.hpp's Philox4x32-10 of one counter (c0, c1, c2, c3) under key (key0, key1), "
+      "as a tuple of four ints.");
+  m.def(
+      "_dropout_apply_tile",
+      [](py::array tile, double dropout_p, const py::object& seed, const py::object& n, const py::object& i0,
+         const py::object& j0) {
+        const Dropout drop = dropout_arg(dropout_p, seed);
+        const std::uint64_t nn = uint64_arg(n, "n");
+        const index_t ii = saturating_index(i0, "i0"), jj = saturating_index(j0, "j0");
+        dispatch(float_dtype(tile, "tile"), [&](auto t) { dropout_tile_impl<decltype(t)>(tile, drop, nn, ii, jj); });
+      },
+      py::arg("tile").noconvert(), py::arg("dropout_p"), py::arg("seed"), py::arg("n"), py::arg("i0"), py::arg("j0"),
+      "Testing hook: applies dropout to tile (rows, cols) in place, element (r, c) being (n, i0 + r, j0 + c) "
+      "(multiplied by 1 / (1 - dropout_p) when kept, set to 0 when dropped).");
+  m.def(
       "sdpa",
       [](const py::array& q, const py::array& k, const py::array& v, const py::object& attn_mask, bool causal,
          const py::object& causal_offset, const py::object& window_left, const py::object& window_right,
-         const py::object& key_lengths, double scale, bool return_weights, bool return_lse) -> py::tuple {
+         const py::object& key_lengths, double scale, bool return_weights, bool return_lse, double dropout_p,
+         const py::object& seed) -> py::tuple {
         return dispatch(float_dtype(q, "query"), [&](auto t) {
           return sdpa_impl<decltype(t)>(q, k, v, attn_mask, causal, causal_offset, window_left, window_right,
-                                        key_lengths, scale, return_weights, return_lse);
+                                        key_lengths, scale, return_weights, return_lse, dropout_p, seed);
         });
       },
       py::arg("query").noconvert(), py::arg("key").noconvert(), py::arg("value").noconvert(),
       py::arg("attn_mask") = py::none(), py::arg("causal") = false, py::arg("causal_offset") = 0,
       py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("key_lengths") = py::none(),
       py::arg("scale") = 1.0, py::arg("return_weights") = false, py::arg("return_lse") = false,
+      py::arg("dropout_p") = 0.0, py::arg("seed") = 0,
       "Fused attention softmax(query key^T * scale + masks) value: query (..., L, E), key (..., S, E), "
       "value (..., S, Ev) with equal batch shapes; attn_mask (..., L, S) bool (True = attend) or float (added); "
       "causal hides key j from query i when j > i + causal_offset; window_left/right bound i - j and j - i "
       "(-1 = unbounded); offsets and window sides are ints of any size; key_lengths (...,) int64. "
-      "Returns (out, weights or None, lse or None).");
+      "dropout_p in [0, 1] with seed (an int in [0, 2**64 - 1]) drops element (n, i, j) of the weights by "
+      "dropout.hpp's Philox rule (n = the flat C-order index of the batch entry) and scales the kept ones by "
+      "1 / (1 - p); lse is of the undropped weights, the weights returned are the dropped ones that multiplied "
+      "value. Returns (out, weights or None, lse or None).");
 }
 
 }  // namespace bind

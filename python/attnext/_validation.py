@@ -99,13 +99,12 @@ def as_axis(axis, shape: tuple, name: str = "axis", of: str = "x") -> int:
     return int(axis) % ndim
 
 
-def check_dropout(dropout_p) -> None:
-    """dropout_p must be a number in [0, 1]; any p > 0 is refused until dropout is implemented."""
+def check_dropout(dropout_p) -> float:
+    """dropout_p as a float in [0, 1] (NaN refused): the probability that a weight is dropped."""
     p = as_scalar(dropout_p, "dropout_p")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1], got {p}")
-    if p != 0.0:
-        raise ValueError(f"dropout is not supported yet: dropout_p must be 0.0, got {p}")
+    return p
 
 
 def require_ndim(a: np.ndarray, name: str, min_ndim: int, what: str) -> None:

@@ -154,7 +154,7 @@ def _core_additive(bias=None, key_lengths=None):
      r"key_lengths has shape \(2,\).*batch shape \(1,\)"),
     (lambda: attnext.scaled_dot_product_attention(Q, K, V, window=(1,)), r"window"),
     (lambda: attnext.scaled_dot_product_attention(Q, K, V, window=(-1, 2)), r"window left"),
-    (lambda: attnext.scaled_dot_product_attention(Q, K, V, dropout_p=0.1), r"dropout_p"),
+    (lambda: attnext.scaled_dot_product_attention(Q, K, V, dropout_p=1.5), r"dropout_p"),
     (lambda: attnext.scaled_dot_product_attention(np.ones((3, 5, 4)), K, V, enable_gqa=True), r"enable_gqa"),
     (lambda: attnext.set_num_threads(0), r"n must be in \[1, 256\]"),
     (lambda: attnext.score(Q, K, scale=10**400), r"scale is too large"),

@@ -22,6 +22,13 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(__AVX512F__) && defined(__BMI2__)
+#include <immintrin.h>
+#define ATTNEXT_DROPOUT_AVX512 1
+#else
+#define ATTNEXT_DROPOUT_AVX512 0
+#endif
+
 #include "strided.hpp"
 
 namespace attnext {
@@ -90,25 +97,163 @@ inline bool dropped(const Dropout& d, std::uint64_t n, std::int64_t i, std::int6
   return w[j & 3] < d.threshold;
 }
 
-// tile[r * row_stride + c * col_stride] holds element (n, i0 + r, j0 + c) for r < rows,
-// c < cols: kept entries are multiplied by keep_scale, dropped ones set to 0. One Philox call
-// serves the (up to) four keys of a group j >> 2.
+namespace dropout_detail {
+
+// The rule applied element by element (any strides): one Philox call per group of four keys.
 template <typename Acc>
-void apply_dropout_tile(const Dropout& d, std::uint64_t n, index_t i0, index_t rows, index_t j0, index_t cols,
-                        Acc* tile, index_t row_stride, index_t col_stride) {
+void apply_scalar(const Dropout& d, std::uint64_t n, index_t i0, index_t rows, index_t j0, index_t cols, Acc* tile,
+                  index_t row_stride, index_t col_stride) {
   const Acc keep = static_cast<Acc>(d.keep_scale);
   const index_t jz = j0 + cols;
   for (index_t r = 0; r < rows; ++r) {
     Acc* row = tile + r * row_stride;
     for (index_t j = j0; j < jz;) {
       std::uint32_t w[4];
-      dropout_detail::words(d, n, i0 + r, j >> 2, w);
+      words(d, n, i0 + r, j >> 2, w);
       for (const index_t group_end = std::min(jz, (j | 3) + 1); j < group_end; ++j) {
         Acc& x = row[(j - j0) * col_stride];
         x = w[j & 3] < d.threshold ? Acc(0) : x * keep;
       }
     }
   }
+}
+
+#if ATTNEXT_DROPOUT_AVX512
+// The same rule, 16 Philox instances at a time (one per 32-bit lane of an AVX-512 register).
+constexpr index_t kLanes = 16;
+
+// Philox4x32-10 of the 16 counters (c[0][l], c[1][l], c[2][l], c[3][l]), in place.
+inline void philox16(__m512i c[4], std::uint32_t key0, std::uint32_t key1) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kMul0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kMul1));
+  const __mmask16 odd = 0xAAAA;
+  for (int r = 0; r < kRounds; ++r) {
+    // _mm512_mul_epu32 multiplies the even 32-bit lanes (the low halves of the 64-bit ones):
+    // the odd lanes are shifted down for a second product, and each lane's high and low words
+    // are blended back into place.
+    const __m512i p0e = _mm512_mul_epu32(c[0], m0), p0o = _mm512_mul_epu32(_mm512_srli_epi64(c[0], 32), m0);
+    const __m512i p1e = _mm512_mul_epu32(c[2], m1), p1o = _mm512_mul_epu32(_mm512_srli_epi64(c[2], 32), m1);
+    const __m512i hi0 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(p0e, 32), p0o);
+    const __m512i lo0 = _mm512_mask_blend_epi32(odd, p0e, _mm512_slli_epi64(p0o, 32));
+    const __m512i hi1 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(p1e, 32), p1o);
+    const __m512i lo1 = _mm512_mask_blend_epi32(odd, p1e, _mm512_slli_epi64(p1o, 32));
+    constexpr int kXor3 = 0x96;  // ternary-logic truth table of a ^ b ^ c
+    c[0] = _mm512_ternarylogic_epi32(hi1, c[1], _mm512_set1_epi32(static_cast<int>(key0)), kXor3);
+    c[1] = lo1;
+    c[2] = _mm512_ternarylogic_epi32(hi0, c[3], _mm512_set1_epi32(static_cast<int>(key1)), kXor3);
+    c[3] = lo0;
+    key0 += kBump0;
+    key1 += kBump1;
+  }
+}
+
+// x[l] = 0 for the lanes in drop, x[l] * keep for the others, over the 16 lanes in valid of
+// the consecutive elements at x (lanes outside valid are neither read nor written).
+inline void scale_lanes(float* x, __mmask16 valid, __mmask16 drop, float keep) {
+  const __m512 v = _mm512_maskz_loadu_ps(valid, x);
+  _mm512_mask_storeu_ps(x, valid, _mm512_maskz_mul_ps(static_cast<__mmask16>(~drop), v, _mm512_set1_ps(keep)));
+}
+
+inline void scale_lanes(double* x, __mmask16 valid, __mmask16 drop, double keep) {
+  for (int h = 0; h < 2; ++h) {
+    const __mmask8 vh = static_cast<__mmask8>(valid >> (8 * h)), dh = static_cast<__mmask8>(drop >> (8 * h));
+    if (vh == 0) continue;
+    const __m512d v = _mm512_maskz_loadu_pd(vh, x + 8 * h);
+    _mm512_mask_storeu_pd(x + 8 * h, vh, _mm512_maskz_mul_pd(static_cast<__mmask8>(~dh), v, _mm512_set1_pd(keep)));
+  }
+}
+
+inline __mmask16 first_lanes(index_t count) {
+  return count >= kLanes ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// Tiles whose queries are consecutive (row stride 1, the blocked path's P^T): the lanes are 16
+// queries, and one Philox round trip decides a group of four keys for all of them.
+template <typename Acc>
+void apply_query_lanes(const Dropout& d, std::uint64_t n, index_t i0, index_t rows, index_t j0, index_t cols,
+                       Acc* tile, index_t col_stride) {
+  const Acc keep = static_cast<Acc>(d.keep_scale);
+  const __m512i t = _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(d.threshold)));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const std::uint32_t k0 = static_cast<std::uint32_t>(d.seed), k1 = static_cast<std::uint32_t>(d.seed >> 32);
+  const index_t jz = j0 + cols;
+  for (index_t r0 = 0; r0 < rows; r0 += kLanes) {
+    const __mmask16 valid = first_lanes(rows - r0);
+    // uint32(i0 + r0) + l wraps exactly as uint32(i0 + r0 + l) does.
+    const __m512i queries = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(i0 + r0))),
+                                             lane);
+    for (index_t g = j0 >> 2; g <= (jz - 1) >> 2; ++g) {
+      __m512i c[4] = {_mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(g))), queries,
+                      _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(n))),
+                      _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(n >> 32)))};
+      philox16(c, k0, k1);
+      for (index_t j = std::max(j0, 4 * g); j < std::min(jz, 4 * g + 4); ++j)
+        scale_lanes(tile + (j - j0) * col_stride + r0, valid, _mm512_cmplt_epu32_mask(c[j & 3], t), keep);
+    }
+  }
+}
+
+// Rows whose keys are consecutive (column stride 1, the decode path's): the lanes are 16
+// groups of four keys, whose decisions are interleaved back into key order (bit 4l + w of the
+// 64-bit mask is word w of lane l).
+template <typename Acc>
+void apply_key_lanes(const Dropout& d, std::uint64_t n, index_t i0, index_t rows, index_t j0, index_t cols,
+                     Acc* tile, index_t row_stride) {
+  const Acc keep = static_cast<Acc>(d.keep_scale);
+  const __m512i t = _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(d.threshold)));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const std::uint32_t k0 = static_cast<std::uint32_t>(d.seed), k1 = static_cast<std::uint32_t>(d.seed >> 32);
+  const index_t jz = j0 + cols;
+  const index_t aligned = std::min(jz, (j0 + 3) & ~index_t(3));  // the first group boundary
+  constexpr std::uint64_t kWord0 = 0x1111111111111111ull;
+  for (index_t r = 0; r < rows; ++r) {
+    Acc* row = tile + r * row_stride;
+    const index_t i = i0 + r;
+    apply_scalar(d, n, i, index_t(1), j0, aligned - j0, row, index_t(0), index_t(1));
+    for (index_t j = aligned; j < jz; j += 4 * kLanes) {
+      __m512i c[4] = {_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(j >> 2))), lane),
+                      _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(i))),
+                      _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(n))),
+                      _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(n >> 32)))};
+      philox16(c, k0, k1);
+      std::uint64_t drop = 0;
+      for (int w = 0; w < 4; ++w) drop |= _pdep_u64(_mm512_cmplt_epu32_mask(c[w], t), kWord0 << w);
+      const index_t nk = std::min(4 * kLanes, jz - j);
+      for (index_t q = 0; q < nk; q += kLanes)
+        scale_lanes(row + (j - j0) + q, first_lanes(nk - q), static_cast<__mmask16>(drop >> q), keep);
+    }
+  }
+}
+#endif
+
+}  // namespace dropout_detail
+
+// tile[r * row_stride + c * col_stride] holds element (n, i0 + r, j0 + c) for r < rows,
+// c < cols: kept entries are multiplied by keep_scale, dropped ones set to 0. The scalar rule
+// (apply_scalar, one Philox call per group of four keys) is the specification; with AVX-512
+// the forms with 16 Philox instances per register serve unit-stride tiles and give the same
+// bits.
+template <typename Acc>
+void apply_dropout_tile(const Dropout& d, std::uint64_t n, index_t i0, index_t rows, index_t j0, index_t cols,
+                        Acc* tile, index_t row_stride, index_t col_stride) {
+  if (rows <= 0 || cols <= 0) return;
+  if (d.threshold > 0xFFFFFFFFu) {  // p = 1: every word is below T, everything is dropped
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c = 0; c < cols; ++c) tile[r * row_stride + c * col_stride] = Acc(0);
+    return;
+  }
+#if ATTNEXT_DROPOUT_AVX512
+  // Few rows of consecutive keys go by keys; otherwise consecutive queries go by queries.
+  if (col_stride == 1 && (row_stride != 1 || rows < dropout_detail::kLanes / 2)) {
+    dropout_detail::apply_key_lanes(d, n, i0, rows, j0, cols, tile, row_stride);
+    return;
+  }
+  if (row_stride == 1) {
+    dropout_detail::apply_query_lanes(d, n, i0, rows, j0, cols, tile, col_stride);
+    return;
+  }
+#endif
+  dropout_detail::apply_scalar(d, n, i0, rows, j0, cols, tile, row_stride, col_stride);
 }
 
 }  // namespace attnext

@@ -14,8 +14,14 @@
 // Every split (query blocks, key tiles, decode chunks) depends only on the shapes, so results
 // are bit-identical for any thread count. Per-thread work buffers are scratch.hpp's: above
 // 16 MB they are released after use.
+//
+// Dropout (dropout.hpp): every path applies the same coordinate rule to its probabilities
+// after they entered the softmax sums, so lse and the normaliser are those of the undropped P,
+// out = (P o Z / (1 - p)) V and the weights returned are P o Z / (1 - p). When it is inactive
+// (p = 0) no kernel looks at it.
 #pragma once
 
+#include "dropout.hpp"
 #include "sdpa/blocked.hpp"
 #include "sdpa/decode.hpp"
 #include "sdpa/micro.hpp"
@@ -25,18 +31,19 @@ namespace attnext {
 
 // out (N..., L, Ev), weights (N..., L, S) or null, lse (N..., L) or null: all C-contiguous.
 // In: the type of q, k, v and out; Acc: the type scores and sums are accumulated in, and of
-// weights and lse (today In == Acc).
+// weights and lse (today In == Acc). drop: dropout with n = the flat C-order index of N...
 template <typename In, typename Acc = In>
-void scaled_dot_product_attention(const SdpaProblem<In>& p, In* out, Acc* weights, Acc* lse) {
+void scaled_dot_product_attention(const SdpaProblem<In>& p, In* out, Acc* weights, Acc* lse,
+                                  const Dropout& drop = Dropout{}) {
   const index_t N = p.q.batch_count(2);
   const index_t L = p.q.dim(-2), Ev = p.v.dim(-1);
   // Empty outputs return at once (O(1)); with Ev = 0 only weights or lse need any work.
   if (N == 0 || L == 0 || (Ev == 0 && !weights && !lse)) return;
   if (L <= sdpa_detail::kDecodeMaxQueries && !weights) {
-    sdpa_detail::decode<In, Acc>(p, N, out, lse);
+    sdpa_detail::decode<In, Acc>(p, N, out, lse, drop);
     return;
   }
-  sdpa_detail::blocked<In, Acc>(p, N, out, weights, lse);
+  sdpa_detail::blocked<In, Acc>(p, N, out, weights, lse, drop);
 }
 
 }  // namespace attnext

@@ -7,12 +7,16 @@
 // merged by log-sum-exp (online_softmax.hpp). With weights requested a block makes two passes
 // (row max and sum, then the final softmax, written out and multiplied by V), so the weights
 // returned are exactly those the output was made from.
+// Dropout (dropout.hpp) acts on a tile's probabilities after they entered the row sums and
+// before P V (and before the weights are written), so lse and the normaliser are those of the
+// undropped P; its decisions depend on the element's coordinates only.
 #pragma once
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
+#include "../dropout.hpp"
 #include "../mask.hpp"
 #include "../online_softmax.hpp"
 #include "../parallel.hpp"
@@ -56,6 +60,7 @@ struct Block {
   KeyRange common;  // keys every row of the block sees
   bool folded = true;  // scale folded into Qt; else scores are scaled after the dot products
   Acc scale = Acc(1);
+  Dropout drop;  // inactive unless the caller sets it after make_block
   Acc *Qt = nullptr, *St = nullptr, *Sh = nullptr, *Ot = nullptr, *M = nullptr, *Lsum = nullptr;
 };
 
@@ -138,6 +143,14 @@ void pv_tile(Block<In, Acc>& k, index_t j0, index_t nj, const Pk<Acc>* alpha, bo
   });
 }
 
+// Dropout on the tile's probabilities P^T (St, queries in the lanes) of keys [j0, j0 + nj).
+template <typename In, typename Acc>
+void drop_tile(Block<In, Acc>& k, index_t j0, index_t nj) {
+  if (k.drop.active())
+    apply_dropout_tile(k.drop, static_cast<std::uint64_t>(k.b), k.i0, k.nq, j0, nj, k.St, index_t(1),
+                       block_queries<Acc>());
+}
+
 // One tile of the online pass: scores, the online-softmax update, probabilities, P V.
 template <typename In, typename Acc>
 void online_tile(Block<In, Acc>& k, index_t j0, index_t nj) {
@@ -162,6 +175,7 @@ void online_tile(Block<In, Acc>& k, index_t j0, index_t nj) {
     }
   for (int c = 0; c < kC; ++c)
     ei::pstore(k.Lsum + c * P, softmax_state::add_sum<Acc>(ei::pload<Pk<Acc>>(k.Lsum + c * P), st[c], sum[c]));
+  drop_tile(k, j0, nj);
   pv_tile(k, j0, nj, alpha, true, careful);
 }
 
@@ -206,6 +220,7 @@ void weights_passes(Block<In, Acc>& k, index_t kmin, index_t kmax, Acc* w) {
         const Pk<Acc> pr = ei::pmul(vm::prob_exp<Acc>(ei::psub(sc, shift[c])), inv[c]);
         ei::pstore(s, ei::pselect(ei::pcmp_eq(sc, ninf), zero, pr));
       }
+    drop_tile(k, j0, nj);
     for (index_t i = 0; i < k.nq; ++i)
       for (index_t j = 0; j < nj; ++j) w[i * k.S + j0 + j] = k.St[j * Bq + i];
     pv_tile(k, j0, nj, static_cast<const Pk<Acc>*>(nullptr), false, careful);
@@ -236,13 +251,15 @@ void write_rows(Block<In, Acc>& k, const BlockOut<In, Acc>& o, bool normalised) 
   unpack_o(k.Ot, k.Lsum, k.nq, k.Ev, o.out + row0 * k.Ev);
 }
 
-// One unit of the blocked path: queries [i0, i0 + nq) of batch entry b against keys [ka, kz).
+// One unit of the blocked path: queries [i0, i0 + nq) of batch entry b against keys [ka, kz),
+// dropout drop applied to its probabilities.
 template <typename In, typename Acc>
 void attend_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, index_t ka, index_t kz,
-                  const BlockOut<In, Acc>& o) {
+                  const BlockOut<In, Acc>& o, const Dropout& drop) {
   constexpr index_t Bq = block_queries<Acc>();
   const Scratch<Acc, SdpaBlockTag> ws(static_cast<size_t>(block_scratch_size<Acc>(p.q.dim(-1), p.v.dim(-1))));
   Block<In, Acc> k = make_block<In, Acc>(p, b, i0, nq, ws.data());
+  k.drop = drop;
   const index_t kmin = std::max(visible_keys(k.vis, i0, k.S).lo, ka);
   const index_t kmax = std::max(kmin, std::min(visible_keys(k.vis, i0 + nq - 1, k.S).hi, kz));
   if (o.weights) {
@@ -294,9 +311,9 @@ void merge_chunks(const Acc* parts, index_t chunks, index_t Ev, index_t nq, In* 
   unpack_o(acc, Lsum, nq, Ev, out);
 }
 
-// The blocked path over all N batch entries.
+// The blocked path over all N batch entries (n = b, the flat batch index, for dropout).
 template <typename In, typename Acc>
-void blocked(const SdpaProblem<In>& p, index_t N, In* out, Acc* weights, Acc* lse) {
+void blocked(const SdpaProblem<In>& p, index_t N, In* out, Acc* weights, Acc* lse, const Dropout& drop = Dropout{}) {
   constexpr index_t Bq = block_queries<Acc>();
   const index_t L = p.q.dim(-2), S = p.k.dim(-2), Ev = p.v.dim(-1);
   const index_t blocks = (L + Bq - 1) / Bq;
@@ -305,7 +322,8 @@ void blocked(const SdpaProblem<In>& p, index_t N, In* out, Acc* weights, Acc* ls
     parallel_for(N * blocks, [&](index_t u) {
       // Later query blocks see more keys under a causal mask: hand them out first.
       const index_t b = u / blocks, i0 = (blocks - 1 - u % blocks) * Bq;
-      attend_block<In, Acc>(p, b, i0, std::min(Bq, L - i0), 0, S, BlockOut<In, Acc>{out, weights, lse, nullptr});
+      attend_block<In, Acc>(p, b, i0, std::min(Bq, L - i0), 0, S, BlockOut<In, Acc>{out, weights, lse, nullptr},
+                            drop);
     }, true);
     return;
   }
@@ -318,7 +336,7 @@ void blocked(const SdpaProblem<In>& p, index_t N, In* out, Acc* weights, Acc* ls
     const index_t b = bq / blocks, i0 = (bq % blocks) * Bq;
     BlockOut<In, Acc> o;
     o.partial = parts.data() + u * part;
-    attend_block<In, Acc>(p, b, i0, std::min(Bq, L - i0), c * chunk, std::min(S, (c + 1) * chunk), o);
+    attend_block<In, Acc>(p, b, i0, std::min(Bq, L - i0), c * chunk, std::min(S, (c + 1) * chunk), o, drop);
   }, true);
   parallel_for(N * blocks, [&](index_t bq) {
     const index_t b = bq / blocks, i0 = (bq % blocks) * Bq, nq = std::min(Bq, L - i0);

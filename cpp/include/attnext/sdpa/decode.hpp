@@ -3,11 +3,14 @@
 // state (max, sum, unnormalised output) from dot products along E; the partials are merged by
 // the log-sum-exp merge in chunk order. One query thus uses every core, and since the chunks
 // depend only on S the result does not depend on the thread count.
+// Dropout (dropout.hpp) acts on a row's probabilities after they entered its sum and before
+// P V, as in the blocked path, with the same coordinates (n = b).
 #pragma once
 
 #include <algorithm>
 #include <vector>
 
+#include "../dropout.hpp"
 #include "../mask.hpp"
 #include "../online_softmax.hpp"
 #include "../parallel.hpp"
@@ -46,7 +49,7 @@ const In* contiguous_rows(const In* x, index_t rs, index_t cs, index_t n, index_
 // Partial states of keys [c0, c1) for every query row (L <= kDecodeMaxQueries) of batch entry b.
 // part: (L, Ev + 2) = unnormalised output, then the max, then the sum.
 template <typename In, typename Acc>
-void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, Acc* part) {
+void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, Acc* part, const Dropout& drop) {
   const index_t L = p.q.dim(-2), E = p.q.dim(-1), S = p.k.dim(-2), Ev = p.v.dim(-1);
   const Visibility vis = visibility(p, b);
   const index_t n = c1 - c0, w = Ev + 2;
@@ -98,6 +101,9 @@ void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, A
     pi[Ev + 1] = ei::pfirst(softmax_state::add_sum<Acc>(ei::pset1<Pk<Acc>>(Acc(0)), st,
                                                         ei::pset1<Pk<Acc>>(vm::exp_shifted_sum(si + a, z - a,
                                                                                                ei::pfirst(st.shift)))));
+    if (drop.active())  // the row's keys [ja + a, ja + z), contiguous in si
+      apply_dropout_tile(drop, static_cast<std::uint64_t>(b), i, index_t(1), ja + a, z - a, si + a, index_t(0),
+                         index_t(1));
     if (!careful) {
       row_pv(si + a, vc + a * vcs, vcs, z - a, Ev, pi);
     } else {  // hidden keys (score -inf) skipped: a NaN/inf in their value rows never enters
@@ -109,7 +115,7 @@ void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, A
 
 // The decode path over all N batch entries.
 template <typename In, typename Acc>
-void decode(const SdpaProblem<In>& p, index_t N, In* out, Acc* lse) {
+void decode(const SdpaProblem<In>& p, index_t N, In* out, Acc* lse, const Dropout& drop = Dropout{}) {
   const index_t L = p.q.dim(-2), S = p.k.dim(-2), Ev = p.v.dim(-1);
   const index_t chunks = std::max<index_t>(1, (S + kDecodeChunk - 1) / kDecodeChunk);
   const index_t w = Ev + 2;
@@ -117,7 +123,7 @@ void decode(const SdpaProblem<In>& p, index_t N, In* out, Acc* lse) {
   parallel_for(N * chunks, [&](index_t u) {
     const index_t b = u / chunks, c = u % chunks;
     const index_t c0 = c * kDecodeChunk, c1 = std::min(S, c0 + kDecodeChunk);
-    decode_chunk<In, Acc>(p, b, c0, c1, parts.data() + u * L * w);
+    decode_chunk<In, Acc>(p, b, c0, c1, parts.data() + u * L * w, drop);
   }, true);
   // Merge the chunks of each row by log-sum-exp, in chunk order.
   parallel_for(N, [&](index_t b) {
