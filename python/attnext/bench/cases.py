@@ -39,7 +39,8 @@ import numpy as np
 
 CONTENDERS = ("attnext", "torch", "reference")
 # The key under which a fwd+bwd case's setup also returns attnext's forward pass alone on the
-# same inputs (timed after the contenders, for the fwd+bwd throughput's share of it).
+# same inputs (timed in the contenders' interleaved rounds, for the fwd+bwd throughput's share
+# of the forward's).
 FORWARD = "attnext_forward"
 # A fwd+bwd call does 3.5 forwards' worth of flops (see the module docstring).
 FWD_BWD_FLOPS = 3.5

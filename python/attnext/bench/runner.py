@@ -144,42 +144,20 @@ def _plan(est: float, suite: str) -> tuple:
     return number, repeats
 
 
-def time_alone(fn, suite: str) -> dict:
-    """Times ``fn`` by itself with the suite's plan (warm-up, then quiet-waited samples): the
-    statistics of :func:`_stats` plus ``repeats`` and ``number``. For measurements beside a case's
-    contenders, such as attnext's forward pass in a fwd+bwd case."""
-    t_first = _sample(fn, 1)
-    number, repeats = _plan(_sample(fn, 1) if t_first < 1.0 else t_first, suite)
-    times = []
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(repeats):
-            _quiesce()
-            fn()
-            times.append(_sample(fn, number))
-    finally:
-        if gc_was:
-            gc.enable()
-    return {**_stats(times), "repeats": repeats, "number": number}
-
-
-def _backward_summary(case, forward, record: dict, suite: str) -> dict:
-    """A fwd+bwd case's own numbers: attnext's forward timed alone on the same inputs, the fwd+bwd
-    throughput (the case's rate: 3.5 x forward flops / time) as a fraction of that forward's
-    throughput, the ratio against torch, and whether each of the issue's targets is met."""
+def _backward_summary(case, forward: dict | None, record: dict) -> dict:
+    """A fwd+bwd case's own numbers: attnext's forward alone on the same inputs (``forward``: its
+    timing statistics, or {"error": ...}), the fwd+bwd throughput (the case's rate: 3.5 x forward
+    flops / time) as a fraction of that forward's throughput, the ratio against torch, and
+    whether each of the issue's targets is met."""
     info = case.backward
     out = {"forward_work": info["forward_work"], "targets": dict(info["targets"]), "met": {}}
     attnext = record["results"].get("attnext", {})
-    if attnext.get("status") != "ok" or forward is None:
+    if forward is not None and "error" in forward:
+        out["forward_error"] = forward["error"]
+    if attnext.get("status") != "ok" or forward is None or "error" in forward:
         return out
-    try:
-        st = time_alone(forward, suite)
-    except Exception as exc:
-        out["forward_error"] = f"{type(exc).__name__}: {exc}"[:500]
-        return out
-    out["forward_median_s"] = st["median_s"]
-    out["forward_rate"] = info["forward_work"] / st["median_s"] / 1e9
+    out["forward_median_s"] = forward["median_s"]
+    out["forward_rate"] = info["forward_work"] / forward["median_s"] / 1e9
     out["fwd_bwd_rate"] = attnext["rate"]
     out["fraction_of_forward"] = attnext["rate"] / out["forward_rate"]
     vs_torch = record["ratios"].get("attnext_vs_torch")
@@ -224,6 +202,7 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
         live[cname], plan[cname] = fn, _plan(est, suite)
     record["check"] = cases_mod.check_outputs(outputs)
     outputs.clear()
+    forward = _add_forward(case, run, live, plan, suite, progress)
     times = {c: [] for c in live}
     rounds = max((r for _, r in plan.values()), default=0)
     order = list(live)
@@ -244,6 +223,9 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
     finally:
         if gc_was:
             gc.enable()
+    if forward is None and cases_mod.FORWARD in live:
+        forward = _stats(times[cases_mod.FORWARD])
+        del live[cases_mod.FORWARD]
     for cname in live:
         number, repeats = plan[cname]
         st = _stats(times[cname])
@@ -264,9 +246,25 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
                 record["ratios"][f"{a}_vs_{b}"] = (record["results"][b]["median_s"] /
                                                    record["results"][a]["median_s"])
     if case.backward is not None:
-        progress.update(f"{case.name}: attnext forward alone")
-        record["backward"] = _backward_summary(case, run.get(cases_mod.FORWARD), record, suite)
+        record["backward"] = _backward_summary(case, forward, record)
     return record
+
+
+def _add_forward(case, run: dict, live: dict, plan: dict, suite: str, progress: Progress) -> dict | None:
+    """For a fwd+bwd case whose attnext contender runs: warms up attnext's forward alone (the
+    setup's ``FORWARD`` entry) and adds it to ``live``/``plan``, so it is timed in the same
+    interleaved rounds as the contenders. Returns None, or {"error": ...} when it failed."""
+    fn = run.get(cases_mod.FORWARD)
+    if case.backward is None or "attnext" not in live or not callable(fn):
+        return None
+    progress.update(f"{case.name}: attnext forward alone, warm-up")
+    try:
+        t_first = _sample(fn, 1)
+        est = _sample(fn, 1) if t_first < 1.0 else t_first
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    live[cases_mod.FORWARD], plan[cases_mod.FORWARD] = fn, _plan(est, suite)
+    return None
 
 
 def run_suite(suite: str = "full", patterns=None, threads=None, seed: int = 0, progress: bool = True,
