@@ -499,3 +499,17 @@ def test_backward_argument_errors(rng):
         attnext.score_backward(np.ones((2, 3, 5)), q, k, "general")
     with pytest.raises(ValueError, match=r"grad has shape"):
         attnext.weighted_sum_backward(np.ones((2, 3, 4)), np.ones((2, 3, 5)), v)
+
+
+def test_broadcast_view_arguments_are_kept_compact_and_owned(rng):
+    q, v = rng.standard_normal((4, 3, 5)), rng.standard_normal((4, 6, 2))
+    base = rng.standard_normal((1, 6, 5))
+    k = np.broadcast_to(base, (4, 6, 5))  # a stride-0 view of the caller's array
+    out, pullback = vjp(attnext.attention, q, k, v)
+    ct = rng.standard_normal(out.shape)
+    before = pullback(ct)
+    base[...] = 0.0
+    after = pullback(ct)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert before[1].shape == (4, 6, 5)

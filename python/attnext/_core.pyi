@@ -42,3 +42,11 @@ def sdpa(query: Array, key: Array, value: Array, attn_mask: npt.NDArray | None =
          causal_offset: int = 0, window_left: int = -1, window_right: int = -1,
          key_lengths: npt.NDArray[np.int64] | None = None, scale: float = 1.0, return_weights: bool = False,
          return_lse: bool = False) -> tuple[Array, Array | None, Array | None]: ...
+# Gradients of sdpa (same first ten arguments): out (..., L, Ev) and lse (..., L) as sdpa returned them, grad_out
+# the cotangent of out, grad_weights (..., L, S) that of the returned weights (after dropout) -> (dq, dk, dv,
+# dmask = dL/d(score + mask) when mask_grad, else None), C-contiguous with the full batch shape of the views passed.
+def sdpa_backward(query: Array, key: Array, value: Array, attn_mask: npt.NDArray | None, causal: bool,
+                  causal_offset: int, window_left: int, window_right: int,
+                  key_lengths: npt.NDArray[np.int64] | None, scale: float, out: Array, lse: Array, grad_out: Array,
+                  dropout_p: float = 0.0, seed: int = 0, grad_weights: Array | None = None, mask_grad: bool = False
+                  ) -> tuple[Array, Array, Array, Array | None]: ...

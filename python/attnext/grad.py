@@ -174,8 +174,12 @@ class _Backend(NamedTuple):
 
 
 def _own(value):
-    """The pullback's own copy of an argument: arrays and array-likes copied, the rest as is."""
+    """The pullback's own copy of an argument: arrays and array-likes copied, the rest as is. A
+    broadcast view (stride 0 on some axes) is copied at its compact size and broadcast again."""
     if isinstance(value, np.ndarray):
+        if value.size and 0 in value.strides:
+            compact = value[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in value.strides)]
+            return np.broadcast_to(compact.copy(), value.shape)
         return value.copy()
     if isinstance(value, (list,)):
         return np.array(value)
@@ -585,15 +589,11 @@ def scaled_dot_product_attention_backward(
         dattn_mask only for a float mask (else None). A row that attends to nothing gets zero
         gradients; hidden keys get exactly zero.
     """
-    if not hasattr(_core, "sdpa_backward"):  # a _core built before the SDPA backward kernel
-        return reference.scaled_dot_product_attention_backward(
-            grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-            key_lengths=key_lengths, window=window, seed=seed, grad_weights=grad_weights, grad_lse=grad_lse)
-    check_dropout(dropout_p)
     p = as_scalar(dropout_p, "dropout_p")
     if p != 0.0 and seed is None:
         raise ValueError("seed is required with dropout_p > 0: pass the seed the forward used (vjp records it "
                          "as pullback.seed)")
+    check_dropout(dropout_p)
     seed = functional._dropout_seed(seed, p)
     inputs = {"query": to_array(query, "query"), "key": to_array(key, "key"), "value": to_array(value, "value")}
     dtype, _ = promote(**inputs)
@@ -664,7 +664,8 @@ def additive_attention_backward(grad_out: ArrayLike, query: ArrayLike, key: Arra
 
     Args:
         grad_out: (..., Lq, Dv), the context's cotangent; the other arguments as passed to the
-            forward; out and lse: what it returned (either may be None: recomputed).
+            forward. out and lse are accepted for symmetry with the SDPA backward and may be None:
+            the kernel recomputes the weights (the forward's bits) and needs neither.
         grad_weights: (..., Lq, Lk), the cotangent of the returned weights, or None.
 
     Returns:
@@ -673,10 +674,6 @@ def additive_attention_backward(grad_out: ArrayLike, query: ArrayLike, key: Arra
         :class:`attnext.ProjectedKeys` key, "key" is the gradient of its ``projected`` array
         (..., Lk, U), the memory-shaped gradient that sums across decoder steps.
     """
-    if not hasattr(_core, "additive_attention_backward"):  # a _core built before the additive backward kernel
-        return reference.additive_attention_backward(
-            grad_out, query, key, value, w_query, w_key, v, out, lse, bias=bias, attn_mask=attn_mask,
-            key_lengths=key_lengths, is_causal=is_causal, window=window, grad_weights=grad_weights)
     call = functional._prepare_additive(query, key, value, w_query, w_key, v, bias=bias, attn_mask=attn_mask,
                                         key_lengths=key_lengths, is_causal=is_causal, window=window, warn=False)
     rows, lk = call.query.shape[:-1], call.value.shape[-2]
@@ -709,8 +706,6 @@ def linear_backward(grad: ArrayLike, x: ArrayLike, weight: ArrayLike, bias: Arra
         (dx, dweight, dbias): dx = g W, dweight = sum over the batch of g^T x, dbias = sum of g
         (None without a bias); each of its input's shape and dtype.
     """
-    if not hasattr(_core, "linear_backward"):  # a _core built before the linear backward kernel
-        return reference.linear_backward(grad, x, weight, bias)
     inputs = {"x": to_array(x, "x"), "weight": to_array(weight, "weight")}
     if bias is not None:
         inputs["bias"] = to_array(bias, "bias")
