@@ -305,6 +305,12 @@ def test_self_attention_state_dict_keys_and_pickled_dropout():
         SelfAttention(4, dropout="0.1")
 
 
+def test_from_torch_keeps_the_modules_dropout():
+    torch = pytest.importorskip("torch")
+    layer = MultiHeadAttention.from_torch(torch.nn.MultiheadAttention(4, 2, dropout=0.125))
+    assert layer.dropout == 0.125 and "dropout=0.125" in repr(layer)
+
+
 # --------------------------------------------------------------------------------------------
 # dropout (needs the dropout kernels and attnext.grad's dropout backward)
 

@@ -247,7 +247,11 @@ class BahdanauAttention(_Weights):
         rng: seed or ``np.random.Generator`` for the initialisation (Glorot-uniform weights).
 
     Use: ``memory = layer.precompute(encoder_states)`` once per sentence, then
-    ``context, weights = layer(s_t, memory)`` at every step.
+    ``context, weights = layer(s_t, memory)`` at every step. Training:
+    ``memory, pre = layer.precompute_vjp(encoder_states)``, at every step
+    ``(context, weights), pb = layer.vjp(s_t, memory)`` and
+    ``(ds_t, memory_grad), param_grads = pb((grad_context, None))``; then
+    ``(d_encoder_states,), more_param_grads = pre(sum(memory_grads))``.
     """
 
     def __init__(self, query_dim: int, key_dim: int, units: int, *, normalize: bool = False, bias: bool = False,
