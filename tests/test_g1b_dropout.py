@@ -48,16 +48,24 @@ def test_threshold_and_scale_rule():
     assert _philox.keep_scale(1.0) == 0.0
 
 
-def cpp_tile(seed, p, n, i0, rows, j0, cols, dtype, layout):
-    """C++'s apply_dropout_tile on a tile of ones: (rows, cols), element (r, c) = (n, i0 + r, j0 + c).
-    layout "queries" stores it transposed (row stride 1, the blocked path's tiles), "keys" in C
-    order (key stride 1, the decode path's rows), "strided" with no unit stride (the scalar rule)."""
+def tile_of(values, layout):
+    """values (rows, cols) in a tile layout: "queries" stores it transposed (row stride 1, the
+    blocked path's tiles), "keys" in C order (key stride 1, the decode path's rows), "strided"
+    with no unit stride (the scalar rule)."""
+    rows, cols = values.shape
     if layout == "queries":
-        tile = np.ones((cols, rows), dtype).T
+        tile = np.empty((cols, rows), values.dtype).T
     elif layout == "keys":
-        tile = np.ones((rows, cols), dtype)
+        tile = np.empty((rows, cols), values.dtype)
     else:
-        tile = np.ones((2 * rows, 3 * cols), dtype)[::2, ::3]
+        tile = np.empty((2 * rows, 3 * cols), values.dtype)[::2, ::3]
+    tile[...] = values
+    return tile
+
+
+def cpp_tile(seed, p, n, i0, rows, j0, cols, dtype, layout):
+    """C++'s apply_dropout_tile on a tile of ones: (rows, cols), element (r, c) = (n, i0 + r, j0 + c)."""
+    tile = tile_of(np.ones((rows, cols), dtype), layout)
     _core._dropout_apply_tile(tile, p, seed, n, i0, j0)
     return np.array(tile)
 
@@ -87,11 +95,24 @@ def test_cpp_tile_matches_numpy_twin(dtype, case, layout, p):
     np.testing.assert_array_equal(got[keep], dtype(1) * dtype(1 / (1 - p)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["queries", "keys", "strided"])
+def test_two_tiles_share_decisions(dtype, layout):
+    # apply_dropout_tiles (the backward's P and dP): both tiles get the one tile's decisions.
+    rng = np.random.default_rng(11)
+    n, i0, rows, j0, cols, p, seed = 6, 17, 21, 5, 70, 0.35, 424242
+    want = cpp_tile(seed, p, n, i0, rows, j0, cols, dtype, layout)
+    values = rng.standard_normal((rows, cols)).astype(dtype)
+    a, b = tile_of(np.ones((rows, cols), dtype), layout), tile_of(values, layout)
+    _core._dropout_apply_tile(a, p, seed, n, i0, j0, b)
+    np.testing.assert_array_equal(a, want)
+    np.testing.assert_array_equal(b, np.where(want != 0, values * dtype(1 / (1 - p)), 0))
+
+
 @pytest.mark.parametrize("layout", ["queries", "keys", "strided"])
 def test_dropped_nan_is_zero(layout):
     # A dropped element is set to 0, not multiplied: a NaN probability that is dropped is 0.
-    tile = {"queries": np.full((40, 20), np.nan).T, "keys": np.full((20, 40), np.nan),
-            "strided": np.full((40, 80), np.nan)[::2, ::2]}[layout]
+    tile = tile_of(np.full((20, 40), np.nan), layout)
     _core._dropout_apply_tile(tile, 0.5, 7, 3, 0, 0)
     keep = _philox.keep_mask(7, 0.5, (4,), 20, 40)[3]
     np.testing.assert_array_equal(np.isnan(tile), keep)

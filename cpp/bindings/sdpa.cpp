@@ -79,15 +79,27 @@ py::tuple sdpa_impl(const py::array& q, const py::array& k, const py::array& v, 
 
 // The test hook behind tests/test_g1b_dropout.py: apply_dropout_tile on a 2-d array in place,
 // its element (r, c) being (n, i0 + r, j0 + c), in whatever layout the array has (a transposed
-// view is the blocked path's queries-in-lanes tile, a C-contiguous row the decode path's).
+// view is the blocked path's queries-in-lanes tile, a C-contiguous row the decode path's);
+// with a second array of the same shape and strides, apply_dropout_tiles on both.
 template <typename T>
-void dropout_tile_impl(py::array& tile, const Dropout& drop, std::uint64_t n, index_t i0, index_t j0) {
+void dropout_tile_impl(py::array& tile, const py::object& other, const Dropout& drop, std::uint64_t n, index_t i0,
+                       index_t j0) {
   require_ndim(tile, "tile", 2, 2);
   if (!tile.writeable()) fail_value("tile must be writeable");
   const Strided<const T> t = view<T>(tile, "tile");
   if (i0 < 0 || j0 < 0) fail_value("i0 and j0 must be >= 0");
-  T* data = static_cast<T*>(tile.mutable_data());
-  apply_dropout_tile<T>(drop, n, i0, t.dim(0), j0, t.dim(1), data, t.stride(0), t.stride(1));
+  T* a = static_cast<T*>(tile.mutable_data());
+  if (other.is_none()) {
+    apply_dropout_tile<T>(drop, n, i0, t.dim(0), j0, t.dim(1), a, t.stride(0), t.stride(1));
+    return;
+  }
+  py::array second = require_array(other, "other");
+  require_same_dtype(tile, "tile", second, "other");
+  const Strided<const T> o = view<T>(second, "other");
+  if (!second.writeable() || o.shape != t.shape || o.strides != t.strides)
+    fail_value("other must be a writeable array of the shape and strides of tile");
+  T* b = static_cast<T*>(second.mutable_data());
+  apply_dropout_tiles<T>(drop, n, i0, t.dim(0), j0, t.dim(1), a, b, t.stride(0), t.stride(1));
 }
 
 }  // namespace
@@ -108,15 +120,18 @@ void register_sdpa(py::module_& m) {
   m.def(
       "_dropout_apply_tile",
       [](py::array tile, double dropout_p, const py::object& seed, const py::object& n, const py::object& i0,
-         const py::object& j0) {
+         const py::object& j0, const py::object& other) {
         const Dropout drop = dropout_arg(dropout_p, seed);
         const std::uint64_t nn = uint64_arg(n, "n");
         const index_t ii = saturating_index(i0, "i0"), jj = saturating_index(j0, "j0");
-        dispatch(float_dtype(tile, "tile"), [&](auto t) { dropout_tile_impl<decltype(t)>(tile, drop, nn, ii, jj); });
+        dispatch(float_dtype(tile, "tile"),
+                 [&](auto t) { dropout_tile_impl<decltype(t)>(tile, other, drop, nn, ii, jj); });
       },
       py::arg("tile").noconvert(), py::arg("dropout_p"), py::arg("seed"), py::arg("n"), py::arg("i0"), py::arg("j0"),
+      py::arg("other") = py::none(),
       "Testing hook: applies dropout to tile (rows, cols) in place, element (r, c) being (n, i0 + r, j0 + c) "
-      "(multiplied by 1 / (1 - dropout_p) when kept, set to 0 when dropped).");
+      "(multiplied by 1 / (1 - dropout_p) when kept, set to 0 when dropped); the same decisions to other, "
+      "an array of tile's shape and strides, when given.");
   m.def(
       "sdpa",
       [](const py::array& q, const py::array& k, const py::array& v, const py::object& attn_mask, bool causal,

@@ -99,20 +99,24 @@ inline bool dropped(const Dropout& d, std::uint64_t n, std::int64_t i, std::int6
 
 namespace dropout_detail {
 
+// Below, every form applies one set of decisions to tile a and, when b is not null, to tile b
+// of the same layout (the backward's P and dP share their decisions).
+
 // The rule applied element by element (any strides): one Philox call per group of four keys.
 template <typename Acc>
-void apply_scalar(const Dropout& d, std::uint64_t n, index_t i0, index_t rows, index_t j0, index_t cols, Acc* tile,
-                  index_t row_stride, index_t col_stride) {
+void apply_scalar(const Dropout& d, std::uint64_t n, index_t i0, index_t rows, index_t j0, index_t cols, Acc* a,
+                  Acc* b, index_t row_stride, index_t col_stride) {
   const Acc keep = static_cast<Acc>(d.keep_scale);
   const index_t jz = j0 + cols;
   for (index_t r = 0; r < rows; ++r) {
-    Acc* row = tile + r * row_stride;
     for (index_t j = j0; j < jz;) {
       std::uint32_t w[4];
       words(d, n, i0 + r, j >> 2, w);
       for (const index_t group_end = std::min(jz, (j | 3) + 1); j < group_end; ++j) {
-        Acc& x = row[(j - j0) * col_stride];
-        x = w[j & 3] < d.threshold ? Acc(0) : x * keep;
+        const index_t at = r * row_stride + (j - j0) * col_stride;
+        const bool drop = w[j & 3] < d.threshold;
+        a[at] = drop ? Acc(0) : a[at] * keep;
+        if (b) b[at] = drop ? Acc(0) : b[at] * keep;
       }
     }
   }
@@ -163,6 +167,13 @@ inline void scale_lanes(double* x, __mmask16 valid, __mmask16 drop, double keep)
   }
 }
 
+// scale_lanes on a + at and, if there is one, on b + at.
+template <typename Acc>
+inline void scale_both(Acc* a, Acc* b, index_t at, __mmask16 valid, __mmask16 drop, Acc keep) {
+  scale_lanes(a + at, valid, drop, keep);
+  if (b) scale_lanes(b + at, valid, drop, keep);
+}
+
 inline __mmask16 first_lanes(index_t count) {
   return count >= kLanes ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
 }
@@ -171,7 +182,7 @@ inline __mmask16 first_lanes(index_t count) {
 // queries, and one Philox round trip decides a group of four keys for all of them.
 template <typename Acc>
 void apply_query_lanes(const Dropout& d, std::uint64_t n, index_t i0, index_t rows, index_t j0, index_t cols,
-                       Acc* tile, index_t col_stride) {
+                       Acc* a, Acc* b, index_t col_stride) {
   const Acc keep = static_cast<Acc>(d.keep_scale);
   const __m512i t = _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(d.threshold)));
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -188,7 +199,7 @@ void apply_query_lanes(const Dropout& d, std::uint64_t n, index_t i0, index_t ro
                       _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(n >> 32)))};
       philox16(c, k0, k1);
       for (index_t j = std::max(j0, 4 * g); j < std::min(jz, 4 * g + 4); ++j)
-        scale_lanes(tile + (j - j0) * col_stride + r0, valid, _mm512_cmplt_epu32_mask(c[j & 3], t), keep);
+        scale_both(a, b, (j - j0) * col_stride + r0, valid, _mm512_cmplt_epu32_mask(c[j & 3], t), keep);
     }
   }
 }
@@ -198,7 +209,7 @@ void apply_query_lanes(const Dropout& d, std::uint64_t n, index_t i0, index_t ro
 // 64-bit mask is word w of lane l).
 template <typename Acc>
 void apply_key_lanes(const Dropout& d, std::uint64_t n, index_t i0, index_t rows, index_t j0, index_t cols,
-                     Acc* tile, index_t row_stride) {
+                     Acc* a, Acc* b, index_t row_stride) {
   const Acc keep = static_cast<Acc>(d.keep_scale);
   const __m512i t = _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(d.threshold)));
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -207,9 +218,8 @@ void apply_key_lanes(const Dropout& d, std::uint64_t n, index_t i0, index_t rows
   const index_t aligned = std::min(jz, (j0 + 3) & ~index_t(3));  // the first group boundary
   constexpr std::uint64_t kWord0 = 0x1111111111111111ull;
   for (index_t r = 0; r < rows; ++r) {
-    Acc* row = tile + r * row_stride;
-    const index_t i = i0 + r;
-    apply_scalar(d, n, i, index_t(1), j0, aligned - j0, row, index_t(0), index_t(1));
+    const index_t i = i0 + r, row = r * row_stride;
+    apply_scalar(d, n, i, index_t(1), j0, aligned - j0, a + row, b ? b + row : nullptr, index_t(0), index_t(1));
     for (index_t j = aligned; j < jz; j += 4 * kLanes) {
       __m512i c[4] = {_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(j >> 2))), lane),
                       _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(i))),
@@ -220,40 +230,58 @@ void apply_key_lanes(const Dropout& d, std::uint64_t n, index_t i0, index_t rows
       for (int w = 0; w < 4; ++w) drop |= _pdep_u64(_mm512_cmplt_epu32_mask(c[w], t), kWord0 << w);
       const index_t nk = std::min(4 * kLanes, jz - j);
       for (index_t q = 0; q < nk; q += kLanes)
-        scale_lanes(row + (j - j0) + q, first_lanes(nk - q), static_cast<__mmask16>(drop >> q), keep);
+        scale_both(a, b, row + (j - j0) + q, first_lanes(nk - q), static_cast<__mmask16>(drop >> q), keep);
     }
   }
 }
 #endif
 
-}  // namespace dropout_detail
-
-// tile[r * row_stride + c * col_stride] holds element (n, i0 + r, j0 + c) for r < rows,
-// c < cols: kept entries are multiplied by keep_scale, dropped ones set to 0. The scalar rule
-// (apply_scalar, one Philox call per group of four keys) is the specification; with AVX-512
-// the forms with 16 Philox instances per register serve unit-stride tiles and give the same
-// bits.
+// The dispatch behind apply_dropout_tile(s): the scalar rule is the specification; with
+// AVX-512 the forms with 16 Philox instances per register serve unit-stride tiles and give the
+// same bits.
 template <typename Acc>
-void apply_dropout_tile(const Dropout& d, std::uint64_t n, index_t i0, index_t rows, index_t j0, index_t cols,
-                        Acc* tile, index_t row_stride, index_t col_stride) {
+void apply(const Dropout& d, std::uint64_t n, index_t i0, index_t rows, index_t j0, index_t cols, Acc* a, Acc* b,
+           index_t row_stride, index_t col_stride) {
   if (rows <= 0 || cols <= 0) return;
   if (d.threshold > 0xFFFFFFFFu) {  // p = 1: every word is below T, everything is dropped
     for (index_t r = 0; r < rows; ++r)
-      for (index_t c = 0; c < cols; ++c) tile[r * row_stride + c * col_stride] = Acc(0);
+      for (index_t c = 0; c < cols; ++c) {
+        a[r * row_stride + c * col_stride] = Acc(0);
+        if (b) b[r * row_stride + c * col_stride] = Acc(0);
+      }
     return;
   }
 #if ATTNEXT_DROPOUT_AVX512
   // Few rows of consecutive keys go by keys; otherwise consecutive queries go by queries.
-  if (col_stride == 1 && (row_stride != 1 || rows < dropout_detail::kLanes / 2)) {
-    dropout_detail::apply_key_lanes(d, n, i0, rows, j0, cols, tile, row_stride);
+  if (col_stride == 1 && (row_stride != 1 || rows < kLanes / 2)) {
+    apply_key_lanes(d, n, i0, rows, j0, cols, a, b, row_stride);
     return;
   }
   if (row_stride == 1) {
-    dropout_detail::apply_query_lanes(d, n, i0, rows, j0, cols, tile, col_stride);
+    apply_query_lanes(d, n, i0, rows, j0, cols, a, b, col_stride);
     return;
   }
 #endif
-  dropout_detail::apply_scalar(d, n, i0, rows, j0, cols, tile, row_stride, col_stride);
+  apply_scalar(d, n, i0, rows, j0, cols, a, b, row_stride, col_stride);
+}
+
+}  // namespace dropout_detail
+
+// tile[r * row_stride + c * col_stride] holds element (n, i0 + r, j0 + c) for r < rows,
+// c < cols: kept entries are multiplied by keep_scale, dropped ones set to 0 (one Philox call
+// per group of four keys of a row; 16 at once with AVX-512).
+template <typename Acc>
+void apply_dropout_tile(const Dropout& d, std::uint64_t n, index_t i0, index_t rows, index_t j0, index_t cols,
+                        Acc* tile, index_t row_stride, index_t col_stride) {
+  dropout_detail::apply<Acc>(d, n, i0, rows, j0, cols, tile, nullptr, row_stride, col_stride);
+}
+
+// The same decisions applied to two tiles of one layout (the backward's P and dP), generated
+// once for both.
+template <typename Acc>
+void apply_dropout_tiles(const Dropout& d, std::uint64_t n, index_t i0, index_t rows, index_t j0, index_t cols,
+                         Acc* tile_a, Acc* tile_b, index_t row_stride, index_t col_stride) {
+  dropout_detail::apply<Acc>(d, n, i0, rows, j0, cols, tile_a, tile_b, row_stride, col_stride);
 }
 
 }  // namespace attnext
