@@ -41,7 +41,8 @@ def linear_backward(grad: Array, x: Array, weight: Array, want_bias: bool) -> tu
 def sdpa(query: Array, key: Array, value: Array, attn_mask: npt.NDArray | None = None, causal: bool = False,
          causal_offset: int = 0, window_left: int = -1, window_right: int = -1,
          key_lengths: npt.NDArray[np.int64] | None = None, scale: float = 1.0, return_weights: bool = False,
-         return_lse: bool = False) -> tuple[Array, Array | None, Array | None]: ...
+         return_lse: bool = False, dropout_p: float = 0.0, seed: int = 0
+         ) -> tuple[Array, Array | None, Array | None]: ...
 # Gradients of sdpa (same first ten arguments): out (..., L, Ev) and lse (..., L) as sdpa returned them, grad_out
 # the cotangent of out, grad_weights (..., L, S) that of the returned weights (after dropout) -> (dq, dk, dv,
 # dmask = dL/d(score + mask) when mask_grad, else None), C-contiguous with the full batch shape of the views passed.

@@ -189,9 +189,7 @@ def _attend(s, value, hidden, dropout=None):
     A key whose final score is -inf counts as hidden, whatever made it -inf: once a float mask
     is added, a kernel cannot tell a -inf mask entry from a -inf score either."""
     s = np.where(hidden, -np.inf, s).astype(s.dtype)
-    a = softmax(s)
-    if dropout is not None:
-        a = (a * dropout).astype(s.dtype)
+    a = _apply_dropout(softmax(s), dropout)
     return _context(a, value, s == -np.inf), a
 
 
@@ -269,6 +267,15 @@ def _dropout_scale(dropout_p, seed, batch_shape, lq, lk, dtype):
     return np.where(keep, kept_scale, 0.0).astype(dtype)
 
 
+def _apply_dropout(x, z):
+    """x * Z where Z keeps an element (kept ones scaled by 1 / (1 - p)) and exactly 0 where it
+    drops one (a dropped NaN is 0 too); x itself when there is no dropout (Z None)."""
+    if z is None:
+        return x
+    with np.errstate(invalid="ignore"):
+        return np.where(z != 0, x * z, 0).astype(x.dtype)
+
+
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
                                  attn_mask: ArrayLike | None = None, dropout_p: float = 0.0, is_causal: Any = False,
                                  scale: float | None = None, enable_gqa: bool = False, *,
@@ -302,9 +309,7 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
 
         seed = _philox.draw_seed()
     z = _dropout_scale(dropout_p, seed, s.shape[:-2], s.shape[-2], s.shape[-1], dtype)
-    a = softmax(s)
-    if z is not None:
-        a = a * z
+    a = _apply_dropout(softmax(s), z)
     out = _context(a, v, s == -np.inf)
     extras = []
     if return_weights:
@@ -730,12 +735,12 @@ def scaled_dot_product_attention_backward(
         raise ValueError("seed is required with dropout_p > 0: pass the seed the forward used")
     z = _dropout_scale(dropout_p, seed, s.shape[:-2], lq, lk, dtype)
     p = _probabilities(s, lse)
-    w = p if z is None else p * z
+    w = _apply_dropout(p, z)
     g = np.asarray(grad_out, dtype)
     dw = g @ np.swapaxes(vr, -1, -2)
     if grad_weights is not None:
         dw = dw + np.asarray(grad_weights, dtype)
-    ds = _softmax_input_grad(dw if z is None else dw * z, p)
+    ds = _softmax_input_grad(_apply_dropout(dw, z), p)
     if grad_lse is not None:
         ds = ds + np.asarray(grad_lse, dtype)[..., None] * p
     c = np.asarray(scale, dtype)
@@ -815,8 +820,8 @@ def _attention_backward(grad_out, query, key, value, *, method="scaled_dot", att
     dw = g @ np.swapaxes(val, -1, -2)
     if grad_weights is not None:
         dw = dw + np.asarray(grad_weights, dtype)
-    ds = _softmax_input_grad(dw if z is None else dw * z, p)
+    ds = _softmax_input_grad(_apply_dropout(dw, z), p)
     grads = score_backward(ds, query, key, method, **score_args)
-    grads["value"] = _like(np.swapaxes(p if z is None else p * z, -1, -2) @ g, value)
+    grads["value"] = _like(np.swapaxes(_apply_dropout(p, z), -1, -2) @ g, value)
     grads["attn_mask"] = _float_mask_grad(ds, attn_mask)
     return grads
