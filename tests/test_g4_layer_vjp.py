@@ -299,7 +299,7 @@ def test_self_attention_state_dict_keys_and_pickled_dropout():
     mha = MultiHeadAttention(4, 2, dropout=0.5, rng=0)
     assert "dropout=0.5" in repr(mha) and pickle.loads(pickle.dumps(mha)).dropout == 0.5
     assert "dropout" not in repr(MultiHeadAttention(4, 2))
-    with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"dropout_p must lie in \[0, 1\], got 1.5"):
         MultiHeadAttention(4, 2, dropout=1.5)
     with pytest.raises(TypeError, match="dropout"):
         SelfAttention(4, dropout="0.1")

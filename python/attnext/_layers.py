@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import aligned, as_float_array, as_scalar, shape_str
+from ._validation import aligned, as_float_array, check_dropout, shape_str
 from .functional import _dropout_seed
 from .grad import linear_backward
 
@@ -130,11 +130,9 @@ def output_cotangents(cotangent: Any, outputs: Any, dtype: np.dtype) -> list:
 
 def dropout_rate(value: Any) -> float:
     """A layer's ``dropout``: the probability of zeroing each attention weight in training
-    (PyTorch's meaning), a real number in [0, 1]."""
-    p = as_scalar(value, "dropout")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout must lie in [0, 1], got {p}")
-    return p
+    (PyTorch's meaning), a real number in [0, 1]: the rule of SDPA's dropout_p, which it
+    becomes."""
+    return check_dropout(value)
 
 
 def dropout_seed(p: float, seed: Any) -> int | None:
