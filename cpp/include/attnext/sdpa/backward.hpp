@@ -76,13 +76,14 @@ using sdpa_detail::to_acc;
 
 // Key chunks per batch entry: more than one only when there are fewer than kMinUnits batch
 // entries (threads would idle), chunks of at least kMinChunkKeys keys (a chunk repacks every
-// query block it sees, so it must amortise that over several key tiles), and the chunks'
-// partial dQ (chunks x N x L x E accumulators) within kPartsBudgetBytes (which keeps
-// L = S = 16384, E = 64 float32 well under 64 MB of extra memory). Shapes only: results do
+// query block it sees: Q and grad_out twice each, a few percent of one tile's products, so two
+// tiles amortise it), and the chunks' partial dQ (chunks x N x L x E accumulators) within
+// kPartsBudgetBytes: the backward's extra memory is then those parts plus about 1 MB per
+// thread (L = S = 4096, E = 64 float32: 8 chunks; L = S = 16384: 2). Shapes only: results do
 // not depend on the thread count.
 constexpr index_t kMinUnits = 16;
-constexpr index_t kMinChunkKeys = 512;
-constexpr index_t kPartsBudgetBytes = index_t(32) << 20;
+constexpr index_t kMinChunkKeys = 2 * kBk;
+constexpr index_t kPartsBudgetBytes = index_t(8) << 20;
 
 template <typename Acc>
 index_t backward_chunks(index_t N, index_t L, index_t S, index_t E) {
