@@ -130,6 +130,11 @@ def test_schema_rejects_broken_documents(tiny_doc):
     with pytest.raises(SchemaError, match="expected number"):
         validate(bad)
     bad = copy.deepcopy(doc)
+    backward = next(i for i, c in enumerate(bad["cases"]) if "backward" in c)
+    bad["cases"][backward]["backward"]["met"]["attnext_vs_torch"] = "yes"
+    with pytest.raises(SchemaError, match=rf"cases\[{backward}\]\.backward\.met"):
+        validate(bad)
+    bad = copy.deepcopy(doc)
     bad["schema"] = "attnext-bench/0"
     with pytest.raises(SchemaError, match="schema"):
         validate(bad)
@@ -202,6 +207,99 @@ def test_suites_cover_the_issue_shapes():
     assert decode.metric == "GB/s" and decode.work == 2 * 32 * 8 * 4096 * 64 * 4
     quick = bench_cases.select("quick")
     assert {c.group for c in quick} == {c.group for c in full.values()}
+
+
+def test_suites_hold_the_issue_15_fwd_bwd_cases():
+    full = {c.name: c for c in bench_cases.select("full")}
+    sdpa = ("fwdbwd-sdpa-1x8x1024x1024x64", "fwdbwd-sdpa-4x12x512x512x64", "fwdbwd-sdpa-1x8x4096x4096x64-causal",
+            "fwdbwd-sdpa-1x8x2048x2048x128")
+    for name in sdpa + ("fwdbwd-additive-8x128x128x256", "fwdbwd-mha-4x512x512h8"):
+        case = full[name]
+        assert case.group == "backward" and case.metric == "GFLOP/s" and case.params["pass"] == "fwd+bwd"
+        assert case.work == 3.5 * case.backward["forward_work"]
+    causal = full["fwdbwd-sdpa-1x8x4096x4096x64-causal"]
+    assert causal.backward["forward_work"] == 2 * 8 * 4096 * 4096 * 64 and causal.params["causal"] is True
+    assert full["fwdbwd-mha-4x512x512h8"].backward["forward_work"] == full["mha-4x512x512h8"].work
+    assert full["fwdbwd-additive-8x128x128x256"].backward["forward_work"] == full["additive-8x128x128x256"].work
+    for name in sdpa:
+        assert full[name].backward["targets"] == {"attnext_vs_torch": 1.5, "fraction_of_forward": 0.6}
+    assert full["fwdbwd-additive-8x128x128x256"].backward["targets"] == {"attnext_vs_torch": 15.0}
+    assert full["fwdbwd-mha-4x512x512h8"].backward["targets"] == {"attnext_vs_torch": 1.5}
+    quick = [c.name for c in bench_cases.select("quick") if c.group == "backward"]
+    assert quick == ["fwdbwd-sdpa-1x8x512x512x64"]
+
+
+TINY_BACKWARD = ("tiny-fwdbwd-sdpa", "tiny-fwdbwd-sdpa-causal-gqa", "tiny-fwdbwd-additive", "tiny-fwdbwd-mha")
+
+
+def test_fwd_bwd_cases_check_the_output_and_every_gradient(tiny_doc):
+    doc, _ = tiny_doc
+    by_name = {c["name"]: c for c in doc["cases"]}
+    parts = {"tiny-fwdbwd-sdpa": 4, "tiny-fwdbwd-sdpa-causal-gqa": 4, "tiny-fwdbwd-additive": 7,
+             "tiny-fwdbwd-mha": 6}  # the output, then one gradient per input or parameter
+    for name in TINY_BACKWARD:
+        case = by_name[name]
+        assert case["results"]["attnext"]["status"] == "ok", case["results"]["attnext"]
+        assert case["results"]["reference"]["status"] == "ok", case["results"]["reference"]
+        assert case["check"]["attnext"]["against"] == "reference"
+        assert case["check"]["attnext"]["max_rel_diff"] <= 1e-4
+        assert 0 <= case["check"]["attnext"]["part"] < parts[name]
+        if doc["contenders"]["torch"]["available"]:
+            assert case["results"]["torch"]["status"] == "ok", case["results"]["torch"]
+            assert case["check"]["torch"]["max_rel_diff"] <= 1e-4
+
+
+def test_fwd_bwd_cases_report_throughput_against_the_forward(tiny_doc):
+    doc, _ = tiny_doc
+    torch_ok = doc["contenders"]["torch"]["available"]
+    for case in (c for c in doc["cases"] if c["group"] == "backward"):
+        bw = case["backward"]
+        attnext = case["results"]["attnext"]
+        assert case["work"] == pytest.approx(3.5 * bw["forward_work"])
+        assert bw["fwd_bwd_rate"] == attnext["rate"]
+        assert bw["forward_rate"] == pytest.approx(bw["forward_work"] / bw["forward_median_s"] / 1e9)
+        assert bw["fraction_of_forward"] == pytest.approx(bw["fwd_bwd_rate"] / bw["forward_rate"])
+        # 3.5 forwards' flops in fwd+bwd: the fraction is 3.5 x forward time / fwd+bwd time
+        assert bw["fraction_of_forward"] == pytest.approx(3.5 * bw["forward_median_s"] / attnext["median_s"])
+        if torch_ok:
+            assert bw["attnext_vs_torch"] == case["ratios"]["attnext_vs_torch"]
+            assert set(bw["met"]) == set(bw["targets"])
+        for key, met in bw["met"].items():
+            assert met == (bw[key] >= bw["targets"][key])
+    assert all(c["group"] != "backward" or "backward" in c for c in doc["cases"])
+    assert not any("backward" in c for c in doc["cases"] if c["group"] != "backward")
+
+
+def test_fwd_bwd_lines_in_the_table_and_the_markdown(tiny_doc):
+    doc, paths = tiny_doc
+    text = report.table(doc)
+    assert "fwd+bwd cases (rate = 3.5 x the forward's flops / time" in text
+    with open(paths["md"], encoding="utf-8") as f:
+        md = f.read()
+    assert "Forward + backward (rate = 3.5 × the forward's flops / time):" in md
+    for name in TINY_BACKWARD:
+        line = next(x for x in text.splitlines() if x.strip().startswith(f"{name}:"))
+        assert "of attnext's forward" in line
+        assert md.count(f"`{name}`") == 2  # the main table and the fwd+bwd table
+    if doc["contenders"]["torch"]["available"]:
+        assert "(target >= 1.50x: " in text and "(target >= 60%: " in text
+    with open(paths["csv"], newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["case"] == TINY_BACKWARD[0] and r["contender"] == "attnext"]
+    assert float(rows[0]["fwd_bwd_fraction_of_forward"]) == pytest.approx(
+        next(c for c in doc["cases"] if c["name"] == TINY_BACKWARD[0])["backward"]["fraction_of_forward"])
+
+
+def test_check_outputs_flags_a_wrong_gradient():
+    out, dq, dk = np.ones((2, 3)), np.full((2, 3), 4.0), np.arange(6.0).reshape(2, 3)
+    ref = bench_cases.Parts((out, dq, dk))
+    bad = bench_cases.Parts((out, dq, dk + 1.0))  # off by 1 where the largest magnitude is 5
+    res = bench_cases.check_outputs({"reference": ref, "attnext": bad, "torch": ref})
+    assert res["attnext"] == {"against": "reference", "max_rel_diff": pytest.approx(0.2), "part": 2}
+    assert res["torch"] == {"against": "reference", "max_rel_diff": 0.0, "part": 0}
+    res = bench_cases.check_outputs({"reference": ref, "attnext": bench_cases.Parts((out, dq))})
+    assert res["attnext"]["error"] == "2 results vs 3"
+    nan = bench_cases.Parts((out, dq * np.nan, dk))
+    assert np.isnan(bench_cases.check_outputs({"reference": ref, "attnext": nan})["attnext"]["max_rel_diff"])
 
 
 def test_schema_command_prints_json(capsys):

@@ -196,3 +196,31 @@ def test_api_docs_without_pdoc_says_how_to_get_it(monkeypatch, capsys):
 def test_numpy_allclose_prints_a_plain_bool():
     """The README compares with np.allclose, whose repr is `True` under NumPy 1 and 2 alike."""
     assert repr(np.allclose(np.zeros(2), np.zeros(2))) == "True"
+
+
+# ---- issue 15: the Training section and docs/backward.md -------------------------------------
+
+def test_readme_training_section_names_every_gradient_export():
+    import attnext
+
+    training, overview = _section("Training: gradients and dropout"), _section("API overview")
+    names = [n for n in attnext.__all__ if n.endswith("_backward") or n in ("vjp", "Gradients", "Pullback")]
+    assert "vjp" in names and "scaled_dot_product_attention_backward" in names
+    for name in names:
+        assert f"`{name}" in overview, name
+        assert name in training, name
+    assert "docs/backward.md" in training and (ROOT / "docs" / "backward.md").is_file()
+    assert "examples/train_numpy.py" in training and (ROOT / "examples" / "train_numpy.py").is_file()
+
+
+def test_backward_doc_states_the_generators_constants():
+    """docs/backward.md spells the dropout rule out; its constants are the ones the NumPy twin of
+    the generator (and so the kernel it is tested against) uses."""
+    philox = pytest.importorskip("attnext._philox")
+    doc = (ROOT / "docs" / "backward.md").read_text(encoding="utf-8")
+    for constant in (philox._MUL0, philox._MUL1, philox._BUMP0, philox._BUMP1):
+        assert f"0x{int(constant):08X}" in doc
+    assert f"Philox4x32-{philox._ROUNDS}" in doc
+    for words in ("counter = (j >> 2, i, n mod 2³², n >> 32)", "key = (s mod 2³², s >> 32)", "j & 3",
+                  "T = floor(p · 2³²)", "1 / (1 − p)", "os.urandom"):
+        assert words in doc, words

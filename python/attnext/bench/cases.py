@@ -18,7 +18,14 @@ Work counted per call (documented in docs/benchmarks.md):
 - multi-head attention: 8·B·L·E² (four projections) + 4·B·L²·E (attention);
 - memory-bound cases count bytes: decode reads K and V once (2·B·Hk·S·D·itemsize); softmax
   reads and writes its tensor once (2·N·itemsize); KV-cache decoding reads the four projection
-  matrices per token and the cached K/V (Σ_t 2·B·t·E·itemsize).
+  matrices per token and the cached K/V (Σ_t 2·B·t·E·itemsize);
+- forward + backward (``fwdbwd-…`` cases): 3.5 × the forward's flops (the issue's convention:
+  the backward of attention is about 2.5 forwards: it recomputes the scores and the
+  probabilities, then forms dV, dP, dQ and dK), so the rate is the fwd+bwd throughput that the
+  runner also puts beside attnext's own forward on the same inputs.
+
+Each fwd+bwd call returns :class:`Parts` (the output, then every gradient), and the output
+check compares each part: a fast wrong gradient shows as well as a wrong output.
 """
 
 from __future__ import annotations
@@ -31,6 +38,12 @@ from typing import Callable
 import numpy as np
 
 CONTENDERS = ("attnext", "torch", "reference")
+# The key under which a fwd+bwd case's setup also returns attnext's forward pass alone on the
+# same inputs (timed in the contenders' interleaved rounds, for the fwd+bwd throughput's share
+# of the forward's).
+FORWARD = "attnext_forward"
+# A fwd+bwd call does 3.5 forwards' worth of flops (see the module docstring).
+FWD_BWD_FLOPS = 3.5
 
 
 class Skip:
@@ -56,6 +69,12 @@ class Case:
     suites: tuple = ("full",)
     extra: Callable | None = None  # (callables) -> dict of additional measurements
     notes: list = field(default_factory=list)
+    # fwd+bwd cases: {"forward_work": flops of the forward alone, "targets": {measure: minimum}}
+    backward: dict | None = None
+
+
+class Parts(tuple):
+    """Several results of one call (a forward output and its gradients), checked part by part."""
 
 
 class Env:
@@ -388,6 +407,190 @@ def _decode(step, t, step_times):
 
 
 # --------------------------------------------------------------------------------------------
+# forward + backward (training): attnext.vjp / layer.vjp beside PyTorch autograd
+
+# The issue's speed targets for the fwd+bwd cases: attnext's speedup over PyTorch's fwd+bwd, and
+# the fwd+bwd throughput (3.5 x forward flops / time) as a fraction of attnext's own forward's.
+SDPA_BACKWARD_TARGETS = {"attnext_vs_torch": 1.5, "fraction_of_forward": 0.6}
+ADDITIVE_BACKWARD_TARGETS = {"attnext_vs_torch": 15.0}
+MHA_BACKWARD_TARGETS = {"attnext_vs_torch": 1.5}
+
+
+def _missing(module, name: str, what: str):
+    """A Skip when ``module`` lacks ``name`` (a build without the gradients), else None."""
+    return None if hasattr(module, name) else Skip(f"{what}.{name} not in this build")
+
+
+def _torch_fwd_bwd(env, forward, arrays, grad_out):
+    """PyTorch autograd on the same memory: leaf tensors that require grad, ``forward(*leaves)``,
+    then ``torch.autograd.grad`` with the same cotangent (no .grad accumulates between calls)."""
+    torch = env.torch
+    leaves = [torch.from_numpy(a).requires_grad_() for a in arrays]
+    g = torch.from_numpy(grad_out)
+
+    def run():
+        out = forward(*leaves)
+        return Parts((out.detach(), *torch.autograd.grad(out, leaves, g)))
+
+    return run
+
+
+def sdpa_backward_case(name, b, hq, l, s, d, *, hk=None, causal=False, dtype="float32", suites=("full",)):
+    hk = hq if hk is None else hk
+    gqa = hk != hq
+    itemsize = np.dtype(dtype).itemsize
+    forward_work = 4.0 * b * hq * l * s * d * (0.5 if causal else 1.0)
+    kind = ", ".join(x for x in ("causal" if causal else "", f"GQA {hq}:{hk}" if gqa else "") if x)
+    desc = f"SDPA forward + backward B={b} H={hq} L={l} S={s} D={d}" + (f" ({kind})" if kind else "")
+
+    def setup(rng, env):
+        t = _np_dtype(dtype)
+        q = rng.standard_normal((b, hq, l, d)).astype(t)
+        k = rng.standard_normal((b, hk, s, d)).astype(t)
+        v = rng.standard_normal((b, hk, s, d)).astype(t)
+        g = rng.standard_normal((b, hq, l, d)).astype(t)
+        ax = env.attnext
+        sdpa = ax.scaled_dot_product_attention
+
+        def attnext_fwd_bwd():
+            out, pullback = ax.vjp(sdpa, q, k, v, is_causal=causal, enable_gqa=gqa)
+            return Parts((out, *pullback(g)[:3]))
+
+        run = {"attnext": _missing(ax, "vjp", "attnext") or attnext_fwd_bwd,
+               FORWARD: lambda: sdpa(q, k, v, is_causal=causal, enable_gqa=gqa)}
+        run["torch"] = env.need_torch()
+        if run["torch"] is None:
+            f = env.torch.nn.functional.scaled_dot_product_attention
+            kwargs = {"is_causal": causal, **({"enable_gqa": True} if gqa else {})}
+            run["torch"] = _torch_fwd_bwd(env, lambda tq, tk, tv: f(tq, tk, tv, **kwargs), (q, k, v), g)
+        ref = env.reference
+
+        def reference_fwd_bwd():
+            out, lse = ref.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa, return_lse=True)
+            grads = ref.scaled_dot_product_attention_backward(g, q, k, v, out, lse, is_causal=causal,
+                                                              enable_gqa=gqa)
+            return Parts((out, *grads[:3]))
+
+        # The twin holds the scores, the weights, dP and dS at once.
+        run["reference"] = (env.reference_too_big(5.0 * b * hq * l * s * itemsize)
+                            or _missing(ref, "scaled_dot_product_attention_backward", "attnext.reference")
+                            or reference_fwd_bwd)
+        return run
+
+    return Case(name, "backward", desc, dtype,
+                {"B": b, "Hq": hq, "Hk": hk, "L": l, "S": s, "D": d, "causal": causal, "pass": "fwd+bwd"},
+                "GFLOP/s", FWD_BWD_FLOPS * forward_work, setup, suites,
+                backward={"forward_work": forward_work, "targets": SDPA_BACKWARD_TARGETS})
+
+
+def additive_backward_case(name, b, lq, lk, u, *, d=None, dtype="float32", suites=("full",)):
+    d = u if d is None else d
+    forward_work = 2.0 * b * u * (lq * d + lk * d) + 4.0 * b * lq * lk * u + 2.0 * b * lq * lk * d
+    itemsize = np.dtype(dtype).itemsize
+
+    def setup(rng, env):
+        arrays = _additive_inputs(rng, b, lq, lk, d, d, u, d, dtype)
+        g = rng.standard_normal((b, lq, d)).astype(_np_dtype(dtype))
+        ax = env.attnext
+        f = ax.additive_attention
+
+        def attnext_fwd_bwd():
+            out, pullback = ax.vjp(f, *arrays)
+            return Parts((out, *pullback(g)))
+
+        run = {"attnext": _missing(ax, "vjp", "attnext") or attnext_fwd_bwd, FORWARD: lambda: f(*arrays)}
+        run["torch"] = env.need_torch()
+        if run["torch"] is None:
+            torch = env.torch
+
+            def usual_formula(tq, tk, tv, twq, twk, tvv):  # autograd saves the (B, Lq, Lk, U) tanh
+                scores = torch.tanh((tq @ twq)[:, :, None] + (tk @ twk)[:, None]) @ tvv
+                return torch.bmm(torch.softmax(scores, dim=-1), tv)
+
+            run["torch"] = _torch_fwd_bwd(env, usual_formula, arrays, g)
+        ref = env.reference
+        q, k, v, wq, wk, vv = arrays
+
+        def reference_fwd_bwd():
+            out = ref.additive_attention(q, k, v, wq, wk, vv)
+            grads = ref.additive_attention_backward(g, q, k, v, wq, wk, vv, out, None)  # lse None: recomputed
+            return Parts((out, *(grads[n] for n in ("query", "key", "value", "w_query", "w_key", "v"))))
+
+        run["reference"] = (env.reference_too_big(4.0 * b * lq * lk * u * itemsize)
+                            or _missing(ref, "additive_attention_backward", "attnext.reference")
+                            or reference_fwd_bwd)
+        return run
+
+    return Case(name, "backward", f"additive attention forward + backward B={b} Lq={lq} Lk={lk} Dq=Dk=Dv={d} U={u}",
+                dtype, {"B": b, "Lq": lq, "Lk": lk, "D": d, "U": u, "pass": "fwd+bwd"}, "GFLOP/s",
+                FWD_BWD_FLOPS * forward_work, setup, suites,
+                backward={"forward_work": forward_work, "targets": ADDITIVE_BACKWARD_TARGETS})
+
+
+MHA_PARAMETERS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+
+
+def _reference_mha_fwd_bwd(ref, x, w, grad_out, h):
+    """Multi-head self-attention forward and backward in NumPy: the projections by hand, the
+    attention by the reference's SDPA and its backward twin. Returns Parts(out, dx, d params)."""
+    b, l, e = x.shape
+    dh = e // h
+    w_in, b_in, w_out, b_out = (w[n] for n in MHA_PARAMETERS)
+    qkv = x @ w_in.T + b_in
+    q, k, v = (_ref_heads(p, b, l, h, dh) for p in np.split(qkv, 3, axis=-1))
+    o_heads, lse = ref.scaled_dot_product_attention(q, k, v, return_lse=True)
+    o = o_heads.transpose(0, 2, 1, 3).reshape(b, l, e)
+    out = o @ w_out.T + b_out
+    flat_g, flat_o = grad_out.reshape(-1, e), o.reshape(-1, e)
+    d_o = _ref_heads(grad_out @ w_out, b, l, h, dh)
+    dq, dk, dv = ref.scaled_dot_product_attention_backward(d_o, q, k, v, o_heads, lse)[:3]
+    d_qkv = np.concatenate([t.transpose(0, 2, 1, 3).reshape(b, l, e) for t in (dq, dk, dv)], axis=-1)
+    flat_d = d_qkv.reshape(-1, 3 * e)
+    return Parts((out, d_qkv @ w_in, flat_d.T @ x.reshape(-1, e), flat_d.sum(axis=0), flat_g.T @ flat_o,
+                  flat_g.sum(axis=0)))
+
+
+def mha_backward_case(name, b, l, e, h, *, dtype="float32", suites=("full",)):
+    forward_work = 8.0 * b * l * e * e + 4.0 * b * l * l * e
+
+    def setup(rng, env):
+        x = rng.standard_normal((b, l, e)).astype(_np_dtype(dtype))
+        w = _mha_weights(rng, e, dtype)
+        g = rng.standard_normal((b, l, e)).astype(_np_dtype(dtype))
+        m = _attnext_mha(env, e, h, w, dtype)
+
+        def attnext_fwd_bwd():
+            (out, _), pullback = m.vjp(x, need_weights=False)
+            input_grads, param_grads = pullback((g, None))
+            return Parts((out, input_grads[0], *(param_grads[n] for n in MHA_PARAMETERS)))
+
+        run = {"attnext": _missing(m, "vjp", "MultiHeadAttention") or attnext_fwd_bwd,
+               FORWARD: lambda: m(x, need_weights=False)}
+        run["torch"] = env.need_torch()
+        if run["torch"] is None:
+            torch = env.torch
+            tm = _torch_mha(env, e, h, w).train()  # training mode; its dropout is 0
+            params = dict(tm.named_parameters())
+            tx, tg = torch.from_numpy(x).requires_grad_(), torch.from_numpy(g)
+            leaves = [tx, *(params[n] for n in MHA_PARAMETERS)]
+
+            def torch_fwd_bwd():
+                out, _ = tm(tx, tx, tx, need_weights=False)
+                return Parts((out.detach(), *torch.autograd.grad(out, leaves, tg)))
+
+            run["torch"] = torch_fwd_bwd
+        ref = env.reference
+        run["reference"] = (_missing(ref, "scaled_dot_product_attention_backward", "attnext.reference")
+                            or (lambda: _reference_mha_fwd_bwd(ref, x, w, g, h)))
+        return run
+
+    return Case(name, "backward", f"multi-head self-attention forward + backward B={b} L={l} E={e} heads={h}",
+                dtype, {"B": b, "L": l, "E": e, "heads": h, "pass": "fwd+bwd"}, "GFLOP/s",
+                FWD_BWD_FLOPS * forward_work, setup, suites,
+                backward={"forward_work": forward_work, "targets": MHA_BACKWARD_TARGETS})
+
+
+# --------------------------------------------------------------------------------------------
 # the suites
 
 def all_cases():
@@ -420,6 +623,14 @@ def all_cases():
         kvcache_case("kvcache-1x512h8-t128", 1, 512, 8, 128, suites=q),
         softmax_case("softmax-64x1024x1024", (64, 1024, 1024), suites=f),
         softmax_case("softmax-16x1024x1024", (16, 1024, 1024), suites=q),
+        # Issue 15: forward + backward beside PyTorch autograd.
+        sdpa_backward_case("fwdbwd-sdpa-1x8x1024x1024x64", 1, 8, 1024, 1024, 64, suites=f),
+        sdpa_backward_case("fwdbwd-sdpa-4x12x512x512x64", 4, 12, 512, 512, 64, suites=f),
+        sdpa_backward_case("fwdbwd-sdpa-1x8x4096x4096x64-causal", 1, 8, 4096, 4096, 64, causal=True, suites=f),
+        sdpa_backward_case("fwdbwd-sdpa-1x8x2048x2048x128", 1, 8, 2048, 2048, 128, suites=f),
+        additive_backward_case("fwdbwd-additive-8x128x128x256", 8, 128, 128, 256, suites=f),
+        mha_backward_case("fwdbwd-mha-4x512x512h8", 4, 512, 512, 8, suites=f),
+        sdpa_backward_case("fwdbwd-sdpa-1x8x512x512x64", 1, 8, 512, 512, 64, suites=q),
         # A hidden suite of tiny sizes for tests (every group, seconds in all).
         sdpa_case("tiny-sdpa", 1, 2, 16, 16, 8, suites=tiny),
         sdpa_case("tiny-sdpa-causal-gqa", 1, 4, 16, 16, 8, hk=2, causal=True, suites=tiny),
@@ -429,6 +640,10 @@ def all_cases():
         mha_case("tiny-mha", 2, 6, 16, 2, suites=tiny),
         kvcache_case("tiny-kvcache", 1, 16, 2, 6, suites=tiny),
         softmax_case("tiny-softmax", (3, 5, 33), suites=tiny),
+        sdpa_backward_case("tiny-fwdbwd-sdpa", 1, 2, 16, 12, 8, suites=tiny),
+        sdpa_backward_case("tiny-fwdbwd-sdpa-causal-gqa", 2, 4, 16, 16, 8, hk=2, causal=True, suites=tiny),
+        additive_backward_case("tiny-fwdbwd-additive", 2, 5, 7, 8, suites=tiny),
+        mha_backward_case("tiny-fwdbwd-mha", 2, 6, 16, 2, suites=tiny),
     ]
 
 
@@ -447,20 +662,44 @@ def select(suite: str, patterns=None):
     return cases
 
 
+def _parts(x) -> list:
+    """The arrays of one call's result, as float64: every part of :class:`Parts`, else the output
+    (the first element of a tuple such as (output, weights))."""
+    items = list(x) if isinstance(x, Parts) else [x]
+    return [_to_numpy(item).astype(np.float64) for item in items]
+
+
 def check_outputs(outputs: dict) -> dict:
     """Largest relative difference of every contender's output from the first available of
-    reference, torch, attnext (the same formula computed three ways must agree)."""
+    reference, torch, attnext (the same formula computed three ways must agree). For
+    :class:`Parts` each part is compared with the same part, relative to that part's largest
+    magnitude, and the worst part counts (``part``: its index, 0 = the output)."""
     order = [c for c in ("reference", "torch", "attnext") if c in outputs]
     if len(order) < 2:
         return {}
-    base = _to_numpy(outputs[order[0]]).astype(np.float64)
-    scale = max(float(np.max(np.abs(base))) if base.size else 0.0, 1e-30)
+    base = _parts(outputs[order[0]])
     result = {}
     for name in order[1:]:
-        other = _to_numpy(outputs[name]).astype(np.float64)
-        if other.shape != base.shape:
-            result[name] = {"against": order[0], "error": f"shape {other.shape} vs {base.shape}"}
+        other = _parts(outputs[name])
+        if len(other) != len(base):
+            result[name] = {"against": order[0], "error": f"{len(other)} results vs {len(base)}"}
             continue
-        result[name] = {"against": order[0], "max_rel_diff": float(np.max(np.abs(other - base))) / scale
-                        if base.size else 0.0}
+        worst, where, error = 0.0, 0, None
+        for i, (a, b) in enumerate(zip(other, base)):
+            if a.shape != b.shape:
+                error = f"part {i}: shape {a.shape} vs {b.shape}"
+                break
+            scale = max(float(np.max(np.abs(b))) if b.size else 0.0, 1e-30)
+            diff = float(np.max(np.abs(a - b))) / scale if b.size else 0.0
+            if math.isnan(diff):  # NaN is the worst there is
+                worst, where = diff, i
+                break
+            if diff > worst:
+                worst, where = diff, i
+        if error is not None:
+            result[name] = {"against": order[0], "error": error}
+        else:
+            result[name] = {"against": order[0], "max_rel_diff": worst}
+            if len(base) > 1:
+                result[name]["part"] = where
     return result

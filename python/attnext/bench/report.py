@@ -71,6 +71,43 @@ def machine_lines(doc) -> list:
     return lines
 
 
+def _target_note(bw: dict, key: str, fmt) -> str:
+    """' (target >= X: met)' for a measure with a target in a fwd+bwd case's summary."""
+    target = bw.get("targets", {}).get(key)
+    if target is None or key not in bw.get("met", {}):
+        return ""
+    return f" (target >= {fmt(target)}: {'met' if bw['met'][key] else 'MISSED'})"
+
+
+def _percent(x) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def backward_lines(doc) -> list:
+    """One line per fwd+bwd case: the fwd+bwd throughput, its share of attnext's own forward's
+    on the same inputs, and the speedup over PyTorch's fwd+bwd, each against the issue's target."""
+    lines = []
+    for case in doc["cases"]:
+        bw = case.get("backward")
+        if bw is None:
+            continue
+        words = [f"{case['name']}:"]
+        if "fraction_of_forward" in bw:
+            words.append(f"fwd+bwd {bw['fwd_bwd_rate']:.3g} GFLOP/s = {_percent(bw['fraction_of_forward'])} of "
+                         f"attnext's forward ({bw['forward_rate']:.3g} GFLOP/s, {fmt_time(bw['forward_median_s'])})"
+                         + _target_note(bw, "fraction_of_forward", _percent) + ";")
+        else:
+            why = f"its forward failed: {bw['forward_error']}" if "forward_error" in bw else "see the table"
+            words.append(f"attnext not measured ({why});")
+        if "attnext_vs_torch" in bw:
+            words.append(f"vs torch fwd+bwd {fmt_ratio(bw['attnext_vs_torch'])}" +
+                         _target_note(bw, "attnext_vs_torch", fmt_ratio))
+        else:
+            words.append("no ratio vs torch")
+        lines.append(" ".join(words))
+    return lines
+
+
 def _present(doc) -> list:
     """Contenders with a result in some case, less those unavailable for the whole run."""
     available = {c: info.get("available", True) for c, info in doc.get("contenders", {}).items()}
@@ -114,6 +151,11 @@ def table(doc) -> str:
                                  for i, (c, w) in enumerate(zip(r, widths))))
     out.append("")
     out.append("vs X: how many times faster this contender is than X (X's median time / this one's).")
+    backward = backward_lines(doc)
+    if backward:
+        out.append("fwd+bwd cases (rate = 3.5 x the forward's flops / time; attnext's forward timed alone on the "
+                   "same inputs):")
+        out.extend(f"  {line}" for line in backward)
     skipped = skipped_summary(doc)
     if skipped:
         out.append("skipped:")
@@ -143,7 +185,8 @@ def save_csv(doc, path) -> None:
     """One row per case and contender; machine and version columns repeat on every row."""
     m = doc["machine"]
     fields = ["case", "group", "dtype", "contender", "status", "reason", "median_s", "q1_s", "q3_s", "min_s",
-              "max_s", "repeats", "metric", "rate", "fraction_of_peak"] + \
+              "max_s", "repeats", "metric", "rate", "fraction_of_peak", "forward_median_s",
+              "fwd_bwd_fraction_of_forward"] + \
              [f"{c}_vs_{o}" for c in CONTENDERS for o in CONTENDERS if c != o] + \
              list(CSV_MACHINE) + ["threads", "attnext_version", "numpy_version", "torch_version", "created"]
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -158,6 +201,10 @@ def save_csv(doc, path) -> None:
                 for key, value in case["ratios"].items():
                     if key.startswith(cname + "_vs_"):
                         row[key] = value
+                bw = case.get("backward") or {}
+                if cname == "attnext":
+                    row.update(forward_median_s=bw.get("forward_median_s"),
+                               fwd_bwd_fraction_of_forward=bw.get("fraction_of_forward"))
                 row.update({k: m[k] for k in CSV_MACHINE})
                 row.update(threads=m["threads"]["requested"], attnext_version=m["versions"]["attnext"],
                            numpy_version=m["versions"]["numpy"], torch_version=m["versions"]["torch"] or "",
@@ -188,10 +235,36 @@ def markdown(doc) -> str:
             row += ["-", "-"]
         row += [fmt_ratio(case["ratios"].get(f"attnext_vs_{c}")) for c in others]
         lines.append("| " + " | ".join(row) + " |")
+    lines += _backward_markdown(doc)
     skipped = skipped_summary(doc)
     if skipped:
         lines += ["", "Skipped: " + "; ".join(skipped) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _backward_markdown(doc) -> list:
+    """The fwd+bwd cases' own table: speedup over PyTorch and the share of the forward's throughput."""
+    rows = []
+    for case in doc["cases"]:
+        bw = case.get("backward")
+        if bw is None:
+            continue
+        targets = bw.get("targets", {})
+        vs = bw.get("attnext_vs_torch")
+        frac = bw.get("fraction_of_forward")
+        rows.append("| " + " | ".join([
+            f"`{case['name']}`",
+            fmt_ratio(vs), "-" if "attnext_vs_torch" not in targets else f"≥ {fmt_ratio(targets['attnext_vs_torch'])}",
+            "-" if frac is None else f"{bw['fwd_bwd_rate']:.3g} GFLOP/s",
+            "-" if frac is None else f"{bw['forward_rate']:.3g} GFLOP/s",
+            "-" if frac is None else _percent(frac),
+            "-" if "fraction_of_forward" not in targets else f"≥ {_percent(targets['fraction_of_forward'])}",
+        ]) + " |")
+    if not rows:
+        return []
+    return ["", "Forward + backward (rate = 3.5 × the forward's flops / time):", "",
+            "| case | attnext vs torch | target | attnext fwd+bwd | attnext forward | fwd+bwd / forward | target |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"] + rows
 
 
 def compare(a: dict, b: dict, names=("A", "B")) -> tuple:

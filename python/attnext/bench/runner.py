@@ -135,10 +135,43 @@ def _stats(times) -> dict:
             "max_s": float(a.max())}
 
 
+def _plan(est: float, suite: str) -> tuple:
+    """(calls per sample, samples) for a call that takes about ``est`` seconds, per the suite's TIMING."""
+    min_rep, max_rep, target, min_sample = TIMING[suite]
+    number = max(1, math.ceil(min_sample / max(est, 1e-9))) if min_sample else 1
+    floor = min_rep if est * number < 1.0 else min(min_rep, 3)  # calls over a second: 3 repeats do
+    repeats = int(min(max_rep, max(floor, target // max(est * number, 1e-9))))
+    return number, repeats
+
+
+def _backward_summary(case, forward: dict | None, record: dict) -> dict:
+    """A fwd+bwd case's own numbers: attnext's forward alone on the same inputs (``forward``: its
+    timing statistics, or {"error": ...}), the fwd+bwd throughput (the case's rate: 3.5 x forward
+    flops / time) as a fraction of that forward's throughput, the ratio against torch, and
+    whether each of the issue's targets is met."""
+    info = case.backward
+    out = {"forward_work": info["forward_work"], "targets": dict(info["targets"]), "met": {}}
+    attnext = record["results"].get("attnext", {})
+    if forward is not None and "error" in forward:
+        out["forward_error"] = forward["error"]
+    if attnext.get("status") != "ok" or forward is None or "error" in forward:
+        return out
+    out["forward_median_s"] = forward["median_s"]
+    out["forward_rate"] = info["forward_work"] / forward["median_s"] / 1e9
+    out["fwd_bwd_rate"] = attnext["rate"]
+    out["fraction_of_forward"] = attnext["rate"] / out["forward_rate"]
+    vs_torch = record["ratios"].get("attnext_vs_torch")
+    if vs_torch is not None:
+        out["attnext_vs_torch"] = vs_torch
+    for key, target in info["targets"].items():
+        if out.get(key) is not None:
+            out["met"][key] = out[key] >= target
+    return out
+
+
 def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) -> dict:
     """Runs one case: warm-up each contender, then interleaved repeats (contender order rotates
     each round, so drifts in machine load spread over all of them)."""
-    min_rep, max_rep, target, min_sample = TIMING[suite]
     record = {"name": case.name, "group": case.group, "description": case.description, "dtype": case.dtype,
               "params": case.params, "metric": case.metric, "work": case.work, "results": {}, "ratios": {},
               "check": {}, "extra": {}}
@@ -166,12 +199,10 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
             outputs.pop(cname, None)
             progress.update(f"{case.name}: {cname} failed", 1)
             continue
-        number = max(1, math.ceil(min_sample / max(est, 1e-9))) if min_sample else 1
-        floor = min_rep if est * number < 1.0 else min(min_rep, 3)  # calls over a second: 3 repeats do
-        repeats = int(min(max_rep, max(floor, target // max(est * number, 1e-9))))
-        live[cname], plan[cname] = fn, (number, repeats)
+        live[cname], plan[cname] = fn, _plan(est, suite)
     record["check"] = cases_mod.check_outputs(outputs)
     outputs.clear()
+    forward = _add_forward(case, run, live, plan, suite, progress)
     times = {c: [] for c in live}
     rounds = max((r for _, r in plan.values()), default=0)
     order = list(live)
@@ -192,6 +223,9 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
     finally:
         if gc_was:
             gc.enable()
+    if forward is None and cases_mod.FORWARD in live:
+        forward = _stats(times[cases_mod.FORWARD])
+        del live[cases_mod.FORWARD]
     for cname in live:
         number, repeats = plan[cname]
         st = _stats(times[cname])
@@ -211,7 +245,26 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
             if a != b:
                 record["ratios"][f"{a}_vs_{b}"] = (record["results"][b]["median_s"] /
                                                    record["results"][a]["median_s"])
+    if case.backward is not None:
+        record["backward"] = _backward_summary(case, forward, record)
     return record
+
+
+def _add_forward(case, run: dict, live: dict, plan: dict, suite: str, progress: Progress) -> dict | None:
+    """For a fwd+bwd case whose attnext contender runs: warms up attnext's forward alone (the
+    setup's ``FORWARD`` entry) and adds it to ``live``/``plan``, so it is timed in the same
+    interleaved rounds as the contenders. Returns None, or {"error": ...} when it failed."""
+    fn = run.get(cases_mod.FORWARD)
+    if case.backward is None or "attnext" not in live or not callable(fn):
+        return None
+    progress.update(f"{case.name}: attnext forward alone, warm-up")
+    try:
+        t_first = _sample(fn, 1)
+        est = _sample(fn, 1) if t_first < 1.0 else t_first
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    live[cases_mod.FORWARD], plan[cases_mod.FORWARD] = fn, _plan(est, suite)
+    return None
 
 
 def run_suite(suite: str = "full", patterns=None, threads=None, seed: int = 0, progress: bool = True,

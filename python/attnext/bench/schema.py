@@ -31,12 +31,30 @@ _RESULT = {
     "additionalProperties": False,
 }
 
+# fwd+bwd cases: attnext's forward timed alone beside them, and the targets.
+_BACKWARD = {
+    "type": "object",
+    "required": ["forward_work", "targets", "met"],
+    "properties": {
+        "forward_work": {"type": "number", "minimum": 0},
+        "forward_median_s": {"type": "number", "minimum": 0},
+        "forward_rate": {"type": "number", "minimum": 0},
+        "fwd_bwd_rate": {"type": "number", "minimum": 0},
+        "fraction_of_forward": {"type": "number", "minimum": 0},
+        "attnext_vs_torch": {"type": "number", "minimum": 0},
+        "targets": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
+        "met": {"type": "object", "additionalProperties": {"type": "boolean"}},
+        "forward_error": {"type": "string"},
+    },
+    "additionalProperties": False,
+}
+
 _CASE = {
     "type": "object",
     "required": ["name", "group", "description", "dtype", "params", "metric", "work", "results", "ratios"],
     "properties": {
         "name": {"type": "string"},
-        "group": {"enum": ["sdpa", "additive", "score", "mha", "kvcache", "softmax"]},
+        "group": {"enum": ["sdpa", "additive", "score", "mha", "kvcache", "softmax", "backward"]},
         "description": {"type": "string"},
         "dtype": {"enum": ["float32", "float64"]},
         "params": {"type": "object"},
@@ -46,8 +64,10 @@ _CASE = {
         "ratios": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
         "check": {"type": "object", "additionalProperties": {
             "type": "object", "required": ["against"],
-            "properties": {"against": {"type": "string"}, "max_rel_diff": _NUM, "error": {"type": "string"}}}},
+            "properties": {"against": {"type": "string"}, "max_rel_diff": _NUM, "error": {"type": "string"},
+                           "part": {"type": "integer", "minimum": 0}}}},
         "extra": {"type": "object"},
+        "backward": _BACKWARD,
     },
     "additionalProperties": False,
 }
