@@ -71,7 +71,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             torch's default generator: ``torch.manual_seed`` reproduces the mask. Which elements
             drop follows attnext's Philox rule, so the mask differs from PyTorch's own.
         is_causal: True = top-left aligned (PyTorch); ``"bottom_right"`` aligns the last query
-            with the last key (an attnext extension).
+            with the last key (an attnext extension). With attn_mask too, a key must pass both
+            (PyTorch 2.13's behaviour).
         scale: default 1 / sqrt(E). enable_gqa: Hq a multiple of Hk.
 
     Returns:
@@ -87,12 +88,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     p = float(dropout_p)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{fn}: dropout_p must lie in [0, 1], got {dropout_p}")
-    if attn_mask is not None and is_causal:
-        raise ValueError(f"{fn}: pass attn_mask or is_causal, not both (PyTorch's rule)")
     seed = draw_seed() if p > 0.0 else 0
     causal = is_causal if isinstance(is_causal, str) else bool(is_causal)
     if isinstance(causal, str):  # the operator's schema takes a bool; bottom-right goes through the mask
-        attn_mask = _bottom_right_mask(query, key, causal)
+        structure = _bottom_right_mask(query, key, causal)
+        attn_mask = structure if attn_mask is None else _hide(attn_mask, structure)
         causal = False
     out, _ = sdpa_op(query, key, value, attn_mask, p, causal, None if scale is None else float(scale),
                      bool(enable_gqa), seed)
@@ -104,6 +104,13 @@ def _bottom_right_mask(query: Tensor, key: Tensor, causal: str) -> Tensor:
         raise ValueError(f"scaled_dot_product_attention: is_causal must be a bool or 'bottom_right', got {causal!r}")
     length, keys = query.shape[-2], key.shape[-2]
     return torch.ones(length, keys, dtype=torch.bool).tril(keys - length)
+
+
+def _hide(attn_mask: Tensor, keep: Tensor) -> Tensor:
+    """attn_mask restricted to the keys ``keep`` allows (bool: and; float: -inf elsewhere)."""
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.masked_fill(~keep, float("-inf"))
 
 
 def additive_attention(query: Tensor, key: Tensor, value: Tensor, w_query: Tensor, w_key: Tensor, v: Tensor, *,

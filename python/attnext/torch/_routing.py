@@ -108,8 +108,10 @@ def _why_not_arguments(q, k, v, mask, a: inspect.BoundArguments) -> Optional[str
     p, causal = a.arguments.get("dropout_p", 0.0), a.arguments.get("is_causal", False)
     if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         return "dropout_p outside [0, 1)"
-    if not isinstance(causal, bool) or (causal and mask is not None):
-        return "is_causal with attn_mask or not a bool"
+    if not isinstance(causal, bool):
+        return "is_causal not a bool"
+    if causal and mask is not None:  # PyTorch combines the two in some paths and refuses in others: its call
+        return "attn_mask with is_causal"
     if not isinstance(a.arguments.get("enable_gqa", False), bool):
         return "enable_gqa not a bool"
     scale = a.arguments.get("scale")
