@@ -429,6 +429,7 @@ def all_cases():
         mha_case("tiny-mha", 2, 6, 16, 2, suites=tiny),
         kvcache_case("tiny-kvcache", 1, 16, 2, 6, suites=tiny),
         softmax_case("tiny-softmax", (3, 5, 33), suites=tiny),
+        *__import__("attnext.bench.torch_cases", fromlist=["cases"]).cases(),  # attnext.torch's (issue 16)
     ]
 
 
