@@ -27,9 +27,9 @@ def make_problem(rng, batch, L, S, E, Ev, dtype=np.float64, *, mask=None, causal
                 scale=float(scale))
 
 
-def forward(pb, return_weights=False):
+def forward(pb, return_weights=False, dropout_p=0.0, seed=0):
     out, w, lse = _core.sdpa(pb["q"], pb["k"], pb["v"], pb["mask"], pb["causal"], pb["offset"], pb["left"],
-                             pb["right"], pb["lengths"], pb["scale"], return_weights, True)
+                             pb["right"], pb["lengths"], pb["scale"], return_weights, True, dropout_p, seed)
     return out, w, lse
 
 
@@ -62,8 +62,9 @@ def visible(pb, L, S):
     return vis
 
 
-def reference_backward(pb, g, grad_weights=None):
-    """The textbook backward in float64, from the formulas (hidden entries exactly 0)."""
+def reference_backward(pb, g, grad_weights=None, z=None):
+    """The textbook backward in float64, from the formulas (hidden entries exactly 0); z the
+    dropout factors (0 or 1/(1 - p)) of the weights, or None."""
     q, k, v = (pb[n].astype(np.float64) for n in "qkv")
     L, S = q.shape[-2], k.shape[-2]
     vis = visible(pb, L, S)
@@ -77,11 +78,13 @@ def reference_backward(pb, g, grad_weights=None):
     tot = e.sum(-1, keepdims=True)
     p = np.where(tot > 0, e / np.where(tot > 0, tot, 1.0), 0.0)
     gg = g.astype(np.float64)
-    dv = np.swapaxes(p, -1, -2) @ gg
+    z = np.ones_like(p) if z is None else z
+    dv = np.swapaxes(p * z, -1, -2) @ gg
     vv = np.where(np.isfinite(v), v, 0.0)  # hidden values never matter; visible ones are finite here
     dp = gg @ np.swapaxes(vv, -1, -2)
     if grad_weights is not None:
         dp = dp + grad_weights
+    dp = dp * z
     d = np.sum(p * dp, axis=-1, keepdims=True)
     ds = np.where(vis, p * (dp - d), 0.0)
     dq = pb["scale"] * ds @ k
@@ -89,19 +92,19 @@ def reference_backward(pb, g, grad_weights=None):
     return dq, dk, dv, ds, p
 
 
-def loss_of(pb, g, gw=None):
-    out, w, _ = forward(pb, return_weights=gw is not None)
+def loss_of(pb, g, gw=None, dropout=(0.0, 0)):
+    out, w, _ = forward(pb, gw is not None, *dropout)
     total = float(np.sum(out * g))
     if gw is not None:
         total += float(np.sum(w * gw))
     return total
 
 
-def directional_fd(pb, g, name, direction, gw=None, h=1e-5):
+def directional_fd(pb, g, name, direction, gw=None, h=1e-5, dropout=(0.0, 0)):
     plus, minus = dict(pb), dict(pb)
     plus[name] = pb[name] + h * direction
     minus[name] = pb[name] - h * direction
-    return (loss_of(plus, g, gw) - loss_of(minus, g, gw)) / (2 * h)
+    return (loss_of(plus, g, gw, dropout) - loss_of(minus, g, gw, dropout)) / (2 * h)
 
 
 def assert_close_rel(a, b, rel, what=""):
@@ -202,6 +205,33 @@ def test_grad_weights_against_reference_and_finite_differences():
         assert abs(fd - an) <= 1e-6 * max(abs(an), 1e-9), (name, fd, an)
 
 
+@pytest.mark.parametrize("p", [0.3, 1.0])
+def test_dropout_against_reference_and_finite_differences(p):
+    from attnext import _philox
+
+    rng = np.random.default_rng(29)
+    batch, L, S, seed = (2, 3), 70, 150, 2**63 + 12345
+    pb = make_problem(rng, batch, L, S, 6, 5, causal=True, offset=90, mask=rng.standard_normal(batch + (L, S)))
+    out, w, lse = forward(pb, True, p, seed)
+    g = rng.standard_normal(out.shape)
+    gw = rng.standard_normal(w.shape)
+    z = _philox.keep_mask(seed, p, batch, L, S) * (1.0 / (1.0 - p) if p < 1 else 0.0)
+    dq, dk, dv, dm = backward(pb, out, lse, g, grad_weights=gw, mask_grad=True, dropout_p=p, seed=seed)
+    rq, rk, rv, rds, _ = reference_backward(pb, g, gw, z)
+    for a, b, n in ((dq, rq, "dq"), (dk, rk, "dk"), (dv, rv, "dv"), (dm, rds, "dmask")):
+        assert_close_rel(a, b, 1e-10, n)
+    if p == 1.0:
+        assert not np.any(dv) and not np.any(dq) and not np.any(dk)
+        return
+    for name, grad in (("q", dq), ("k", dk), ("v", dv), ("mask", dm)):
+        d = rng.standard_normal(pb[name].shape)
+        fd = directional_fd(pb, g, name, d, gw, dropout=(p, seed))
+        an = float(np.sum(grad * d))
+        assert abs(fd - an) <= 1e-6 * max(abs(an), 1e-6), (name, fd, an)
+    other = backward(pb, out, lse, g, grad_weights=gw, dropout_p=p, seed=seed + 1)
+    assert not np.array_equal(other[2], dv)  # the seed decides the mask
+
+
 def test_gqa_stride0_keys_strided_inputs_and_ev_ne_e():
     rng = np.random.default_rng(7)
     B, Hk, G, L, S, E, Ev = 2, 2, 3, 45, 70, 12, 20
@@ -281,14 +311,14 @@ def test_bit_identical_for_any_thread_count(dtype):
         make_problem(rng, (1,), 300, 1500, 16, 16, dtype, causal=True, offset=1200),  # key chunks
         make_problem(rng, (5,), 90, 200, 8, 12, dtype, mask=rng.random((5, 90, 200)) < 0.9),
     ]
-    for pb in cases:
-        out, w, lse = forward(pb, return_weights=True)
+    for pb, p in zip(cases, (0.0, 0.2)):
+        out, w, lse = forward(pb, True, p, 7)
         g = rng.standard_normal(out.shape).astype(dtype)
         gw = rng.standard_normal(w.shape).astype(dtype)
         results = []
         for n in (1, 2, 3, 8):
             with attnext.threads(n) if n <= 2 else _oversubscribed(n):
-                results.append(backward(pb, out, lse, g, grad_weights=gw, mask_grad=True))
+                results.append(backward(pb, out, lse, g, grad_weights=gw, mask_grad=True, dropout_p=p, seed=7))
         for r in results[1:]:
             for a, b in zip(r, results[0]):
                 assert a.tobytes() == b.tobytes()

@@ -182,6 +182,27 @@ def test_projected_and_raw_keys_give_the_same_bits(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_saved_weights_give_the_same_bits(dtype):
+    rng = np.random.default_rng(15)
+    a = make(rng, dtype, batch=(2,), lq=70, lk=9, units=11)
+    mask = rng.random((2, 70, 9)) < 0.8
+    lengths = np.array([9, 5])
+    go = rng.standard_normal((2, 70, 3)).astype(dtype)
+    _, w = _core.additive_attention_keys(a["q"], a["wq"], None, a["k"], a["wk"], a["val"], a["v"], mask, lengths,
+                                         True)
+    recomputed = core_backward(a, go, mask=mask, lengths=lengths)
+    kl = lengths.astype(np.int64)
+    saved = _core.additive_attention_keys_backward(a["q"], a["wq"], None, a["k"], a["wk"], a["val"], a["v"], mask,
+                                                   kl, go, weights=np.asfortranarray(w))
+    for name, x in recomputed.items():
+        if x is not None:
+            assert np.array_equal(x, saved[name]), name
+    with pytest.raises(ValueError, match="weights has shape"):
+        _core.additive_attention_keys_backward(a["q"], a["wq"], None, a["k"], a["wk"], a["val"], a["v"], mask, kl,
+                                               go, weights=w[:, :5])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_saturated_projections_use_plain_tanh(dtype):
     """Projections beyond the factored form's range (and a mix within one call) still give the formula's gradients."""
     rng = np.random.default_rng(7)

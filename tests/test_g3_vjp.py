@@ -158,31 +158,67 @@ def test_sdpa_rows_that_see_nothing_get_zero_gradients(rng):
 
 # ---- dropout ---------------------------------------------------------------------------------
 
-def _philox():
-    return pytest.importorskip("attnext._philox", reason="g1b's Philox twin (attnext._philox) is not merged")
-
-
 @pytest.mark.parametrize("fn", [attnext.scaled_dot_product_attention, reference.scaled_dot_product_attention])
 @pytest.mark.parametrize("option", [{}, {"return_weights": True, "is_causal": True}, {"return_lse": True}])
 def test_dropout_with_a_seed_matches_finite_differences(fn, option, rng):
-    _philox()
     q, k, v = rng.standard_normal((2, 2, 3, 4)), rng.standard_normal((2, 2, 6, 4)), rng.standard_normal((2, 2, 6, 3))
     check_against_finite_differences(fn, (q, k, v), {"dropout_p": 0.3, "seed": 12345, **option}, rng,
                                      expect=["query", "key", "value"])
 
 
+@pytest.mark.parametrize("case", ["plain", "gqa_causal", "broadcast_lengths"])
+def test_dropout_forward_matches_the_reference_twin(case, rng):
+    q, k, v = rng.standard_normal((2, 4, 3, 8)), rng.standard_normal((2, 4, 9, 8)), rng.standard_normal((2, 4, 9, 5))
+    kwargs = {"plain": {},
+              "gqa_causal": {"enable_gqa": True, "is_causal": "bottom_right"},
+              "broadcast_lengths": {"key_lengths": np.array([9, 6])}}[case]
+    if case == "gqa_causal":
+        k, v = k[:, :2], v[:, :2]
+    if case == "broadcast_lengths":
+        k, v = k[:1], v[:1]
+    got = attnext.scaled_dot_product_attention(q, k, v, None, 0.4, seed=2024, return_weights=True, **kwargs)
+    want = reference.scaled_dot_product_attention(q, k, v, None, 0.4, seed=2024, return_weights=True, **kwargs)
+    np.testing.assert_array_equal(got[1] == 0, want[1] == 0)  # the same elements dropped, bit for bit
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_attention_dropout_matches_the_reference_and_refuses_additive(rng):
+    q, k, v = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 2))
+    w = rng.standard_normal((4, 4))
+    for kwargs in ({}, {"key_lengths": np.array([5, 3])}, {"method": "general", "weight": w}):
+        got = attnext.attention(q, k, v, dropout_p=0.5, seed=7, return_weights=True, **kwargs)
+        want = reference.attention(q, k, v, dropout_p=0.5, seed=7, return_weights=True, **kwargs)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="dropout is not supported by method='additive'"):
+        attnext.attention(q, k, v, method="additive", w_query=w, w_key=w, v=np.ones(4), dropout_p=0.1)
+
+
+@pytest.mark.parametrize("fn", [attnext.attention, reference.attention])
+def test_attention_dropout_matches_finite_differences(fn, rng):
+    q, k, v = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 2))
+    check_against_finite_differences(fn, (q, k, v), {"dropout_p": 0.3, "seed": 99, "key_lengths": np.array([5, 4]),
+                                                     "method": "general", "weight": rng.standard_normal((4, 4)),
+                                                     "return_weights": True},
+                                     rng, expect=["query", "key", "value", "weight"])
+
+
 def test_dropout_seed_is_drawn_and_recorded(rng):
-    _philox()
     q, k, v = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 3))
-    out, pullback = vjp(attnext.scaled_dot_product_attention, q, k, v, 0.5)
+    out, pullback = vjp(attnext.scaled_dot_product_attention, q, k, v, None, 0.5)
     assert isinstance(pullback.seed, int) and 0 <= pullback.seed < 2 ** 64
-    np.testing.assert_array_equal(out, attnext.scaled_dot_product_attention(q, k, v, 0.5, seed=pullback.seed))
+    np.testing.assert_array_equal(out, attnext.scaled_dot_product_attention(q, k, v, None, 0.5, seed=pullback.seed))
     ct = rng.standard_normal(out.shape)
-    want = vjp(attnext.scaled_dot_product_attention, q, k, v, 0.5, seed=pullback.seed)[1](ct)
+    want = vjp(attnext.scaled_dot_product_attention, q, k, v, None, 0.5, seed=pullback.seed)[1](ct)
     for a, b in zip(pullback(ct)[:3], want[:3]):
         np.testing.assert_array_equal(a, b)
     _, no_dropout = vjp(attnext.scaled_dot_product_attention, q, k, v)
     assert no_dropout.seed is None
+    for fn in (attnext.attention, reference.attention, reference.scaled_dot_product_attention):
+        out, pullback = vjp(fn, q, k, v, dropout_p=0.5)
+        assert isinstance(pullback.seed, int)
+        np.testing.assert_array_equal(out, fn(q, k, v, dropout_p=0.5, seed=pullback.seed))
 
 
 # ---- additive_attention, attention, score, softmax, weighted_sum ----------------------------------

@@ -168,12 +168,16 @@ template <typename T>
 py::dict backward_impl(const py::array& q, const py::object& w_query, const py::object& bias, const KeysArg& keys,
                        const py::array& value, const py::object& v, const py::object& mask,
                        const py::object& key_lengths, const py::array& grad_out, const py::object& grad_weights,
-                       bool mask_grad) {
+                       bool mask_grad, const py::object& weights) {
   const AttentionArgs<T> a = parse_attention<T>(q, w_query, bias, keys, value, v, mask, key_lengths);
   const Strided<const T> go = cotangent_view<T>(q, grad_out, "grad_out", a.out_shape, "context");
   Strided<const T> gw;
   if (!grad_weights.is_none())
     gw = cotangent_view<T>(q, require_array(grad_weights, "grad_weights"), "grad_weights", a.score_shape, "weights");
+  Strided<const T> saved;
+  if (!weights.is_none())
+    saved = cotangent_view<T>(q, require_array(weights, "weights"), "weights", a.score_shape, "weights");
+  const Strided<const T>* saved_p = weights.is_none() ? nullptr : &saved;
   const index_t units = a.wq.shape(1);
   std::vector<index_t> keys_shape = shape_of(value);
   keys_shape.back() = units;
@@ -206,7 +210,7 @@ py::dict backward_impl(const py::array& q, const py::object& w_query, const py::
     // are the binding's own copies, the outputs are ours, and no Python object is used.
     py::gil_scoped_release nogil;
     additive_attention_backward<T>(qv, wm, a.bias.data(), prepared, vv, a.vc.data(), a.mask, a.lengths.get(), go,
-                                   gwp, g);
+                                   gwp, g, saved_p);
   } else {
     g.key = dkey.mutable_data();
     g.w_key = dwk.mutable_data();
@@ -215,7 +219,7 @@ py::dict backward_impl(const py::array& q, const py::object& w_query, const py::
     // Safe without the GIL: as above.
     py::gil_scoped_release nogil;
     additive_attention_backward<T>(qv, wm, a.bias.data(), kv, wkm, vv, a.vc.data(), a.mask, a.lengths.get(), go,
-                                   gwp, g);
+                                   gwp, g, saved_p);
   }
   py::dict result;
   result["query"] = dq;
@@ -277,20 +281,22 @@ void register_additive(py::module_& m) {
                                           const py::array& keys_ok, const py::array& value, const py::object& v,
                                           const py::object& mask, const py::object& key_lengths,
                                           const py::array& grad_out, const py::object& grad_weights,
-                                          bool mask_grad) -> py::dict {
+                                          bool mask_grad, const py::object& weights) -> py::dict {
     const KeysArg keys{true, &keys_raw, &keys_exp, &keys_ok, nullptr, nullptr};
     return dispatch(float_dtype(q, "query"), [&](auto t) {
       return backward_impl<decltype(t)>(q, w_query, bias, keys, value, v, mask, key_lengths, grad_out, grad_weights,
-                                        mask_grad);
+                                        mask_grad, weights);
     });
   }, py::arg("query").noconvert(), py::arg("w_query"), py::arg("bias").none(true),
         py::arg("keys_raw").noconvert(), py::arg("keys_exp").noconvert(), py::arg("keys_ok").noconvert(),
         py::arg("value").noconvert(), py::arg("v"), py::arg("mask").none(true),
         py::arg("key_lengths").none(true), py::arg("grad_out").noconvert(),
         py::arg("grad_weights").none(true) = py::none(), py::arg("mask_grad") = false,
+        py::arg("weights").none(true) = py::none(),
         "Gradients of additive_attention (same arguments, keys prepared by additive_keys) given grad_out "
         "(..., Lq, Dv) = dL/d(context) and optionally grad_weights (..., Lq, Lk) = dL/d(weights), any strides. "
-        "The weights are recomputed (the forward's bits), so out and lse are not needed. Returns a dict of "
+        "The weights are recomputed (the forward's bits), so out and lse are not needed; weights (..., Lq, Lk), "
+        "the forward's returned weights for these same arguments, skips that recomputation. Returns a dict of "
         "C-contiguous arrays with the full (broadcast) batch shape: query (..., Lq, Dq), w_query (Dq, U), "
         "bias (U,) or None when bias is None, v (U,), keys_raw (..., Lk, U) = dL/d(key w_key), value "
         "(..., Lk, Dv), mask (..., Lq, Lk) = dL/d(score + mask) when mask_grad else None. Hidden keys and rows "
@@ -300,17 +306,17 @@ void register_additive(py::module_& m) {
                                                const py::object& w_key, const py::array& value, const py::object& v,
                                                const py::object& mask, const py::object& key_lengths,
                                                const py::array& grad_out, const py::object& grad_weights,
-                                               bool mask_grad) -> py::dict {
+                                               bool mask_grad, const py::object& weights) -> py::dict {
     const KeysArg keys{false, nullptr, nullptr, nullptr, &key, &w_key};
     return dispatch(float_dtype(q, "query"), [&](auto t) {
       return backward_impl<decltype(t)>(q, w_query, bias, keys, value, v, mask, key_lengths, grad_out, grad_weights,
-                                        mask_grad);
+                                        mask_grad, weights);
     });
   }, py::arg("query").noconvert(), py::arg("w_query"), py::arg("bias").none(true),
         py::arg("key").noconvert(), py::arg("w_key"), py::arg("value").noconvert(),
         py::arg("v"), py::arg("mask").none(true), py::arg("key_lengths").none(true),
         py::arg("grad_out").noconvert(), py::arg("grad_weights").none(true) = py::none(),
-        py::arg("mask_grad") = false,
+        py::arg("mask_grad") = false, py::arg("weights").none(true) = py::none(),
         "additive_attention_backward on raw keys (as additive_attention_keys takes them): the dict also has "
         "key (..., Lk, Dk) and w_key (Dk, U); keys_raw is dL/d(key w_key).");
 }

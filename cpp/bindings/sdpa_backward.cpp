@@ -2,8 +2,8 @@
 #include <attnext/sdpa/backward.hpp>
 
 #include "common.hpp"
+#include "dropout_args.hpp"
 
-#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -24,20 +24,6 @@ Strided<const T> saved_view(const py::object& obj, const char* name, const std::
   if (shape_of(a) != shape)
     fail_value(std::string(name) + " has shape " + shape_str(a) + " but " + what + " is " + shape_str(shape));
   return view<T>(a, name);
-}
-
-// A dropout seed: a Python int in [0, 2**64).
-std::uint64_t seed_value(const py::handle& obj) {
-  if (PyBool_Check(obj.ptr()) || !PyIndex_Check(obj.ptr()))
-    fail_type("seed must be an int, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
-  const py::object as_int = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
-  if (!as_int) throw py::error_already_set();
-  const unsigned long long v = PyLong_AsUnsignedLongLong(as_int.ptr());
-  if (PyErr_Occurred()) {
-    PyErr_Clear();
-    fail_value("seed must lie in [0, 2**64), got " + std::string(py::str(as_int)));
-  }
-  return static_cast<std::uint64_t>(v);
 }
 
 std::vector<index_t> with_tail(std::vector<index_t> shape, std::initializer_list<index_t> tail) {
@@ -66,8 +52,6 @@ py::tuple sdpa_backward_impl(const py::array& q, const py::array& k, const py::a
   const index_t window_right = saturating_index(window_right_arg, "window_right");
   if (window_left < -1 || window_right < -1)
     fail_value("window_left and window_right must be >= 0, or -1 for an unbounded side");
-  if (!(dropout_p >= 0.0 && dropout_p <= 1.0))
-    fail_value("dropout_p must lie in [0, 1], got " + std::to_string(dropout_p));
   SdpaProblem<T> p;
   p.q = view<T>(q, "query");
   p.k = view<T>(k, "key");
@@ -81,12 +65,12 @@ py::tuple sdpa_backward_impl(const py::array& q, const py::array& k, const py::a
   p.window_right = window_right;
   p.scale = static_cast<T>(scale);  // as the forward binding rounds it: the same scores
   SdpaGradInputs<T, T> g;
+  g.dropout = dropout_arg(dropout_p, seed);
   g.out = saved_view<T>(out, "out", with_tail(batch, {L, Ev}), "the attention output's shape");
   g.lse = saved_view<T>(lse, "lse", with_tail(batch, {L}), "the log-sum-exp's shape");
   g.grad_out = saved_view<T>(grad_out, "grad_out", with_tail(batch, {L, Ev}), "the attention output's shape");
   if (!grad_weights.is_none())
     g.grad_weights = saved_view<T>(grad_weights, "grad_weights", score_shape, "the weights' shape");
-  g.dropout = make_dropout(dropout_p, seed_value(seed));
   const OwnedBatch<std::int64_t> lengths = own_key_lengths(key_lengths, batch, S);
   if (lengths.get()) p.key_lengths = lengths.view();
   py::array_t<T> dq = new_output<T>(with_tail(batch, {L, E}), "query gradient");
@@ -129,8 +113,8 @@ void register_sdpa_backward(py::module_& m) {
       },
       py::arg("query").noconvert(), py::arg("key").noconvert(), py::arg("value").noconvert(),
       py::arg("attn_mask"), py::arg("causal"), py::arg("causal_offset"), py::arg("window_left"),
-      py::arg("window_right"), py::arg("key_lengths"), py::arg("scale"), py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("dropout_p") = 0.0,
-      py::arg("seed") = 0, py::arg("grad_weights") = py::none(), py::arg("mask_grad") = false,
+      py::arg("window_right"), py::arg("key_lengths"), py::arg("scale"), py::arg("out"), py::arg("lse"),
+      py::arg("grad_out"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0, py::arg("grad_weights") = py::none(), py::arg("mask_grad") = false,
       "Gradients of sdpa (same first ten arguments and rules): out (..., L, Ev) and lse (..., L) as the forward "
       "returned them, grad_out (..., L, Ev) the cotangent of out, dropout_p and seed as the forward's, "
       "grad_weights (..., L, S) or None a cotangent of the returned weights (after dropout). "

@@ -24,24 +24,26 @@ def additive_attention_keys(query: Array, w_query: Array, bias: Array | None, ke
                             ) -> Array | tuple[Array, Array]: ...
 # Gradients of additive_attention given grad_out (..., Lq, Dv) [and grad_weights (..., Lq, Lk)]: a dict with
 # query, w_query, bias (None when bias is None), v, keys_raw (= dL/d(key w_key)), value, mask (dL/d(score + mask)
-# when mask_grad, else None); the _keys form adds key and w_key. Full batch shapes, C-contiguous.
+# when mask_grad, else None); the _keys form adds key and w_key. Full batch shapes, C-contiguous. weights: the
+# forward's returned weights for the same arguments (skips recomputing them; None recomputes).
 def additive_attention_backward(query: Array, w_query: Array, bias: Array | None, keys_raw: Array, keys_exp: Array,
                                 keys_ok: npt.NDArray[np.bool_], value: Array, v: Array, mask: npt.NDArray | None,
                                 key_lengths: npt.NDArray[np.int64] | None, grad_out: Array,
-                                grad_weights: Array | None = None, mask_grad: bool = False
-                                ) -> dict[str, Array | None]: ...
+                                grad_weights: Array | None = None, mask_grad: bool = False,
+                                weights: Array | None = None) -> dict[str, Array | None]: ...
 def additive_attention_keys_backward(query: Array, w_query: Array, bias: Array | None, key: Array, w_key: Array,
                                      value: Array, v: Array, mask: npt.NDArray | None,
                                      key_lengths: npt.NDArray[np.int64] | None, grad_out: Array,
-                                     grad_weights: Array | None = None, mask_grad: bool = False
-                                     ) -> dict[str, Array | None]: ...
+                                     grad_weights: Array | None = None, mask_grad: bool = False,
+                                     weights: Array | None = None) -> dict[str, Array | None]: ...
 def linear(x: Array, weight: Array, bias: Array | None) -> Array: ...
 # Gradients of linear: grad (B, L, out), x (B, L, C, D) -> (dx like x, dweight (out, C * D), dbias (out,) or None).
 def linear_backward(grad: Array, x: Array, weight: Array, want_bias: bool) -> tuple[Array, Array, Array | None]: ...
 def sdpa(query: Array, key: Array, value: Array, attn_mask: npt.NDArray | None = None, causal: bool = False,
          causal_offset: int = 0, window_left: int = -1, window_right: int = -1,
          key_lengths: npt.NDArray[np.int64] | None = None, scale: float = 1.0, return_weights: bool = False,
-         return_lse: bool = False) -> tuple[Array, Array | None, Array | None]: ...
+         return_lse: bool = False, dropout_p: float = 0.0, seed: int = 0
+         ) -> tuple[Array, Array | None, Array | None]: ...
 # Gradients of sdpa (same first ten arguments): out (..., L, Ev) and lse (..., L) as sdpa returned them, grad_out
 # the cotangent of out, grad_weights (..., L, S) that of the returned weights (after dropout) -> (dq, dk, dv,
 # dmask = dL/d(score + mask) when mask_grad, else None), C-contiguous with the full batch shape of the views passed.

@@ -252,8 +252,7 @@ def _route_attention(query, key, value, *, method="scaled_dot", attn_mask=None, 
     _require(query=query, key=key, value=value)
     given = {name: score_args.get(name) for name in ("weight", "w_query", "w_key", "v")}
     _check_method_args(method, given)
-    check_dropout(dropout_p)
-    dropout_p = as_scalar(dropout_p, "dropout_p")
+    dropout_p = check_dropout(dropout_p)
     dtype, a = promote(query=query, key=key, value=value, **given)
     q, k, val = a["query"], a["key"], a["value"]
     require_ndim(q, "query", 2, "(..., Lq, Dq)")
@@ -332,9 +331,10 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         dropout_p: the probability of dropping each attention weight (PyTorch's meaning): kept
             weights are scaled by 1 / (1 - p). Which (batch, head, query, key) elements drop is
             decided by a counter-based generator keyed by ``seed`` and the element's
-            coordinates (documented in docs/backward.md; the NumPy reference reproduces it bit
-            for bit), so the result does not depend on tiling, path or thread count and the
-            backward regenerates it. lse is that of the weights before dropout.
+            (batch entry, query head, query, key) coordinates (under GQA the query head's;
+            documented in docs/backward.md; the NumPy reference reproduces it bit for bit), so
+            the result does not depend on tiling, path or thread count and the backward
+            regenerates it. lse is that of the weights before dropout.
         is_causal: False, True (top-left, PyTorch) or ``"bottom_right"`` (KV-cache decoding).
         scale: default 1/sqrt(E).
         enable_gqa: Hq a multiple of Hk; query head h uses key/value head h // (Hq // Hk). The
@@ -361,13 +361,10 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         output (..., Hq, L, Ev), followed by weights and lse when asked for. A row that may
         attend to nothing gives output 0, weights 0, lse -inf.
     """
-    check_dropout(dropout_p)
-    dropout_p = as_scalar(dropout_p, "dropout_p")
+    dropout_p = check_dropout(dropout_p)
     seed = _dropout_seed(seed, dropout_p)
     call = _prepare_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, key_lengths, window, warn)
-    # Without dropout the call stays in the forward's original argument list.
-    dropout_args = (dropout_p, seed) if dropout_p != 0.0 else ()
-    out, w, lse = _core.sdpa(*call.kernel_args(), bool(return_weights), bool(return_lse), *dropout_args)
+    out, w, lse = _core.sdpa(*call.kernel_args(), bool(return_weights), bool(return_lse), dropout_p, seed)
     results = [call.public(r) for r in [out] + ([w] if return_weights else []) + ([lse] if return_lse else [])]
     return tuple(results) if len(results) > 1 else results[0]
 

@@ -105,16 +105,21 @@ class Pullback:
     asked for dropout without one), or None.
     """
 
-    __slots__ = ("_backward", "_outputs", "_positional", "_passed", "seed")
+    __slots__ = ("_backward", "_outputs", "_positional", "_passed", "_seed")
 
     def __init__(self, backward, outputs, positional, passed, seed) -> None:
         self._backward = backward
         self._outputs = outputs  # (shape, dtype) of each returned array
         self._positional = positional  # names of the positional arguments, in order
         self._passed = passed  # every passed name -> (shape, dtype) of a float array, or None
-        self.seed = seed
+        self._seed = seed
 
-    def __call__(self, cotangent) -> Gradients:
+    @property
+    def seed(self) -> Optional[int]:
+        """The dropout seed the forward used (drawn by vjp when the call had dropout and no seed), or None."""
+        return self._seed
+
+    def __call__(self, cotangent: Any) -> Gradients:
         cts = self._cotangents(cotangent)
         raw = self._backward(cts)
         named = {}
@@ -589,11 +594,10 @@ def scaled_dot_product_attention_backward(
         dattn_mask only for a float mask (else None). A row that attends to nothing gets zero
         gradients; hidden keys get exactly zero.
     """
-    p = as_scalar(dropout_p, "dropout_p")
+    p = check_dropout(dropout_p)
     if p != 0.0 and seed is None:
         raise ValueError("seed is required with dropout_p > 0: pass the seed the forward used (vjp records it "
                          "as pullback.seed)")
-    check_dropout(dropout_p)
     seed = functional._dropout_seed(seed, p)
     inputs = {"query": to_array(query, "query"), "key": to_array(key, "key"), "value": to_array(value, "value")}
     dtype, _ = promote(**inputs)

@@ -189,9 +189,7 @@ def _attend(s, value, hidden, dropout=None):
     A key whose final score is -inf counts as hidden, whatever made it -inf: once a float mask
     is added, a kernel cannot tell a -inf mask entry from a -inf score either."""
     s = np.where(hidden, -np.inf, s).astype(s.dtype)
-    a = softmax(s)
-    if dropout is not None:
-        a = (a * dropout).astype(s.dtype)
+    a = _apply_dropout(softmax(s), dropout)
     return _context(a, value, s == -np.inf), a
 
 
@@ -269,6 +267,15 @@ def _dropout_scale(dropout_p, seed, batch_shape, lq, lk, dtype):
     return np.where(keep, kept_scale, 0.0).astype(dtype)
 
 
+def _apply_dropout(x, z):
+    """x * Z where Z keeps an element (kept ones scaled by 1 / (1 - p)) and exactly 0 where it
+    drops one (a dropped NaN is 0 too); x itself when there is no dropout (Z None)."""
+    if z is None:
+        return x
+    with np.errstate(invalid="ignore"):
+        return np.where(z != 0, x * z, 0).astype(x.dtype)
+
+
 def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
                                  attn_mask: ArrayLike | None = None, dropout_p: float = 0.0, is_causal: Any = False,
                                  scale: float | None = None, enable_gqa: bool = False, *,
@@ -302,9 +309,7 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
 
         seed = _philox.draw_seed()
     z = _dropout_scale(dropout_p, seed, s.shape[:-2], s.shape[-2], s.shape[-1], dtype)
-    a = softmax(s)
-    if z is not None:
-        a = a * z
+    a = _apply_dropout(softmax(s), z)
     out = _context(a, v, s == -np.inf)
     extras = []
     if return_weights:
@@ -331,15 +336,15 @@ def _additive_dtype(query, key, value, w_query, w_key, v):
 
 
 def _additive_tanh(query, key, w_query, w_key, bias, dtype):
-    """T_iju = tanh(q_i W_q + b + k_j W_k)_u, the (..., Lq, Lk, U) tensor of the formula, and
-    the queries' projection q W_q + b. key may be a ProjectedKeys: its ``projected`` is k W_k."""
+    """T_iju = tanh(q_i W_q + b + k_j W_k)_u, the (..., Lq, Lk, U) tensor of the formula. key may
+    be a ProjectedKeys: its ``projected`` is k W_k."""
     q_proj = np.asarray(query, dtype) @ np.asarray(w_query, dtype)  # (..., Lq, U)
     if bias is not None:
         q_proj = q_proj + np.asarray(bias, dtype)
     projected = getattr(key, "projected", None)
     k_proj = (np.asarray(key, dtype) @ np.asarray(w_key, dtype) if projected is None
               else np.asarray(projected, dtype))  # (..., Lk, U)
-    return np.tanh(q_proj[..., :, None, :] + k_proj[..., None, :, :]), q_proj
+    return np.tanh(q_proj[..., :, None, :] + k_proj[..., None, :, :])
 
 
 def _additive_hidden(mask, key_lengths, is_causal, window, lq, lk):
@@ -367,7 +372,7 @@ def additive_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, w_que
     """
     mask = _mask_alias(attn_mask, mask)
     dtype = _additive_dtype(query, key, value, w_query, w_key, v)
-    t, _ = _additive_tanh(query, key, w_query, w_key, bias, dtype)
+    t = _additive_tanh(query, key, w_query, w_key, bias, dtype)
     e = t @ np.asarray(v, dtype)  # (..., Lq, Lk)
     hidden = _additive_hidden(mask, key_lengths, is_causal, window, e.shape[-2], e.shape[-1])
     out, a = _attend(_masked(e, mask).astype(dtype), np.asarray(value, dtype), hidden)
@@ -691,7 +696,7 @@ def score_backward(grad: ArrayLike, query: ArrayLike, key: ArrayLike, method: st
         out["query"], out["weight"] = dqw @ w.T, _sum_outer(q, dqw)
         out["key"] = np.swapaxes(g, -1, -2) @ (q @ w)
     elif method == "additive":
-        t, _ = _additive_tanh(q, k, w_query, w_key, None, dtype)
+        t = _additive_tanh(q, k, w_query, w_key, None, dtype)
         grads = _additive_score_backward(g, q, t, k, w_query, w_key, v, dtype)
         out.update({name: grads[name] for name in ("query", "key", "w_query", "w_key", "v")})
     else:
@@ -730,12 +735,12 @@ def scaled_dot_product_attention_backward(
         raise ValueError("seed is required with dropout_p > 0: pass the seed the forward used")
     z = _dropout_scale(dropout_p, seed, s.shape[:-2], lq, lk, dtype)
     p = _probabilities(s, lse)
-    w = p if z is None else p * z
+    w = _apply_dropout(p, z)
     g = np.asarray(grad_out, dtype)
     dw = g @ np.swapaxes(vr, -1, -2)
     if grad_weights is not None:
         dw = dw + np.asarray(grad_weights, dtype)
-    ds = _softmax_input_grad(dw if z is None else dw * z, p)
+    ds = _softmax_input_grad(_apply_dropout(dw, z), p)
     if grad_lse is not None:
         ds = ds + np.asarray(grad_lse, dtype)[..., None] * p
     c = np.asarray(scale, dtype)
@@ -767,7 +772,7 @@ def additive_attention_backward(grad_out: ArrayLike, query: ArrayLike, key: Arra
     and dtype, None where the input is None or not a float array.
     """
     dtype = _additive_dtype(query, key, value, w_query, w_key, v)
-    t, _ = _additive_tanh(query, key, w_query, w_key, bias, dtype)
+    t = _additive_tanh(query, key, w_query, w_key, bias, dtype)
     e = t @ np.asarray(v, dtype)
     hidden = _additive_hidden(attn_mask, key_lengths, is_causal, window, e.shape[-2], e.shape[-1])
     s = np.where(hidden, -np.inf, _masked(e, attn_mask)).astype(dtype)
@@ -815,8 +820,8 @@ def _attention_backward(grad_out, query, key, value, *, method="scaled_dot", att
     dw = g @ np.swapaxes(val, -1, -2)
     if grad_weights is not None:
         dw = dw + np.asarray(grad_weights, dtype)
-    ds = _softmax_input_grad(dw if z is None else dw * z, p)
+    ds = _softmax_input_grad(_apply_dropout(dw, z), p)
     grads = score_backward(ds, query, key, method, **score_args)
-    grads["value"] = _like(np.swapaxes(p if z is None else p * z, -1, -2) @ g, value)
+    grads["value"] = _like(np.swapaxes(_apply_dropout(p, z), -1, -2) @ g, value)
     grads["attn_mask"] = _float_mask_grad(ds, attn_mask)
     return grads

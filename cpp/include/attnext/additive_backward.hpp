@@ -14,12 +14,12 @@
 //
 // 1 - t^2 comes from the forward's factored form: with inv = e^{-2 qp} and expo = e^{2 kp},
 // d = inv + expo, a = inv / d, b = expo / d: t = b - a and 1 - t^2 = (1 - t)(1 + t) = 4 a b,
-// one division per unit, no exp or tanh in the inner loop, a and b in [0, 1] (every term
-// finite in the form's range). A row or key set outside the range uses tanh itself.
+// one reciprocal per two units, no exp or tanh in the inner loop, a and b in [0, 1] (every
+// term finite in the form's range). A row or key set outside the range uses tanh itself.
 //
 // Work split: one task per (batch entry, block of query rows). A task recomputes its rows'
 // weights, forms dS, and runs one pass over (row, visible key, unit) that accumulates d(qp) of
-// its rows and the block's share of sum_i g_ij for every key; the shares of the blocks (and
+// its rows and the block's share of sum_i g_ij for every key (block_unit_grads); the shares of the blocks (and
 // their shares of dV, dv, dbias) are added afterwards in block order. The blocks depend on the
 // shapes only, so the gradients are bit-identical for any thread count; nothing is atomic.
 // Keys hidden from a row (mask, length) have dS = 0 and are skipped: they get exactly zero,
@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "additive.hpp"
@@ -76,99 +77,99 @@ struct AdditiveGradQueryTag {};
 struct AdditiveGradTileTag {};
 struct AdditiveGradKeysTag {};
 struct AdditiveGradRowTag {};
+struct AdditiveGradKeyListTag {};
+struct AdditiveGradQueryProjTag {};
+struct AdditiveGradKeyShareTag {};
+struct AdditiveGradValueShareTag {};
+struct AdditiveGradUnitShareTag {};
+struct AdditiveGradKeyRawTag {};
+struct AdditiveGradKeyExpTag {};
 
-// Units padded to whole packets: the gradient pass runs over whole packets only.
+// Units padded to whole pairs of packets: the gradient pass runs over pairs of packets only.
 template <typename T>
 inline index_t padded_units(index_t units) {
-  constexpr index_t W = vm::packet_size<T>();
-  return (units + W - 1) / W * W;
+  constexpr index_t W2 = 2 * vm::packet_size<T>();
+  return (units + W2 - 1) / W2 * W2;
 }
 
-// t and s with g = c_scale * c * s = dS (1 - t^2), for one packet of units; qa and ka are
-// a query's and a key's operands in the form (factored: e^{-2 qp}, e^{2 kp}; plain: qp, kp).
+// One key's terms on two packets of units [u, u + 2W) of one row, for the row's sums rs and rt
+// and the key's share ks[u..]: rs and ks get g_u = dS (1 - t_u^2); rt gets what dv needs. qa
+// and ka are the query's and the key's operands in the row's form; c = dS broadcast.
+//   Factored (qa = e^{-2 qp}, ka = e^{2 kp}): with d = qa + ka, a = qa / d, b = ka / d (both in
+//   [0, 1]), t = b - a = 1 - 2a and 1 - t^2 = 4ab. rt gets 4 c a, and the row's dv is then
+//   sum_j c_j - rt / 2 (= sum_j c_j t_j); 4c is folded into a, so g = (4c a) b. The two packets
+//   share one reciprocal: 1/d1 = d2 / (d1 d2), 1/d2 = d1 / (d1 d2). In range d lies in
+//   [2e^-2L, 2e^2L] (L = exp_form_limit), so d1 d2 stays a normal finite number (as in the
+//   forward's add_pair).
+//   Plain (qa = qp, ka = kp): t = tanh(qp + kp), g = c (1 - t)(1 + t), rt gets c t.
 template <typename T, bool factored>
 struct GradTerm {
   using P = vm::Packet<T>;
-  static constexpr T c_scale = factored ? T(4) : T(1);
   // The padding of the operands' tail lanes: finite terms whose gradients land in tail lanes.
   static constexpr T pad = factored ? T(1) : T(0);
-  static void at(const P& qa, const P& ka, P& t, P& s) {
+  // 1 / x for the normal positive x of the factored form. With AVX-512 and float: the 14-bit
+  // estimate and one Newton step (about 1 ulp, two FMAs instead of a division); elsewhere the
+  // division.
+  static P reciprocal(const P& x) {
     namespace ei = Eigen::internal;
+#if defined(EIGEN_VECTORIZE_AVX512)
+    if constexpr (std::is_same<P, __m512>::value) {
+      const __m512 r = _mm512_rcp14_ps(x);
+      return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.0f)), r);
+    }
+#endif
+    return ei::pdiv(ei::pset1<P>(T(1)), x);
+  }
+  // The row's dv on one unit from its rt and the sum of its dS.
+  static T row_dv(T rt, T c_sum) { return factored ? c_sum - rt / T(2) : rt; }
+
+  static void add(const P& q1, const P& q2, const T* kr, T* ks, const P& c, P* rs, P* rt) {
+    namespace ei = Eigen::internal;
+    constexpr index_t W = vm::packet_size<T>();
+    const P k1 = ei::ploadu<P>(kr), k2 = ei::ploadu<P>(kr + W);
+    P g1, g2;
     if constexpr (factored) {
-      const P r = ei::pdiv(ei::pset1<P>(T(1)), ei::padd(qa, ka));
-      const P a = ei::pmul(qa, r), b = ei::pmul(ka, r);
-      t = ei::psub(b, a);
-      s = ei::pmul(a, b);
+      const P d1 = ei::padd(q1, k1), d2 = ei::padd(q2, k2);
+      const P inv = reciprocal(ei::pmul(d1, d2));
+      const P r1 = ei::pmul(d2, inv), r2 = ei::pmul(d1, inv);
+      const P c4 = ei::pmul(ei::pset1<P>(T(4)), c);
+      const P a1 = ei::pmul(q1, ei::pmul(c4, r1)), a2 = ei::pmul(q2, ei::pmul(c4, r2));  // 4c a
+      g1 = ei::pmul(a1, ei::pmul(k1, r1)), g2 = ei::pmul(a2, ei::pmul(k2, r2));
+      rt[0] = ei::padd(rt[0], a1), rt[1] = ei::padd(rt[1], a2);
     } else {
       const P one = ei::pset1<P>(T(1));
-      t = vm::tanh<T>(ei::padd(qa, ka));
-      s = ei::pmul(ei::psub(one, t), ei::padd(one, t));
+      const P t1 = vm::tanh<T>(ei::padd(q1, k1)), t2 = vm::tanh<T>(ei::padd(q2, k2));
+      g1 = ei::pmul(c, ei::pmul(ei::psub(one, t1), ei::padd(one, t1)));
+      g2 = ei::pmul(c, ei::pmul(ei::psub(one, t2), ei::padd(one, t2)));
+      rt[0] = ei::pmadd(c, t1, rt[0]), rt[1] = ei::pmadd(c, t2, rt[1]);
     }
+    rs[0] = ei::padd(rs[0], g1), rs[1] = ei::padd(rs[1], g2);
+    ei::pstoreu(ks, ei::padd(ei::ploadu<P>(ks), g1));
+    ei::pstoreu(ks + W, ei::padd(ei::ploadu<P>(ks + W), g2));
   }
 };
 
-// One row's pass over its keys with nonzero dS: key[n] (padded operand rows of ldk, up to
-// units_pad), c[n] = dS of that key. Adds c s into row_s (U_pad, summed over keys) and into
-// key_s[key * ldk ...] (each key's share), and c t into row_t. Four keys share each load of
-// the row's operand and accumulators.
+// Keys per chunk of the gradient pass: a chunk's operands and shares on one pair of packets
+// (128 keys x 2 packets x 2 arrays = 32 KB) stay in L1 while every row of the block passes
+// over them; the rows' sums on that pair stay in registers across the chunk's keys.
+constexpr index_t kGradKeyChunk = 128;
+
+// One row's terms on one pair of packets (qa, row_s, row_t, k_op and key_s all point at the
+// pair's first unit) for its keys key[0, n) with nonzero dS c[0, n), in key order: g is added
+// to row_s and to each key's share key_s[key * ldk ...], the dv terms to row_t (GradTerm::add).
 template <typename T, bool factored>
-void grad_row_pass(const T* qa, const T* k_op, index_t ldk, const index_t* key, const T* c, index_t n, index_t units_pad,
-                   T* row_s, T* row_t, T* key_s) {
+inline void row_pair_terms(const T* qa, const T* k_op, T* key_s, index_t ldk, const index_t* key, const T* c,
+                           index_t n, T* row_s, T* row_t) {
   namespace ei = Eigen::internal;
   using P = vm::Packet<T>;
-  using Term = GradTerm<T, factored>;
   constexpr index_t W = vm::packet_size<T>();
-  index_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const T* k0 = k_op + key[j] * ldk;
-    const T* k1 = k_op + key[j + 1] * ldk;
-    const T* k2 = k_op + key[j + 2] * ldk;
-    const T* k3 = k_op + key[j + 3] * ldk;
-    T* s0 = key_s + key[j] * ldk;
-    T* s1 = key_s + key[j + 1] * ldk;
-    T* s2 = key_s + key[j + 2] * ldk;
-    T* s3 = key_s + key[j + 3] * ldk;
-    const P c0 = ei::pset1<P>(c[j]), c1 = ei::pset1<P>(c[j + 1]), c2 = ei::pset1<P>(c[j + 2]),
-            c3 = ei::pset1<P>(c[j + 3]);
-    const P g0 = ei::pset1<P>(Term::c_scale * c[j]), g1 = ei::pset1<P>(Term::c_scale * c[j + 1]),
-            g2 = ei::pset1<P>(Term::c_scale * c[j + 2]), g3 = ei::pset1<P>(Term::c_scale * c[j + 3]);
-    for (index_t u = 0; u < units_pad; u += W) {
-      const P q = ei::ploadu<P>(qa + u);
-      P rs = ei::ploadu<P>(row_s + u), rt = ei::ploadu<P>(row_t + u);
-      P t, s;
-      Term::at(q, ei::ploadu<P>(k0 + u), t, s);
-      s = ei::pmul(g0, s);
-      rs = ei::padd(rs, s), rt = ei::pmadd(c0, t, rt);
-      ei::pstoreu(s0 + u, ei::padd(ei::ploadu<P>(s0 + u), s));
-      Term::at(q, ei::ploadu<P>(k1 + u), t, s);
-      s = ei::pmul(g1, s);
-      rs = ei::padd(rs, s), rt = ei::pmadd(c1, t, rt);
-      ei::pstoreu(s1 + u, ei::padd(ei::ploadu<P>(s1 + u), s));
-      Term::at(q, ei::ploadu<P>(k2 + u), t, s);
-      s = ei::pmul(g2, s);
-      rs = ei::padd(rs, s), rt = ei::pmadd(c2, t, rt);
-      ei::pstoreu(s2 + u, ei::padd(ei::ploadu<P>(s2 + u), s));
-      Term::at(q, ei::ploadu<P>(k3 + u), t, s);
-      s = ei::pmul(g3, s);
-      rs = ei::padd(rs, s), rt = ei::pmadd(c3, t, rt);
-      ei::pstoreu(s3 + u, ei::padd(ei::ploadu<P>(s3 + u), s));
-      ei::pstoreu(row_s + u, rs);
-      ei::pstoreu(row_t + u, rt);
-    }
-  }
-  for (; j < n; ++j) {
-    const T* kr = k_op + key[j] * ldk;
-    T* sr = key_s + key[j] * ldk;
-    const P cj = ei::pset1<P>(c[j]), gj = ei::pset1<P>(Term::c_scale * c[j]);
-    for (index_t u = 0; u < units_pad; u += W) {
-      P t, s;
-      Term::at(ei::ploadu<P>(qa + u), ei::ploadu<P>(kr + u), t, s);
-      s = ei::pmul(gj, s);
-      ei::pstoreu(row_s + u, ei::padd(ei::ploadu<P>(row_s + u), s));
-      ei::pstoreu(row_t + u, ei::pmadd(cj, t, ei::ploadu<P>(row_t + u)));
-      ei::pstoreu(sr + u, ei::padd(ei::ploadu<P>(sr + u), s));
-    }
-  }
+  const P q1 = ei::ploadu<P>(qa), q2 = ei::ploadu<P>(qa + W);
+  P rs[2] = {ei::ploadu<P>(row_s), ei::ploadu<P>(row_s + W)};
+  P rt[2] = {ei::ploadu<P>(row_t), ei::ploadu<P>(row_t + W)};
+  for (index_t k = 0; k < n; ++k)
+    GradTerm<T, factored>::add(q1, q2, k_op + key[k] * ldk, key_s + key[k] * ldk, ei::pset1<P>(c[k]), rs, rt);
+  ei::pstoreu(row_s, rs[0]), ei::pstoreu(row_s + W, rs[1]);
+  ei::pstoreu(row_t, rt[0]), ei::pstoreu(row_t + W, rt[1]);
 }
 
 // The operands of one call that do not change from task to task.
@@ -184,6 +185,7 @@ struct AdditiveBackwardCall {
   const Strided<const std::int64_t>* lengths;
   const Strided<const T>& grad_out;      // (..., Lq, Dv)
   const Strided<const T>* grad_weights;  // (..., Lq, Lk) or nullptr
+  const Strided<const T>* saved_weights; // (..., Lq, Lk): the forward's weights, or nullptr (recomputed)
   index_t lq, lk, units, dv, rows_per_block, blocks;
   T* q_grad;      // d(qp) (batches, Lq, U)
   T* key_share;   // (batches, blocks, Lk, U_pad): each block's sum_i c_ij s_ij
@@ -213,25 +215,38 @@ inline void pad_key_rows(const T* src, index_t visible, index_t units, index_t l
   }
 }
 
-// dP rows (rows, visible) = dO rows (rows, Dv) V[:visible]^T (+ gW rows), dst row stride visible.
+// dP rows (rows, visible) = dO rows (rows, Dv) V[:visible]^T (+ gW rows), dst row stride
+// visible, and the block's share of dV: value_share (Lk, Dv) = P[:, :visible]^T dO rows (rows
+// past visible 0). Both through the packed GEMM on the calling thread.
 template <typename T>
 void block_value_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, index_t rows, index_t visible,
                        const T* weights, T* dp, T* value_share) {
-  const auto d_out = matrix_of(c.grad_out, b, r0, rows);
+  const index_t lk = c.lk, dv = c.dv;
+  const T* go = c.grad_out.data + c.grad_out.batch_offset(b, 2) + r0 * c.grad_out.stride(-2);
+  const T* val = c.value.data + c.value.batch_offset(b, 2);
+  const index_t go_rs = c.grad_out.stride(-2), go_cs = c.grad_out.stride(-1);
+  const index_t val_rs = c.value.stride(-2), val_cs = c.value.stride(-1);
+  const auto go_row = [&](index_t r) { return go + r * go_rs; };
+  const auto val_row = [&](index_t j) { return val + j * val_rs; };
+  const auto weight_row = [&](index_t r) { return weights + r * lk; };
   if (visible > 0) {
-    product_rows<T>(d_out, matrix_of(c.value, b, 0, visible).transpose(), dp);
+    gemm_rows_times_transposed<T>(rows, visible, dv, go_row, go_cs, val_row, val_cs, dp, /*parallel=*/false);
     if (c.grad_weights)
       for (index_t r = 0; r < rows; ++r) {
-        const T* gw = c.grad_weights->data + c.grad_weights->batch_offset(b, 2) + (r0 + r) * c.grad_weights->stride(-2);
-        for (index_t j = 0; j < visible; ++j) dp[r * visible + j] += gw[j * c.grad_weights->stride(-1)];
+        const Strided<const T>& gw = *c.grad_weights;
+        const T* row = gw.data + gw.batch_offset(b, 2) + (r0 + r) * gw.stride(-2);
+        for (index_t j = 0; j < visible; ++j) dp[r * visible + j] += row[j * gw.stride(-1)];
       }
-    product_rows<T>(ConstMatrixMap<T>(weights, rows, c.lk).leftCols(visible).transpose(), d_out, value_share);
+    const InPlaceW<T> go_in_place{go, go_rs};
+    gemm_transposed_rows<T>(rows, visible, dv, weight_row, 1, go_row, go_cs, value_share,
+                            go_cs == 1 ? &go_in_place : nullptr, /*parallel=*/false);
   }
-  std::fill(value_share + visible * c.dv, value_share + c.lk * c.dv, T(0));
+  std::fill(value_share + visible * dv, value_share + lk * dv, T(0));
 }
 
 // The gradient pass of one block: every row's d(qp), the block's key shares and unit shares.
-// q_proj (rows, U); ds (rows, visible) = dS.
+// q_proj (rows, U); ds (rows, visible) = dS. Loops: key chunks, pairs of packets, rows, the
+// row's keys in the chunk; each sum still runs in key order (a row's) or row order (a key's).
 template <typename T>
 void block_unit_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, index_t rows, index_t visible,
                       const T* q_proj, const T* ds, T* key_share, T* unit_share) {
@@ -239,48 +254,76 @@ void block_unit_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, i
   const AdditiveRows<T> keys{c.keys.raw.data + c.keys.raw.batch_offset(b, 2),
                              c.keys.ok.data[c.keys.ok.batch_offset(b, 0)] ? c.keys.expo.data + c.keys.expo.batch_offset(b, 2)
                                                                          : nullptr};
-  // The keys' operands, padded: expo (factored rows) and raw (plain rows), each made when first needed.
+  // Per row: its operand (padded), its sums, its keys with nonzero dS (capacity visible each).
+  const Scratch<T, AdditiveGradRowTag> row_buf(static_cast<size_t>(3 * rows * up + rows * visible));
+  T* const qa = row_buf.data();
+  T* const row_s = qa + rows * up;
+  T* const row_t = row_s + rows * up;
+  T* const cs = row_t + rows * up;
+  const Scratch<index_t, AdditiveGradKeyListTag> list_buf(static_cast<size_t>(rows * visible + 4 * rows));
+  index_t* const key_list = list_buf.data();
+  index_t* const count = key_list + rows * visible;
+  index_t* const cursor = count + rows;
+  index_t* const chunk_begin = cursor + rows;
+  std::unique_ptr<bool[]> factored(new bool[static_cast<size_t>(std::max<index_t>(rows, 1))]);
+  bool any_factored = false, any_plain = false;
+  for (index_t r = 0; r < rows; ++r) {
+    index_t n = 0;
+    for (index_t j = 0; j < visible; ++j) {
+      const T d = ds[r * visible + j];
+      if (d != T(0)) key_list[r * visible + n] = j, cs[r * visible + n++] = d;
+    }
+    count[r] = n, cursor[r] = 0;
+    const T* qr = q_proj + r * units;
+    T* q_op = qa + r * up;
+    factored[r] = keys.expo && additive_exp_form(qr, q_op, units, T(-2));
+    if (!factored[r]) std::copy(qr, qr + units, q_op);
+    std::fill(q_op + units, q_op + up, factored[r] ? GradTerm<T, true>::pad : GradTerm<T, false>::pad);
+    any_factored |= n > 0 && factored[r];
+    any_plain |= n > 0 && !factored[r];
+  }
+  std::fill(row_s, row_s + 2 * rows * up, T(0));  // row_s and row_t
+  std::fill(key_share, key_share + c.lk * up, T(0));
+  // The keys' operands, padded: expo for factored rows, raw for plain rows.
   const Scratch<T, AdditiveGradKeysTag> key_ops(static_cast<size_t>(2 * visible * up));
   T* const expo_op = key_ops.data();
   T* const raw_op = expo_op + visible * up;
-  bool have_expo = false, have_raw = false;
-  // A row's operand, accumulators and list of keys with nonzero dS.
-  const Scratch<T, AdditiveGradRowTag> row(static_cast<size_t>(3 * up + 2 * visible));
-  T* const qa = row.data();
-  T* const row_s = qa + up;
-  T* const row_t = row_s + up;
-  T* const cs = row_t + up;
-  std::unique_ptr<index_t[]> key_list(new index_t[static_cast<size_t>(std::max<index_t>(visible, 1))]);
-  std::fill(key_share, key_share + c.lk * up, T(0));
+  if (any_factored) pad_key_rows(keys.expo, visible, units, up, GradTerm<T, true>::pad, expo_op);
+  if (any_plain) pad_key_rows(keys.raw, visible, units, up, GradTerm<T, false>::pad, raw_op);
+  constexpr index_t W2 = 2 * vm::packet_size<T>();
+  for (index_t j0 = 0; j0 < visible; j0 += kGradKeyChunk) {
+    const index_t j1 = std::min(visible, j0 + kGradKeyChunk);
+    for (index_t r = 0; r < rows; ++r) {  // each row's keys in [j0, j1): list entries [chunk_begin, cursor)
+      chunk_begin[r] = cursor[r];
+      while (cursor[r] < count[r] && key_list[r * visible + cursor[r]] < j1) ++cursor[r];
+    }
+    for (index_t u = 0; u < up; u += W2)
+      for (index_t r = 0; r < rows; ++r) {
+        const index_t first = r * visible + chunk_begin[r], n = cursor[r] - chunk_begin[r];
+        if (n == 0) continue;
+        if (factored[r])
+          row_pair_terms<T, true>(qa + r * up + u, expo_op + u, key_share + u, up, key_list + first, cs + first, n,
+                                  row_s + r * up + u, row_t + r * up + u);
+        else
+          row_pair_terms<T, false>(qa + r * up + u, raw_op + u, key_share + u, up, key_list + first, cs + first, n,
+                                   row_s + r * up + u, row_t + r * up + u);
+      }
+  }
   T* const dv_sum = unit_share;
   T* const bias_sum = unit_share + units;
   std::fill(unit_share, unit_share + 2 * units, T(0));
   for (index_t r = 0; r < rows; ++r) {
     T* const q_grad = c.q_grad + (b * c.lq + r0 + r) * units;
-    index_t n = 0;
-    for (index_t j = 0; j < visible; ++j)
-      if (ds[r * visible + j] != T(0)) key_list[n] = j, cs[n++] = ds[r * visible + j];
-    if (n == 0) {
+    if (count[r] == 0) {
       std::fill(q_grad, q_grad + units, T(0));
       continue;
     }
-    const T* qr = q_proj + r * units;
-    const bool factored = keys.expo && additive_exp_form(qr, qa, units, T(-2));
-    std::fill(row_s, row_s + up, T(0));
-    std::fill(row_t, row_t + up, T(0));
-    if (factored) {
-      if (!have_expo) pad_key_rows(keys.expo, visible, units, up, GradTerm<T, true>::pad, expo_op), have_expo = true;
-      std::fill(qa + units, qa + up, GradTerm<T, true>::pad);
-      grad_row_pass<T, true>(qa, expo_op, up, key_list.get(), cs, n, up, row_s, row_t, key_share);
-    } else {
-      if (!have_raw) pad_key_rows(keys.raw, visible, units, up, GradTerm<T, false>::pad, raw_op), have_raw = true;
-      std::copy(qr, qr + units, qa);
-      std::fill(qa + units, qa + up, GradTerm<T, false>::pad);
-      grad_row_pass<T, false>(qa, raw_op, up, key_list.get(), cs, n, up, row_s, row_t, key_share);
-    }
+    T c_sum = T(0);
+    for (index_t k = 0; k < count[r]; ++k) c_sum += cs[r * visible + k];
     for (index_t u = 0; u < units; ++u) {
-      q_grad[u] = c.v.v[u] * row_s[u];
-      dv_sum[u] += row_t[u];
+      q_grad[u] = c.v.v[u] * row_s[r * up + u];
+      const T rt = row_t[r * up + u];
+      dv_sum[u] += factored[r] ? GradTerm<T, true>::row_dv(rt, c_sum) : GradTerm<T, false>::row_dv(rt, c_sum);
       bias_sum[u] += q_grad[u];
     }
   }
@@ -305,8 +348,16 @@ void additive_backward_block(const AdditiveBackwardCall<T>& c, index_t b, index_
   const AdditiveRows<T> keys{c.keys.raw.data + c.keys.raw.batch_offset(b, 2),
                              c.keys.ok.data[c.keys.ok.batch_offset(b, 0)] ? c.keys.expo.data + c.keys.expo.batch_offset(b, 2)
                                                                          : nullptr};
-  additive_score_projected<T>(q_proj.data(), rows, units, keys, c.v, lk, weights, lk);
-  scores_to_weights(c.mask, c.lq, b, r0, rows, visible, weights, lk);
+  if (c.saved_weights) {
+    const Strided<const T>& w = *c.saved_weights;
+    for (index_t r = 0; r < rows; ++r) {
+      const T* src = w.data + w.batch_offset(b, 2) + (r0 + r) * w.stride(-2);
+      for (index_t j = 0; j < lk; ++j) weights[r * lk + j] = src[j * w.stride(-1)];
+    }
+  } else {
+    additive_score_projected<T>(q_proj.data(), rows, units, keys, c.v, lk, weights, lk);
+    scores_to_weights(c.mask, c.lq, b, r0, rows, visible, weights, lk);
+  }
   block_value_grads(c, b, r0, rows, visible, weights, ds, value_share);
   for (index_t r = 0; r < rows; ++r) row_score_grad(weights + r * lk, ds + r * visible, visible);
   if (c.mask_grad)
@@ -373,7 +424,8 @@ void projection_grads(const Strided<const T>& x, const ConstMatrixMap<T>& w, con
 //   value (..., Lk, Dv), v (U,), mask, lengths: exactly as the forward took them (equal batch
 //   shapes, broadcast views allowed);
 //   grad_out (..., Lq, Dv) any strides: dL/d(context); grad_weights (..., Lq, Lk) any strides or
-//   nullptr: dL/d(weights).
+//   nullptr: dL/d(weights); saved_weights (..., Lq, Lk) any strides: the weights the forward
+//   returned for these arguments (saves recomputing the scores), or nullptr: recomputed.
 // Fills g.query, g.w_query, g.bias, g.v, g.keys_raw, g.value and (when given) g.mask; g.key and
 // g.w_key are the raw-key overload's. Bit-identical for any thread count.
 template <typename T>
@@ -381,20 +433,21 @@ void additive_attention_backward(const Strided<const T>& q, const ConstMatrixMap
                                  const AdditiveKeys<T>& keys, const Strided<const T>& value, const T* v,
                                  const Mask<T>& mask, const Strided<const std::int64_t>* lengths,
                                  const Strided<const T>& grad_out, const Strided<const T>* grad_weights,
-                                 const AdditiveGradients<T>& g) {
+                                 const AdditiveGradients<T>& g, const Strided<const T>* saved_weights = nullptr) {
   const index_t batches = q.batch_count(2), lq = q.dim(-2), lk = keys.raw.dim(-2), units = w_query.cols();
   const index_t dv = value.dim(-1), up = detail::padded_units<T>(units);
   const index_t rows_per_block = additive_backward_rows(lq);
   const index_t blocks = lq == 0 ? 0 : (lq + rows_per_block - 1) / rows_per_block;
-  // Every element is written by the task owning it before it is read: no initialisation.
-  const auto buffer = [](index_t n) { return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]); };
-  const std::unique_ptr<T[]> q_grad = buffer(batches * lq * units), key_share = buffer(batches * blocks * lk * up),
-                             value_share = buffer(batches * blocks * lk * dv),
-                             unit_share = buffer(batches * blocks * 2 * units);
+  // Scratch (reused between calls, no initialisation): every element is written by the task
+  // owning it before it is read.
+  const Scratch<T, detail::AdditiveGradQueryProjTag> q_grad(static_cast<size_t>(batches * lq * units));
+  const Scratch<T, detail::AdditiveGradKeyShareTag> key_share(static_cast<size_t>(batches * blocks * lk * up));
+  const Scratch<T, detail::AdditiveGradValueShareTag> value_share(static_cast<size_t>(batches * blocks * lk * dv));
+  const Scratch<T, detail::AdditiveGradUnitShareTag> unit_share(static_cast<size_t>(batches * blocks * 2 * units));
   const AdditiveV<T> v_form = additive_v(v, units);
   const detail::AdditiveBackwardCall<T> call{q, w_query, bias, keys, value, v_form, mask, lengths, grad_out,
-                                             grad_weights, lq, lk, units, dv, rows_per_block, blocks,
-                                             q_grad.get(), key_share.get(), value_share.get(), unit_share.get(),
+                                             grad_weights, saved_weights, lq, lk, units, dv, rows_per_block, blocks,
+                                             q_grad.data(), key_share.data(), value_share.data(), unit_share.data(),
                                              g.mask};
   parallel_for(batches * blocks, [&](index_t task) { detail::additive_backward_block(call, task / blocks, task % blocks); });
   if (blocks > 0) {
@@ -407,10 +460,10 @@ void additive_attention_backward(const Strided<const T>& q, const ConstMatrixMap
   std::fill(g.bias, g.bias + units, T(0));
   for (index_t s = 0; s < batches * blocks; ++s)  // the blocks' unit shares, in block order
     for (index_t u = 0; u < units; ++u) {
-      g.v[u] += unit_share[s * 2 * units + u];
-      g.bias[u] += unit_share[s * 2 * units + units + u];
+      g.v[u] += unit_share.data()[s * 2 * units + u];
+      g.bias[u] += unit_share.data()[s * 2 * units + units + u];
     }
-  detail::projection_grads<T>(q, w_query, q_grad.get(), g.query, g.w_query);
+  detail::projection_grads<T>(q, w_query, q_grad.data(), g.query, g.w_query);
 }
 
 // The same with raw keys (..., Lk, Dk) (the query's batch shape) and w_key (Dk, U), projected
@@ -420,14 +473,17 @@ void additive_attention_backward(const Strided<const T>& q, const ConstMatrixMap
                                  const Strided<const T>& key, const ConstMatrixMap<T>& w_key,
                                  const Strided<const T>& value, const T* v, const Mask<T>& mask,
                                  const Strided<const std::int64_t>* lengths, const Strided<const T>& grad_out,
-                                 const Strided<const T>* grad_weights, const AdditiveGradients<T>& g) {
+                                 const Strided<const T>* grad_weights, const AdditiveGradients<T>& g,
+                                 const Strided<const T>* saved_weights = nullptr) {
   const index_t batches = key.batch_count(2), lk = key.dim(-2), units = w_key.cols();
   const size_t n = static_cast<size_t>(batches * lk * units);
-  std::vector<T> raw(n), expo(n);
+  const Scratch<T, detail::AdditiveGradKeyRawTag> raw(n);
+  const Scratch<T, detail::AdditiveGradKeyExpTag> expo(n);
   std::unique_ptr<bool[]> ok(new bool[static_cast<size_t>(std::max<index_t>(batches, 1))]);
   additive_prepare_keys<T, T>(key, w_key, raw.data(), expo.data(), ok.get());
   const AdditiveKeys<T> keys = contiguous_keys<T>(key.shape, units, raw.data(), expo.data(), ok.get());
-  additive_attention_backward<T>(q, w_query, bias, keys, value, v, mask, lengths, grad_out, grad_weights, g);
+  additive_attention_backward<T>(q, w_query, bias, keys, value, v, mask, lengths, grad_out, grad_weights, g,
+                                 saved_weights);
   detail::projection_grads<T>(key, w_key, g.keys_raw, g.key, g.w_key);
 }
 

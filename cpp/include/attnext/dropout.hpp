@@ -37,8 +37,8 @@ struct Dropout {
   std::uint64_t seed = 0;
   std::uint64_t threshold = 0;  // T = floor(p * 2^32): a word below it drops the element
   double keep_scale = 1.0;      // 1 / (1 - p), 0 for p = 1
-  // False exactly for p = 0: then no kernel looks at the generator and the path is unchanged.
-  // (A p so small that T = 0 still scales the kept elements.)
+  // False exactly when the rule changes nothing (p = 0, or a p so small that T = 0 and
+  // 1 / (1 - p) rounds to 1): then no kernel looks at the generator and the path is unchanged.
   bool active() const { return threshold != 0 || keep_scale != 1.0; }
 };
 

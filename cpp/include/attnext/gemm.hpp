@@ -350,6 +350,21 @@ void gemm_rows_times(index_t M, index_t N, index_t K, const ARow& a_row, index_t
   packed_gemm<T, T>(M, N, K, x_rows, x_row, w_rows, static_cast<const T*>(nullptr), c, parallel, &b_in_place);
 }
 
+// c (M, N) = a (M, K) b^T, b (N, K) given by rows (an attention's dP = dO V^T): packed_gemm's own form.
+//   a_row(m): &a(m, 0), elements a_cs apart; b_row(n): &b(n, 0), elements b_cs apart.
+template <typename T, typename ARow, typename BRow>
+void gemm_rows_times_transposed(index_t M, index_t N, index_t K, const ARow& a_row, index_t a_cs, const BRow& b_row,
+                                index_t b_cs, T* c, bool parallel = true) {
+  const auto x_rows = [&](index_t m0, index_t rows, index_t k0, index_t kc, const PanelWriter<T>& dst) {
+    for (index_t r = 0; r < rows; ++r) pack_row(a_row(m0 + r) + k0 * a_cs, a_cs, kc, dst, r);
+  };
+  const auto x_row = [&](index_t m) -> const T* { return a_cs == 1 ? a_row(m) : nullptr; };
+  const auto w_rows = [&](index_t n0, index_t cols, index_t k0, index_t kc, const PanelWriter<T>& dst) {
+    for (index_t col = 0; col < cols; ++col) pack_row(b_row(n0 + col) + k0 * b_cs, b_cs, kc, dst, col);
+  };
+  packed_gemm<T, T>(M, N, K, x_rows, x_row, w_rows, static_cast<const T*>(nullptr), c, parallel);
+}
+
 // c (N1, N2) = a^T b = sum over rows m < M of a(m, :)^T b(m, :) (a weight's gradient: x^T dy).
 //   a_row(m): &a(m, 0), elements a_cs apart (N1 of them); b_row(m) likewise for b (N2, stride b_cs);
 //   b_in_place: b itself when its rows are one row-major matrix with unit columns (read in place).

@@ -76,13 +76,14 @@ using sdpa_detail::to_acc;
 
 // Key chunks per batch entry: more than one only when there are fewer than kMinUnits batch
 // entries (threads would idle), chunks of at least kMinChunkKeys keys (a chunk repacks every
-// query block it sees, so it must amortise that over several key tiles), and the chunks'
-// partial dQ (chunks x N x L x E accumulators) within kPartsBudgetBytes (which keeps
-// L = S = 16384, E = 64 float32 well under 64 MB of extra memory). Shapes only: results do
+// query block it sees: Q and grad_out twice each, a few percent of one tile's products, so two
+// tiles amortise it), and the chunks' partial dQ (chunks x N x L x E accumulators) within
+// kPartsBudgetBytes: the backward's extra memory is then those parts plus about 1 MB per
+// thread (L = S = 4096, E = 64 float32: 8 chunks; L = S = 16384: 2). Shapes only: results do
 // not depend on the thread count.
 constexpr index_t kMinUnits = 16;
-constexpr index_t kMinChunkKeys = 512;
-constexpr index_t kPartsBudgetBytes = index_t(32) << 20;
+constexpr index_t kMinChunkKeys = 2 * kBk;
+constexpr index_t kPartsBudgetBytes = index_t(8) << 20;
 
 template <typename Acc>
 index_t backward_chunks(index_t N, index_t L, index_t S, index_t E) {
@@ -128,8 +129,7 @@ struct Workspace {
   Acc* lse = nullptr;    // (Bq) the rows' lse (+inf for padding and empty rows: P = 0)
   Acc* D = nullptr;      // (Bq) the rows' D
   Acc* Pt = nullptr;     // (kBk, Bq) P^T of a tile
-  Acc* Zt = nullptr;     // (kBk, Bq) dropout factors of a tile
-  Acc* PZt = nullptr;    // (kBk, Bq) (P ∘ Z)^T of a tile (= Pt without dropout)
+  Acc* PZt = nullptr;    // (kBk, Bq) (P ∘ Z)^T of a tile, with dropout
   Acc* dSt = nullptr;    // (kBk, Bq) dP^T, then dS^T
   Acc* dQt = nullptr;    // (E, Bq) the block's dQ^T (this chunk's part, unscaled)
   Acc* dK = nullptr;     // (chunk_keys, Ep) the chunk's dK, unscaled
@@ -140,7 +140,7 @@ template <typename In, typename Acc>
 index_t workspace_size(const Backward<In, Acc>& c, index_t keys) {
   constexpr index_t Bq = block_queries<Acc>();
   const index_t E1 = std::max<index_t>(c.E, 1), Ev1 = std::max<index_t>(c.Ev, 1);
-  return sdpa_detail::block_scratch_size<Acc>(c.E, c.Ev) + Bq * (c.Ep + Ev1 + c.Evp + 2 + 4 * kBk + E1) +
+  return sdpa_detail::block_scratch_size<Acc>(c.E, c.Ev) + Bq * (c.Ep + Ev1 + c.Evp + 2 + 3 * kBk + E1) +
          keys * (c.Ep + c.Evp);
 }
 
@@ -155,8 +155,7 @@ Workspace<Acc> carve(const Backward<In, Acc>& c, index_t keys, Acc* base) {
   w.lse = w.dOr + Bq * c.Evp;
   w.D = w.lse + Bq;
   w.Pt = w.D + Bq;
-  w.Zt = w.Pt + kBk * Bq;
-  w.PZt = w.Zt + kBk * Bq;
+  w.PZt = w.Pt + kBk * Bq;
   w.dSt = w.PZt + kBk * Bq;
   w.dQt = w.dSt + kBk * Bq;
   w.dK = w.dQt + Bq * std::max<index_t>(c.E, 1);
@@ -216,17 +215,14 @@ void tile_probabilities(const Acc* St, const Acc* lse, index_t nj, Acc* Pt) {
     }
 }
 
-// Zt = the tile's dropout factors (0 or 1/(1 - p); 0 on padding lanes) and PZt = Pt ∘ Zt.
+// PZt = Pt ∘ Z, and (when dPt is given) dPt ∘ Z: the tile's dropout (dropout.hpp's rule), one
+// set of decisions for both tiles.
 template <typename Acc>
 void tile_dropout(const Dropout& drop, index_t b, index_t i0, index_t nq, index_t j0, index_t nj, const Acc* Pt,
-                  Acc* Zt, Acc* PZt) {
+                  Acc* PZt, Acc* dPt) {
   constexpr index_t Bq = block_queries<Acc>();
-  for (index_t j = 0; j < nj; ++j) {
-    std::fill(Zt + j * Bq, Zt + j * Bq + nq, Acc(1));
-    std::fill(Zt + j * Bq + nq, Zt + (j + 1) * Bq, Acc(0));
-  }
-  apply_dropout_tile<Acc>(drop, static_cast<std::uint64_t>(b), i0, nq, j0, nj, Zt, index_t(1), Bq);
-  for (index_t x = 0; x < nj * Bq; ++x) PZt[x] = Pt[x] * Zt[x];
+  std::copy(Pt, Pt + nj * Bq, PZt);
+  apply_dropout_tiles<Acc>(drop, static_cast<std::uint64_t>(b), i0, nq, j0, nj, PZt, dPt, index_t(1), Bq);
 }
 
 // The (k, r) operand of the packed micro-kernel read from a transposed tile: element
@@ -285,9 +281,10 @@ void add_grad_weights(const Strided<const Acc>& gw, index_t b, index_t i0, index
     for (index_t j = 0; j < nj; ++j) dPt[j * Bq + i] += base[i * rs + j * cs];
 }
 
-// dS^T = P^T ∘ (dP^T (∘ Z^T) - D), in place over dPt; exactly 0 where the score is -inf.
+// dS^T = P^T ∘ (dP^T - D), in place over dPt (dP already dropped); exactly 0 where the score
+// is -inf.
 template <typename Acc>
-void tile_ds(const Acc* St, const Acc* Pt, const Acc* Zt, const Acc* D, index_t nj, Acc* dSt) {
+void tile_ds(const Acc* St, const Acc* Pt, const Acc* D, index_t nj, Acc* dSt) {
   constexpr index_t P = vm::packet_size<Acc>();
   constexpr index_t Bq = block_queries<Acc>();
   const Pk<Acc> ninf = ei::pset1<Pk<Acc>>(neg_inf<Acc>()), zero = ei::pzero(ninf);
@@ -296,8 +293,7 @@ void tile_ds(const Acc* St, const Acc* Pt, const Acc* Zt, const Acc* D, index_t 
   for (index_t j = 0; j < nj; ++j)
     for (int q = 0; q < kC; ++q) {
       const index_t x = j * Bq + q * P;
-      Pk<Acc> dp = ei::pload<Pk<Acc>>(dSt + x);
-      if (Zt) dp = ei::pmul(dp, ei::pload<Pk<Acc>>(Zt + x));
+      const Pk<Acc> dp = ei::pload<Pk<Acc>>(dSt + x);
       const Pk<Acc> ds = ei::pmul(ei::pload<Pk<Acc>>(Pt + x), ei::psub(dp, dv[q]));
       ei::pstore(dSt + x, ei::pselect(ei::pcmp_eq(ei::pload<Pk<Acc>>(St + x), ninf), zero, ds));
     }
@@ -366,13 +362,13 @@ void backward_tile(const Backward<In, Acc>& c, QueryBlock<In, Acc>& qb, index_t 
   sdpa_detail::score_tile(k, j0, nj, unused);  // k.St: the forward's scores, masked
   const bool masked = !k.common.covers(j0, j0 + nj) || p.mask.kind != MaskKind::none;
   tile_probabilities(k.St, w.lse, nj, w.Pt);
-  const bool drop = g.dropout.active();
-  if (drop) tile_dropout(g.dropout, k.b, k.i0, k.nq, j0, nj, w.Pt, w.Zt, w.PZt);
-  const Acc* PZt = drop ? w.PZt : w.Pt;
-  add_tile_t_rows(PZt, k.St, masked && !qb.flags.do_finite, nj, k.nq, w.dOr, c.Evp, w.dV + kr * c.Evp);
   tile_dp(p, k.b, j0, nj, w.dOt, w.dSt);
   if (g.grad_weights.data) add_grad_weights(g.grad_weights, k.b, k.i0, k.nq, j0, nj, w.dSt);
-  tile_ds(k.St, w.Pt, drop ? w.Zt : static_cast<const Acc*>(nullptr), w.D, nj, w.dSt);
+  const bool drop = g.dropout.active();
+  if (drop) tile_dropout(g.dropout, k.b, k.i0, k.nq, j0, nj, w.Pt, w.PZt, w.dSt);
+  add_tile_t_rows(drop ? w.PZt : w.Pt, k.St, masked && !qb.flags.do_finite, nj, k.nq, w.dOr, c.Evp,
+                  w.dV + kr * c.Evp);
+  tile_ds(k.St, w.Pt, w.D, nj, w.dSt);
   if (c.d->dmask) store_dmask(w.dSt, k.nq, nj, c.d->dmask + (k.b * c.L + k.i0) * c.S + j0, c.S);
   add_tile_t_rows(w.dSt, k.St, masked && !qb.flags.q_finite, nj, k.nq, w.Qr, c.Ep, w.dK + kr * c.Ep);
   tile_dq(p, k.b, j0, nj, w.dSt, k.St, masked && !k_finite, w.dQt);
@@ -462,7 +458,7 @@ void row_deltas(const Backward<In, Acc>& c, index_t b, index_t i0, index_t nq, A
     Pk<Acc> unused[kC];
     sdpa_detail::score_tile(k, j0, nj, unused);
     tile_probabilities(k.St, w.lse, nj, w.Pt);
-    if (g.dropout.active()) tile_dropout(g.dropout, b, i0, nq, j0, nj, w.Pt, w.Zt, w.PZt);
+    if (g.dropout.active()) tile_dropout(g.dropout, b, i0, nq, j0, nj, w.Pt, w.PZt, static_cast<Acc*>(nullptr));
     const Acc* W = g.dropout.active() ? w.PZt : w.Pt;
     for (index_t i = 0; i < nq; ++i)
       for (index_t j = 0; j < nj; ++j)
