@@ -1,6 +1,10 @@
 """attnext.torch.scaled_dot_product_attention and additive_attention: the custom operators,
 their gradients (gradcheck in float64, PyTorch's own in float32), opcheck, dropout seeding,
 zero-copy, errors."""
+import os
+import pathlib
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -273,3 +277,15 @@ def test_bad_tensors_raise_naming_the_argument():
         at.scaled_dot_product_attention(q, k[..., :3], v)
     with pytest.raises(TypeError, match="w_key has dtype torch.float64"):
         at.additive_attention(q[0], k[0], v[0], torch.ones(4, 2), torch.ones(4, 2, dtype=F64), torch.ones(2))
+
+
+def test_attnext_imports_without_torch_and_the_extra_says_what_is_missing():
+    code = ("import sys; sys.modules['torch'] = None\n"  # as if torch were not installed
+            "import attnext\n"
+            "assert 'attnext.torch' not in sys.modules\n"
+            "try:\n    import attnext.torch\nexcept ImportError as e:\n    print(e)\n")
+    package_root = str(pathlib.Path(attnext.__file__).parent.parent)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": package_root})
+    assert result.returncode == 0, result.stderr
+    assert 'pip install "attnext[torch]"' in result.stdout

@@ -14,6 +14,11 @@ governs attnext's NumPy API only), so ``torch.set_num_threads`` is the one knob 
 """
 from __future__ import annotations
 
+try:
+    import torch as _torch  # noqa: F401  (only to say what is missing)
+except ImportError as exc:
+    raise ImportError('attnext.torch needs PyTorch (2.4 or newer): pip install "attnext[torch]"') from exc
+
 from ._functions import additive_attention, scaled_dot_product_attention
 from ._routing import RoutingStats, disable, enable, enabled, is_enabled
 from .modules import BahdanauAttention
