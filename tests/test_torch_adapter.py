@@ -289,3 +289,16 @@ def test_attnext_imports_without_torch_and_the_extra_says_what_is_missing():
                             env={**os.environ, "PYTHONPATH": package_root})
     assert result.returncode == 0, result.stderr
     assert 'pip install "attnext[torch]"' in result.stdout
+
+
+def test_expanded_and_transposed_inputs_match_torch():
+    gen = torch.Generator().manual_seed(18)
+    q = torch.randn(3, 6, 2, 4, generator=gen).transpose(1, 2).requires_grad_()  # non-leaf strided view
+    kv = torch.randn(1, 2, 5, 4, generator=gen, requires_grad=True)
+    k = v = kv.expand(3, 2, 5, 4)  # stride 0 over the batch: read in place, gradient summed back
+    g = torch.randn(3, 2, 6, 4, generator=gen)
+    ours = at.scaled_dot_product_attention(q, k, v)
+    theirs = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, [q, kv], g), torch.autograd.grad(theirs, [q, kv], g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
