@@ -77,7 +77,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
     Returns:
         (..., Hq, L, Ev), the inputs' dtype. A query row that may attend to no key gives zeros
-        (and zero gradients), where PyTorch's math path gives NaN.
+        (and zero gradients), as PyTorch 2.13's CPU kernel does.
 
     Gradients flow to query, key, value and a float mask through attnext's backward kernel;
     a second-order gradient (``create_graph=True``) raises RuntimeError.
