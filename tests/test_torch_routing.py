@@ -118,8 +118,12 @@ def test_torch_errors_reach_the_user_unchanged():
             F.scaled_dot_product_attention(q, k, v, torch.ones(5, 5, dtype=torch.int64))
         with pytest.raises(TypeError, match="is_causal"):
             F.scaled_dot_product_attention(q, k, v, is_causal=1)
+        with pytest.raises(TypeError):
+            F.scaled_dot_product_attention(q, None, v)
+        with pytest.raises(TypeError):
+            F.scaled_dot_product_attention(q, k, v, bogus=True)
     assert stats.routed == 0 and stats.reasons == {"mixed dtypes": 1, "attn_mask dtype torch.int64": 1,
-                                                   "is_causal not a bool": 1}
+                                                   "is_causal not a bool": 1, "arguments": 2}
 
 
 def test_nested_tensors_fall_through():

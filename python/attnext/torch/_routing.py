@@ -79,6 +79,8 @@ def _why_not(a: inspect.BoundArguments) -> Optional[str]:
     tracing = _tracing()
     if tracing:
         return tracing
+    if q is None or k is None or v is None:
+        return "arguments"
     tensors = [t for t in (q, k, v, mask) if t is not None]
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
         return "not a plain tensor (subclass, fake or traced)"
