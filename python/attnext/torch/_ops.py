@@ -34,7 +34,8 @@ _DOUBLE_BACKWARD = ("attnext.torch: {op} has no double backward (create_graph=Tr
 
 # The kernels' thread count is attnext's process-wide setting; a call through torch uses torch's
 # intra-op count instead, so a torch model has one knob (torch.set_num_threads). Concurrent calls
-# share one switch: the first sets the count, the last restores the user's.
+# share one switch: the first sets the count, the last restores the user's (so a change of
+# attnext's setting made by another thread while adapter calls run is undone when they end).
 _threads_lock = threading.Lock()
 _threads_depth = 0
 _threads_saved = 0
