@@ -594,6 +594,9 @@ def mha_backward_case(name, b, l, e, h, *, dtype="float32", suites=("full",)):
 # the suites
 
 def all_cases():
+    # Imported here: torch_cases builds on this module's case helpers.
+    from .torch_cases import cases as torch_adapter_cases
+
     q, f, tiny = ("quick",), ("full",), ("tiny",)
     qf = ("quick", "full")
     return [
@@ -644,6 +647,7 @@ def all_cases():
         sdpa_backward_case("tiny-fwdbwd-sdpa-causal-gqa", 2, 4, 16, 16, 8, hk=2, causal=True, suites=tiny),
         additive_backward_case("tiny-fwdbwd-additive", 2, 5, 7, 8, suites=tiny),
         mha_backward_case("tiny-fwdbwd-mha", 2, 6, 16, 2, suites=tiny),
+        *torch_adapter_cases(),  # attnext.torch's (issue 16)
     ]
 
 
