@@ -593,6 +593,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop-at", type=float, default=0.995,
                         help="stop early once the validation dates reach this exact match")
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help=f"comma-separated subset of the input formats (default all: {','.join(FORMATS)})")
+    parser.add_argument("--held-out", type=int, default=1000, help="held-out dates for the final exact match")
     parser.add_argument("--threads", type=int, default=1, help="attnext's threads (default 1: the matrices are small)")
     parser.add_argument("--save", metavar="PATH", help="write the weights here (.npz)")
     parser.add_argument("--heatmaps", metavar="DIR", help="write the learned alignments here (needs matplotlib)")
@@ -600,10 +603,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     attnext.set_num_threads(args.threads)
     config = Config(attention=args.attention)
+    formats = [f.strip() for f in args.formats.split(",")]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        parser.error(f"--formats: unknown {unknown}; choose from {','.join(FORMATS)}")
     print(f"training a GRU encoder-decoder with {args.attention} attention on dates "
-          f"({', '.join(FORMATS)} -> yyyy-mm-dd)", flush=True)
+          f"({'; '.join(formats)} -> yyyy-mm-dd)", flush=True)
     result = train(config, seconds=args.seconds, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                   stop_at=args.stop_at)
+                   formats=formats, held_out=args.held_out, stop_at=args.stop_at)
     print(f"exact match on {len(result.data.test)} held-out dates: {result.exact_match:.1%} "
           f"after {result.steps} steps, {result.seconds:.1f} s")
     examples = result.data.test[:4]
@@ -622,7 +629,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"exact_match": result.exact_match, "seconds": result.seconds, "attention": args.attention,
                        "steps": result.steps, "held_out": len(result.data.test), "batch": args.batch,
-                       "seed": args.seed, "final_loss": float(np.mean(result.losses[-20:]))}, f, indent=2)
+                       "seed": args.seed, "formats": formats,
+                       "first_loss": float(np.mean(result.losses[:10])),
+                       "final_loss": float(np.mean(result.losses[-10:]))}, f, indent=2)
     return 0
 
 
