@@ -58,7 +58,7 @@ Params = Dict[str, Array]
 MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
           "november", "december")
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")  # date.weekday() order
-FORMATS = ("d Mon yyyy", "weekday, month d, yyyy", "dd.mm.yyyy", "yyyy/mm/dd")
+FORMATS = ("d Mon yyyy", "weekday month d yyyy", "dd.mm.yyyy", "yyyy/mm/dd")
 FIRST_DAY, LAST_DAY = datetime.date(1950, 1, 1).toordinal(), datetime.date(2049, 12, 31).toordinal()
 
 PAD = 0
@@ -76,7 +76,7 @@ def render(date: datetime.date, fmt: str) -> str:
     month = MONTHS[date.month - 1]
     if fmt == "d Mon yyyy":
         return f"{date.day} {month[:3].title()} {date.year}"
-    if fmt == "weekday, month d, yyyy":
+    if fmt == "weekday month d yyyy":
         return f"{WEEKDAYS[date.weekday()]}, {month} {date.day}, {date.year}"
     if fmt == "dd.mm.yyyy":
         return f"{date.day:02d}.{date.month:02d}.{date.year}"
@@ -579,7 +579,7 @@ def format_of(source: str) -> str:
         return "yyyy/mm/dd"
     if "." in source:
         return "dd.mm.yyyy"
-    return "weekday, month d, yyyy" if "," in source else "d Mon yyyy"
+    return "weekday month d yyyy" if "," in source else "d Mon yyyy"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
