@@ -211,7 +211,7 @@ def run_gru(x_proj: Array, mask: Array, wh: Array, reverse: bool) -> Tuple[Array
     """States (B, T, H) over x_proj (B, T, 3H); where mask (B, T) is 0 (padding) the state is
     carried unchanged, so the backward direction starts at each sentence's last character."""
     batch, steps = x_proj.shape[:2]
-    h = np.zeros((batch, wh.shape[0]), np.float32)
+    h: Array = np.zeros((batch, wh.shape[0]), np.float32)
     states = np.zeros((batch, steps, wh.shape[0]), np.float32)
     caches: List[GruCache] = [None] * steps  # type: ignore[list-item]
     for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
@@ -532,7 +532,7 @@ def save(path: str, config: Config, params: Params, layer: Any) -> None:
     """Weights as float16 (the model is small and float16 keeps the file small; they are read
     back as float32), the attention's under "attention." + its state_dict names, and the
     configuration as JSON."""
-    arrays = {k: v.astype(np.float16) for k, v in params.items()}
+    arrays: Dict[str, Any] = {k: v.astype(np.float16) for k, v in params.items()}
     arrays.update({ATT + k: v.astype(np.float16) for k, v in layer.state_dict().items()})
     meta = dict(vars(config), input_chars=INPUT_CHARS, output_chars=OUTPUT_CHARS)
     np.savez_compressed(path, config=np.array(json.dumps(meta)), **arrays)
