@@ -46,6 +46,25 @@ def test_demo_text_shows_the_steps(capsys):
     assert list(weights.argmax(-1)) == [2, 1, 0]  # 我 <- I, 是 <- am, 谁 <- who: anti-diagonal
 
 
+def test_demo_shows_a_learned_alignment(capsys):
+    """The shipped weights (trained by examples/train_seq2seq.py) read a date, and each output
+    digit's strongest attention is on the input character it copies."""
+    source = "wednesday, november 25, 2026"
+    weights, chars, out = demo.learned_alignment(source, say=print)
+    assert "".join(out) == "2026-11-25" and chars == list(source)
+    assert weights.shape == (10, len(source))
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-4)
+    strongest = weights.argmax(-1)
+    year, day, month = source.index("2026"), source.index("25"), source.index("november")
+    assert all(year <= j < year + 4 for j in strongest[:4])
+    assert list(strongest[2:4]) == [year + 2, year + 3]  # "26" read from "26"
+    assert list(strongest[8:]) == [day, day + 1]
+    assert all(month <= j < month + len("november") for j in strongest[5:7])
+    assert "2026-11-25" in capsys.readouterr().out
+    numeric = demo.learned_alignment("25.11.2026", say=lambda *a: None)
+    assert "".join(numeric[2]) == "2026-11-25" and list(numeric[0].argmax(-1)[8:]) == [0, 1]
+
+
 def test_demo_without_matplotlib_still_explains(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.delitem(sys.modules, "attnext.plot", raising=False)
@@ -72,7 +91,7 @@ def test_demo_writes_heatmaps(plot, tmp_path, capsys):
         warnings.simplefilter("ignore", plot.MissingGlyphWarning)  # fine on machines without CJK fonts
         assert main(["demo", "--out", str(out), "--quiet"]) == 0
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["luong_who_am_i.png", "self_attention_en.png", "self_attention_zh.png"]
+    assert files == ["learned_dates.png", "luong_who_am_i.png", "self_attention_en.png", "self_attention_zh.png"]
     for p in out.iterdir():
         data = p.read_bytes()
         assert data[:8] == PNG and len(data) > 2000

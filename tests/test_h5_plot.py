@@ -215,7 +215,7 @@ def test_demo_quiet_prints_nothing(monkeypatch, tmp_path, capfd):
     assert out == "" and err == ""
     assert [str(w.message) for w in caught] == []
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
-        "luong_who_am_i.png", "self_attention_en.png", "self_attention_zh.png"]
+        "learned_dates.png", "luong_who_am_i.png", "self_attention_en.png", "self_attention_zh.png"]
 
 
 def test_demo_names_a_missing_font_once(monkeypatch, tmp_path, capsys):
@@ -224,6 +224,6 @@ def test_demo_names_a_missing_font_once(monkeypatch, tmp_path, capsys):
         warnings.simplefilter("always")
         assert demo.run(out=str(tmp_path / "d")) == 0
     captured = capsys.readouterr()
-    assert captured.out.count("wrote ") == 3
+    assert captured.out.count("wrote ") == 4
     assert captured.err.count("fonts-noto-cjk") == 1
     assert not [w for w in caught if issubclass(w.category, plot.MissingGlyphWarning)]

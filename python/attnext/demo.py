@@ -8,13 +8,20 @@ values is the output.
 Part 2 is the attention the mechanism was invented for: an RNN encoder reads "who am I", an
 RNN decoder writes 我 是 谁, and at every step Luong's "general" score s_tᵀ W_a h_j picks the
 source word to translate; the context c_t and the state s_t are joined as tanh(W_c [c_t; s_t]).
-Its weights are built by hand (not trained) so that the alignment is visible; a trained model
-learns the same picture. The heatmaps go to ``--out`` when matplotlib is installed.
+Its weights are built by hand (not trained) so that the mechanism is visible.
+
+Part 3 shows an alignment that was learned: a GRU encoder-decoder with Bahdanau attention,
+trained by ``examples/train_seq2seq.py`` to rewrite dates ("wednesday, november 25, 2026" ->
+"2026-11-25"), reads a date with the weights shipped in ``attnext/data/dates_bahdanau.npz``;
+each output digit's attention lands on the input characters it copies. Regenerate those weights
+with ``python examples/train_seq2seq.py --save python/attnext/data/dates_bahdanau.npz`` (see
+docs/training-seq2seq.md). The heatmaps go to ``--out`` when matplotlib is installed.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 import warnings
@@ -121,15 +128,75 @@ def luong_translation(say=print):
     return np.stack(rows), src, out
 
 
-def heatmap_specs(out, w_en, w_zh, w_tr, src, words):
-    """(path, weights, x labels, y labels, title) of the demo's three heatmaps."""
+DATES_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "dates_bahdanau.npz")
+DATES_EXAMPLE = "wednesday, november 25, 2026"
+
+
+def _gru_step(x_proj, h, wh):
+    """examples/train_seq2seq.py's GRU cell for one sentence: h' = (1 - z) n + z h, gates (z, r, n)."""
+    n_h = h.shape[-1]
+    zr = 0.5 * (1.0 + np.tanh(0.5 * (x_proj[:2 * n_h] + h @ wh[:, :2 * n_h])))
+    z, r = zr[:n_h], zr[n_h:]
+    n = np.tanh(x_proj[2 * n_h:] + (r * h) @ wh[:, 2 * n_h:])
+    return n + z * (h - n)
+
+
+def learned_alignment(source=DATES_EXAMPLE, say=print, path=DATES_WEIGHTS):
+    """Reads the date ``source`` with the trained encoder-decoder; returns (weights (10, len(source)),
+    source characters, output characters). The forward pass of examples/train_seq2seq.py's model
+    (bidirectional GRU encoder, GRU decoder, attnext.BahdanauAttention), greedy decoding."""
+    with np.load(path) as f:
+        meta = json.loads(str(f["config"]))
+        p = {k: f[k].astype(np.float32) for k in f.files if k != "config"}
+    index = {c: i + 1 for i, c in enumerate(meta["input_chars"])}
+    unknown = sorted(set(source) - set(index))
+    if unknown:
+        raise ValueError(f"the date model does not know the characters {unknown}")
+    out_chars, n = meta["output_chars"], len(source)
+    x = p["embed_in"][[index[c] for c in source]]
+    states = {}
+    for name, order in (("enc_fwd", range(n)), ("enc_bwd", range(n - 1, -1, -1))):
+        proj = x @ p[name + ".wx"] + p[name + ".b"]
+        h, states[name] = np.zeros(meta["encoder"], np.float32), np.zeros((n, meta["encoder"]), np.float32)
+        for t in order:
+            h = states[name][t] = _gru_step(proj[t], h, p[name + ".wh"])
+    keys = np.concatenate([states["enc_fwd"], states["enc_bwd"]], axis=-1)
+    s = np.tanh(np.concatenate([states["enc_fwd"][-1], states["enc_bwd"][0]]) @ p["init.w"] + p["init.b"])
+    layer = attnext.BahdanauAttention(meta["decoder"], keys.shape[-1], meta["units"])
+    layer.load_state_dict({k[len("attention."):]: v for k, v in p.items() if k.startswith("attention.")})
+    memory = layer.precompute(keys[None])
+    e, prev, rows, chars = meta["embed"], len(out_chars), [], []  # prev: the start symbol
+    for _ in range(10):
+        context, w = layer(s[None], memory)
+        s = _gru_step(p["embed_out"][prev] @ p["dec.wx"][:e] + p["dec.b"] + context[0] @ p["dec.wx"][e:], s,
+                      p["dec.wh"])
+        prev = int(np.argmax(np.concatenate([s, context[0]]) @ p["out.w"] + p["out.b"]))
+        rows.append(w[0])
+        chars.append(out_chars[prev])
+    weights = np.stack(rows)
+    say(f'a GRU encoder-decoder trained to rewrite dates (examples/train_seq2seq.py) reads "{source}"')
+    say("and writes one character per step; at each step, the input character with the most attention:\n")
+    for char, row in zip(chars, weights):
+        j = int(np.argmax(row))
+        say(f"   {char}   {source[:j]}[{source[j]}]{source[j + 1:]}   {row[j]:.2f}")
+    say(f"\noutput: {''.join(chars)}   (the weights were learned: each digit attends to the digits it copies,"
+        " the month's digits to the month's name)")
+    return weights, list(source), chars
+
+
+def heatmap_specs(out, w_en, w_zh, w_tr, src, words, learned=None):
+    """(path, weights, x labels, y labels, title) of the demo's heatmaps; ``learned`` is what
+    :func:`learned_alignment` returned."""
     en = "the cat sat on the mat".split()
     zh = ["我", "是", "谁"]
     return [
         (os.path.join(out, "self_attention_en.png"), w_en, en, en, "self-attention weights"),
         (os.path.join(out, "self_attention_zh.png"), w_zh, zh, zh, "self-attention weights: 我 是 谁"),
         (os.path.join(out, "luong_who_am_i.png"), w_tr, src, words, "Luong attention: who am I → 我 是 谁"),
-    ]
+    ] + ([] if learned is None else [
+        (os.path.join(out, "learned_dates.png"), learned[0], learned[1], learned[2],
+         "learned Bahdanau attention: " + "".join(learned[1]) + " → " + "".join(learned[2])),
+    ])
 
 
 def run(out="attnext-demo", show_steps=True) -> int:
@@ -147,6 +214,10 @@ def run(out="attnext-demo", show_steps=True) -> int:
     say("Luong attention in an RNN encoder-decoder")
     say("=" * 78)
     w_tr, src, words = luong_translation(say=say)
+    say("\n" + "=" * 78)
+    say("a learned alignment: Bahdanau attention trained to read dates")
+    say("=" * 78)
+    learned = learned_alignment(say=say)
     try:  # through sys.modules, not the package attribute, so a removed matplotlib is noticed
         plot = importlib.import_module(__package__ + ".plot")
     except ImportError as exc:
@@ -156,7 +227,7 @@ def run(out="attnext-demo", show_steps=True) -> int:
     os.makedirs(out, exist_ok=True)
     say("")
     missing = []
-    for path, w, xl, yl, title in heatmap_specs(out, w_en, w_zh, w_tr, src, words):
+    for path, w, xl, yl, title in heatmap_specs(out, w_en, w_zh, w_tr, src, words, learned):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", plot.MissingGlyphWarning)
             plot.heatmap(w, x_labels=xl, y_labels=yl, path=path, title=title)
