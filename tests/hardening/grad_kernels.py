@@ -11,6 +11,10 @@ in the dtype of their argument, so these entries draw float32/float64 only (``Ke
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import traceback
+
 import numpy as np
 
 import attnext
@@ -250,7 +254,7 @@ def _core_additive_grad_call(prepared: bool):
     def call(kw):
         kw = dict(kw)
         m = kw["mask"]
-        mask_grad = m is not None and m.dtype != np.bool_
+        mask_grad = isinstance(m, np.ndarray) and m.dtype != np.bool_
         if prepared:
             raw, expo, ok = _core.additive_keys(kw.pop("key"), kw.pop("w_key"))
             grads = _core.additive_attention_backward(**kw, keys_raw=raw, keys_exp=expo, keys_ok=ok,
@@ -385,3 +389,21 @@ GRAD_KERNELS: list[Kernel] = [
     Kernel("linear_backward", _linear_grad_make, lambda kw: _present(attnext.linear_backward(**kw)),
            _linear_grad_ref, options=("bias",), grad=True),
 ]
+
+
+def _missing_as_type_error(call):
+    """A call wrapper above reads its arguments by name; when the crash fuzzer drops one, the
+    wrapper's own KeyError stands for the TypeError the function would raise for a missing
+    argument. A KeyError raised inside attnext is not converted: that would be a real bug."""
+    @functools.wraps(call)
+    def wrapped(kw):
+        try:
+            return call(kw)
+        except KeyError as e:
+            if traceback.extract_tb(e.__traceback__)[-1].filename == __file__:
+                raise TypeError(f"missing argument {e}") from None
+            raise
+    return wrapped
+
+
+GRAD_KERNELS = [dataclasses.replace(k, call=_missing_as_type_error(k.call)) for k in GRAD_KERNELS]
