@@ -37,7 +37,7 @@ from .functional import ProjectedKeys, additive_attention, project_keys
 from .grad import (Gradients, Pullback, additive_attention_backward, linear_backward,
                    scaled_dot_product_attention_backward, score_backward, softmax_backward, vjp,
                    weighted_sum_backward)
-from .rnn import BahdanauAttention, BahdanauMemory, LuongAttention
+from .rnn import BahdanauAttention, BahdanauMemory, BahdanauMemoryGrad, LuongAttention
 from .transformer import KVCache, MultiHeadAttention, SelfAttention
 
 __version__ = _core.build_info()["version"]
@@ -62,6 +62,7 @@ __all__ = [
     "linear_backward",
     "BahdanauAttention",
     "BahdanauMemory",
+    "BahdanauMemoryGrad",
     "LuongAttention",
     "SelfAttention",
     "MultiHeadAttention",
