@@ -39,9 +39,6 @@ def rng():
 
 # Known failures of merged work, each naming the missing or wrong piece: node id -> reason. Applied as xfail(strict=True), so a fix shows up as an XPASS failure
 # and its entry must then be removed. Empty when everything passes.
-_EMPTY = ("g3's reference backward (reference._sum_outer, linear_backward, the additive score backward) and "
-          "the Python wrappers reshape(-1, 0) on empty feature sizes (D, U or Dv = 0): 'cannot reshape array of "
-          "size 0'; the fuzzers shrink to that case")
 _FINFO = ("finfo.min-filled mask rows: the backward kernels (P from the saved lse) and reference.*_backward "
           "(softmax of the rounded scores) disagree on rows whose every score difference rounding erased; the "
           "rule for those gradients is not decided")
@@ -85,54 +82,6 @@ KNOWN_FAILURES: dict[str, str] = {
         _DROPPED_NAN,
     "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64--inf-_core.sdpa_backward]":
         _DROPPED_NAN,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes3-additive_attention_backward]":
-        _EMPTY,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes3-vjp[additive_attention]]":
-        _EMPTY,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes3-score_backward[general]]":
-        _EMPTY,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes3-score_backward[additive]]":
-        _EMPTY,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes3-_core.additive_attention_backward]":
-        _EMPTY,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes3-_core.additive_attention_keys_backward]":
-        _EMPTY,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes3-_core.linear_backward]":
-        _EMPTY,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes3-linear_backward]":
-        _EMPTY,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes4-_core.linear_backward]":
-        _EMPTY,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes5-additive_attention_backward]":
-        _EMPTY,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes5-vjp[additive_attention]]":
-        _EMPTY,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes5-score_backward[additive]]":
-        _EMPTY,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes5-_core.additive_attention_backward]":
-        _EMPTY,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes5-_core.additive_attention_keys_backward]":
-        _EMPTY,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes5-_core.linear_backward]":
-        _EMPTY,
-    "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes5-linear_backward]":
-        _EMPTY,
-    "tests/hardening/test_fuzz_reference.py::test_matches_reference[additive_attention_backward]":
-        _EMPTY,
-    "tests/hardening/test_fuzz_reference.py::test_matches_reference[vjp[additive_attention]]":
-        _EMPTY,
-    "tests/hardening/test_fuzz_reference.py::test_matches_reference[score_backward[general]]":
-        _EMPTY,
-    "tests/hardening/test_fuzz_reference.py::test_matches_reference[score_backward[additive]]":
-        _EMPTY,
-    "tests/hardening/test_fuzz_reference.py::test_matches_reference[_core.additive_attention_backward]":
-        _EMPTY,
-    "tests/hardening/test_fuzz_reference.py::test_matches_reference[_core.additive_attention_keys_backward]":
-        _EMPTY,
-    "tests/hardening/test_fuzz_reference.py::test_matches_reference[_core.linear_backward]":
-        _EMPTY,
-    "tests/hardening/test_fuzz_reference.py::test_matches_reference[linear_backward]":
-        _EMPTY,
     "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[5-float32-scaled_dot_product_attention_backward]":
         _FINFO,
     "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[5-float32-vjp[scaled_dot_product_attention]]":

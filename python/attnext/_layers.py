@@ -162,5 +162,7 @@ def linear_grads(grad: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.n
     ``nn.Linear`` layout), grad (..., out); dweight and dbias summed over every leading axis,
     dbias None without a bias. Through :func:`attnext.grad.linear_backward`."""
     lead = x.shape[:-1]
-    dx, dw, db = linear_backward(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), weight, bias)
+    # the sizes written out: reshape(-1, n) cannot infer the -1 when n is 0 (an empty feature axis)
+    flat_grad = grad.reshape(math.prod(grad.shape[:-1]), grad.shape[-1])
+    dx, dw, db = linear_backward(flat_grad, x.reshape(math.prod(lead), x.shape[-1]), weight, bias)
     return dx.reshape(lead + (x.shape[-1],)), dw, db

@@ -367,7 +367,13 @@ def _sum_outer(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """sum over the batch axes of a^T b, for a (..., N, I) and b (..., N, J) (batch axes
     broadcast): the gradient of a weight W in a W."""
     prod = np.swapaxes(a, -1, -2) @ b
-    return prod.reshape((-1,) + prod.shape[-2:]).sum(axis=0)
+    return _flat(prod, 2).sum(axis=0)
+
+
+def _flat(a: np.ndarray, keep: int = 1) -> np.ndarray:
+    """a with its leading axes flattened into one, its last ``keep`` kept: the sizes written out,
+    since reshape(-1, ...) cannot infer the -1 when a kept size is 0 (an empty feature axis)."""
+    return a.reshape((math.prod(a.shape[:a.ndim - keep]),) + a.shape[a.ndim - keep:])
 
 
 _RULES: dict[Callable, Callable] = {}
@@ -564,7 +570,7 @@ def _additive_score_backward(g, q, k, w_query, w_key, v) -> dict[str, np.ndarray
     for i in range(0, qp.shape[-2], rows):
         t = np.tanh(qp[..., i:i + rows, None, :] + kp[..., None, :, :])  # (..., rows, Lk, U)
         gi = g[..., i:i + rows, :, None]
-        dv += (gi * t).reshape(-1, t.shape[-1]).sum(axis=0)
+        dv += _flat(gi * t).sum(axis=0)
         dz = gi * v * (1 - t * t)
         dqp[..., i:i + rows, :] = dz.sum(axis=-2)
         dkp += dz.sum(axis=-3)
@@ -724,8 +730,8 @@ def linear_backward(grad: ArrayLike, x: ArrayLike, weight: ArrayLike, bias: Arra
                          "bias must be (out,)")
     _check_cotangent(g, "grad", xa.shape[:-1] + (w.shape[0],))
     # The kernel's layout is the forward's (transformer._linear): x (B, L, 1, in), grad (B, L, out).
-    x4 = xa[:, :, None, :] if xa.ndim == 3 else xa.reshape((1, -1, 1, xa.shape[-1]))
-    g3 = g if g.ndim == 3 else g.reshape((1, -1, g.shape[-1]))
+    x4 = xa[:, :, None, :] if xa.ndim == 3 else xa.reshape((1, math.prod(xa.shape[:-1]), 1, xa.shape[-1]))
+    g3 = g if g.ndim == 3 else g.reshape((1, math.prod(g.shape[:-1]), g.shape[-1]))
     dx, dw, db = _core.linear_backward(g3, x4, w, bias is not None)
     grads = (dx.reshape(xa.shape), dw, db)
     return tuple(None if d is None else _shaped_like(d, inputs[name].shape, inputs[name].dtype, name)

@@ -647,22 +647,28 @@ def weighted_sum_backward(grad: ArrayLike, weights: ArrayLike, value: ArrayLike)
     return _like(g @ np.swapaxes(v, -1, -2), a), _like(np.swapaxes(a, -1, -2) @ g, v)
 
 
+def _flat(a, keep=1):
+    """a with its leading axes flattened into one, its last ``keep`` kept: the sizes written out,
+    since reshape(-1, ...) cannot infer the -1 when a kept size is 0 (an empty feature axis)."""
+    return a.reshape((math.prod(a.shape[:a.ndim - keep]),) + a.shape[a.ndim - keep:])
+
+
 def _sum_outer(a, b):
     """sum over the batch axes of a^T b, for a (..., N, I) and b (..., N, J): (I, J)."""
     prod = np.swapaxes(a, -1, -2) @ b
-    return prod.reshape((-1,) + prod.shape[-2:]).sum(axis=0)
+    return _flat(prod, 2).sum(axis=0)
 
 
 def _additive_score_backward(ds, q, t, key, w_query, w_key, v, dtype):
     """Cotangents of e_ij = v . T_ij, T = tanh(q W_q + b + k W_k), given de = ds (..., Lq, Lk):
     dv = sum_ij de_ij T_ij; dZ = de v (1 - T^2); d(q W_q + b) = sum_j dZ; d(k W_k) = sum_i dZ."""
     v = np.asarray(v, dtype)
-    dv = (ds[..., None] * t).reshape(-1, t.shape[-1]).sum(axis=0)
+    dv = _flat(ds[..., None] * t).sum(axis=0)
     dz = ds[..., None] * v * (1 - t * t)  # (..., Lq, Lk, U)
     dq_proj, dk_proj = dz.sum(axis=-2), dz.sum(axis=-3)  # (..., Lq, U), (..., Lk, U)
     wq = np.asarray(w_query, dtype)
     grads = {"query": dq_proj @ wq.T, "w_query": _sum_outer(np.asarray(q, dtype), dq_proj), "v": dv,
-             "bias": dq_proj.reshape(-1, dq_proj.shape[-1]).sum(axis=0)}
+             "bias": _flat(dq_proj).sum(axis=0)}
     if hasattr(key, "projected"):
         grads["key"], grads["w_key"] = dk_proj, None
     else:
@@ -799,8 +805,8 @@ def linear_backward(grad: ArrayLike, x: ArrayLike, weight: ArrayLike, bias: Arra
     dtype = _float_dtype(*(np.asarray(a) for a in (x_, w, bias) if a is not None))
     g = np.asarray(grad, dtype)
     dx = g @ w.astype(dtype)
-    dw = _sum_outer(g.reshape(-1, g.shape[-1]), x_.astype(dtype).reshape(-1, x_.shape[-1]))
-    db = None if bias is None else _like(g.reshape(-1, g.shape[-1]).sum(axis=0), bias)
+    dw = _sum_outer(_flat(g), _flat(x_.astype(dtype)))
+    db = None if bias is None else _like(_flat(g).sum(axis=0), bias)
     return _like(dx, x_), _like(dw, w), db
 
 
