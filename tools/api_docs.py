@@ -26,7 +26,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-MODULES = ("attnext", "attnext.transformer", "attnext.reference", "attnext.plot")
+MODULES = ("attnext", "attnext.transformer", "attnext.reference", "attnext.plot", "attnext.torch")
 ROOT = Path(__file__).resolve().parent.parent
 
 
