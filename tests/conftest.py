@@ -42,49 +42,7 @@ def rng():
 _EMPTY = ("g3's reference backward (reference._sum_outer, linear_backward, the additive score backward) and "
           "the Python wrappers reshape(-1, 0) on empty feature sizes (D, U or Dv = 0): 'cannot reshape array of "
           "size 0'; the fuzzers shrink to that case")
-_FINFO = ("finfo.min-filled mask rows: the backward kernels (P from the saved lse) and reference.*_backward "
-          "(softmax of the rounded scores) disagree on rows whose every score difference rounding erased; the "
-          "rule for those gradients is not decided")
-_DROPPED_NAN = ("g1a 89654c7 (dP computed before dropping, P and dP dropped together): a NaN/inf input now "
-                 "reaches SDPA gradient entries where the plain formula (reference) stays finite; with the "
-                 "previous g1a build these passed")
 KNOWN_FAILURES: dict[str, str] = {
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32-nan-scaled_dot_product_attention_backward]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32-nan-vjp[scaled_dot_product_attention]]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32-nan-_core.sdpa_backward]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32-inf-scaled_dot_product_attention_backward]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32-inf-vjp[scaled_dot_product_attention]]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32-inf-_core.sdpa_backward]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32--inf-scaled_dot_product_attention_backward]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32--inf-vjp[scaled_dot_product_attention]]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float32--inf-_core.sdpa_backward]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64-nan-scaled_dot_product_attention_backward]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64-nan-vjp[scaled_dot_product_attention]]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64-nan-_core.sdpa_backward]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64-inf-scaled_dot_product_attention_backward]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64-inf-vjp[scaled_dot_product_attention]]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64-inf-_core.sdpa_backward]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64--inf-scaled_dot_product_attention_backward]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64--inf-vjp[scaled_dot_product_attention]]":
-        _DROPPED_NAN,
-    "tests/hardening/test_nonfinite.py::test_propagates_like_reference[float64--inf-_core.sdpa_backward]":
-        _DROPPED_NAN,
     "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes3-additive_attention_backward]":
         _EMPTY,
     "tests/hardening/test_validation.py::test_empty_sizes_give_empty_or_zeros[sizes3-vjp[additive_attention]]":
@@ -133,38 +91,6 @@ KNOWN_FAILURES: dict[str, str] = {
         _EMPTY,
     "tests/hardening/test_fuzz_reference.py::test_matches_reference[linear_backward]":
         _EMPTY,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[5-float32-scaled_dot_product_attention_backward]":
-        _FINFO,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[5-float32-vjp[scaled_dot_product_attention]]":
-        _FINFO,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[5-float32-_core.sdpa_backward]":
-        _FINFO,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[5-float32-additive_attention_backward]":
-        _FINFO,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[5-float32-vjp[additive_attention]]":
-        _FINFO,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[5-float64-scaled_dot_product_attention_backward]":
-        _FINFO,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[5-float64-vjp[scaled_dot_product_attention]]":
-        _FINFO,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[5-float64-_core.sdpa_backward]":
-        _FINFO,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[5-float64-additive_attention_backward]":
-        _FINFO,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[5-float64-vjp[additive_attention]]":
-        _FINFO,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[17-float32-_core.sdpa_backward]":
-        _FINFO,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[17-float32-additive_attention_backward]":
-        _FINFO,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[17-float32-vjp[additive_attention]]":
-        _FINFO,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[17-float64-_core.sdpa_backward]":
-        _FINFO,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[17-float64-additive_attention_backward]":
-        _FINFO,
-    "tests/hardening/test_extreme_values.py::test_finfo_min_masks_in_every_entry[17-float64-vjp[additive_attention]]":
-        _FINFO,
 }
 
 
