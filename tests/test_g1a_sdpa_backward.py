@@ -394,3 +394,30 @@ def test_rows_whose_lse_is_huge(dtype):
     assert_close_rel(w, rp, tol, "weights")
     for a, b, n in ((dq, rq, "dq"), (dk, rk, "dk"), (dv, rv, "dv"), (dm, rds, "dmask")):
         assert_close_rel(a, b, tol, n)
+
+
+@pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nonfinite_grad_weights_at_dropped_entries_reach_nothing(special, dtype):
+    # A dropped entry's gW contributes exactly nothing (dW ∘ Z is 0 there, as the plain formula
+    # has it): D's rowsum(P ∘ (gW ∘ Z)) must not form 0 * NaN, which made the whole row NaN.
+    from attnext import _philox
+
+    rng = np.random.default_rng(41)
+    batch, L, S, p, seed = (2,), 37, 80, 0.3, 1234
+    pb = make_problem(rng, batch, L, S, 8, 6, dtype, causal=True, offset=20)
+    out, w, lse = forward(pb, True, p, seed)
+    g = rng.standard_normal(out.shape).astype(dtype)
+    gw = rng.standard_normal(w.shape).astype(dtype)
+    keep = _philox.keep_mask(seed, p, batch, L, S)
+    vis = visible(pb, L, S)
+    dropped = np.argwhere(~keep & vis)
+    bad = gw.copy()
+    for b, i, j in dropped[rng.choice(len(dropped), size=5, replace=False)]:
+        bad[b, i, j] = special
+    got = backward(pb, out, lse, g, grad_weights=bad, dropout_p=p, seed=seed)
+    want = backward(pb, out, lse, g, grad_weights=np.where(np.isfinite(bad), bad, 0).astype(dtype), dropout_p=p,
+                    seed=seed)
+    for a, b, n in zip(got[:3], want[:3], ("dq", "dk", "dv")):
+        assert np.isfinite(a).all(), n
+        assert_close_rel(a, b, 1e-10 if dtype == np.float64 else 2e-5, n)

@@ -616,14 +616,15 @@ def _float_mask_grad(grad, mask):
 
 
 def _probabilities(s, lse):
-    """P_ij = exp(s_ij - lse_i) from the saved log-sum-exp (softmax(s) when lse is None); 0 where
-    s is -inf and in rows with nothing to attend (lse -inf)."""
-    if lse is None:
-        return softmax(s)
-    lse = np.asarray(lse, s.dtype)[..., None]
-    with np.errstate(invalid="ignore", over="ignore"):
-        p = np.exp(s - lse)
-    return np.where((s == -np.inf) | (lse == -np.inf), 0, p).astype(s.dtype)
+    """P = softmax(s): the probabilities the forward produced, recomputed by the forward's own
+    softmax (the row max subtracted); 0 where s is -inf and in rows with nothing to attend.
+
+    The saved lse is not used: exp(s - lse) differs from the forward's weights where lse's
+    rounding (lse = m + log(l)) is large against the score differences, e.g. a row whose every
+    key has a mask of finfo.min (float32: every s_ij rounds to finfo.min, lse too, and exp(s - lse)
+    gives 1 per key where the forward gave 1 / n); the backward differentiates the weights the
+    forward actually produced."""
+    return softmax(s)
 
 
 def _softmax_input_grad(dp, p):
@@ -720,12 +721,13 @@ def scaled_dot_product_attention_backward(
     """The backward of :func:`scaled_dot_product_attention` (same arguments; out and lse as it
     returned them; grad_out (..., Hq, L, Ev) the output's cotangent).
 
-    With P = exp(S - lse), Z the dropout scale (1 without dropout) and W = P * Z:
+    With P = softmax(S) (the forward's weights, recomputed as the forward computes them; the
+    saved lse is not used), Z the dropout scale (1 without dropout) and W = P * Z:
     dW = dO V^T + grad_weights (the cotangent of the returned weights, after dropout);
     dP = dW * Z; dS = P * (dP - rowsum(P * dP)) + grad_lse P (grad_lse (..., Hq, L): the
     cotangent of lse); dQ = scale dS K; dK = scale dS^T Q; dV = W^T dO. Under enable_gqa the
     query heads' dK and dV are summed over each key/value head's group. ``out`` is accepted for
-    signature parity (this twin forms rowsum(P * dP) directly); lse None recomputes it.
+    signature parity (this twin forms rowsum(P * dP) directly), ``lse`` too (P is recomputed).
 
     Returns (dquery, dkey, dvalue, dattn_mask), each of its input's shape and dtype;
     dattn_mask is dS summed to the mask's shape for a float mask, else None.
@@ -772,7 +774,7 @@ def additive_attention_backward(grad_out: ArrayLike, query: ArrayLike, key: Arra
     float mask's); dvalue = A^T dO; then through e_ij = v . tanh(q_i W_q + b + k_j W_k):
     dv = sum dE_ij T_ij, dZ = dE v (1 - T^2), d(q W_q + b) = sum_j dZ, d(k W_k) = sum_i dZ.
     A ProjectedKeys key gets the gradient of its ``projected`` array (w_key None). ``out`` is
-    accepted for signature parity; lse None (or the forward's) gives the same probabilities.
+    and ``lse`` are accepted for signature parity: A is the forward's softmax, recomputed.
 
     Returns {query, key, value, w_query, w_key, v, bias, attn_mask}: each of its input's shape
     and dtype, None where the input is None or not a float array.

@@ -3,8 +3,9 @@
 // Q, K and the forward's saved lse, so the (L, S) matrix is never built (except dmask, when
 // the caller asks for it).
 //
-// Per row i: D_i = rowsum(dO ∘ O) (+ rowsum(W ∘ gW) when the weights have a cotangent gW,
-// W = P ∘ Z the weights after dropout). Per tile of queries x keys:
+// Per row i: D_i = rowsum(dO ∘ O) (+ rowsum(P ∘ (gW ∘ Z)) when the weights have a cotangent
+// gW, W = P ∘ Z the weights after dropout; a dropped entry of gW ∘ Z is exactly 0, so a NaN or
+// inf of gW there reaches nothing). Per tile of queries x keys:
 //   S  = scale Q K^T + masks (exactly the forward's scores: sdpa_detail::score_tile),
 //   P  = prob_exp(S - lse)            (a hidden key, score -inf, is exactly 0),
 //   dV += (P ∘ Z)^T dO,   dP = (dO V^T (+ gW)) ∘ Z,   dS = P ∘ (dP - D)  (0 for a hidden key),
@@ -489,7 +490,8 @@ void row_normalisers(const Backward<In, Acc>& c, Block<In, Acc>& k, const Worksp
 }
 
 // D_i for the rows of query block [i0, i0 + nq) of batch entry b, into D (nq): rowsum(dO ∘ O)
-// (+ rowsum(W ∘ gW), the block's probabilities recomputed over the keys it sees, in tile order).
+// (+ rowsum(P ∘ (gW ∘ Z)), the block's probabilities recomputed over the keys it sees, in tile
+// order; a dropped entry adds exactly 0, also where gW is NaN or inf).
 // Where rowsum(dO ∘ O) is not finite (an out row made NaN by a value only dropped entries
 // reach), D is the sum it stands for, rowsum(P ∘ dP) with dP = (dO V^T + gW) ∘ Z, hidden and
 // dropped entries exactly 0, so that such a NaN reaches no gradient the formula keeps finite.
@@ -527,23 +529,20 @@ void row_deltas(const Backward<In, Acc>& c, index_t b, index_t i0, index_t nq, A
     Pk<Acc> unused[kC];
     sdpa_detail::score_tile(k, j0, nj, unused);
     tile_probabilities(k.St, w.lse, w.inv, nj, w.Pt);
-    const Acc* weights = w.Pt;  // exact: P times dP (dropped); else: W = P ∘ Z times gW
-    const Acc* factor = w.dSt;
-    if (exact) {
+    // The factor of P, dropped as the gradient tiles drop it (a dropped entry exactly 0, also
+    // where gW or dO V^T is NaN or inf: P ∘ (gW ∘ Z), never (P ∘ Z) ∘ gW, whose 0 * NaN would
+    // reach the whole row): exact, dP = (dO V^T + gW) ∘ Z; else gW ∘ Z.
+    if (exact)
       tile_dp(*c.p, b, j0, nj, w.dOt, w.dSt);
-      if (gb) add_grad_weights(gw, b, i0, nq, j0, nj, w.dSt);
-      if (g.dropout.active())
-        apply_dropout_tile<Acc>(g.dropout, static_cast<std::uint64_t>(b), i0, nq, j0, nj, w.dSt, index_t(1), Bq);
-    } else {
-      if (g.dropout.active()) tile_dropout(g.dropout, b, i0, nq, j0, nj, w.Pt, w.PZt, static_cast<Acc*>(nullptr));
-      weights = g.dropout.active() ? w.PZt : w.Pt;
-      factor = nullptr;
-    }
+    else
+      std::fill(w.dSt, w.dSt + nj * Bq, Acc(0));
+    if (gb) add_grad_weights(gw, b, i0, nq, j0, nj, w.dSt);
+    if (g.dropout.active())
+      apply_dropout_tile<Acc>(g.dropout, static_cast<std::uint64_t>(b), i0, nq, j0, nj, w.dSt, index_t(1), Bq);
     for (index_t i = 0; i < nq; ++i)
       for (index_t j = 0; j < nj; ++j) {
         if (k.St[j * Bq + i] == neg_inf<Acc>()) continue;
-        const Acc f = factor ? factor[j * Bq + i] : gb[i * gw.stride(-2) + (j0 + j) * gw.stride(-1)];
-        D[i] += weights[j * Bq + i] * f;
+        D[i] += w.Pt[j * Bq + i] * w.dSt[j * Bq + i];
       }
   }
 }
