@@ -31,8 +31,9 @@ def trained(tmp_path_factory):
     """A short run of the script itself (a fresh process: its main pins BLAS to one thread before
     NumPy loads, as the script's users get it)."""
     out = tmp_path_factory.mktemp("seq2seq")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(EXAMPLE.parents[1] / "python"),
-                                                                     os.environ.get("PYTHONPATH")])))
+    # The example imports attnext as this test run does (installed, or the caller's PYTHONPATH): a
+    # source-tree path put first would shadow an installed package with a tree that has no _core.
+    env = dict(os.environ)
     cmd = [sys.executable, str(EXAMPLE), "--formats", ",".join(FORMATS), "--steps", str(STEPS), "--seconds", "600",
            "--held-out", str(HELD_OUT), "--seed", str(SEED), "--stop-at", "2", "--save", str(out / "w.npz"),
            "--json", str(out / "result.json")]
