@@ -3,6 +3,7 @@
 
 #include "common.hpp"
 #include "dropout_args.hpp"
+#include "sdpa_args.hpp"
 
 #include <cstdint>
 #include <limits>
@@ -17,49 +18,18 @@ py::tuple sdpa_impl(const py::array& q, const py::array& k, const py::array& v, 
                     bool causal, const py::object& causal_offset_arg, const py::object& window_left_arg,
                     const py::object& window_right_arg, const py::object& key_lengths, double scale,
                     bool return_weights, bool return_lse, double dropout_p, const py::object& seed) {
-  require_same_dtype(q, "query", k, "key");
-  require_same_dtype(q, "query", v, "value");
-  require_ndim(q, "query", 2);
-  require_ndim(k, "key", 2);
-  require_ndim(v, "value", 2);
-  require_same_batch(q, "query", k, "key", 2);
-  require_same_batch(q, "query", v, "value", 2);
-  require_dim(q, "query", -1, k, "key", -1, "the last (embedding) dimensions");
-  require_dim(k, "key", -2, v, "value", -2, "the number of keys (second-to-last dimensions)");
-  const index_t causal_offset = saturating_index(causal_offset_arg, "causal_offset");
-  const index_t window_left = saturating_index(window_left_arg, "window_left");
-  const index_t window_right = saturating_index(window_right_arg, "window_right");
-  if (window_left < -1 || window_right < -1)
-    fail_value("window_left and window_right must be >= 0, or -1 for an unbounded side");
   const Dropout drop = dropout_arg(dropout_p, seed);
-  SdpaProblem<T> p;
-  p.q = view<T>(q, "query");
-  p.k = view<T>(k, "key");
-  p.v = view<T>(v, "value");
+  SdpaProblem<T> p = sdpa_problem<T>(q, k, v, attn_mask, causal, causal_offset_arg, window_left_arg,
+                                     window_right_arg, scale);
   const index_t L = p.q.dim(-2), S = p.k.dim(-2);
-  std::vector<index_t> batch(p.q.shape.begin(), p.q.shape.end() - 2);
-  std::vector<index_t> score_shape = batch;
-  score_shape.push_back(L);
-  score_shape.push_back(S);
-  p.mask = mask_view<T>(attn_mask, score_shape, "attn_mask");
-  // Raw values: the kernels' visible-key rule (mask.hpp) is overflow-safe for any int64.
-  p.causal = Causal{causal, causal_offset};
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.scale = static_cast<T>(scale);
+  const std::vector<index_t> batch = batch_shape_with(p, {});
+  const std::vector<index_t> score_shape = batch_shape_with(p, {L, S});
   const OwnedBatch<std::int64_t> lengths = own_key_lengths(key_lengths, batch, S);
   if (lengths.get()) p.key_lengths = lengths.view();
-  std::vector<index_t> out_shape = batch;
-  out_shape.push_back(L);
-  out_shape.push_back(p.v.dim(-1));
-  py::array_t<T> out = new_output<T>(out_shape, "attention output");
+  py::array_t<T> out = new_output<T>(batch_shape_with(p, {L, p.v.dim(-1)}), "attention output");
   py::array_t<T> w, l;
   if (return_weights) w = new_output<T>(score_shape, "attention weights");
-  if (return_lse) {
-    std::vector<index_t> lse_shape = batch;
-    lse_shape.push_back(L);
-    l = new_output<T>(lse_shape, "log-sum-exp");
-  }
+  if (return_lse) l = new_output<T>(batch_shape_with(p, {L}), "log-sum-exp");
   const py::object weights = return_weights ? py::object(w) : py::none();
   const py::object lse = return_lse ? py::object(l) : py::none();
   if (all_empty({&out, return_weights ? &w : nullptr, return_lse ? &l : nullptr}))

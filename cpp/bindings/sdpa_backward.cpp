@@ -3,6 +3,7 @@
 
 #include "common.hpp"
 #include "dropout_args.hpp"
+#include "sdpa_args.hpp"
 
 #include <cstdint>
 #include <string>
@@ -26,11 +27,6 @@ Strided<const T> saved_view(const py::object& obj, const char* name, const std::
   return view<T>(a, name);
 }
 
-std::vector<index_t> with_tail(std::vector<index_t> shape, std::initializer_list<index_t> tail) {
-  shape.insert(shape.end(), tail);
-  return shape;
-}
-
 template <typename T>
 py::tuple sdpa_backward_impl(const py::array& q, const py::array& k, const py::array& v, const py::object& attn_mask,
                              bool causal, const py::object& causal_offset_arg, const py::object& window_left_arg,
@@ -38,44 +34,23 @@ py::tuple sdpa_backward_impl(const py::array& q, const py::array& k, const py::a
                              const py::object& out, const py::object& lse, const py::object& grad_out,
                              double dropout_p, const py::object& seed, const py::object& grad_weights,
                              bool mask_grad) {
-  require_same_dtype(q, "query", k, "key");
-  require_same_dtype(q, "query", v, "value");
-  require_ndim(q, "query", 2);
-  require_ndim(k, "key", 2);
-  require_ndim(v, "value", 2);
-  require_same_batch(q, "query", k, "key", 2);
-  require_same_batch(q, "query", v, "value", 2);
-  require_dim(q, "query", -1, k, "key", -1, "the last (embedding) dimensions");
-  require_dim(k, "key", -2, v, "value", -2, "the number of keys (second-to-last dimensions)");
-  const index_t causal_offset = saturating_index(causal_offset_arg, "causal_offset");
-  const index_t window_left = saturating_index(window_left_arg, "window_left");
-  const index_t window_right = saturating_index(window_right_arg, "window_right");
-  if (window_left < -1 || window_right < -1)
-    fail_value("window_left and window_right must be >= 0, or -1 for an unbounded side");
-  SdpaProblem<T> p;
-  p.q = view<T>(q, "query");
-  p.k = view<T>(k, "key");
-  p.v = view<T>(v, "value");
+  SdpaProblem<T> p = sdpa_problem<T>(q, k, v, attn_mask, causal, causal_offset_arg, window_left_arg,
+                                     window_right_arg, scale);  // the forward's scale, rounded the same way
   const index_t L = p.q.dim(-2), S = p.k.dim(-2), E = p.q.dim(-1), Ev = p.v.dim(-1);
-  const std::vector<index_t> batch(p.q.shape.begin(), p.q.shape.end() - 2);
-  const std::vector<index_t> score_shape = with_tail(batch, {L, S});
-  p.mask = mask_view<T>(attn_mask, score_shape, "attn_mask");
-  p.causal = Causal{causal, causal_offset};
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.scale = static_cast<T>(scale);  // as the forward binding rounds it: the same scores
+  const std::vector<index_t> batch = batch_shape_with(p, {});
+  const std::vector<index_t> score_shape = batch_shape_with(p, {L, S});
   SdpaGradInputs<T, T> g;
   g.dropout = dropout_arg(dropout_p, seed);
-  g.out = saved_view<T>(out, "out", with_tail(batch, {L, Ev}), "the attention output's shape");
-  g.lse = saved_view<T>(lse, "lse", with_tail(batch, {L}), "the log-sum-exp's shape");
-  g.grad_out = saved_view<T>(grad_out, "grad_out", with_tail(batch, {L, Ev}), "the attention output's shape");
+  g.out = saved_view<T>(out, "out", batch_shape_with(p, {L, Ev}), "the attention output's shape");
+  g.lse = saved_view<T>(lse, "lse", batch_shape_with(p, {L}), "the log-sum-exp's shape");
+  g.grad_out = saved_view<T>(grad_out, "grad_out", batch_shape_with(p, {L, Ev}), "the attention output's shape");
   if (!grad_weights.is_none())
     g.grad_weights = saved_view<T>(grad_weights, "grad_weights", score_shape, "the weights' shape");
   const OwnedBatch<std::int64_t> lengths = own_key_lengths(key_lengths, batch, S);
   if (lengths.get()) p.key_lengths = lengths.view();
-  py::array_t<T> dq = new_output<T>(with_tail(batch, {L, E}), "query gradient");
-  py::array_t<T> dk = new_output<T>(with_tail(batch, {S, E}), "key gradient");
-  py::array_t<T> dv = new_output<T>(with_tail(batch, {S, Ev}), "value gradient");
+  py::array_t<T> dq = new_output<T>(batch_shape_with(p, {L, E}), "query gradient");
+  py::array_t<T> dk = new_output<T>(batch_shape_with(p, {S, E}), "key gradient");
+  py::array_t<T> dv = new_output<T>(batch_shape_with(p, {S, Ev}), "value gradient");
   py::array_t<T> dm;
   if (mask_grad) dm = new_output<T>(score_shape, "mask gradient");
   const py::object dmask = mask_grad ? py::object(dm) : py::none();
