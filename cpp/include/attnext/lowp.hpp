@@ -1,0 +1,153 @@
+// The 16-bit reading types: bfloat16 and IEEE float16, stored as their bits. Kernels read them
+// as `In` and accumulate in float (Acc); this header is the one place that knows how their
+// bits turn into floats and back (the rounding rule of every bfloat16/float16 output), and
+// which bfloat16 product path is active.
+//
+// Both types convert to float implicitly, so a kernel's generic `static_cast<Acc>(x)` reads
+// them; vector loads of 16 values (load16) are here for the hot loops.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace attnext {
+
+namespace lowp_detail {
+inline float float_from_bits(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+inline uint32_t bits_of(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+}
+}  // namespace lowp_detail
+
+// bfloat16: the top 16 bits of a float32.
+struct bf16 {
+  uint16_t bits;
+  operator float() const { return lowp_detail::float_from_bits(uint32_t(bits) << 16); }
+};
+
+// float32 -> bfloat16, THE rounding of every bfloat16 value attnext writes (outputs, packed
+// operands, P before P.V): round to nearest even; NaN stays a (quiet) NaN of the same sign;
+// float32 denormals become signed zero, as the AVX512_BF16 conversion (vcvtneps2bf16) does,
+// so the scalar and vector forms give the same bits.
+inline bf16 to_bf16(float f) {
+  const uint32_t b = lowp_detail::bits_of(f);
+  if ((b & 0x7f800000u) == 0x7f800000u && (b & 0x007fffffu))  // NaN
+    return bf16{uint16_t((b >> 16) | 0x0040u)};
+  if ((b & 0x7f800000u) == 0)  // zero or denormal
+    return bf16{uint16_t((b >> 16) & 0x8000u)};
+  const uint32_t rounded = b + 0x7fffu + ((b >> 16) & 1u);
+  return bf16{uint16_t(rounded >> 16)};
+}
+
+// IEEE binary16.
+inline float f16_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0x1f) return lowp_detail::float_from_bits(sign | 0x7f800000u | (man << 13));  // inf, NaN
+  if (exp == 0) {
+    if (man == 0) return lowp_detail::float_from_bits(sign);
+    // denormal: value = man * 2^-24, exact in float
+    const float v = float(man) * 5.9604644775390625e-08f;
+    return sign ? -v : v;
+  }
+  return lowp_detail::float_from_bits(sign | ((exp + 112u) << 23) | (man << 13));
+#endif
+}
+
+// float32 -> float16, round to nearest even (overflow to inf, NaN stays NaN), as F16C's
+// vcvtps2ph with rounding mode 0 does.
+inline uint16_t float_to_f16_bits(float f) {
+#if defined(__F16C__)
+  return _cvtss_sh(f, 0);
+#else
+  const uint32_t b = lowp_detail::bits_of(f);
+  const uint16_t sign = uint16_t((b >> 16) & 0x8000u);
+  const uint32_t abs = b & 0x7fffffffu;
+  if (abs >= 0x7f800000u) return uint16_t(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u | ((abs >> 13) & 0x3ffu) : 0u));
+  if (abs >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to >= 65520: inf
+  if (abs < 0x38800000u) {                                  // below the smallest normal half
+    // denormal half: value / 2^-24 rounded to nearest even, by float addition's own rounding
+    const float scaled = lowp_detail::float_from_bits(abs) + 0.5f;  // 0.5 = 2^-1 puts 2^-24 at the last bit
+    return uint16_t(sign | (lowp_detail::bits_of(scaled) - 0x3f000000u));
+  }
+  const uint32_t rounded = abs + 0xfffu + ((abs >> 13) & 1u);
+  return uint16_t(sign | ((rounded - 0x38000000u) >> 13));
+#endif
+}
+
+struct f16 {
+  uint16_t bits;
+  operator float() const { return f16_to_float(bits); }
+};
+
+inline f16 to_f16(float f) { return f16{float_to_f16_bits(f)}; }
+
+template <typename T>
+struct is_lowp : std::false_type {};
+template <>
+struct is_lowp<bf16> : std::true_type {};
+template <>
+struct is_lowp<f16> : std::true_type {};
+
+// float -> T for every output type (float and double pass through).
+template <typename T>
+inline T from_float(float x) {
+  if constexpr (std::is_same<T, bf16>::value)
+    return to_bf16(x);
+  else if constexpr (std::is_same<T, f16>::value)
+    return to_f16(x);
+  else
+    return static_cast<T>(x);
+}
+
+#if defined(__AVX512F__)
+// 16 consecutive values as 16 floats.
+inline __m512 load16(const bf16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 load16(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+#endif
+
+// --- Which bfloat16 product path runs ------------------------------------------------------
+
+// The AVX512_BF16 dot-product instruction (vdpbf16ps) is compiled in.
+constexpr bool kHaveBf16Dot =
+#if defined(__AVX512BF16__)
+    true;
+#else
+    false;
+#endif
+
+// Set by _core.set_bf16_path("fallback") (or ATTNEXT_BF16=fallback when attnext is imported):
+// the kernels then take the float32 fallback even where vdpbf16ps exists, so one build tests
+// both paths.
+inline std::atomic<bool>& bf16_fallback_forced() {
+  static std::atomic<bool> forced{false};
+  return forced;
+}
+
+inline bool bf16_dot_active() { return kHaveBf16Dot && !bf16_fallback_forced().load(std::memory_order_relaxed); }
+
+// For build_info()["bf16"].
+inline const char* bf16_path_name() {
+  if (bf16_dot_active()) return "avx512_bf16";
+  return kHaveBf16Dot ? "float32 fallback (forced)" : "float32 fallback";
+}
+
+}  // namespace attnext
