@@ -89,10 +89,19 @@ struct PanelWriter<In, std::enable_if_t<is_lowp<In>::value>> {
   }
 };
 
+// pack_row's contiguous run into a bfloat16 pair block: each pair (k, k + 1) is one 32-bit word.
+template <typename In>
+inline void pack_pairs(const In* row, index_t kc, const PanelWriter<In>& dst, index_t lane) {
+  for (index_t kp = 0; kp < kc / 2; ++kp) std::memcpy(dst.pairs + (kp * dst.ld + lane) * 2, row + 2 * kp, 4);
+  if (kc % 2) dst.put(kc - 1, lane, row[kc - 1]);
+}
+
 // The usual x-side packing step: x(lane, k0 + k) = row[k * stride] for k < kc (row already
 // points at element k0; stride 1 is the common case and gets its own loop).
 template <typename In>
 inline void pack_row(const In* row, index_t stride, index_t kc, const PanelWriter<In>& dst, index_t lane) {
+  if constexpr (is_lowp<In>::value)
+    if (!dst.data && stride == 1) return pack_pairs(row, kc, dst, lane);
   if (stride == 1)
     for (index_t k = 0; k < kc; ++k) dst.put(k, lane, row[k]);
   else
