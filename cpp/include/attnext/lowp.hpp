@@ -153,9 +153,24 @@ inline Out store_as(Acc x) {
 }
 
 // dst[i] = store_as<Out>(src[i]) for n values: a kernel's row or tile of Acc results at its store.
+// 16 at a time where one instruction rounds as from_float does: vcvtneps2bf16 (round to
+// nearest even, float32 denormals to signed zero, NaN quiet) and vcvtps2ph with rounding 0.
 template <typename Out, typename Acc>
 inline void store_row(const Acc* src, std::int64_t n, Out* dst) {
-  for (std::int64_t i = 0; i < n; ++i) dst[i] = store_as<Out>(src[i]);
+  std::int64_t i = 0;
+  constexpr bool from_float32 = std::is_same<Acc, float>::value;
+#if defined(__AVX512BF16__)
+  if constexpr (from_float32 && std::is_same<Out, bf16>::value)
+    for (; i + 16 <= n; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+#endif
+#if defined(__AVX512F__)
+  if constexpr (from_float32 && std::is_same<Out, f16>::value)
+    for (; i + 16 <= n; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                          _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i < n; ++i) dst[i] = store_as<Out>(src[i]);
 }
 
 // Where a kernel computes a row or tile of Acc results bound for out: out itself when Out is
