@@ -14,7 +14,8 @@
 // Every element of y is one micro-kernel accumulation over k in blocks of kKc whose bounds
 // depend only on K, so results are bit-identical whatever the task split or thread count.
 //
-// Types: x and W are read as `In`, y is accumulated and written as `Acc`. The packed layout
+// Types: x and W are read as `In`, y is accumulated as `Acc` and written as Acc or as a 16-bit
+// `Out` (a task's float tile rounded once, after its last K block). The packed layout
 // (a Layout: what a panel holds, how PanelWriter fills it, the micro-kernel that reads it) is
 // the only code that knows what In is; the driver (packed_gemm) and the callers' packers,
 // which only say "element (k, lane) is x" through a PanelWriter<In>, are the same for all:
