@@ -99,9 +99,9 @@ def refuse_bfloat16_backward(arrays: dict) -> None:
     """The one rule for gradients of 16-bit brain floats: not supported (bfloat16 training needs
     float32 master weights and loss scaling, which attnext does not do). TypeError naming the
     first bfloat16 argument; ``arrays`` maps names to anything (non-arrays are skipped, a
-    ProjectedKeys is judged by its projected keys)."""
+    ProjectedKeys by the dtype of the keys it was projected from)."""
     for name, value in arrays.items():
-        dtype = getattr(getattr(value, "projected", value), "dtype", None)
+        dtype = getattr(value, "dtype", None)
         if dtype is not None and is_bfloat16(dtype):
             raise TypeError(f"{name} is bfloat16: bfloat16 backward is not supported; cast to float32 "
                             "(x.astype(np.float32)) for gradients")

@@ -570,22 +570,25 @@ class ProjectedKeys:
     Made by :func:`project_keys` (and by ``BahdanauAttention.precompute``); pass it as ``key``
     to :func:`additive_attention` with ``w_key=None`` so a decoder pays for ``key @ w_key``
     once per sentence instead of once per step. Attributes: ``projected`` (..., Lk, U) =
-    key @ w_key; ``units``; ``dtype``; ``batch_shape``; ``num_keys``. It owns its arrays
-    (the kernel's outputs, never the caller's).
+    key @ w_key (float32 for 16-bit keys: the kernels' accumulation type); ``units``;
+    ``dtype`` (that of the key and w_key it was projected from, the type it stands for in
+    promotion); ``batch_shape``; ``num_keys``. It owns its arrays (the kernel's outputs,
+    never the caller's).
     """
 
-    __slots__ = ("projected", "_expo", "_ok")
+    __slots__ = ("projected", "_expo", "_ok", "_dtype")
 
-    def __init__(self, projected: np.ndarray, expo: np.ndarray, ok: np.ndarray) -> None:
+    def __init__(self, projected: np.ndarray, expo: np.ndarray, ok: np.ndarray, dtype: npt.DTypeLike = None) -> None:
         self.projected, self._expo, self._ok = projected, expo, ok
+        self._dtype = projected.dtype if dtype is None else np.dtype(dtype)
 
     @classmethod
     def _project(cls, key: np.ndarray, w_key: np.ndarray) -> "ProjectedKeys":
-        return cls(*_core.additive_keys(key, w_key))
+        return cls(*_core.additive_keys(key, w_key), dtype=key.dtype)
 
     @property
     def dtype(self) -> np.dtype:
-        return self.projected.dtype
+        return self._dtype
 
     @property
     def units(self) -> int:
@@ -600,21 +603,22 @@ class ProjectedKeys:
         return self.projected.shape[:-2]
 
     def astype(self, dtype: npt.DTypeLike) -> "ProjectedKeys":
-        """The same projected keys in another dtype (self if it already is)."""
-        if self.projected.dtype == dtype:
+        """The same projected keys for inputs of another dtype (self if it already is); the
+        arrays are of that dtype's accumulation type, as the kernel would have made them."""
+        if self.dtype == dtype:
             return self
-        raw = self.projected.astype(dtype)
+        raw = self.projected.astype(accumulation_dtype(dtype))
         limit = _EXP_FORM_LIMIT[raw.dtype.name]
         with np.errstate(over="ignore", invalid="ignore"):
             expo = np.exp(2 * raw)
             ok = np.all(np.abs(raw) <= limit, axis=(-2, -1))
-        return ProjectedKeys(raw, expo, np.asarray(ok))
+        return ProjectedKeys(raw, expo, np.asarray(ok), dtype)
 
     def broadcast_to(self, batch_shape: tuple[int, ...]) -> "ProjectedKeys":
         """A view with a larger batch shape (stride 0 on the new axes)."""
         _, b = broadcast_batch({"projected": self.projected, "expo": self._expo, "ok": self._ok},
                                {"projected": 2, "expo": 2, "ok": 0}, to=tuple(batch_shape))
-        return ProjectedKeys(b["projected"], b["expo"], b["ok"])
+        return ProjectedKeys(b["projected"], b["expo"], b["ok"], self.dtype)
 
     def __repr__(self) -> str:
         return (f"ProjectedKeys(batch_shape={shape_str(self.batch_shape)}, num_keys={self.num_keys}, "
@@ -710,8 +714,10 @@ def _prepare_additive(query, key, value, w_query, w_key, v, *, bias=None, attn_m
     if projected:
         if w_key is not None:
             raise ValueError("key is already projected (a ProjectedKeys); pass w_key=None")
-        dtype, a = promote(backward, query=query, value=value, w_query=w_query, v=v, bias=bias, keys=key.projected)
-        del a["keys"]
+        # An empty array of the keys' type stands for them in the one promotion rule.
+        dtype, a = promote(backward, query=query, value=value, w_query=w_query, v=v, bias=bias,
+                           key=np.empty(0, key.dtype))
+        del a["key"]
         keys = key.astype(dtype)
     else:
         if w_key is None:

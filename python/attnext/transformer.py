@@ -25,7 +25,7 @@ from ._layers import checked_weight as _check_array_shape
 from ._layers import (LayerPullback, dropout_rate, dropout_seed, glorot_uniform, input_grad, layer_dtype, layer_input,
                       linear_grads, make_rng, output_cotangents, owned, positive_int)
 from ._masks import as_mask, check_mask, combine_masks, key_mask_as_lengths
-from ._validation import (FLOAT32, check_key_lengths, check_state_keys, out_kwargs, refuse_bfloat16_backward,
+from ._validation import (FLOAT32, accumulation_dtype, check_key_lengths, check_state_keys, out_kwargs, refuse_bfloat16_backward,
                           shape_str, to_array)
 from .functional import ArrayLike, Causal, Window, _mask_alias, scaled_dot_product_attention
 from .grad import scaled_dot_product_attention_backward
@@ -39,11 +39,12 @@ Projection = Tuple[ArrayLike, Optional[ArrayLike]]  # (W, b) of a torch.nn.Linea
 # helpers
 
 
-def _linear(x: np.ndarray, weight: np.ndarray, bias) -> np.ndarray:
+def _linear(x: np.ndarray, weight: np.ndarray, bias, out: dict | None = None) -> np.ndarray:
     """y = x weight^T + bias as one GEMM on attnext's threads.
 
     x (..., in) in any layout (a 3-d strided view is read in place); weight (out, in) with one
-    unit-stride axis; bias (out,) or None. Returns (..., out), C-contiguous.
+    unit-stride axis; bias (out,) or None. Returns (..., out), C-contiguous. out: the keyword
+    of :func:`attnext._validation.out_kwargs`.
     """
     lead = x.shape[:-1]
     if x.ndim == 3:
@@ -52,7 +53,13 @@ def _linear(x: np.ndarray, weight: np.ndarray, bias) -> np.ndarray:
         x4 = x[None, :, None, :]
     else:
         x4 = x.reshape((1, -1, 1, x.shape[-1]))
-    return _core.linear(x4, weight, bias).reshape(lead + (weight.shape[0],))
+    return _core.linear(x4, weight, _kernel_bias(bias, x.dtype), **(out or {})).reshape(lead + (weight.shape[0],))
+
+
+def _kernel_bias(bias: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
+    """A linear map's bias as the kernel adds it, to its accumulators: float32 for a 16-bit
+    layer (which stores it in its own type), else as it is."""
+    return None if bias is None else bias.astype(accumulation_dtype(dtype), copy=False)
 
 
 def _want_weights(return_weights, need_weights) -> bool:
@@ -696,7 +703,7 @@ class MultiHeadAttention:
         heads through a (B, L, H, head_dim) view (the kernel gathers rows, no separate copy).
         out: the output keyword of :func:`attnext._validation.out_kwargs`."""
         heads_last = o.transpose(0, 2, 1, 3) if batch_first else o.transpose(2, 0, 1, 3)
-        return _core.linear(heads_last, self._out_w, self._out_b, **(out or {}))
+        return _core.linear(heads_last, self._out_w, _kernel_bias(self._out_b, o.dtype), **(out or {}))
 
     def _layout_hint(self) -> str:
         other = "(L, B, E)" if self.batch_first else "(B, L, E)"
