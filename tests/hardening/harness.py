@@ -57,9 +57,13 @@ BASIC_LAYOUTS = ["C", "F", "strided"]
 
 
 def tolerance(dtype) -> float:
-    """The project's relative tolerance for results of `dtype` (float16 computes as float32)."""
+    """The project's relative tolerance for results of `dtype`. A 16-bit result (float16,
+    bfloat16) is a float32 computation rounded once at the store: two of its ulps, one for the
+    store of values that differ in float32's last bits, one of margin for that arithmetic."""
     dt = np.dtype(dtype)
-    return TOLERANCE[np.dtype(np.float32) if dt == np.float16 else np.dtype(dt.type)]
+    if dt.name in UNIT_ROUNDOFF:
+        return low_precision_tolerance(dt, 2)
+    return TOLERANCE[np.dtype(dt.type)]
 
 
 def relative_error(actual, expected) -> float:
