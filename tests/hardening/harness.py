@@ -56,6 +56,12 @@ EXACT_LAYOUTS = ("C", "F", "strided", "negative", "readonly")
 BASIC_LAYOUTS = ["C", "F", "strided"]
 
 
+def is_floating(a) -> bool:
+    """Whether a is a floating array: float16/32/64, or ml_dtypes.bfloat16 (which NumPy files
+    under kind "V", a user-defined type)."""
+    return isinstance(a, np.ndarray) and (a.dtype.kind == "f" or a.dtype.name == "bfloat16")
+
+
 def tolerance(dtype) -> float:
     """The project's relative tolerance for results of `dtype`. A 16-bit result (float16,
     bfloat16) is a float32 computation rounded once at the store: two of its ulps, one for the

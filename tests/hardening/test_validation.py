@@ -10,7 +10,7 @@ import pytest
 import attnext
 from attnext import _core
 
-from .harness import unaligned
+from .harness import is_floating, unaligned
 from .kernels import FULL_OPTIONS, KERNELS, Case, check_against_reference
 
 PUBLIC = [k for k in KERNELS if not k.core]
@@ -21,7 +21,7 @@ ids = lambda k: k.name  # noqa: E731
 
 
 def float_args(kw):
-    return [n for n, v in kw.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
+    return [n for n, v in kw.items() if is_floating(v)]
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=ids)
