@@ -4,7 +4,8 @@ Every function accepts float32, float64, float16 and ml_dtypes.bfloat16 arrays o
 (C, Fortran, strided views); mixed dtypes follow NumPy's promotion (bfloat16 with float32 or
 float16 computes as float32). float16 and bfloat16 are read as they are, computed in float32
 and returned in their own type unless ``out_dtype=np.float32`` asks for the float32 result
-(docs/precision.md lists every rounding point). Integer, bool and complex inputs raise TypeError. Leading (batch) dimensions broadcast (one rule, in
+(docs/precision.md lists every rounding point). Integer, bool and complex inputs raise
+TypeError. Leading (batch) dimensions broadcast (one rule, in
 :func:`attnext._broadcast.broadcast_batch`).
 """
 
@@ -125,8 +126,8 @@ def softmax(x: ArrayLike, *, mask: ArrayLike | None = None, axis: int = -1,
         out_dtype: None (x's dtype) or np.float32 for a float16/bfloat16 x.
 
     Returns:
-        Array of x's shape and dtype (or out_dtype). A row with nothing to attend (every entry masked or
-        -inf) is all zeros, never NaN; a NaN in a row makes that row NaN.
+        Array of x's shape and dtype (or out_dtype). A row with nothing to attend (every
+        entry masked or -inf) is all zeros, never NaN; a NaN in a row makes that row NaN.
     """
     _require(x=x)
     dtype, a = promote(x=x)
