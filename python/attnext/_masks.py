@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import accumulation_dtype, aligned, shape_str, to_array
+from ._validation import accumulation_dtype, aligned, is_bfloat16, shape_str, to_array
 from ._warnings import check_bool_mask, check_float_mask
 
 __all__ = ["as_mask", "fold_mask", "combine_masks", "prepare_mask", "key_mask_as_lengths", "check_mask"]
@@ -40,7 +40,7 @@ def as_mask(mask, dtype: np.dtype, name: str = "mask") -> np.ndarray:
     m = to_array(mask, name)
     if m.dtype == np.bool_:
         return m
-    if m.dtype.kind == "f":
+    if m.dtype.kind == "f" or is_bfloat16(m.dtype):
         return aligned(m.astype(accumulation_dtype(dtype), copy=False))
     raise TypeError(f"{name} must be bool (True = may attend) or floating (added to the scores), got dtype {m.dtype}")
 

@@ -115,7 +115,8 @@ def test_non_native_byte_order(kernel):
     kw = kernel.make(Case(seed=6, options=FULL_OPTIONS))
     for name in float_args(kw):
         swapped = dict(kw, **{name: kw[name].astype(kw[name].dtype.newbyteorder(">"))})
-        if kernel.core:
+        if kernel.core or kernel.low_precision:
+            # bfloat16 has no byte-swapped form: NumPy makes it a raw 2-byte void, refused.
             with pytest.raises(TypeError, match=name):
                 kernel.call(swapped)
         else:
