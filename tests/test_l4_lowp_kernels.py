@@ -117,13 +117,14 @@ def test_sdpa_gqa_and_strided_inputs(rng, dtype, kind):
 
 
 def test_sdpa_scale_above_one_is_applied_to_the_scores(rng, dtype):
-    # |scale| > 1 with finite Q * scale still folds (the overflow rule); 1e30 * Q overflows
-    # float32 and is applied after the products instead.
+    # |scale| > 1 with finite Q * scale still folds (the overflow rule); with Q ~ 1e10 a scale
+    # of 1e30 overflows float32 in Q * scale, so the scores (Q K ~ 1e-10) are scaled after the
+    # products instead, to ~1e20.
     q, k, v = normal(rng, (1, 2, 9, 8), dtype), normal(rng, (1, 2, 11, 8), dtype), normal(rng, (1, 2, 11, 8), dtype)
     check_sdpa(dtype, q, k, v, scale=3.0)
-    tiny = (q.astype(np.float64) * 1e-30).astype(dtype)
-    if dtype == BF16:  # float16 cannot hold 1e-30 Q
-        check_sdpa(dtype, tiny, k, v, scale=1e30)
+    if dtype == BF16:  # float16 cannot hold these magnitudes; bfloat16 has float32's range
+        big, tiny = (q.astype(np.float64) * 1e10).astype(dtype), (k.astype(np.float64) * 1e-20).astype(dtype)
+        check_sdpa(dtype, big, tiny, v, scale=1e30)
 
 
 @pytest.mark.parametrize("out_dtype", [None, np.float32])
