@@ -408,7 +408,7 @@ def test_constructor_errors():
         attnext.MultiHeadAttention(16, 8, num_kv_heads=3)
     with pytest.raises(ValueError, match="num_heads must be a positive int"):
         attnext.MultiHeadAttention(16, 0)
-    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+    with pytest.raises(TypeError, match="dtype must be float32, float64, float16 or bfloat16"):
         attnext.MultiHeadAttention(16, 2, dtype=np.int32)
     with pytest.raises(TypeError, match="embed_dim must be an int"):
         attnext.MultiHeadAttention(16.0, 2)
@@ -604,7 +604,7 @@ def test_linear_kernel_direct_call_errors():
         _core.linear(x, np.zeros((3, 4)), None)
     with pytest.raises(ValueError, match=r"bias has shape \(2,\) but weight has \(3, 4\)"):
         _core.linear(x, np.zeros((3, 4), np.float32), np.zeros(2, np.float32))
-    with pytest.raises(TypeError, match="x must be float32 or float64"):
+    with pytest.raises(TypeError, match="x must be float32, float64, float16 or bfloat16"):
         _core.linear(x.astype(np.int32), np.zeros((3, 4), np.int32), None)
     with pytest.raises(TypeError):
         _core.linear([1.0], np.zeros((3, 4), np.float32), None)

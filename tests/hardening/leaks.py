@@ -6,6 +6,7 @@ import gc
 import os
 import tracemalloc
 
+from .harness import is_floating
 from .kernels import FULL_OPTIONS, KERNELS, Case
 
 
@@ -45,7 +46,7 @@ def measure(kernel, calls: int, warmup: int = 200):
 def _failing(kernel):
     """A call of `kernel` that raises (its first float argument as int32): the error path."""
     kw = leak_inputs(kernel)
-    name = next(n for n, v in kw.items() if getattr(v, "dtype", None) is not None and v.dtype.kind == "f")
+    name = next(n for n, v in kw.items() if is_floating(v))
     kw[name] = kw[name].astype("int32")
 
     def call(_kw=kw):
