@@ -13,6 +13,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -51,6 +52,8 @@ struct SdpaMergeTag {};
 
 // One work unit: queries [i0, i0 + nq) of batch entry b, Q packed, and its softmax state
 // (one lane per query): O^T (Ev, Bq) unnormalised, running max M and sum Lsum (Bq each).
+// On the bfloat16 pair path (pairs) also Q's pairs Qp, a tile's P and V pairs (Pp, Vp) and,
+// for K rows that are not contiguous, the tile's K rows copied contiguous (Kc).
 template <typename In, typename Acc>
 struct Block {
   const SdpaProblem<In>* p = nullptr;
@@ -62,16 +65,46 @@ struct Block {
   Acc scale = Acc(1);
   Dropout drop;  // inactive unless the caller sets it after make_block
   Acc *Qt = nullptr, *St = nullptr, *Sh = nullptr, *Ot = nullptr, *M = nullptr, *Lsum = nullptr;
+  bool pairs = false;
+  std::uint32_t *Qp = nullptr, *Pp = nullptr, *Vp = nullptr;
+  In* Kc = nullptr;
+  index_t vps = 0;  // Vp's row stride: Ev rounded up to 16
 };
 
+// The pair path's buffers, in Acc (4-byte) units, each a multiple of 16 so that all stay
+// 64-byte aligned: Qp (ceil(E/2) x Bq), Pp (kBk/2 x Bq), Vp (kBk/2 x vps), Kc (kBk x E halves).
+inline index_t pair_scratch_size(index_t E, index_t Ev) {
+  constexpr index_t Bq = block_queries<float>();
+  const index_t vps = (Ev + 15) / 16 * 16;
+  return ((E + 1) / 2) * Bq + (kBk / 2) * Bq + (kBk / 2) * vps + (kBk * E / 2 + 15) / 16 * 16;
+}
+
+// The unit's buffers (make_block), then the pair path's when it takes it.
 template <typename Acc>
-inline index_t block_scratch_size(index_t E, index_t Ev) {
-  return block_queries<Acc>() * (std::max<index_t>(E, 1) + 2 * kBk + std::max<index_t>(Ev, 1) + 2);
+inline index_t block_scratch_size(index_t E, index_t Ev, bool pairs = false) {
+  return block_queries<Acc>() * (std::max<index_t>(E, 1) + 2 * kBk + std::max<index_t>(Ev, 1) + 2) +
+         (pairs ? pair_scratch_size(E, Ev) : 0);
+}
+
+// Carves the pair path's buffers out of ws (pair_scratch_size) and packs Q's pairs.
+template <typename In, typename Acc>
+void start_pairs(Block<In, Acc>& k, Acc* ws) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<In, bf16>::value) {
+    constexpr index_t Bq = block_queries<float>();
+    k.vps = (k.Ev + 15) / 16 * 16;
+    k.Qp = reinterpret_cast<std::uint32_t*>(ws);
+    k.Pp = k.Qp + ((k.E + 1) / 2) * Bq;
+    k.Vp = k.Pp + (kBk / 2) * Bq;
+    k.Kc = reinterpret_cast<In*>(k.Vp + (kBk / 2) * k.vps);
+    pack_lane_pairs(k.Qt, k.E, k.Qp);
+  }
+#endif
 }
 
 // Carves the unit's buffers out of ws (block_scratch_size), packs Q, starts an empty state.
 template <typename In, typename Acc>
-Block<In, Acc> make_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, Acc* ws) {
+Block<In, Acc> make_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, Acc* ws, bool pairs = false) {
   constexpr index_t Bq = block_queries<Acc>();
   Block<In, Acc> k;
   k.p = &p;
@@ -91,7 +124,24 @@ Block<In, Acc> make_block(const SdpaProblem<In>& p, index_t b, index_t i0, index
   std::fill(k.Ot, k.Ot + k.Ev * Bq, Acc(0));
   std::fill(k.M, k.M + Bq, neg_inf<Acc>());
   std::fill(k.Lsum, k.Lsum + Bq, Acc(0));
+  k.pairs = pairs;
+  if (pairs) start_pairs(k, k.Lsum + Bq);
   return k;
+}
+
+// S^T of the tile's nj keys (rows from kt) on the pair path, into St; mt the lane-wise max.
+template <typename In, typename Acc>
+void score_pairs(Block<In, Acc>& k, const In* kt, index_t nj, Pk<Acc>* mt) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<In, bf16>::value) {
+    constexpr index_t Bq = block_queries<Acc>();
+    index_t ks = 0;
+    const In* rows = contiguous_rows(kt, k.p->k.stride(-2), k.p->k.stride(-1), nj, k.E, k.Kc, ks);
+    for_micro_tiles(nj, [&](auto R, index_t r) {
+      qk_micro_pairs<decltype(R)::value>(rows + r * ks, ks, k.E, k.Qp, k.St + r * Bq, mt);
+    });
+  }
+#endif
 }
 
 // S^T of keys [j0, j0 + nj) with masks applied (hidden = -inf) and mt, its lane-wise max.
@@ -104,10 +154,14 @@ bool score_tile(Block<In, Acc>& k, index_t j0, index_t nj, Pk<Acc>* mt) {
   const SdpaProblem<In>& p = *k.p;
   const In* kb = p.k.data + p.k.batch_offset(k.b, 2);
   for (int c = 0; c < kC; ++c) mt[c] = ei::pset1<Pk<Acc>>(neg_inf<Acc>());
-  for_micro_tiles(nj, [&](auto R, index_t r) {
-    qk_micro<In, Acc, decltype(R)::value>(kb + (j0 + r) * p.k.stride(-2), p.k.stride(-2), p.k.stride(-1), k.E, k.Qt,
-                                          k.St + r * Bq, mt);
-  });
+  if (k.pairs) {
+    score_pairs(k, kb + j0 * p.k.stride(-2), nj, mt);
+  } else {
+    for_micro_tiles(nj, [&](auto R, index_t r) {
+      qk_micro<In, Acc, decltype(R)::value>(kb + (j0 + r) * p.k.stride(-2), p.k.stride(-2), p.k.stride(-1), k.E,
+                                            k.Qt, k.St + r * Bq, mt);
+    });
+  }
   const bool boundary = !k.common.covers(j0, j0 + nj);
   const bool masked = boundary || p.mask.kind != MaskKind::none;
   if (!k.folded) {
@@ -127,13 +181,35 @@ bool score_tile(Block<In, Acc>& k, index_t j0, index_t nj, Pk<Acc>* mt) {
   return true;
 }
 
-// O^T = O^T * alpha (if rescale) + P^T V for keys [j0, j0 + nj), P^T in St.
+// The pair path's P V of a tile (not careful): P^T (St) rounded into pairs over keys, the
+// tile's values packed as pairs over keys.
+template <typename In, typename Acc>
+void pv_pairs(Block<In, Acc>& k, const In* vb, index_t nj, const Pk<Acc>* alpha, bool rescale) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<In, bf16>::value) {
+    constexpr index_t Bq = block_queries<Acc>();
+    pack_lane_pairs(k.St, nj, k.Pp);
+    pack_value_pairs(vb, k.p->v.stride(-2), k.p->v.stride(-1), nj, k.Ev, k.Vp, k.vps);
+    for_micro_tiles(k.Ev, [&](auto R, index_t r) {
+      pv_micro_pairs<decltype(R)::value>(k.Vp + r, k.vps, (nj + 1) / 2, k.Pp, k.Ot + r * Bq, alpha, rescale);
+    });
+  }
+#endif
+}
+
+// O^T = O^T * alpha (if rescale) + P^T V for keys [j0, j0 + nj), P^T in St (rounded to product
+// operands of In first: the pair packing rounds by the same rule).
 template <typename In, typename Acc>
 void pv_tile(Block<In, Acc>& k, index_t j0, index_t nj, const Pk<Acc>* alpha, bool rescale, bool careful) {
   constexpr index_t Bq = block_queries<Acc>();
   const SdpaProblem<In>& p = *k.p;
   const index_t vs = p.v.stride(-2), ve = p.v.stride(-1);
   const In* vb = p.v.data + p.v.batch_offset(k.b, 2) + j0 * vs;
+  if (k.pairs && !careful) {
+    pv_pairs(k, vb, nj, alpha, rescale);
+    return;
+  }
+  round_operands<In>(k.St, nj * Bq);
   for_micro_tiles(k.Ev, [&](auto R, index_t r) {
     constexpr int Rv = decltype(R)::value;
     if (careful)
@@ -229,9 +305,9 @@ void weights_passes(Block<In, Acc>& k, index_t kmin, index_t kmax, Acc* w) {
 
 // Where a unit's results go: the final rows (out, and weights/lse when given) or, for a key
 // chunk of a split block, its raw state (partial: O^T, then M, then Lsum).
-template <typename In, typename Acc>
+template <typename Out, typename Acc>
 struct BlockOut {
-  In* out = nullptr;       // (N..., L, Ev)
+  Out* out = nullptr;      // (N..., L, Ev)
   Acc* weights = nullptr;  // (N..., L, S) or null
   Acc* lse = nullptr;      // (N..., L) or null
   Acc* partial = nullptr;  // ((Ev + 2) * Bq) or null
@@ -239,8 +315,8 @@ struct BlockOut {
 
 // Writes a finished unit's rows: out normalised (unless the weights pass already divided by
 // the sum), lse by the one formula.
-template <typename In, typename Acc>
-void write_rows(Block<In, Acc>& k, const BlockOut<In, Acc>& o, bool normalised) {
+template <typename In, typename Acc, typename Out>
+void write_rows(Block<In, Acc>& k, const BlockOut<Out, Acc>& o, bool normalised) {
   constexpr index_t P = vm::packet_size<Acc>();
   const index_t row0 = k.b * k.L + k.i0;
   if (o.lse)
@@ -253,12 +329,13 @@ void write_rows(Block<In, Acc>& k, const BlockOut<In, Acc>& o, bool normalised) 
 
 // One unit of the blocked path: queries [i0, i0 + nq) of batch entry b against keys [ka, kz),
 // dropout drop applied to its probabilities.
-template <typename In, typename Acc>
+template <typename In, typename Acc, typename Out>
 void attend_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, index_t ka, index_t kz,
-                  const BlockOut<In, Acc>& o, const Dropout& drop) {
+                  const BlockOut<Out, Acc>& o, const Dropout& drop, bool pairs) {
   constexpr index_t Bq = block_queries<Acc>();
-  const Scratch<Acc, SdpaBlockTag> ws(static_cast<size_t>(block_scratch_size<Acc>(p.q.dim(-1), p.v.dim(-1))));
-  Block<In, Acc> k = make_block<In, Acc>(p, b, i0, nq, ws.data());
+  const Scratch<Acc, SdpaBlockTag> ws(
+      static_cast<size_t>(block_scratch_size<Acc>(p.q.dim(-1), p.v.dim(-1), pairs)));
+  Block<In, Acc> k = make_block<In, Acc>(p, b, i0, nq, ws.data(), pairs);
   k.drop = drop;
   const index_t kmin = std::max(visible_keys(k.vis, i0, k.S).lo, ka);
   const index_t kmax = std::max(kmin, std::min(visible_keys(k.vis, i0 + nq - 1, k.S).hi, kz));
@@ -278,8 +355,8 @@ void attend_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, i
 
 // Merges a query block's chunk partials (each O^T (Ev, Bq), M (Bq), Lsum (Bq)) in chunk order
 // by the log-sum-exp merge; writes the normalised rows (nq, Ev) and their lse.
-template <typename In, typename Acc>
-void merge_chunks(const Acc* parts, index_t chunks, index_t Ev, index_t nq, In* out, Acc* lse) {
+template <typename Out, typename Acc>
+void merge_chunks(const Acc* parts, index_t chunks, index_t Ev, index_t nq, Out* out, Acc* lse) {
   constexpr index_t P = vm::packet_size<Acc>();
   constexpr index_t Bq = block_queries<Acc>();
   const index_t part = (Ev + 2) * Bq;
@@ -311,10 +388,12 @@ void merge_chunks(const Acc* parts, index_t chunks, index_t Ev, index_t nq, In* 
   unpack_o(acc, Lsum, nq, Ev, out);
 }
 
-// The blocked path over all N batch entries (n = b, the flat batch index, for dropout).
-template <typename In, typename Acc>
-void blocked(const SdpaProblem<In>& p, index_t N, In* out, Acc* weights, Acc* lse, const Dropout& drop = Dropout{}) {
+// The blocked path over all N batch entries (n = b, the flat batch index, for dropout). Out:
+// the output's type (In, or float for a 16-bit call's float32 output), written by store_out.
+template <typename In, typename Acc, typename Out>
+void blocked(const SdpaProblem<In>& p, index_t N, Out* out, Acc* weights, Acc* lse, const Dropout& drop = Dropout{}) {
   constexpr index_t Bq = block_queries<Acc>();
+  const bool pairs = pair_path<In>();
   const index_t L = p.q.dim(-2), S = p.k.dim(-2), Ev = p.v.dim(-1);
   const index_t blocks = (L + Bq - 1) / Bq;
   const index_t chunks = split_chunks(N * blocks, S, weights != nullptr);
@@ -322,8 +401,8 @@ void blocked(const SdpaProblem<In>& p, index_t N, In* out, Acc* weights, Acc* ls
     parallel_for(N * blocks, [&](index_t u) {
       // Later query blocks see more keys under a causal mask: hand them out first.
       const index_t b = u / blocks, i0 = (blocks - 1 - u % blocks) * Bq;
-      attend_block<In, Acc>(p, b, i0, std::min(Bq, L - i0), 0, S, BlockOut<In, Acc>{out, weights, lse, nullptr},
-                            drop);
+      attend_block<In, Acc, Out>(p, b, i0, std::min(Bq, L - i0), 0, S,
+                                 BlockOut<Out, Acc>{out, weights, lse, nullptr}, drop, pairs);
     }, true);
     return;
   }
@@ -334,13 +413,14 @@ void blocked(const SdpaProblem<In>& p, index_t N, In* out, Acc* weights, Acc* ls
   parallel_for(N * blocks * chunks, [&](index_t u) {
     const index_t c = u % chunks, bq = u / chunks;
     const index_t b = bq / blocks, i0 = (bq % blocks) * Bq;
-    BlockOut<In, Acc> o;
+    BlockOut<Out, Acc> o;
     o.partial = parts.data() + u * part;
-    attend_block<In, Acc>(p, b, i0, std::min(Bq, L - i0), c * chunk, std::min(S, (c + 1) * chunk), o, drop);
+    attend_block<In, Acc, Out>(p, b, i0, std::min(Bq, L - i0), c * chunk, std::min(S, (c + 1) * chunk), o, drop,
+                               pairs);
   }, true);
   parallel_for(N * blocks, [&](index_t bq) {
     const index_t b = bq / blocks, i0 = (bq % blocks) * Bq, nq = std::min(Bq, L - i0);
-    merge_chunks<In, Acc>(parts.data() + bq * chunks * part, chunks, Ev, nq, out + (b * L + i0) * Ev,
+    merge_chunks<Out, Acc>(parts.data() + bq * chunks * part, chunks, Ev, nq, out + (b * L + i0) * Ev,
                           lse ? lse + b * L + i0 : nullptr);
   });
 }

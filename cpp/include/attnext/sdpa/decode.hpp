@@ -34,18 +34,6 @@ struct SdpaDecodeSTag {};
 struct SdpaDecodeKTag {};
 struct SdpaDecodeVTag {};
 
-// Rows [0, n) of a strided (n, cols) matrix of In, contiguous: in place when they already are,
-// else copied into buf (a scratch of n * cols). Returns the rows and sets their stride.
-template <typename In>
-const In* contiguous_rows(const In* x, index_t rs, index_t cs, index_t n, index_t cols, In* buf, index_t& stride) {
-  stride = rs;
-  if (cs == 1 || n == 0) return x;
-  for (index_t j = 0; j < n; ++j)
-    for (index_t e = 0; e < cols; ++e) buf[j * cols + e] = x[j * rs + e * cs];
-  stride = cols;
-  return buf;
-}
-
 // Partial states of keys [c0, c1) for every query row (L <= kDecodeMaxQueries) of batch entry b.
 // part: (L, Ev + 2) = unnormalised output, then the max, then the sum.
 template <typename In, typename Acc>
@@ -104,6 +92,7 @@ void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, A
     if (drop.active())  // the row's keys [ja + a, ja + z), contiguous in si
       apply_dropout_tile(drop, static_cast<std::uint64_t>(b), i, index_t(1), ja + a, z - a, si + a, index_t(0),
                          index_t(1));
+    round_operands<In>(si + a, z - a);  // P as a product operand, after it entered the sum
     if (!careful) {
       row_pv(si + a, vc + a * vcs, vcs, z - a, Ev, pi);
     } else {  // hidden keys (score -inf) skipped: a NaN/inf in their value rows never enters
@@ -113,9 +102,9 @@ void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, A
   }
 }
 
-// The decode path over all N batch entries.
-template <typename In, typename Acc>
-void decode(const SdpaProblem<In>& p, index_t N, In* out, Acc* lse, const Dropout& drop = Dropout{}) {
+// The decode path over all N batch entries; Out as in blocked().
+template <typename In, typename Acc, typename Out>
+void decode(const SdpaProblem<In>& p, index_t N, Out* out, Acc* lse, const Dropout& drop = Dropout{}) {
   const index_t L = p.q.dim(-2), S = p.k.dim(-2), Ev = p.v.dim(-1);
   const index_t chunks = std::max<index_t>(1, (S + kDecodeChunk - 1) / kDecodeChunk);
   const index_t w = Ev + 2;
@@ -138,7 +127,7 @@ void decode(const SdpaProblem<In>& p, index_t N, In* out, Acc* lse, const Dropou
         for (index_t e = 0; e < Ev; ++e) o[e] = o[e] * f.a + pc[e] * f.b;
       }
       const Acc inv = softmax_state::inverse_sum_one(l);
-      In* dst = out + (b * L + i) * Ev;
+      Out* dst = out + (b * L + i) * Ev;
       store_scaled(o, inv, Ev, dst);
       if (lse) lse[b * L + i] = softmax_state::lse(m, l);
     }

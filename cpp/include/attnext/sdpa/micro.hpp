@@ -1,12 +1,24 @@
 // SDPA's micro-kernels and packers: the only places that read the input element type In and
-// turn it into the accumulation type Acc (a later bfloat16 path plugs in here: its own packing
-// of Q and a dot-product micro-kernel; nothing outside this file reads In).
+// turn it into the accumulation type Acc (nothing outside this file reads In).
 //
 // Tile geometry of the blocked path: a block of Bq = kC packets of queries sits in the SIMD
 // lanes, Q packed transposed, Qt (E, Bq), so that
 //   S^T (keys, Bq)  += K[j, e] (broadcast) * Qt[e, :]      (K read in place, any strides)
 //   O^T (Ev, Bq)    += V[j, c] (broadcast) * P^T[j, :]     (V read in place, any strides)
 // and kR key rows (or value columns) make one micro-tile.
+//
+// 16-bit inputs (In = bf16 or f16, Acc = float). The rounding points, the same on every path:
+// bfloat16's products take bfloat16 operands, so Q * scale (when folded) and P (after it
+// entered the row sum, before P V) are rounded to bfloat16 by lowp.hpp's rule
+// (round_operands); float16 is read as float16 and nothing is rounded before the store. The
+// output is rounded once, at the store (store_out).
+// With AVX512_BF16 and bf16_dot_active(), the blocked path takes the pair form of the same
+// geometry (vdpbf16ps multiplies two bfloat16 pairs per float lane and adds both products):
+//   S^T += (K[j, e], K[j, e+1]) (broadcast pair)   . Qp[e/2][:]   (Q pairs over e per lane)
+//   O^T += (V[j, c], V[j+1, c]) (broadcast pair)   . Pp[j/2][:]   (P pairs over j per lane)
+// K pairs read in place (contiguous rows) and V pairs from a per-tile packed copy; an odd E or
+// key count pads the last pair with zero. Otherwise the float32 fallback computes with float
+// FMAs on the same rounded values.
 #pragma once
 
 #include <Eigen/Core>
@@ -15,8 +27,10 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <cstdint>
 #include <type_traits>
 
+#include "../lowp.hpp"
 #include "../strided.hpp"
 #include "../vmath.hpp"
 
@@ -54,10 +68,105 @@ template <typename Acc, typename In>
 inline Pk<Acc> load_acc(const In* x) {
   if constexpr (std::is_same<In, Acc>::value) {
     return ei::ploadu<Pk<Acc>>(x);
+#if defined(__AVX512F__)
+  } else if constexpr (is_lowp<In>::value && std::is_same<Acc, float>::value && vm::packet_size<Acc>() == 16) {
+    return load16(x);  // the 16-bit types' vector conversion (lowp.hpp)
+#endif
   } else {
     alignas(64) Acc tmp[vm::packet_size<Acc>()];
     for (index_t k = 0; k < vm::packet_size<Acc>(); ++k) tmp[k] = static_cast<Acc>(x[k]);
     return ei::pload<Pk<Acc>>(tmp);
+  }
+}
+
+// --- 16-bit operands and outputs ---------------------------------------------------------
+
+// Whether In's products take operands rounded to In: bfloat16's do (Q * scale and P); float16
+// is computed in float32 (and float, double in themselves).
+template <typename In>
+constexpr bool rounds_operands() {
+  return std::is_same<In, bf16>::value;
+}
+
+#if defined(__AVX512F__)
+// 16 floats -> their bfloat16 bits by to_bf16's rule (round to nearest even, NaN quietened,
+// denormals to signed zero): vcvtneps2bf16 where compiled in, else the same rule in integers.
+inline __m256i bf16_bits16(__m512 x) {
+#if defined(__AVX512BF16__)
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+#else
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i exp = _mm512_and_si512(b, _mm512_set1_epi32(0x7f800000));
+  const __mmask16 nan = _mm512_cmpeq_epi32_mask(exp, _mm512_set1_epi32(0x7f800000)) &
+                        _mm512_test_epi32_mask(b, _mm512_set1_epi32(0x007fffff));
+  const __mmask16 tiny = _mm512_cmpeq_epi32_mask(exp, _mm512_setzero_si512());
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+  r = _mm512_mask_or_epi32(r, nan, b, _mm512_set1_epi32(0x00400000));
+  r = _mm512_mask_and_epi32(r, tiny, b, _mm512_set1_epi32(int(0x80000000u)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+#endif
+}
+
+// 16 floats rounded to bfloat16 and widened back.
+inline __m512 round_bf16_16(__m512 x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits16(x)), 16));
+}
+#endif
+
+// One value as a product operand of In: rounded to bfloat16 for bf16 (THE operand rounding),
+// unchanged otherwise.
+template <typename In, typename Acc>
+inline Acc operand(Acc x) {
+  if constexpr (rounds_operands<In>())
+    return static_cast<float>(to_bf16(x));
+  else
+    return x;
+}
+
+// x[0, n) as product operands of In, in place (operand's rule, 16 lanes at a time).
+template <typename In, typename Acc>
+inline void round_operands(Acc* x, index_t n) {
+  if constexpr (rounds_operands<In>()) {
+    index_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, round_bf16_16(_mm512_loadu_ps(x + i)));
+#endif
+    for (; i < n; ++i) x[i] = operand<In>(x[i]);
+  }
+}
+
+// An accumulated value stored as Out: the 16-bit types by lowp.hpp's from_float (the one
+// rounding of an output), float and double by a plain conversion.
+template <typename Out, typename Acc>
+inline Out store_out(Acc x) {
+  if constexpr (is_lowp<Out>::value)
+    return from_float<Out>(static_cast<float>(x));
+  else
+    return static_cast<Out>(x);
+}
+
+// Whether a packet of Acc can be stored as P consecutive Out by store_packet.
+template <typename Out, typename Acc>
+constexpr bool packet_store() {
+#if defined(__AVX512F__)
+  if constexpr (is_lowp<Out>::value) return std::is_same<Acc, float>::value && vm::packet_size<Acc>() == 16;
+#endif
+  return std::is_same<Out, Acc>::value;
+}
+
+// P consecutive Out from a packet (store_out's rule per lane).
+template <typename Out, typename Acc>
+inline void store_packet(Out* dst, const Pk<Acc>& x) {
+  static_assert(packet_store<Out, Acc>(), "no packet store for this pair of types");
+  if constexpr (std::is_same<Out, Acc>::value) {
+    ei::pstoreu(dst, x);
+#if defined(__AVX512F__)
+  } else if constexpr (std::is_same<Out, bf16>::value) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bf16_bits16(x));
+  } else if constexpr (std::is_same<Out, f16>::value) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+#endif
   }
 }
 
@@ -176,7 +285,8 @@ inline bool rows_finite(const In* x, index_t rs, index_t cs, index_t n, index_t 
 }
 
 // Qt[e][i] = scale * Q[i, e] for the block's nq queries (rows at qb + i * qs, element stride
-// qe); lanes past nq are zero. Contiguous rows go through P x P register transposes.
+// qe), as product operands of In (round_operands); lanes past nq are zero. Contiguous rows go
+// through P x P register transposes.
 template <typename In, typename Acc>
 inline void pack_q(const In* qb, index_t qs, index_t qe, index_t nq, index_t E, Acc scale, Acc* Qt) {
   constexpr index_t P = vm::packet_size<Acc>();
@@ -199,6 +309,7 @@ inline void pack_q(const In* qb, index_t qs, index_t qe, index_t nq, index_t E, 
   }
   for (; i < nq; ++i)
     for (index_t e = 0; e < E; ++e) Qt[e * Bq + i] = scale * to_acc<Acc>(qb[i * qs + e * qe]);
+  round_operands<In>(Qt, E * Bq);
 }
 
 // Whether q * scale can overflow where q is finite: only for |scale| > 1 (the default
@@ -209,7 +320,7 @@ inline bool scale_may_overflow(Acc scale) {
 }
 
 // Packs Q with the scale folded in when that cannot overflow (|scale| <= 1, or every packed
-// value finite); otherwise packs it unscaled and returns false: the caller then scales the
+// value finite, after its rounding to an operand); otherwise packs it unscaled and returns false: the caller then scales the
 // scores after the dot products (a finite q * k * scale must not become inf through an
 // overflowing q * scale).
 template <typename In, typename Acc>
@@ -232,7 +343,7 @@ bool pack_q_rows(const In* qb, index_t qs, index_t qe, index_t nq, index_t E, Ac
     Acc bad = Acc(0);
     for (index_t i = 0; i < nq; ++i)
       for (index_t e = 0; e < E; ++e) {
-        const Acc x = f * to_acc<Acc>(qb[i * qs + e * qe]);
+        const Acc x = operand<In>(f * to_acc<Acc>(qb[i * qs + e * qe]));
         qbuf[i * E + e] = x;
         if (check) bad += x * Acc(0);  // NaN exactly when some x is not finite
       }
@@ -244,7 +355,7 @@ bool pack_q_rows(const In* qb, index_t qs, index_t qe, index_t nq, index_t E, Ac
 // dst[c] = o[c] * f for one output row (the decode path's unpacker).
 template <typename Acc, typename Out>
 inline void store_scaled(const Acc* o, Acc f, index_t n, Out* dst) {
-  for (index_t c = 0; c < n; ++c) dst[c] = static_cast<Out>(o[c] * f);
+  for (index_t c = 0; c < n; ++c) dst[c] = store_out<Out>(o[c] * f);
 }
 
 // o[i, c] = Ot[c][i] * f[i] for the block's nq queries (o: rows of Ev, contiguous).
@@ -253,7 +364,7 @@ inline void unpack_o(const Acc* Ot, const Acc* f, index_t nq, index_t Ev, Out* o
   constexpr index_t P = vm::packet_size<Acc>();
   constexpr index_t Bq = block_queries<Acc>();
   index_t i = 0;
-  if constexpr (std::is_same<Acc, Out>::value) {
+  if constexpr (packet_store<Out, Acc>()) {
     for (; i + P <= nq; i += P) {
       index_t c = 0;
       for (; c + P <= Ev; c += P) {
@@ -261,14 +372,14 @@ inline void unpack_o(const Acc* Ot, const Acc* f, index_t nq, index_t Ev, Out* o
         for (index_t r = 0; r < P; ++r) blk.packet[r] = ei::pload<Pk<Acc>>(Ot + (c + r) * Bq + i);
         ei::ptranspose(blk);
         for (index_t r = 0; r < P; ++r)
-          ei::pstoreu(o + (i + r) * Ev + c, ei::pmul(blk.packet[r], ei::pset1<Pk<Acc>>(f[i + r])));
+          store_packet<Out, Acc>(o + (i + r) * Ev + c, ei::pmul(blk.packet[r], ei::pset1<Pk<Acc>>(f[i + r])));
       }
       for (; c < Ev; ++c)
-        for (index_t r = 0; r < P; ++r) o[(i + r) * Ev + c] = Ot[c * Bq + i + r] * f[i + r];
+        for (index_t r = 0; r < P; ++r) o[(i + r) * Ev + c] = store_out<Out>(Ot[c * Bq + i + r] * f[i + r]);
     }
   }
   for (; i < nq; ++i)
-    for (index_t c = 0; c < Ev; ++c) o[i * Ev + c] = static_cast<Out>(Ot[c * Bq + i] * f[i]);
+    for (index_t c = 0; c < Ev; ++c) o[i * Ev + c] = store_out<Out>(Ot[c * Bq + i] * f[i]);
 }
 
 // Dot product of a contiguous Acc vector with a contiguous In vector, fixed lane order.
@@ -317,6 +428,140 @@ inline void row_pv(const Acc* p, const In* v, index_t vs, index_t n, index_t Ev,
   if (c < Ev)
     for (index_t j = 0; j < n; ++j) axpy(p[j], v + j * vs + c, o + c, Ev - c);
 }
+
+// Rows [0, n) of a strided (n, cols) matrix of In, contiguous: in place when they already are,
+// else copied into buf (a scratch of n * cols). Returns the rows and sets their stride.
+template <typename In>
+const In* contiguous_rows(const In* x, index_t rs, index_t cs, index_t n, index_t cols, In* buf, index_t& stride) {
+  stride = rs;
+  if (cs == 1 || n == 0) return x;
+  for (index_t j = 0; j < n; ++j)
+    for (index_t e = 0; e < cols; ++e) buf[j * cols + e] = x[j * rs + e * cs];
+  stride = cols;
+  return buf;
+}
+
+// Whether a call with input In takes the bfloat16 pair path: read once per call, so that one
+// call never mixes paths while _core.set_bf16_path switches.
+template <typename In>
+inline bool pair_path() {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<In, bf16>::value) return bf16_dot_active();
+#endif
+  return false;
+}
+
+#if defined(__AVX512BF16__)
+// --- The bfloat16 pair path (vdpbf16ps; see the header) -------------------------------------
+// A pair is one 32-bit lane: the even-indexed bfloat16 in the low half, the odd one in the high
+// half (memory order, so two consecutive bfloat16 read as one uint32 are a pair).
+
+inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh>(x); }
+
+// The pair of consecutive bfloat16 at p.
+inline std::uint32_t pair_at(const bf16* p) {
+  std::uint32_t w;
+  std::memcpy(&w, p, sizeof w);
+  return w;
+}
+
+// 16 pairs (lo[i], hi[i]), each rounded by to_bf16's rule (exact for values already rounded).
+inline __m512i pair16(__m512 lo, __m512 hi) {
+  // vcvtne2ps2bf16 gives lo's 16 bfloat16 then hi's; word 2i <- i, word 2i+1 <- 16 + i.
+  alignas(64) static const std::uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
+                                                            21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
+                                                            11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), both);
+}
+
+// Lane pairs of n rows of Bq floats (Qt over e, P^T over keys): dst row r/2 lane i =
+// (src[r][i], src[r + 1][i]), the high half zero after an odd last row.
+inline void pack_lane_pairs(const float* src, index_t n, std::uint32_t* dst) {
+  constexpr index_t Bq = block_queries<float>();
+  const __m512 zero = _mm512_setzero_ps();
+  for (index_t r = 0; r < n; r += 2)
+    for (int c = 0; c < kC; ++c) {
+      const __m512 lo = _mm512_load_ps(src + r * Bq + c * 16);
+      const __m512 hi = r + 1 < n ? _mm512_load_ps(src + (r + 1) * Bq + c * 16) : zero;
+      _mm512_store_si512(dst + (r / 2) * Bq + c * 16, pair16(lo, hi));
+    }
+}
+
+// Value pairs over keys for nj keys (rows at v + j * vs, element stride ve) and Ev columns:
+// Vp[j/2][c] = (V[j, c], V[j + 1, c]) with row stride vps (Ev rounded up to 16), the high
+// half zero after an odd last key (never reading past the tile).
+inline void pack_value_pairs(const bf16* v, index_t vs, index_t ve, index_t nj, index_t Ev, std::uint32_t* Vp,
+                             index_t vps) {
+  for (index_t j = 0; j < nj; j += 2) {
+    const bf16* a = v + j * vs;
+    const bf16* b = j + 1 < nj ? a + vs : nullptr;
+    std::uint32_t* dst = Vp + (j / 2) * vps;
+    if (ve != 1) {
+      for (index_t c = 0; c < Ev; ++c) dst[c] = a[c * ve].bits | (b ? std::uint32_t(b[c * ve].bits) << 16 : 0u);
+      continue;
+    }
+    for (index_t c = 0; c < Ev; c += 16) {
+      const __mmask16 m = Ev - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (Ev - c)) - 1u);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, a + c));
+      const __m512i hi = b ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, b + c)) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// St[r][:] = sum_e K[r, e] Q[:, e] for R keys (rows at k0 + r * ks, contiguous), from Qp
+// (Q pairs, ceil(E / 2) rows of Bq); mx[c] raised to the lane-wise max (qk_micro's pair form).
+template <int R>
+inline void qk_micro_pairs(const bf16* k0, index_t ks, index_t E, const std::uint32_t* Qp, float* St, __m512* mx) {
+  constexpr index_t Bq = block_queries<float>();
+  __m512 acc[R][kC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kC; ++c) acc[r][c] = _mm512_setzero_ps();
+  auto step = [&](index_t e2, auto pair_of_row) {
+    __m512bh qv[kC];
+    for (int c = 0; c < kC; ++c) qv[c] = as_bh(_mm512_load_si512(Qp + e2 * Bq + c * 16));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh kb = as_bh(_mm512_set1_epi32(int(pair_of_row(k0 + r * ks))));
+      for (int c = 0; c < kC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qv[c], kb);
+    }
+  };
+  const index_t E2 = E / 2;
+  for (index_t e2 = 0; e2 < E2; ++e2) step(e2, [&](const bf16* row) { return pair_at(row + 2 * e2); });
+  if (E & 1) step(E2, [&](const bf16* row) { return std::uint32_t(row[E - 1].bits); });  // (K[E-1], 0)
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kC; ++c) {
+      _mm512_store_ps(St + r * Bq + c * 16, acc[r][c]);
+      mx[c] = _mm512_max_ps(mx[c], acc[r][c]);
+    }
+}
+
+// Ot[r][:] = Ot[r][:] * alpha + sum_j V[j, r] P[:, j] for R value columns, from Pp (P pairs,
+// np2 rows of Bq) and Vp (value pairs, rows at stride vps, column r at Vp[r]) (pv_micro's
+// pair form, not careful: the caller takes pv_micro for tiles needing care).
+template <int R>
+inline void pv_micro_pairs(const std::uint32_t* Vp, index_t vps, index_t np2, const std::uint32_t* Pp, float* Ot,
+                           const __m512* alpha, bool rescale) {
+  constexpr index_t Bq = block_queries<float>();
+  __m512 acc[R][kC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kC; ++c) {
+      acc[r][c] = _mm512_load_ps(Ot + r * Bq + c * 16);
+      if (rescale) acc[r][c] = _mm512_mul_ps(acc[r][c], alpha[c]);
+    }
+  for (index_t j2 = 0; j2 < np2; ++j2) {
+    __m512bh pv[kC];
+    for (int c = 0; c < kC; ++c) pv[c] = as_bh(_mm512_load_si512(Pp + j2 * Bq + c * 16));
+    const std::uint32_t* vrow = Vp + j2 * vps;
+    for (int r = 0; r < R; ++r) {
+      const __m512bh vb = as_bh(_mm512_set1_epi32(int(vrow[r])));
+      for (int c = 0; c < kC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pv[c], vb);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kC; ++c) _mm512_store_ps(Ot + r * Bq + c * 16, acc[r][c]);
+}
+#endif  // __AVX512BF16__
 
 }  // namespace sdpa_detail
 }  // namespace attnext
