@@ -408,7 +408,7 @@ def test_constructor_errors():
         attnext.MultiHeadAttention(16, 8, num_kv_heads=3)
     with pytest.raises(ValueError, match="num_heads must be a positive int"):
         attnext.MultiHeadAttention(16, 0)
-    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+    with pytest.raises(TypeError, match="dtype must be float32, float64, float16 or bfloat16"):
         attnext.MultiHeadAttention(16, 2, dtype=np.int32)
     with pytest.raises(TypeError, match="embed_dim must be an int"):
         attnext.MultiHeadAttention(16.0, 2)

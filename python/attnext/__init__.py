@@ -21,11 +21,18 @@ that hides every key of a batch entry, as a PyTorch ``key_padding_mask`` passed 
 does; a float mask of only 0 and 1, as a bool mask cast to float is). Silence it per call with
 ``warn=False`` or globally with ``warnings.filterwarnings("ignore", category=attnext.MaskWarning)``.
 :class:`ThreadWarning` (a RuntimeWarning) flags more threads than usable cores.
+
+Precision: float32 and float64 compute as themselves; float16 and ``ml_dtypes.bfloat16``
+(optional dependency) are read as they are, computed in float32 and returned in their own
+type unless ``out_dtype=np.float32`` (docs/precision.md). ``ATTNEXT_BF16=fallback`` in the
+environment at import forces the float32 fallback for bfloat16 products (the path
+``build_info()["bf16"]`` names), as on a CPU without AVX512_BF16.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 from . import _core, reference
@@ -41,6 +48,21 @@ from .rnn import BahdanauAttention, BahdanauMemory, BahdanauMemoryGrad, LuongAtt
 from .transformer import KVCache, MultiHeadAttention, SelfAttention
 
 __version__ = _core.build_info()["version"]
+
+
+def _bf16_path_from_environment() -> None:
+    """ATTNEXT_BF16=fallback forces the float32 fallback for bfloat16 products (to test or
+    compare it on a CPU that has AVX512_BF16); unset, empty or "auto" keeps the CPU's best
+    path. Any other value is refused at import rather than ignored."""
+    wanted = os.environ.get("ATTNEXT_BF16", "").strip().lower()
+    if wanted in ("", "auto"):
+        return
+    if wanted != "fallback":
+        raise ImportError(f"ATTNEXT_BF16 must be 'fallback', 'auto' or unset, got {os.environ['ATTNEXT_BF16']!r}")
+    _core.set_bf16_path("fallback")
+
+
+_bf16_path_from_environment()
 
 __all__ = [
     "score",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import aligned, shape_str, to_array
+from ._validation import accumulation_dtype, aligned, shape_str, to_array
 from ._warnings import check_bool_mask, check_float_mask
 
 __all__ = ["as_mask", "fold_mask", "combine_masks", "prepare_mask", "key_mask_as_lengths", "check_mask"]
@@ -34,18 +34,21 @@ def check_mask(mask: np.ndarray | None, name: str, core_ndim: int) -> None:
 
 
 def as_mask(mask, dtype: np.dtype, name: str = "mask") -> np.ndarray:
-    """mask as an array the kernels read: bool as it is, floating converted to ``dtype``."""
+    """mask as an array the kernels read: bool as it is, floating converted to the type the
+    call computes in (``dtype``; float32 for float16/bfloat16 inputs, where a mask added to the
+    scores joins them in float32)."""
     m = to_array(mask, name)
     if m.dtype == np.bool_:
         return m
     if m.dtype.kind == "f":
-        return aligned(m.astype(dtype, copy=False))
+        return aligned(m.astype(accumulation_dtype(dtype), copy=False))
     raise TypeError(f"{name} must be bool (True = may attend) or floating (added to the scores), got dtype {m.dtype}")
 
 
 def fold_mask(mask: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """The bool -> float fold: True -> 0, False -> -inf; a float mask is returned as ``dtype``."""
-    dtype = np.dtype(dtype)
+    """The bool -> float fold: True -> 0, False -> -inf; a float mask is returned as the type
+    the call computes in (``dtype``, or float32 for 16-bit inputs)."""
+    dtype = accumulation_dtype(dtype)
     if mask.dtype == np.bool_:
         return np.where(mask, dtype.type(0), dtype.type(-np.inf))
     return mask.astype(dtype, copy=False)
@@ -60,7 +63,7 @@ def combine_masks(a: np.ndarray | None, b: np.ndarray | None, dtype: np.dtype) -
     if a.dtype == np.bool_ and b.dtype == np.bool_:
         return a & b
     fa, fb = fold_mask(a, dtype), fold_mask(b, dtype)
-    neg_inf = np.dtype(dtype).type(-np.inf)
+    neg_inf = accumulation_dtype(dtype).type(-np.inf)
     with np.errstate(invalid="ignore"):
         return np.where((fa == neg_inf) | (fb == neg_inf), neg_inf, fa + fb)
 

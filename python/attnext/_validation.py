@@ -12,7 +12,15 @@ from typing import Any
 
 import numpy as np
 
-_SUPPORTED = (np.float32, np.float64)
+try:  # optional: ml_dtypes is NumPy's bfloat16; attnext imports and works without it
+    import ml_dtypes as _ml_dtypes
+except ImportError:  # pragma: no cover - exercised by hiding the module in the tests
+    _ml_dtypes = None
+
+#: ml_dtypes.bfloat16 as a NumPy dtype, or None when ml_dtypes is not installed.
+BFLOAT16 = None if _ml_dtypes is None else np.dtype(_ml_dtypes.bfloat16)
+FLOAT16 = np.dtype(np.float16)
+FLOAT32 = np.dtype(np.float32)
 
 
 def shape_str(shape) -> str:
@@ -39,26 +47,92 @@ def to_array(x: Any, name: str) -> np.ndarray:
     return np.asarray(x)
 
 
+def is_bfloat16(dtype) -> bool:
+    """True for ml_dtypes.bfloat16. NumPy files it under kind "V" (a user-defined type), not
+    "f", so every floating check asks this too."""
+    return BFLOAT16 is not None and np.dtype(dtype) == BFLOAT16
+
+
+def is_low_precision(dtype) -> bool:
+    """float16 or bfloat16: read as they are, computed in float32, returned in their own type."""
+    return np.dtype(dtype) == FLOAT16 or is_bfloat16(dtype)
+
+
+def accumulation_dtype(dtype) -> np.dtype:
+    """The type a kernel computes in for inputs of ``dtype``: float32 for float16/bfloat16, else
+    the dtype itself. Float masks and additive's bias of a 16-bit call are of this type."""
+    return FLOAT32 if is_low_precision(dtype) else np.dtype(dtype)
+
+
 def as_float_array(x, name: str) -> np.ndarray:
-    """x as an ndarray of a floating dtype; integers, bools, complex and objects are refused."""
+    """x as an ndarray of a floating dtype (float16/32/64 or ml_dtypes.bfloat16); integers,
+    bools, complex, objects and wider floats are refused."""
     a = to_array(x, name)
-    if a.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating-point array (float32 or float64), got dtype {a.dtype}")
+    if a.dtype.kind != "f" and not is_bfloat16(a.dtype):
+        raise TypeError(f"{name} must be a floating-point array (float32, float64, float16 or bfloat16), "
+                        f"got dtype {a.dtype}")
     if a.dtype.itemsize > 8:
         raise TypeError(f"{name} has dtype {a.dtype}; attnext computes in float32 or float64")
     return a
 
 
-def promote(**arrays) -> tuple[np.dtype, dict]:
-    """Converts every named array with NumPy's promotion rules; float16 computes as float32.
+def promote(backward: bool = False, **arrays) -> tuple[np.dtype, dict]:
+    """Converts every named array to one dtype by NumPy's promotion rules (with ml_dtypes,
+    bfloat16 + float32 and bfloat16 + float16 give float32).
+
+    The forward keeps float16 and bfloat16 as they are: the kernels read them and compute in
+    float32. ``backward=True`` is the backward functions' rule: float16 computes as float32
+    (its gradients are returned as float16 by the caller) and bfloat16 is refused
+    (:func:`refuse_bfloat16_backward`).
 
     Returns (dtype, {name: array of that dtype}); arrays already of the dtype are not copied.
     """
     checked = {name: as_float_array(a, name) for name, a in arrays.items() if a is not None}
     dtype = np.result_type(*checked.values())
-    if dtype == np.float16:
-        dtype = np.dtype(np.float32)
+    if backward:
+        refuse_bfloat16_backward(checked)
+        dtype = accumulation_dtype(dtype)
     return dtype, {name: aligned(a.astype(dtype, copy=False)) for name, a in checked.items()}
+
+
+def refuse_bfloat16_backward(arrays: dict) -> None:
+    """The one rule for gradients of 16-bit brain floats: not supported (bfloat16 training needs
+    float32 master weights and loss scaling, which attnext does not do). TypeError naming the
+    first bfloat16 argument; ``arrays`` maps names to anything (non-arrays are skipped, a
+    ProjectedKeys by the dtype of the keys it was projected from)."""
+    for name, value in arrays.items():
+        dtype = getattr(value, "dtype", None)
+        if dtype is not None and is_bfloat16(dtype):
+            raise TypeError(f"{name} is bfloat16: bfloat16 backward is not supported; cast to float32 "
+                            "(x.astype(np.float32)) for gradients")
+
+
+def out_kwargs(out_dtype, dtype: np.dtype) -> dict:
+    """The kernels' keyword for a public ``out_dtype=``: {"out_float32": True} when a float16 or
+    bfloat16 call asks for float32 output (written by the kernel from its float32 accumulators,
+    never via a 16-bit round trip), else {} (the output is in the inputs' dtype).
+
+    out_dtype: None or the inputs' own dtype (the default output), or float32 for 16-bit
+    inputs; anything else is a ValueError (attnext computes float64 as float64 and float32 as
+    float32, so no other output type would be exact)."""
+    if out_dtype is None:
+        return {}
+    try:
+        want = np.dtype(out_dtype)
+    except TypeError:
+        raise TypeError(f"out_dtype must be a NumPy dtype or None, got {out_dtype!r}") from None
+    if want == dtype:
+        return {}
+    if want == FLOAT32 and is_low_precision(dtype):
+        return {"out_float32": True}
+    raise ValueError(f"out_dtype must be None, the inputs' dtype ({np.dtype(dtype).name})"
+                     + (" or float32" if is_low_precision(dtype) else "") + f", got {want.name}")
+
+
+def output_dtype(out_dtype, dtype: np.dtype) -> np.dtype:
+    """The dtype of the main output of a call with inputs of ``dtype`` and this ``out_dtype``
+    (for code that computes it without a kernel, such as the reference)."""
+    return FLOAT32 if out_kwargs(out_dtype, dtype) else np.dtype(dtype)
 
 
 def aligned(a: np.ndarray) -> np.ndarray:

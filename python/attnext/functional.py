@@ -1,8 +1,11 @@
 """The functional API: the three attention steps and their compositions, on NumPy arrays.
 
-Every function accepts float32 or float64 arrays of any layout (C, Fortran, strided views);
-mixed dtypes follow NumPy's promotion and float16 computes as float32. Integer, bool and
-complex inputs raise TypeError. Leading (batch) dimensions broadcast (one rule, in
+Every function accepts float32, float64, float16 and ml_dtypes.bfloat16 arrays of any layout
+(C, Fortran, strided views); mixed dtypes follow NumPy's promotion (bfloat16 with float32 or
+float16 computes as float32). float16 and bfloat16 are read as they are, computed in float32
+and returned in their own type unless ``out_dtype=np.float32`` asks for the float32 result
+(docs/precision.md lists every rounding point). Integer, bool and complex inputs raise
+TypeError. Leading (batch) dimensions broadcast (one rule, in
 :func:`attnext._broadcast.broadcast_batch`).
 """
 
@@ -22,9 +25,11 @@ from ._masks import as_mask, check_mask, combine_masks, prepare_mask
 from ._validation import (
     as_axis,
     as_scalar,
+    accumulation_dtype,
     causal_offset,
     check_dropout,
     check_key_lengths,
+    out_kwargs,
     promote,
     require_ndim,
     shape_str,
@@ -76,7 +81,7 @@ def _check_method_args(method, given: dict) -> None:
 
 def score(query: ArrayLike, key: ArrayLike, method: str = "scaled_dot", *, weight: ArrayLike | None = None,
           w_query: ArrayLike | None = None, w_key: ArrayLike | None = None, v: ArrayLike | None = None,
-          scale: float | None = None) -> np.ndarray:
+          scale: float | None = None, out_dtype: npt.DTypeLike | None = None) -> np.ndarray:
     """Scores of every query against every key.
 
     Args:
@@ -88,6 +93,7 @@ def score(query: ArrayLike, key: ArrayLike, method: str = "scaled_dot", *, weigh
         w_query: (Dq, U), w_key: (Dk, U), v: (U,), for ``additive``. The (..., Lq, Lk, U)
             tensor of the textbook formula is never built.
         scale: multiplies the scores; default 1/sqrt(Dk) for ``scaled_dot``, else 1.
+        out_dtype: None (the inputs' dtype) or np.float32 for float16/bfloat16 inputs.
 
     Returns:
         (..., Lq, Lk) scores.
@@ -102,12 +108,14 @@ def score(query: ArrayLike, key: ArrayLike, method: str = "scaled_dot", *, weigh
     if scale is None:
         scale = 1.0 / math.sqrt(k.shape[-1]) if method == "scaled_dot" and k.shape[-1] > 0 else 1.0
     scale = as_scalar(scale, "scale")
+    out = out_kwargs(out_dtype, dtype)
     if method == "additive":
-        return _core.score_additive(q, k, a["w_query"], a["w_key"], a["v"], None, scale)
-    return _core.score_product(q, k, a.get("weight"), scale)
+        return _core.score_additive(q, k, a["w_query"], a["w_key"], a["v"], None, scale, **out)
+    return _core.score_product(q, k, a.get("weight"), scale, **out)
 
 
-def softmax(x: ArrayLike, *, mask: ArrayLike | None = None, axis: int = -1) -> np.ndarray:
+def softmax(x: ArrayLike, *, mask: ArrayLike | None = None, axis: int = -1,
+            out_dtype: npt.DTypeLike | None = None) -> np.ndarray:
     """Numerically stable softmax along ``axis``: exp(x - max) / sum.
 
     Args:
@@ -115,10 +123,11 @@ def softmax(x: ArrayLike, *, mask: ArrayLike | None = None, axis: int = -1) -> n
         mask: broadcastable to x. bool: True = may attend (False entries get weight 0);
             float: added to x (-inf hides an entry).
         axis: one int (not a tuple, None or a bool).
+        out_dtype: None (x's dtype) or np.float32 for a float16/bfloat16 x.
 
     Returns:
-        Array of x's shape and dtype. A row with nothing to attend (every entry masked or
-        -inf) is all zeros, never NaN; a NaN in a row makes that row NaN.
+        Array of x's shape and dtype (or out_dtype). A row with nothing to attend (every
+        entry masked or -inf) is all zeros, never NaN; a NaN in a row makes that row NaN.
     """
     _require(x=x)
     dtype, a = promote(x=x)
@@ -126,29 +135,31 @@ def softmax(x: ArrayLike, *, mask: ArrayLike | None = None, axis: int = -1) -> n
     require_ndim(x, "x", 1, "")
     axis = as_axis(axis, x.shape)
     m = prepare_mask(mask, x.shape, dtype)
+    out = out_kwargs(out_dtype, dtype)
     if axis != x.ndim - 1:
         x = np.moveaxis(x, axis, -1)
         m = None if m is None else np.moveaxis(m, axis, -1)
-        return np.moveaxis(_core.softmax(x, m), -1, axis)
-    return _core.softmax(x, m)
+        return np.moveaxis(_core.softmax(x, m, **out), -1, axis)
+    return _core.softmax(x, m, **out)
 
 
-def weighted_sum(weights: ArrayLike, value: ArrayLike) -> np.ndarray:
+def weighted_sum(weights: ArrayLike, value: ArrayLike, *, out_dtype: npt.DTypeLike | None = None) -> np.ndarray:
     """context_i = sum_j weights_ij value_j.
 
     Args:
         weights: (..., Lq, Lk).
         value: (..., Lk, Dv); leading dimensions broadcast.
+        out_dtype: None (the inputs' dtype) or np.float32 for float16/bfloat16 inputs.
 
     Returns:
         (..., Lq, Dv).
     """
     _require(weights=weights, value=value)
-    _, a = promote(weights=weights, value=value)
+    dtype, a = promote(weights=weights, value=value)
     require_ndim(a["weights"], "weights", 2, "(..., Lq, Lk)")
     require_ndim(a["value"], "value", 2, "(..., Lk, Dv)")
     _, b = broadcast_batch(a)
-    return _core.weighted_sum(b["weights"], b["value"])
+    return _core.weighted_sum(b["weights"], b["value"], **out_kwargs(out_dtype, dtype))
 
 
 def _mask_alias(attn_mask, mask, owner: str):
@@ -184,7 +195,7 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
               attn_mask: ArrayLike | None = None, is_causal: Causal = False, key_lengths: ArrayLike | None = None,
               window: Window = None, return_weights: bool = False, warn: bool = True,
               mask: ArrayLike | None = None, dropout_p: float = 0.0, seed: int | None = None,
-              **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+              out_dtype: npt.DTypeLike | None = None, **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """The three steps composed: softmax(score(query, key) + attn_mask) value.
 
     Args:
@@ -202,6 +213,10 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
             check (it costs at most two passes over the mask as given).
         dropout_p, seed: attention dropout as in :func:`scaled_dot_product_attention` (the
             (...) batch entries are its batch entries); not for method ``additive``.
+        out_dtype: None (the inputs' dtype) or np.float32 for float16/bfloat16 inputs; the
+            weights of 16-bit inputs are float32 either way. With 16-bit inputs, method
+            ``general``'s q W and ``additive``'s v * scale are rounded to the inputs' type
+            (docs/precision.md).
 
     Returns:
         context (..., Lq, Dv), or (context, weights). Every method runs as a fused kernel
@@ -211,7 +226,7 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
     """
     route = _route_attention(query, key, value, method=method, attn_mask=attn_mask, is_causal=is_causal,
                              key_lengths=key_lengths, window=window, return_weights=return_weights, warn=warn,
-                             mask=mask, dropout_p=dropout_p, seed=seed, **score_args)
+                             mask=mask, dropout_p=dropout_p, seed=seed, out_dtype=out_dtype, **score_args)
     return route.finish(route.fn(*route.args, **route.kwargs))
 
 
@@ -243,7 +258,7 @@ class AttentionRoute:
 
 def _route_attention(query, key, value, *, method="scaled_dot", attn_mask=None, is_causal=False, key_lengths=None,
                      window=None, return_weights=False, warn=True, mask=None, dropout_p=0.0, seed=None,
-                     **score_args) -> AttentionRoute:
+                     out_dtype=None, **score_args) -> AttentionRoute:
     """Checks attention's arguments and decides its route (see :class:`AttentionRoute`)."""
     mask = _mask_alias(attn_mask, mask, "attention()")
     unknown = set(score_args) - {"weight", "w_query", "w_key", "v", "scale"}
@@ -254,6 +269,7 @@ def _route_attention(query, key, value, *, method="scaled_dot", attn_mask=None, 
     _check_method_args(method, given)
     dropout_p = check_dropout(dropout_p)
     dtype, a = promote(query=query, key=key, value=value, **given)
+    out_kwargs(out_dtype, dtype)  # checked before any work
     q, k, val = a["query"], a["key"], a["value"]
     require_ndim(q, "query", 2, "(..., Lq, Dq)")
     require_ndim(k, "key", 2, "(..., Lk, Dk)")
@@ -277,17 +293,20 @@ def _route_attention(query, key, value, *, method="scaled_dot", attn_mask=None, 
         keep = _structural_keep(lq, lk, is_causal, window)
         m = combine_masks(prepare_mask(mask, batch + (lq, lk), dtype, "attn_mask"), keep, dtype)
         # scale * (v . tanh(...)) == (scale v) . tanh(...): the scale joins v.
-        v_scaled = a["v"] if scale == 1.0 else a["v"] * a["v"].dtype.type(scale)
+        # With 16-bit inputs v * scale is rounded to their type (a documented rounding point).
+        v_scaled = a["v"] if scale == 1.0 else (a["v"] * a["v"].dtype.type(scale)).astype(dtype)
         return AttentionRoute(additive_attention, (q, k, val, a["w_query"], a["w_key"], v_scaled),
                               {"attn_mask": m, "key_lengths": key_lengths, "return_weights": return_weights,
-                               "warn": False}, v_scale=scale)
+                               "warn": False, "out_dtype": out_dtype}, v_scale=scale)
     weight = None
     if method == "general":
         weight = a["weight"]
         if weight.ndim != 2 or weight.shape != (q.shape[-1], k.shape[-1]):
             raise ValueError(f"weight has shape {shape_str(weight.shape)} but query has {shape_str(q.shape)} and "
                              f"key {shape_str(k.shape)}: weight must be (Dq, Dk)")
-        q = q @ weight  # q_i W k_j = (q_i W) . k_j: scaled-dot attention of q W
+        # q_i W k_j = (q_i W) . k_j: scaled-dot attention of q W, rounded to the inputs' dtype
+        # (NumPy's bfloat16 matmul returns float32; the route stays in the inputs' type).
+        q = (q @ weight).astype(dtype, copy=False)
     elif q.shape[-1] != k.shape[-1]:
         raise ValueError(f"query has shape {shape_str(q.shape)} but key has {shape_str(k.shape)}: "
                          "the last (embedding) dimensions must match")
@@ -295,7 +314,7 @@ def _route_attention(query, key, value, *, method="scaled_dot", attn_mask=None, 
         scale = 1.0
     batch, b = broadcast_batch({"query": q, "key": k, "value": val})
     q, k, val = b["query"], b["key"], b["value"]
-    options = {"window": window, "return_weights": return_weights, "warn": False}
+    options = {"window": window, "return_weights": return_weights, "warn": False, "out_dtype": out_dtype}
     if dropout_p != 0.0:
         options.update(seed=seed)
     if key_lengths is None:
@@ -316,7 +335,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  is_causal: Causal = False, scale: float | None = None, enable_gqa: bool = False, *,
                                  key_lengths: ArrayLike | None = None, window: Window = None,
                                  return_weights: bool = False, return_lse: bool = False, warn: bool = True,
-                                 seed: int | None = None) -> np.ndarray | tuple[np.ndarray, ...]:
+                                 seed: int | None = None, out_dtype: npt.DTypeLike | None = None
+                                 ) -> np.ndarray | tuple[np.ndarray, ...]:
     """softmax(query key^T * scale + mask) value, with PyTorch's argument meanings.
 
     Runs as one fused, tiled kernel (online softmax over key tiles): the (L, S) scores are
@@ -352,6 +372,12 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
         seed: the dropout seed, an int in [0, 2**64); None draws a fresh one from the operating
             system's entropy (os.urandom, never a global generator). Ignored when dropout_p is 0.
             :func:`attnext.vjp` records the seed it used as ``pullback.seed``.
+        out_dtype: None (the inputs' dtype) or np.float32 for float16/bfloat16 inputs (the
+            output written from the float32 accumulators). Weights and lse of 16-bit inputs are
+            float32 either way; a float attn_mask of a 16-bit call is read as float32.
+
+    Precision: bfloat16 inputs have Q * scale and the probabilities P rounded to bfloat16
+    before their products, everything else in float32 (docs/precision.md).
 
     Layout: a 3-D input is (H, L, E), with no batch axis; for (B, L, E) data add a head axis
     with ``x[:, None]``. (B, L, H, E) data must be transposed to (B, H, L, E) first
@@ -364,7 +390,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
     dropout_p = check_dropout(dropout_p)
     seed = _dropout_seed(seed, dropout_p)
     call = _prepare_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, key_lengths, window, warn)
-    out, w, lse = _core.sdpa(*call.kernel_args(), bool(return_weights), bool(return_lse), dropout_p, seed)
+    out, w, lse = _core.sdpa(*call.kernel_args(), bool(return_weights), bool(return_lse), dropout_p, seed,
+                             **out_kwargs(out_dtype, call.dtype))
     results = [call.public(r) for r in [out] + ([w] if return_weights else []) + ([lse] if return_lse else [])]
     return tuple(results) if len(results) > 1 else results[0]
 
@@ -411,10 +438,11 @@ class SdpaCall:
 
 
 def _prepare_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, key_lengths, window,
-                  warn: bool) -> SdpaCall:
-    """Checks SDPA's arguments and prepares them for the kernels (see :class:`SdpaCall`)."""
+                  warn: bool, backward: bool = False) -> SdpaCall:
+    """Checks SDPA's arguments and prepares them for the kernels (see :class:`SdpaCall`);
+    backward: the backward's dtype rule (:func:`attnext._validation.promote`)."""
     _require(query=query, key=key, value=value)
-    dtype, a = promote(query=query, key=key, value=value)
+    dtype, a = promote(backward, query=query, key=key, value=value)
     q, k, v = a["query"], a["key"], a["value"]
     require_ndim(q, "query", 2, "(..., L, E)")
     require_ndim(k, "key", 2, "(..., S, E)")
@@ -543,22 +571,25 @@ class ProjectedKeys:
     Made by :func:`project_keys` (and by ``BahdanauAttention.precompute``); pass it as ``key``
     to :func:`additive_attention` with ``w_key=None`` so a decoder pays for ``key @ w_key``
     once per sentence instead of once per step. Attributes: ``projected`` (..., Lk, U) =
-    key @ w_key; ``units``; ``dtype``; ``batch_shape``; ``num_keys``. It owns its arrays
-    (the kernel's outputs, never the caller's).
+    key @ w_key (float32 for 16-bit keys: the kernels' accumulation type); ``units``;
+    ``dtype`` (that of the key and w_key it was projected from, the type it stands for in
+    promotion); ``batch_shape``; ``num_keys``. It owns its arrays (the kernel's outputs,
+    never the caller's).
     """
 
-    __slots__ = ("projected", "_expo", "_ok")
+    __slots__ = ("projected", "_expo", "_ok", "_dtype")
 
-    def __init__(self, projected: np.ndarray, expo: np.ndarray, ok: np.ndarray) -> None:
+    def __init__(self, projected: np.ndarray, expo: np.ndarray, ok: np.ndarray, dtype: npt.DTypeLike = None) -> None:
         self.projected, self._expo, self._ok = projected, expo, ok
+        self._dtype = projected.dtype if dtype is None else np.dtype(dtype)
 
     @classmethod
     def _project(cls, key: np.ndarray, w_key: np.ndarray) -> "ProjectedKeys":
-        return cls(*_core.additive_keys(key, w_key))
+        return cls(*_core.additive_keys(key, w_key), dtype=key.dtype)
 
     @property
     def dtype(self) -> np.dtype:
-        return self.projected.dtype
+        return self._dtype
 
     @property
     def units(self) -> int:
@@ -573,21 +604,22 @@ class ProjectedKeys:
         return self.projected.shape[:-2]
 
     def astype(self, dtype: npt.DTypeLike) -> "ProjectedKeys":
-        """The same projected keys in another dtype (self if it already is)."""
-        if self.projected.dtype == dtype:
+        """The same projected keys for inputs of another dtype (self if it already is); the
+        arrays are of that dtype's accumulation type, as the kernel would have made them."""
+        if self.dtype == dtype:
             return self
-        raw = self.projected.astype(dtype)
+        raw = self.projected.astype(accumulation_dtype(dtype))
         limit = _EXP_FORM_LIMIT[raw.dtype.name]
         with np.errstate(over="ignore", invalid="ignore"):
             expo = np.exp(2 * raw)
             ok = np.all(np.abs(raw) <= limit, axis=(-2, -1))
-        return ProjectedKeys(raw, expo, np.asarray(ok))
+        return ProjectedKeys(raw, expo, np.asarray(ok), dtype)
 
     def broadcast_to(self, batch_shape: tuple[int, ...]) -> "ProjectedKeys":
         """A view with a larger batch shape (stride 0 on the new axes)."""
         _, b = broadcast_batch({"projected": self.projected, "expo": self._expo, "ok": self._ok},
                                {"projected": 2, "expo": 2, "ok": 0}, to=tuple(batch_shape))
-        return ProjectedKeys(b["projected"], b["expo"], b["ok"])
+        return ProjectedKeys(b["projected"], b["expo"], b["ok"], self.dtype)
 
     def __repr__(self) -> str:
         return (f"ProjectedKeys(batch_shape={shape_str(self.batch_shape)}, num_keys={self.num_keys}, "
@@ -613,7 +645,7 @@ def additive_attention(query: ArrayLike, key: ArrayLike | ProjectedKeys, value: 
                        w_key: ArrayLike | None, v: ArrayLike, *, bias: ArrayLike | None = None,
                        attn_mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None,
                        is_causal: Causal = False, window: Window = None, return_weights: bool = False,
-                       warn: bool = True, mask: ArrayLike | None = None
+                       warn: bool = True, mask: ArrayLike | None = None, out_dtype: npt.DTypeLike | None = None
                        ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Bahdanau's attention, fused: softmax_j(v . tanh(q_i W_q + bias + k_j W_k) + mask_ij) value_j.
 
@@ -637,6 +669,8 @@ def additive_attention(query: ArrayLike, key: ArrayLike | ProjectedKeys, value: 
         return_weights: also return the (..., Lq, Lk) attention weights.
         warn: check attn_mask for the usual mistakes (:class:`attnext.MaskWarning`, as in
             :func:`scaled_dot_product_attention`); False skips the check.
+        out_dtype: None (the inputs' dtype) or np.float32 for float16/bfloat16 inputs; their
+            weights are float32 either way, their bias and float masks are read as float32.
 
     Returns:
         context (..., Lq, Dv), or (context, weights). A query row that may attend to no key
@@ -646,7 +680,7 @@ def additive_attention(query: ArrayLike, key: ArrayLike | ProjectedKeys, value: 
                              attn_mask=_mask_alias(attn_mask, mask, "additive_attention()"), key_lengths=key_lengths,
                              is_causal=is_causal, window=window, warn=warn)
     return _additive_kernel(call.query, call.w_query, call.bias, call.keys, call.value, call.v, call.mask,
-                            call.lengths, bool(return_weights))
+                            call.lengths, bool(return_weights), out_kwargs(out_dtype, call.dtype))
 
 
 @dataclass(frozen=True)
@@ -672,22 +706,24 @@ class AdditiveCall:
 
 
 def _prepare_additive(query, key, value, w_query, w_key, v, *, bias=None, attn_mask=None, key_lengths=None,
-                      is_causal=False, window=None, warn=True) -> AdditiveCall:
-    """Checks additive_attention's arguments and prepares them for the kernels (see :class:`AdditiveCall`)."""
+                      is_causal=False, window=None, warn=True, backward=False) -> AdditiveCall:
+    """Checks additive_attention's arguments and prepares them for the kernels (see
+    :class:`AdditiveCall`); backward: the backward's dtype rule (:func:`attnext._validation.promote`)."""
     mask = attn_mask
     _require(query=query, key=key, value=value, w_query=w_query, v=v)
     projected = isinstance(key, ProjectedKeys)
     if projected:
         if w_key is not None:
             raise ValueError("key is already projected (a ProjectedKeys); pass w_key=None")
-        dtype, a = promote(query=query, value=value, w_query=w_query, v=v, bias=bias)
-        dtype = np.result_type(dtype, key.dtype)
-        a = {name: arr.astype(dtype, copy=False) for name, arr in a.items()}
+        # An empty array of the keys' type stands for them in the one promotion rule.
+        dtype, a = promote(backward, query=query, value=value, w_query=w_query, v=v, bias=bias,
+                           key=np.empty(0, key.dtype))
+        del a["key"]
         keys = key.astype(dtype)
     else:
         if w_key is None:
             raise ValueError("w_key is required unless key is a ProjectedKeys")
-        dtype, a = promote(query=query, key=key, value=value, w_query=w_query, w_key=w_key, v=v, bias=bias)
+        dtype, a = promote(backward, query=query, key=key, value=value, w_query=w_query, w_key=w_key, v=v, bias=bias)
         require_ndim(a["key"], "key", 2, "(..., Lk, Dk)")
         keys = a["key"]
     q, val = a["query"], a["value"]
@@ -727,21 +763,27 @@ def _prepare_additive(query, key, value, w_query, w_key, v, *, bias=None, attn_m
         keys = ProjectedKeys._project(keys, a["w_key"]).broadcast_to(batch)
     else:
         keys = (keys, a["w_key"])
-    return AdditiveCall(b["query"], wq, a.get("bias"), keys, b["value"], vv, m, lengths, raw_key, raw_w_key, dtype)
+    # The bias is added to float32 accumulators in a 16-bit call: the kernels take it as float32.
+    bias = a.get("bias")
+    bias = None if bias is None else bias.astype(accumulation_dtype(dtype), copy=False)
+    return AdditiveCall(b["query"], wq, bias, keys, b["value"], vv, m, lengths, raw_key, raw_w_key, dtype)
 
 
 def _additive_kernel(query: np.ndarray, w_query: np.ndarray, bias: np.ndarray | None,
                      keys: ProjectedKeys | tuple[np.ndarray, np.ndarray], value: np.ndarray, v: np.ndarray,
-                     mask: np.ndarray | None, key_lengths: np.ndarray | None, return_weights: bool):
+                     mask: np.ndarray | None, key_lengths: np.ndarray | None, return_weights: bool,
+                     out: dict | None = None):
     """The one place that picks the additive kernel, for the functional API and the layers:
     keys already projected (a ProjectedKeys of the batch shape) use them; raw (key, w_key) of
-    the batch shape are projected by the kernel itself, into scratch memory it reuses."""
+    the batch shape are projected by the kernel itself, into scratch memory it reuses. out: the
+    output keyword of :func:`attnext._validation.out_kwargs`."""
+    out = out or {}
     if isinstance(keys, ProjectedKeys):
         return _core.additive_attention(query, w_query, bias, keys.projected, keys._expo, keys._ok, value, v, mask,
-                                        key_lengths, return_weights)
+                                        key_lengths, return_weights, **out)
     key, w_key = keys
     return _core.additive_attention_keys(query, w_query, bias, key, w_key, value, v, mask, key_lengths,
-                                         return_weights)
+                                         return_weights, **out)
 
 
 def _additive_backward_kernel(call: AdditiveCall, grad_out: np.ndarray, grad_weights: np.ndarray | None,

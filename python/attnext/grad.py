@@ -25,8 +25,8 @@ import numpy.typing as npt
 
 from . import _core, functional, reference
 from ._broadcast import broadcast_batch, reduce_to_shape
-from ._validation import (aligned, as_axis, as_float_array, as_scalar, check_dropout, promote, require_ndim,
-                          shape_str, to_array)
+from ._validation import (aligned, as_axis, as_float_array, as_scalar, check_dropout, promote,
+                          refuse_bfloat16_backward, require_ndim, shape_str, to_array)
 from .functional import ProjectedKeys
 
 __all__ = [
@@ -426,6 +426,7 @@ def vjp(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, Pullback]:
             call[name] = value
     positional = tuple(list(parameters)[:len(args)])
     saved = {name: _own(value) for name, value in call.items()}
+    refuse_bfloat16_backward(saved)  # before the forward runs: its pullback could not be taken
     passed = {name: _float_like(value) for name, value in saved.items()}
     outputs, backward, seed = rule(fn, _BACKENDS[fn], call, saved)
     pullback = Pullback(backward, tuple((o.shape, o.dtype) for o in outputs), positional, passed, seed)
@@ -448,7 +449,7 @@ def softmax_backward(grad: ArrayLike, weights: ArrayLike, *, axis: int = -1) -> 
         mask's shape). A masked entry (weight 0) gets 0.
     """
     result_dtype = to_array(weights, "weights").dtype
-    _, a = promote(grad=grad, weights=weights)
+    _, a = promote(backward=True, grad=grad, weights=weights)
     g, w = a["grad"], a["weights"]
     if g.shape != w.shape:
         raise ValueError(f"grad has shape {shape_str(g.shape)} but weights has {shape_str(w.shape)}: they must match")
@@ -467,7 +468,7 @@ def weighted_sum_backward(grad: ArrayLike, weights: ArrayLike, value: ArrayLike)
         (dweights, dvalue), each of its input's shape and dtype.
     """
     inputs = {"weights": to_array(weights, "weights"), "value": to_array(value, "value")}
-    _, a = promote(**inputs)
+    _, a = promote(backward=True, **inputs)
     w, val = a["weights"], a["value"]
     require_ndim(w, "weights", 2, "(..., Lq, Lk)")
     require_ndim(val, "value", 2, "(..., Lk, Dv)")
@@ -513,7 +514,7 @@ def score_backward(grad: ArrayLike, query: ArrayLike, key: ArrayLike, method: st
     given = {"query": query, "key": key, "weight": weight, "w_query": w_query, "w_key": w_key, "v": v}
     functional._require(query=query, key=key)
     functional._check_method_args(method, {"weight": weight, "w_query": w_query, "w_key": w_key, "v": v})
-    dtype, a = promote(grad=grad, **given)
+    dtype, a = promote(backward=True, grad=grad, **given)
     q, k, g = a["query"], a["key"], a["grad"]
     require_ndim(q, "query", 2, "(..., Lq, Dq)")
     require_ndim(k, "key", 2, "(..., Lk, Dk)")
@@ -606,12 +607,12 @@ def scaled_dot_product_attention_backward(
                          "as pullback.seed)")
     seed = functional._dropout_seed(seed, p)
     inputs = {"query": to_array(query, "query"), "key": to_array(key, "key"), "value": to_array(value, "value")}
-    dtype, _ = promote(**inputs)
+    dtype, _ = promote(backward=True, **inputs)
     ev = inputs["value"].shape[-1] if inputs["value"].ndim else 0
     if grad_lse is not None:
         value, out, grad_out = _fold_lse_cotangent(inputs["value"], out, grad_out, grad_lse, dtype)
     call = functional._prepare_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, key_lengths,
-                                    window, warn=False)
+                                    window, warn=False, backward=True)
     rows, (lk, ev_kernel) = call.row_shape(), call.value.shape[-2:]
     g = call.kernel(_rows_array(grad_out, "grad_out", rows + (ev_kernel,), dtype))
     o = call.kernel(_rows_array(out, "out", rows + (ev_kernel,), dtype))
@@ -685,7 +686,8 @@ def additive_attention_backward(grad_out: ArrayLike, query: ArrayLike, key: Arra
         (..., Lk, U), the memory-shaped gradient that sums across decoder steps.
     """
     call = functional._prepare_additive(query, key, value, w_query, w_key, v, bias=bias, attn_mask=attn_mask,
-                                        key_lengths=key_lengths, is_causal=is_causal, window=window, warn=False)
+                                        key_lengths=key_lengths, is_causal=is_causal, window=window, warn=False,
+                                        backward=True)
     rows, lk = call.query.shape[:-1], call.value.shape[-2]
     g = _rows_array(grad_out, "grad_out", rows + (call.value.shape[-1],), call.dtype)
     gw = None if grad_weights is None else _rows_array(grad_weights, "grad_weights", rows + (lk,), call.dtype)
@@ -719,7 +721,7 @@ def linear_backward(grad: ArrayLike, x: ArrayLike, weight: ArrayLike, bias: Arra
     inputs = {"x": to_array(x, "x"), "weight": to_array(weight, "weight")}
     if bias is not None:
         inputs["bias"] = to_array(bias, "bias")
-    dtype, a = promote(grad=grad, **inputs)
+    dtype, a = promote(backward=True, grad=grad, **inputs)
     g, xa, w = a["grad"], a["x"], a["weight"]
     require_ndim(xa, "x", 1, "(..., in)")
     if w.ndim != 2 or w.shape[1] != xa.shape[-1]:

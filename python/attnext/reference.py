@@ -7,6 +7,12 @@ scores are built densely, masks are materialised, and the additive score builds 
 
 Notation: a query q_i (row i of Q, shape (..., Lq, Dq)), a key k_j (row j of K, (..., Lk, Dk)),
 a value v_j (row j of V, (..., Lk, Dv)).
+
+Precision: float32 and float64 inputs compute as themselves. float16 and ml_dtypes.bfloat16
+inputs are read exactly (as float64), computed in float64, and rounded to a 16-bit type only
+at the documented rounding points (docs/precision.md), each marked ``ROUNDING POINT`` below:
+the kernels' rounding, applied to an exact computation, so the tests can measure how far a
+kernel's float32 arithmetic strays from it. bfloat16 needs ml_dtypes for those roundings.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from ._broadcast import reduce_to_shape
+from ._validation import BFLOAT16, FLOAT32, is_bfloat16, is_low_precision, output_dtype
 
 __all__ = [
     "score",
@@ -33,14 +40,51 @@ _METHODS = ("dot", "scaled_dot", "general", "additive")
 
 
 def _float_dtype(*arrays):
-    """NumPy's promotion over the inputs, with float16 computed as float32."""
+    """The backward functions' compute dtype: NumPy's promotion over the inputs, float16 as
+    float32 (bfloat16 has no backward)."""
     dtype = np.result_type(*arrays)
     return np.float32 if dtype == np.float16 else dtype
 
 
+class _Precision:
+    """How one forward call computes: the inputs' dtype (NumPy's promotion over the data
+    arguments; masks excluded, as in attnext) and the dtype of the arithmetic, float64 for
+    16-bit inputs (read exactly: every float16 and bfloat16 value is a float64 value), else
+    the inputs' dtype."""
+
+    def __init__(self, *arrays) -> None:
+        self.dtype = np.result_type(*(np.asarray(a) for a in arrays if a is not None))
+        self.low = is_low_precision(self.dtype)
+        self.bfloat16 = is_bfloat16(self.dtype)
+        if self.bfloat16 and BFLOAT16 is None:
+            raise TypeError("the reference needs ml_dtypes to round to bfloat16 (pip install ml_dtypes)")
+        self.compute = np.dtype(np.float64) if self.low else self.dtype
+
+    def read(self, x):
+        """An input in the compute dtype (16-bit inputs exactly, no rounding); None stays None."""
+        return None if x is None else np.asarray(x).astype(self.compute, copy=False)
+
+    def store(self, x, out_dtype=None) -> np.ndarray:
+        """ROUNDING POINT (every function): the main output, rounded once to the inputs' dtype
+        (or to float32 when out_dtype asks for it)."""
+        return np.asarray(x).astype(output_dtype(out_dtype, self.dtype))
+
+    def statistic(self, x) -> np.ndarray:
+        """Weights and lse: float32 for 16-bit inputs (the kernels' accumulators), else the
+        inputs' dtype."""
+        return np.asarray(x).astype(FLOAT32 if self.low else self.dtype)
+
+    def bf16(self, x) -> np.ndarray:
+        """A bfloat16 rounding point (RNE, as ml_dtypes and attnext's from_float), returned in
+        the compute dtype; the identity for every other input type."""
+        if not self.bfloat16:
+            return x
+        return np.asarray(x).astype(BFLOAT16).astype(self.compute)
+
+
 def score(query: ArrayLike, key: ArrayLike, method: str = "scaled_dot", *, weight: ArrayLike | None = None,
           w_query: ArrayLike | None = None, w_key: ArrayLike | None = None, v: ArrayLike | None = None,
-          scale: float | None = None) -> np.ndarray:
+          scale: float | None = None, out_dtype: DTypeLike | None = None) -> np.ndarray:
     """Scores of every query against every key, shape (..., Lq, Lk).
 
     - dot:        s_ij = q_i . k_j
@@ -49,21 +93,23 @@ def score(query: ArrayLike, key: ArrayLike, method: str = "scaled_dot", *, weigh
     - additive:   s_ij = v^T tanh(W_q^T q_i + W_k^T k_j)   (Bahdanau), W_q (Dq, U), W_k (Dk, U), v (U,)
 
     ``scale`` multiplies the scores (default 1/sqrt(d_k) for scaled_dot, 1 otherwise).
+    16-bit inputs: computed exactly, rounded once at the store (or float32 with out_dtype).
     """
-    q, k = np.asarray(query), np.asarray(key)
+    prec = _Precision(query, key, weight, w_query, w_key, v)
+    q, k = prec.read(query), prec.read(key)
     if method in ("dot", "scaled_dot"):
         s = q @ np.swapaxes(k, -1, -2)
     elif method == "general":
-        s = q @ np.asarray(weight) @ np.swapaxes(k, -1, -2)
+        s = q @ prec.read(weight) @ np.swapaxes(k, -1, -2)
     elif method == "additive":
-        q_proj = q @ np.asarray(w_query)  # (..., Lq, U)
-        k_proj = k @ np.asarray(w_key)  # (..., Lk, U)
-        s = np.tanh(q_proj[..., :, None, :] + k_proj[..., None, :, :]) @ np.asarray(v)
+        q_proj = q @ prec.read(w_query)  # (..., Lq, U)
+        k_proj = k @ prec.read(w_key)  # (..., Lk, U)
+        s = np.tanh(q_proj[..., :, None, :] + k_proj[..., None, :, :]) @ prec.read(v)
     else:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(k.shape[-1]) if method == "scaled_dot" and k.shape[-1] else 1.0
-    return s * np.asarray(scale, dtype=s.dtype)
+    return prec.store(s * np.asarray(scale, dtype=s.dtype), out_dtype)
 
 
 def _masked(x, mask):
@@ -77,12 +123,19 @@ def _masked(x, mask):
     return np.where(mask == -np.inf, -np.inf, x + mask.astype(x.dtype)).astype(x.dtype)
 
 
-def softmax(x: ArrayLike, *, mask: ArrayLike | None = None, axis: int = -1) -> np.ndarray:
+def softmax(x: ArrayLike, *, mask: ArrayLike | None = None, axis: int = -1,
+            out_dtype: DTypeLike | None = None) -> np.ndarray:
     """softmax(x)_j = exp(x_j - m) / sum_k exp(x_k - m), m = max_k x_k, over ``axis``.
 
-    A row with nothing to attend (all -inf after masking) gives zeros.
+    A row with nothing to attend (all -inf after masking) gives zeros. 16-bit x: computed
+    exactly, rounded once at the store (or float32 with out_dtype).
     """
-    x = _masked(np.asarray(x), mask)
+    prec = _Precision(x)
+    return prec.store(_softmax(_masked(prec.read(x), mask), axis), out_dtype)
+
+
+def _softmax(x, axis=-1):
+    """softmax of masked scores x in x's dtype (see :func:`softmax`)."""
     m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)  # -inf for an empty axis
     m = np.where(m == -np.inf, 0, m)  # an empty row: exp(-inf - 0) = 0 everywhere
     e = np.exp(x - m)
@@ -95,9 +148,11 @@ def softmax(x: ArrayLike, *, mask: ArrayLike | None = None, axis: int = -1) -> n
     return np.where(x == -np.inf, 0, w).astype(x.dtype)
 
 
-def weighted_sum(weights: ArrayLike, value: ArrayLike) -> np.ndarray:
-    """c_i = sum_j a_ij v_j: (..., Lq, Lk) x (..., Lk, Dv) -> (..., Lq, Dv)."""
-    return np.asarray(weights) @ np.asarray(value)
+def weighted_sum(weights: ArrayLike, value: ArrayLike, *, out_dtype: DTypeLike | None = None) -> np.ndarray:
+    """c_i = sum_j a_ij v_j: (..., Lq, Lk) x (..., Lk, Dv) -> (..., Lq, Dv). 16-bit inputs:
+    computed exactly, rounded once at the store (or float32 with out_dtype)."""
+    prec = _Precision(weights, value)
+    return prec.store(prec.read(weights) @ prec.read(value), out_dtype)
 
 
 def causal_mask(lq: int, lk: int, is_causal: Any) -> np.ndarray:
@@ -144,12 +199,20 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
               attn_mask: ArrayLike | None = None, is_causal: Any = False, key_lengths: ArrayLike | None = None,
               window: tuple | None = None, return_weights: bool = False, warn: bool = True,
               mask: ArrayLike | None = None, dropout_p: float = 0.0, seed: int | None = None,
-              **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+              out_dtype: DTypeLike | None = None, **score_args: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """context = softmax(score(Q, K) + attn_mask) V, the three steps in a row. Causal, window
     and key_lengths (over the batch axes (...,)) hide keys as in :func:`dense_mask`. ``mask`` is
     attn_mask's older name; ``warn`` is accepted for signature parity (the twin checks nothing).
-    Dropout as in :func:`scaled_dot_product_attention`, over the batch entries (...)."""
+    Dropout as in :func:`scaled_dot_product_attention`, over the batch entries (...).
+
+    16-bit inputs take the fused route attnext takes, with its rounding points
+    (:func:`_attention_low_precision`)."""
     mask = _mask_alias(attn_mask, mask)
+    prec = _Precision(query, key, value, *(score_args.get(n) for n in ("weight", "w_query", "w_key", "v")))
+    if prec.low:
+        return _attention_low_precision(prec, query, key, value, method, mask, is_causal, key_lengths, window,
+                                        return_weights, dropout_p, seed, out_dtype, score_args)
+    output_dtype(out_dtype, prec.dtype)  # only None or the inputs' dtype is valid here
     s = score(query, key, method, **score_args)
     hidden = _attention_hidden(mask, s.shape, is_causal, window, key_lengths)
     if float(dropout_p) != 0.0 and seed is None:
@@ -160,6 +223,38 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, method: str
                        s.shape[-1], s.dtype)
     out, a = _attend(_masked(s, mask), value, hidden, z)
     return (out, a) if return_weights else out
+
+
+def _attention_low_precision(prec, query, key, value, method, mask, is_causal, key_lengths, window, return_weights,
+                             dropout_p, seed, out_dtype, score_args):
+    """attention() of 16-bit inputs as attnext runs it: additive through
+    :func:`additive_attention` with v * scale, the other methods through
+    :func:`scaled_dot_product_attention` of (q W for general) with a head axis of 1 (so every
+    leading axis is a batch axis of key_lengths)."""
+    scale = score_args.get("scale")
+    if method == "additive":
+        v = score_args["v"]
+        if scale is not None and scale != 1.0:
+            # ROUNDING POINT (attention, method additive, 16-bit): v * scale in the inputs' dtype.
+            v = (prec.read(v) * scale).astype(prec.dtype)
+        return additive_attention(query, key, value, score_args["w_query"], score_args["w_key"], v,
+                                  attn_mask=mask, key_lengths=key_lengths, is_causal=is_causal, window=window,
+                                  return_weights=return_weights, out_dtype=out_dtype)
+    q = query
+    if method == "general":
+        # ROUNDING POINT (attention, method general, 16-bit): q W in the inputs' dtype.
+        q = (prec.read(query) @ prec.read(score_args["weight"])).astype(prec.dtype)
+    if scale is None and method != "scaled_dot":
+        scale = 1.0
+    heads = tuple(np.asarray(x)[..., None, :, :] for x in (q, key, value))
+    m = None if mask is None else np.asarray(mask)
+    m = m[..., None, :, :] if m is not None and m.ndim >= 3 else m
+    result = scaled_dot_product_attention(*heads, m, dropout_p, is_causal, scale, key_lengths=key_lengths,
+                                          window=window, return_weights=return_weights, seed=seed,
+                                          out_dtype=out_dtype)
+    if return_weights:
+        return tuple(r[..., 0, :, :] for r in result)
+    return result[..., 0, :, :]
 
 
 def _attention_hidden(mask, score_shape, is_causal, window, key_lengths):
@@ -281,7 +376,8 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
                                  scale: float | None = None, enable_gqa: bool = False, *,
                                  key_lengths: ArrayLike | None = None, window: tuple | None = None,
                                  return_weights: bool = False, return_lse: bool = False, warn: bool = True,
-                                 seed: int | None = None) -> np.ndarray | tuple[np.ndarray, ...]:
+                                 seed: int | None = None, out_dtype: DTypeLike | None = None
+                                 ) -> np.ndarray | tuple[np.ndarray, ...]:
     """softmax(Q K^T * scale + mask) V with PyTorch's argument meanings (``warn`` is accepted for
     signature parity; the twin checks nothing).
 
@@ -297,26 +393,65 @@ def scaled_dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayL
     Hidden is hidden: a key hidden by causal, window, key_lengths, a bool False or a -inf
     float-mask entry contributes nothing (its score, its float-mask entry, NaN included, and
     its value row); a row that sees no key gives zeros and lse -inf.
+
+    16-bit inputs (float16, bfloat16): weights and lse are float32; bfloat16 has two more
+    rounding points, Q * scale and P before P V (:func:`_sdpa_query`, :func:`_rounded_p`).
     """
-    q, k, v = np.asarray(query), np.asarray(key), np.asarray(value)
-    dtype = _float_dtype(q, k, v)
-    q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    prec = _Precision(query, key, value)
+    dtype = prec.compute
+    q, k, v = prec.read(query), prec.read(key), prec.read(value)
     k, v, _ = _gqa_repeat(q, k, v, enable_gqa)
     scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else scale
-    s, _ = _sdpa_scores(q, k, attn_mask, is_causal, scale, key_lengths, window, dtype)
+    q, scale_after = _sdpa_query(prec, q, scale)
+    s, _ = _sdpa_scores(q, k, attn_mask, is_causal, scale_after, key_lengths, window, dtype)
     if float(dropout_p) != 0.0 and seed is None:
         from . import _philox
 
         seed = _philox.draw_seed()
     z = _dropout_scale(dropout_p, seed, s.shape[:-2], s.shape[-2], s.shape[-1], dtype)
-    a = _apply_dropout(softmax(s), z)
-    out = _context(a, v, s == -np.inf)
+    a = softmax(s)
+    out = _context(_apply_dropout(_rounded_p(prec, s, a), z), v, s == -np.inf)
     extras = []
     if return_weights:
-        extras.append(a.astype(dtype))
+        extras.append(prec.statistic(_apply_dropout(a, z)))
     if return_lse:
-        extras.append(_log_sum_exp(s).astype(dtype))
-    return (out.astype(dtype), *extras) if extras else out.astype(dtype)
+        extras.append(prec.statistic(_log_sum_exp(s)))
+    out = prec.store(out, out_dtype)
+    return (out, *extras) if extras else out
+
+
+def _sdpa_query(prec: _Precision, q: np.ndarray, scale: float) -> tuple[np.ndarray, float]:
+    """(Q as the score's left operand, the scale still to apply to the scores).
+
+    ROUNDING POINT (SDPA, bfloat16): Q * scale, computed in float32, is rounded to bfloat16
+    once, when the kernels fold the scale into Q: |scale| <= 1 or every Q * scale finite (the
+    overflow rule of sdpa/micro.hpp, judged here over all of Q rather than per block). Not
+    folded, Q is read as it is and the scores are scaled afterwards, in float32. Other
+    dtypes: Q as it is, the scores scaled afterwards (no rounding to model)."""
+    if not prec.bfloat16:
+        return q, scale
+    with np.errstate(over="ignore", invalid="ignore"):
+        folded = q.astype(np.float32) * np.float32(scale)
+    if abs(scale) <= 1 or np.all(np.isfinite(folded)):
+        return prec.bf16(folded), 1.0
+    return q, scale
+
+
+def _rounded_p(prec: _Precision, s: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """The weights that multiply V: a = softmax(s) itself, except for bfloat16 inputs.
+
+    ROUNDING POINT (SDPA, bfloat16): P = exp(s - m) is rounded to bfloat16 before P V, while
+    the row sum l adds the unrounded P; the context is (bf16(P) V) / l. m here is the row's
+    maximum; the kernels' online softmax rounds exp(s - m') for the running maximum m' of the
+    key tiles seen so far, a difference of one more rounding of the same size (the tolerance
+    in docs/precision.md counts it)."""
+    if not prec.bfloat16:
+        return a
+    m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
+    m = np.where(m == -np.inf, 0, m)
+    p = np.exp(s - m)
+    total = np.sum(p, axis=-1, keepdims=True)
+    return np.where(total == 0, 0, prec.bf16(p) / np.where(total == 0, 1, total))
 
 
 # --- Encoder-decoder (RNN) attention: additive attention and the layers' math ----------------
@@ -361,22 +496,25 @@ def additive_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, w_que
                        w_key: ArrayLike | None, v: ArrayLike, *, bias: ArrayLike | None = None,
                        attn_mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None,
                        is_causal: Any = False, window: tuple | None = None, return_weights: bool = False,
-                       warn: bool = True, mask: ArrayLike | None = None
+                       warn: bool = True, mask: ArrayLike | None = None, out_dtype: DTypeLike | None = None
                        ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """c_i = sum_j a_ij value_j, a_i = softmax_j(e_ij + mask_ij), e_ij = v . tanh(q_i W_q + b + k_j W_k).
 
     Builds the (..., Lq, Lk, U) tensor, as the formula reads. key_lengths (...,) hides keys at
     positions >= length; is_causal and window hide keys as in :func:`dense_mask`. key may be an
     :class:`attnext.ProjectedKeys` (then w_key is None). ``mask`` is attn_mask's older name;
-    ``warn`` is accepted for signature parity.
+    ``warn`` is accepted for signature parity. 16-bit inputs: computed exactly, the context
+    rounded once at the store (or float32 with out_dtype), the weights float32.
     """
     mask = _mask_alias(attn_mask, mask)
-    dtype = _additive_dtype(query, key, value, w_query, w_key, v)
+    prec = _Precision(query, getattr(key, "projected", key), value, w_query, w_key, v, bias)
+    dtype = prec.compute
     t = _additive_tanh(query, key, w_query, w_key, bias, dtype)
     e = t @ np.asarray(v, dtype)  # (..., Lq, Lk)
     hidden = _additive_hidden(mask, key_lengths, is_causal, window, e.shape[-2], e.shape[-1])
     out, a = _attend(_masked(e, mask).astype(dtype), np.asarray(value, dtype), hidden)
-    return (out, a) if return_weights else out
+    out = prec.store(out, out_dtype)
+    return (out, prec.statistic(a)) if return_weights else out
 
 
 # PyTorch state-dict names of the encoder-decoder layers -> (textbook name, how to turn the
@@ -504,8 +642,8 @@ def multi_head_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, num
                          v_bias: ArrayLike | None = None, out_bias: ArrayLike | None = None,
                          num_kv_heads: int | None = None, attn_mask: ArrayLike | None = None,
                          is_causal: Any = False, key_mask: ArrayLike | None = None,
-                         key_lengths: ArrayLike | None = None, window: tuple | None = None
-                         ) -> tuple[np.ndarray, np.ndarray]:
+                         key_lengths: ArrayLike | None = None, window: tuple | None = None,
+                         out_dtype: DTypeLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Batch-first multi-head attention, one head at a time, with grouped-query attention by
     repeating key/value heads.
 
@@ -519,12 +657,21 @@ def multi_head_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, num
         Q = query W_q^T + b_q, K = key W_k^T + b_k, V = value W_v^T + b_v
         head_h = softmax(Q_h K_g^T / sqrt(d) + mask) V_g,  g = h // (H / Hk)
         output = [head_1, ..., head_H] W_out^T + b_out
+
+    16-bit weights and inputs: :func:`_multi_head_low_precision` (float32 weights returned).
     """
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    prec = _Precision(query, key, value, q_weight, k_weight, v_weight, out_weight)
+    if prec.low:
+        return _multi_head_low_precision(prec, query, key, value, num_heads, num_kv_heads, q_weight, k_weight,
+                                         v_weight, out_weight, (q_bias, k_bias, v_bias, out_bias), attn_mask,
+                                         is_causal, key_mask, key_lengths, window, out_dtype)
+    output_dtype(out_dtype, prec.dtype)  # only None or the inputs' dtype is valid here
+
     def project(x, w, b):
         y = np.asarray(x) @ np.asarray(w).T
         return y if b is None else y + np.asarray(b)
 
-    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     q = project(query, q_weight, q_bias)
     k = project(key, k_weight, k_bias)
     v = project(value, v_weight, v_bias)
@@ -532,17 +679,7 @@ def multi_head_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, num
     s = k.shape[1]
     d = e // num_heads
     group = num_heads // num_kv_heads
-    mask = None if attn_mask is None else np.broadcast_to(np.asarray(attn_mask), (bsz, num_heads, lq, s))
-    if key_mask is not None:
-        km = np.broadcast_to(np.asarray(key_mask)[:, None, None, :], (bsz, num_heads, lq, s))
-        if mask is None:
-            mask = km
-        elif mask.dtype == np.bool_ and km.dtype == np.bool_:
-            mask = mask & km
-        else:  # both as additive masks; a key either one hides stays hidden
-            fm, fk = _masked(np.zeros(mask.shape, q.dtype), mask), _masked(np.zeros(km.shape, q.dtype), km)
-            with np.errstate(invalid="ignore"):
-                mask = np.where((fm == -np.inf) | (fk == -np.inf), -np.inf, fm + fk)
+    mask = _mha_mask(attn_mask, key_mask, (bsz, num_heads, lq, s), q.dtype)
     structural = (dense_mask(lq, s, is_causal=is_causal, window=window, key_lengths=key_lengths) == -np.inf
                   if (is_causal or window is not None or key_lengths is not None) else np.asarray(False))
     heads, weights = [], []
@@ -556,6 +693,55 @@ def multi_head_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, num
         weights.append(a)
     out = project(np.concatenate(heads, axis=-1), out_weight, out_bias)
     return out.astype(q.dtype), np.stack(weights, axis=1).astype(q.dtype)
+
+
+def _mha_mask(attn_mask, key_mask, shape, dtype):
+    """attn_mask (broadcastable to (B, H, L, S)) and key_mask (B, S) as one mask of ``shape``:
+    bool & bool stays bool, otherwise both as additive masks, where a key either one hides
+    stays hidden."""
+    mask = None if attn_mask is None else np.broadcast_to(np.asarray(attn_mask), shape)
+    if key_mask is None:
+        return mask
+    km = np.broadcast_to(np.asarray(key_mask)[:, None, None, :], shape)
+    if mask is None:
+        return km
+    if mask.dtype == np.bool_ and km.dtype == np.bool_:
+        return mask & km
+    fm, fk = _masked(np.zeros(shape, dtype), mask), _masked(np.zeros(shape, dtype), km)
+    with np.errstate(invalid="ignore"):
+        return np.where((fm == -np.inf) | (fk == -np.inf), -np.inf, fm + fk)
+
+
+def _multi_head_low_precision(prec, query, key, value, num_heads, num_kv_heads, q_weight, k_weight, v_weight,
+                              out_weight, biases, attn_mask, is_causal, key_mask, key_lengths, window, out_dtype):
+    """multi_head_attention of 16-bit weights and inputs, as MultiHeadAttention(dtype=...) runs:
+    the projections and the attention output are 16-bit arrays between the steps, the heads go
+    through :func:`scaled_dot_product_attention` (with its own rounding points)."""
+    q_bias, k_bias, v_bias, out_bias = biases
+
+    def project(x, w, b):
+        # ROUNDING POINT (MultiHeadAttention, 16-bit): each projection Q, K, V is rounded to
+        # the inputs' dtype (computed exactly, bias included).
+        y = prec.read(x) @ prec.read(w).T
+        return (y if b is None else y + prec.read(b)).astype(prec.dtype)
+
+    q, k, v = project(query, q_weight, q_bias), project(key, k_weight, k_bias), project(value, v_weight, v_bias)
+    bsz, lq, e = q.shape
+    s, d = k.shape[1], e // num_heads
+
+    def heads(y, h):  # (B, L, h * d) -> (B, h, L, d)
+        return y.reshape(y.shape[:2] + (h, d)).transpose(0, 2, 1, 3)
+
+    mask = _mha_mask(attn_mask, key_mask, (bsz, num_heads, lq, s), prec.compute)
+    # ROUNDING POINT (MultiHeadAttention, 16-bit): the attention output fed to the output
+    # projection is rounded to the inputs' dtype (SDPA's store).
+    o, w = scaled_dot_product_attention(heads(q, num_heads), heads(k, num_kv_heads), heads(v, num_kv_heads), mask,
+                                        is_causal=is_causal, enable_gqa=num_kv_heads != num_heads,
+                                        key_lengths=key_lengths, window=window, return_weights=True)
+    merged = o.transpose(0, 2, 1, 3).reshape(bsz, lq, e)
+    out = prec.read(merged) @ prec.read(out_weight).T
+    out = out if out_bias is None else out + prec.read(out_bias)
+    return prec.store(out, out_dtype), w
 
 
 # ---- Self-attention (the formula behind attnext.SelfAttention) -------------------------------

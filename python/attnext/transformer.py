@@ -20,12 +20,13 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
-from ._layers import LAYER_DTYPES as _DTYPES
+from ._layers import LAYER_DTYPES, LOW_PRECISION_DTYPES
 from ._layers import checked_weight as _check_array_shape
 from ._layers import (LayerPullback, dropout_rate, dropout_seed, glorot_uniform, input_grad, layer_dtype, layer_input,
                       linear_grads, make_rng, output_cotangents, owned, positive_int)
 from ._masks import as_mask, check_mask, combine_masks, key_mask_as_lengths
-from ._validation import check_key_lengths, check_state_keys, shape_str, to_array
+from ._validation import (FLOAT32, accumulation_dtype, check_key_lengths, check_state_keys, out_kwargs, refuse_bfloat16_backward,
+                          shape_str, to_array)
 from .functional import ArrayLike, Causal, Window, _mask_alias, scaled_dot_product_attention
 from .grad import scaled_dot_product_attention_backward
 
@@ -38,11 +39,12 @@ Projection = Tuple[ArrayLike, Optional[ArrayLike]]  # (W, b) of a torch.nn.Linea
 # helpers
 
 
-def _linear(x: np.ndarray, weight: np.ndarray, bias) -> np.ndarray:
+def _linear(x: np.ndarray, weight: np.ndarray, bias, out: dict | None = None) -> np.ndarray:
     """y = x weight^T + bias as one GEMM on attnext's threads.
 
     x (..., in) in any layout (a 3-d strided view is read in place); weight (out, in) with one
-    unit-stride axis; bias (out,) or None. Returns (..., out), C-contiguous.
+    unit-stride axis; bias (out,) or None. Returns (..., out), C-contiguous. out: the keyword
+    of :func:`attnext._validation.out_kwargs`.
     """
     lead = x.shape[:-1]
     if x.ndim == 3:
@@ -51,7 +53,13 @@ def _linear(x: np.ndarray, weight: np.ndarray, bias) -> np.ndarray:
         x4 = x[None, :, None, :]
     else:
         x4 = x.reshape((1, -1, 1, x.shape[-1]))
-    return _core.linear(x4, weight, bias).reshape(lead + (weight.shape[0],))
+    return _core.linear(x4, weight, _kernel_bias(bias, x.dtype), **(out or {})).reshape(lead + (weight.shape[0],))
+
+
+def _kernel_bias(bias: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
+    """A linear map's bias as the kernel adds it, to its accumulators: float32 for a 16-bit
+    layer (which stores it in its own type), else as it is."""
+    return None if bias is None else bias.astype(accumulation_dtype(dtype), copy=False)
 
 
 def _want_weights(return_weights, need_weights) -> bool:
@@ -348,12 +356,17 @@ class KVCache:
 
     Args:
         capacity: positions to allocate on the first append (grows as needed).
+        dtype: the type the cache stores: None (that of the first keys appended), float32,
+            float64, float16 or ml_dtypes.bfloat16. Appended keys and values are converted to it
+            (for 16-bit types a rounding point); a bfloat16 cache halves the bytes each decoding
+            step reads.
     """
 
-    def __init__(self, capacity: int = 0) -> None:
+    def __init__(self, capacity: int = 0, *, dtype: npt.DTypeLike | None = None) -> None:
         if isinstance(capacity, (bool, np.bool_)) or not isinstance(capacity, numbers.Integral) or capacity < 0:
             raise ValueError(f"capacity must be a non-negative int, got {capacity!r}")
         self._initial = int(capacity)
+        self._dtype = None if dtype is None else layer_dtype(dtype, low_precision=True)
         self._k = None  # (B, Hk, capacity, D)
         self._v = None  # (B, Hk, capacity, Dv)
         self._length = 0
@@ -364,6 +377,11 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return 0 if self._k is None else self._k.shape[2]
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        """The stored type: the one given, else that of the buffers (None before the first append)."""
+        return self._dtype if self._dtype is not None or self._k is None else self._k.dtype
 
     @property
     def keys(self) -> np.ndarray | None:
@@ -388,8 +406,11 @@ class KVCache:
         if key.ndim != 4 or value.ndim != 4 or key.shape[:3] != value.shape[:3]:
             raise ValueError(f"key has shape {shape_str(key.shape)} and value {shape_str(value.shape)}: both must "
                              "be (batch, num_kv_heads, T, dim) with equal first three dimensions")
-        if key.dtype != value.dtype or key.dtype not in _DTYPES:
-            raise TypeError(f"key and value must share a dtype float32 or float64, got {key.dtype} and {value.dtype}")
+        if key.dtype != value.dtype or key.dtype not in LAYER_DTYPES + LOW_PRECISION_DTYPES:
+            raise TypeError(f"key and value must share a dtype float32, float64, float16 or bfloat16, got {key.dtype} "
+                            f"and {value.dtype}")
+        if self._dtype is not None:
+            key, value = key.astype(self._dtype, copy=False), value.astype(self._dtype, copy=False)
         b, h, t = key.shape[:3]
         if self._k is not None and self._length > 0:
             cached = (self._k.shape[:2] + self._k.shape[3:], self._v.shape[3:], self._k.dtype)
@@ -447,7 +468,10 @@ class MultiHeadAttention:
         batch_first: inputs and outputs are (B, L, E) if True, (L, B, E) if False; an unbatched
             (L, E) input is accepted either way.
         dtype: float32 or float64, the dtype of the weights and the computation (inputs are
-            converted to it).
+            converted to it); or float16 / ``ml_dtypes.bfloat16`` for inference: the weights
+            (and state_dict) in that type, products read from it, accumulation in float32,
+            output in it unless ``out_dtype=np.float32`` (training, :meth:`vjp`, refuses
+            bfloat16).
         rng: seed or ``np.random.Generator`` for the initial weights (PyTorch's scheme:
             Xavier-uniform input projections, zero biases).
         dropout: probability of zeroing each attention weight (the kept ones scaled by
@@ -478,7 +502,7 @@ class MultiHeadAttention:
         self.vdim = self.embed_dim if vdim is None else positive_int(vdim, "vdim")
         self.head_dim = self.embed_dim // self.num_heads
         self.batch_first = bool(batch_first)
-        self.dtype = layer_dtype(dtype)
+        self.dtype = layer_dtype(dtype, low_precision=True)
         self.bias = bool(bias)
         self.dropout = dropout_rate(dropout)
         e, kv = self.embed_dim, self.num_kv_heads * self.head_dim
@@ -674,11 +698,12 @@ class MultiHeadAttention:
         part = part.reshape(part.shape[:-1] + (heads, self.head_dim))
         return part.transpose(0, 2, 1, 3) if batch_first else part.transpose(1, 2, 0, 3)
 
-    def _project_out(self, o: np.ndarray, batch_first: bool) -> np.ndarray:
+    def _project_out(self, o: np.ndarray, batch_first: bool, out: dict | None = None) -> np.ndarray:
         """(B, H, L, head_dim) attention output -> (B, L, E) / (L, B, E) through W_out, reading the
-        heads through a (B, L, H, head_dim) view (the kernel gathers rows, no separate copy)."""
+        heads through a (B, L, H, head_dim) view (the kernel gathers rows, no separate copy).
+        out: the output keyword of :func:`attnext._validation.out_kwargs`."""
         heads_last = o.transpose(0, 2, 1, 3) if batch_first else o.transpose(2, 0, 1, 3)
-        return _core.linear(heads_last, self._out_w, self._out_b)
+        return _core.linear(heads_last, self._out_w, _kernel_bias(self._out_b, o.dtype), **(out or {}))
 
     def _layout_hint(self) -> str:
         other = "(L, B, E)" if self.batch_first else "(B, L, E)"
@@ -740,7 +765,8 @@ class MultiHeadAttention:
                  key_mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None,
                  attn_mask: ArrayLike | None = None, is_causal: Causal = False, window: Window = None,
                  return_weights: bool | None = None, average_attn_weights: bool = True, warn: bool = True,
-                 need_weights: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                 need_weights: bool | None = None, out_dtype: npt.DTypeLike | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
         """Attention of query over key/value (self-attention when both are omitted).
 
         Args:
@@ -766,6 +792,12 @@ class MultiHeadAttention:
                 (:class:`attnext.MaskWarning`: a bool mask hiding every key of a batch entry,
                 the mark of an uninverted PyTorch key_padding_mask; a float mask of only 0 and
                 1). The check reads the masks as given, at most twice; False skips it.
+            out_dtype: None (the layer's dtype) or np.float32 for a float16/bfloat16 layer (the
+                output projection writes float32 from its accumulators).
+
+        Precision (16-bit layers): inputs are converted to the layer's dtype; Q, K, V and the
+        attention output are 16-bit arrays between the kernels (rounded at each store); the
+        weights returned are float32 (docs/precision.md).
 
         Layout: with batch_first=True (the default) inputs are (B, L, E); PyTorch's default
         (L, B, E) needs batch_first=False. Where the shapes of key, key_mask or key_lengths
@@ -779,14 +811,15 @@ class MultiHeadAttention:
         """
         want_weights = _want_weights(return_weights, need_weights)
         out, weights, _ = self._forward(query, key, value, key_mask, key_lengths, attn_mask, is_causal, window,
-                                        want_weights, average_attn_weights, warn)
+                                        want_weights, average_attn_weights, warn,
+                                        out=out_kwargs(out_dtype, self.dtype))
         return out, weights
 
     def _forward(self, query, key, value, key_mask, key_lengths, attn_mask, is_causal, window, want_weights: bool,
                  average_attn_weights: bool, warn: bool, dropout_p: float = 0.0, seed: int | None = None,
-                 keep: bool = False):
+                 keep: bool = False, out: dict | None = None):
         """The forward pass of __call__ and vjp: (output, weights, saved), where saved (only with
-        keep) holds what the backward needs."""
+        keep) holds what the backward needs; out: the output projection's keyword (out_dtype)."""
         q_in = _input(query, "query", self.dtype, self.embed_dim, "embed_dim")
         # query is key is value (or both omitted): one GEMM for Q, K and V together
         self_attention = (key is None or key is query) and (value is None or value is query)
@@ -843,7 +876,7 @@ class MultiHeadAttention:
         result = result if isinstance(result, tuple) else (result,)
         o = result[0]
         weights = result[1] if want_weights else None
-        out = self._project_out(o, batch_first)
+        out = self._project_out(o, batch_first, out)
         if weights is not None and average_attn_weights:
             weights = weights.mean(axis=1)
         if unbatched:
@@ -883,6 +916,7 @@ class MultiHeadAttention:
         like :meth:`state_dict` (``in_proj_weight`` in the (out, in) layout, ...), summed over
         the batch. Masks and key lengths get no gradient.
         """
+        refuse_bfloat16_backward({"MultiHeadAttention.dtype": self._out_w})
         want_weights = _want_weights(return_weights, need_weights)
         seed = dropout_seed(self.dropout, seed)
         out, weights, saved = self._forward(query, key, value, key_mask, key_lengths, attn_mask, is_causal, window,
@@ -968,7 +1002,7 @@ class MultiHeadAttention:
 
     # ---- incremental decoding --------------------------------------------------------------
 
-    def step(self, x_t: ArrayLike, cache: KVCache) -> np.ndarray:
+    def step(self, x_t: ArrayLike, cache: KVCache, *, out_dtype: npt.DTypeLike | None = None) -> np.ndarray:
         """Decodes one or a few new tokens against the cache (causal self-attention).
 
         The new tokens' keys and values are appended to ``cache``; each new token attends to
@@ -978,7 +1012,11 @@ class MultiHeadAttention:
         Args:
             x_t: (B, T, embed_dim) if batch_first else (T, B, embed_dim); or (B, embed_dim)
                 for a single token.
-            cache: a :class:`KVCache`, empty for a new sequence.
+            cache: a :class:`KVCache`, empty for a new sequence. A cache of another dtype than
+                the layer's (``KVCache(dtype=ml_dtypes.bfloat16)`` beside float32 weights)
+                stores the keys and values in its type; the step's queries are rounded to it
+                too, so attention reads the cache in place.
+            out_dtype: None (the layer's dtype) or np.float32 for a float16/bfloat16 layer.
 
         Returns:
             The output for the new tokens, shaped like x_t.
@@ -988,6 +1026,7 @@ class MultiHeadAttention:
         if not self._packed:
             raise ValueError(f"step() is causal self-attention: it needs kdim == vdim == embed_dim, but this layer "
                              f"has kdim={self.kdim}, vdim={self.vdim}, embed_dim={self.embed_dim}")
+        out_kw = out_kwargs(out_dtype, self.dtype)
         x = _input(x_t, "x_t", self.dtype, self.embed_dim, "embed_dim")
         if x.ndim not in (2, 3):
             raise ValueError(f"x_t must be (B, T, embed_dim) or (B, embed_dim), got shape {shape_str(x.shape)}")
@@ -1001,10 +1040,22 @@ class MultiHeadAttention:
         q = self._split_heads(y, 0, self.num_heads, batch_first)
         keys, values = cache.append(self._split_heads(y, e, hk, batch_first),
                                     self._split_heads(y, e + kv, hk, batch_first))
-        o = scaled_dot_product_attention(q, keys, values, is_causal="bottom_right" if t > 1 else False,
-                                         enable_gqa=hk != self.num_heads)
-        out = self._project_out(o, batch_first)
+        o = self._attend_cache(q, keys, values, t)
+        out = self._project_out(o, batch_first, out_kw)
         return out[:, 0] if single else out
+
+    def _attend_cache(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, t: int) -> np.ndarray:
+        """step()'s attention of the new queries over the cache, returned in the layer's dtype.
+        A cache of another dtype sets the type of the attention: the queries are rounded to it
+        (so the cache is read in place, never converted), and the output comes back in the
+        layer's dtype, as float32 straight from the kernel when that is what the layer needs."""
+        out = {}
+        if keys.dtype != self.dtype:
+            q = q.astype(keys.dtype)
+            out = {"out_dtype": FLOAT32} if self.dtype == FLOAT32 and keys.dtype in LOW_PRECISION_DTYPES else {}
+        o = scaled_dot_product_attention(q, keys, values, is_causal="bottom_right" if t > 1 else False,
+                                         enable_gqa=self.num_kv_heads != self.num_heads, **out)
+        return o.astype(self.dtype, copy=False)
 
     def __repr__(self) -> str:
         extra = "" if self.num_kv_heads == self.num_heads else f", num_kv_heads={self.num_kv_heads}"

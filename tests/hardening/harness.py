@@ -31,6 +31,22 @@ class _ByDtype(dict):
 TOLERANCE = _ByDtype({np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12})
 RTOL = TOLERANCE  # the name the first tests used
 
+# 16-bit types (docs/precision.md): the unit roundoff u, half the spacing of the numbers in
+# [1, 2): 2^-11 for float16 (11 significant bits), 2^-8 for bfloat16 (8 significant bits).
+UNIT_ROUNDOFF = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+
+
+def low_precision_tolerance(dtype, roundings: int) -> float:
+    """The relative distance a kernel may keep from the reference twin that applies the same
+    rounding points: ``roundings`` x one unit in the last place (2u) of a 16-bit ``dtype``.
+
+    Each rounding point where the kernel's float32 value and the reference's exact value sit
+    on either side of a rounding boundary can land one ulp apart; count one for the final
+    store, one more for bfloat16 SDPA's P (rounded against the running maximum of the key
+    tiles in the kernel, the row's maximum in the reference), and those of MultiHeadAttention's
+    intermediate stores. float32's own arithmetic (2^-24 per operation) is well inside it."""
+    return roundings * 2.0 * UNIT_ROUNDOFF[np.dtype(dtype).name]
+
 # Every layout a kernel must accept without changing its result. "strided" puts every axis at
 # stride 2 (offset 1 element into a bigger buffer), so no axis has unit stride.
 LAYOUTS = ("C", "F", "strided", "negative", "readonly", "broadcast")
@@ -40,10 +56,20 @@ EXACT_LAYOUTS = ("C", "F", "strided", "negative", "readonly")
 BASIC_LAYOUTS = ["C", "F", "strided"]
 
 
+def is_floating(a) -> bool:
+    """Whether a is a floating array: float16/32/64, or ml_dtypes.bfloat16 (which NumPy files
+    under kind "V", a user-defined type)."""
+    return isinstance(a, np.ndarray) and (a.dtype.kind == "f" or a.dtype.name == "bfloat16")
+
+
 def tolerance(dtype) -> float:
-    """The project's relative tolerance for results of `dtype` (float16 computes as float32)."""
+    """The project's relative tolerance for results of `dtype`. A 16-bit result (float16,
+    bfloat16) is a float32 computation rounded once at the store: two of its ulps, one for the
+    store of values that differ in float32's last bits, one of margin for that arithmetic."""
     dt = np.dtype(dtype)
-    return TOLERANCE[np.dtype(np.float32) if dt == np.float16 else np.dtype(dt.type)]
+    if dt.name in UNIT_ROUNDOFF:
+        return low_precision_tolerance(dt, 2)
+    return TOLERANCE[np.dtype(dt.type)]
 
 
 def relative_error(actual, expected) -> float:
