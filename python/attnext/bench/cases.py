@@ -47,10 +47,11 @@ from typing import Callable
 
 import numpy as np
 
+# Contenders held to the case's tolerance before they are timed (the runner's gate).
+from .peers import PEERS  # noqa: F401
+
 CONTENDERS = ("attnext", "attnext-float32", "torch", "onnxruntime", "openvino-f32", "openvino-bf16",
               "openvino-default", "reference")
-# Contenders held to the case's tolerance before they are timed (the runner's gate).
-from .peers import PEERS  # noqa: E402
 # The largest relative difference (to the largest magnitude of the reference output) a peer may
 # have: float32 and float64 a few hundred units of roundoff over sums of thousands of terms;
 # bfloat16 8 units of its roundoff 2^-8 (the output's own rounding, Q·scale and P rounded to
