@@ -89,10 +89,19 @@ struct PanelWriter<In, std::enable_if_t<is_lowp<In>::value>> {
   }
 };
 
+// pack_row's contiguous run into a bfloat16 pair block: each pair (k, k + 1) is one 32-bit word.
+template <typename In>
+inline void pack_pairs(const In* row, index_t kc, const PanelWriter<In>& dst, index_t lane) {
+  for (index_t kp = 0; kp < kc / 2; ++kp) std::memcpy(dst.pairs + (kp * dst.ld + lane) * 2, row + 2 * kp, 4);
+  if (kc % 2) dst.put(kc - 1, lane, row[kc - 1]);
+}
+
 // The usual x-side packing step: x(lane, k0 + k) = row[k * stride] for k < kc (row already
 // points at element k0; stride 1 is the common case and gets its own loop).
 template <typename In>
 inline void pack_row(const In* row, index_t stride, index_t kc, const PanelWriter<In>& dst, index_t lane) {
+  if constexpr (is_lowp<In>::value)
+    if (!dst.data && stride == 1) return pack_pairs(row, kc, dst, lane);
   if (stride == 1)
     for (index_t k = 0; k < kc; ++k) dst.put(k, lane, row[k]);
   else
@@ -514,6 +523,156 @@ void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const XRo
                                                             in_place);
 #endif
   gemm_detail::packed_gemm_with<PackedLayout<In, Acc>>(M, N, K, x_rows, x_row, w_rows, bias, y, parallel, in_place);
+}
+
+// --- A few rows (a decoding step) ------------------------------------------------------------
+
+namespace gemm_detail {
+
+// Columns per task of few_rows_gemm: fixed (not derived from the thread count), and 256
+// still splits a single decoding row of a 512-wide layer over the threads.
+constexpr index_t kFewRowsColBlock = 256;
+
+#if defined(__AVX512F__)
+// The first n < 16 values from p as floats, the other lanes 0 (reads only those n values).
+inline __m512 load16_first(const float* p, index_t n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p); }
+inline __m512 load16_first(const bf16* p, index_t n) {
+  const __m256i h = _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16_first(const f16* p, index_t n) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p));
+}
+
+// y (R x C, row stride ldy) = x (R rows of K floats, ldx apart) . w (C rows, ldw apart)^T
+// (+ bias (C,)): each element's 16 lanes of partial sums over k, then reduced in a fixed order.
+template <int R, int C, typename In>
+inline void dot_tile(const float* x, index_t ldx, index_t K, const In* w, index_t ldw, const float* bias, float* y,
+                     index_t ldy) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  const auto step = [&](index_t k, const auto& load) {
+    __m512 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = load(x + r * ldx + k);
+    for (int c = 0; c < C; ++c) {
+      const __m512 wv = load(w + c * ldw + k);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(xv[r], wv, acc[r][c]);
+    }
+  };
+  index_t k = 0;
+  for (; k + 16 <= K; k += 16) step(k, [](const auto* p) { return load16(p); });
+  if (k < K) step(k, [n = K - k](const auto* p) { return load16_first(p, n); });
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[r * ldy + c] = _mm512_reduce_add_ps(acc[r][c]) + (bias ? bias[c] : 0.0f);
+}
+#if defined(__AVX512BF16__)
+// dot_tile for bfloat16 with vdpbf16ps, 32 k per instruction: x rows (R rows, ldx apart) are
+// bfloat16 padded with zeros to whole 32s, so only W's last step needs a masked load.
+template <int R, int C>
+inline void dot_tile_pairs(const bf16* x, index_t ldx, index_t K, const bf16* w, index_t ldw, const float* bias,
+                           float* y, index_t ldy) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (index_t k = 0; k < K; k += 32) {
+    const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : __mmask32((1u << (K - k)) - 1);
+    __m512bh xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = (__m512bh)_mm512_loadu_si512(x + r * ldx + k);
+    for (int c = 0; c < C; ++c) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + c * ldw + k);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv[r], wv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[r * ldy + c] = _mm512_reduce_add_ps(acc[r][c]) + (bias ? bias[c] : 0.0f);
+}
+#endif
+#else
+template <int R, int C, typename In>
+inline void dot_tile(const float* x, index_t ldx, index_t K, const In* w, index_t ldw, const float* bias, float* y,
+                     index_t ldy) {
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float sum = 0;
+      for (index_t k = 0; k < K; ++k) sum += x[r * ldx + k] * float(w[c * ldw + k]);
+      y[r * ldy + c] = sum + (bias ? bias[c] : 0.0f);
+    }
+}
+#endif
+
+// The x operand of few_rows_gemm: M rows ld apart, either float (the 16-lane loads) or, for
+// the vdpbf16ps dot, bfloat16 zero-padded to whole 32s.
+template <typename X>
+struct FewRowsX {
+  const X* data;
+  index_t ld;
+};
+
+// One tile of up to 4 rows (rows, run-time) x C columns: dot_tile, or dot_tile_pairs for
+// bfloat16 x.
+template <int C, int R = 4, typename X, typename In>
+inline void dot_tile_rows(int rows, const FewRowsX<X>& x, index_t K, const In* w, index_t ldw, const float* bias,
+                          float* y, index_t ldy) {
+  if constexpr (R > 1)
+    if (rows < R) return dot_tile_rows<C, R - 1>(rows, x, K, w, ldw, bias, y, ldy);
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<X, bf16>::value) return dot_tile_pairs<R, C>(x.data, x.ld, K, w, ldw, bias, y, ldy);
+#endif
+  if constexpr (std::is_same<X, float>::value) dot_tile<R, C>(x.data, x.ld, K, w, ldw, bias, y, ldy);
+}
+
+// Columns [n0, n1) of few_rows_gemm (y row stride N): tiles of up to 4 rows x 4 columns.
+template <typename X, typename In>
+void few_rows_columns(index_t M, index_t N, index_t n0, index_t n1, index_t K, const FewRowsX<X>& x, const In* w,
+                      index_t ldw, const float* bias, float* y) {
+  constexpr int kC = 4;
+  for (index_t m = 0; m < M; m += 4) {
+    const int rows = int(std::min<index_t>(4, M - m));
+    const FewRowsX<X> xm{x.data + m * x.ld, x.ld};
+    index_t n = n0;
+    for (; n + kC <= n1; n += kC)
+      dot_tile_rows<kC>(rows, xm, K, w + n * ldw, ldw, bias ? bias + n : nullptr, y + m * N + n, N);
+    for (; n < n1; ++n) dot_tile_rows<1>(rows, xm, K, w + n * ldw, ldw, bias ? bias + n : nullptr, y + m * N + n, N);
+  }
+}
+
+// few_rows_gemm's tasks on x gathered as X (float, or bfloat16 for vdpbf16ps).
+template <typename X, typename In>
+void few_rows_run(index_t M, index_t N, index_t K, const FewRowsX<X>& x, const In* w, index_t ldw, const float* bias,
+                  float* y, bool parallel) {
+  const index_t blocks = (N + kFewRowsColBlock - 1) / kFewRowsColBlock;
+  run_tasks(parallel, blocks, [&](index_t j) {
+    const index_t n0 = j * kFewRowsColBlock, n1 = std::min(N, n0 + kFewRowsColBlock);
+    few_rows_columns(M, N, n0, n1, K, x, w, ldw, bias, y);
+  });
+}
+
+}  // namespace gemm_detail
+
+// y (M, N) (+ bias (N,)) = x (M, K) W^T for a few rows (M < kPackedGemmMinRows: a decoding
+// step), W (N, K) read where it is (row n at w + n * ldw, unit k stride), 16 values per load:
+// a bfloat16/float16 W is half the bytes of a float one and no converted copy of it is made.
+// bfloat16 while bf16_dot_active() runs vdpbf16ps on W as it is stored (32 k per instruction).
+//   x_row(m, dst): dst[k] = x(m, k) for k < K (x is gathered once: M * K values);
+//   y row-major (M, N), float.
+// Each y element is one dot product over k (lane sums, then reduced in a fixed order),
+// whatever the task split, so results are bit-identical for any thread count. `parallel`
+// splits the columns into kFewRowsColBlock blocks on the library's threads.
+template <typename In, typename XRow>
+void few_rows_gemm(index_t M, index_t N, index_t K, const XRow& x_row, const In* w, index_t ldw, const float* bias,
+                   float* y, bool parallel) {
+  using namespace gemm_detail;
+  if (M <= 0 || N <= 0) return;
+  const index_t ld = (K + 31) / 32 * 32;  // zero padding: the vdpbf16ps dot reads whole 32s
+  std::vector<In> x(static_cast<size_t>(M * ld), In{0});
+  for (index_t m = 0; m < M; ++m) x_row(m, x.data() + m * ld);
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<In, bf16>::value)
+    if (bf16_dot_active()) return few_rows_run(M, N, K, FewRowsX<bf16>{x.data(), ld}, w, ldw, bias, y, parallel);
+#endif
+  std::vector<float> xf(x.begin(), x.end());
+  few_rows_run(M, N, K, FewRowsX<float>{xf.data(), ld}, w, ldw, bias, y, parallel);
 }
 
 // c (M, N) = a (M, K) b (K, N) through packed_gemm (a gradient through a projection: dx = dy W).

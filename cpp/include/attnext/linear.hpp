@@ -121,6 +121,22 @@ void linear_few_rows(const Strided<const In>& x, const Strided<const In>& weight
   }
 }
 
+// linear_few_rows for bfloat16/float16: W's rows (unit-stride features) read where they are,
+// 16 values per load (gemm.hpp's few_rows_gemm: half the bytes of a float W, no converted copy);
+// any other W layout goes through the Eigen path.
+template <typename In>
+void linear_few_rows_lowp(const Strided<const In>& x, const Strided<const In>& weight, const float* bias, float* y) {
+  if (weight.stride(1) != 1) return linear_few_rows<In, float>(x, weight, bias, y);
+  const index_t nl = x.dim(1), nc = x.dim(2), nd = x.dim(3), in = nc * nd, out = weight.dim(0), rows = x.dim(0) * nl;
+  const auto x_row = [&](index_t m, In* dst) {
+    const In* row = x.data + (m / nl) * x.stride(0) + (m % nl) * x.stride(1);
+    for (index_t c = 0; c < nc; ++c)
+      for (index_t d = 0; d < nd; ++d) dst[c * nd + d] = row[c * x.stride(2) + d * x.stride(3)];
+  };
+  few_rows_gemm<In>(rows, out, in, x_row, weight.data, weight.stride(0), bias, y,
+                    rows * in * out >= kLinearMinParallelWork);
+}
+
 // Scratch tag (scratch.hpp) of y in the accumulation type when the output type is not Acc.
 struct LinearAccTag {};
 
@@ -129,6 +145,8 @@ template <typename In, typename Acc>
 void linear_acc(const Strided<const In>& x, const Strided<const In>& weight, const Acc* bias, Acc* y) {
   if (x.dim(0) * x.dim(1) >= kPackedGemmMinRows)  // the choice depends on the shapes only
     linear_packed<In, Acc>(x, weight, bias, y);
+  else if constexpr (is_lowp<In>::value)
+    linear_few_rows_lowp<In>(x, weight, bias, y);
   else
     linear_few_rows<In, Acc>(x, weight, bias, y);
 }
