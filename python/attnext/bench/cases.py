@@ -189,8 +189,9 @@ def sdpa_case(name, b, hq, l, s, d, *, hk=None, causal=False, dtype="float32", s
             run["attnext-float32"] = _attnext_sdpa(env, q32, k32, v32, kwargs)
         run["torch"] = env.need_torch() or _torch_sdpa(env, q, k, v, causal, gqa)
         ref = env.reference
-        run["reference"] = env.reference_too_big(3.0 * b * hq * l * s * max(itemsize, 4)) or lowp_cases.reference_missing(
-            env, dtype) or (lambda: ref.scaled_dot_product_attention(q, k, v, **kwargs))
+        run["reference"] = (env.reference_too_big(3.0 * b * hq * l * s * max(itemsize, 4))
+                            or lowp_cases.reference_missing(env, dtype)
+                            or (lambda: ref.scaled_dot_product_attention(q, k, v, **kwargs)))
         run.update(_peer_runs(env, q, k, v, causal, dtype))
         return run
 

@@ -241,7 +241,7 @@ def save_csv(doc, path) -> None:
     """One row per case and contender; machine and version columns repeat on every row."""
     m = doc["machine"]
     fields = ["case", "group", "dtype", "contender", "status", "reason", "median_s", "q1_s", "q3_s", "min_s",
-              "max_s", "repeats", "metric", "rate", "fraction_of_peak", "forward_median_s",
+              "max_s", "repeats", "metric", "rate", "fraction_of_peak", "over_peak", "forward_median_s",
               "fwd_bwd_fraction_of_forward"] + \
              [f"{c}_vs_{o}" for c in CONTENDERS for o in CONTENDERS if c != o] + \
              list(CSV_MACHINE) + ["threads", "attnext_version", "numpy_version", "torch_version", "created"]
@@ -253,7 +253,7 @@ def save_csv(doc, path) -> None:
                 row = {"case": case["name"], "group": case["group"], "dtype": case["dtype"], "contender": cname,
                        "status": res["status"], "reason": res.get("reason") or "", "metric": case["metric"],
                        **{k: res.get(k, "") for k in ("median_s", "q1_s", "q3_s", "min_s", "max_s", "repeats",
-                                                       "rate", "fraction_of_peak")}}
+                                                       "rate", "fraction_of_peak", "over_peak")}}
                 for key, value in case["ratios"].items():
                     if key.startswith(cname + "_vs_"):
                         row[key] = value
