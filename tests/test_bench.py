@@ -58,7 +58,10 @@ def test_every_case_and_contender_is_reported(tiny_doc):
     for case in doc["cases"]:
         assert set(case["results"]) == set(bench_cases.CONTENDERS)
         for cname, res in case["results"].items():
-            assert res["status"] in ("ok", "skipped"), (case["name"], cname, res)
+            # inaccurate: a peer outside the case's tolerance (OpenVINO's default is bfloat16 on
+            # CPUs with AVX512_BF16), reported and not timed
+            allowed = ("ok", "skipped", "inaccurate") if cname in bench_cases.PEERS else ("ok", "skipped")
+            assert res["status"] in allowed, (case["name"], cname, res)
             if res["status"] == "ok":
                 assert res["min_s"] <= res["q1_s"] <= res["median_s"] <= res["q3_s"] <= res["max_s"]
                 assert len(res["times_s"]) == res["repeats"]
@@ -76,7 +79,11 @@ def test_contenders_agree_on_the_same_inputs(tiny_doc):
     checked = 0
     for case in doc["cases"]:
         for cname, check in case["check"].items():
-            tol = 1e-4 if case["dtype"] == "float32" else 1e-10
+            if case["results"][cname]["status"] == "inaccurate":  # a peer, flagged and not timed
+                assert check["max_rel_diff"] > case["tolerance"], (case["name"], cname, check)
+                continue
+            tol = {"float32": 1e-4, "float64": 1e-10, "bfloat16": 2 ** -5}[case["dtype"]]
+            assert case["tolerance"] == tol
             assert check["max_rel_diff"] <= tol, (case["name"], cname, check)
             checked += 1
     assert checked >= len(doc["cases"])

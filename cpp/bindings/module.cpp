@@ -14,6 +14,7 @@ void register_additive(py::module_& m);
 void register_linear(py::module_& m);
 void register_sdpa(py::module_& m);
 void register_sdpa_backward(py::module_& m);
+void register_probe(py::module_& m);
 }  // namespace bind
 }  // namespace attnext
 
@@ -27,4 +28,5 @@ PYBIND11_MODULE(_core, m) {
   attnext::bind::register_linear(m);
   attnext::bind::register_sdpa(m);
   attnext::bind::register_sdpa_backward(m);
+  attnext::bind::register_probe(m);
 }

@@ -9,6 +9,16 @@ reason. Contenders:
 - ``torch``: PyTorch on the CPU, the way a PyTorch user writes it (its SDPA, its
   ``nn.MultiheadAttention`` in eval mode under ``no_grad``, the usual additive formula).
 - ``reference``: :mod:`attnext.reference`, the plain NumPy twin (dense scores, materialised masks).
+- ``attnext-float32`` (bfloat16 cases only): attnext in float32 on the same values, so each
+  bfloat16 case reports its speedup over float32 from one run.
+- peers (SDPA cases, each only when importable; see :mod:`.peers`): ``onnxruntime``,
+  ``openvino-f32``, ``openvino-bf16``, ``openvino-default``. A peer is checked against the
+  case's reference first; outside the case's tolerance (:data:`TOLERANCE`) it is reported as
+  ``inaccurate`` with its error and not timed.
+
+bfloat16 cases (``…-bfloat16``) need ``ml_dtypes`` and an attnext with bfloat16 kernels; they
+skip with the reason otherwise. Their SDPA cases also record each contender's max and mean
+abs error against a float64 computation on the same (unit-normal, bfloat16-rounded) inputs.
 
 Work counted per call (documented in docs/benchmarks.md):
 
@@ -37,7 +47,18 @@ from typing import Callable
 
 import numpy as np
 
-CONTENDERS = ("attnext", "torch", "reference")
+# Contenders held to the case's tolerance before they are timed (the runner's gate).
+from .peers import PEERS  # noqa: F401
+
+CONTENDERS = ("attnext", "attnext-float32", "torch", "onnxruntime", "openvino-f32", "openvino-bf16",
+              "openvino-default", "reference")
+# The largest relative difference (to the largest magnitude of the reference output) a peer may
+# have: float32 and float64 a few hundred units of roundoff over sums of thousands of terms;
+# bfloat16 8 units of its roundoff 2^-8 (the output's own rounding, Q·scale and P rounded to
+# bfloat16, averaged over the keys), so forced-bfloat16 engines fail a float32 case.
+TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "bfloat16": 8 * 2.0 ** -8}
+ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2}
+NO_IMPLEMENTATION = "no implementation for this case"
 # The key under which a fwd+bwd case's setup also returns attnext's forward pass alone on the
 # same inputs (timed in the contenders' interleaved rounds, for the fwd+bwd throughput's share
 # of the forward's).
@@ -71,6 +92,20 @@ class Case:
     notes: list = field(default_factory=list)
     # fwd+bwd cases: {"forward_work": flops of the forward alone, "targets": {measure: minimum}}
     backward: dict | None = None
+    # memory-bound cases: the bytes they keep reading (which cache level's bandwidth applies)
+    working_set: float | None = None
+    # (callables) -> {contender: {"max_abs_err", "mean_abs_err", "against"}} (bfloat16 SDPA)
+    accuracy: Callable | None = None
+    # {"attnext_vs_<contender>": minimum ratio}: the issue's speed targets for this case
+    targets: dict = field(default_factory=dict)
+
+    @property
+    def tolerance(self) -> float:
+        return TOLERANCE[self.dtype]
+
+    def dtype_for(self, contender: str) -> str:
+        """The type a contender computes in (attnext-float32 runs a bfloat16 case in float32)."""
+        return "float32" if contender == "attnext-float32" else self.dtype
 
 
 class Parts(tuple):
@@ -80,7 +115,7 @@ class Parts(tuple):
 class Env:
     """What the cases may use: attnext, its reference, torch (or why not), limits."""
 
-    def __init__(self, torch=None, torch_reason=None, max_reference_mb=1024.0):
+    def __init__(self, torch=None, torch_reason=None, max_reference_mb=1024.0, threads=1):
         import attnext
         from attnext import reference
 
@@ -89,6 +124,7 @@ class Env:
         self.torch = torch
         self.torch_reason = torch_reason
         self.max_reference_mb = max_reference_mb
+        self.threads = threads  # the peers' thread count (attnext's and torch's are set globally)
 
     def need_torch(self):
         return Skip(self.torch_reason) if self.torch is None else None
@@ -102,6 +138,10 @@ class Env:
 
 
 def _np_dtype(name):
+    if name == "bfloat16":  # NumPy's bfloat16 comes from ml_dtypes (optional: see lowp_cases)
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
     return np.dtype(name).type
 
 
@@ -109,17 +149,19 @@ def _to_numpy(x):
     if isinstance(x, tuple):
         x = x[0]
     if hasattr(x, "detach"):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        return (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()  # NumPy has no torch bf16
     return np.asarray(x)
 
 
 # --------------------------------------------------------------------------------------------
 # scaled dot-product attention
 
-def sdpa_case(name, b, hq, l, s, d, *, hk=None, causal=False, dtype="float32", suites=("full",), note=""):
+def sdpa_case(name, b, hq, l, s, d, *, hk=None, causal=False, dtype="float32", suites=("full",), note="",
+              targets=None):
     hk = hq if hk is None else hk
     gqa = hk != hq
-    itemsize = np.dtype(dtype).itemsize
+    itemsize = ITEMSIZE[dtype]
     decode = l <= 16 and s >= 256
     if decode:
         metric, work = "GB/s", 2.0 * b * hk * s * d * itemsize
@@ -128,30 +170,70 @@ def sdpa_case(name, b, hq, l, s, d, *, hk=None, causal=False, dtype="float32", s
     kind = ", ".join(x for x in ("causal" if causal else "", "decode" if decode else "",
                                  f"GQA {hq}:{hk}" if gqa else "", dtype if dtype != "float32" else "") if x)
     desc = f"SDPA B={b} H={hq} L={l} S={s} D={d}" + (f" ({kind})" if kind else "") + (f"; {note}" if note else "")
+    lowp = dtype == "bfloat16"
+    state = {}  # the inputs, for the accuracy measurement after timing
 
     def setup(rng, env):
+        from . import lowp_cases
+
+        missing = lowp_cases.inputs_missing(dtype)
+        if missing:
+            return {c: missing for c in CONTENDERS}
         t = _np_dtype(dtype)
-        q = rng.standard_normal((b, hq, l, d)).astype(t)
-        k = rng.standard_normal((b, hk, s, d)).astype(t)
-        v = rng.standard_normal((b, hk, s, d)).astype(t)
-        sdpa = env.attnext.scaled_dot_product_attention
-        run = {"attnext": lambda: sdpa(q, k, v, is_causal=causal, enable_gqa=gqa)}
-        run["torch"] = env.need_torch()
-        if run["torch"] is None:
-            torch = env.torch
-            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
-            f = torch.nn.functional.scaled_dot_product_attention
-            kwargs = {"is_causal": causal}
-            if gqa:
-                kwargs["enable_gqa"] = True
-            run["torch"] = lambda: f(tq, tk, tv, **kwargs)
+        q, k, v = (rng.standard_normal(shape).astype(t) for shape in ((b, hq, l, d), (b, hk, s, d), (b, hk, s, d)))
+        state.update(q=q, k=k, v=v, env=env)
+        kwargs = {"is_causal": causal, "enable_gqa": gqa}
+        run = {"attnext": lowp_cases.attnext_missing(env, dtype) or _attnext_sdpa(env, q, k, v, kwargs)}
+        if lowp:
+            q32, k32, v32 = (x.astype(np.float32) for x in (q, k, v))
+            run["attnext-float32"] = _attnext_sdpa(env, q32, k32, v32, kwargs)
+        run["torch"] = env.need_torch() or _torch_sdpa(env, q, k, v, causal, gqa)
         ref = env.reference
-        run["reference"] = env.reference_too_big(3.0 * b * hq * l * s * itemsize) or (
-            lambda: ref.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa))
+        run["reference"] = (env.reference_too_big(3.0 * b * hq * l * s * max(itemsize, 4))
+                            or lowp_cases.reference_missing(env, dtype)
+                            or (lambda: ref.scaled_dot_product_attention(q, k, v, **kwargs)))
+        run.update(_peer_runs(env, q, k, v, causal, dtype))
         return run
 
+    def accuracy(live):
+        from . import lowp_cases
+
+        return lowp_cases.sdpa_accuracy(state, live, causal, gqa) if state else {}
+
     return Case(name, "sdpa", desc, dtype, {"B": b, "Hq": hq, "Hk": hk, "L": l, "S": s, "D": d, "causal": causal},
-                metric, work, setup, suites)
+                metric, work, setup, suites, working_set=work if decode else None,
+                accuracy=accuracy if lowp else None, targets=dict(targets or {}))
+
+
+def _attnext_sdpa(env, q, k, v, kwargs):
+    sdpa = env.attnext.scaled_dot_product_attention
+    return lambda: sdpa(q, k, v, **kwargs)
+
+
+def _torch_sdpa(env, q, k, v, causal, gqa):
+    """PyTorch's SDPA on the same values (bfloat16 arrays become bfloat16 tensors: a copy made
+    once here, since NumPy's bfloat16 is not a type torch.from_numpy knows)."""
+    torch = env.torch
+    tq, tk, tv = (_torch_tensor(torch, x) for x in (q, k, v))
+    f = torch.nn.functional.scaled_dot_product_attention
+    kwargs = {"is_causal": causal, **({"enable_gqa": True} if gqa else {})}
+    return lambda: f(tq, tk, tv, **kwargs)
+
+
+def _torch_tensor(torch, a):
+    """The array as a tensor: shared memory, except bfloat16 (NumPy's comes from ml_dtypes, a type
+    torch.from_numpy does not know), which becomes a bfloat16 tensor by a copy made at setup."""
+    if str(a.dtype) == "bfloat16":
+        return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _peer_runs(env, q, k, v, causal, dtype) -> dict:
+    """The peers' callables, or a Skip saying why a peer does not run this case."""
+    from . import peers
+
+    built = peers.sdpa_contenders(q, k, v, causal=causal, threads=env.threads, dtype=dtype)
+    return {name: Skip(str(fn)) if isinstance(fn, peers.Unavailable) else fn for name, fn in built.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +328,7 @@ def softmax_case(name, shape, *, dtype="float32", suites=("full",)):
         return run
 
     return Case(name, "softmax", f"softmax over the last axis of {tuple(shape)}", dtype, {"shape": list(shape)},
-                "GB/s", 2.0 * n * itemsize, setup, suites)
+                "GB/s", 2.0 * n * itemsize, setup, suites, working_set=2.0 * n * itemsize)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,29 +355,44 @@ def _attnext_mha(env, e, h, weights, dtype):
 def _torch_mha(env, e, h, weights):
     torch = env.torch
     m = torch.nn.MultiheadAttention(e, h, bias=True, batch_first=True)
+    lowp = str(weights["in_proj_weight"].dtype) == "bfloat16"
     with torch.no_grad():
         for key, value in m.state_dict().items():
-            value.copy_(torch.from_numpy(weights[key]))
-    return m.eval()
+            value.copy_(_torch_tensor(torch, weights[key]))
+    return (m.to(torch.bfloat16) if lowp else m).eval()
+
+
+def _float32_mha(env, e, h, weights, x):
+    """attnext-float32 of a bfloat16 layer case: the same (bfloat16) values in float32."""
+    w32 = {k: v.astype(np.float32) for k, v in weights.items()}
+    return _attnext_mha(env, e, h, w32, "float32"), x.astype(np.float32)
 
 
 def _ref_heads(x, b, l, h, dh):  # (B, L, E) -> (B, H, L, Dh)
     return x.reshape(b, l, h, dh).transpose(0, 2, 1, 3)
 
 
-def mha_case(name, b, l, e, h, *, dtype="float32", suites=("full",)):
+def mha_case(name, b, l, e, h, *, dtype="float32", suites=("full",), targets=None):
     work = 8.0 * b * l * e * e + 4.0 * b * l * l * e
 
     def setup(rng, env):
+        from . import lowp_cases
+
+        missing = lowp_cases.inputs_missing(dtype)
+        if missing:
+            return {c: missing for c in CONTENDERS}
         x = rng.standard_normal((b, l, e)).astype(_np_dtype(dtype))
         w = _mha_weights(rng, e, dtype)
         run = {}
-        m = _attnext_mha(env, e, h, w, dtype)
-        run["attnext"] = lambda: m(x, need_weights=False)
+        m = lowp_cases.layer_missing(env, e, h, dtype) or _attnext_mha(env, e, h, w, dtype)
+        run["attnext"] = m if isinstance(m, Skip) else (lambda: m(x, need_weights=False))
+        if dtype == "bfloat16":
+            m32, x32 = _float32_mha(env, e, h, w, x)
+            run["attnext-float32"] = lambda: m32(x32, need_weights=False)
         run["torch"] = env.need_torch()
         if run["torch"] is None:
             torch = env.torch
-            tm, tx = _torch_mha(env, e, h, w), torch.from_numpy(x)
+            tm, tx = _torch_mha(env, e, h, w), _torch_tensor(torch, x)
 
             def torch_mha():
                 with torch.no_grad():
@@ -310,34 +407,38 @@ def mha_case(name, b, l, e, h, *, dtype="float32", suites=("full",)):
             o = ref.scaled_dot_product_attention(q, k, v).transpose(0, 2, 1, 3).reshape(b, l, e)
             return o @ w["out_proj.weight"].T + w["out_proj.bias"]
 
-        run["reference"] = reference_mha
+        run["reference"] = lowp_cases.reference_missing(env, dtype, layer=True) or reference_mha
         return run
 
-    return Case(name, "mha", f"multi-head self-attention forward B={b} L={l} E={e} heads={h}", dtype,
-                {"B": b, "L": l, "E": e, "heads": h}, "GFLOP/s", work, setup, suites)
+    return Case(name, "mha", f"multi-head self-attention forward B={b} L={l} E={e} heads={h}" +
+                (f" ({dtype})" if dtype != "float32" else ""), dtype,
+                {"B": b, "L": l, "E": e, "heads": h}, "GFLOP/s", work, setup, suites, targets=dict(targets or {}))
 
 
-def kvcache_case(name, b, e, h, t, *, dtype="float32", suites=("full",)):
-    itemsize = np.dtype(dtype).itemsize
-    work = t * (4.0 * e * e + 4.0 * e) * itemsize + sum(2.0 * b * (i + 1) * e * itemsize for i in range(t))
+def kvcache_case(name, b, e, h, t, *, dtype="float32", suites=("full",), targets=None):
+    itemsize = ITEMSIZE[dtype]
+    weight_bytes = (4.0 * e * e + 4.0 * e) * itemsize
+    work = t * weight_bytes + sum(2.0 * b * (i + 1) * e * itemsize for i in range(t))
     dh = e // h
 
     def setup(rng, env):
+        from . import lowp_cases
+
+        missing = lowp_cases.inputs_missing(dtype)
+        if missing:
+            return {c: missing for c in CONTENDERS}
         x = rng.standard_normal((b, t, e)).astype(_np_dtype(dtype))
         w = _mha_weights(rng, e, dtype)
         run = {}
-        m = _attnext_mha(env, e, h, w, dtype)
-
-        def attnext_decode(step_times=None):
-            cache = env.attnext.KVCache(capacity=t)
-            return _decode(lambda i: m.step(x[:, i:i + 1], cache), t, step_times)
-
-        run["attnext"] = attnext_decode
+        m = lowp_cases.layer_missing(env, e, h, dtype) or _attnext_mha(env, e, h, w, dtype)
+        run["attnext"] = m if isinstance(m, Skip) else _attnext_decode(env, m, x, t, dtype)
+        if dtype == "bfloat16":
+            run["attnext-float32"] = _attnext_decode(env, *_float32_mha(env, e, h, w, x), t, "float32")
         run["torch"] = env.need_torch()
         if run["torch"] is None:
             torch = env.torch
-            tx = torch.from_numpy(x)
-            tw = {k: torch.from_numpy(v) for k, v in w.items()}
+            tx = _torch_tensor(torch, x)
+            tw = {k: _torch_tensor(torch, v) for k, v in w.items()}
             f = torch.nn.functional
 
             def torch_decode(step_times=None):  # the usual hand-written cache: preallocated K/V
@@ -372,7 +473,7 @@ def kvcache_case(name, b, e, h, t, *, dtype="float32", suites=("full",)):
 
             return _decode(step, t, step_times)
 
-        run["reference"] = reference_decode
+        run["reference"] = lowp_cases.reference_missing(env, dtype, layer=True) or reference_decode
         return run
 
     def extra(run):
@@ -388,8 +489,23 @@ def kvcache_case(name, b, e, h, t, *, dtype="float32", suites=("full",)):
                           f"last_{window}_tokens_ms_per_token": 1e3 * float(np.mean(times[-window:]))}
         return out
 
-    return Case(name, "kvcache", f"KV-cache decoding of {t} tokens one by one, B={b} E={e} heads={h}", dtype,
-                {"B": b, "E": e, "heads": h, "tokens": t}, "GB/s", work, setup, suites, extra)
+    # Read per token: the four projection matrices and the cache so far (at most the last token's).
+    working_set = weight_bytes + 2.0 * b * t * e * itemsize
+    return Case(name, "kvcache", f"KV-cache decoding of {t} tokens one by one, B={b} E={e} heads={h}" +
+                (f" ({dtype} weights and cache)" if dtype != "float32" else ""), dtype,
+                {"B": b, "E": e, "heads": h, "tokens": t}, "GB/s", work, setup, suites, extra,
+                working_set=working_set, targets=dict(targets or {}))
+
+
+def _attnext_decode(env, m, x, t, dtype):
+    """Token-by-token decoding through m.step with a fresh KVCache of the case's type per call."""
+    cache_kwargs = {"dtype": _np_dtype(dtype)} if dtype == "bfloat16" else {}
+
+    def attnext_decode(step_times=None):
+        cache = env.attnext.KVCache(capacity=t, **cache_kwargs)
+        return _decode(lambda i: m.step(x[:, i:i + 1], cache), t, step_times)
+
+    return attnext_decode
 
 
 def _decode(step, t, step_times):
@@ -594,7 +710,8 @@ def mha_backward_case(name, b, l, e, h, *, dtype="float32", suites=("full",)):
 # the suites
 
 def all_cases():
-    # Imported here: torch_cases builds on this module's case helpers.
+    # Imported here: torch_cases and lowp_cases build on this module's case helpers.
+    from .lowp_cases import cases as bfloat16_cases
     from .torch_cases import cases as torch_adapter_cases
 
     q, f, tiny = ("quick",), ("full",), ("tiny",)
@@ -647,6 +764,7 @@ def all_cases():
         sdpa_backward_case("tiny-fwdbwd-sdpa-causal-gqa", 2, 4, 16, 16, 8, hk=2, causal=True, suites=tiny),
         additive_backward_case("tiny-fwdbwd-additive", 2, 5, 7, 8, suites=tiny),
         mha_backward_case("tiny-fwdbwd-mha", 2, 6, 16, 2, suites=tiny),
+        *bfloat16_cases(),  # issue 17
         *torch_adapter_cases(),  # attnext.torch's (issue 16)
     ]
 
@@ -675,10 +793,11 @@ def _parts(x) -> list:
 
 def check_outputs(outputs: dict) -> dict:
     """Largest relative difference of every contender's output from the first available of
-    reference, torch, attnext (the same formula computed three ways must agree). For
+    reference, torch, attnext (the same formula computed several ways must agree). For
     :class:`Parts` each part is compared with the same part, relative to that part's largest
     magnitude, and the worst part counts (``part``: its index, 0 = the output)."""
-    order = [c for c in ("reference", "torch", "attnext") if c in outputs]
+    bases = [c for c in ("reference", "torch", "attnext") if c in outputs]
+    order = bases[:1] + [c for c in outputs if c not in bases[:1]]
     if len(order) < 2:
         return {}
     base = _parts(outputs[order[0]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
-from .cases import CONTENDERS
+from .cases import CONTENDERS, NO_IMPLEMENTATION
 from .schema import validate
 
 
@@ -59,16 +59,27 @@ def machine_lines(doc) -> list:
         f"BLAS {t['blas'] if t['blas'] is not None else '?'} ({t['blas_method']})",
     ]
     if "peak_gflops_float32" in p:
-        lines.append(f"peak: GEMM {p['peak_gflops_float32']:.0f} GFLOP/s float32 "
-                     f"(NumPy {p['gemm_f32_gflops']:.0f}" +
-                     (f", torch {p['torch_gemm_f32_gflops']:.0f}" if "torch_gemm_f32_gflops" in p else "") +
-                     f"), {p['peak_gflops_float64']:.0f} GFLOP/s float64; read {p['peak_read_gbs']:.1f} GB/s")
+        lines.append(_peak_line(p))
     loads = [x for x in (m.get("load_avg_before"), m.get("load_avg")) if x is not None]
     if loads and max(loads) > m["cores_available"] + 0.5:
         lines.append(f"WARNING: the machine was busy (load average up to {max(loads):.1f} on "
                      f"{m['cores_available']} cores): other processes competed for the cores, so these "
                      "timings are unreliable.")
     return lines
+
+
+def _peak_line(p: dict) -> str:
+    """The probed peaks; runs saved by earlier versions had GEMM probes only."""
+    if "fma_f32_gflops" not in p:
+        return (f"peak: GEMM {p['peak_gflops_float32']:.0f} GFLOP/s float32 (NumPy {p['gemm_f32_gflops']:.0f}" +
+                (f", torch {p['torch_gemm_f32_gflops']:.0f}" if "torch_gemm_f32_gflops" in p else "") +
+                f"), {p['peak_gflops_float64']:.0f} GFLOP/s float64; read {p['peak_read_gbs']:.1f} GB/s")
+    gemm = max(p.get("gemm_f32_gflops", 0.0), p.get("torch_gemm_f32_gflops", 0.0))
+    llc = (f", {p['peak_read_gbs_llc']:.0f} GB/s from the last-level cache ({p['llc_bytes'] / 2 ** 20:.0f} MiB)"
+           if "peak_read_gbs_llc" in p else "")
+    return (f"peak ({p['f32_isa']} loop, best GEMM float32 {gemm:.0f}): {p['peak_gflops_float32']:.0f} GFLOP/s "
+            f"float32, {p['peak_gflops_float64']:.0f} float64, {p['peak_gflops_bfloat16']:.0f} bfloat16 "
+            f"({p['bf16_isa']}); read {p['peak_read_gbs']:.1f} GB/s from memory{llc}")
 
 
 def _target_note(bw: dict, key: str, fmt) -> str:
@@ -109,9 +120,18 @@ def backward_lines(doc) -> list:
 
 
 def _present(doc) -> list:
-    """Contenders with a result in some case, less those unavailable for the whole run."""
+    """Contenders that ran (or tried to) in some case, less those unavailable for the whole run."""
     available = {c: info.get("available", True) for c, info in doc.get("contenders", {}).items()}
-    return [c for c in CONTENDERS if available.get(c, True) and any(c in case["results"] for case in doc["cases"])]
+    return [c for c in CONTENDERS if available.get(c, True) and
+            any(case["results"].get(c, {"status": "skipped"})["status"] != "skipped" for case in doc["cases"])]
+
+
+def _fmt_peak(res) -> str:
+    """'% peak' of a result; a rate above the probed peak shows as 100%! (see lowp/over-peak notes)."""
+    frac = res.get("fraction_of_peak")
+    if frac is None:
+        return "-"
+    return "100%!" if "over_peak" in res else f"{100 * frac:.0f}%"
 
 
 def table(doc) -> str:
@@ -124,16 +144,15 @@ def table(doc) -> str:
         first = True
         for cname in present:
             res = case["results"].get(cname)
-            if res is None:
+            if res is None or res.get("reason") == NO_IMPLEMENTATION:
                 continue
             label = case["name"] if first else ""
             first = False
             if res["status"] != "ok":
                 rows.append([label, cname, f"{res['status']}: {res.get('reason') or ''}"])
                 continue
-            frac = res.get("fraction_of_peak")
             row = [label, cname, fmt_time(res["median_s"]), _spread(res), fmt_rate(res["rate"], case["metric"]),
-                   "-" if frac is None else f"{100 * frac:.0f}%"]
+                   _fmt_peak(res)]
             for other in present:
                 row.append("" if other == cname else fmt_ratio(case["ratios"].get(f"{cname}_vs_{other}")))
             rows.append(row)
@@ -151,6 +170,11 @@ def table(doc) -> str:
                                  for i, (c, w) in enumerate(zip(r, widths))))
     out.append("")
     out.append("vs X: how many times faster this contender is than X (X's median time / this one's).")
+    out.extend(over_peak_lines(doc))
+    lowp = lowp_lines(doc)
+    if lowp:
+        out.append("bfloat16 cases (speedup over attnext's float32 in the same run; error vs float64):")
+        out.extend(f"  {line}" for line in lowp)
     backward = backward_lines(doc)
     if backward:
         out.append("fwd+bwd cases (rate = 3.5 x the forward's flops / time; attnext's forward timed alone on the "
@@ -163,6 +187,35 @@ def table(doc) -> str:
     return "\n".join(out)
 
 
+def over_peak_lines(doc) -> list:
+    """A line per result faster than its probed peak (shown as 100%!): the probe fell short."""
+    lines = [f"{case['name']} {cname}: {100 * res['over_peak']:.0f}% of the probed peak"
+             for case in doc["cases"] for cname, res in case["results"].items() if "over_peak" in res]
+    if lines:
+        lines.insert(0, "100%!: faster than the probed peak (the probe underestimates this machine; raw fractions):")
+    return lines
+
+
+def lowp_lines(doc) -> list:
+    """Per case with targets: each ratio against its target, and the recorded errors vs float64."""
+    lines = []
+    for case in doc["cases"]:
+        tg = case.get("targets")
+        if not tg and not case.get("accuracy"):
+            continue
+        words = [f"{case['name']}:"]
+        for key, target in (tg or {}).get("targets", {}).items():
+            ratio = case["ratios"].get(key)
+            state = "not measured" if ratio is None else ("met" if tg["met"][key] else "MISSED")
+            words.append(f"{key.replace('_vs_', ' vs ')} {fmt_ratio(ratio)} (target >= {fmt_ratio(target)}: "
+                         f"{state});")
+        for cname, acc in case.get("accuracy", {}).items():
+            words.append(f"{cname} error {acc['error']};" if "error" in acc else
+                         f"{cname} max abs err {acc['max_abs_err']:.2g}, mean {acc['mean_abs_err']:.2g};")
+        lines.append(" ".join(words).rstrip(";"))
+    return lines
+
+
 def skipped_summary(doc) -> list:
     lines = []
     for cname, info in doc["contenders"].items():
@@ -171,6 +224,9 @@ def skipped_summary(doc) -> list:
     seen = {}
     for case in doc["cases"]:
         for cname, res in case["results"].items():
+            # A contender with no implementation for a case (a peer in a softmax case) is not news.
+            if res.get("reason") == NO_IMPLEMENTATION:
+                continue
             if res["status"] != "ok" and doc["contenders"].get(cname, {}).get("available", True):
                 seen.setdefault((cname, res["status"], res.get("reason")), []).append(case["name"])
     for (cname, status, reason), names in seen.items():
@@ -185,7 +241,7 @@ def save_csv(doc, path) -> None:
     """One row per case and contender; machine and version columns repeat on every row."""
     m = doc["machine"]
     fields = ["case", "group", "dtype", "contender", "status", "reason", "median_s", "q1_s", "q3_s", "min_s",
-              "max_s", "repeats", "metric", "rate", "fraction_of_peak", "forward_median_s",
+              "max_s", "repeats", "metric", "rate", "fraction_of_peak", "over_peak", "forward_median_s",
               "fwd_bwd_fraction_of_forward"] + \
              [f"{c}_vs_{o}" for c in CONTENDERS for o in CONTENDERS if c != o] + \
              list(CSV_MACHINE) + ["threads", "attnext_version", "numpy_version", "torch_version", "created"]
@@ -197,7 +253,7 @@ def save_csv(doc, path) -> None:
                 row = {"case": case["name"], "group": case["group"], "dtype": case["dtype"], "contender": cname,
                        "status": res["status"], "reason": res.get("reason") or "", "metric": case["metric"],
                        **{k: res.get(k, "") for k in ("median_s", "q1_s", "q3_s", "min_s", "max_s", "repeats",
-                                                       "rate", "fraction_of_peak")}}
+                                                       "rate", "fraction_of_peak", "over_peak")}}
                 for key, value in case["ratios"].items():
                     if key.startswith(cname + "_vs_"):
                         row[key] = value
@@ -229,13 +285,19 @@ def markdown(doc) -> str:
             row.append(fmt_time(res["median_s"]) if res["status"] == "ok" else res["status"])
         a = case["results"].get("attnext", {})
         if a.get("status") == "ok":
-            frac = a.get("fraction_of_peak")
-            row += [fmt_rate(a["rate"], case["metric"]), "-" if frac is None else f"{100 * frac:.0f}%"]
+            row += [fmt_rate(a["rate"], case["metric"]), _fmt_peak(a)]
         else:
             row += ["-", "-"]
         row += [fmt_ratio(case["ratios"].get(f"attnext_vs_{c}")) for c in others]
         lines.append("| " + " | ".join(row) + " |")
     lines += _backward_markdown(doc)
+    lowp = lowp_lines(doc)
+    if lowp:
+        lines += ["", "bfloat16 cases (speedup over attnext's float32 in the same run; error vs float64):", ""]
+        lines += [f"- {x}" for x in lowp]
+    over = over_peak_lines(doc)
+    if over:
+        lines += ["", over[0], ""] + [f"- {x}" for x in over[1:]]
     skipped = skipped_summary(doc)
     if skipped:
         lines += ["", "Skipped: " + "; ".join(skipped) + "."]
@@ -313,13 +375,14 @@ def plot(doc, path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    others = [c for c in CONTENDERS if c != "attnext"]
+    others = [c for c in _present(doc) if c != "attnext"]
     names = [c["name"] for c in doc["cases"]]
     fig = Figure(figsize=(9, 1.2 + 0.45 * max(len(names), 1)), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    height = 0.8 / len(others)
-    colors = {"torch": "#ee4c2c", "reference": "#4c72b0"}
+    height = 0.8 / max(len(others), 1)
+    colors = {"torch": "#ee4c2c", "reference": "#4c72b0", "attnext-float32": "#55a868", "onnxruntime": "#8172b3",
+              "openvino-f32": "#937860", "openvino-bf16": "#da8bc3", "openvino-default": "#8c8c8c"}
     for k, other in enumerate(others):
         ys, xs = [], []
         for i, case in enumerate(doc["cases"]):

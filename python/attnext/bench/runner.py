@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from . import cases as cases_mod
-from . import machine
+from . import machine, peers
 from .schema import SCHEMA_ID
 
 # Per suite: (minimum repeats, maximum repeats, target seconds of samples per contender and case,
@@ -173,8 +173,8 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
     """Runs one case: warm-up each contender, then interleaved repeats (contender order rotates
     each round, so drifts in machine load spread over all of them)."""
     record = {"name": case.name, "group": case.group, "description": case.description, "dtype": case.dtype,
-              "params": case.params, "metric": case.metric, "work": case.work, "results": {}, "ratios": {},
-              "check": {}, "extra": {}}
+              "params": case.params, "metric": case.metric, "work": case.work, "tolerance": case.tolerance,
+              "results": {}, "ratios": {}, "check": {}, "extra": {}}
     try:
         run = case.setup(rng, env)
     except Exception as exc:  # a setup failure is reported, the suite goes on
@@ -183,7 +183,7 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
     for cname in cases_mod.CONTENDERS:
         fn = run.get(cname)
         if fn is None or isinstance(fn, cases_mod.Skip):
-            reason = fn.reason if fn is not None else "no implementation for this case"
+            reason = fn.reason if fn is not None else cases_mod.NO_IMPLEMENTATION
             record["results"][cname] = {"status": "skipped", "reason": reason}
             # A contender missing from the whole run (PyTorch not importable) is named once, in the
             # list under the table; a progress line per case would repeat it.
@@ -202,6 +202,7 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
         live[cname], plan[cname] = fn, _plan(est, suite)
     record["check"] = cases_mod.check_outputs(outputs)
     outputs.clear()
+    _drop_inaccurate_peers(case, record, live, progress)
     forward = _add_forward(case, run, live, plan, suite, progress)
     times = {c: [] for c in live}
     rounds = max((r for _, r in plan.values()), default=0)
@@ -230,15 +231,19 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
         number, repeats = plan[cname]
         st = _stats(times[cname])
         rate = case.work / st["median_s"] / 1e9
-        peak = peaks.get(f"peak_gflops_{case.dtype}") if case.metric == "GFLOP/s" else peaks.get("peak_read_gbs")
         record["results"][cname] = {"status": "ok", "times_s": times[cname], "repeats": repeats, "number": number,
-                                    **st, "rate": rate, "fraction_of_peak": rate / peak if peak else None}
+                                    **st, "rate": rate, **_fraction_of_peak(rate, machine.peak_for(case, peaks, cname))}
         progress.update(f"{case.name}: {cname} done", 1)
     if case.extra is not None and live:
         try:
             record["extra"] = case.extra(live)
         except Exception as exc:
             record["extra"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    if case.accuracy is not None:  # called even with nothing live: it releases the case's inputs
+        try:
+            record["accuracy"] = case.accuracy(live)
+        except Exception as exc:
+            record["accuracy"] = {"attnext": {"against": "float64", "error": f"{type(exc).__name__}: {exc}"[:500]}}
     ok = [c for c in cases_mod.CONTENDERS if record["results"].get(c, {}).get("status") == "ok"]
     for a in ok:
         for b in ok:
@@ -247,7 +252,37 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
                                                    record["results"][a]["median_s"])
     if case.backward is not None:
         record["backward"] = _backward_summary(case, forward, record)
+    if case.targets:
+        record["targets"] = {"targets": dict(case.targets),
+                             "met": {k: record["ratios"][k] >= t for k, t in case.targets.items()
+                                     if k in record["ratios"]}}
     return record
+
+
+def _fraction_of_peak(rate: float, peak) -> dict:
+    """The result's fraction of its peak, never above 1: a rate above the probed peak means the
+    probe fell short, so it shows as 100% with the raw fraction kept in ``over_peak``."""
+    if not peak:
+        return {"fraction_of_peak": None}
+    raw = rate / peak
+    return {"fraction_of_peak": min(raw, 1.0), **({"over_peak": raw} if raw > 1.0 else {})}
+
+
+def _drop_inaccurate_peers(case, record: dict, live: dict, progress: Progress) -> None:
+    """A peer whose output is outside the case's tolerance (or could not be compared) is not
+    timed: a fast wrong answer is no win. Its result says how far off it was."""
+    for cname in [c for c in live if c in cases_mod.PEERS]:
+        check = record["check"].get(cname)
+        if check is None:
+            continue
+        diff = check.get("max_rel_diff")
+        if diff is not None and diff <= case.tolerance:
+            continue
+        why = check.get("error") or f"max relative difference {diff:.3g} from {check['against']}"
+        record["results"][cname] = {"status": "inaccurate",
+                                    "reason": f"{why}, outside the case's tolerance {case.tolerance:.3g}"}
+        del live[cname]
+        progress.update(f"{case.name}: {cname} inaccurate", 1)
 
 
 def _add_forward(case, run: dict, live: dict, plan: dict, suite: str, progress: Progress) -> dict | None:
@@ -277,11 +312,12 @@ def run_suite(suite: str = "full", patterns=None, threads=None, seed: int = 0, p
     thread_info = apply_threads(n, torch)
     started = time.perf_counter()
     bar = Progress(len(selected) * len(cases_mod.CONTENDERS) + 1, enabled=progress)
-    bar.update("probing GEMM and read bandwidth")
+    bar.update("probing the arithmetic peaks, GEMM and read bandwidth")
     peaks = machine.run_probes(n, suite) if probe else {"method": "skipped (--no-probe)", "threads": n}
     bar.update("probes done", 1)
-    env = cases_mod.Env(torch, torch_reason, max_reference_mb)
-    env.unavailable = {"torch"} if torch is None else set()
+    env = cases_mod.Env(torch, torch_reason, max_reference_mb, threads=n)
+    peer_reasons = peers.availability()
+    env.unavailable = {c for c, why in peer_reasons.items() if why} | ({"torch"} if torch is None else set())
     records = []
     try:
         for i, case in enumerate(selected):
@@ -289,7 +325,9 @@ def run_suite(suite: str = "full", patterns=None, threads=None, seed: int = 0, p
     finally:
         bar.close()
     contenders = {"attnext": {"available": True, "reason": None},
+                  "attnext-float32": {"available": True, "reason": None},
                   "torch": {"available": torch is not None, "reason": torch_reason},
+                  **{c: {"available": why is None, "reason": why} for c, why in peer_reasons.items()},
                   "reference": {"available": True, "reason": None}}
     info = machine.machine_info(thread_info)
     info["load_avg_before"] = load_before

@@ -18,7 +18,8 @@ _RESULT = {
     "type": "object",
     "required": ["status"],
     "properties": {
-        "status": {"enum": ["ok", "skipped", "error"]},
+        # inaccurate: a peer outside the case's tolerance (checked first, not timed)
+        "status": {"enum": ["ok", "skipped", "error", "inaccurate"]},
         "reason": _STR_OR_NULL,
         "times_s": {"type": "array", "items": {"type": "number", "minimum": 0}},
         "repeats": {"type": "integer", "minimum": 1},
@@ -26,7 +27,9 @@ _RESULT = {
         "median_s": {"type": "number", "minimum": 0},
         "q1_s": _NUM, "q3_s": _NUM, "min_s": _NUM, "max_s": _NUM,
         "rate": {"type": "number", "minimum": 0},
+        # at most 1 since the FMA probe (saved runs of earlier versions may hold more)
         "fraction_of_peak": _NUM_OR_NULL,
+        "over_peak": {"type": "number", "minimum": 1},  # the raw fraction, when above the probed peak
     },
     "additionalProperties": False,
 }
@@ -49,6 +52,15 @@ _BACKWARD = {
     "additionalProperties": False,
 }
 
+# bfloat16 SDPA cases: a contender's error against a float64 computation on the same inputs.
+_ACCURACY = {
+    "type": "object",
+    "required": ["against"],
+    "properties": {"against": {"type": "string"}, "max_abs_err": {"type": "number", "minimum": 0},
+                   "mean_abs_err": {"type": "number", "minimum": 0}, "error": {"type": "string"}},
+    "additionalProperties": False,
+}
+
 _CASE = {
     "type": "object",
     "required": ["name", "group", "description", "dtype", "params", "metric", "work", "results", "ratios"],
@@ -56,10 +68,11 @@ _CASE = {
         "name": {"type": "string"},
         "group": {"enum": ["sdpa", "additive", "score", "mha", "kvcache", "softmax", "backward"]},
         "description": {"type": "string"},
-        "dtype": {"enum": ["float32", "float64"]},
+        "dtype": {"enum": ["float32", "float64", "bfloat16"]},
         "params": {"type": "object"},
         "metric": {"enum": ["GFLOP/s", "GB/s"]},
         "work": {"type": "number", "minimum": 0},
+        "tolerance": {"type": "number", "minimum": 0},
         "results": {"type": "object", "additionalProperties": _RESULT},
         "ratios": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
         "check": {"type": "object", "additionalProperties": {
@@ -68,6 +81,13 @@ _CASE = {
                            "part": {"type": "integer", "minimum": 0}}}},
         "extra": {"type": "object"},
         "backward": _BACKWARD,
+        "accuracy": {"type": "object", "additionalProperties": _ACCURACY},
+        "targets": {
+            "type": "object", "required": ["targets", "met"],
+            "properties": {"targets": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
+                           "met": {"type": "object", "additionalProperties": {"type": "boolean"}}},
+            "additionalProperties": False,
+        },
     },
     "additionalProperties": False,
 }
@@ -123,8 +143,14 @@ SCHEMA = {
                 "method": {"type": "string"},
                 "threads": {"type": "integer"},
                 "gemm_f32_gflops": _NUM, "gemm_f64_gflops": _NUM, "torch_gemm_f32_gflops": _NUM,
+                "fma_f32_gflops": _NUM, "fma_f64_gflops": _NUM, "fma_bf16_gflops": _NUM,
+                "f32_isa": {"type": "string"}, "f64_isa": {"type": "string"}, "bf16_isa": {"type": "string"},
+                "llc_bytes": {"type": ["integer", "null"]}, "read_set_bytes": _NUM, "llc_read_set_bytes": _NUM,
+                "peak_read_gbs_llc": _NUM,
+                # read_sum_gbs / read_gemv_gbs: the probes of earlier versions (saved runs still load)
                 "read_sum_gbs": _NUM, "read_gemv_gbs": _NUM,
-                "peak_gflops_float32": _NUM, "peak_gflops_float64": _NUM, "peak_read_gbs": _NUM,
+                "peak_gflops_float32": _NUM, "peak_gflops_float64": _NUM, "peak_gflops_bfloat16": _NUM,
+                "peak_read_gbs": _NUM,
             },
             "additionalProperties": False,
         },

@@ -1,0 +1,58 @@
+// The benchmark's machine probes (probe.hpp): peak multiply-add rates and read bandwidth.
+#include <attnext/probe.hpp>
+
+#include "common.hpp"
+
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace attnext {
+namespace bind {
+
+namespace {
+
+void check_counts(int threads, int runs) {
+  if (threads < 1) fail_value("threads must be at least 1, got " + std::to_string(threads));
+  if (runs < 1) fail_value("runs must be at least 1, got " + std::to_string(runs));
+}
+
+std::tuple<double, std::string> fma_peak(const std::string& dtype, int threads, int runs) {
+  if (dtype != "float32" && dtype != "float64" && dtype != "bfloat16")
+    fail_value("dtype must be 'float32', 'float64' or 'bfloat16', got '" + dtype + "'");
+  check_counts(threads, runs);
+  probe::Peak p;
+  {
+    // The loops touch no Python object.
+    py::gil_scoped_release release;
+    p = dtype == "bfloat16" ? probe::bf16_peak(threads, runs) : probe::fma_peak(dtype, threads, runs);
+  }
+  return {p.gflops, p.isa};
+}
+
+double read_bandwidth(std::int64_t nbytes, int threads, int runs) {
+  if (nbytes < 4096) fail_value("nbytes must be at least 4096, got " + std::to_string(nbytes));
+  check_counts(threads, runs);
+  const auto words = static_cast<std::size_t>(nbytes / 8);
+  py::gil_scoped_release release;  // our own buffer, no Python object
+  std::vector<std::uint64_t> data(words);
+  // Written by the threads that will read it, so each part sits near its reader (first touch).
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long i = 0; i < long(words); ++i) data[std::size_t(i)] = std::uint64_t(i);
+  return probe::read_gbs(data.data(), words, threads, runs);
+}
+
+}  // namespace
+
+void register_probe(py::module_& m) {
+  m.def("probe_peak_gflops", &fma_peak, py::arg("dtype"), py::arg("threads"), py::arg("runs") = 3,
+        "Peak GFLOP/s of a register-only multiply-add loop on `threads` threads (best of `runs`): "
+        "the widest FMA the CPU has for float32/float64; for bfloat16 vdpbf16ps where the kernels "
+        "use it, else the float32 fallback's peak. Returns (gflops, what ran).");
+  m.def("probe_read_gbs", &read_bandwidth, py::arg("nbytes"), py::arg("threads"), py::arg("runs") = 3,
+        "Read bandwidth in GB/s: `threads` threads summing an `nbytes` buffer, best of `runs`.");
+}
+
+}  // namespace bind
+}  // namespace attnext
