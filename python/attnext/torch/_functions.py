@@ -42,8 +42,9 @@ def check_mask(fn: str, attn_mask: Optional[Tensor], dtype: torch.dtype) -> None
         return
     if not isinstance(attn_mask, Tensor):
         raise TypeError(f"{fn}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask.device.type != "cpu" or attn_mask.is_nested:
-        raise ValueError(f"{fn}: attn_mask must be a dense CPU tensor, got one on {attn_mask.device}")
+    if attn_mask.device.type != "cpu" or attn_mask.is_nested or attn_mask.layout != torch.strided:
+        raise ValueError(f"{fn}: attn_mask must be a dense CPU tensor, got one on {attn_mask.device} with "
+                         f"layout {attn_mask.layout}{' (nested)' if attn_mask.is_nested else ''}")
     if attn_mask.dtype not in (torch.bool, dtype):
         raise TypeError(f"{fn}: attn_mask has dtype {attn_mask.dtype}; it must be bool (True = may attend) or "
                         f"{dtype} like the query (added to the scores)")

@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ._functions import AdditiveMemory, additive_attention, project_keys
+from ._functions import AdditiveMemory, additive_attention, check_tensors, project_keys
 
 
 class BahdanauMemory(NamedTuple):
@@ -122,6 +122,8 @@ class BahdanauAttention(nn.Module):
             (context, weights): (B, Dv) and (B, Lk) for one step, (B, T, Dv) and (B, T, Lk) for
             many; only the context with ``return_weights=False``.
         """
+        check_tensors("BahdanauAttention", query=query,
+                      keys=keys.keys.projected if isinstance(keys, BahdanauMemory) else keys, values=values)
         if isinstance(keys, BahdanauMemory):
             if values is not None or key_lengths is not None:
                 raise ValueError("BahdanauAttention: values and key_lengths come from the memory; pass neither")
