@@ -219,11 +219,15 @@ inline void pad_key_rows(const T* src, index_t visible, index_t units, index_t l
 
 // dP rows (rows, visible) = dO rows (rows, Dv) V[:visible]^T (+ gW rows), dst row stride
 // visible, and the block's share of dV: value_share (Lk, Dv) = P[:, :visible]^T dO rows (rows
-// past visible 0). Both through the packed GEMM on the calling thread.
+// past visible 0), on the calling thread. From kPackedGemmMinRows rows on through the packed
+// GEMM; below (a decoding step), packing V would cost more than the products themselves (at
+// B32 Lq=1 Lk=50 Dv=256 it was a quarter of the backward), so Eigen's products read V and dO in
+// place. The choice depends on the shapes only, as the forward's block_context.
 template <typename T>
 void block_value_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, index_t rows, index_t visible,
                        const T* weights, T* dp, T* value_share) {
   const index_t lk = c.lk, dv = c.dv;
+  const bool packed = rows >= kPackedGemmMinRows;
   const T* go = c.grad_out.data + c.grad_out.batch_offset(b, 2) + r0 * c.grad_out.stride(-2);
   const T* val = c.value.data + c.value.batch_offset(b, 2);
   const index_t go_rs = c.grad_out.stride(-2), go_cs = c.grad_out.stride(-1);
@@ -232,7 +236,11 @@ void block_value_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, 
   const auto val_row = [&](index_t j) { return val + j * val_rs; };
   const auto weight_row = [&](index_t r) { return weights + r * lk; };
   if (visible > 0) {
-    gemm_rows_times_transposed<T>(rows, visible, dv, go_row, go_cs, val_row, val_cs, dp, /*parallel=*/false);
+    if (packed)
+      gemm_rows_times_transposed<T>(rows, visible, dv, go_row, go_cs, val_row, val_cs, dp, /*parallel=*/false);
+    else
+      MatrixMap<T>(dp, rows, visible).noalias() =
+          matrix_of(c.grad_out, b, r0, rows) * matrix_of(c.value, b, 0, visible).transpose();
     if (c.grad_weights)
       for (index_t r = 0; r < rows; ++r) {
         const Strided<const T>& gw = *c.grad_weights;
@@ -240,8 +248,12 @@ void block_value_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, 
         for (index_t j = 0; j < visible; ++j) dp[r * visible + j] += row[j * gw.stride(-1)];
       }
     const InPlaceW<T> go_in_place{go, go_rs};
-    gemm_transposed_rows<T>(rows, visible, dv, weight_row, 1, go_row, go_cs, value_share,
-                            go_cs == 1 ? &go_in_place : nullptr, /*parallel=*/false);
+    if (packed)
+      gemm_transposed_rows<T>(rows, visible, dv, weight_row, 1, go_row, go_cs, value_share,
+                              go_cs == 1 ? &go_in_place : nullptr, /*parallel=*/false);
+    else
+      MatrixMap<T>(value_share, visible, dv).noalias() =
+          ConstMatrixMap<T>(weights, rows, lk).leftCols(visible).transpose() * matrix_of(c.grad_out, b, r0, rows);
   }
   std::fill(value_share + visible * dv, value_share + lk * dv, T(0));
 }
