@@ -171,8 +171,11 @@ def test_opcheck_additive():
         return torch.randn(shape, dtype=F64, generator=gen, requires_grad=True)
 
     q, k, v, wq, wk, vv, b = r(2, 4, 3), r(2, 5, 2), r(2, 5, 3), r(3, 6), r(2, 6), r(6), r(6)
-    for args in [(q, k, v, wq, wk, vv, b, None, True), (q, k, v, wq, wk, vv, None, r(4, 5), False),
-                 (q, k, v, wq, wk, vv, None, torch.ones(4, 5, dtype=torch.bool), True)]:
+    torch.library.opcheck(torch.ops.attnext.additive_keys.default, (k, wk))
+    raw, expo, ok = (t.detach() for t in torch.ops.attnext.additive_keys(k, wk))
+    keys = (raw.requires_grad_(), expo, ok)
+    for args in [(q, *keys, v, wq, vv, b, None), (q, *keys, v, wq, vv, None, r(4, 5)),
+                 (q, *keys, v, wq, vv, None, torch.ones(4, 5, dtype=torch.bool))]:
         torch.library.opcheck(torch.ops.attnext.additive_attention.default, args)
 
 

@@ -787,15 +787,16 @@ def _additive_kernel(query: np.ndarray, w_query: np.ndarray, bias: np.ndarray | 
 
 
 def _additive_backward_kernel(call: AdditiveCall, grad_out: np.ndarray, grad_weights: np.ndarray | None,
-                              mask_grad: bool) -> dict:
+                              mask_grad: bool, weights: np.ndarray | None = None) -> dict:
     """The additive backward kernel for a prepared call, picked as :func:`_additive_kernel` picks
     the forward's. Returns the kernel's dict (full batch shape): query, w_query, bias, v, value,
-    keys_raw = dL/d(key w_key), mask = dL/d(score + mask) when mask_grad, and key, w_key for raw keys."""
+    keys_raw = dL/d(key w_key), mask = dL/d(score + mask) when mask_grad, and key, w_key for raw keys.
+    weights: the forward's weights for this call (read instead of recomputed), or None."""
     if isinstance(call.keys, ProjectedKeys):
         k = call.keys
         return _core.additive_attention_backward(call.query, call.w_query, call.bias, k.projected, k._expo, k._ok,
                                                  call.value, call.v, call.mask, call.lengths, grad_out, grad_weights,
-                                                 mask_grad)
+                                                 mask_grad, weights)
     key, w_key = call.keys
     return _core.additive_attention_keys_backward(call.query, call.w_query, call.bias, key, w_key, call.value, call.v,
-                                                  call.mask, call.lengths, grad_out, grad_weights, mask_grad)
+                                                  call.mask, call.lengths, grad_out, grad_weights, mask_grad, weights)

@@ -176,6 +176,10 @@ class _Backend(NamedTuple):
     weighted_sum_backward: Callable
     score_backward: Callable
     attention_rule: Callable
+    # Whether additive_backward takes the forward's weights (weights=) instead of recomputing
+    # them: the kernels' backward does (skipping the score pass, about a quarter of its work);
+    # the reference twin recomputes them from the formula.
+    additive_takes_weights: bool = False
 
 
 def _own(value):
@@ -240,10 +244,18 @@ def _mask_name(call) -> str:
 
 
 def _additive_rule(fn, backend, call, saved):
-    results = _as_outputs(fn(**call))
-    want_weights = len(results) > 1
+    """additive_attention: with a backend that takes them, the forward also returns its weights
+    (dropped from what the caller sees unless asked for), which the backward reads instead of
+    recomputing the scores."""
+    want_weights = bool(call.get("return_weights", False))
+    keep = backend.additive_takes_weights
+    results = _as_outputs(fn(**{**call, "return_weights": True}) if keep else fn(**call))
+    shown = results if want_weights or not keep else results[:1]
     out = results[0].copy()
+    # The pullback's own weights: a copy only when the caller also holds them.
+    weights = None if not keep else results[1].copy() if want_weights else results[1]
     mask_name = _mask_name(call)
+    extra = {"weights": weights} if keep else {}
 
     def backward(cts):
         g_out = cts[0] if cts[0] is not None else np.zeros_like(out)
@@ -251,11 +263,11 @@ def _additive_rule(fn, backend, call, saved):
             g_out, saved["query"], saved["key"], saved["value"], saved["w_query"], saved.get("w_key"), saved["v"],
             out, None, bias=saved.get("bias"), attn_mask=saved.get(mask_name), key_lengths=saved.get("key_lengths"),
             is_causal=saved.get("is_causal", False), window=saved.get("window"),
-            grad_weights=cts[1] if want_weights else None)
+            grad_weights=cts[1] if want_weights else None, **extra)
         grads[mask_name] = grads.pop("attn_mask")
         return grads
 
-    return results, backward, None
+    return shown, backward, None
 
 
 def _score_rule(fn, backend, call, saved):
@@ -670,7 +682,8 @@ def additive_attention_backward(grad_out: ArrayLike, query: ArrayLike, key: Arra
                                 out: ArrayLike | None, lse: ArrayLike | None, *, bias: ArrayLike | None = None,
                                 attn_mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None,
                                 is_causal: functional.Causal = False, window: functional.Window = None,
-                                grad_weights: ArrayLike | None = None) -> dict[str, np.ndarray | None]:
+                                grad_weights: ArrayLike | None = None,
+                                weights: ArrayLike | None = None) -> dict[str, np.ndarray | None]:
     """The backward of :func:`attnext.additive_attention`.
 
     Args:
@@ -678,6 +691,9 @@ def additive_attention_backward(grad_out: ArrayLike, query: ArrayLike, key: Arra
             forward. out and lse are accepted for symmetry with the SDPA backward and may be None:
             the kernel recomputes the weights (the forward's bits) and needs neither.
         grad_weights: (..., Lq, Lk), the cotangent of the returned weights, or None.
+        weights: (..., Lq, Lk), the weights the forward returned (``return_weights=True``) for
+            these same arguments, or None. Given, the kernel reads them instead of recomputing
+            the scores (about a quarter of its work); the gradients are the same.
 
     Returns:
         {query, key, value, w_query, w_key, v, bias, attn_mask}: each of its input's shape and
@@ -691,8 +707,9 @@ def additive_attention_backward(grad_out: ArrayLike, query: ArrayLike, key: Arra
     rows, lk = call.query.shape[:-1], call.value.shape[-2]
     g = _rows_array(grad_out, "grad_out", rows + (call.value.shape[-1],), call.dtype)
     gw = None if grad_weights is None else _rows_array(grad_weights, "grad_weights", rows + (lk,), call.dtype)
+    saved = None if weights is None else _rows_array(weights, "weights", rows + (lk,), call.dtype)
     mask_grad = attn_mask is not None and to_array(attn_mask, "attn_mask").dtype.kind == "f"
-    raw = functional._additive_backward_kernel(call, g, gw, mask_grad)
+    raw = functional._additive_backward_kernel(call, g, gw, mask_grad, saved)
     if isinstance(key, ProjectedKeys):  # the memory-shaped gradient: d(key w_key)
         raw["key"], raw["w_key"] = raw["keys_raw"], None
     elif isinstance(call.keys, ProjectedKeys):  # keys shared over batch axes were projected once: chain through it
@@ -741,7 +758,7 @@ def linear_backward(grad: ArrayLike, x: ArrayLike, weight: ArrayLike, bias: Arra
 
 
 _register(functional, _Backend(scaled_dot_product_attention_backward, additive_attention_backward, softmax_backward,
-                               weighted_sum_backward, score_backward, _attention_rule))
+                               weighted_sum_backward, score_backward, _attention_rule, additive_takes_weights=True))
 _register(reference, _Backend(reference.scaled_dot_product_attention_backward, reference.additive_attention_backward,
                               reference.softmax_backward, reference.weighted_sum_backward, reference.score_backward,
                               _reference_attention_rule))

@@ -191,6 +191,7 @@ struct AdditiveBackwardCall {
   T* q_grad;      // d(qp) (batches, Lq, U)
   T* key_share;   // (batches, blocks, Lk, U_pad): each block's sum_i dS_ij (1 - t_ij^2) (v comes last)
   T* value_share; // (batches, blocks, Lk, Dv): each block's P^T dO
+  bool direct;    // key_share and value_share are the outputs g.keys_raw and g.value themselves
   T* unit_share;  // (batches, blocks, 2, U): each block's sum_ij dS_ij t_ij and sum_i d(qp)_i
   T* mask_grad;   // (batches, Lq, Lk) or nullptr
 };
@@ -218,11 +219,15 @@ inline void pad_key_rows(const T* src, index_t visible, index_t units, index_t l
 
 // dP rows (rows, visible) = dO rows (rows, Dv) V[:visible]^T (+ gW rows), dst row stride
 // visible, and the block's share of dV: value_share (Lk, Dv) = P[:, :visible]^T dO rows (rows
-// past visible 0). Both through the packed GEMM on the calling thread.
+// past visible 0), on the calling thread. From kPackedGemmMinRows rows on through the packed
+// GEMM; below (a decoding step), packing V would cost more than the products themselves (at
+// B32 Lq=1 Lk=50 Dv=256 it was a quarter of the backward), so Eigen's products read V and dO in
+// place. The choice depends on the shapes only, as the forward's block_context.
 template <typename T>
 void block_value_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, index_t rows, index_t visible,
                        const T* weights, T* dp, T* value_share) {
   const index_t lk = c.lk, dv = c.dv;
+  const bool packed = rows >= kPackedGemmMinRows;
   const T* go = c.grad_out.data + c.grad_out.batch_offset(b, 2) + r0 * c.grad_out.stride(-2);
   const T* val = c.value.data + c.value.batch_offset(b, 2);
   const index_t go_rs = c.grad_out.stride(-2), go_cs = c.grad_out.stride(-1);
@@ -231,7 +236,11 @@ void block_value_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, 
   const auto val_row = [&](index_t j) { return val + j * val_rs; };
   const auto weight_row = [&](index_t r) { return weights + r * lk; };
   if (visible > 0) {
-    gemm_rows_times_transposed<T>(rows, visible, dv, go_row, go_cs, val_row, val_cs, dp, /*parallel=*/false);
+    if (packed)
+      gemm_rows_times_transposed<T>(rows, visible, dv, go_row, go_cs, val_row, val_cs, dp, /*parallel=*/false);
+    else
+      MatrixMap<T>(dp, rows, visible).noalias() =
+          matrix_of(c.grad_out, b, r0, rows) * matrix_of(c.value, b, 0, visible).transpose();
     if (c.grad_weights)
       for (index_t r = 0; r < rows; ++r) {
         const Strided<const T>& gw = *c.grad_weights;
@@ -239,8 +248,12 @@ void block_value_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, 
         for (index_t j = 0; j < visible; ++j) dp[r * visible + j] += row[j * gw.stride(-1)];
       }
     const InPlaceW<T> go_in_place{go, go_rs};
-    gemm_transposed_rows<T>(rows, visible, dv, weight_row, 1, go_row, go_cs, value_share,
-                            go_cs == 1 ? &go_in_place : nullptr, /*parallel=*/false);
+    if (packed)
+      gemm_transposed_rows<T>(rows, visible, dv, weight_row, 1, go_row, go_cs, value_share,
+                              go_cs == 1 ? &go_in_place : nullptr, /*parallel=*/false);
+    else
+      MatrixMap<T>(value_share, visible, dv).noalias() =
+          ConstMatrixMap<T>(weights, rows, lk).leftCols(visible).transpose() * matrix_of(c.grad_out, b, r0, rows);
   }
   std::fill(value_share + visible * dv, value_share + lk * dv, T(0));
 }
@@ -283,12 +296,16 @@ void block_unit_grads(const AdditiveBackwardCall<T>& c, index_t b, index_t r0, i
   }
   std::fill(row_s, row_s + 2 * rows * up, T(0));  // row_s and row_t
   std::fill(key_share, key_share + c.lk * up, T(0));
-  // The keys' operands, padded: expo for factored rows, raw for plain rows.
-  const Scratch<T, AdditiveGradKeysTag> key_ops(static_cast<size_t>(2 * visible * up));
-  T* const expo_op = key_ops.data();
-  T* const raw_op = expo_op + visible * up;
-  if (any_factored) pad_key_rows(keys.expo, visible, units, up, GradTerm<T, true>::pad, expo_op);
-  if (any_plain) pad_key_rows(keys.raw, visible, units, up, GradTerm<T, false>::pad, raw_op);
+  // The keys' operands: expo for factored rows, raw for plain rows; read in place (each batch
+  // entry's rows are contiguous) when the units fill whole pairs of packets, else copied to
+  // padded rows.
+  const bool in_place = up == units;
+  const Scratch<T, AdditiveGradKeysTag> key_ops(in_place ? 0 : static_cast<size_t>(2 * visible * up));
+  const T* expo_op = in_place ? keys.expo : key_ops.data();
+  const T* raw_op = in_place ? keys.raw : key_ops.data() + visible * up;
+  if (!in_place && any_factored) pad_key_rows(keys.expo, visible, units, up, GradTerm<T, true>::pad, key_ops.data());
+  if (!in_place && any_plain)
+    pad_key_rows(keys.raw, visible, units, up, GradTerm<T, false>::pad, key_ops.data() + visible * up);
   constexpr index_t W2 = 2 * vm::packet_size<T>();
   for (index_t j0 = 0; j0 < visible; j0 += kGradKeyChunk) {
     const index_t j1 = std::min(visible, j0 + kGradKeyChunk);
@@ -379,8 +396,10 @@ void add_key_shares(const AdditiveBackwardCall<T>& c, index_t batches, const Add
       T* vr = g.value + (b * lk + j) * dv;
       const T* ks = c.key_share + (b * c.blocks * lk + j) * up;
       const T* vs = c.value_share + (b * c.blocks * lk + j) * dv;
-      std::copy(ks, ks + units, kp);
-      std::copy(vs, vs + dv, vr);
+      if (!c.direct) {
+        std::copy(ks, ks + units, kp);
+        std::copy(vs, vs + dv, vr);
+      }
       for (index_t blk = 1; blk < c.blocks; ++blk) {
         const T* ksb = ks + blk * lk * up;
         const T* vsb = vs + blk * lk * dv;
@@ -435,17 +454,21 @@ void additive_attention_backward(const Strided<const T>& q, const ConstMatrixMap
   const index_t dv = value.dim(-1), up = detail::padded_units<T>(units);
   const index_t rows_per_block = additive_backward_rows(lq);
   const index_t blocks = lq == 0 ? 0 : (lq + rows_per_block - 1) / rows_per_block;
+  // One block per batch entry and unpadded units: the block's shares are the gradients
+  // themselves, written in place (no share buffers, nothing to add or copy afterwards).
+  const bool direct = blocks == 1 && up == units;
   // Scratch (reused between calls, no initialisation): every element is written by the task
   // owning it before it is read.
   const Scratch<T, detail::AdditiveGradQueryProjTag> q_grad(static_cast<size_t>(batches * lq * units));
-  const Scratch<T, detail::AdditiveGradKeyShareTag> key_share(static_cast<size_t>(batches * blocks * lk * up));
-  const Scratch<T, detail::AdditiveGradValueShareTag> value_share(static_cast<size_t>(batches * blocks * lk * dv));
+  const size_t shares = direct ? 0 : static_cast<size_t>(batches * blocks * lk);
+  const Scratch<T, detail::AdditiveGradKeyShareTag> key_share(shares * static_cast<size_t>(up));
+  const Scratch<T, detail::AdditiveGradValueShareTag> value_share(shares * static_cast<size_t>(dv));
   const Scratch<T, detail::AdditiveGradUnitShareTag> unit_share(static_cast<size_t>(batches * blocks * 2 * units));
   const AdditiveV<T> v_form = additive_v(v, units);
   const detail::AdditiveBackwardCall<T> call{q, w_query, bias, keys, value, v_form, mask, lengths, grad_out,
                                              grad_weights, saved_weights, lq, lk, units, dv, rows_per_block, blocks,
-                                             q_grad.data(), key_share.data(), value_share.data(), unit_share.data(),
-                                             g.mask};
+                                             q_grad.data(), direct ? g.keys_raw : key_share.data(),
+                                             direct ? g.value : value_share.data(), direct, unit_share.data(), g.mask};
   parallel_for(batches * blocks,
                [&](index_t task) { detail::additive_backward_block(call, task / blocks, task % blocks); });
   if (blocks > 0) {

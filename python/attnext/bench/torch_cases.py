@@ -8,6 +8,10 @@ Contenders, per case:
   switch), forward + backward, same inputs;
 - ``reference``: skipped (the NumPy twin is benchmarked in the other groups).
 
+Cases: the SDPA operator; the additive operator at Lq = Lk (teacher forcing) and Lq = 1 on raw
+keys; one decoder step on a projected memory; a GRU encoder-decoder training step with
+BahdanauAttention; a TransformerEncoderLayer training step under the routing switch.
+
 Work counted: 3.5 × the forward's flops (the backward's two to three GEMMs per forward GEMM,
 the convention of the backward cases); the forward's flops as in :mod:`attnext.bench.cases`,
 and for the encoder layer 8·B·L·E² (projections) + 4·B·L²·E (attention) + 4·B·L·E·F (FFN).
@@ -129,6 +133,134 @@ def additive_case(name, b, lq, lk, u, *, dtype="float32", suites=("full",)):
                 work, setup, suites)
 
 
+def additive_step_case(name, b, lk, u, *, dtype="float32", suites=("full",)):
+    """One decoder step (Lq = 1) on a memory projected once per sentence, forward + backward:
+    both contenders take the projected keys as given (a leaf that gets the step's gradient),
+    as a decoder does (attnext.torch.project_keys / BahdanauAttention.precompute; the usual
+    code's ``keys @ w_key`` hoisted out of the step loop)."""
+    d = u
+    work = FWD_BWD * (2.0 * b * u * d + 4.0 * b * lk * u + 2.0 * b * lk * d)
+
+    def setup(rng, env):
+        skip = _need(env)
+        if skip:
+            return skip
+        import attnext.torch as at
+
+        torch = env.torch
+        q, k, v, wq, wk, vv = (torch.from_numpy(x) for x in _additive_inputs(rng, b, 1, lk, d, d, u, d, dtype))
+        memory = at.project_keys(k, wk)
+        kp = memory.projected.clone()
+        leaves = tuple(t.requires_grad_() for t in (q, kp, v, wq, vv))
+        memory = at.AdditiveMemory(kp, memory.expo, memory.ok)
+        tg = torch.from_numpy(rng.standard_normal((b, 1, d)).astype(_np_dtype(dtype)))
+
+        def usual():
+            s = torch.tanh((q @ wq)[:, :, None] + kp[:, None]) @ vv
+            return torch.bmm(torch.softmax(s, dim=-1), v)
+
+        return {"attnext": _fwd_bwd(torch, lambda: at.additive_attention(q, memory, v, wq, None, vv), leaves, tg),
+                "torch": _fwd_bwd(torch, usual, leaves, tg), "reference": NOT_REFERENCE}
+
+    return Case(name, "additive", f"attnext.torch additive attention, one decoder step (Lq=1) on a projected memory, "
+                f"fwd+bwd B={b} Lk={lk} D={d} U={u} vs autograd of the usual formula", dtype,
+                {"B": b, "Lq": 1, "Lk": lk, "D": d, "U": u}, "GFLOP/s", work, setup, suites)
+
+
+def _seq2seq(torch, vocab, emb, hidden, attention):
+    """A GRU encoder-decoder with Bahdanau (additive) attention, teacher forced: the decoder GRU
+    runs over the shifted target, its states are the queries of one attention call over the
+    encoder states (Lq = target length), and tanh(W_c [c_t; s_t]) feeds the output layer.
+    ``attention`` is attnext.torch.BahdanauAttention or the usual formula (same parameters)."""
+    nn = torch.nn
+
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, emb)
+            self.encoder = nn.GRU(emb, hidden, batch_first=True)
+            self.decoder = nn.GRU(emb, hidden, batch_first=True)
+            self.attention = attention
+            self.combine = nn.Linear(2 * hidden, hidden)
+            self.out = nn.Linear(hidden, vocab)
+
+        def forward(self, source, target_in):
+            keys, last = self.encoder(self.embed(source))
+            states, _ = self.decoder(self.embed(target_in), last)
+            context = self.attention(states, keys)
+            return self.out(torch.tanh(self.combine(torch.cat([context, states], dim=-1))))
+
+    return Seq2Seq()
+
+
+def _attnext_bahdanau(at, h, u):
+    """attnext.torch.BahdanauAttention called as the model calls its attention: the context only."""
+
+    class Bahdanau(at.BahdanauAttention):
+        def forward(self, states, keys):
+            return super().forward(states, keys, return_weights=False)
+
+    return Bahdanau(h, h, u)
+
+
+def _usual_bahdanau(torch, at, h, u):
+    """attnext.torch.BahdanauAttention's parameters (same state_dict) computed by the usual
+    PyTorch formula: v . tanh(s W_q + k W_k) over a (B, T, Lk, U) tensor, softmax, weights
+    times the keys."""
+
+    class UsualBahdanau(at.BahdanauAttention):
+        def forward(self, states, keys):
+            scores = torch.tanh(self.query_proj(states)[:, :, None] + self.key_proj(keys)[:, None]) @ self.v.weight[0]
+            return torch.softmax(scores, dim=-1) @ keys
+
+    return UsualBahdanau(h, h, u)
+
+
+def seq2seq_case(name, b, src, tgt, units, *, vocab=40, emb=64, suites=("full",)):
+    """A training step (forward, cross-entropy loss, backward, Adam step) of the GRU
+    encoder-decoder of :func:`_seq2seq` with attnext.torch.BahdanauAttention vs the usual
+    formula in the same model (same initial weights, same batch)."""
+    h = u = units
+    gru = 2.0 * 3 * 2 * b * (src + tgt) * (emb * h + h * h)
+    attention = 2.0 * b * u * (tgt * h + src * h) + 4.0 * b * tgt * src * u + 2.0 * b * tgt * src * h
+    work = FWD_BWD * (gru + attention + 2.0 * b * tgt * (2 * h * h + h * vocab))
+
+    def setup(rng, env):
+        skip = _need(env)
+        if skip:
+            return skip
+        import attnext.torch as at
+
+        torch = env.torch
+        torch.manual_seed(0)
+        ours = _seq2seq(torch, vocab, emb, h, _attnext_bahdanau(at, h, u))
+        theirs = _seq2seq(torch, vocab, emb, h, _usual_bahdanau(torch, at, h, u))
+        theirs.load_state_dict(ours.state_dict())
+        tokens = torch.from_numpy(rng.integers(1, vocab, size=(b, src + tgt + 1)))
+        source, target_in, target_out = tokens[:, :src], tokens[:, src:src + tgt], tokens[:, src + 1:]
+
+        def training_step(model, optimizer):
+            def step():
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(source, target_in)
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), target_out.reshape(-1))
+                loss.backward()
+                optimizer.step()
+                return logits.detach()
+
+            return step
+
+        return {"attnext": training_step(ours, torch.optim.Adam(ours.parameters(), lr=1e-3)),
+                "torch": training_step(theirs, torch.optim.Adam(theirs.parameters(), lr=1e-3)),
+                "reference": NOT_REFERENCE}
+
+    return Case(name, "additive", f"GRU encoder-decoder training step (loss, backward, Adam) with Bahdanau attention, "
+                f"B={b} source={src} target={tgt} U=hidden={units}: attnext.torch.BahdanauAttention vs the usual "
+                "formula in the same model", "float32",
+                {"B": b, "source": src, "target": tgt, "U": units, "vocab": vocab, "embedding": emb}, "GFLOP/s", work,
+                setup, suites)
+
+
 def encoder_case(name, b, l, e, h, ffn, *, suites=("full",)):
     work = FWD_BWD * (8.0 * b * l * e * e + 4.0 * b * l * l * e + 4.0 * b * l * e * ffn)
 
@@ -172,9 +304,13 @@ def cases():
         sdpa_case("torch-sdpa-fwdbwd-1x8x1024x1024x64", 1, 8, 1024, 1024, 64, suites=qf),
         additive_case("torch-additive-fwdbwd-32x50x50x256", 32, 50, 50, 256, suites=qf),
         additive_case("torch-additive-fwdbwd-32x1x50x256", 32, 1, 50, 256, suites=qf),
+        additive_step_case("torch-additive-step-memory-32x50x256", 32, 50, 256, suites=qf),
+        seq2seq_case("torch-seq2seq-train-32x50x50-u256", 32, 50, 50, 256, suites=qf),
         encoder_case("torch-encoder-train-2x2048-e256h4f512", 2, 2048, 256, 4, 512, suites=f),
         encoder_case("torch-encoder-train-2x512-e256h4f512", 2, 512, 256, 4, 512, suites=q),
         sdpa_case("tiny-torch-sdpa-fwdbwd", 1, 2, 16, 16, 8, causal=True, suites=tiny),
         additive_case("tiny-torch-additive-fwdbwd", 2, 5, 7, 8, suites=tiny),
+        additive_step_case("tiny-torch-additive-step-memory", 2, 7, 8, suites=tiny),
+        seq2seq_case("tiny-torch-seq2seq-train", 2, 6, 5, 8, vocab=7, emb=4, suites=tiny),
         encoder_case("tiny-torch-encoder-train", 2, 8, 16, 2, 32, suites=tiny),
     ]

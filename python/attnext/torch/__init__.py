@@ -5,7 +5,9 @@ routes existing models' ``scaled_dot_product_attention`` calls to attnext.
 - :func:`scaled_dot_product_attention`: PyTorch's signature and semantics for CPU
   float32/float64 tensors (operator ``torch.ops.attnext.sdpa``).
 - :func:`additive_attention` and :class:`BahdanauAttention`: the fused additive forward and
-  backward (operator ``torch.ops.attnext.additive_attention``).
+  backward (operators ``torch.ops.attnext.additive_keys`` and ``additive_attention``);
+  :func:`project_keys` / :meth:`BahdanauAttention.precompute` project a decoder's memory once
+  per sentence.
 - ``with enabled() as stats:`` / :func:`enable` / :func:`disable`: routing (see docs/torch.md).
 
 Threads: every call through this module runs attnext's kernels on ``torch.get_num_threads()``
@@ -19,14 +21,17 @@ try:
 except ImportError as exc:
     raise ImportError('attnext.torch needs PyTorch (2.4 or newer): pip install "attnext[torch]"') from exc
 
-from ._functions import additive_attention, scaled_dot_product_attention
+from ._functions import AdditiveMemory, additive_attention, project_keys, scaled_dot_product_attention
 from ._routing import RoutingStats, disable, enable, enabled, is_enabled
-from .modules import BahdanauAttention
+from .modules import BahdanauAttention, BahdanauMemory
 
 __all__ = [
     "scaled_dot_product_attention",
     "additive_attention",
+    "project_keys",
+    "AdditiveMemory",
     "BahdanauAttention",
+    "BahdanauMemory",
     "enabled",
     "enable",
     "disable",

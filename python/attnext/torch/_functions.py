@@ -1,12 +1,12 @@
 """The public functions of :mod:`attnext.torch`: PyTorch's argument checks, then the custom operators."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
-from ._ops import additive_op, sdpa_op
+from ._ops import additive_keys_op, additive_op, sdpa_op
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -42,8 +42,9 @@ def check_mask(fn: str, attn_mask: Optional[Tensor], dtype: torch.dtype) -> None
         return
     if not isinstance(attn_mask, Tensor):
         raise TypeError(f"{fn}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask.device.type != "cpu" or attn_mask.is_nested:
-        raise ValueError(f"{fn}: attn_mask must be a dense CPU tensor, got one on {attn_mask.device}")
+    if attn_mask.device.type != "cpu" or attn_mask.is_nested or attn_mask.layout != torch.strided:
+        raise ValueError(f"{fn}: attn_mask must be a dense CPU tensor, got one on {attn_mask.device} with "
+                         f"layout {attn_mask.layout}{' (nested)' if attn_mask.is_nested else ''}")
     if attn_mask.dtype not in (torch.bool, dtype):
         raise TypeError(f"{fn}: attn_mask has dtype {attn_mask.dtype}; it must be bool (True = may attend) or "
                         f"{dtype} like the query (added to the scores)")
@@ -113,14 +114,55 @@ def _hide(attn_mask: Tensor, keep: Tensor) -> Tensor:
     return attn_mask.masked_fill(~keep, float("-inf"))
 
 
-def additive_attention(query: Tensor, key: Tensor, value: Tensor, w_query: Tensor, w_key: Tensor, v: Tensor, *,
-                       bias: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+class AdditiveMemory(NamedTuple):
+    """Keys projected once for additive attention, made by :func:`project_keys` (and
+    :meth:`BahdanauAttention.precompute`): pass it as ``key`` with ``w_key=None`` so a decoder
+    pays for ``key @ w_key`` (and its backward) once per sentence instead of once per step.
+
+    ``projected`` (..., Lk, U) = key @ w_key carries the gradient (autograd adds every step's
+    share, then runs the projection's backward once); ``expo`` and ``ok`` are the kernels'
+    factored form of it (not differentiable)."""
+
+    projected: Tensor
+    expo: Tensor
+    ok: Tensor
+
+
+def project_keys(key: Tensor, w_key: Tensor) -> AdditiveMemory:
+    """``key @ w_key`` (..., Lk, U), prepared for :func:`additive_attention`, with autograd.
+
+    Args:
+        key: (..., Lk, Dk); w_key: (Dk, U): CPU float32/float64 tensors of one dtype.
+    """
+    check_tensors("project_keys", key=key, w_key=w_key)
+    return AdditiveMemory(*additive_keys_op(key, w_key))
+
+
+def _memory(fn: str, key: Union[Tensor, AdditiveMemory], w_key: Optional[Tensor], w_query: Tensor) -> AdditiveMemory:
+    """additive_attention's keys as an AdditiveMemory: as given, or raw keys projected now."""
+    if isinstance(key, AdditiveMemory):
+        if w_key is not None:
+            raise ValueError(f"{fn}: key is already projected (an AdditiveMemory); pass w_key=None")
+        return key
+    if w_key is None:
+        raise ValueError(f"{fn}: w_key is required unless key is an AdditiveMemory from project_keys")
+    if w_key.dim() == 2 and w_query.dim() == 2 and w_key.shape[1] != w_query.shape[1]:
+        raise ValueError(f"{fn}: w_query has shape {tuple(w_query.shape)} but w_key has {tuple(w_key.shape)}: "
+                         "the number of units (second dimensions) must match")
+    return AdditiveMemory(*additive_keys_op(key, w_key))
+
+
+def additive_attention(query: Tensor, key: Union[Tensor, AdditiveMemory], value: Tensor, w_query: Tensor,
+                       w_key: Optional[Tensor], v: Tensor, *, bias: Optional[Tensor] = None,
+                       attn_mask: Optional[Tensor] = None,
                        return_weights: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Bahdanau's attention, fused, with autograd: softmax_j(v . tanh(q_i W_q + bias + k_j W_k)
     + mask_ij) value_j, never forming the (..., Lq, Lk, U) tensor (forward or backward).
 
     Args:
-        query: (..., Lq, Dq); key: (..., Lk, Dk); value: (..., Lk, Dv) (batch axes broadcast).
+        query: (..., Lq, Dq); key: (..., Lk, Dk), or an :class:`AdditiveMemory` from
+            :func:`project_keys` (then ``w_key`` is None); value: (..., Lk, Dv) (batch axes
+            broadcast).
         w_query: (Dq, U); w_key: (Dk, U); v: (U,); bias: (U,) or None (added inside the tanh).
         attn_mask: broadcastable to (..., Lq, Lk): bool True = may attend (key padding:
             ``(torch.arange(Lk) < lengths[:, None])[:, None, :]``), or float added to the scores.
@@ -130,7 +172,9 @@ def additive_attention(query: Tensor, key: Tensor, value: Tensor, w_query: Tenso
         context (..., Lq, Dv), or (context, weights). A row that may attend to no key gives zeros.
     """
     fn = "additive_attention"
-    dtype = check_tensors(fn, query=query, key=key, value=value, w_query=w_query, w_key=w_key, v=v, bias=bias)
+    projected = key.projected if isinstance(key, AdditiveMemory) else key
+    dtype = check_tensors(fn, query=query, key=projected, value=value, w_query=w_query, w_key=w_key, v=v, bias=bias)
     check_mask(fn, attn_mask, dtype)
-    context, weights = additive_op(query, key, value, w_query, w_key, v, bias, attn_mask, bool(return_weights))
+    memory = _memory(fn, key, w_key, w_query)
+    context, weights = additive_op(query, *memory, value, w_query, v, bias, attn_mask)
     return (context, weights) if return_weights else context

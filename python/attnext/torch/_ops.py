@@ -1,13 +1,15 @@
 """attnext's kernels as PyTorch custom operators (``torch.library``), with autograd.
 
-Four operators, all CPU-only and opaque to ``torch.compile`` (each has a fake implementation
+Five operators, all CPU-only and opaque to ``torch.compile`` (each has a fake implementation
 that only computes shapes):
 
 - ``attnext::sdpa`` (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
   seed) -> (out, lse), and ``attnext::sdpa_backward``, which runs ``_core.sdpa_backward``
   through :func:`attnext.grad.scaled_dot_product_attention_backward` (GQA group sums and
   broadcast sums included);
-- ``attnext::additive_attention`` -> (context, weights) and
+- ``attnext::additive_keys`` (key, w_key) -> (projected, expo, ok), the key projection (its
+  backward is torch's two products), and ``attnext::additive_attention`` (query, projected
+  keys, value, w_query, v, bias, attn_mask) -> (context, weights) with
   ``attnext::additive_attention_backward``.
 
 Tensors reach the kernels as NumPy views of the same memory (``tensor.numpy()`` shares it, for
@@ -163,77 +165,132 @@ sdpa_backward_op.register_autograd(_no_double_backward, setup_context=_no_contex
 
 
 # ---------------------------------------------------------------------------------------------
-# additive (Bahdanau) attention
+# additive (Bahdanau) attention: two operators, the key projection and the attention on
+# projected keys. A call on raw keys chains them; a decoder projects its memory once per
+# sentence and runs the attention once per step on it, and torch's autograd adds the steps'
+# memory gradients before the projection's backward runs once. The attention saves its weights
+# (the backward reads them instead of recomputing the scores) and the projection (the backward
+# does not project the keys again).
+
+
+@torch.library.custom_op("attnext::additive_keys", mutates_args=(), device_types="cpu")
+def additive_keys_op(key: Tensor, w_key: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(projected (..., Lk, U) = key w_key, expo = exp(2 projected), ok (...,) bool) of
+    attnext.project_keys: expo and ok are the kernels' factored form of the projection (not
+    differentiable; their gradient is the projected keys')."""
+    with kernel_threads():
+        keys = functional.project_keys(_np(key), _np(w_key))
+    return torch.from_numpy(keys.projected), torch.from_numpy(keys._expo), torch.from_numpy(keys._ok)
+
+
+@additive_keys_op.register_fake
+def _additive_keys_fake(key, w_key):
+    shape = key.shape[:-1] + (w_key.shape[-1],)
+    return key.new_empty(shape), key.new_empty(shape), key.new_empty(key.shape[:-2], dtype=torch.bool)
+
+
+def _additive_keys_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _additive_keys_backward(ctx, grad_projected, grad_expo, grad_ok):
+    """Through projected = key w_key: dkey = g w_key^T, dw_key = sum over the batch of key^T g
+    (torch's own products: this backward is differentiable again)."""
+    key, w_key = ctx.saved_tensors
+    dkey = grad_projected @ w_key.transpose(0, 1) if ctx.needs_input_grad[0] else None
+    dw_key = None
+    if ctx.needs_input_grad[1]:
+        depth, units = key.shape[-1], grad_projected.shape[-1]
+        dw_key = key.reshape(-1, depth).transpose(0, 1) @ grad_projected.reshape(-1, units)
+    return dkey, dw_key
+
+
+additive_keys_op.register_autograd(_additive_keys_backward, setup_context=_additive_keys_setup_context)
+
+
+def _projected(keys_raw: Tensor, keys_exp: Tensor, keys_ok: Tensor) -> functional.ProjectedKeys:
+    """The kernels' projected keys sharing the tensors' memory."""
+    return functional.ProjectedKeys(keys_raw.detach().numpy(), keys_exp.numpy(), keys_ok.numpy())
 
 
 @torch.library.custom_op("attnext::additive_attention", mutates_args=(), device_types="cpu")
-def additive_op(query: Tensor, key: Tensor, value: Tensor, w_query: Tensor, w_key: Tensor, v: Tensor,
-                bias: Optional[Tensor], attn_mask: Optional[Tensor], return_weights: bool
-                ) -> tuple[Tensor, Tensor]:
-    """(context (..., Lq, Dv), weights (..., Lq, Lk), empty unless return_weights) of
-    attnext.additive_attention."""
+def additive_op(query: Tensor, keys_raw: Tensor, keys_exp: Tensor, keys_ok: Tensor, value: Tensor, w_query: Tensor,
+                v: Tensor, bias: Optional[Tensor], attn_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(context (..., Lq, Dv), weights (..., Lq, Lk)) of attnext.additive_attention on keys
+    projected by attnext::additive_keys. The weights are always computed: the backward reads them."""
     with kernel_threads():
-        result = functional.additive_attention(_np(query), _np(key), _np(value), _np(w_query), _np(w_key), _np(v),
-                                               bias=_np(bias), attn_mask=_np(attn_mask),
-                                               return_weights=return_weights, warn=False)
-    context, weights = result if return_weights else (result, None)
-    return _tensor(context), _tensor(weights, query)
+        context, weights = functional.additive_attention(
+            _np(query), _projected(keys_raw, keys_exp, keys_ok), _np(value), _np(w_query), None, _np(v),
+            bias=_np(bias), attn_mask=_np(attn_mask), return_weights=True, warn=False)
+    return _tensor(context), _tensor(weights)
 
 
-def _additive_batch(query: Tensor, key: Tensor, value: Tensor) -> tuple[int, ...]:
-    return tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+def _additive_batch(query: Tensor, keys_raw: Tensor, value: Tensor) -> tuple[int, ...]:
+    return tuple(torch.broadcast_shapes(query.shape[:-2], keys_raw.shape[:-2], value.shape[:-2]))
 
 
 @additive_op.register_fake
-def _additive_fake(query, key, value, w_query, w_key, v, bias, attn_mask, return_weights):
-    batch, lq, lk = _additive_batch(query, key, value), query.shape[-2], key.shape[-2]
-    weights = query.new_empty(batch + (lq, lk)) if return_weights else query.new_empty(0)
-    return query.new_empty(batch + (lq, value.shape[-1])), weights
+def _additive_fake(query, keys_raw, keys_exp, keys_ok, value, w_query, v, bias, attn_mask):
+    batch, lq, lk = _additive_batch(query, keys_raw, value), query.shape[-2], keys_raw.shape[-2]
+    return query.new_empty(batch + (lq, value.shape[-1])), query.new_empty(batch + (lq, lk))
 
 
-_ADDITIVE_GRADS = ("query", "key", "value", "w_query", "w_key", "v", "bias", "attn_mask")
+# The differentiable inputs of attnext::additive_attention, in order ("key": the projected keys).
+_ADDITIVE_GRADS = ("query", "key", "value", "w_query", "v", "bias", "attn_mask")
 
 
 @torch.library.custom_op("attnext::additive_attention_backward", mutates_args=(), device_types="cpu")
-def additive_backward_op(grad_out: Tensor, grad_weights: Optional[Tensor], query: Tensor, key: Tensor, value: Tensor,
-                         w_query: Tensor, w_key: Tensor, v: Tensor, bias: Optional[Tensor],
-                         attn_mask: Optional[Tensor]) -> list[Tensor]:
-    """The gradients of attnext::additive_attention for (query, key, value, w_query, w_key, v,
-    bias, attn_mask), each of its input's shape; empty where there is none (no bias, a bool mask)."""
+def additive_backward_op(grad_out: Tensor, grad_weights: Optional[Tensor], query: Tensor, keys_raw: Tensor,
+                         keys_exp: Tensor, keys_ok: Tensor, value: Tensor, w_query: Tensor, v: Tensor,
+                         bias: Optional[Tensor], attn_mask: Optional[Tensor], weights: Tensor) -> list[Tensor]:
+    """The gradients of attnext::additive_attention for (query, keys_raw, value, w_query, v, bias,
+    attn_mask), each of its input's shape; empty where there is none (no bias, a bool mask).
+    weights: the forward's."""
     with kernel_threads():
-        grads = grad.additive_attention_backward(_np(grad_out), _np(query), _np(key), _np(value), _np(w_query),
-                                                 _np(w_key), _np(v), None, None, bias=_np(bias),
-                                                 attn_mask=_np(attn_mask), grad_weights=_np(grad_weights))
+        grads = grad.additive_attention_backward(
+            _np(grad_out), _np(query), _projected(keys_raw, keys_exp, keys_ok), _np(value), _np(w_query), None,
+            _np(v), None, None, bias=_np(bias), attn_mask=_np(attn_mask), grad_weights=_np(grad_weights),
+            weights=_np(weights))
     return [_tensor(grads[name], query) for name in _ADDITIVE_GRADS]
 
 
 @additive_backward_op.register_fake
-def _additive_backward_fake(grad_out, grad_weights, query, key, value, w_query, w_key, v, bias, attn_mask):
+def _additive_backward_fake(grad_out, grad_weights, query, keys_raw, keys_exp, keys_ok, value, w_query, v, bias,
+                            attn_mask, weights):
     def like(t):
         return torch.empty_like(t, memory_format=torch.contiguous_format)
 
     float_mask = attn_mask is not None and attn_mask.dtype != torch.bool
-    return [like(t) for t in (query, key, value, w_query, w_key, v)] + [
+    return [like(t) for t in (query, keys_raw, value, w_query, v)] + [
         like(bias) if bias is not None else query.new_empty(0),
         like(attn_mask) if float_mask else query.new_empty(0)]
 
 
 def _additive_setup_context(ctx, inputs, output):
-    query, key, value, w_query, w_key, v, bias, attn_mask, return_weights = inputs
-    ctx.save_for_backward(query, key, value, w_query, w_key, v, bias, attn_mask)
-    ctx.return_weights = return_weights
+    ctx.save_for_backward(*inputs, output[1])
+    # An unused output's gradient stays None (no zero tensor made and read).
+    ctx.set_materialize_grads(False)
+
+
+# Where each differentiable input of attnext::additive_attention sits in its argument list.
+_ADDITIVE_INPUT_AT = (0, 1, 4, 5, 6, 7, 8)
 
 
 def _additive_backward(ctx, grad_context, grad_weights):
-    saved = ctx.saved_tensors
-    _refuse_double_backward("additive_attention", grad_context, grad_weights, *saved)
-    if not ctx.return_weights:
-        grad_weights = None
-    grads = additive_backward_op(grad_context, grad_weights, *saved)
-    bias, attn_mask = saved[6], saved[7]
-    grads[6] = grads[6] if bias is not None else None
-    grads[7] = grads[7] if attn_mask is not None and attn_mask.dtype != torch.bool else None
-    return tuple(g if wanted else None for g, wanted in zip(grads, ctx.needs_input_grad)) + (None,)
+    query, keys_raw, keys_exp, keys_ok, value, w_query, v, bias, attn_mask, weights = ctx.saved_tensors
+    _refuse_double_backward("additive_attention", grad_context, grad_weights, query, keys_raw, value, w_query, v,
+                            bias, attn_mask)
+    if grad_context is None:
+        grad_context = query.new_zeros(weights.shape[:-1] + value.shape[-1:])
+    grads = additive_backward_op(grad_context, grad_weights, query, keys_raw, keys_exp, keys_ok, value, w_query, v,
+                                 bias, attn_mask, weights)
+    grads[5] = grads[5] if bias is not None else None
+    grads[6] = grads[6] if attn_mask is not None and attn_mask.dtype != torch.bool else None
+    result = [None] * 9
+    for g, at in zip(grads, _ADDITIVE_INPUT_AT):
+        result[at] = g if ctx.needs_input_grad[at] else None
+    return tuple(result)
 
 
 additive_op.register_autograd(_additive_backward, setup_context=_additive_setup_context)

@@ -2,12 +2,39 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from ._functions import additive_attention
+from ._functions import AdditiveMemory, additive_attention, check_tensors, project_keys
+
+
+class BahdanauMemory(NamedTuple):
+    """Encoder states prepared once per sentence by :meth:`BahdanauAttention.precompute`, for
+    every decoder step: ``keys`` (an :class:`AdditiveMemory`, the projected keys, which carry
+    the gradient back to the keys and ``key_proj``), ``values`` (B, Lk, Dv), and ``padding``
+    ((B, 1, Lk) bool, True = may attend, or None). Made from the layer's weights at the time:
+    make a new one after an optimizer step."""
+
+    keys: AdditiveMemory
+    values: Tensor
+    padding: Optional[Tensor]
+
+
+def _padding(key_lengths: Optional[Tensor], keys: Tensor) -> Optional[Tensor]:
+    """(B, 1, Lk) bool, True for the keys at positions below each entry's length, or None."""
+    if key_lengths is None:
+        return None
+    positions = torch.arange(keys.shape[-2], device=keys.device)
+    return (positions < torch.as_tensor(key_lengths, device=keys.device)[..., None]).unsqueeze(-2)
+
+
+def _hide(mask: Optional[Tensor], padding: Optional[Tensor]) -> Optional[Tensor]:
+    """mask restricted to the keys padding allows (bool: and; float: -inf elsewhere)."""
+    if padding is None or mask is None:
+        return padding if mask is None else mask
+    return mask & padding if mask.dtype == torch.bool else mask.masked_fill(~padding, float("-inf"))
 
 
 class BahdanauAttention(nn.Module):
@@ -62,13 +89,31 @@ class BahdanauAttention(nn.Module):
         biases = [b for b in (self.query_proj.bias, self.key_proj.bias) if b is not None]
         return None if not biases else biases[0] if len(biases) == 1 else biases[0] + biases[1]
 
-    def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None, *,
+    def precompute(self, keys: Tensor, values: Optional[Tensor] = None, *,
+                   key_lengths: Optional[Tensor] = None) -> BahdanauMemory:
+        """Projects the encoder states once for every decoder step (with autograd: each step's
+        gradient of the projected keys is added by torch, and the projection's backward runs
+        once per sentence).
+
+        Args:
+            keys: (B, Lk, key_dim) encoder states; values: (B, Lk, Dv), default the keys.
+            key_lengths: (B,) ints; keys at positions >= length are hidden.
+
+        Returns:
+            A :class:`BahdanauMemory` to pass as ``keys`` to :meth:`forward`.
+        """
+        memory = project_keys(keys, self.key_proj.weight.t())
+        return BahdanauMemory(memory, keys if values is None else values, _padding(key_lengths, keys))
+
+    def forward(self, query: Tensor, keys: Union[Tensor, BahdanauMemory], values: Optional[Tensor] = None, *,
                 key_lengths: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
                 return_weights: bool = True) -> Union[Tensor, tuple[Tensor, Tensor]]:
         """One decoder step (query (B, query_dim)) or many (query (B, T, query_dim)).
 
         Args:
-            keys: (B, Lk, key_dim) encoder states; values: (B, Lk, Dv), default the keys.
+            keys: (B, Lk, key_dim) encoder states, or a :class:`BahdanauMemory` from
+                :meth:`precompute` (then values and key_lengths come from it).
+            values: (B, Lk, Dv), default the keys.
             key_lengths: (B,) ints; keys at positions >= length are hidden.
             attn_mask: broadcastable to (B, T, Lk) (or (B, Lk) for one step): bool True = may
                 attend, or float added to the scores.
@@ -77,17 +122,21 @@ class BahdanauAttention(nn.Module):
             (context, weights): (B, Dv) and (B, Lk) for one step, (B, T, Dv) and (B, T, Lk) for
             many; only the context with ``return_weights=False``.
         """
-        single = query.dim() == keys.dim() - 1
+        check_tensors("BahdanauAttention", query=query,
+                      keys=keys.keys.projected if isinstance(keys, BahdanauMemory) else keys, values=values)
+        if isinstance(keys, BahdanauMemory):
+            if values is not None or key_lengths is not None:
+                raise ValueError("BahdanauAttention: values and key_lengths come from the memory; pass neither")
+            memory, w_key, values, padding = keys.keys, None, keys.values, keys.padding
+            single = query.dim() == memory.projected.dim() - 1
+        else:
+            memory, w_key, padding = keys, self.key_proj.weight.t(), _padding(key_lengths, keys)
+            values = keys if values is None else values
+            single = query.dim() == keys.dim() - 1
         q = query.unsqueeze(-2) if single else query
-        mask = attn_mask.unsqueeze(-2) if single and attn_mask is not None else attn_mask
-        if key_lengths is not None:
-            positions = torch.arange(keys.shape[-2], device=keys.device)
-            padding = (positions < torch.as_tensor(key_lengths, device=keys.device)[..., None]).unsqueeze(-2)
-            mask = padding if mask is None else (mask & padding if mask.dtype == torch.bool
-                                                  else mask.masked_fill(~padding, float("-inf")))
-        result = additive_attention(q, keys, keys if values is None else values, self.query_proj.weight.t(),
-                                    self.key_proj.weight.t(), self.effective_v(), bias=self._tanh_bias(),
-                                    attn_mask=mask, return_weights=return_weights)
+        mask = _hide(attn_mask.unsqueeze(-2) if single and attn_mask is not None else attn_mask, padding)
+        result = additive_attention(q, memory, values, self.query_proj.weight.t(), w_key, self.effective_v(),
+                                    bias=self._tanh_bias(), attn_mask=mask, return_weights=return_weights)
         if not single:
             return result
         if return_weights:
