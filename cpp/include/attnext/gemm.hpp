@@ -89,10 +89,19 @@ struct PanelWriter<In, std::enable_if_t<is_lowp<In>::value>> {
   }
 };
 
+// pack_row's contiguous run into a bfloat16 pair block: each pair (k, k + 1) is one 32-bit word.
+template <typename In>
+inline void pack_pairs(const In* row, index_t kc, const PanelWriter<In>& dst, index_t lane) {
+  for (index_t kp = 0; kp < kc / 2; ++kp) std::memcpy(dst.pairs + (kp * dst.ld + lane) * 2, row + 2 * kp, 4);
+  if (kc % 2) dst.put(kc - 1, lane, row[kc - 1]);
+}
+
 // The usual x-side packing step: x(lane, k0 + k) = row[k * stride] for k < kc (row already
 // points at element k0; stride 1 is the common case and gets its own loop).
 template <typename In>
 inline void pack_row(const In* row, index_t stride, index_t kc, const PanelWriter<In>& dst, index_t lane) {
+  if constexpr (is_lowp<In>::value)
+    if (!dst.data && stride == 1) return pack_pairs(row, kc, dst, lane);
   if (stride == 1)
     for (index_t k = 0; k < kc; ++k) dst.put(k, lane, row[k]);
   else
@@ -338,12 +347,15 @@ struct WPanels {
   }
 };
 
-// The output of one call: y (M, N) row-major, and the bias padded to whole panels (or null).
+// Where the micro-kernels write: element (m, n) of y at y + (m - m0) * ld + (n - n0) (y itself,
+// or a task's float tile when y is 16-bit), N columns in all, and the bias padded to whole
+// panels (or null).
 template <typename Acc>
 struct GemmOut {
   Acc* y;
-  index_t N;
+  index_t ld, m0, n0, N;
   const Acc* bias_pad;
+  Acc* at(index_t m, index_t n) const { return y + (m - m0) * ld + (n - n0); }
 };
 
 // The tiles of one micro-row (r rows from row m) in columns [nc0, nc1), K block [k0, k0 + kc).
@@ -359,14 +371,15 @@ inline void micro_row_tiles(const A& a, int r, index_t m, index_t nc0, index_t n
     const auto* b = w.at(n0 / Nr, k0, &ldb);
     const index_t cols = std::min(Nr, N - n0);
     const Acc* bias_panel = out.bias_pad && last ? out.bias_pad + n0 : nullptr;
-    Acc* c = out.y + m * N + n0;
+    Acc* c = out.at(m, n0);
+    const index_t ld = out.ld;
     if (cols == Nr) {
-      layout_kernel_rows<Layout>(r, a, b, ldb, kc, c, N, accumulate, bias_panel);
+      layout_kernel_rows<Layout>(r, a, b, ldb, kc, c, ld, accumulate, bias_panel);
     } else {  // a partial panel goes through a full-width tile
       if (accumulate)
-        for (index_t rr = 0; rr < r; ++rr) std::memcpy(edge + rr * Nr, c + rr * N, sizeof(Acc) * cols);
+        for (index_t rr = 0; rr < r; ++rr) std::memcpy(edge + rr * Nr, c + rr * ld, sizeof(Acc) * cols);
       layout_kernel_rows<Layout>(r, a, b, ldb, kc, edge, Nr, accumulate, bias_panel);
-      for (index_t rr = 0; rr < r; ++rr) std::memcpy(c + rr * N, edge + rr * Nr, sizeof(Acc) * cols);
+      for (index_t rr = 0; rr < r; ++rr) std::memcpy(c + rr * ld, edge + rr * Nr, sizeof(Acc) * cols);
     }
   }
 }
@@ -388,10 +401,10 @@ inline void find_rows_in_place(index_t m0, index_t rows, const XRow& x_row,
   }
 }
 
-// One task: rows [m0, m0 + rows) of y, columns [c0, c1) (whole panels), all K blocks.
+// One task: rows [m0, m0 + rows) of y, columns [c0, c1) (whole panels), all K blocks, into out.
 template <typename Layout, typename Acc, typename XRows, typename XRow>
-void gemm_task(index_t m0, index_t rows, index_t c0, index_t c1, index_t K, const XRows& x_rows, const XRow& x_row,
-               const WPanels<typename Layout::Panel>& w, const GemmOut<Acc>& out) {
+void gemm_task_acc(index_t m0, index_t rows, index_t c0, index_t c1, index_t K, const XRows& x_rows,
+                   const XRow& x_row, const WPanels<typename Layout::Panel>& w, const GemmOut<Acc>& out) {
   using P = typename Layout::Panel;
   constexpr index_t Nr = panel_width<Acc>();
   const index_t micro_rows = (rows + kMr - 1) / kMr;
@@ -427,6 +440,24 @@ void gemm_task(index_t m0, index_t rows, index_t c0, index_t c1, index_t K, cons
   }
 }
 
+// Scratch tag (scratch.hpp) of a task's float tile when y is 16-bit.
+struct TaskTileTag {};
+
+// gemm_task_acc into y (M, N) of Out: in place when Out is Acc; else into a float tile of the
+// task's block (in L2), stored rounded (store_row: lowp.hpp's rule) once all K blocks are in.
+template <typename Layout, typename Acc, typename Out, typename XRows, typename XRow>
+void gemm_task(index_t m0, index_t rows, index_t c0, index_t c1, index_t K, const XRows& x_rows, const XRow& x_row,
+               const WPanels<typename Layout::Panel>& w, index_t N, const Acc* bias_pad, Out* y) {
+  if constexpr (std::is_same<Out, Acc>::value) {
+    gemm_task_acc<Layout>(m0, rows, c0, c1, K, x_rows, x_row, w, GemmOut<Acc>{y, N, 0, 0, N, bias_pad});
+  } else {
+    const index_t width = c1 - c0, cols = std::min(c1, N) - c0;
+    const Scratch<Acc, TaskTileTag> tile(static_cast<size_t>(rows * width));
+    gemm_task_acc<Layout>(m0, rows, c0, c1, K, x_rows, x_row, w, GemmOut<Acc>{tile.data(), width, m0, c0, N, bias_pad});
+    for (index_t r = 0; r < rows; ++r) store_row(tile.data() + r * width, cols, y + (m0 + r) * N + c0);
+  }
+}
+
 // Runs body(i) for i < n on the library's threads, or on the calling thread.
 template <typename F>
 inline void run_tasks(bool parallel, index_t n, const F& body) {
@@ -456,9 +487,9 @@ void pack_w(index_t N, index_t K, index_t first_packed, const WRows& w_rows, typ
 }
 
 // packed_gemm for one layout (packed_gemm's contract).
-template <typename Layout, typename In, typename Acc, typename XRows, typename XRow, typename WRows>
+template <typename Layout, typename In, typename Acc, typename Out, typename XRows, typename XRow, typename WRows>
 void packed_gemm_with(index_t M, index_t N, index_t K, const XRows& x_rows, const XRow& x_row, const WRows& w_rows,
-                      const Acc* bias, Acc* y, bool parallel, const InPlaceW<In>* in_place) {
+                      const Acc* bias, Out* y, bool parallel, const InPlaceW<In>* in_place) {
   using P = typename Layout::Panel;
   constexpr index_t Nr = panel_width<Acc>();
   const InPlaceW<P>* w_in_place = nullptr;
@@ -471,7 +502,6 @@ void packed_gemm_with(index_t M, index_t N, index_t K, const XRows& x_rows, cons
   const WPanels<P> w{w_pack.data(), Kp, first_packed, Nr, w_in_place};
   std::vector<Acc, Eigen::aligned_allocator<Acc>> bias_pad(bias ? static_cast<size_t>(panels * Nr) : 0, Acc(0));
   if (bias) std::copy(bias, bias + N, bias_pad.data());
-  const GemmOut<Acc> out{y, N, bias ? bias_pad.data() : nullptr};
 
   // Tasks: blocks of kMc rows; when there are few, the columns are split too (one decoding
   // step still uses every thread). The split depends on M and N only.
@@ -481,7 +511,8 @@ void packed_gemm_with(index_t M, index_t N, index_t K, const XRows& x_rows, cons
   run_tasks(parallel, row_tasks * col_tasks, [&](index_t task) {
     const index_t m0 = (task / col_tasks) * kMc;
     const index_t c0 = (task % col_tasks) * col_chunk;
-    gemm_task<Layout>(m0, std::min(kMc, M - m0), c0, std::min(panels * Nr, c0 + col_chunk), K, x_rows, x_row, w, out);
+    gemm_task<Layout, Acc>(m0, std::min(kMc, M - m0), c0, std::min(panels * Nr, c0 + col_chunk), K, x_rows, x_row, w,
+                           N, bias ? bias_pad.data() : nullptr, y);
   });
 }
 
@@ -497,14 +528,16 @@ void packed_gemm_with(index_t M, index_t N, index_t K, const XRows& x_rows, cons
 // already inside a task). `in_place`, when given, is w itself: its full panels are read where
 // they are (no copy; In == Acc) and only a partial last panel goes through w_rows. The products
 // are the same either way. bias (N,) is in the accumulation type (AccVector converts a
-// parameter once). bfloat16 with Acc = float runs the vdpbf16ps layout while bf16_dot_active().
-template <typename In, typename Acc = In, typename XRows, typename XRow, typename WRows>
+// parameter once). y is Acc, or a 16-bit Out rounded once from the float sums (each task keeps
+// its block in a float tile until its last K block). bfloat16 with Acc = float runs the
+// vdpbf16ps layout while bf16_dot_active().
+template <typename In, typename Acc = In, typename XRows, typename XRow, typename WRows, typename Out>
 void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const XRow& x_row, const WRows& w_rows,
-                 const Acc* bias, Acc* y, bool parallel = true, const InPlaceW<In>* in_place = nullptr) {
+                 const Acc* bias, Out* y, bool parallel = true, const InPlaceW<In>* in_place = nullptr) {
   if (M <= 0 || N <= 0) return;
   if (K == 0) {
     for (index_t m = 0; m < M; ++m)
-      for (index_t n = 0; n < N; ++n) y[m * N + n] = bias ? bias[n] : Acc(0);
+      for (index_t n = 0; n < N; ++n) y[m * N + n] = store_as<Out>(bias ? bias[n] : Acc(0));
     return;
   }
 #if defined(__AVX512BF16__)

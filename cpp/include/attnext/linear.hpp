@@ -27,8 +27,8 @@ constexpr index_t kLinearColBlock = 256;
 constexpr index_t kLinearMinParallelWork = index_t(1) << 20;
 
 // linear() for many rows, through packed_gemm: the packers read x and W through their strides.
-template <typename In, typename Acc>
-void linear_packed(const Strided<const In>& x, const Strided<const In>& weight, const Acc* bias, Acc* y) {
+template <typename In, typename Acc, typename Out = Acc>
+void linear_packed(const Strided<const In>& x, const Strided<const In>& weight, const Acc* bias, Out* y) {
   const index_t nl = x.dim(1), nd = x.dim(3), in = x.dim(2) * nd;
   const index_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2), xs3 = x.stride(3);
   const bool x_features_run = xs3 == 1 && (x.dim(2) == 1 || xs2 == nd);  // a row's features are one run
@@ -313,13 +313,15 @@ void linear_acc(const Strided<const In>& x, const Strided<const In>& weight, con
 //     (C > 1 reads a (B, H, L, D) attention output through a (B, L, H, D) view, no copy first)
 //   weight (O, C * D) any strides, of In; bias (O,) of Acc or null (contiguous)
 //   y (B, L, O) C-contiguous, of Out
-// With Out != Acc (a 16-bit output) y is computed into a float32 buffer of y's size and then
-// converted (in row blocks, on the library's threads): the GEMM's tile stores are gemm.hpp's,
-// so the conversion happens after them rather than inside them. Operands are never copied whole.
+// With Out != Acc (a 16-bit output) the packed GEMM rounds each task's float tile at its store;
+// a few rows are computed into a float32 buffer of y's size and then converted (in row blocks,
+// on the library's threads). Operands are never copied whole.
 template <typename In, typename Acc = acc_t<In>, typename Out = In>
 void linear(const Strided<const In>& x, const Strided<const In>& weight, const Acc* bias, Out* y) {
   if constexpr (std::is_same<Out, Acc>::value) {
     linear_acc<In, Acc>(x, weight, bias, y);
+  } else if (x.dim(0) * x.dim(1) >= kPackedGemmMinRows) {
+    linear_packed<In, Acc>(x, weight, bias, y);  // the GEMM rounds each task's float tile at its store
   } else {
     const index_t rows = x.dim(0) * x.dim(1), out = weight.dim(0);
     const Scratch<Acc, LinearAccTag> acc(static_cast<size_t>(rows * out));
