@@ -91,7 +91,7 @@ def test_sdpa_argument_errors():
 
 
 def test_core_rejects_bad_calls_without_crashing():
-    with pytest.raises(TypeError, match="x must be float32 or float64, got int64"):
+    with pytest.raises(TypeError, match="x must be float32, float64, float16 or bfloat16, got int64"):
         _core.softmax(np.zeros((2, 3), dtype=np.int64))
     with pytest.raises(TypeError, match="key has dtype float64 but query has float32"):
         _core.score_product(z(2, 3), z(2, 3, dtype=np.float64))

@@ -12,34 +12,42 @@ namespace bind {
 
 namespace {
 
-template <typename T>
+// The projections are of the accumulation type (float32 for 16-bit keys): they feed float
+// sums, and additive_attention takes them back in that type.
+template <typename In>
 py::tuple prepare_keys_impl(const py::array& key, const py::object& w_key) {
+  using Acc = acc_t<In>;
   require_ndim(key, "key", 2);
-  const auto wk = parameter_matrix<T>(key, "key", w_key, "w_key");
+  const auto wk = parameter_matrix<In>(key, "key", w_key, "w_key");
   require_dim(key, "key", -1, wk, "w_key", 0, "key's last dimension and w_key's first");
   std::vector<index_t> shape = shape_of(key);
   shape.back() = wk.shape(1);
   const std::vector<index_t> batch(shape.begin(), shape.end() - 2);
-  py::array_t<T> raw = new_output<T>(shape, "projected keys");
-  py::array_t<T> expo = new_output<T>(shape, "projected keys");
+  py::array_t<Acc> raw = new_output<Acc>(shape, "projected keys");
+  py::array_t<Acc> expo = new_output<Acc>(shape, "projected keys");
   py::array_t<bool> ok = new_output<bool>(batch, "projected keys");
   if (all_empty({&raw, &ok})) return py::make_tuple(raw, expo, ok);
-  const Strided<const T> kv = view<T>(key, "key");
-  T* rp = raw.mutable_data();
-  T* ep = expo.mutable_data();
+  const Strided<const In> kv = view<In>(key, "key");
+  Acc* rp = raw.mutable_data();
+  Acc* ep = expo.mutable_data();
   bool* op = ok.mutable_data();
   {
     // Safe without the GIL: every array is kept alive by this frame; no Python object is used.
     py::gil_scoped_release nogil;
-    additive_prepare_keys<T>(kv, map_matrix(wk), rp, ep, op);
+    additive_prepare_keys<In, Acc>(kv, map_matrix(wk), rp, ep, op);
   }
   return py::make_tuple(raw, expo, ok);
 }
 
 // Projected keys must be what additive_keys returns (or views of it broadcast over batch
-// axes): each batch entry's (Lk, U) rows contiguous, so the kernel can walk them directly.
+// axes): of the call's accumulation dtype T, each batch entry's (Lk, U) rows contiguous, so
+// the kernel can walk them directly.
+template <typename T>
 void check_projected(const py::array& q, const py::array& a, const char* name, const py::array& raw) {
-  require_same_dtype(q, "query", a, name);
+  if (!a.dtype().equal(py::dtype::of<T>()))
+    fail_type(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) + " but query has " +
+              std::string(py::str(q.dtype())) + ": it must be " + std::string(py::str(py::dtype::of<T>())) +
+              " (as additive_keys returns it)");
   require_ndim(a, name, 2);
   if (shape_of(a) != shape_of(raw))
     fail_value(std::string(name) + " has shape " + shape_str(a) + " but keys_raw has " + shape_str(raw));
@@ -60,13 +68,14 @@ struct KeysArg {
   const py::object* w_key;           // not projected
 };
 
-// The arguments of one attention call (forward or backward), parsed and checked once.
-template <typename T>
+// The arguments of one attention call (forward or backward), parsed and checked once. The
+// weights and v are of the inputs' type In, bias and a float mask of the accumulation type.
+template <typename In>
 struct AttentionArgs {
   std::vector<index_t> batch, score_shape, out_shape;
-  py::array_t<T, py::array::c_style> wq, wk, vc;
-  Bias<T> bias;
-  Mask<T> mask;
+  CArray<In> wq, wk, vc;
+  Bias<acc_t<In>> bias;
+  Mask<acc_t<In>> mask;
   OwnedBatch<std::int64_t> lengths;
   OwnedBatch<bool> ok;  // projected keys: owned, whether a batch entry reads keys_exp is decided by it
 };
@@ -83,8 +92,8 @@ AttentionArgs<T> parse_attention(const py::array& q, const py::object& w_query, 
   a.batch.assign(q.shape(), q.shape() + q.ndim() - 2);
   if (keys.projected) {
     const py::array &raw = *keys.raw, &expo = *keys.expo;
-    check_projected(q, raw, "keys_raw", raw);
-    check_projected(q, expo, "keys_exp", raw);
+    check_projected<acc_t<T>>(q, raw, "keys_raw", raw);
+    check_projected<acc_t<T>>(q, expo, "keys_exp", raw);
     require_same_batch(q, "query", raw, "keys_raw", 2);
     require_dim(raw, "keys_raw", -2, value, "value", -2, "the number of keys");
     a.ok = own_batch_array<bool>(*keys.ok, "keys_ok", a.batch);
@@ -107,25 +116,28 @@ AttentionArgs<T> parse_attention(const py::array& q, const py::object& w_query, 
     fail_value("w_query has shape " + shape_str(a.wq) + " but " + units_name + " has " + shape_str(units_ref) +
                ": the number of units must match");
   a.vc = parameter_vector<T>(q, "query", v, "v", units, units_are(units));
-  a.bias = parameter_bias<T>(q, "query", bias, units, units_are(units));
+  a.bias = parameter_bias<acc_t<T>>(q, "query", bias, units, units_are(units));
   const index_t lk = value.shape(value.ndim() - 2);
   a.score_shape = shape_of(q);
   a.score_shape.back() = lk;
-  a.mask = mask_view<T>(mask, a.score_shape, "mask");
+  a.mask = mask_view<acc_t<T>>(mask, a.score_shape, "mask");
   a.lengths = own_key_lengths(key_lengths, a.batch, lk);
   a.out_shape = shape_of(q);
   a.out_shape.back() = value.shape(value.ndim() - 1);
   return a;
 }
 
-template <typename T>
+// In: the inputs' type; Out: the context's (In, or float when a 16-bit call asks for
+// float32). The weights are of the accumulation type (float32 for 16-bit inputs).
+template <typename In, typename Out>
 py::object attention_impl(const py::array& q, const py::object& w_query, const py::object& bias, const KeysArg& keys,
                           const py::array& value, const py::object& v, const py::object& mask,
                           const py::object& key_lengths, bool return_weights) {
-  const AttentionArgs<T> a = parse_attention<T>(q, w_query, bias, keys, value, v, mask, key_lengths);
-  py::array_t<T> out = new_output<T>(a.out_shape, "context");
-  py::array_t<T> w;
-  if (return_weights) w = new_output<T>(a.score_shape, "weights");
+  using Acc = acc_t<In>;
+  const AttentionArgs<In> a = parse_attention<In>(q, w_query, bias, keys, value, v, mask, key_lengths);
+  py::array out = new_output_like<Out>(q, a.out_shape, "context");
+  py::array_t<Acc> w;
+  if (return_weights) w = new_output<Acc>(a.score_shape, "weights");
   const auto result = [&]() -> py::object {
     if (return_weights) return py::make_tuple(out, w);
     return std::move(out);
@@ -133,23 +145,26 @@ py::object attention_impl(const py::array& q, const py::object& w_query, const p
   // Nothing to return: no key projection is built either.
   if (all_empty({&out, return_weights ? &w : nullptr})) return result();
 
-  const Strided<const T> qv = view<T>(q, "query"), vv = view<T>(value, "value");
-  const ConstMatrixMap<T> wm = map_matrix(a.wq);
-  T* op = out.mutable_data();
-  T* wp = return_weights ? w.mutable_data() : nullptr;
+  const Strided<const In> qv = view<In>(q, "query"), vv = view<In>(value, "value");
+  const ConstMatrixMap<In> wm = map_matrix(a.wq);
+  Out* op = data_of<Out>(out);
+  Acc* wp = return_weights ? w.mutable_data() : nullptr;
   if (keys.projected) {
-    const AdditiveKeys<T> prepared{view<T>(*keys.raw, "keys_raw"), view<T>(*keys.expo, "keys_exp"), a.ok.view()};
+    const AdditiveKeys<Acc> prepared{view<Acc>(*keys.raw, "keys_raw"), view<Acc>(*keys.expo, "keys_exp"),
+                                     a.ok.view()};
     // Safe without the GIL: every array is kept alive by this frame, keys_ok and key_lengths
     // are the binding's own copies, and no Python object is used.
     py::gil_scoped_release nogil;
-    additive_attention<T>(qv, wm, a.bias.data(), prepared, vv, a.vc.data(), a.mask, a.lengths.get(), op, wp);
+    additive_attention<In, Acc, Out>(qv, wm, a.bias.data(), prepared, vv, a.vc.data(), a.mask, a.lengths.get(), op,
+                                     wp);
   } else {
-    const Strided<const T> kv = view<T>(*keys.key, "key");
-    const ConstMatrixMap<T> wkm = map_matrix(a.wk);
+    const Strided<const In> kv = view<In>(*keys.key, "key");
+    const ConstMatrixMap<In> wkm = map_matrix(a.wk);
     // Safe without the GIL: every array is kept alive by this frame, key_lengths is the
     // binding's own copy, and no Python object is used.
     py::gil_scoped_release nogil;
-    additive_attention<T>(qv, wm, a.bias.data(), kv, wkm, vv, a.vc.data(), a.mask, a.lengths.get(), op, wp);
+    additive_attention<In, Acc, Out>(qv, wm, a.bias.data(), kv, wkm, vv, a.vc.data(), a.mask, a.lengths.get(), op,
+                                     wp);
   }
   return result();
 }
@@ -246,34 +261,39 @@ void register_additive(py::module_& m) {
     return dispatch(float_dtype(key, "key"), [&](auto t) { return prepare_keys_impl<decltype(t)>(key, w_key); });
   }, py::arg("key").noconvert(), py::arg("w_key"),
         "Projected keys for additive attention: key (..., Lk, Dk), w_key (Dk, U) -> (raw (..., Lk, U) = key w_key, "
-        "expo (..., Lk, U) = exp(2 raw), ok (...,) bool: whether the batch entry may use expo).");
+        "expo (..., Lk, U) = exp(2 raw), ok (...,) bool: whether the batch entry may use expo). raw and expo are "
+        "float32 for 16-bit keys (the accumulation type), else in key's dtype.");
   m.def("additive_attention", [](const py::array& q, const py::object& w_query, const py::object& bias,
                                  const py::array& keys_raw, const py::array& keys_exp, const py::array& keys_ok,
                                  const py::array& value, const py::object& v, const py::object& mask,
-                                 const py::object& key_lengths, bool return_weights) -> py::object {
+                                 const py::object& key_lengths, bool return_weights, bool out_float32) -> py::object {
     const KeysArg keys{true, &keys_raw, &keys_exp, &keys_ok, nullptr, nullptr};
-    return dispatch(float_dtype(q, "query"), [&](auto t) {
-      return attention_impl<decltype(t)>(q, w_query, bias, keys, value, v, mask, key_lengths, return_weights);
+    return dispatch_out(float_dtype(q, "query"), out_float32, [&](auto in, auto out) {
+      return attention_impl<decltype(in), decltype(out)>(q, w_query, bias, keys, value, v, mask, key_lengths,
+                                                         return_weights);
     });
   }, py::arg("query").noconvert(), py::arg("w_query"), py::arg("bias").none(true),
         py::arg("keys_raw").noconvert(), py::arg("keys_exp").noconvert(), py::arg("keys_ok").noconvert(),
         py::arg("value").noconvert(), py::arg("v"), py::arg("mask").none(true),
-        py::arg("key_lengths").none(true), py::arg("return_weights") = false,
+        py::arg("key_lengths").none(true), py::arg("return_weights") = false, py::arg("out_float32") = false,
         "softmax(v . tanh(query w_query + bias + keys) + mask) value on keys prepared by additive_keys. "
         "query (..., Lq, Dq), keys (..., Lk, U), value (..., Lk, Dv), equal batch shapes; mask broadcast to "
-        "(..., Lq, Lk) or None; key_lengths (...,) int64 or None -> context (..., Lq, Dv) [, weights (..., Lq, Lk)].");
+        "(..., Lq, Lk) or None; key_lengths (...,) int64 or None -> context (..., Lq, Dv) [, weights (..., Lq, Lk)]. "
+        "16-bit inputs: w_query and v in query's dtype, bias, keys_raw, keys_exp and a float mask float32; the "
+        "context in query's dtype (float32 with out_float32), the weights float32.");
   m.def("additive_attention_keys", [](const py::array& q, const py::object& w_query, const py::object& bias,
                                       const py::array& key, const py::object& w_key, const py::array& value,
                                       const py::object& v, const py::object& mask, const py::object& key_lengths,
-                                      bool return_weights) -> py::object {
+                                      bool return_weights, bool out_float32) -> py::object {
     const KeysArg keys{false, nullptr, nullptr, nullptr, &key, &w_key};
-    return dispatch(float_dtype(q, "query"), [&](auto t) {
-      return attention_impl<decltype(t)>(q, w_query, bias, keys, value, v, mask, key_lengths, return_weights);
+    return dispatch_out(float_dtype(q, "query"), out_float32, [&](auto in, auto out) {
+      return attention_impl<decltype(in), decltype(out)>(q, w_query, bias, keys, value, v, mask, key_lengths,
+                                                         return_weights);
     });
   }, py::arg("query").noconvert(), py::arg("w_query"), py::arg("bias").none(true),
         py::arg("key").noconvert(), py::arg("w_key"), py::arg("value").noconvert(),
         py::arg("v"), py::arg("mask").none(true), py::arg("key_lengths").none(true),
-        py::arg("return_weights") = false,
+        py::arg("return_weights") = false, py::arg("out_float32") = false,
         "additive_attention on raw keys, projected inside the call: key (..., Lk, Dk) with the query's batch "
         "shape, w_key (Dk, U); otherwise as additive_attention.");
   m.def("additive_attention_backward", [](const py::array& q, const py::object& w_query, const py::object& bias,
@@ -283,7 +303,7 @@ void register_additive(py::module_& m) {
                                           const py::array& grad_out, const py::object& grad_weights,
                                           bool mask_grad, const py::object& weights) -> py::dict {
     const KeysArg keys{true, &keys_raw, &keys_exp, &keys_ok, nullptr, nullptr};
-    return dispatch(float_dtype(q, "query"), [&](auto t) {
+    return dispatch_wide(wide_float_dtype(q, "query", "additive_attention_backward"), [&](auto t) {
       return backward_impl<decltype(t)>(q, w_query, bias, keys, value, v, mask, key_lengths, grad_out, grad_weights,
                                         mask_grad, weights);
     });
@@ -308,7 +328,7 @@ void register_additive(py::module_& m) {
                                                const py::array& grad_out, const py::object& grad_weights,
                                                bool mask_grad, const py::object& weights) -> py::dict {
     const KeysArg keys{false, nullptr, nullptr, nullptr, &key, &w_key};
-    return dispatch(float_dtype(q, "query"), [&](auto t) {
+    return dispatch_wide(wide_float_dtype(q, "query", "additive_attention_keys_backward"), [&](auto t) {
       return backward_impl<decltype(t)>(q, w_query, bias, keys, value, v, mask, key_lengths, grad_out, grad_weights,
                                         mask_grad, weights);
     });

@@ -12,6 +12,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <attnext/lowp.hpp>
 #include <attnext/mask.hpp>
 #include <attnext/strided.hpp>
 
@@ -50,19 +51,36 @@ inline std::string shape_str(const std::vector<index_t>& shape) {
 [[noreturn]] inline void fail_value(const std::string& msg) { throw py::value_error(msg); }
 [[noreturn]] inline void fail_type(const std::string& msg) { throw py::type_error(msg); }
 
-enum class DType { f32, f64 };
+enum class DType { f32, f64, bf16, f16 };
+
+// ml_dtypes' bfloat16, recognised without importing ml_dtypes: a 2-byte dtype named "bfloat16".
+inline bool is_bfloat16(const py::dtype& dt) {
+  return dt.itemsize() == 2 && std::string(py::str(dt.attr("name"))) == "bfloat16";
+}
 
 // The floating dtype of a kernel input; anything else is a TypeError naming the argument.
 // Compared by equivalence, not identity: NumPy may hand out equal descriptors that are not
 // its singletons; a non-native byte order is not equivalent and is refused.
 inline DType float_dtype(const py::array& a, const char* name) {
-  if (a.dtype().equal(py::dtype::of<float>())) return DType::f32;
-  if (a.dtype().equal(py::dtype::of<double>())) return DType::f64;
   const py::dtype dt = a.dtype();
-  if (dt.kind() == 'f' && (dt.itemsize() == 4 || dt.itemsize() == 8) && dt.byteorder() == '>')
+  if (dt.equal(py::dtype::of<float>())) return DType::f32;
+  if (dt.equal(py::dtype::of<double>())) return DType::f64;
+  if (is_bfloat16(dt)) return DType::bf16;
+  if (dt.kind() == 'f' && dt.itemsize() == 2 && dt.byteorder() != '>') return DType::f16;
+  if (dt.kind() == 'f' && (dt.itemsize() == 2 || dt.itemsize() == 4 || dt.itemsize() == 8) && dt.byteorder() == '>')
     fail_type(std::string(name) + " is " + std::string(py::str(dt)) +
-              ", big-endian: the kernels read native float32 or float64 (the Python API converts)");
-  fail_type(std::string(name) + " must be float32 or float64, got " + std::string(py::str(a.dtype())));
+              ", big-endian: the kernels read native floating types (the Python API converts)");
+  fail_type(std::string(name) + " must be float32, float64, float16 or bfloat16, got " + std::string(py::str(dt)));
+}
+
+// The dtype of an entry without a 16-bit form (the backward entries, testing hooks): float32
+// or float64; a 16-bit input is a TypeError that says what to do.
+inline DType wide_float_dtype(const py::array& a, const char* name, const char* entry) {
+  const DType dt = float_dtype(a, name);
+  if (dt == DType::bf16 || dt == DType::f16)
+    fail_type(std::string(entry) + " takes float32 or float64 (bfloat16 training is not supported); " +
+              "cast with .astype(np.float32) (" + name + " is " + std::string(py::str(a.dtype())) + ")");
+  return dt;
 }
 
 inline void require_same_dtype(const py::array& a, const char* an, const py::array& b, const char* bn) {
@@ -160,8 +178,35 @@ py::array_t<T> new_output(const std::vector<index_t>& shape, const char* what) {
   return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
 }
 
+// The NumPy dtype of element type T in an entry whose input is `like`, and a fresh output of
+// it: a 16-bit type is like's own dtype object (bfloat16 is ml_dtypes' type, which this file does not import),
+// float32 and float64 their NumPy types.
+template <typename T>
+py::dtype dtype_for(const py::array& like) {
+  if constexpr (is_lowp<T>::value)
+    return like.dtype();
+  else
+    return py::dtype::of<T>();
+}
+template <typename T>
+py::array new_output_like(const py::array& like, const std::vector<index_t>& shape, const char* what) {
+  checked_size(shape, what);
+  return py::array(dtype_for<T>(like), std::vector<py::ssize_t>(shape.begin(), shape.end()));
+}
+
+// The data of an array known to hold T (its dtype checked by the caller).
+template <typename T>
+T* data_of(py::array& a) {
+  return static_cast<T*>(a.mutable_data());
+}
+template <typename T>
+const T* data_of(const py::array& a) {
+  return static_cast<const T*>(a.data());
+}
+
 // A mask for scores of shape `score_shape`: None, a bool array (True = may attend) or an
-// array of the scores' dtype (added), already broadcast to exactly that shape.
+// array of the scores' accumulation dtype T (added: float32 for a 16-bit call), already
+// broadcast to exactly that shape.
 template <typename T>
 Mask<T> mask_view(const py::object& obj, const std::vector<index_t>& score_shape, const char* name) {
   Mask<T> m;
@@ -184,12 +229,49 @@ Mask<T> mask_view(const py::object& obj, const std::vector<index_t>& score_shape
   return m;
 }
 
-// The one float32/float64 dispatch: f(T{}) with T the kernel scalar of `dt`, so an entry reads
+// The one dtype dispatch: f(In{}) with In the kernel's reading type for `dt` (float, double,
+// bf16, f16), so an entry reads
 //   return dispatch(float_dtype(q, "query"), [&](auto t) { return impl<decltype(t)>(...); });
 template <typename F>
 decltype(auto) dispatch(DType dt, F&& f) {
+  switch (dt) {
+    case DType::f32: return f(float{});
+    case DType::f64: return f(double{});
+    case DType::bf16: return f(bf16{});
+    case DType::f16: break;
+  }
+  return f(f16{});
+}
+
+// The dispatch of the entries without a 16-bit form (wide_float_dtype's): float and double only.
+template <typename F>
+decltype(auto) dispatch_wide(DType dt, F&& f) {
   if (dt == DType::f32) return f(float{});
   return f(double{});
+}
+
+// The output type of a forward entry reading In, by its out_float32 argument: with bf16/f16
+// inputs float (written from the accumulators) when asked, else In; float32 inputs ignore it;
+// float64 inputs refuse it (it would round their results).
+template <typename In>
+inline bool wants_float32_output(bool out_float32) {
+  if (std::is_same<In, double>::value && out_float32)
+    fail_value("out_float32=True is for bfloat16 and float16 inputs: float64 inputs return float64");
+  return is_lowp<In>::value && out_float32;
+}
+
+// dispatch, then the output type: f(In{}, Out{}).
+template <typename F>
+decltype(auto) dispatch_out(DType dt, bool out_float32, F&& f) {
+  return dispatch(dt, [&](auto in) -> decltype(auto) {
+    using In = decltype(in);
+    if constexpr (is_lowp<In>::value) {
+      if (wants_float32_output<In>(out_float32)) return f(in, float{});
+    } else {
+      wants_float32_output<In>(out_float32);
+    }
+    return f(in, in);
+  });
 }
 
 // True when every array an entry would return has no element: the entry then returns them at
@@ -200,41 +282,55 @@ inline bool all_empty(std::initializer_list<const py::array*> outputs) {
   return true;
 }
 
-// A parameter array (weights, a unit vector, a bias) as C-contiguous, aligned data of T: same
-// dtype as `ref`, `ndim` dimensions. Copied, through NumPy so that a failed allocation raises
-// MemoryError (array_t::ensure would hand back a null array), only when it is not C-contiguous;
-// misaligned data is refused as in view().
+// A C-contiguous, aligned array of element type T, as parameter() hands it out (a py::array:
+// pybind11's array_t has no form for bf16 and f16); data() is typed.
 template <typename T>
-py::array_t<T, py::array::c_style> parameter(const py::array& ref, const char* ref_name, const py::object& obj,
-                                             const char* name, py::ssize_t ndim) {
+struct CArray : py::array {
+  CArray() = default;
+  explicit CArray(py::array a) : py::array(std::move(a)) {}
+  const T* data() const { return data_of<T>(static_cast<const py::array&>(*this)); }
+};
+
+// A parameter array (weights, a unit vector, a bias) as C-contiguous, aligned data of T, with
+// `ndim` dimensions. Its dtype: that of `ref` when T is ref's element type (a weight: one dtype
+// per call), float32 when T is the accumulation type of a 16-bit call on ref (a bias). Copied,
+// through NumPy so that a failed allocation raises MemoryError (array_t::ensure would hand back
+// a null array), only when it is not C-contiguous; misaligned data is refused as in view().
+template <typename T>
+CArray<T> parameter(const py::array& ref, const char* ref_name, const py::object& obj, const char* name,
+                    py::ssize_t ndim) {
   const py::array a = require_array(obj, name);
-  require_same_dtype(ref, ref_name, a, name);
+  const py::dtype expected = dtype_for<T>(ref);
+  if (expected.equal(ref.dtype()))
+    require_same_dtype(ref, ref_name, a, name);
+  else if (!a.dtype().equal(expected))
+    fail_type(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) + " but " + ref_name + " has " +
+              std::string(py::str(ref.dtype())) + ": with 16-bit inputs " + name + " is " +
+              std::string(py::str(expected)) + " (the accumulation type; the Python API converts)");
   require_ndim(a, name, ndim, ndim);
   if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
     fail_value(std::string(name) + " of shape " + shape_str(a) +
                " is not aligned to its item size (pass a copy: a.copy())");
-  if (a.flags() & py::array::c_style) return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(a);
-  const py::object copy = py::module_::import("numpy").attr("ascontiguousarray")(a);
-  return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(copy);
+  if (a.flags() & py::array::c_style) return CArray<T>(a);
+  return CArray<T>(py::reinterpret_borrow<py::array>(py::module_::import("numpy").attr("ascontiguousarray")(a)));
 }
 
 // A weight matrix (rows, cols) and its Eigen map (the map reads the contiguous array it is made from).
 template <typename T>
-py::array_t<T, py::array::c_style> parameter_matrix(const py::array& ref, const char* ref_name, const py::object& w,
-                                                    const char* name) {
+CArray<T> parameter_matrix(const py::array& ref, const char* ref_name, const py::object& w, const char* name) {
   return parameter<T>(ref, ref_name, w, name, 2);
 }
 template <typename T>
-ConstMatrixMap<T> map_matrix(const py::array_t<T, py::array::c_style>& w) {
+ConstMatrixMap<T> map_matrix(const CArray<T>& w) {
   return ConstMatrixMap<T>(w.data(), w.shape(0), w.shape(1));
 }
 
 // A vector of exactly `length` entries; `expected` ends the error ("<name> has shape (4,) but
 // <expected>"), saying where the length comes from.
 template <typename T>
-py::array_t<T, py::array::c_style> parameter_vector(const py::array& ref, const char* ref_name, const py::object& a,
-                                                    const char* name, py::ssize_t length, const std::string& expected) {
-  py::array_t<T, py::array::c_style> c = parameter<T>(ref, ref_name, a, name, 1);
+CArray<T> parameter_vector(const py::array& ref, const char* ref_name, const py::object& a, const char* name,
+                           py::ssize_t length, const std::string& expected) {
+  CArray<T> c = parameter<T>(ref, ref_name, a, name, 1);
   if (c.shape(0) != length) fail_value(std::string(name) + " has shape " + shape_str(c) + " but " + expected);
   return c;
 }
@@ -242,10 +338,11 @@ py::array_t<T, py::array::c_style> parameter_vector(const py::array& ref, const 
 // The usual `expected` of parameter_vector: "the number of units is 6".
 inline std::string units_are(py::ssize_t units) { return "the number of units is " + std::to_string(units); }
 
-// An optional bias: None, or a parameter_vector. data() is null for None.
+// An optional bias: None, or a parameter_vector of the call's accumulation type T (float32 for
+// a 16-bit call: a bias is added to Acc values). data() is null for None.
 template <typename T>
 struct Bias {
-  py::array_t<T, py::array::c_style> array;
+  CArray<T> array;
   bool present = false;
   const T* data() const { return present ? array.data() : nullptr; }
 };

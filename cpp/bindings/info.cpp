@@ -103,6 +103,13 @@ void set_threads(const py::object& n_arg) {
   attnext::set_num_threads(static_cast<int>(n));
 }
 
+// "auto" or "fallback" (lowp.hpp's switch); another string is a ValueError that lists both.
+void set_bf16_path(const std::string& path) {
+  if (path != "auto" && path != "fallback")
+    throw py::value_error("bf16 path must be \"auto\" or \"fallback\", got \"" + path + "\"");
+  bf16_fallback_forced().store(path == "fallback", std::memory_order_relaxed);
+}
+
 }  // namespace
 
 void register_info(py::module_& m) {
@@ -121,8 +128,14 @@ void register_info(py::module_& m) {
     d["native"] = bool(ATTNEXT_NATIVE);
     d["max_threads"] = get_num_threads();
     d["thread_cap"] = kMaxThreads;
+    d["bf16"] = bf16_path_name();
     return d;
   });
+  m.def("set_bf16_path", &set_bf16_path, py::arg("path"),
+        "Chooses the bfloat16 product path: \"auto\" (vdpbf16ps where the build has AVX512_BF16, else the "
+        "float32 fallback) or \"fallback\" (the float32 fallback everywhere: one build tests both paths).");
+  m.def("get_bf16_path", [] { return std::string(bf16_path_name()); },
+        "The active bfloat16 product path, as build_info()[\"bf16\"] names it.");
 }
 
 }  // namespace bind

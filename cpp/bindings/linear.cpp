@@ -8,27 +8,30 @@ namespace bind {
 
 namespace {
 
-template <typename T>
+// In: the inputs' type; Out: the output's (In, or float when a 16-bit call asks for float32).
+// weight is of In, bias of the accumulation type (float32 for 16-bit inputs).
+template <typename In, typename Out>
 py::array linear_impl(const py::array& x, const py::array& weight, const py::object& bias) {
+  using Acc = acc_t<In>;
   require_same_dtype(x, "x", weight, "weight");
   require_ndim(x, "x", 4, 4);
   require_ndim(weight, "weight", 2, 2);
   if (weight.shape(1) != x.shape(2) * x.shape(3))
     fail_value("x has shape " + shape_str(x) + " (" + std::to_string(x.shape(2) * x.shape(3)) +
                " features per row) but weight has " + shape_str(weight) + ": weight must be (out, in)");
-  const Bias<T> b = parameter_bias<T>(x, "x", bias, weight.shape(0),
-                                      "weight has " + shape_str(weight) + ": bias must be (out,)");
-  const Strided<const T> xv = view<T>(x, "x"), wv = view<T>(weight, "weight");
-  py::array_t<T> out = new_output<T>({xv.dim(0), xv.dim(1), wv.dim(0)}, "linear output");
-  if (all_empty({&out})) return std::move(out);
-  T* o = out.mutable_data();
-  const T* bp = b.data();
+  const Bias<Acc> b = parameter_bias<Acc>(x, "x", bias, weight.shape(0),
+                                          "weight has " + shape_str(weight) + ": bias must be (out,)");
+  const Strided<const In> xv = view<In>(x, "x"), wv = view<In>(weight, "weight");
+  py::array out = new_output_like<Out>(x, {xv.dim(0), xv.dim(1), wv.dim(0)}, "linear output");
+  if (all_empty({&out})) return out;
+  Out* o = data_of<Out>(out);
+  const Acc* bp = b.data();
   {
     // Safe without the GIL: x, weight, bias and out are kept alive by this frame.
     py::gil_scoped_release nogil;
-    linear<T>(xv, wv, bp, o);
+    linear<In, Acc, Out>(xv, wv, bp, o);
   }
-  return std::move(out);
+  return out;
 }
 
 template <typename T>
@@ -64,15 +67,20 @@ py::tuple linear_backward_impl(const py::array& grad, const py::array& x, const 
 }  // namespace
 
 void register_linear(py::module_& m) {
-  m.def("linear", [](const py::array& x, const py::array& weight, const py::object& bias) -> py::array {
-    return dispatch(float_dtype(x, "x"), [&](auto t) { return linear_impl<decltype(t)>(x, weight, bias); });
+  m.def("linear", [](const py::array& x, const py::array& weight, const py::object& bias,
+                     bool out_float32) -> py::array {
+    return dispatch_out(float_dtype(x, "x"), out_float32, [&](auto in, auto out) {
+      return linear_impl<decltype(in), decltype(out)>(x, weight, bias);
+    });
   }, py::arg("x").noconvert(), py::arg("weight").noconvert(), py::arg("bias").none(true),
-        "y = x weight^T + bias: x (B, L, C, D) any strides (C * D input features), weight (out, C * D), "
-        "bias (out,) or None -> (B, L, out) C-contiguous.");
+        py::arg("out_float32") = false,
+        "y = x weight^T + bias: x (B, L, C, D) any strides (C * D input features), weight (out, C * D) in x's "
+        "dtype, bias (out,) or None (float32 for 16-bit x) -> (B, L, out) C-contiguous, in x's dtype (float32 "
+        "for 16-bit x with out_float32).");
   m.def("linear_backward", [](const py::array& grad, const py::array& x, const py::object& weight,
                               bool want_bias) -> py::tuple {
-    return dispatch(float_dtype(x, "x"),
-                    [&](auto t) { return linear_backward_impl<decltype(t)>(grad, x, weight, want_bias); });
+    return dispatch_wide(wide_float_dtype(x, "x", "linear_backward"),
+                         [&](auto t) { return linear_backward_impl<decltype(t)>(grad, x, weight, want_bias); });
   }, py::arg("grad").noconvert(), py::arg("x").noconvert(), py::arg("weight"), py::arg("want_bias"),
         "Gradients of y = x weight^T + bias (linear): grad (B, L, out) = dL/dy, x (B, L, C, D) as linear took it, "
         "weight (out, C * D) -> (dx (B, L, C, D), dweight (out, C * D), dbias (out,) or None unless want_bias), "

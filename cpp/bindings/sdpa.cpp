@@ -13,36 +13,39 @@ namespace bind {
 
 namespace {
 
-template <typename T>
+// In: the inputs' type; Out: the output's (In, or float when a 16-bit call asks for float32).
+// Weights and lse are of the accumulation type (float32 for 16-bit inputs).
+template <typename In, typename Out>
 py::tuple sdpa_impl(const py::array& q, const py::array& k, const py::array& v, const py::object& attn_mask,
                     bool causal, const py::object& causal_offset_arg, const py::object& window_left_arg,
                     const py::object& window_right_arg, const py::object& key_lengths, double scale,
                     bool return_weights, bool return_lse, double dropout_p, const py::object& seed) {
+  using Acc = acc_t<In>;
   const Dropout drop = dropout_arg(dropout_p, seed);
-  SdpaProblem<T> p = sdpa_problem<T>(q, k, v, attn_mask, causal, causal_offset_arg, window_left_arg,
-                                     window_right_arg, scale);
+  SdpaProblem<In> p = sdpa_problem<In>(q, k, v, attn_mask, causal, causal_offset_arg, window_left_arg,
+                                       window_right_arg, scale);
   const index_t L = p.q.dim(-2), S = p.k.dim(-2);
   const std::vector<index_t> batch = batch_shape_with(p, {});
   const std::vector<index_t> score_shape = batch_shape_with(p, {L, S});
   const OwnedBatch<std::int64_t> lengths = own_key_lengths(key_lengths, batch, S);
   if (lengths.get()) p.key_lengths = lengths.view();
-  py::array_t<T> out = new_output<T>(batch_shape_with(p, {L, p.v.dim(-1)}), "attention output");
-  py::array_t<T> w, l;
-  if (return_weights) w = new_output<T>(score_shape, "attention weights");
-  if (return_lse) l = new_output<T>(batch_shape_with(p, {L}), "log-sum-exp");
+  py::array out = new_output_like<Out>(q, batch_shape_with(p, {L, p.v.dim(-1)}), "attention output");
+  py::array_t<Acc> w, l;
+  if (return_weights) w = new_output<Acc>(score_shape, "attention weights");
+  if (return_lse) l = new_output<Acc>(batch_shape_with(p, {L}), "log-sum-exp");
   const py::object weights = return_weights ? py::object(w) : py::none();
   const py::object lse = return_lse ? py::object(l) : py::none();
   if (all_empty({&out, return_weights ? &w : nullptr, return_lse ? &l : nullptr}))
     return py::make_tuple(out, weights, lse);
-  T* op = out.mutable_data();
-  T* wp = return_weights ? w.mutable_data() : nullptr;
-  T* lp = return_lse ? l.mutable_data() : nullptr;
+  Out* op = data_of<Out>(out);
+  Acc* wp = return_weights ? w.mutable_data() : nullptr;
+  Acc* lp = return_lse ? l.mutable_data() : nullptr;
   {
     // Safe without the GIL: every array read or written is kept alive by this frame's
     // references (q, k, v, attn_mask, out, w, l), key_lengths is the binding's own copy, and
     // no Python object is touched.
     py::gil_scoped_release nogil;
-    scaled_dot_product_attention<T>(p, op, wp, lp, drop);
+    scaled_dot_product_attention<In, Acc, Out>(p, op, wp, lp, drop);
   }
   return py::make_tuple(out, weights, lse);
 }
@@ -94,8 +97,8 @@ void register_sdpa(py::module_& m) {
         const Dropout drop = dropout_arg(dropout_p, seed);
         const std::uint64_t nn = uint64_arg(n, "n");
         const index_t ii = saturating_index(i0, "i0"), jj = saturating_index(j0, "j0");
-        dispatch(float_dtype(tile, "tile"),
-                 [&](auto t) { dropout_tile_impl<decltype(t)>(tile, other, drop, nn, ii, jj); });
+        dispatch_wide(wide_float_dtype(tile, "tile", "_dropout_apply_tile"),
+                      [&](auto t) { dropout_tile_impl<decltype(t)>(tile, other, drop, nn, ii, jj); });
       },
       py::arg("tile").noconvert(), py::arg("dropout_p"), py::arg("seed"), py::arg("n"), py::arg("i0"), py::arg("j0"),
       py::arg("other") = py::none(),
@@ -107,17 +110,18 @@ void register_sdpa(py::module_& m) {
       [](const py::array& q, const py::array& k, const py::array& v, const py::object& attn_mask, bool causal,
          const py::object& causal_offset, const py::object& window_left, const py::object& window_right,
          const py::object& key_lengths, double scale, bool return_weights, bool return_lse, double dropout_p,
-         const py::object& seed) -> py::tuple {
-        return dispatch(float_dtype(q, "query"), [&](auto t) {
-          return sdpa_impl<decltype(t)>(q, k, v, attn_mask, causal, causal_offset, window_left, window_right,
-                                        key_lengths, scale, return_weights, return_lse, dropout_p, seed);
+         const py::object& seed, bool out_float32) -> py::tuple {
+        return dispatch_out(float_dtype(q, "query"), out_float32, [&](auto in, auto out) {
+          return sdpa_impl<decltype(in), decltype(out)>(q, k, v, attn_mask, causal, causal_offset, window_left,
+                                                        window_right, key_lengths, scale, return_weights, return_lse,
+                                                        dropout_p, seed);
         });
       },
       py::arg("query").noconvert(), py::arg("key").noconvert(), py::arg("value").noconvert(),
       py::arg("attn_mask") = py::none(), py::arg("causal") = false, py::arg("causal_offset") = 0,
       py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("key_lengths") = py::none(),
       py::arg("scale") = 1.0, py::arg("return_weights") = false, py::arg("return_lse") = false,
-      py::arg("dropout_p") = 0.0, py::arg("seed") = 0,
+      py::arg("dropout_p") = 0.0, py::arg("seed") = 0, py::arg("out_float32") = false,
       "Fused attention softmax(query key^T * scale + masks) value: query (..., L, E), key (..., S, E), "
       "value (..., S, Ev) with equal batch shapes; attn_mask (..., L, S) bool (True = attend) or float (added); "
       "causal hides key j from query i when j > i + causal_offset; window_left/right bound i - j and j - i "
@@ -125,7 +129,8 @@ void register_sdpa(py::module_& m) {
       "dropout_p in [0, 1] with seed (an int in [0, 2**64 - 1]) drops element (n, i, j) of the weights by "
       "dropout.hpp's Philox rule (n = the flat C-order index of the batch entry) and scales the kept ones by "
       "1 / (1 - p); lse is of the undropped weights, the weights returned are the dropped ones that multiplied "
-      "value. Returns (out, weights or None, lse or None).");
+      "value. float16 and bfloat16 inputs compute in float32 (a float mask is then float32): out in the inputs' "
+      "dtype (float32 with out_float32), weights and lse float32. Returns (out, weights or None, lse or None).");
 }
 
 }  // namespace bind

@@ -46,11 +46,11 @@ SdpaProblem<T> sdpa_problem(const py::array& q, const py::array& k, const py::ar
   p.q = view<T>(q, "query");
   p.k = view<T>(k, "key");
   p.v = view<T>(v, "value");
-  p.mask = mask_view<T>(attn_mask, batch_shape_with(p, {p.q.dim(-2), p.k.dim(-2)}), "attn_mask");
+  p.mask = mask_view<acc_t<T>>(attn_mask, batch_shape_with(p, {p.q.dim(-2), p.k.dim(-2)}), "attn_mask");
   p.causal = Causal{causal, causal_offset};
   p.window_left = window_left;
   p.window_right = window_right;
-  p.scale = static_cast<T>(scale);
+  p.scale = static_cast<acc_t<T>>(scale);  // the scale as the kernels accumulate it
   return p;
 }
 

@@ -80,7 +80,7 @@ void register_sdpa_backward(py::module_& m) {
          const py::object& key_lengths, double scale, const py::object& out, const py::object& lse,
          const py::object& grad_out, double dropout_p, const py::object& seed, const py::object& grad_weights,
          bool mask_grad) -> py::tuple {
-        return dispatch(float_dtype(q, "query"), [&](auto t) {
+        return dispatch_wide(wide_float_dtype(q, "query", "sdpa_backward"), [&](auto t) {
           return sdpa_backward_impl<decltype(t)>(q, k, v, attn_mask, causal, causal_offset, window_left, window_right,
                                                  key_lengths, scale, out, lse, grad_out, dropout_p, seed,
                                                  grad_weights, mask_grad);

@@ -15,8 +15,10 @@
 // projection then query blocks) is decided here and only here (see the raw-keys overload);
 // both give the same bits.
 //
-// Types: q, the keys, the values and the parameters are read as `In`; projections, scores,
-// weights and the context are `Acc` (today In == Acc).
+// Types: q, the values, w_query, w_key and v are read as `In`; bias, the prepared keys, the
+// projections, scores, weights and the context are `Acc` (float for bf16/f16); the context is
+// stored as `Out` (In, or Acc when a 16-bit call asks for float32), converted per block at the
+// store (lowp.hpp's rule).
 #pragma once
 
 #include <algorithm>
@@ -26,6 +28,7 @@
 #include <vector>
 
 #include "additive.hpp"
+#include "lowp.hpp"
 #include "mask.hpp"
 #include "parallel.hpp"
 #include "scratch.hpp"
@@ -71,10 +74,11 @@ namespace detail {
 // and of the rare hidden-value fix-up.
 struct AdditiveTileTag {};
 struct AdditiveFixupTag {};
+struct AdditiveContextTag {};
 
 // One call's operands that do not change from task to task (arguments as for
-// additive_attention below; bias and v already in the accumulation type).
-template <typename In, typename Acc>
+// additive_attention below; v already in the accumulation type).
+template <typename In, typename Acc, typename Out>
 struct AdditiveCall {
   const Strided<const In>& q;
   const ConstMatrixMap<In>& w_query;
@@ -82,7 +86,7 @@ struct AdditiveCall {
   const Strided<const In>& value;
   const AdditiveV<Acc>& v;
   const Mask<Acc>& mask;
-  Acc* out;
+  Out* out;
   Acc* weights;
 };
 
@@ -111,16 +115,19 @@ inline bool scores_to_weights(const Mask<Acc>& mask, index_t lq, index_t b, inde
 }
 
 // Whether value rows [0, visible) of one batch entry (vb, row/col strides) are all finite.
+// The magnitude-bits scan is for float and double; 16-bit values are tested as floats.
 template <typename In>
 inline bool value_rows_finite(const In* vb, index_t rs, index_t cs, index_t visible, index_t dv) {
   for (index_t j = 0; j < visible; ++j) {
     const In* row = vb + j * rs;
-    if (cs == 1) {
-      if (max_magnitude_bits(row, dv) >= magnitude_bits(std::numeric_limits<In>::infinity())) return false;
-    } else {
-      for (index_t d = 0; d < dv; ++d)
-        if (!std::isfinite(row[d * cs])) return false;
+    if constexpr (!is_lowp<In>::value) {
+      if (cs == 1) {
+        if (max_magnitude_bits(row, dv) >= magnitude_bits(std::numeric_limits<In>::infinity())) return false;
+        continue;
+      }
     }
+    for (index_t d = 0; d < dv; ++d)
+      if (!std::isfinite(static_cast<acc_t<In>>(row[d * cs]))) return false;
   }
   return true;
 }
@@ -128,10 +135,10 @@ inline bool value_rows_finite(const In* vb, index_t rs, index_t cs, index_t visi
 // The careful path of hidden-value rows: for each row of the block that hides a key whose
 // value row is not finite, the context is recomputed over its unhidden keys only. Which keys
 // a row hides comes from the same mask rule, applied to a row of zeros (a hidden key becomes
-// -inf, any other entry stays finite or NaN).
-template <typename In, typename Acc>
-void context_fixup(const AdditiveCall<In, Acc>& c, const Acc* tile, index_t lk, index_t visible, index_t b, index_t r0,
-                   index_t rows) {
+// -inf, any other entry stays finite or NaN). ctx: the block's context rows (rows, Dv), in Acc.
+template <typename In, typename Acc, typename Out>
+void context_fixup(const AdditiveCall<In, Acc, Out>& c, const Acc* tile, index_t lk, index_t visible, index_t b,
+                   index_t r0, index_t rows, Acc* ctx) {
   const index_t lq = c.q.dim(-2), dv = c.value.dim(-1);
   const index_t rs = c.value.stride(-2), cs = c.value.stride(-1);
   const In* vb = c.value.data + c.value.batch_offset(b, 2);
@@ -152,7 +159,7 @@ void context_fixup(const AdditiveCall<In, Acc>& c, const Acc* tile, index_t lk, 
       if (hidden[j] == -std::numeric_limits<Acc>::infinity()) continue;
       for (index_t d = 0; d < dv; ++d) acc[d] += w[j] * static_cast<Acc>(vb[j * rs + d * cs]);
     }
-    std::copy(acc, acc + dv, c.out + (b * lq + r0 + r) * dv);
+    std::copy(acc, acc + dv, ctx + r * dv);
   }
 }
 
@@ -164,32 +171,28 @@ void block_context(const Strided<const In>& value, index_t b, const Acc* tile, i
   const index_t value_row_stride = value.stride(-2), value_col_stride = value.stride(-1);
   const In* vb = value.data + value.batch_offset(b, 2);
   if (rows >= kPackedGemmMinRows) {  // the same choice as project_rows: by shape only
-    // The weights are the x operand, converted to the reading type by their packer (no
-    // conversion, and every row read in place, when In == Acc).
-    const auto tile_rows = [&](index_t m0, index_t n, index_t k0, index_t kc, const PanelWriter<In>& dst) {
-      for (index_t r = 0; r < n; ++r) {
-        const Acc* row = tile + (m0 + r) * lk + k0;
-        for (index_t k = 0; k < kc; ++k) dst.put(k, r, static_cast<In>(row[k]));
-      }
+    // An Acc product: the weights (Acc) are read in place, the values converted to Acc by their
+    // packer, panel by panel (read in place too when In == Acc): the weights are never rounded.
+    const auto tile_rows = [&](index_t m0, index_t n, index_t k0, index_t kc, const PanelWriter<Acc>& dst) {
+      for (index_t r = 0; r < n; ++r) pack_row(tile + (m0 + r) * lk + k0, index_t(1), kc, dst, r);
     };
-    const auto tile_row = [&](index_t m) -> const In* {
-      if constexpr (std::is_same<In, Acc>::value)
-        return tile + m * lk;
-      else
-        return nullptr;
-    };
-    const auto value_cols = [&](index_t n0, index_t cols, index_t k0, index_t kc, const PanelWriter<In>& dst) {
+    const auto tile_row = [&](index_t m) -> const Acc* { return tile + m * lk; };
+    const auto value_cols = [&](index_t n0, index_t cols, index_t k0, index_t kc, const PanelWriter<Acc>& dst) {
       for (index_t k = 0; k < kc; ++k) {
         const In* src = vb + (k0 + k) * value_row_stride + n0 * value_col_stride;
-        if (value_col_stride == 1)
-          dst.put_run(k, 0, src, cols);
-        else
-          for (index_t c = 0; c < cols; ++c) dst.put(k, c, src[c * value_col_stride]);
+        if constexpr (std::is_same<In, Acc>::value)
+          if (value_col_stride == 1) {
+            dst.put_run(k, 0, src, cols);
+            continue;
+          }
+        for (index_t c = 0; c < cols; ++c) dst.put(k, c, static_cast<Acc>(src[c * value_col_stride]));
       }
     };
-    const InPlaceW<In> value_in_place{vb, value_row_stride};
-    packed_gemm<In, Acc>(rows, dv, visible, tile_rows, tile_row, value_cols, static_cast<const Acc*>(nullptr), o,
-                         /*parallel=*/false, value_col_stride == 1 ? &value_in_place : nullptr);
+    InPlaceW<Acc> value_in_place;
+    if constexpr (std::is_same<In, Acc>::value) value_in_place = InPlaceW<Acc>{vb, value_row_stride};
+    const bool in_place = std::is_same<In, Acc>::value && value_col_stride == 1;
+    packed_gemm<Acc, Acc>(rows, dv, visible, tile_rows, tile_row, value_cols, static_cast<const Acc*>(nullptr), o,
+                          /*parallel=*/false, in_place ? &value_in_place : nullptr);
     return;
   }
   const auto w = ConstMatrixMap<Acc>(tile, rows, lk).leftCols(visible);
@@ -205,8 +208,8 @@ void block_context(const Strided<const In>& value, index_t b, const Acc* tile, i
 
 // One task's work: the context (and weights) of query rows [r0, r0 + rows) of batch entry b,
 // against that entry's projected keys (lk of them, the first `visible` not hidden by length).
-template <typename In, typename Acc>
-void additive_attention_block(const AdditiveCall<In, Acc>& c, const AdditiveRows<Acc>& keys, index_t lk,
+template <typename In, typename Acc, typename Out>
+void additive_attention_block(const AdditiveCall<In, Acc, Out>& c, const AdditiveRows<Acc>& keys, index_t lk,
                               index_t visible, index_t b, index_t r0, index_t rows) {
   const index_t lq = c.q.dim(-2), dv = c.value.dim(-1);
   // The block's scores become its weights: in the caller's weights array, or in scratch memory.
@@ -215,10 +218,16 @@ void additive_attention_block(const AdditiveCall<In, Acc>& c, const AdditiveRows
   additive_score_block<In, Acc>(c.q, b, r0, rows, c.w_query, c.bias, keys, c.v, lk, tile, lk);
   const bool may_hide = scores_to_weights(c.mask, lq, b, r0, rows, visible, tile, lk);
   if (dv == 0) return;
-  block_context<In, Acc>(c.value, b, tile, lk, visible, rows, c.out + (b * lq + r0) * dv);
+  // The block's context in Acc: in out itself when it is of that type, else in scratch memory
+  // converted at the store.
+  Out* dst = c.out + (b * lq + r0) * dv;
+  const Scratch<Acc, AdditiveContextTag> ctx_buf(std::is_same<Out, Acc>::value ? 0 : static_cast<size_t>(rows * dv));
+  Acc* ctx = staged(dst, ctx_buf.data());
+  block_context<In, Acc>(c.value, b, tile, lk, visible, rows, ctx);
   if (may_hide && !value_rows_finite(c.value.data + c.value.batch_offset(b, 2), c.value.stride(-2),
                                      c.value.stride(-1), visible, dv))
-    context_fixup(c, tile, lk, visible, b, r0, rows);
+    context_fixup(c, tile, lk, visible, b, r0, rows, ctx);
+  if constexpr (!std::is_same<Out, Acc>::value) store_row(ctx, rows * dv, dst);
 }
 
 // Keys of batch entry b not hidden by its length (mask.hpp's visible-key rule: any int64
@@ -232,11 +241,11 @@ inline index_t keys_within_length(const Strided<const std::int64_t>* lengths, in
 
 // Whether the call has nothing to compute: no output element, or (without weights) a context
 // of width 0. A call without keys gets a zero context (no row sees a key).
-template <typename Acc>
-inline bool additive_nothing_to_do(index_t batches, index_t lq, index_t lk, index_t dv, Acc* out, bool weights) {
+template <typename Out>
+inline bool additive_nothing_to_do(index_t batches, index_t lq, index_t lk, index_t dv, Out* out, bool weights) {
   if (batches == 0 || lq == 0 || (dv == 0 && !weights)) return true;
   if (lk > 0) return false;
-  std::fill(out, out + batches * lq * dv, Acc(0));
+  std::fill(out, out + batches * lq * dv, store_as<Out>(0.0f));
   return true;
 }
 
@@ -244,24 +253,24 @@ inline bool additive_nothing_to_do(index_t batches, index_t lq, index_t lk, inde
 
 // out_i = sum_j softmax_j(v . tanh(q_i W_q + bias + k'_j) + mask_ij) value_j
 //   q       (..., Lq, Dq) any strides
-//   w_query (Dq, U) contiguous; bias (U,) or nullptr; v (U,) contiguous
+//   w_query (Dq, U) contiguous; bias (U,) of Acc or nullptr; v (U,) contiguous
 //   keys    (..., Lk, U) projected keys; value (..., Lk, Dv) any strides; equal batch shapes
 //   mask    (..., Lq, Lk) broadcast view or none
 //   lengths (...,) keys [lengths[b], Lk) of batch entry b are hidden; nullptr = none. Any int64
 //           (clamped to [0, Lk]); the caller owns the values for the whole call.
-//   out     (..., Lq, Dv) C-contiguous; weights (..., Lq, Lk) C-contiguous or nullptr
+//   out     (..., Lq, Dv) C-contiguous, of Out; weights (..., Lq, Lk) C-contiguous (Acc) or nullptr
 // A query row with nothing visible gets zero weights and a zero context.
-template <typename In, typename Acc = In>
-void additive_attention(const Strided<const In>& q, const ConstMatrixMap<In>& w_query, const In* bias,
+template <typename In, typename Acc = acc_t<In>, typename Out = In>
+void additive_attention(const Strided<const In>& q, const ConstMatrixMap<In>& w_query, const Acc* bias,
                         const AdditiveKeys<Acc>& keys, const Strided<const In>& value, const In* v,
-                        const Mask<Acc>& mask, const Strided<const std::int64_t>* lengths, Acc* out, Acc* weights) {
+                        const Mask<Acc>& mask, const Strided<const std::int64_t>* lengths, Out* out, Acc* weights) {
   const index_t batches = q.batch_count(2);
   const index_t lq = q.dim(-2), lk = keys.raw.dim(-2), units = w_query.cols();
   if (detail::additive_nothing_to_do(batches, lq, lk, value.dim(-1), out, weights != nullptr)) return;
   const index_t nb = additive_row_blocks(lq);
-  const AccVector<In, Acc> bias_acc(bias, units), v_acc(v, units);
+  const AccVector<In, Acc> v_acc(v, units);
   const AdditiveV<Acc> v_form = additive_v(v_acc.data(), units);
-  const detail::AdditiveCall<In, Acc> call{q, w_query, bias_acc.data(), value, v_form, mask, out, weights};
+  const detail::AdditiveCall<In, Acc, Out> call{q, w_query, bias, value, v_form, mask, out, weights};
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
     detail::additive_attention_block(call, entry_rows(keys, b), lk, detail::keys_within_length(lengths, b, lk), b, r0,
@@ -279,17 +288,17 @@ void additive_attention(const Strided<const In>& q, const ConstMatrixMap<In>& w_
 // blocks. Both give the same bits: from kPackedGemmMinRows keys on both project through the
 // packed GEMM, whose results do not depend on how its rows are split, and below that only the
 // second runs.
-template <typename In, typename Acc = In>
-void additive_attention(const Strided<const In>& q, const ConstMatrixMap<In>& w_query, const In* bias,
+template <typename In, typename Acc = acc_t<In>, typename Out = In>
+void additive_attention(const Strided<const In>& q, const ConstMatrixMap<In>& w_query, const Acc* bias,
                         const Strided<const In>& key, const ConstMatrixMap<In>& w_key, const Strided<const In>& value,
-                        const In* v, const Mask<Acc>& mask, const Strided<const std::int64_t>* lengths, Acc* out,
+                        const In* v, const Mask<Acc>& mask, const Strided<const std::int64_t>* lengths, Out* out,
                         Acc* weights) {
   const index_t batches = key.batch_count(2), lk = key.dim(-2), units = w_key.cols(), lq = q.dim(-2);
   if (detail::additive_nothing_to_do(batches, lq, lk, value.dim(-1), out, weights != nullptr)) return;
   if (batches >= 2 * index_t(get_num_threads()) && lk >= kPackedGemmMinRows) {
-    const AccVector<In, Acc> bias_acc(bias, units), v_acc(v, units);
+    const AccVector<In, Acc> v_acc(v, units);
     const AdditiveV<Acc> v_form = additive_v(v_acc.data(), units);
-    const detail::AdditiveCall<In, Acc> call{q, w_query, bias_acc.data(), value, v_form, mask, out, weights};
+    const detail::AdditiveCall<In, Acc, Out> call{q, w_query, bias, value, v_form, mask, out, weights};
     parallel_for(batches, [&](index_t b) {
       const size_t n = static_cast<size_t>(lk * units);
       const Scratch<Acc, AdditiveKeyRawTag> raw(n);
@@ -311,7 +320,7 @@ void additive_attention(const Strided<const In>& q, const ConstMatrixMap<In>& w_
   std::unique_ptr<bool[]> ok(new bool[static_cast<size_t>(batches)]);
   additive_prepare_keys<In, Acc>(key, w_key, raw.data(), expo.data(), ok.get());
   const AdditiveKeys<Acc> keys = contiguous_keys<Acc>(key.shape, units, raw.data(), expo.data(), ok.get());
-  additive_attention<In, Acc>(q, w_query, bias, keys, value, v, mask, lengths, out, weights);
+  additive_attention<In, Acc, Out>(q, w_query, bias, keys, value, v, mask, lengths, out, weights);
 }
 
 }  // namespace attnext

@@ -15,20 +15,27 @@
 // depend only on K, so results are bit-identical whatever the task split or thread count.
 //
 // Types: x and W are read as `In`, y is accumulated and written as `Acc`. The packed layout
-// (PanelWriter, PackedRows) and the micro-kernel are the only code that knows what In is: a
-// bfloat16 path specialises PackedLayout (no in-place reads), PanelWriter and PackedRows (k
-// pairs interleaved, as vdpbf16ps reads them) and adds a micro_kernel for its pair; the
-// driver (packed_gemm) and the callers' packers, which only say "element (k, lane) is x",
-// stay as they are. Today In == Acc (float or double) and nothing is converted.
+// (a Layout: what a panel holds, how PanelWriter fills it, the micro-kernel that reads it) is
+// the only code that knows what In is; the driver (packed_gemm) and the callers' packers,
+// which only say "element (k, lane) is x" through a PanelWriter<In>, are the same for all:
+// - PackedLayout<In, Acc>: panels of Acc. In == Acc reads operands in place where their
+//   layout allows; bfloat16/float16 inputs are converted to float by the packers (only the
+//   packed panels are float, never a whole operand) and the float micro-kernel runs;
+// - Bf16PairLayout (AVX512_BF16 builds, while bf16_dot_active()): panels of bfloat16 with k
+//   pairs interleaved as vdpbf16ps reads them (an odd K pads its last pair with zero), and a
+//   vdpbf16ps micro-kernel. bfloat16 products are exact in float32 and the sums are float32.
+// packed_gemm picks the layout once per call.
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
 
+#include "lowp.hpp"
 #include "parallel.hpp"
 #include "scratch.hpp"
 #include "strided.hpp"
@@ -36,25 +43,50 @@
 
 namespace attnext {
 
-// --- The packed layout: the seam where a reading type plugs in -------------------------------
-
-// What a pair of types can do. in_place: whether operands already laid out like a packed
-// panel (contiguous x rows, a row-major W) may be read where they are.
-template <typename In, typename Acc>
-struct PackedLayout {
-  static_assert(std::is_same<In, Acc>::value, "only In == Acc is implemented (a bfloat16 path specialises this)");
-  static constexpr bool in_place = true;
-};
+// --- What the packers write to ---------------------------------------------------------------
 
 // Where a packer puts element (k, lane) of a packed block: lane runs over the rows of an x
 // micro-panel or the columns of a W panel, ld is the number of lanes of the block.
-template <typename In>
+// In == Acc: the block holds In, element (k, lane) at data[k * ld + lane].
+template <typename In, typename Enable = void>
 struct PanelWriter {
   In* data;
   index_t ld;
   void put(index_t k, index_t lane, In x) const { data[k * ld + lane] = x; }
   // lanes [lane, lane + n) of step k from a contiguous run
   void put_run(index_t k, index_t lane, const In* src, index_t n) const { std::copy_n(src, n, data + k * ld + lane); }
+};
+
+// bfloat16/float16: the block is either float (`data`, the converting layout, laid out as
+// above) or, when data is null, bfloat16 k pairs (`pairs`: element (k, lane) at
+// pairs[((k / 2) * ld + lane) * 2 + k % 2], so lane's pair (k, k + 1) is one 32-bit word).
+// A float value (put's second form) is stored exactly in a float block and rounded by
+// from_float in a pair block (a float operand of a bfloat16 product).
+template <typename In>
+struct PanelWriter<In, std::enable_if_t<is_lowp<In>::value>> {
+  float* data;
+  In* pairs;
+  index_t ld;
+  void put(index_t k, index_t lane, In x) const {
+    if (data)
+      data[k * ld + lane] = float(x);
+    else
+      pairs[((k >> 1) * ld + lane) * 2 + (k & 1)] = x;
+  }
+  void put(index_t k, index_t lane, float x) const {
+    if (data)
+      data[k * ld + lane] = x;
+    else
+      pairs[((k >> 1) * ld + lane) * 2 + (k & 1)] = from_float<In>(x);
+  }
+  void put_run(index_t k, index_t lane, const In* src, index_t n) const {
+    index_t i = 0;
+#if defined(__AVX512F__)
+    if (data)
+      for (float* dst = data + k * ld + lane; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
+#endif
+    for (; i < n; ++i) put(k, lane + i, src[i]);
+  }
 };
 
 // The usual x-side packing step: x(lane, k0 + k) = row[k * stride] for k < kc (row already
@@ -123,31 +155,31 @@ constexpr index_t panel_width() {
 // (512, 1536), 2 threads; the sweep is in docs/benchmarks.md): kKc = 512 is one K block for
 // the usual embed sizes (y is written once); kMc = 8 micro-rows per task also leaves enough
 // tasks for 16 threads; kNc = 256 columns keep a packed W block (kKc x kNc) in L2.
+// kKc is even, so a K block never splits a bfloat16 k pair.
 constexpr index_t kKc = 512;
 constexpr index_t kMc = 8 * kMr;
 constexpr index_t kNc = 256;
 
 // The x operand of one micro-kernel call, up to kMr rows from column k0 on: a packed
 // micro-panel (kc, kMr) as PanelWriter lays it out, or the rows where they are.
-template <typename In>
+template <typename T>
 struct PackedRows {
-  const In* panel;
-  In at(index_t k, int r) const { return panel[k * kMr + r]; }
+  const T* panel;
+  T at(index_t k, int r) const { return panel[k * kMr + r]; }
 };
-template <typename In>
+template <typename T>
 struct RowsInPlace {
-  const In* row[kMr];
-  In at(index_t k, int r) const { return row[r][k]; }
+  const T* row[kMr];
+  T at(index_t k, int r) const { return row[r][k]; }
 };
 
 // tile (R x kNr, row stride ldc) (+)= a (kc, R)^T b_panel (kc, kNr, row stride ldb) for the
 // first R <= kMr rows of a (+ bias (kNr,) on every row when given: the last K block adds it
 // while the tile is still in registers). A micro-row of fewer than kMr rows (the end of a
 // block) runs an R-row kernel rather than computing padding.
-template <typename In, typename Acc, int R, typename A>
-inline void micro_kernel(const A& a, const In* b, index_t ldb, index_t kc, Acc* c, index_t ldc, bool accumulate,
+template <typename Acc, int R, typename A>
+inline void micro_kernel(const A& a, const Acc* b, index_t ldb, index_t kc, Acc* c, index_t ldc, bool accumulate,
                          const Acc* bias) {
-  static_assert(std::is_same<In, Acc>::value, "a reading type other than Acc brings its own micro_kernel");
   constexpr index_t P = vm::packet_size<Acc>();
   Pk<Acc> acc[R][kNp];
   for (int r = 0; r < R; ++r)
@@ -170,24 +202,133 @@ inline void micro_kernel(const A& a, const In* b, index_t ldb, index_t kc, Acc* 
     for (int p = 0; p < kNp; ++p) ei::pstoreu(c + r * ldc + p * P, acc[r][p]);
 }
 
-// micro_kernel with R = rows (1 <= rows <= kMr), chosen at run time.
-template <typename In, typename Acc, int R = kMr, typename A>
+#if defined(__AVX512BF16__)
+// The x operand in the pair layout: row r's pair (k, k + 1) = 2 kp as one 32-bit word.
+struct PairRows {
+  const bf16* panel;
+  int32_t pair(index_t kp, int r) const {
+    int32_t v;
+    std::memcpy(&v, panel + (kp * kMr + r) * 2, sizeof v);
+    return v;
+  }
+};
+
+// micro_kernel for the pair layout: b's pair row kp holds kNr lanes of (w(n, 2kp), w(n, 2kp+1))
+// (ldb lanes apart); vdpbf16ps adds both products of a lane's pair to its float sum.
+template <int R>
+inline void micro_kernel_pairs(const PairRows& a, const bf16* b, index_t ldb, index_t kc, float* c, index_t ldc,
+                               bool accumulate, const float* bias) {
+  __m512 acc[R][kNp];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < kNp; ++p) acc[r][p] = accumulate ? _mm512_loadu_ps(c + r * ldc + p * 16) : _mm512_setzero_ps();
+  const index_t pairs = (kc + 1) / 2;
+  for (index_t kp = 0; kp < pairs; ++kp) {
+    __m512bh bv[kNp];
+    for (int p = 0; p < kNp; ++p) bv[p] = (__m512bh)_mm512_loadu_si512(b + (kp * ldb + p * 16) * 2);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh ab = (__m512bh)_mm512_set1_epi32(a.pair(kp, r));
+      for (int p = 0; p < kNp; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], ab, bv[p]);
+    }
+  }
+  if (bias)
+    for (int p = 0; p < kNp; ++p) {
+      const __m512 bp = _mm512_loadu_ps(bias + p * 16);
+      for (int r = 0; r < R; ++r) acc[r][p] = _mm512_add_ps(acc[r][p], bp);
+    }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < kNp; ++p) _mm512_storeu_ps(c + r * ldc + p * 16, acc[r][p]);
+}
+#endif
+
+}  // namespace gemm_detail
+
+// --- The layouts ------------------------------------------------------------------------------
+// A Layout says what a packed panel holds (Panel), how many k a panel row covers (k_step),
+// whether operands laid out like a panel may be read in place (in_place), makes the
+// PanelWriter the packers fill, finishes a packed block of kc steps (finish: pads a k pair),
+// and runs the micro-kernel on its panels (kernel<R>, micro_kernel's contract).
+
+// Panels of Acc: In == Acc reads in place where it can; bfloat16/float16 are converted by the
+// packers, and only the packed panels are float.
+template <typename In, typename Acc>
+struct PackedLayout {
+  using Panel = Acc;
+  static constexpr bool in_place = std::is_same<In, Acc>::value;
+  static constexpr index_t k_step = 1;
+  static PanelWriter<In> writer(Panel* block, index_t ld) {
+    if constexpr (in_place)
+      return PanelWriter<In>{block, ld};
+    else
+      return PanelWriter<In>{block, nullptr, ld};
+  }
+  static void finish(Panel*, index_t, index_t) {}
+  template <int R, typename A>
+  static void kernel(const A& a, const Panel* b, index_t ldb, index_t kc, Acc* c, index_t ldc, bool accumulate,
+                     const Acc* bias) {
+    gemm_detail::micro_kernel<Acc, R>(a, b, ldb, kc, c, ldc, accumulate, bias);
+  }
+  using Rows = gemm_detail::PackedRows<Panel>;
+};
+
+#if defined(__AVX512BF16__)
+// bfloat16 k pairs for vdpbf16ps (x and W bfloat16, y float).
+struct Bf16PairLayout {
+  using Panel = bf16;
+  static constexpr bool in_place = false;
+  static constexpr index_t k_step = 2;
+  static PanelWriter<bf16> writer(Panel* block, index_t ld) { return PanelWriter<bf16>{nullptr, block, ld}; }
+  // An odd kc leaves the second half of its last pair unwritten: zero, so it adds nothing.
+  static void finish(Panel* block, index_t kc, index_t ld) {
+    if (kc % 2 == 0) return;
+    Panel* last = block + (kc / 2) * ld * 2;
+    for (index_t lane = 0; lane < ld; ++lane) last[lane * 2 + 1] = bf16{0};
+  }
+  template <int R, typename A>
+  static void kernel(const A& a, const Panel* b, index_t ldb, index_t kc, float* c, index_t ldc, bool accumulate,
+                     const float* bias) {
+    gemm_detail::micro_kernel_pairs<R>(a, b, ldb, kc, c, ldc, accumulate, bias);
+  }
+  struct Rows : gemm_detail::PairRows {
+    explicit Rows(const bf16* panel) : PairRows{panel} {}
+  };
+};
+#endif
+
+namespace gemm_detail {
+
+// Layout::kernel with R = rows (1 <= rows <= kMr), chosen at run time.
+template <typename Layout, int R = kMr, typename A, typename Acc>
+inline void layout_kernel_rows(int rows, const A& a, const typename Layout::Panel* b, index_t ldb, index_t kc, Acc* c,
+                               index_t ldc, bool accumulate, const Acc* bias) {
+  if constexpr (R > 1)
+    if (rows < R) return layout_kernel_rows<Layout, R - 1>(rows, a, b, ldb, kc, c, ldc, accumulate, bias);
+  Layout::template kernel<R>(a, b, ldb, kc, c, ldc, accumulate, bias);
+}
+
+// micro_kernel with R = rows for In == Acc (the SDPA backward's tiles use it directly).
+template <typename In, typename Acc, typename A>
 inline void micro_kernel_rows(int rows, const A& a, const In* b, index_t ldb, index_t kc, Acc* c, index_t ldc,
                               bool accumulate, const Acc* bias) {
-  if constexpr (R > 1)
-    if (rows < R) return micro_kernel_rows<In, Acc, R - 1>(rows, a, b, ldb, kc, c, ldc, accumulate, bias);
-  micro_kernel<In, Acc, R>(a, b, ldb, kc, c, ldc, accumulate, bias);
+  static_assert(std::is_same<In, Acc>::value, "other reading types go through their Layout");
+  layout_kernel_rows<PackedLayout<In, Acc>>(rows, a, b, ldb, kc, c, ldc, accumulate, bias);
+}
+
+// k steps rounded up to whole panel rows of a layout.
+template <typename Layout>
+constexpr index_t padded_k(index_t k) {
+  return (k + Layout::k_step - 1) / Layout::k_step * Layout::k_step;
 }
 
 // The W operand of one call: panels [0, first_packed) read in place, the others packed once:
-// panel j's K block from k0 at packed + ((j - first_packed) * K + k0) * Nr, rows of Nr.
-template <typename In>
+// panel j's K block from k0 at packed + ((j - first_packed) * K + k0) * Nr, rows of Nr (K
+// rounded up to whole panel rows).
+template <typename P>
 struct WPanels {
-  const In* packed;
+  const P* packed;
   index_t K, first_packed, width;
-  const InPlaceW<In>* in_place;
-  // Panel j's K block from k0: its first row, and the row stride through *ld.
-  const In* at(index_t j, index_t k0, index_t* ld) const {
+  const InPlaceW<P>* in_place;
+  // Panel j's K block from k0: its first row, and the row stride (in lanes) through *ld.
+  const P* at(index_t j, index_t k0, index_t* ld) const {
     if (j < first_packed) {
       *ld = in_place->ld;
       return in_place->data + k0 * in_place->ld + j * width;
@@ -207,65 +348,80 @@ struct GemmOut {
 
 // The tiles of one micro-row (r rows from row m) in columns [nc0, nc1), K block [k0, k0 + kc).
 // edge: a (kMr, Nr) tile for a partial last panel (its extra columns are computed, never used).
-template <typename In, typename Acc, typename A>
+template <typename Layout, typename Acc, typename A>
 inline void micro_row_tiles(const A& a, int r, index_t m, index_t nc0, index_t nc1, index_t k0, index_t kc, bool last,
-                            const WPanels<In>& w, const GemmOut<Acc>& out, Acc* edge) {
+                            const WPanels<typename Layout::Panel>& w, const GemmOut<Acc>& out, Acc* edge) {
   constexpr index_t Nr = panel_width<Acc>();
   const bool accumulate = k0 > 0;
   const index_t N = out.N;
   for (index_t n0 = nc0; n0 < nc1; n0 += Nr) {
     index_t ldb = 0;
-    const In* b = w.at(n0 / Nr, k0, &ldb);
+    const auto* b = w.at(n0 / Nr, k0, &ldb);
     const index_t cols = std::min(Nr, N - n0);
     const Acc* bias_panel = out.bias_pad && last ? out.bias_pad + n0 : nullptr;
     Acc* c = out.y + m * N + n0;
     if (cols == Nr) {
-      micro_kernel_rows<In, Acc>(r, a, b, ldb, kc, c, N, accumulate, bias_panel);
+      layout_kernel_rows<Layout>(r, a, b, ldb, kc, c, N, accumulate, bias_panel);
     } else {  // a partial panel goes through a full-width tile
       if (accumulate)
         for (index_t rr = 0; rr < r; ++rr) std::memcpy(edge + rr * Nr, c + rr * N, sizeof(Acc) * cols);
-      micro_kernel_rows<In, Acc>(r, a, b, ldb, kc, edge, Nr, accumulate, bias_panel);
+      layout_kernel_rows<Layout>(r, a, b, ldb, kc, edge, Nr, accumulate, bias_panel);
       for (index_t rr = 0; rr < r; ++rr) std::memcpy(c + rr * N, edge + rr * Nr, sizeof(Acc) * cols);
     }
   }
 }
 
+// Which micro-rows of a task are read in place (all their rows contiguous along k, and the
+// layout allows it), with their row pointers.
+template <typename Layout, typename XRow>
+inline void find_rows_in_place(index_t m0, index_t rows, const XRow& x_row,
+                               RowsInPlace<typename Layout::Panel>* rows_in_place, bool* in_place_x) {
+  const index_t micro_rows = (rows + kMr - 1) / kMr;
+  for (index_t i = 0; i < micro_rows; ++i) {
+    in_place_x[i] = false;
+    if constexpr (Layout::in_place) {
+      const index_t r = std::min<index_t>(kMr, rows - i * kMr);
+      in_place_x[i] = true;
+      for (index_t rr = 0; rr < r && in_place_x[i]; ++rr)
+        in_place_x[i] = (rows_in_place[i].row[rr] = x_row(m0 + i * kMr + rr)) != nullptr;
+    }
+  }
+}
+
 // One task: rows [m0, m0 + rows) of y, columns [c0, c1) (whole panels), all K blocks.
-template <typename In, typename Acc, typename XRows, typename XRow>
+template <typename Layout, typename Acc, typename XRows, typename XRow>
 void gemm_task(index_t m0, index_t rows, index_t c0, index_t c1, index_t K, const XRows& x_rows, const XRow& x_row,
-               const WPanels<In>& w, const GemmOut<Acc>& out) {
+               const WPanels<typename Layout::Panel>& w, const GemmOut<Acc>& out) {
+  using P = typename Layout::Panel;
   constexpr index_t Nr = panel_width<Acc>();
   const index_t micro_rows = (rows + kMr - 1) / kMr;
-  const Scratch<In, PackedXTag> a_pack(static_cast<size_t>(micro_rows * kMr * kKc));
+  const Scratch<P, PackedXTag> a_pack(static_cast<size_t>(micro_rows * kMr * kKc));
   alignas(64) Acc edge[kMr * Nr] = {};
-  RowsInPlace<In> rows_in_place[kMc / kMr] = {};
+  RowsInPlace<P> rows_in_place[kMc / kMr] = {};
   bool in_place_x[kMc / kMr];
-  for (index_t i = 0; i < micro_rows; ++i) {
-    const index_t r = std::min<index_t>(kMr, rows - i * kMr);
-    in_place_x[i] = PackedLayout<In, Acc>::in_place;
-    for (index_t rr = 0; rr < r && in_place_x[i]; ++rr)
-      in_place_x[i] = (rows_in_place[i].row[rr] = x_row(m0 + i * kMr + rr)) != nullptr;
-  }
+  find_rows_in_place<Layout>(m0, rows, x_row, rows_in_place, in_place_x);
   for (index_t k0 = 0; k0 < K; k0 += kKc) {
     const index_t kc = std::min(kKc, K - k0);
     const bool last = k0 + kc == K;
+    const auto panel = [&](index_t i) { return a_pack.data() + i * kMr * padded_k<Layout>(kc); };
     for (index_t i = 0; i < micro_rows; ++i)
-      if (!in_place_x[i])
-        x_rows(m0 + i * kMr, std::min<index_t>(kMr, rows - i * kMr), k0, kc,
-               PanelWriter<In>{a_pack.data() + i * kMr * kc, kMr});
+      if (!in_place_x[i]) {
+        x_rows(m0 + i * kMr, std::min<index_t>(kMr, rows - i * kMr), k0, kc, Layout::writer(panel(i), kMr));
+        Layout::finish(panel(i), kc, kMr);
+      }
     for (index_t nc0 = c0; nc0 < c1; nc0 += kNc) {
       const index_t nc1 = std::min(c1, nc0 + kNc);
       for (index_t i = 0; i < micro_rows; ++i) {
         const index_t m = m0 + i * kMr;
         const int r = int(std::min<index_t>(kMr, rows - i * kMr));
-        if (in_place_x[i]) {
-          RowsInPlace<In> a = rows_in_place[i];
-          for (int rr = 0; rr < r; ++rr) a.row[rr] += k0;
-          micro_row_tiles<In, Acc>(a, r, m, nc0, nc1, k0, kc, last, w, out, edge);
-        } else {
-          micro_row_tiles<In, Acc>(PackedRows<In>{a_pack.data() + i * kMr * kc}, r, m, nc0, nc1, k0, kc, last, w,
-                                   out, edge);
-        }
+        if constexpr (Layout::in_place)
+          if (in_place_x[i]) {
+            RowsInPlace<P> a = rows_in_place[i];
+            for (int rr = 0; rr < r; ++rr) a.row[rr] += k0;
+            micro_row_tiles<Layout>(a, r, m, nc0, nc1, k0, kc, last, w, out, edge);
+            continue;
+          }
+        micro_row_tiles<Layout>(typename Layout::Rows{panel(i)}, r, m, nc0, nc1, k0, kc, last, w, out, edge);
       }
     }
   }
@@ -280,43 +436,39 @@ inline void run_tasks(bool parallel, index_t n, const F& body) {
     for (index_t i = 0; i < n; ++i) body(i);
 }
 
-}  // namespace gemm_detail
-
-// y[m, n] (+ bias[n]) = sum_k x(m, k) w(n, k) for m < M, n < N, y row-major with row stride N.
-//   x_rows(m0, rows, k0, kc, dst): dst.put(k, r, x(m0 + r, k0 + k)) for r < rows, k < kc
-//   x_row(m): &x(m, 0) when row m's elements are contiguous along k, else nullptr
-//   w_rows(n0, cols, k0, kc, dst): dst.put(k, c, w(n0 + c, k0 + k)) for c < cols, k < kc
-// (the packers, dst a PanelWriter<In>; they let each caller read its operands through any
-// layout). A micro-row whose x rows are all contiguous is read in place, the others are packed
-// through x_rows. `parallel` = false runs everything on the calling thread (a caller already
-// inside a task). `in_place`, when given, is w itself: its full panels are read where they are
-// (no copy) and only a partial last panel goes through w_rows. The products are the same
-// either way. bias (N,) is in the accumulation type (AccVector converts a parameter once).
-template <typename In, typename Acc = In, typename XRows, typename XRow, typename WRows>
-void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const XRow& x_row, const WRows& w_rows,
-                 const Acc* bias, Acc* y, bool parallel = true, const InPlaceW<In>* in_place = nullptr) {
-  using namespace gemm_detail;
+// Packs W's panels [first_packed, panels) into w_pack in Layout's panels (K rounded up to whole
+// panel rows, Kp): panel j's K block from k0 at w_pack + ((j - first_packed) * Kp + k0) * Nr.
+// Each (panel, K block) is one task.
+template <typename Layout, typename Acc, typename WRows>
+void pack_w(index_t N, index_t K, index_t first_packed, const WRows& w_rows, typename Layout::Panel* w_pack,
+            bool parallel) {
+  using P = typename Layout::Panel;
   constexpr index_t Nr = panel_width<Acc>();
-  if (M <= 0 || N <= 0) return;
-  if (K == 0) {
-    for (index_t m = 0; m < M; ++m)
-      for (index_t n = 0; n < N; ++n) y[m * N + n] = bias ? bias[n] : Acc(0);
-    return;
-  }
-  if (!PackedLayout<In, Acc>::in_place) in_place = nullptr;
+  const index_t panels = (N + Nr - 1) / Nr, k_blocks = (K + kKc - 1) / kKc, Kp = padded_k<Layout>(K);
+  run_tasks(parallel, (panels - first_packed) * k_blocks, [&](index_t task) {
+    const index_t j = first_packed + task / k_blocks, k0 = (task % k_blocks) * kKc, kc = std::min(kKc, K - k0);
+    const index_t n0 = j * Nr, cols = std::min(Nr, N - n0);
+    P* dst = w_pack + ((j - first_packed) * Kp + k0) * Nr;
+    if (cols < Nr) std::fill(dst, dst + padded_k<Layout>(kc) * Nr, P{0});
+    w_rows(n0, cols, k0, kc, Layout::writer(dst, Nr));
+    Layout::finish(dst, kc, Nr);
+  });
+}
+
+// packed_gemm for one layout (packed_gemm's contract).
+template <typename Layout, typename In, typename Acc, typename XRows, typename XRow, typename WRows>
+void packed_gemm_with(index_t M, index_t N, index_t K, const XRows& x_rows, const XRow& x_row, const WRows& w_rows,
+                      const Acc* bias, Acc* y, bool parallel, const InPlaceW<In>* in_place) {
+  using P = typename Layout::Panel;
+  constexpr index_t Nr = panel_width<Acc>();
+  const InPlaceW<P>* w_in_place = nullptr;
+  if constexpr (Layout::in_place) w_in_place = in_place;
   const index_t panels = (N + Nr - 1) / Nr;
-  const index_t k_blocks = (K + kKc - 1) / kKc;
-  const index_t first_packed = in_place ? N / Nr : 0;
-  const Scratch<In, PackedWTag> w_pack(static_cast<size_t>((panels - first_packed) * K * Nr));
-  if (first_packed < panels)
-    run_tasks(parallel, (panels - first_packed) * k_blocks, [&](index_t task) {
-      const index_t j = first_packed + task / k_blocks, k0 = (task % k_blocks) * kKc, kc = std::min(kKc, K - k0);
-      const index_t n0 = j * Nr, cols = std::min(Nr, N - n0);
-      In* dst = w_pack.data() + ((j - first_packed) * K + k0) * Nr;
-      if (cols < Nr) std::fill(dst, dst + kc * Nr, In(0));
-      w_rows(n0, cols, k0, kc, PanelWriter<In>{dst, Nr});
-    });
-  const WPanels<In> w{w_pack.data(), K, first_packed, Nr, in_place};
+  const index_t first_packed = w_in_place ? N / Nr : 0;
+  const index_t Kp = padded_k<Layout>(K);
+  const Scratch<P, PackedWTag> w_pack(static_cast<size_t>((panels - first_packed) * Kp * Nr));
+  if (first_packed < panels) pack_w<Layout, Acc>(N, K, first_packed, w_rows, w_pack.data(), parallel);
+  const WPanels<P> w{w_pack.data(), Kp, first_packed, Nr, w_in_place};
   std::vector<Acc, Eigen::aligned_allocator<Acc>> bias_pad(bias ? static_cast<size_t>(panels * Nr) : 0, Acc(0));
   if (bias) std::copy(bias, bias + N, bias_pad.data());
   const GemmOut<Acc> out{y, N, bias ? bias_pad.data() : nullptr};
@@ -329,9 +481,39 @@ void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const XRo
   run_tasks(parallel, row_tasks * col_tasks, [&](index_t task) {
     const index_t m0 = (task / col_tasks) * kMc;
     const index_t c0 = (task % col_tasks) * col_chunk;
-    gemm_task<In, Acc>(m0, std::min(kMc, M - m0), c0, std::min(panels * Nr, c0 + col_chunk), K, x_rows, x_row, w,
-                       out);
+    gemm_task<Layout>(m0, std::min(kMc, M - m0), c0, std::min(panels * Nr, c0 + col_chunk), K, x_rows, x_row, w, out);
   });
+}
+
+}  // namespace gemm_detail
+
+// y[m, n] (+ bias[n]) = sum_k x(m, k) w(n, k) for m < M, n < N, y row-major with row stride N.
+//   x_rows(m0, rows, k0, kc, dst): dst.put(k, r, x(m0 + r, k0 + k)) for r < rows, k < kc
+//   x_row(m): &x(m, 0) when row m's elements are contiguous along k, else nullptr
+//   w_rows(n0, cols, k0, kc, dst): dst.put(k, c, w(n0 + c, k0 + k)) for c < cols, k < kc
+// (the packers, dst a PanelWriter<In>; they let each caller read its operands through any
+// layout). A micro-row whose x rows are all contiguous is read in place (In == Acc), the others
+// are packed through x_rows. `parallel` = false runs everything on the calling thread (a caller
+// already inside a task). `in_place`, when given, is w itself: its full panels are read where
+// they are (no copy; In == Acc) and only a partial last panel goes through w_rows. The products
+// are the same either way. bias (N,) is in the accumulation type (AccVector converts a
+// parameter once). bfloat16 with Acc = float runs the vdpbf16ps layout while bf16_dot_active().
+template <typename In, typename Acc = In, typename XRows, typename XRow, typename WRows>
+void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const XRow& x_row, const WRows& w_rows,
+                 const Acc* bias, Acc* y, bool parallel = true, const InPlaceW<In>* in_place = nullptr) {
+  if (M <= 0 || N <= 0) return;
+  if (K == 0) {
+    for (index_t m = 0; m < M; ++m)
+      for (index_t n = 0; n < N; ++n) y[m * N + n] = bias ? bias[n] : Acc(0);
+    return;
+  }
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<In, bf16>::value && std::is_same<Acc, float>::value)
+    if (bf16_dot_active())
+      return gemm_detail::packed_gemm_with<Bf16PairLayout>(M, N, K, x_rows, x_row, w_rows, bias, y, parallel,
+                                                            in_place);
+#endif
+  gemm_detail::packed_gemm_with<PackedLayout<In, Acc>>(M, N, K, x_rows, x_row, w_rows, bias, y, parallel, in_place);
 }
 
 // c (M, N) = a (M, K) b (K, N) through packed_gemm (a gradient through a projection: dx = dy W).

@@ -4,10 +4,13 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "gemm.hpp"
+#include "lowp.hpp"
 #include "parallel.hpp"
+#include "scratch.hpp"
 #include "strided.hpp"
 
 namespace attnext {
@@ -118,18 +121,44 @@ void linear_few_rows(const Strided<const In>& x, const Strided<const In>& weight
   }
 }
 
+// Scratch tag (scratch.hpp) of y in the accumulation type when the output type is not Acc.
+struct LinearAccTag {};
+
+// y = x W^T + b, in Acc, written as Acc (linear_packed or linear_few_rows by shape).
+template <typename In, typename Acc>
+void linear_acc(const Strided<const In>& x, const Strided<const In>& weight, const Acc* bias, Acc* y) {
+  if (x.dim(0) * x.dim(1) >= kPackedGemmMinRows)  // the choice depends on the shapes only
+    linear_packed<In, Acc>(x, weight, bias, y);
+  else
+    linear_few_rows<In, Acc>(x, weight, bias, y);
+}
+
 // y = x W^T + b
 //   x (B, L, C, D) any strides: row (b, l) has C * D features, feature c * D + d at x[b, l, c, d]
 //     (C > 1 reads a (B, H, L, D) attention output through a (B, L, H, D) view, no copy first)
-//   weight (O, C * D) any strides; bias (O,) or null (contiguous)
-//   y (B, L, O) C-contiguous
-template <typename In, typename Acc = In>
-void linear(const Strided<const In>& x, const Strided<const In>& weight, const In* bias, Acc* y) {
-  const AccVector<In, Acc> b(bias, weight.dim(0));
-  if (x.dim(0) * x.dim(1) >= kPackedGemmMinRows)  // the choice depends on the shapes only
-    linear_packed<In, Acc>(x, weight, b.data(), y);
-  else
-    linear_few_rows<In, Acc>(x, weight, b.data(), y);
+//   weight (O, C * D) any strides, of In; bias (O,) of Acc or null (contiguous)
+//   y (B, L, O) C-contiguous, of Out
+// With Out != Acc (a 16-bit output) y is computed into a float32 buffer of y's size and then
+// converted (in row blocks, on the library's threads): the GEMM's tile stores are gemm.hpp's,
+// so the conversion happens after them rather than inside them. Operands are never copied whole.
+template <typename In, typename Acc = acc_t<In>, typename Out = In>
+void linear(const Strided<const In>& x, const Strided<const In>& weight, const Acc* bias, Out* y) {
+  if constexpr (std::is_same<Out, Acc>::value) {
+    linear_acc<In, Acc>(x, weight, bias, y);
+  } else {
+    const index_t rows = x.dim(0) * x.dim(1), out = weight.dim(0);
+    const Scratch<Acc, LinearAccTag> acc(static_cast<size_t>(rows * out));
+    linear_acc<In, Acc>(x, weight, bias, acc.data());
+    const index_t blocks = (rows + kLinearRowBlock - 1) / kLinearRowBlock;
+    const auto convert = [&](index_t t) {
+      const index_t r0 = t * kLinearRowBlock, n = std::min(kLinearRowBlock, rows - r0);
+      store_row(acc.data() + r0 * out, n * out, y + r0 * out);
+    };
+    if (rows * out < kLinearMinParallelWork)
+      for (index_t t = 0; t < blocks; ++t) convert(t);
+    else
+      parallel_for(blocks, convert);
+  }
 }
 
 // Gradients of y = x W^T + b (linear above), through the packed GEMM:

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
@@ -123,6 +124,66 @@ inline __m512 load16(const bf16* p) {
 inline __m512 load16(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 #endif
+
+// The accumulation type of a reading type: float for the 16-bit types, the type itself for
+// float and double. Masks, biases, weights and lse of a 16-bit call are of this type.
+template <typename In>
+struct acc_of {
+  using type = In;
+};
+template <>
+struct acc_of<bf16> {
+  using type = float;
+};
+template <>
+struct acc_of<f16> {
+  using type = float;
+};
+template <typename In>
+using acc_t = typename acc_of<In>::type;
+
+// An accumulated value (float or double) stored as Out: from_float's rounding for the 16-bit
+// types, a plain conversion otherwise (a double result stays double, never through float).
+template <typename Out, typename Acc>
+inline Out store_as(Acc x) {
+  if constexpr (is_lowp<Out>::value)
+    return from_float<Out>(static_cast<float>(x));
+  else
+    return static_cast<Out>(x);
+}
+
+// dst[i] = store_as<Out>(src[i]) for n values: a kernel's row or tile of Acc results at its store.
+template <typename Out, typename Acc>
+inline void store_row(const Acc* src, std::int64_t n, Out* dst) {
+  for (std::int64_t i = 0; i < n; ++i) dst[i] = store_as<Out>(src[i]);
+}
+
+// Where a kernel computes a row or tile of Acc results bound for out: out itself when Out is
+// Acc (no staging, no copy), else `scratch`, to be stored with store_row once complete.
+template <typename Acc, typename Out>
+inline Acc* staged(Out* out, Acc* scratch) {
+  if constexpr (std::is_same<Out, Acc>::value)
+    return out;
+  else
+    return scratch;
+}
+
+// dst[i] = src[i * stride] as Acc for n values: the exact widening load of a row (bf16 and
+// f16 values are exactly representable in float).
+template <typename Acc, typename In>
+inline void load_row(const In* src, std::int64_t stride, std::int64_t n, Acc* dst) {
+  if (stride == 1 && std::is_same<In, Acc>::value) {
+    if (n > 0) std::memcpy(dst, src, sizeof(Acc) * static_cast<std::size_t>(n));
+    return;
+  }
+  std::int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (is_lowp<In>::value && std::is_same<Acc, float>::value)
+    if (stride == 1)
+      for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<Acc>(src[i * stride]);
+}
 
 // --- Which bfloat16 product path runs ------------------------------------------------------
 

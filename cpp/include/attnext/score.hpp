@@ -3,10 +3,13 @@
 
 #include <algorithm>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "additive.hpp"
+#include "lowp.hpp"
 #include "parallel.hpp"
+#include "scratch.hpp"
 #include "strided.hpp"
 
 namespace attnext {
@@ -18,14 +21,18 @@ constexpr index_t kScoreRowBlock = 64;
 
 inline index_t row_blocks(index_t rows) { return (rows + kScoreRowBlock - 1) / kScoreRowBlock; }
 
+// Scratch tag (scratch.hpp) of a task's tile of scores when the output type is not Acc.
+struct ScoreTileTag {};
+
 // out = scale * q k^T (dot, scaled_dot) or scale * (q W) k^T (general, weight != nullptr).
 //   q (..., Lq, Dq), k (..., Lk, Dk) with equal batch shapes (broadcast beforehand)
 //   weight (Dq, Dk) or empty
-//   out (..., Lq, Lk) C-contiguous
-// q, k and W are read as In and cast to Acc where Eigen reads them (a no-op for In == Acc).
-template <typename In, typename Acc = In>
+//   out (..., Lq, Lk) C-contiguous, of type Out
+// q, k and W are read as In and cast to Acc where Eigen reads them (a no-op for In == Acc); a
+// task's tile is computed in Acc, in out itself when Out is Acc, else converted at the store.
+template <typename In, typename Acc = acc_t<In>, typename Out = In>
 void score_product(const Strided<const In>& q, const Strided<const In>& k, const Strided<const In>* weight, Acc scale,
-                   Acc* out) {
+                   Out* out) {
   const index_t batches = q.batch_count(2);
   const index_t lq = q.dim(-2), lk = k.dim(-2);
   if (batches == 0 || lq == 0 || lk == 0) return;
@@ -33,7 +40,9 @@ void score_product(const Strided<const In>& q, const Strided<const In>& k, const
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kScoreRowBlock;
     const index_t rows = std::min(kScoreRowBlock, lq - r0);
-    MatrixMap<Acc> o(out + (b * lq + r0) * lk, rows, lk);
+    Out* dst = out + (b * lq + r0) * lk;
+    const Scratch<Acc, ScoreTileTag> buf(std::is_same<Out, Acc>::value ? 0 : static_cast<size_t>(rows * lk));
+    MatrixMap<Acc> o(staged(dst, buf.data()), rows, lk);
     const auto qb = matrix_of(q, b, r0, rows).template cast<Acc>();
     const auto kb = matrix_of(k, b).template cast<Acc>();
     if (weight) {
@@ -42,15 +51,17 @@ void score_product(const Strided<const In>& q, const Strided<const In>& k, const
     } else {
       o.noalias() = scale * (qb * kb.transpose());
     }
+    if constexpr (!std::is_same<Out, Acc>::value) store_row(o.data(), rows * lk, dst);
   });
 }
 
 // out[i, j] = scale * v . tanh(q_i W_q + bias + k_j W_k)
 //   q (..., Lq, Dq), k (..., Lk, Dk), equal batch shapes; w_query (Dq, U), w_key (Dk, U) contiguous
-//   v (U,) contiguous, bias (U,) contiguous or nullptr; out (..., Lq, Lk) C-contiguous
-template <typename In, typename Acc = In>
+//   v (U,) contiguous, of In; bias (U,) contiguous, of Acc, or nullptr; out (..., Lq, Lk)
+//   C-contiguous, of Out (a task's tile computed in Acc, converted at the store unless Out is Acc)
+template <typename In, typename Acc = acc_t<In>, typename Out = In>
 void score_additive(const Strided<const In>& q, const Strided<const In>& k, const ConstMatrixMap<In>& w_query,
-                    const ConstMatrixMap<In>& w_key, const In* v, const In* bias, Acc scale, Acc* out) {
+                    const ConstMatrixMap<In>& w_key, const In* v, const Acc* bias, Acc scale, Out* out) {
   const index_t batches = q.batch_count(2);
   const index_t lq = q.dim(-2), lk = k.dim(-2), units = w_query.cols();
   if (batches == 0 || lq == 0 || lk == 0) return;
@@ -62,16 +73,19 @@ void score_additive(const Strided<const In>& q, const Strided<const In>& k, cons
   std::unique_ptr<bool[]> k_ok(new bool[static_cast<size_t>(batches)]);
   additive_prepare_keys<In, Acc>(k, w_key, kp.data(), ke.data(), k_ok.get());
   const index_t nb = additive_row_blocks(lq);
-  const AccVector<In, Acc> bias_acc(bias, units), v_acc(v, units);
+  const AccVector<In, Acc> v_acc(v, units);
   const AdditiveV<Acc> v_form = additive_v(v_acc.data(), units);
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kAdditiveRowBlock;
     const index_t rows = std::min(kAdditiveRowBlock, lq - r0);
     const AdditiveRows<Acc> keys{kp.data() + b * lk * units, k_ok[b] ? ke.data() + b * lk * units : nullptr};
-    Acc* tile = out + (b * lq + r0) * lk;
-    additive_score_block<In, Acc>(q, b, r0, rows, w_query, bias_acc.data(), keys, v_form, lk, tile, lk);
+    Out* dst = out + (b * lq + r0) * lk;
+    const Scratch<Acc, ScoreTileTag> buf(std::is_same<Out, Acc>::value ? 0 : static_cast<size_t>(rows * lk));
+    Acc* tile = staged(dst, buf.data());
+    additive_score_block<In, Acc>(q, b, r0, rows, w_query, bias, keys, v_form, lk, tile, lk);
     if (scale != Acc(1))
       for (index_t i = 0; i < rows * lk; ++i) tile[i] *= scale;
+    if constexpr (!std::is_same<Out, Acc>::value) store_row(tile, rows * lk, dst);
   });
 }
 

@@ -22,6 +22,7 @@
 #pragma once
 
 #include "dropout.hpp"
+#include "lowp.hpp"
 #include "sdpa/blocked.hpp"
 #include "sdpa/decode.hpp"
 #include "sdpa/micro.hpp"
@@ -30,20 +31,22 @@
 namespace attnext {
 
 // out (N..., L, Ev), weights (N..., L, S) or null, lse (N..., L) or null: all C-contiguous.
-// In: the type of q, k, v and out; Acc: the type scores and sums are accumulated in, and of
-// weights and lse (today In == Acc). drop: dropout with n = the flat C-order index of N...
-template <typename In, typename Acc = In>
-void scaled_dot_product_attention(const SdpaProblem<In>& p, In* out, Acc* weights, Acc* lse,
+// In: the type of q, k and v; Acc: the type scores and sums are accumulated in, and of weights
+// and lse (float for the 16-bit types); Out: the type of out (In, or Acc when a 16-bit call
+// asks for a float32 output: written from the accumulators, never through In).
+// drop: dropout with n = the flat C-order index of N...
+template <typename In, typename Acc = acc_t<In>, typename Out = In>
+void scaled_dot_product_attention(const SdpaProblem<In>& p, Out* out, Acc* weights, Acc* lse,
                                   const Dropout& drop = Dropout{}) {
   const index_t N = p.q.batch_count(2);
   const index_t L = p.q.dim(-2), Ev = p.v.dim(-1);
   // Empty outputs return at once (O(1)); with Ev = 0 only weights or lse need any work.
   if (N == 0 || L == 0 || (Ev == 0 && !weights && !lse)) return;
   if (L <= sdpa_detail::kDecodeMaxQueries && !weights) {
-    sdpa_detail::decode<In, Acc>(p, N, out, lse, drop);
+    sdpa_detail::decode<In, Acc, Out>(p, N, out, lse, drop);
     return;
   }
-  sdpa_detail::blocked<In, Acc>(p, N, out, weights, lse, drop);
+  sdpa_detail::blocked<In, Acc, Out>(p, N, out, weights, lse, drop);
 }
 
 }  // namespace attnext

@@ -3,10 +3,13 @@
 
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
+#include "lowp.hpp"
 #include "mask.hpp"
 #include "online_softmax.hpp"
 #include "parallel.hpp"
+#include "scratch.hpp"
 #include "strided.hpp"
 #include "vmath.hpp"
 
@@ -34,14 +37,18 @@ inline void softmax_inplace(T* x, index_t n) {
   vm::scale(x, n, softmax_state::inverse_sum_one(sum));
 }
 
+// Scratch tag (scratch.hpp) of softmax's row when the output type is not the accumulation type.
+struct SoftmaxRowTag {};
+
 // out = softmax(x + mask) over the last axis.
-//   x    (..., N) any strides
-//   mask broadcast to x's shape (or none)
+//   x    (..., N) any strides, read as In and computed in Acc (float for bf16/f16)
+//   mask broadcast to x's shape (or none); a float mask is of type Acc
 //   causal: rows are queries (axis -2), entries keys (axis -1); needs ndim >= 2 when on. Keys
 //   causal hides are hidden before the mask is read (mask.hpp's rule).
-//   out  (..., N) C-contiguous, same shape as x
-template <typename T>
-void softmax(const Strided<const T>& x, const Mask<T>& mask, const Causal& causal, T* out) {
+//   out  (..., N) C-contiguous, same shape as x, of type Out: each row is computed in Acc in
+//   place when Out is Acc, else in one row of scratch converted at the store (lowp.hpp's rule)
+template <typename In, typename Acc = acc_t<In>, typename Out = In>
+void softmax(const Strided<const In>& x, const Mask<Acc>& mask, const Causal& causal, Out* out) {
   const index_t n = x.dim(-1);
   const index_t rows = x.batch_count(1);
   const index_t queries = causal.on ? x.dim(-2) : 1;
@@ -52,17 +59,15 @@ void softmax(const Strided<const T>& x, const Mask<T>& mask, const Causal& causa
   const index_t block = n >= 256 ? 1 : 256 / (n + 1) + 1;
   const index_t blocks = (rows + block - 1) / block;
   parallel_for(blocks, [&](index_t bi) {
+    const Scratch<Acc, SoftmaxRowTag> buf(std::is_same<Out, Acc>::value ? 0 : static_cast<size_t>(n));
     const index_t r_end = std::min(rows, (bi + 1) * block);
     for (index_t r = bi * block; r < r_end; ++r) {
-      const T* src = x.data + x.batch_offset(r, 1);
-      T* dst = out + r * n;
-      if (xs == 1) {
-        std::memcpy(dst, src, sizeof(T) * n);
-      } else {
-        for (index_t j = 0; j < n; ++j) dst[j] = src[j * xs];
-      }
-      mask_scores(dst, index_t(1), n, index_t(0), visible_keys(vis, r % queries, n), mask_row(mask, r));
-      softmax_inplace(dst, n);
+      Out* dst = out + r * n;
+      Acc* row = staged(dst, buf.data());
+      load_row(x.data + x.batch_offset(r, 1), xs, n, row);
+      mask_scores(row, index_t(1), n, index_t(0), visible_keys(vis, r % queries, n), mask_row(mask, r));
+      softmax_inplace(row, n);
+      if constexpr (!std::is_same<Out, Acc>::value) store_row(row, n, dst);
     }
   });
 }

@@ -2,18 +2,22 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 
+#include "lowp.hpp"
 #include "parallel.hpp"
+#include "scratch.hpp"
 #include "score.hpp"
 #include "strided.hpp"
 
 namespace attnext {
 
 // out = w v
-//   w (..., Lq, Lk), v (..., Lk, Dv) with equal batch shapes; out (..., Lq, Dv) C-contiguous
-// Both are read as In and cast to Acc where Eigen reads them (a no-op for In == Acc).
-template <typename In, typename Acc = In>
-void weighted_sum(const Strided<const In>& w, const Strided<const In>& v, Acc* out) {
+//   w (..., Lq, Lk), v (..., Lk, Dv) with equal batch shapes; out (..., Lq, Dv) C-contiguous, of Out
+// Both are read as In and cast to Acc where Eigen reads them (a no-op for In == Acc); a task's
+// tile is computed in Acc, in out itself when Out is Acc, else converted at the store.
+template <typename In, typename Acc = acc_t<In>, typename Out = In>
+void weighted_sum(const Strided<const In>& w, const Strided<const In>& v, Out* out) {
   const index_t batches = w.batch_count(2);
   const index_t lq = w.dim(-2), dv = v.dim(-1);
   if (batches == 0 || lq == 0 || dv == 0) return;
@@ -21,8 +25,11 @@ void weighted_sum(const Strided<const In>& w, const Strided<const In>& v, Acc* o
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kScoreRowBlock;
     const index_t rows = std::min(kScoreRowBlock, lq - r0);
-    MatrixMap<Acc> o(out + (b * lq + r0) * dv, rows, dv);
+    Out* dst = out + (b * lq + r0) * dv;
+    const Scratch<Acc, ScoreTileTag> buf(std::is_same<Out, Acc>::value ? 0 : static_cast<size_t>(rows * dv));
+    MatrixMap<Acc> o(staged(dst, buf.data()), rows, dv);
     o.noalias() = matrix_of(w, b, r0, rows).template cast<Acc>() * matrix_of(v, b).template cast<Acc>();
+    if constexpr (!std::is_same<Out, Acc>::value) store_row(o.data(), rows * dv, dst);
   });
 }
 
