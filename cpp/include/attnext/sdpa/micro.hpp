@@ -11,7 +11,7 @@
 // bfloat16's products take bfloat16 operands, so Q * scale (when folded) and P (after it
 // entered the row sum, before P V) are rounded to bfloat16 by lowp.hpp's rule
 // (round_operands); float16 is read as float16 and nothing is rounded before the store. The
-// output is rounded once, at the store (store_out).
+// output is rounded once, at the store (lowp.hpp's store_as, store_packet its vector form).
 // With AVX512_BF16 and bf16_dot_active(), the blocked path takes the pair form of the same
 // geometry (vdpbf16ps multiplies two bfloat16 pairs per float lane and adds both products):
 //   S^T += (K[j, e], K[j, e+1]) (broadcast pair)   . Qp[e/2][:]   (Q pairs over e per lane)
@@ -136,16 +136,6 @@ inline void round_operands(Acc* x, index_t n) {
   }
 }
 
-// An accumulated value stored as Out: the 16-bit types by lowp.hpp's from_float (the one
-// rounding of an output), float and double by a plain conversion.
-template <typename Out, typename Acc>
-inline Out store_out(Acc x) {
-  if constexpr (is_lowp<Out>::value)
-    return from_float<Out>(static_cast<float>(x));
-  else
-    return static_cast<Out>(x);
-}
-
 // Whether a packet of Acc can be stored as P consecutive Out by store_packet.
 template <typename Out, typename Acc>
 constexpr bool packet_store() {
@@ -155,7 +145,7 @@ constexpr bool packet_store() {
   return std::is_same<Out, Acc>::value;
 }
 
-// P consecutive Out from a packet (store_out's rule per lane).
+// P consecutive Out from a packet (lowp.hpp's store_as rule per lane).
 template <typename Out, typename Acc>
 inline void store_packet(Out* dst, const Pk<Acc>& x) {
   static_assert(packet_store<Out, Acc>(), "no packet store for this pair of types");
@@ -355,7 +345,7 @@ bool pack_q_rows(const In* qb, index_t qs, index_t qe, index_t nq, index_t E, Ac
 // dst[c] = o[c] * f for one output row (the decode path's unpacker).
 template <typename Acc, typename Out>
 inline void store_scaled(const Acc* o, Acc f, index_t n, Out* dst) {
-  for (index_t c = 0; c < n; ++c) dst[c] = store_out<Out>(o[c] * f);
+  for (index_t c = 0; c < n; ++c) dst[c] = store_as<Out>(o[c] * f);
 }
 
 // o[i, c] = Ot[c][i] * f[i] for the block's nq queries (o: rows of Ev, contiguous).
@@ -375,11 +365,11 @@ inline void unpack_o(const Acc* Ot, const Acc* f, index_t nq, index_t Ev, Out* o
           store_packet<Out, Acc>(o + (i + r) * Ev + c, ei::pmul(blk.packet[r], ei::pset1<Pk<Acc>>(f[i + r])));
       }
       for (; c < Ev; ++c)
-        for (index_t r = 0; r < P; ++r) o[(i + r) * Ev + c] = store_out<Out>(Ot[c * Bq + i + r] * f[i + r]);
+        for (index_t r = 0; r < P; ++r) o[(i + r) * Ev + c] = store_as<Out>(Ot[c * Bq + i + r] * f[i + r]);
     }
   }
   for (; i < nq; ++i)
-    for (index_t c = 0; c < Ev; ++c) o[i * Ev + c] = store_out<Out>(Ot[c * Bq + i] * f[i]);
+    for (index_t c = 0; c < Ev; ++c) o[i * Ev + c] = store_as<Out>(Ot[c * Bq + i] * f[i]);
 }
 
 // Dot product of a contiguous Acc vector with a contiguous In vector, fixed lane order.
