@@ -121,16 +121,191 @@ void linear_few_rows(const Strided<const In>& x, const Strided<const In>& weight
   }
 }
 
+#if defined(__AVX512F__)
+// The few-rows path for 16-bit inputs (a decoding step's projections, memory bound on W): W is
+// read in place, half the bytes of a float32 W, and never converted as a whole (Eigen's cast
+// would copy each task's block of W to float first). The task's x rows (few) are put once into
+// scratch in the form the W loads pair with. Three forms of the inner step (the policies below):
+// float16: 16 lanes converted by load16; bfloat16: 32 lanes split into their even and odd halves
+// by a shift and a mask (no shuffles), x stored with each chunk of 32 de-interleaved to match;
+// bfloat16 with vdpbf16ps active: 32 lanes of x and W multiplied in pairs by the instruction.
+// Every product is exact in float32 and the sums are float32 (the fallback's rule).
+namespace linear_detail {
+
+struct FewRowsInTag {};
+struct FewRowsXTag {};
+
+// One step of K::step values of a W row, as the policy's fma takes it.
+struct WStep {
+  __m512 a, b;
+};
+
+template <typename In>
+struct Lanes16 {
+  using X = float;
+  static constexpr index_t step = 16;
+  static void load_x(const In* src, index_t n, X* dst) { load_row(src, 1, n, dst); }
+  static WStep load_w(const In* w) { return {load16(w), _mm512_setzero_ps()}; }
+  static void fma(const X* x, const WStep& w, __m512& acc0, __m512&) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x), w.a, acc0);
+  }
+};
+
+struct Bf16Split {
+  using X = float;
+  static constexpr index_t step = 32;
+  // Each full chunk of 32 as its 16 even-indexed values, then its 16 odd ones; the tail as is.
+  static void load_x(const bf16* src, index_t n, X* dst) {
+    index_t k = 0;
+    for (; k + 32 <= n; k += 32)
+      for (index_t j = 0; j < 16; ++j) dst[k + j] = src[k + 2 * j], dst[k + 16 + j] = src[k + 2 * j + 1];
+    for (; k < n; ++k) dst[k] = src[k];
+  }
+  // Lane j of a holds element 2j (its bits shifted into a float's top half), of b element 2j + 1.
+  static WStep load_w(const bf16* w) {
+    const __m512i v = _mm512_loadu_si512(w);
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+            _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u))))};
+  }
+  static void fma(const X* x, const WStep& w, __m512& acc0, __m512& acc1) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x), w.a, acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + 16), w.b, acc1);
+  }
+};
+
+#if defined(__AVX512BF16__)
+struct Bf16Dot {
+  using X = bf16;
+  static constexpr index_t step = 32;
+  static void load_x(const bf16* src, index_t n, X* dst) { std::copy(src, src + n, dst); }
+  static WStep load_w(const bf16* w) { return {_mm512_castsi512_ps(_mm512_loadu_si512(w)), _mm512_setzero_ps()}; }
+  static void fma(const X* x, const WStep& w, __m512& acc0, __m512&) {
+    acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(x), (__m512bh)_mm512_castps_si512(w.a));
+  }
+};
+#endif
+
+// y[r * ldy + c] = bias[c] + sum_k x_r[k] w[c * ldw + k] for an R x C tile: C rows of W stream
+// through the policy's loads, each shared by the R rows of x (the policy's layout, row stride
+// ldx). Each element is one sum in a fixed order (lanes, _mm512_reduce_add_ps, then the tail),
+// so it does not depend on how the tiles are split.
+template <typename K, int R, int C, typename In>
+inline void dot_tile(const typename K::X* x, index_t ldx, const In* w, index_t ldw, index_t depth, const float* bias,
+                     float* y, index_t ldy) {
+  __m512 acc0[R][C], acc1[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc0[r][c] = acc1[r][c] = _mm512_setzero_ps();
+  index_t k = 0;
+  // A second accumulator per element hides the FMA latency of a two-product step while the
+  // tile is small; a large tile has enough independent sums, and its registers are needed.
+  constexpr bool two = R * C <= 8;
+  for (; k + K::step <= depth; k += K::step) {
+    WStep wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = K::load_w(w + c * ldw + k);
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) K::fma(x + r * ldx + k, wv[c], acc0[r][c], two ? acc1[r][c] : acc0[r][c]);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float sum = _mm512_reduce_add_ps(two ? _mm512_add_ps(acc0[r][c], acc1[r][c]) : acc0[r][c]);
+      for (index_t t = k; t < depth; ++t) sum += static_cast<float>(x[r * ldx + t]) * static_cast<float>(w[c * ldw + t]);
+      y[r * ldy + c] = bias ? sum + bias[c] : sum;
+    }
+}
+
+// The R rows of x against `cols` rows of W: four W rows at a time, then one.
+template <typename K, int R, typename In>
+inline void dot_rows(const typename K::X* x, index_t ldx, const In* w, index_t ldw, index_t depth, index_t cols,
+                     const float* bias, float* y, index_t ldy) {
+  index_t c = 0;
+  for (; c + 4 <= cols; c += 4)
+    dot_tile<K, R, 4>(x, ldx, w + c * ldw, ldw, depth, bias ? bias + c : nullptr, y + c, ldy);
+  for (; c < cols; ++c) dot_tile<K, R, 1>(x, ldx, w + c * ldw, ldw, depth, bias ? bias + c : nullptr, y + c, ldy);
+}
+
+// y (rows, cols) = x (rows, depth) w^T + bias, x in the policy's layout (row stride ldx), w rows
+// of In (stride ldw, unit columns): rows in groups of four.
+template <typename K, typename In>
+inline void few_rows_block(const typename K::X* x, index_t rows, index_t ldx, const In* w, index_t ldw, index_t depth,
+                           index_t cols, const float* bias, float* y, index_t ldy) {
+  for (index_t r = 0; r < rows; r += 4) {
+    const typename K::X* xr = x + r * ldx;
+    float* yr = y + r * ldy;
+    switch (std::min<index_t>(4, rows - r)) {
+      case 4: dot_rows<K, 4>(xr, ldx, w, ldw, depth, cols, bias, yr, ldy); break;
+      case 3: dot_rows<K, 3>(xr, ldx, w, ldw, depth, cols, bias, yr, ldy); break;
+      case 2: dot_rows<K, 2>(xr, ldx, w, ldw, depth, cols, bias, yr, ldy); break;
+      default: dot_rows<K, 1>(xr, ldx, w, ldw, depth, cols, bias, yr, ldy); break;
+    }
+  }
+}
+
+// linear_few_rows_16's work with policy K: the same blocks and thread rule as linear_few_rows.
+template <typename K, typename In>
+void few_rows_16(const Strided<const In>& x, const Strided<const In>& weight, const float* bias, float* y) {
+  const index_t nb = x.dim(0), nl = x.dim(1), nc = x.dim(2), nd = x.dim(3);
+  const index_t in = nc * nd, out = weight.dim(0);
+  const index_t row_blocks = (nl + kLinearRowBlock - 1) / kLinearRowBlock;
+  const index_t col_blocks = (out + kLinearColBlock - 1) / kLinearColBlock;
+  const auto block = [&](index_t task) {
+    const index_t c0 = (task % col_blocks) * kLinearColBlock, cols = std::min(kLinearColBlock, out - c0);
+    const index_t rb = task / col_blocks;
+    const index_t b = rb / row_blocks, r0 = (rb % row_blocks) * kLinearRowBlock;
+    const index_t rows = std::min(kLinearRowBlock, nl - r0);
+    // x rows gathered as In (features c * nd + d, any strides), then in the policy's layout.
+    const Scratch<In, FewRowsInTag> row(static_cast<size_t>(in));
+    const Scratch<typename K::X, FewRowsXTag> xs(static_cast<size_t>(rows * in));
+    for (index_t r = 0; r < rows; ++r) {
+      for (index_t c = 0; c < nc; ++c) {
+        const In* src = x.data + b * x.stride(0) + (r0 + r) * x.stride(1) + c * x.stride(2);
+        for (index_t d = 0; d < nd; ++d) row.data()[c * nd + d] = src[d * x.stride(3)];
+      }
+      K::load_x(row.data(), in, xs.data() + r * in);
+    }
+    few_rows_block<K>(xs.data(), rows, in, weight.data + c0 * weight.stride(0), weight.stride(0), in, cols,
+                      bias ? bias + c0 : nullptr, y + (b * nl + r0) * out + c0, out);
+  };
+  const index_t tasks = nb * row_blocks * col_blocks;
+  if (nb * nl * in * out < kLinearMinParallelWork) {
+    for (index_t task = 0; task < tasks; ++task) block(task);  // the same blocks, so the same results
+  } else {
+    parallel_for(tasks, block, /*dynamic=*/true);
+  }
+}
+
+}  // namespace linear_detail
+
+// linear_few_rows for 16-bit x and W with unit-stride W rows (weight.stride(1) == 1): float16
+// through load16, bfloat16 through vdpbf16ps while bf16_dot_active(), else the even/odd split.
+template <typename In>
+void linear_few_rows_16(const Strided<const In>& x, const Strided<const In>& weight, const float* bias, float* y) {
+  using namespace linear_detail;
+  if constexpr (std::is_same<In, bf16>::value) {
+#if defined(__AVX512BF16__)
+    if (bf16_dot_active()) return few_rows_16<Bf16Dot>(x, weight, bias, y);
+#endif
+    few_rows_16<Bf16Split>(x, weight, bias, y);
+  } else {
+    few_rows_16<Lanes16<In>>(x, weight, bias, y);
+  }
+}
+#endif
+
 // Scratch tag (scratch.hpp) of y in the accumulation type when the output type is not Acc.
 struct LinearAccTag {};
 
 // y = x W^T + b, in Acc, written as Acc (linear_packed or linear_few_rows by shape).
 template <typename In, typename Acc>
 void linear_acc(const Strided<const In>& x, const Strided<const In>& weight, const Acc* bias, Acc* y) {
-  if (x.dim(0) * x.dim(1) >= kPackedGemmMinRows)  // the choice depends on the shapes only
+  if (x.dim(0) * x.dim(1) >= kPackedGemmMinRows) {  // the choice depends on the shapes only
     linear_packed<In, Acc>(x, weight, bias, y);
-  else
-    linear_few_rows<In, Acc>(x, weight, bias, y);
+    return;
+  }
+#if defined(__AVX512F__)
+  if constexpr (is_lowp<In>::value)
+    if (weight.stride(1) == 1) return linear_few_rows_16<In>(x, weight, bias, y);
+#endif
+  linear_few_rows<In, Acc>(x, weight, bias, y);
 }
 
 // y = x W^T + b
