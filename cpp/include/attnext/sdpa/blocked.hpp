@@ -257,9 +257,12 @@ void online_tile(Block<In, Acc>& k, index_t j0, index_t nj) {
 
 // Weights wanted: pass 1 finds each row's max and sum; pass 2 forms the final softmax
 // P = exp(s - max) / sum once, writes it to w (the block's rows of the weights, row stride S)
-// and accumulates O = P V with it.
+// and accumulates O = P V with it. For inputs whose products round P (bfloat16), O
+// accumulates exp(s - max) instead, rounded before P V as on the online path, and is divided
+// by the sum at the store: the rounding point then holds exactly, the final max being known.
+// Returns whether O is already normalised.
 template <typename In, typename Acc>
-void weights_passes(Block<In, Acc>& k, index_t kmin, index_t kmax, Acc* w) {
+bool weights_passes(Block<In, Acc>& k, index_t kmin, index_t kmax, Acc* w) {
   constexpr index_t P = vm::packet_size<Acc>();
   constexpr index_t Bq = block_queries<Acc>();
   const Pk<Acc> zero = ei::pset1<Pk<Acc>>(Acc(0));
@@ -282,6 +285,9 @@ void weights_passes(Block<In, Acc>& k, index_t kmin, index_t kmax, Acc* w) {
     shift[c] = softmax_state::shift_of<Acc>(ei::pload<Pk<Acc>>(k.M + c * P));
     inv[c] = softmax_state::inverse_sum<Acc>(ei::pload<Pk<Acc>>(k.Lsum + c * P));
   }
+  constexpr bool late = rounds_operands<In>();  // normalised at the store
+  alignas(64) Acc invs[Bq];
+  for (int c = 0; c < kC; ++c) ei::pstore(invs + c * P, inv[c]);
   for (index_t i = 0; i < k.nq; ++i) std::fill(w + i * k.S, w + (i + 1) * k.S, Acc(0));
   const Pk<Acc> ninf = ei::pset1<Pk<Acc>>(neg_inf<Acc>());
   for (index_t j0 = kmin; j0 < kmax; j0 += kBk) {
@@ -293,14 +299,16 @@ void weights_passes(Block<In, Acc>& k, index_t kmin, index_t kmax, Acc* w) {
         Acc* s = k.St + j * Bq + c * P;
         const Pk<Acc> sc = ei::pload<Pk<Acc>>(s);
         // A hidden key (-inf) weighs exactly 0, even in a row a NaN score made NaN.
-        const Pk<Acc> pr = ei::pmul(vm::prob_exp<Acc>(ei::psub(sc, shift[c])), inv[c]);
+        const Pk<Acc> e = vm::prob_exp<Acc>(ei::psub(sc, shift[c]));
+        const Pk<Acc> pr = late ? e : ei::pmul(e, inv[c]);
         ei::pstore(s, ei::pselect(ei::pcmp_eq(sc, ninf), zero, pr));
       }
     drop_tile(k, j0, nj);
     for (index_t i = 0; i < k.nq; ++i)
-      for (index_t j = 0; j < nj; ++j) w[i * k.S + j0 + j] = k.St[j * Bq + i];
+      for (index_t j = 0; j < nj; ++j) w[i * k.S + j0 + j] = late ? k.St[j * Bq + i] * invs[i] : k.St[j * Bq + i];
     pv_tile(k, j0, nj, static_cast<const Pk<Acc>*>(nullptr), false, careful);
   }
+  return !late;
 }
 
 // Where a unit's results go: the final rows (out, and weights/lse when given) or, for a key
@@ -339,8 +347,9 @@ void attend_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, i
   k.drop = drop;
   const index_t kmin = std::max(visible_keys(k.vis, i0, k.S).lo, ka);
   const index_t kmax = std::max(kmin, std::min(visible_keys(k.vis, i0 + nq - 1, k.S).hi, kz));
+  bool normalised = false;
   if (o.weights) {
-    weights_passes(k, kmin, kmax, o.weights + (b * k.L + i0) * k.S);
+    normalised = weights_passes(k, kmin, kmax, o.weights + (b * k.L + i0) * k.S);
   } else {
     for (index_t j0 = kmin; j0 < kmax; j0 += kBk) online_tile(k, j0, std::min(kBk, kmax - j0));
   }
@@ -350,7 +359,7 @@ void attend_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, i
     std::copy(k.Lsum, k.Lsum + Bq, o.partial + (k.Ev + 1) * Bq);
     return;
   }
-  write_rows(k, o, o.weights != nullptr);
+  write_rows(k, o, normalised);
 }
 
 // Merges a query block's chunk partials (each O^T (Ev, Bq), M (Bq), Lsum (Bq)) in chunk order
@@ -389,7 +398,7 @@ void merge_chunks(const Acc* parts, index_t chunks, index_t Ev, index_t nq, Out*
 }
 
 // The blocked path over all N batch entries (n = b, the flat batch index, for dropout). Out:
-// the output's type (In, or float for a 16-bit call's float32 output), written by store_out.
+// the output's type (In, or float for a 16-bit call's float32 output), written by store_as.
 template <typename In, typename Acc, typename Out>
 void blocked(const SdpaProblem<In>& p, index_t N, Out* out, Acc* weights, Acc* lse, const Dropout& drop = Dropout{}) {
   constexpr index_t Bq = block_queries<Acc>();
