@@ -357,3 +357,23 @@ def test_bf16_path_switch_and_build_info():
         assert _core.get_bf16_path() == forced  # a refused call changes nothing
     finally:
         _core.set_bf16_path(before)
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=ids)
+def test_store_rounds_special_values_as_numpy_and_ml_dtypes(dt):
+    # weighted_sum of rows [a, b] with a value column of ones returns a + b, a float32 sum of
+    # 16-bit values rounded at the store: ties, NaN, inf and overflow (float16: 60000 + 60000)
+    # must come out as NumPy's / ml_dtypes' round to nearest even of the float32 result. 40 rows
+    # go through both the 16-lane store and its scalar tail.
+    finfo_max = float(ml_dtypes.finfo(dt).max) if dt == BF16 else float(np.finfo(dt).max)
+    specials = [(np.nan, 1.0), (np.inf, 1.0), (-np.inf, 2.0), (finfo_max, finfo_max), (-finfo_max, -finfo_max),
+                (1.0, 2.0**-8), (1.0, 3 * 2.0**-9), (-1.0, -(2.0**-8)), (0.0, -0.0), (-0.0, -0.0)]
+    rng = np.random.default_rng(14)
+    pairs = np.array(specials + [tuple(p) for p in rng.standard_normal((30, 2)) * 100.0])
+    w = pairs.astype(dt)[None]  # (1, 40, 2): one store of 40 values
+    v = np.ones((1, 2, 1), dt)
+    low, wide = _core.weighted_sum(w, v), _core.weighted_sum(w, v, out_float32=True)
+    with np.errstate(over="ignore"):  # the overflow to inf is the point
+        expected = wide.astype(dt)
+    np.testing.assert_array_equal(low.view(np.uint16), expected.view(np.uint16))
+    assert np.isinf(f64(low)[0, 3:5]).all() and np.isnan(f64(low)[0, 0]).all()

@@ -175,7 +175,7 @@ def mask_args(kind, g, B, L, S):
         m = (g.standard_normal((1, L, S)) * 2).astype(np.float32)
         m[g.random(m.shape) < 0.2] = -np.inf
         m[..., 0] = 0.5
-        return {"mask": m}
+        return {"mask": np.broadcast_to(m, (B, L, S))}  # stride 0 over the batch
     if kind == "causal_top_left":
         return {"causal": True, "offset": 0}
     if kind == "causal_bottom_right":

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "gemm.hpp"
+#include "lowp.hpp"
 #include "parallel.hpp"
 #include "scratch.hpp"
 #include "strided.hpp"
@@ -393,11 +394,44 @@ void product_rows(const A& a, const B& b, T* dst) {
   }
 }
 
+#if defined(__AVX512F__)
+// project_block for 16-bit x and w (a decoding step's few rows): dst row = bias + sum_d x[d]
+// w[d, :], w's contiguous rows read in place 16 values a load (load16) and accumulated in float,
+// instead of Eigen's cast, which would copy all of w to float first.
+template <typename In>
+void project_block_16(const Strided<const In>& x, index_t b, index_t r0, index_t rows, const ConstMatrixMap<In>& w,
+                      const float* bias, float* dst) {
+  const index_t depth = w.rows(), units = w.cols();
+  const In* xb = x.data + x.batch_offset(b, 2) + r0 * x.stride(-2);
+  for (index_t r = 0; r < rows; ++r) {
+    float* y = dst + r * units;
+    if (bias)
+      std::copy(bias, bias + units, y);
+    else
+      std::fill(y, y + units, 0.0f);
+    for (index_t d = 0; d < depth; ++d) {
+      const float xd = static_cast<float>(xb[r * x.stride(-2) + d * x.stride(-1)]);
+      const In* wd = w.data() + d * units;
+      const __m512 xv = _mm512_set1_ps(xd);
+      index_t u = 0;
+      for (; u + 16 <= units; u += 16)
+        _mm512_storeu_ps(y + u, _mm512_fmadd_ps(xv, load16(wd + u), _mm512_loadu_ps(y + u)));
+      for (; u < units; ++u) y[u] += xd * static_cast<float>(wd[u]);
+    }
+  }
+}
+#endif
+
 // Rows [r0, r0 + rows) of batch entry b of x (..., L, D) times w (D, U) (+ bias) into dst
-// (rows, U) row-major; x and w are cast to Acc where Eigen reads them.
+// (rows, U) row-major; x and w are cast to Acc where Eigen reads them (16-bit inputs on AVX-512
+// builds: project_block_16).
 template <typename In, typename Acc>
 void project_block(const Strided<const In>& x, index_t b, index_t r0, index_t rows, const ConstMatrixMap<In>& w,
                    const Acc* bias, Acc* dst) {
+#if defined(__AVX512F__)
+  if constexpr (is_lowp<In>::value && std::is_same<Acc, float>::value)
+    return project_block_16<In>(x, b, r0, rows, w, bias, dst);
+#endif
   const index_t units = w.cols();
   using RowVec = Eigen::Matrix<Acc, 1, Eigen::Dynamic>;
   product_rows<Acc>(matrix_of(x, b, r0, rows).template cast<Acc>(), w.template cast<Acc>(), dst);

@@ -152,23 +152,37 @@ inline Out store_as(Acc x) {
     return static_cast<Out>(x);
 }
 
-// dst[i] = store_as<Out>(src[i]) for n values: a kernel's row or tile of Acc results at its store.
-// 16 at a time where one instruction rounds as from_float does: vcvtneps2bf16 (round to
-// nearest even, float32 denormals to signed zero, NaN quiet) and vcvtps2ph with rounding 0.
+#if defined(__AVX512F__)
+// 16 floats stored as 16 bfloat16 / float16 values by exactly the scalar rules above: to_bf16's
+// round to nearest even with NaN quieted and float32 denormals flushed to signed zero, in
+// integer lanes; float16 by vcvtps2ph with round to nearest even, as _cvtss_sh(x, 0).
+inline void store16(const float* src, bf16* dst) {
+  const __m512i b = _mm512_castps_si512(_mm512_loadu_ps(src));
+  const __m512i high = _mm512_srli_epi32(b, 16);
+  const __m512i exp = _mm512_and_si512(b, _mm512_set1_epi32(0x7f800000));
+  const __mmask16 special = _mm512_cmpeq_epi32_mask(exp, _mm512_set1_epi32(0x7f800000));
+  const __mmask16 nan = special & _mm512_test_epi32_mask(b, _mm512_set1_epi32(0x007fffff));
+  const __mmask16 tiny = _mm512_cmpeq_epi32_mask(exp, _mm512_setzero_si512());
+  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(high, _mm512_set1_epi32(1)));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, bias), 16);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x0040)));
+  r = _mm512_mask_mov_epi32(r, tiny, _mm512_and_si512(high, _mm512_set1_epi32(0x8000)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(r));
+}
+inline void store16(const float* src, f16* dst) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm512_cvtps_ph(_mm512_loadu_ps(src), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#endif
+
+// dst[i] = store_as<Out>(src[i]) for n values: a kernel's row or tile of Acc results at its store,
+// 16 at a time by store16 (any AVX-512 build: the same bits as the scalar rule).
 template <typename Out, typename Acc>
 inline void store_row(const Acc* src, std::int64_t n, Out* dst) {
   std::int64_t i = 0;
-  constexpr bool from_float32 = std::is_same<Acc, float>::value;
-#if defined(__AVX512BF16__)
-  if constexpr (from_float32 && std::is_same<Out, bf16>::value)
-    for (; i + 16 <= n; i += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
-#endif
 #if defined(__AVX512F__)
-  if constexpr (from_float32 && std::is_same<Out, f16>::value)
-    for (; i + 16 <= n; i += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                          _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  if constexpr (is_lowp<Out>::value && std::is_same<Acc, float>::value)
+    for (; i + 16 <= n; i += 16) store16(src + i, dst + i);
 #endif
   for (; i < n; ++i) dst[i] = store_as<Out>(src[i]);
 }

@@ -24,6 +24,52 @@ inline index_t row_blocks(index_t rows) { return (rows + kScoreRowBlock - 1) / k
 // Scratch tag (scratch.hpp) of a task's tile of scores when the output type is not Acc.
 struct ScoreTileTag {};
 
+// The products of score_product and weighted_sum for 16-bit inputs: tile (M, N) row-major =
+// a b^T for one batch entry, a_row(m) and b_row(n) rows of K elements (a_cs, b_cs apart),
+// through packed_gemm<In, float> on the library's threads. Its packers convert a's and b's
+// panels (bfloat16 pairs for vdpbf16ps while it is active): no operand is copied to float as a
+// whole, as Eigen's cast<float>() would do with a batch entry's keys in every task.
+template <typename In, typename ARow, typename BRow>
+void product_16(index_t M, index_t N, index_t K, const ARow& a_row, index_t a_cs, const BRow& b_row, index_t b_cs,
+                float* tile) {
+  const auto x_rows = [&](index_t m0, index_t rows, index_t k0, index_t kc, const PanelWriter<In>& dst) {
+    for (index_t r = 0; r < rows; ++r) pack_row(a_row(m0 + r) + k0 * a_cs, a_cs, kc, dst, r);
+  };
+  const auto x_row = [](index_t) -> const In* { return nullptr; };  // 16-bit rows are always packed
+  const auto w_rows = [&](index_t n0, index_t cols, index_t k0, index_t kc, const PanelWriter<In>& dst) {
+    for (index_t c = 0; c < cols; ++c) pack_row(b_row(n0 + c) + k0 * b_cs, b_cs, kc, dst, c);
+  };
+  packed_gemm<In, float>(M, N, K, x_rows, x_row, w_rows, static_cast<const float*>(nullptr), tile);
+}
+
+// out (rows, n) = scale * tile for one batch entry, the float tile scaled in place and stored
+// as Out (a no-op store when Out is float), in row blocks on the library's threads.
+template <typename Out>
+void scale_and_store(float* tile, index_t rows, index_t n, float scale, Out* out) {
+  parallel_for(row_blocks(rows), [&](index_t t) {
+    const index_t r0 = t * kScoreRowBlock, count = std::min(kScoreRowBlock, rows - r0) * n;
+    float* x = tile + r0 * n;
+    if (scale != 1.0f)
+      for (index_t i = 0; i < count; ++i) x[i] *= scale;
+    if constexpr (!std::is_same<Out, float>::value) store_row(x, count, out + r0 * n);
+  });
+}
+
+// score_product without a weight for 16-bit inputs, one batch entry at a time (product_16).
+template <typename In, typename Out>
+void score_product_16(const Strided<const In>& q, const Strided<const In>& k, float scale, Out* out) {
+  const index_t lq = q.dim(-2), lk = k.dim(-2), depth = q.dim(-1);
+  const Scratch<float, ScoreTileTag> buf(std::is_same<Out, float>::value ? 0 : static_cast<size_t>(lq * lk));
+  for (index_t b = 0; b < q.batch_count(2); ++b) {
+    const In* qb = q.data + q.batch_offset(b, 2);
+    const In* kb = k.data + k.batch_offset(b, 2);
+    float* tile = staged(out + b * lq * lk, buf.data());
+    product_16<In>(lq, lk, depth, [&](index_t m) { return qb + m * q.stride(-2); }, q.stride(-1),
+                   [&](index_t n) { return kb + n * k.stride(-2); }, k.stride(-1), tile);
+    scale_and_store(tile, lq, lk, scale, out + b * lq * lk);
+  }
+}
+
 // out = scale * q k^T (dot, scaled_dot) or scale * (q W) k^T (general, weight != nullptr).
 //   q (..., Lq, Dq), k (..., Lk, Dk) with equal batch shapes (broadcast beforehand)
 //   weight (Dq, Dk) or empty
@@ -36,6 +82,8 @@ void score_product(const Strided<const In>& q, const Strided<const In>& k, const
   const index_t batches = q.batch_count(2);
   const index_t lq = q.dim(-2), lk = k.dim(-2);
   if (batches == 0 || lq == 0 || lk == 0) return;
+  if constexpr (is_lowp<In>::value)
+    if (!weight) return score_product_16<In, Out>(q, k, scale, out);
   const index_t nb = row_blocks(lq);
   parallel_for(batches * nb, [&](index_t task) {
     const index_t b = task / nb, r0 = (task % nb) * kScoreRowBlock;

@@ -398,7 +398,7 @@ void merge_chunks(const Acc* parts, index_t chunks, index_t Ev, index_t nq, Out*
 }
 
 // The blocked path over all N batch entries (n = b, the flat batch index, for dropout). Out:
-// the output's type (In, or float for a 16-bit call's float32 output), written by store_out.
+// the output's type (In, or float for a 16-bit call's float32 output), written by store_as.
 template <typename In, typename Acc, typename Out>
 void blocked(const SdpaProblem<In>& p, index_t N, Out* out, Acc* weights, Acc* lse, const Dropout& drop = Dropout{}) {
   constexpr index_t Bq = block_queries<Acc>();

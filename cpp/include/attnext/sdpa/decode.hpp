@@ -33,11 +33,24 @@ struct SdpaDecodeQTag {};  // scratch.hpp tags
 struct SdpaDecodeSTag {};
 struct SdpaDecodeKTag {};
 struct SdpaDecodeVTag {};
+struct SdpaDecodeQhTag {};
+
+// s = q . k for decode: the bfloat16 pair path's dot_pairs on qh (the packed query rows as
+// bfloat16, exact: they are product operands already) when pairs, else dot on qbuf.
+template <typename In, typename Acc>
+inline Acc decode_dot(bool pairs, const Acc* qf, const In* qh, const In* k, index_t E) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<In, bf16>::value)
+    if (pairs) return dot_pairs(qh, k, E);
+#endif
+  return dot(qf, k, E);
+}
 
 // Partial states of keys [c0, c1) for every query row (L <= kDecodeMaxQueries) of batch entry b.
 // part: (L, Ev + 2) = unnormalised output, then the max, then the sum.
 template <typename In, typename Acc>
-void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, Acc* part, const Dropout& drop) {
+void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, Acc* part, const Dropout& drop,
+                  bool pairs) {
   const index_t L = p.q.dim(-2), E = p.q.dim(-1), S = p.k.dim(-2), Ev = p.v.dim(-1);
   const Visibility vis = visibility(p, b);
   const index_t n = c1 - c0, w = Ev + 2;
@@ -54,6 +67,9 @@ void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, A
   Acc* pre = s + L * n;  // a row's scores before the exponential, for a careful P V
   const Acc scale = static_cast<Acc>(p.scale);
   const bool folded = pack_q_rows(p.q.data + p.q.batch_offset(b, 2), p.q.stride(-2), p.q.stride(-1), L, E, scale, qbuf);
+  const Scratch<In, SdpaDecodeQhTag> qhs(pairs ? static_cast<size_t>(L * E + 1) : 0);
+  In* qh = qhs.data();
+  if (pairs) store_row(qbuf, L * E, qh);
   index_t kcs = 0, vcs = 0;
   const In* kc = contiguous_rows(p.k.data + p.k.batch_offset(b, 2) + ja * p.k.stride(-2), p.k.stride(-2),
                                  p.k.stride(-1), nv, E, kbuf.data(), kcs);
@@ -66,7 +82,8 @@ void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, A
     const In* kj = kc + j * kcs;
     for (index_t i = 0; i < L; ++i)
       if (ja + j >= range[i].lo && ja + j < range[i].hi)
-        s[i * n + j] = folded ? dot(qbuf + i * E, kj, E) : dot(qbuf + i * E, kj, E) * scale;
+        s[i * n + j] = folded ? decode_dot(pairs, qbuf + i * E, qh + i * E, kj, E)
+                              : decode_dot(pairs, qbuf + i * E, qh + i * E, kj, E) * scale;
   }
   int values_finite = -1;  // checked once, only if some row hides a key of the chunk
   for (index_t i = 0; i < L; ++i) {
@@ -108,11 +125,12 @@ void decode(const SdpaProblem<In>& p, index_t N, Out* out, Acc* lse, const Dropo
   const index_t L = p.q.dim(-2), S = p.k.dim(-2), Ev = p.v.dim(-1);
   const index_t chunks = std::max<index_t>(1, (S + kDecodeChunk - 1) / kDecodeChunk);
   const index_t w = Ev + 2;
+  const bool pairs = pair_path<In>();
   std::vector<Acc, Eigen::aligned_allocator<Acc>> parts(static_cast<size_t>(N * chunks * L * w));
   parallel_for(N * chunks, [&](index_t u) {
     const index_t b = u / chunks, c = u % chunks;
     const index_t c0 = c * kDecodeChunk, c1 = std::min(S, c0 + kDecodeChunk);
-    decode_chunk<In, Acc>(p, b, c0, c1, parts.data() + u * L * w, drop);
+    decode_chunk<In, Acc>(p, b, c0, c1, parts.data() + u * L * w, drop, pairs);
   }, true);
   // Merge the chunks of each row by log-sum-exp, in chunk order.
   parallel_for(N, [&](index_t b) {

@@ -11,7 +11,7 @@
 // bfloat16's products take bfloat16 operands, so Q * scale (when folded) and P (after it
 // entered the row sum, before P V) are rounded to bfloat16 by lowp.hpp's rule
 // (round_operands); float16 is read as float16 and nothing is rounded before the store. The
-// output is rounded once, at the store (store_out).
+// output is rounded once, at the store (lowp.hpp's store_as, store_packet its vector form).
 // With AVX512_BF16 and bf16_dot_active(), the blocked path takes the pair form of the same
 // geometry (vdpbf16ps multiplies two bfloat16 pairs per float lane and adds both products):
 //   S^T += (K[j, e], K[j, e+1]) (broadcast pair)   . Qp[e/2][:]   (Q pairs over e per lane)
@@ -136,16 +136,6 @@ inline void round_operands(Acc* x, index_t n) {
   }
 }
 
-// An accumulated value stored as Out: the 16-bit types by lowp.hpp's from_float (the one
-// rounding of an output), float and double by a plain conversion.
-template <typename Out, typename Acc>
-inline Out store_out(Acc x) {
-  if constexpr (is_lowp<Out>::value)
-    return from_float<Out>(static_cast<float>(x));
-  else
-    return static_cast<Out>(x);
-}
-
 // Whether a packet of Acc can be stored as P consecutive Out by store_packet.
 template <typename Out, typename Acc>
 constexpr bool packet_store() {
@@ -155,7 +145,7 @@ constexpr bool packet_store() {
   return std::is_same<Out, Acc>::value;
 }
 
-// P consecutive Out from a packet (store_out's rule per lane).
+// P consecutive Out from a packet (lowp.hpp's store_as rule per lane).
 template <typename Out, typename Acc>
 inline void store_packet(Out* dst, const Pk<Acc>& x) {
   static_assert(packet_store<Out, Acc>(), "no packet store for this pair of types");
@@ -355,7 +345,7 @@ bool pack_q_rows(const In* qb, index_t qs, index_t qe, index_t nq, index_t E, Ac
 // dst[c] = o[c] * f for one output row (the decode path's unpacker).
 template <typename Acc, typename Out>
 inline void store_scaled(const Acc* o, Acc f, index_t n, Out* dst) {
-  for (index_t c = 0; c < n; ++c) dst[c] = store_out<Out>(o[c] * f);
+  for (index_t c = 0; c < n; ++c) dst[c] = store_as<Out>(o[c] * f);
 }
 
 // o[i, c] = Ot[c][i] * f[i] for the block's nq queries (o: rows of Ev, contiguous).
@@ -375,11 +365,11 @@ inline void unpack_o(const Acc* Ot, const Acc* f, index_t nq, index_t Ev, Out* o
           store_packet<Out, Acc>(o + (i + r) * Ev + c, ei::pmul(blk.packet[r], ei::pset1<Pk<Acc>>(f[i + r])));
       }
       for (; c < Ev; ++c)
-        for (index_t r = 0; r < P; ++r) o[(i + r) * Ev + c] = store_out<Out>(Ot[c * Bq + i + r] * f[i + r]);
+        for (index_t r = 0; r < P; ++r) o[(i + r) * Ev + c] = store_as<Out>(Ot[c * Bq + i + r] * f[i + r]);
     }
   }
   for (; i < nq; ++i)
-    for (index_t c = 0; c < Ev; ++c) o[i * Ev + c] = store_out<Out>(Ot[c * Bq + i] * f[i]);
+    for (index_t c = 0; c < Ev; ++c) o[i * Ev + c] = store_as<Out>(Ot[c * Bq + i] * f[i]);
 }
 
 // Dot product of a contiguous Acc vector with a contiguous In vector, fixed lane order.
@@ -560,6 +550,23 @@ inline void pv_micro_pairs(const std::uint32_t* Vp, index_t vps, index_t np2, co
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < kC; ++c) _mm512_store_ps(Ot + r * Bq + c * 16, acc[r][c]);
+}
+// Decode's dot product on the pair path: q and x are bfloat16 rows of n, read as pairs in
+// their memory order (vdpbf16ps), a tail of fewer than 32 elements loaded zero-padded. Half
+// the instructions of converting x to float first: decode is memory bound only if its
+// arithmetic keeps up with bfloat16's halved bytes.
+inline float dot_pairs(const bf16* q, const bf16* x, index_t n) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  index_t e = 0;
+  for (; e + 64 <= n; e += 64) {
+    acc0 = _mm512_dpbf16_ps(acc0, as_bh(_mm512_loadu_si512(q + e)), as_bh(_mm512_loadu_si512(x + e)));
+    acc1 = _mm512_dpbf16_ps(acc1, as_bh(_mm512_loadu_si512(q + e + 32)), as_bh(_mm512_loadu_si512(x + e + 32)));
+  }
+  for (; e < n; e += 32) {
+    const __mmask32 m = n - e >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (n - e)) - 1u);
+    acc0 = _mm512_dpbf16_ps(acc0, as_bh(_mm512_maskz_loadu_epi16(m, q + e)), as_bh(_mm512_maskz_loadu_epi16(m, x + e)));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 #endif  // __AVX512BF16__
 

@@ -2,7 +2,6 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include "../lowp.hpp"
 #include "../mask.hpp"
@@ -10,20 +9,15 @@
 
 namespace attnext {
 
-// The type an SDPA problem reading In accumulates in: float for the 16-bit types (so a float
-// mask of a bfloat16 call is float32), else In itself.
-template <typename In>
-using sdpa_acc_t = typename std::conditional<is_lowp<In>::value, float, In>::type;
-
 // All four operands share the batch axes N... (the binding checks it; the Python front
 // broadcasts them with stride-0 views, which is also how GQA reaches here). In is the element
 // type the kernels read: float, double, bf16 or f16.
 template <typename In>
 struct SdpaProblem {
-  Strided<const In> q;          // (N..., L, E)
-  Strided<const In> k;          // (N..., S, E)
-  Strided<const In> v;          // (N..., S, Ev)
-  Mask<sdpa_acc_t<In>> mask;    // (N..., L, S) or kind none
+  Strided<const In> q;   // (N..., L, E)
+  Strided<const In> k;   // (N..., S, E)
+  Strided<const In> v;   // (N..., S, Ev)
+  Mask<acc_t<In>> mask;  // (N..., L, S) or kind none; float32 for a 16-bit call
   Causal causal;        // key j visible to query i iff j <= i + offset; any int64 offset
   index_t window_left = -1;   // query i sees keys >= i - left; -1 = unbounded; any size
   index_t window_right = -1;  // query i sees keys <= i + right; -1 = unbounded; any size
