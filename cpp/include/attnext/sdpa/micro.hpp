@@ -88,32 +88,6 @@ constexpr bool rounds_operands() {
   return std::is_same<In, bf16>::value;
 }
 
-#if defined(__AVX512F__)
-// 16 floats -> their bfloat16 bits by to_bf16's rule (round to nearest even, NaN quietened,
-// denormals to signed zero): vcvtneps2bf16 where compiled in, else the same rule in integers.
-inline __m256i bf16_bits16(__m512 x) {
-#if defined(__AVX512BF16__)
-  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
-#else
-  const __m512i b = _mm512_castps_si512(x);
-  const __m512i exp = _mm512_and_si512(b, _mm512_set1_epi32(0x7f800000));
-  const __mmask16 nan = _mm512_cmpeq_epi32_mask(exp, _mm512_set1_epi32(0x7f800000)) &
-                        _mm512_test_epi32_mask(b, _mm512_set1_epi32(0x007fffff));
-  const __mmask16 tiny = _mm512_cmpeq_epi32_mask(exp, _mm512_setzero_si512());
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-  r = _mm512_mask_or_epi32(r, nan, b, _mm512_set1_epi32(0x00400000));
-  r = _mm512_mask_and_epi32(r, tiny, b, _mm512_set1_epi32(int(0x80000000u)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-#endif
-}
-
-// 16 floats rounded to bfloat16 and widened back.
-inline __m512 round_bf16_16(__m512 x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits16(x)), 16));
-}
-#endif
-
 // One value as a product operand of In: rounded to bfloat16 for bf16 (THE operand rounding),
 // unchanged otherwise.
 template <typename In, typename Acc>
@@ -130,7 +104,11 @@ inline void round_operands(Acc* x, index_t n) {
   if constexpr (rounds_operands<In>()) {
     index_t i = 0;
 #if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, round_bf16_16(_mm512_loadu_ps(x + i)));
+    alignas(32) bf16 tmp[16];
+    for (; i + 16 <= n; i += 16) {  // lowp.hpp's vector rounding, and back
+      store16(x + i, tmp);
+      _mm512_storeu_ps(x + i, load16(tmp));
+    }
 #endif
     for (; i < n; ++i) x[i] = operand<In>(x[i]);
   }
@@ -145,17 +123,17 @@ constexpr bool packet_store() {
   return std::is_same<Out, Acc>::value;
 }
 
-// P consecutive Out from a packet (lowp.hpp's store_as rule per lane).
+// P consecutive Out from a packet (lowp.hpp's store_as rule per lane, by its store16).
 template <typename Out, typename Acc>
 inline void store_packet(Out* dst, const Pk<Acc>& x) {
   static_assert(packet_store<Out, Acc>(), "no packet store for this pair of types");
   if constexpr (std::is_same<Out, Acc>::value) {
     ei::pstoreu(dst, x);
 #if defined(__AVX512F__)
-  } else if constexpr (std::is_same<Out, bf16>::value) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bf16_bits16(x));
-  } else if constexpr (std::is_same<Out, f16>::value) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    alignas(64) float tmp[16];
+    _mm512_store_ps(tmp, x);
+    store16(tmp, dst);  // lowp.hpp's vector form of store_as
 #endif
   }
 }
