@@ -255,6 +255,14 @@ void online_tile(Block<In, Acc>& k, index_t j0, index_t nj) {
   pv_tile(k, j0, nj, alpha, true, careful);
 }
 
+// A weight normalised late (weights_passes): hidden keys carry the mark -0 in P, so they
+// stay exactly 0 even in a row whose sum is NaN, while a visible key whose exponential
+// underflowed to +0 turns NaN there, as the reference's e / sum does.
+template <typename Acc>
+inline Acc late_weight(Acc e, Acc inv) {
+  return e == Acc(0) && std::signbit(e) ? Acc(0) : e * inv;
+}
+
 // Weights wanted: pass 1 finds each row's max and sum; pass 2 forms the final softmax
 // P = exp(s - max) / sum once, writes it to w (the block's rows of the weights, row stride S)
 // and accumulates O = P V with it. For inputs whose products round P (bfloat16), O
@@ -290,6 +298,7 @@ bool weights_passes(Block<In, Acc>& k, index_t kmin, index_t kmax, Acc* w) {
   for (int c = 0; c < kC; ++c) ei::pstore(invs + c * P, inv[c]);
   for (index_t i = 0; i < k.nq; ++i) std::fill(w + i * k.S, w + (i + 1) * k.S, Acc(0));
   const Pk<Acc> ninf = ei::pset1<Pk<Acc>>(neg_inf<Acc>());
+  const Pk<Acc> hidden_mark = ei::pset1<Pk<Acc>>(-Acc(0));
   for (index_t j0 = kmin; j0 < kmax; j0 += kBk) {
     const index_t nj = std::min(kBk, kmax - j0);
     Pk<Acc> mt[kC];
@@ -301,11 +310,16 @@ bool weights_passes(Block<In, Acc>& k, index_t kmin, index_t kmax, Acc* w) {
         // A hidden key (-inf) weighs exactly 0, even in a row a NaN score made NaN.
         const Pk<Acc> e = vm::prob_exp<Acc>(ei::psub(sc, shift[c]));
         const Pk<Acc> pr = late ? e : ei::pmul(e, inv[c]);
-        ei::pstore(s, ei::pselect(ei::pcmp_eq(sc, ninf), zero, pr));
+        ei::pstore(s, ei::pselect(ei::pcmp_eq(sc, ninf), late ? hidden_mark : zero, pr));
+      }
+    for (index_t i = 0; i < k.nq; ++i)
+      for (index_t j = 0; j < nj; ++j) {
+        const Acc e = k.St[j * Bq + i];
+        w[i * k.S + j0 + j] = late ? late_weight(e, invs[i]) : e;
       }
     drop_tile(k, j0, nj);
-    for (index_t i = 0; i < k.nq; ++i)
-      for (index_t j = 0; j < nj; ++j) w[i * k.S + j0 + j] = late ? k.St[j * Bq + i] * invs[i] : k.St[j * Bq + i];
+    if (k.drop.active())  // the same decisions as drop_tile's, on the weights' own layout
+      apply_dropout_tile(k.drop, static_cast<std::uint64_t>(k.b), k.i0, k.nq, j0, nj, w + j0, k.S, index_t(1));
     pv_tile(k, j0, nj, static_cast<const Pk<Acc>*>(nullptr), false, careful);
   }
   return !late;
