@@ -143,7 +143,7 @@ SCHEMA = {
                 "method": {"type": "string"},
                 "threads": {"type": "integer"},
                 "gemm_f32_gflops": _NUM, "gemm_f64_gflops": _NUM, "torch_gemm_f32_gflops": _NUM,
-                "fma_f32_gflops": _NUM, "fma_f64_gflops": _NUM, "fma_bf16_gflops": _NUM,
+                "fma_f32_gflops": _NUM, "fma_f64_gflops": _NUM, "fma_bf16_gflops": _NUM, "gemm_bf16_gflops": _NUM,
                 "f32_isa": {"type": "string"}, "f64_isa": {"type": "string"}, "bf16_isa": {"type": "string"},
                 "llc_bytes": {"type": ["integer", "null"]}, "read_set_bytes": _NUM, "llc_read_set_bytes": _NUM,
                 "peak_read_gbs_llc": _NUM,
