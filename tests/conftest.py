@@ -33,6 +33,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or os.environ.get("AT
 
 
 @pytest.fixture
+def torch_one_thread():
+    """One torch (and so, through attnext.torch, attnext) thread for the test: the torch tests'
+    tensors are tiny, and on a loaded machine a 2-thread team waits on a descheduled thread at
+    every barrier. The count is restored after."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(20261125)
 

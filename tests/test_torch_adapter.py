@@ -19,6 +19,8 @@ from attnext import functional  # noqa: E402
 
 F64 = torch.float64
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny tensors: see conftest
+
 
 def _qkv(shape_q, shape_k, ev=None, dtype=F64, seed=0, grad=True):
     gen = torch.Generator().manual_seed(seed)
@@ -99,16 +101,6 @@ def test_gradcheck_additive_all_arguments():
 
 # ---------------------------------------------------------------------------------------------
 # equal to PyTorch's own SDPA (float32)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one torch (and so attnext) thread; on a loaded machine a 2-thread team waits
-    # on a descheduled thread at every barrier.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("case", ["plain", "causal", "bool_mask", "float_mask", "gqa", "scale", "mask_and_causal"])

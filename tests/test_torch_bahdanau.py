@@ -12,12 +12,7 @@ F64 = torch.float64
 CONFIGS = [{}, {"bias": True}, {"normalize": True}, {"normalize": True, "bias": True}]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny tensors: see conftest
 
 
 def _usual(module: at.BahdanauAttention, query, keys, values, mask=None):

@@ -16,13 +16,8 @@ ORIGINAL = F.scaled_dot_product_attention
 
 
 @pytest.fixture(autouse=True)
-def _routing_off_after():
-    # One torch (and so attnext) thread: these tensors are tiny, and on a loaded machine a
-    # 2-thread team waits on a descheduled thread at every barrier.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _routing_off_after(torch_one_thread):
     yield
-    torch.set_num_threads(threads)
     at.disable()
     assert F.scaled_dot_product_attention is ORIGINAL
 

@@ -178,28 +178,42 @@ inline __mmask16 first_lanes(index_t count) {
   return count >= kLanes ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
 }
 
+// The low 32 bits of x in every lane (a counter or key word of Philox).
+inline __m512i splat_word(std::uint64_t x) {
+  return _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(x)));
+}
+
+// What the vector forms below share: the keep scale, the drop threshold T in every lane, the
+// lane numbers 0..15 and the seed's two key words.
+template <typename Acc>
+struct PhiloxLanes {
+  explicit PhiloxLanes(const Dropout& d)
+      : keep(static_cast<Acc>(d.keep_scale)),
+        threshold(splat_word(d.threshold)),
+        lane(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
+        k0(static_cast<std::uint32_t>(d.seed)),
+        k1(static_cast<std::uint32_t>(d.seed >> 32)) {}
+  Acc keep;
+  __m512i threshold, lane;
+  std::uint32_t k0, k1;
+};
+
 // Tiles whose queries are consecutive (row stride 1, the blocked path's P^T): the lanes are 16
 // queries, and one Philox round trip decides a group of four keys for all of them.
 template <typename Acc>
 void apply_query_lanes(const Dropout& d, std::uint64_t n, index_t i0, index_t rows, index_t j0, index_t cols,
                        Acc* a, Acc* b, index_t col_stride) {
-  const Acc keep = static_cast<Acc>(d.keep_scale);
-  const __m512i t = _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(d.threshold)));
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const std::uint32_t k0 = static_cast<std::uint32_t>(d.seed), k1 = static_cast<std::uint32_t>(d.seed >> 32);
+  const PhiloxLanes<Acc> pl(d);
   const index_t jz = j0 + cols;
   for (index_t r0 = 0; r0 < rows; r0 += kLanes) {
     const __mmask16 valid = first_lanes(rows - r0);
     // uint32(i0 + r0) + l wraps exactly as uint32(i0 + r0 + l) does.
-    const __m512i queries = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(i0 + r0))),
-                                             lane);
+    const __m512i queries = _mm512_add_epi32(splat_word(static_cast<std::uint64_t>(i0 + r0)), pl.lane);
     for (index_t g = j0 >> 2; g <= (jz - 1) >> 2; ++g) {
-      __m512i c[4] = {_mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(g))), queries,
-                      _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(n))),
-                      _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(n >> 32)))};
-      philox16(c, k0, k1);
+      __m512i c[4] = {splat_word(static_cast<std::uint64_t>(g)), queries, splat_word(n), splat_word(n >> 32)};
+      philox16(c, pl.k0, pl.k1);
       for (index_t j = std::max(j0, 4 * g); j < std::min(jz, 4 * g + 4); ++j)
-        scale_both(a, b, (j - j0) * col_stride + r0, valid, _mm512_cmplt_epu32_mask(c[j & 3], t), keep);
+        scale_both(a, b, (j - j0) * col_stride + r0, valid, _mm512_cmplt_epu32_mask(c[j & 3], pl.threshold), pl.keep);
     }
   }
 }
@@ -210,10 +224,7 @@ void apply_query_lanes(const Dropout& d, std::uint64_t n, index_t i0, index_t ro
 template <typename Acc>
 void apply_key_lanes(const Dropout& d, std::uint64_t n, index_t i0, index_t rows, index_t j0, index_t cols,
                      Acc* a, Acc* b, index_t row_stride) {
-  const Acc keep = static_cast<Acc>(d.keep_scale);
-  const __m512i t = _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(d.threshold)));
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const std::uint32_t k0 = static_cast<std::uint32_t>(d.seed), k1 = static_cast<std::uint32_t>(d.seed >> 32);
+  const PhiloxLanes<Acc> pl(d);
   const index_t jz = j0 + cols;
   const index_t aligned = std::min(jz, (j0 + 3) & ~index_t(3));  // the first group boundary
   constexpr std::uint64_t kWord0 = 0x1111111111111111ull;
@@ -221,16 +232,14 @@ void apply_key_lanes(const Dropout& d, std::uint64_t n, index_t i0, index_t rows
     const index_t i = i0 + r, row = r * row_stride;
     apply_scalar(d, n, i, index_t(1), j0, aligned - j0, a + row, b ? b + row : nullptr, index_t(0), index_t(1));
     for (index_t j = aligned; j < jz; j += 4 * kLanes) {
-      __m512i c[4] = {_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(j >> 2))), lane),
-                      _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(i))),
-                      _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(n))),
-                      _mm512_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(n >> 32)))};
-      philox16(c, k0, k1);
+      __m512i c[4] = {_mm512_add_epi32(splat_word(static_cast<std::uint64_t>(j >> 2)), pl.lane),
+                      splat_word(static_cast<std::uint64_t>(i)), splat_word(n), splat_word(n >> 32)};
+      philox16(c, pl.k0, pl.k1);
       std::uint64_t drop = 0;
-      for (int w = 0; w < 4; ++w) drop |= _pdep_u64(_mm512_cmplt_epu32_mask(c[w], t), kWord0 << w);
+      for (int w = 0; w < 4; ++w) drop |= _pdep_u64(_mm512_cmplt_epu32_mask(c[w], pl.threshold), kWord0 << w);
       const index_t nk = std::min(4 * kLanes, jz - j);
       for (index_t q = 0; q < nk; q += kLanes)
-        scale_both(a, b, row + (j - j0) + q, first_lanes(nk - q), static_cast<__mmask16>(drop >> q), keep);
+        scale_both(a, b, row + (j - j0) + q, first_lanes(nk - q), static_cast<__mmask16>(drop >> q), pl.keep);
     }
   }
 }

@@ -60,6 +60,33 @@ void linear_packed(const Strided<const In>& x, const Strided<const In>& weight, 
   packed_gemm<In, Acc>(x.dim(0) * nl, weight.dim(0), in, x_rows, x_row, w_rows, bias, y);
 }
 
+// One block of y on the few-rows paths: batch entry b, rows [r0, r0 + rows), columns
+// [c0, c0 + cols).
+struct FewRowsBlock {
+  index_t b, r0, rows, c0, cols;
+};
+
+// Runs body(FewRowsBlock) over y (nb, nl, out) in blocks of kLinearRowBlock x kLinearColBlock,
+// serially below kLinearMinParallelWork (the same blocks either way, so the same results),
+// else on whichever thread is free.
+template <typename Body>
+void for_few_rows_blocks(index_t nb, index_t nl, index_t in, index_t out, const Body& body) {
+  const index_t row_blocks = (nl + kLinearRowBlock - 1) / kLinearRowBlock;
+  const index_t col_blocks = (out + kLinearColBlock - 1) / kLinearColBlock;
+  const auto block = [&](index_t task) {
+    const index_t c0 = (task % col_blocks) * kLinearColBlock, rb = task / col_blocks;
+    const index_t r0 = (rb % row_blocks) * kLinearRowBlock;
+    body(FewRowsBlock{rb / row_blocks, r0, std::min(kLinearRowBlock, nl - r0), c0,
+                      std::min(kLinearColBlock, out - c0)});
+  };
+  const index_t tasks = nb * row_blocks * col_blocks;
+  if (nb * nl * in * out < kLinearMinParallelWork) {
+    for (index_t task = 0; task < tasks; ++task) block(task);
+  } else {
+    parallel_for(tasks, block, /*dynamic=*/true);
+  }
+}
+
 // linear() for a few rows (blocks of kLinearRowBlock x kLinearColBlock of y): Eigen's products
 // read W in place when one of its axes is unit-stride (else one copy), and x rows in place when
 // a row's features are one unit-stride run (else gathered per task). x and W are cast to Acc
@@ -68,8 +95,6 @@ template <typename In, typename Acc>
 void linear_few_rows(const Strided<const In>& x, const Strided<const In>& weight, const Acc* bias, Acc* y) {
   const index_t nb = x.dim(0), nl = x.dim(1), nc = x.dim(2), nd = x.dim(3);
   const index_t in = nc * nd, out = weight.dim(0);
-  const index_t row_blocks = (nl + kLinearRowBlock - 1) / kLinearRowBlock;
-  const index_t col_blocks = (out + kLinearColBlock - 1) / kLinearColBlock;
   using OuterMap = Eigen::Map<const RowMatrix<In>, Eigen::Unaligned, Eigen::OuterStride<>>;
   using ColMap = Eigen::Map<const Eigen::Matrix<In, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>,
                             Eigen::Unaligned, Eigen::OuterStride<>>;
@@ -77,11 +102,8 @@ void linear_few_rows(const Strided<const In>& x, const Strided<const In>& weight
   const bool w_rows = weight.stride(1) == 1, w_cols = !w_rows && weight.stride(0) == 1;
   if (!w_rows && !w_cols) w_copy = matrix_of(weight, 0);
   const bool x_direct = nd * nc == 0 || ((nc == 1 || x.stride(2) == nd) && x.stride(3) == 1);
-  const auto block = [&](index_t task) {
-    const index_t c0 = (task % col_blocks) * kLinearColBlock, cols = std::min(kLinearColBlock, out - c0);
-    const index_t rb = task / col_blocks;
-    const index_t b = rb / row_blocks, r0 = (rb % row_blocks) * kLinearRowBlock;
-    const index_t rows = std::min(kLinearRowBlock, nl - r0);
+  for_few_rows_blocks(nb, nl, in, out, [&](const FewRowsBlock& blk) {
+    const index_t b = blk.b, r0 = blk.r0, rows = blk.rows, c0 = blk.c0, cols = blk.cols;
     const In* x0 = x.data + b * x.stride(0) + r0 * x.stride(1);
     RowMatrix<In> gathered;
     const In* xp = x0;
@@ -112,13 +134,7 @@ void linear_few_rows(const Strided<const In>& x, const Strided<const In>& weight
       ym.noalias() = xm * w_copy.transpose().middleCols(c0, cols).template cast<Acc>();
     }
     if (bias) ym.rowwise() += Eigen::Map<const Eigen::Matrix<Acc, 1, Eigen::Dynamic>>(bias + c0, cols);
-  };
-  const index_t tasks = nb * row_blocks * col_blocks;
-  if (nb * nl * in * out < kLinearMinParallelWork) {
-    for (index_t task = 0; task < tasks; ++task) block(task);  // the same blocks, so the same results
-  } else {
-    parallel_for(tasks, block, /*dynamic=*/true);  // blocks go to whichever thread is free
-  }
+  });
 }
 
 #if defined(__AVX512F__)
@@ -245,13 +261,8 @@ template <typename K, typename In>
 void few_rows_16(const Strided<const In>& x, const Strided<const In>& weight, const float* bias, float* y) {
   const index_t nb = x.dim(0), nl = x.dim(1), nc = x.dim(2), nd = x.dim(3);
   const index_t in = nc * nd, out = weight.dim(0);
-  const index_t row_blocks = (nl + kLinearRowBlock - 1) / kLinearRowBlock;
-  const index_t col_blocks = (out + kLinearColBlock - 1) / kLinearColBlock;
-  const auto block = [&](index_t task) {
-    const index_t c0 = (task % col_blocks) * kLinearColBlock, cols = std::min(kLinearColBlock, out - c0);
-    const index_t rb = task / col_blocks;
-    const index_t b = rb / row_blocks, r0 = (rb % row_blocks) * kLinearRowBlock;
-    const index_t rows = std::min(kLinearRowBlock, nl - r0);
+  for_few_rows_blocks(nb, nl, in, out, [&](const FewRowsBlock& blk) {
+    const index_t b = blk.b, r0 = blk.r0, rows = blk.rows, c0 = blk.c0, cols = blk.cols;
     // x rows gathered as In (features c * nd + d, any strides), then in the policy's layout.
     const Scratch<In, FewRowsInTag> row(static_cast<size_t>(in));
     const Scratch<typename K::X, FewRowsXTag> xs(static_cast<size_t>(rows * in));
@@ -264,13 +275,7 @@ void few_rows_16(const Strided<const In>& x, const Strided<const In>& weight, co
     }
     few_rows_block<K>(xs.data(), rows, in, weight.data + c0 * weight.stride(0), weight.stride(0), in, cols,
                       bias ? bias + c0 : nullptr, y + (b * nl + r0) * out + c0, out);
-  };
-  const index_t tasks = nb * row_blocks * col_blocks;
-  if (nb * nl * in * out < kLinearMinParallelWork) {
-    for (index_t task = 0; task < tasks; ++task) block(task);  // the same blocks, so the same results
-  } else {
-    parallel_for(tasks, block, /*dynamic=*/true);
-  }
+  });
 }
 
 }  // namespace linear_detail

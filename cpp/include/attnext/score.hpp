@@ -55,19 +55,28 @@ void scale_and_store(float* tile, index_t rows, index_t n, float scale, Out* out
   });
 }
 
-// score_product without a weight for 16-bit inputs, one batch entry at a time (product_16).
+// out[b] (M, N) = scale * A_b B_b^T for every batch entry b of a and bm, one entry at a time
+// (product_16, then one rounding at the store): row m of A_b at a's entry b + m * a_rs, its
+// elements a_cs apart; row n of B_b likewise with b_rs, b_cs.
+template <typename In, typename Out>
+void batched_product_16(const Strided<const In>& a, index_t a_rs, index_t a_cs, const Strided<const In>& bm,
+                        index_t b_rs, index_t b_cs, index_t M, index_t N, index_t K, float scale, Out* out) {
+  const Scratch<float, ScoreTileTag> buf(std::is_same<Out, float>::value ? 0 : static_cast<size_t>(M * N));
+  for (index_t b = 0; b < a.batch_count(2); ++b) {
+    const In* ab = a.data + a.batch_offset(b, 2);
+    const In* bb = bm.data + bm.batch_offset(b, 2);
+    float* tile = staged(out + b * M * N, buf.data());
+    product_16<In>(M, N, K, [&](index_t m) { return ab + m * a_rs; }, a_cs, [&](index_t n) { return bb + n * b_rs; },
+                   b_cs, tile);
+    scale_and_store(tile, M, N, scale, out + b * M * N);
+  }
+}
+
+// score_product without a weight for 16-bit inputs: q k^T per batch entry.
 template <typename In, typename Out>
 void score_product_16(const Strided<const In>& q, const Strided<const In>& k, float scale, Out* out) {
-  const index_t lq = q.dim(-2), lk = k.dim(-2), depth = q.dim(-1);
-  const Scratch<float, ScoreTileTag> buf(std::is_same<Out, float>::value ? 0 : static_cast<size_t>(lq * lk));
-  for (index_t b = 0; b < q.batch_count(2); ++b) {
-    const In* qb = q.data + q.batch_offset(b, 2);
-    const In* kb = k.data + k.batch_offset(b, 2);
-    float* tile = staged(out + b * lq * lk, buf.data());
-    product_16<In>(lq, lk, depth, [&](index_t m) { return qb + m * q.stride(-2); }, q.stride(-1),
-                   [&](index_t n) { return kb + n * k.stride(-2); }, k.stride(-1), tile);
-    scale_and_store(tile, lq, lk, scale, out + b * lq * lk);
-  }
+  batched_product_16<In>(q, q.stride(-2), q.stride(-1), k, k.stride(-2), k.stride(-1), q.dim(-2), k.dim(-2), q.dim(-1),
+                         scale, out);
 }
 
 // out = scale * q k^T (dot, scaled_dot) or scale * (q W) k^T (general, weight != nullptr).

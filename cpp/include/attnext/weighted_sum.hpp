@@ -12,20 +12,12 @@
 
 namespace attnext {
 
-// weighted_sum for 16-bit inputs, one batch entry at a time through score.hpp's product_16 (v's
-// columns are the product's b rows: element k of column n at v[k, n]).
+// weighted_sum for 16-bit inputs: w v per batch entry through score.hpp's batched_product_16
+// (v's columns are the product's b rows: element k of column n at v[k, n]).
 template <typename In, typename Out>
 void weighted_sum_16(const Strided<const In>& w, const Strided<const In>& v, Out* out) {
-  const index_t lq = w.dim(-2), lk = w.dim(-1), dv = v.dim(-1);
-  const Scratch<float, ScoreTileTag> buf(std::is_same<Out, float>::value ? 0 : static_cast<size_t>(lq * dv));
-  for (index_t b = 0; b < w.batch_count(2); ++b) {
-    const In* wb = w.data + w.batch_offset(b, 2);
-    const In* vb = v.data + v.batch_offset(b, 2);
-    float* tile = staged(out + b * lq * dv, buf.data());
-    product_16<In>(lq, dv, lk, [&](index_t m) { return wb + m * w.stride(-2); }, w.stride(-1),
-                   [&](index_t n) { return vb + n * v.stride(-1); }, v.stride(-2), tile);
-    scale_and_store(tile, lq, dv, 1.0f, out + b * lq * dv);
-  }
+  batched_product_16<In>(w, w.stride(-2), w.stride(-1), v, v.stride(-1), v.stride(-2), w.dim(-2), v.dim(-1), w.dim(-1),
+                         1.0f, out);
 }
 
 // out = w v
