@@ -1,5 +1,4 @@
 """The public functions of :mod:`attnext.torch`: PyTorch's argument checks, then the custom operators."""
-from __future__ import annotations
 
 from typing import NamedTuple, Optional, Union
 

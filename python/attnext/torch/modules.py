@@ -1,5 +1,4 @@
 """``nn.Module`` layers on attnext's fused kernels."""
-from __future__ import annotations
 
 import math
 from typing import NamedTuple, Optional, Union
