@@ -231,3 +231,12 @@ def test_bfloat16_tiny_cases_run_and_record_accuracy(keep_threads):
     text = report.table(doc)
     assert "bfloat16 cases (speedup over attnext's float32" in text
     assert "tiny-bfloat16-sdpa: attnext vs attnext-float32" in text
+
+
+def test_the_peers_switch_leaves_them_out(monkeypatch):
+    monkeypatch.setenv(peers.PEERS_SWITCH, "0")
+    reasons = peers.availability()
+    assert set(reasons) == set(peers.PEERS) and all("left out" in why for why in reasons.values())
+    q, k, v = _inputs(np.random.default_rng(2))
+    runs = peers.sdpa_contenders(q, k, v, causal=False, threads=1, dtype="float32")
+    assert all(isinstance(fn, peers.Unavailable) for fn in runs.values())

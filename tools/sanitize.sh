@@ -11,6 +11,8 @@
 # any ASan report aborts the run, and UBSan halts on its first finding with a stack trace.
 # Requests above 4 GB get null (MemoryError in Python), as the crash fuzzer's 8 GiB address-space
 # limit does in normal runs, which ASan's terabytes of shadow mappings rule out here.
+# The bench's peers (ONNX Runtime, OpenVINO) are left out with ATTNEXT_BENCH_PEERS=0: they are
+# not built for ASan, and OpenVINO aborts under the preloaded runtime.
 # The sanitized module never replaces the developer build: the package is staged in
 # build/sanitize/pkg (links to python/attnext/*.py plus the sanitized _core).
 set -euo pipefail
@@ -65,6 +67,7 @@ UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 PYTHONMALLOC=malloc \
 PYTHONPATH="$build_dir/pkg" \
 ATTNEXT_SANITIZED=1 \
+ATTNEXT_BENCH_PEERS=0 \
   "${cmd[@]}"
 rc=$?
 set -e

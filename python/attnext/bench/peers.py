@@ -17,6 +17,8 @@ outside the case's tolerance is reported as ``inaccurate`` with its error, never
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 ONNX_OPSET = 23
@@ -29,7 +31,15 @@ class Unavailable(Exception):
     """A peer cannot run here (not installed, or cannot build this case); the message says why."""
 
 
+# Set to 0 to leave the peers out of a run as if they were not installed (tools/sanitize.sh
+# does: ONNX Runtime and OpenVINO are not built for AddressSanitizer, and OpenVINO aborts under
+# its preloaded runtime).
+PEERS_SWITCH = "ATTNEXT_BENCH_PEERS"
+
+
 def _import(name: str, extra: str = 'pip install "attnext[peers]"'):
+    if os.environ.get(PEERS_SWITCH) == "0":
+        raise Unavailable(f"{name} left out ({PEERS_SWITCH}=0)")
     try:
         return __import__(name, fromlist=["_"])
     except Exception as exc:  # ImportError, or a broken install raising something else
