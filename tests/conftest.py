@@ -32,6 +32,18 @@ settings.register_profile("thorough", max_examples=_examples or 2000, deadline=N
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or os.environ.get("ATTNEXT_FUZZ") or "ci")
 
 
+@pytest.fixture(params=["auto", "fallback"])
+def bf16_path(request):
+    """Runs the test on both bfloat16 product paths (vdpbf16ps where the CPU has it, and the
+    float32 fallback), then restores the one that was active."""
+    from attnext import _core
+
+    before = "fallback" if "forced" in _core.get_bf16_path() else "auto"
+    _core.set_bf16_path(request.param)
+    yield request.param
+    _core.set_bf16_path(before)
+
+
 @pytest.fixture
 def torch_one_thread():
     """One torch (and so, through attnext.torch, attnext) thread for the test: the torch tests'

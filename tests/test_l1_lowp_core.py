@@ -27,15 +27,6 @@ LOWP = [BF16, F16]
 ids = lambda dt: dt.name  # noqa: E731
 
 
-@pytest.fixture(params=["auto", "fallback"])
-def bf16_path(request):
-    """Runs the test on both bfloat16 product paths, then restores the one that was active."""
-    before = "fallback" if "forced" in _core.get_bf16_path() else "auto"
-    _core.set_bf16_path(request.param)
-    yield request.param
-    _core.set_bf16_path(before)
-
-
 def rand(rng, shape, dt, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(dt)
 

@@ -38,12 +38,9 @@ FLIP = 2.0**-7
 STORE_ULP = {BF16: 2.0**-7, F16: 2.0**-10}
 
 
-@pytest.fixture(params=["auto", "fallback"])
-def path(request):
-    before = _core.get_bf16_path()
-    _core.set_bf16_path(request.param)
-    yield request.param
-    _core.set_bf16_path("fallback" if "forced" in before else "auto")
+@pytest.fixture
+def path(bf16_path):  # both bfloat16 product paths (conftest's bf16_path)
+    return bf16_path
 
 
 def rng(seed=0):

@@ -37,15 +37,6 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(params=["auto", "fallback"])
-def bf16_path(request):
-    """Runs a test on one bfloat16 product path, then restores the one that was active."""
-    before = _core.get_bf16_path()
-    _core.set_bf16_path(request.param)
-    yield request.param
-    _core.set_bf16_path("fallback" if "forced" in before else "auto")
-
-
 def _operands(shape, dtype, seed, layout="C"):
     """x (B, L, 1, K) in the given layout, weight (N, K), bias (N,) float32: exact 16-bit values."""
     b, l, k, n = shape
