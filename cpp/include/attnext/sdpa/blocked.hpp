@@ -181,14 +181,14 @@ bool score_tile(Block<In, Acc>& k, index_t j0, index_t nj, Pk<Acc>* mt) {
   return true;
 }
 
-// The pair path's P V of a tile (not careful): P^T (St) rounded into pairs over keys, the
-// tile's values packed as pairs over keys.
+// The pair path's P V of a tile (not careful): P^T (St) rounded into pairs over keys unless
+// packed already (Pp, by online_tile's fused pass), the tile's values packed as pairs over keys.
 template <typename In, typename Acc>
-void pv_pairs(Block<In, Acc>& k, const In* vb, index_t nj, const Pk<Acc>* alpha, bool rescale) {
+void pv_pairs(Block<In, Acc>& k, const In* vb, index_t nj, const Pk<Acc>* alpha, bool rescale, bool packed) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same<In, bf16>::value) {
     constexpr index_t Bq = block_queries<Acc>();
-    pack_lane_pairs(k.St, nj, k.Pp);
+    if (!packed) pack_lane_pairs(k.St, nj, k.Pp);
     pack_value_pairs(vb, k.p->v.stride(-2), k.p->v.stride(-1), nj, k.Ev, k.Vp, k.vps);
     for_micro_tiles(k.Ev, [&](auto R, index_t r) {
       pv_micro_pairs<decltype(R)::value>(k.Vp + r, k.vps, (nj + 1) / 2, k.Pp, k.Ot + r * Bq, alpha, rescale);
@@ -198,15 +198,17 @@ void pv_pairs(Block<In, Acc>& k, const In* vb, index_t nj, const Pk<Acc>* alpha,
 }
 
 // O^T = O^T * alpha (if rescale) + P^T V for keys [j0, j0 + nj), P^T in St (rounded to product
-// operands of In first: the pair packing rounds by the same rule).
+// operands of In first: the pair packing rounds by the same rule), or already in Pp (packed:
+// the pair path only).
 template <typename In, typename Acc>
-void pv_tile(Block<In, Acc>& k, index_t j0, index_t nj, const Pk<Acc>* alpha, bool rescale, bool careful) {
+void pv_tile(Block<In, Acc>& k, index_t j0, index_t nj, const Pk<Acc>* alpha, bool rescale, bool careful,
+             bool packed = false) {
   constexpr index_t Bq = block_queries<Acc>();
   const SdpaProblem<In>& p = *k.p;
   const index_t vs = p.v.stride(-2), ve = p.v.stride(-1);
   const In* vb = p.v.data + p.v.batch_offset(k.b, 2) + j0 * vs;
   if (k.pairs && !careful) {
-    pv_pairs(k, vb, nj, alpha, rescale);
+    pv_pairs(k, vb, nj, alpha, rescale, packed);
     return;
   }
   round_operands<In>(k.St, nj * Bq);
@@ -227,6 +229,19 @@ void drop_tile(Block<In, Acc>& k, index_t j0, index_t nj) {
                        block_queries<Acc>());
 }
 
+// The pair path's probabilities of a tile's nj scores (St): exp_lane_pairs into Pp, the
+// same values, sums and rounding as the unfused exp then pack_lane_pairs.
+template <typename In, typename Acc>
+void exp_pack_tile(Block<In, Acc>& k, index_t nj, const softmax_state::Step<Acc>* st, Pk<Acc>* sum) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<In, bf16>::value) {
+    __m512 shift[kC];
+    for (int c = 0; c < kC; ++c) shift[c] = st[c].shift;
+    exp_lane_pairs(k.St, nj, shift, sum, k.Pp);
+  }
+#endif
+}
+
 // One tile of the online pass: scores, the online-softmax update, probabilities, P V.
 template <typename In, typename Acc>
 void online_tile(Block<In, Acc>& k, index_t j0, index_t nj) {
@@ -242,17 +257,23 @@ void online_tile(Block<In, Acc>& k, index_t j0, index_t nj) {
     alpha[c] = st[c].alpha;
     sum[c] = ei::pset1<Pk<Acc>>(Acc(0));
   }
-  for (index_t j = 0; j < nj; ++j)
-    for (int c = 0; c < kC; ++c) {
-      Acc* s = k.St + j * Bq + c * P;
-      const Pk<Acc> e = vm::prob_exp<Acc>(ei::psub(ei::pload<Pk<Acc>>(s), st[c].shift));
-      ei::pstore(s, e);
-      sum[c] = ei::padd(sum[c], e);
-    }
+  // The pair path without dropout or care packs P for P V as it forms it (exp_pack_tile).
+  const bool fused = k.pairs && !careful && !k.drop.active();
+  if (fused) {
+    exp_pack_tile(k, nj, st, sum);
+  } else {
+    for (index_t j = 0; j < nj; ++j)
+      for (int c = 0; c < kC; ++c) {
+        Acc* s = k.St + j * Bq + c * P;
+        const Pk<Acc> e = vm::prob_exp<Acc>(ei::psub(ei::pload<Pk<Acc>>(s), st[c].shift));
+        ei::pstore(s, e);
+        sum[c] = ei::padd(sum[c], e);
+      }
+  }
   for (int c = 0; c < kC; ++c)
     ei::pstore(k.Lsum + c * P, softmax_state::add_sum<Acc>(ei::pload<Pk<Acc>>(k.Lsum + c * P), st[c], sum[c]));
   drop_tile(k, j0, nj);
-  pv_tile(k, j0, nj, alpha, true, careful);
+  pv_tile(k, j0, nj, alpha, true, careful, fused);
 }
 
 // A weight normalised late (weights_passes): hidden keys carry the mark -0 in P, so they

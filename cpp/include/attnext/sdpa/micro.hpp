@@ -456,6 +456,26 @@ inline void pack_lane_pairs(const float* src, index_t n, std::uint32_t* dst) {
     }
 }
 
+// The probabilities of a tile on the pair path, in one pass over S^T (St, n rows of Bq):
+// P = prob_exp(s - shift[c]) for lane packet c, added to sum[c] in key order (unrounded), and
+// stored as lane pairs over keys into Pp (pack_lane_pairs' layout and rounding). One pass
+// instead of exp-then-pack saves writing P back to St and reading it again.
+inline void exp_lane_pairs(const float* St, index_t n, const __m512* shift, __m512* sum, std::uint32_t* Pp) {
+  constexpr index_t Bq = block_queries<float>();
+  const __m512 zero = _mm512_setzero_ps();
+  for (index_t r = 0; r < n; r += 2)
+    for (int c = 0; c < kC; ++c) {
+      const __m512 lo = vm::prob_exp<float>(_mm512_sub_ps(_mm512_load_ps(St + r * Bq + c * 16), shift[c]));
+      sum[c] = _mm512_add_ps(sum[c], lo);
+      __m512 hi = zero;
+      if (r + 1 < n) {
+        hi = vm::prob_exp<float>(_mm512_sub_ps(_mm512_load_ps(St + (r + 1) * Bq + c * 16), shift[c]));
+        sum[c] = _mm512_add_ps(sum[c], hi);
+      }
+      _mm512_store_si512(Pp + (r / 2) * Bq + c * 16, pair16(lo, hi));
+    }
+}
+
 // Value pairs over keys for nj keys (rows at v + j * vs, element stride ve) and Ev columns:
 // Vp[j/2][c] = (V[j, c], V[j + 1, c]) with row stride vps (Ev rounded up to 16), the high
 // half zero after an odd last key (never reading past the tile).
