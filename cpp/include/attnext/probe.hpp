@@ -31,9 +31,14 @@ namespace probe {
 // AVX-512 (the loop also holds two operands). With AVX2's 16 registers the compiler spills
 // nothing either: the chains are the only live values besides the operands.
 constexpr int kChains = 16;
-// Loop trips per timed run: ~16 * 4096 * 2048 multiply-adds, 10-40 ms per thread on current
-// cores, long enough to swamp the parallel region's start-up and short enough for best-of-N.
-constexpr long kTrips = 2048 * 1024;
+// Loop trips per timed slice: 16 chains x 256K instructions, 1-5 ms per thread on current
+// cores, long enough to swamp the parallel region's start-up (microseconds). A run is
+// kSlices slices and the best slice counts: on a machine shared with other work, one slice
+// in which another process took a core would halve the rate of all threads together, and
+// the shorter the slice, the likelier some slice ran alone (with 10 ms runs, best of 3, a
+// busy 2-core machine read 279 GFLOP/s for a vdpbf16ps loop that runs at 440-465 alone).
+constexpr long kTrips = 256 * 1024;
+constexpr int kSlices = 16;
 
 struct Peak {
   double gflops = 0.0;  // floating-point operations per second / 1e9 (a multiply-add counts 2)
@@ -42,18 +47,18 @@ struct Peak {
 
 using Clock = std::chrono::steady_clock;
 
-// Runs `body(trips)` (which returns the flops it did) on `threads` threads, `runs` times after
-// one warm-up; returns the best GFLOP/s of all threads together.
+// Runs `body(trips)` (which returns the flops it did) on `threads` threads, `runs` x kSlices
+// times after one warm-up; returns the best GFLOP/s of all threads together.
 template <typename Body>
 double best_rate(Body body, int threads, int runs) {
   double best = 0.0;
-  for (int r = 0; r <= runs; ++r) {
+  for (int r = 0; r <= runs * kSlices; ++r) {
     double flops = 0.0;
     const auto t0 = Clock::now();
 #pragma omp parallel num_threads(threads) reduction(+ : flops)
     flops += body(kTrips);
     const double s = std::chrono::duration<double>(Clock::now() - t0).count();
-    if (r > 0) best = std::max(best, flops / s / 1e9);  // run 0 wakes the threads and clocks
+    if (r > 0) best = std::max(best, flops / s / 1e9);  // slice 0 wakes the threads and clocks
   }
   return best;
 }

@@ -69,6 +69,7 @@ struct Block {
   std::uint32_t *Qp = nullptr, *Pp = nullptr, *Vp = nullptr;
   In* Kc = nullptr;
   index_t vps = 0;  // Vp's row stride: Ev rounded up to 16
+  const std::uint32_t* Vpre = nullptr;  // entry b's value pairs packed once (ValuePairs), or null
 };
 
 // The pair path's buffers, in Acc (4-byte) units, each a multiple of 16 so that all stay
@@ -181,17 +182,24 @@ bool score_tile(Block<In, Acc>& k, index_t j0, index_t nj, Pk<Acc>* mt) {
   return true;
 }
 
-// The pair path's P V of a tile (not careful): P^T (St) rounded into pairs over keys unless
-// packed already (Pp, by online_tile's fused pass), the tile's values packed as pairs over keys.
+// The pair path's P V of keys [j0, j0 + nj) (not careful): P^T (St) rounded into pairs over
+// keys unless packed already (Pp, by online_tile's fused pass); the values as pairs over keys,
+// from the entry's pre-packed pairs when the tile's pairs are theirs (it starts on an even key
+// and, if its count is odd, ends at S, where they too pad with zero), else packed here.
 template <typename In, typename Acc>
-void pv_pairs(Block<In, Acc>& k, const In* vb, index_t nj, const Pk<Acc>* alpha, bool rescale, bool packed) {
+void pv_pairs(Block<In, Acc>& k, const In* vb, index_t j0, index_t nj, const Pk<Acc>* alpha, bool rescale,
+              bool packed) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same<In, bf16>::value) {
     constexpr index_t Bq = block_queries<Acc>();
     if (!packed) pack_lane_pairs(k.St, nj, k.Pp);
-    pack_value_pairs(vb, k.p->v.stride(-2), k.p->v.stride(-1), nj, k.Ev, k.Vp, k.vps);
+    const std::uint32_t* vp = k.Vp;
+    if (k.Vpre && j0 % 2 == 0 && (nj % 2 == 0 || j0 + nj == k.S))
+      vp = k.Vpre + (j0 / 2) * k.vps;
+    else
+      pack_value_pairs(vb, k.p->v.stride(-2), k.p->v.stride(-1), nj, k.Ev, k.Vp, k.vps);
     for_micro_tiles(k.Ev, [&](auto R, index_t r) {
-      pv_micro_pairs<decltype(R)::value>(k.Vp + r, k.vps, (nj + 1) / 2, k.Pp, k.Ot + r * Bq, alpha, rescale);
+      pv_micro_pairs<decltype(R)::value>(vp + r, k.vps, (nj + 1) / 2, k.Pp, k.Ot + r * Bq, alpha, rescale);
     });
   }
 #endif
@@ -208,7 +216,7 @@ void pv_tile(Block<In, Acc>& k, index_t j0, index_t nj, const Pk<Acc>* alpha, bo
   const index_t vs = p.v.stride(-2), ve = p.v.stride(-1);
   const In* vb = p.v.data + p.v.batch_offset(k.b, 2) + j0 * vs;
   if (k.pairs && !careful) {
-    pv_pairs(k, vb, nj, alpha, rescale, packed);
+    pv_pairs(k, vb, j0, nj, alpha, rescale, packed);
     return;
   }
   round_operands<In>(k.St, nj * Bq);
@@ -374,12 +382,14 @@ void write_rows(Block<In, Acc>& k, const BlockOut<Out, Acc>& o, bool normalised)
 // dropout drop applied to its probabilities.
 template <typename In, typename Acc, typename Out>
 void attend_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, index_t ka, index_t kz,
-                  const BlockOut<Out, Acc>& o, const Dropout& drop, bool pairs) {
+                  const BlockOut<Out, Acc>& o, const Dropout& drop, bool pairs,
+                  const std::uint32_t* vpre = nullptr) {
   constexpr index_t Bq = block_queries<Acc>();
   const Scratch<Acc, SdpaBlockTag> ws(
       static_cast<size_t>(block_scratch_size<Acc>(p.q.dim(-1), p.v.dim(-1), pairs)));
   Block<In, Acc> k = make_block<In, Acc>(p, b, i0, nq, ws.data(), pairs);
   k.drop = drop;
+  k.Vpre = vpre;
   const index_t kmin = std::max(visible_keys(k.vis, i0, k.S).lo, ka);
   const index_t kmax = std::max(kmin, std::min(visible_keys(k.vis, i0 + nq - 1, k.S).hi, kz));
   bool normalised = false;
@@ -432,6 +442,46 @@ void merge_chunks(const Acc* parts, index_t chunks, index_t Ev, index_t nq, Out*
   unpack_o(acc, Lsum, nq, Ev, out);
 }
 
+// The pair path's values of batch entries [b0, b0 + n), packed once for all their query blocks
+// (each block would otherwise pack every key tile's values again): per entry ceil(S / 2) rows
+// of vps pairs, pack_value_pairs' layout over all S keys. Only taken while a group of entries
+// fits kValuePairsMaxBytes (the same bytes as V, so about V's share of the cache either way).
+constexpr index_t kValuePairsMaxBytes = index_t(64) << 20;
+
+struct ValuePairs {
+  std::vector<std::uint32_t, Eigen::aligned_allocator<std::uint32_t>> data;
+  index_t b0 = 0, rows = 0, vps = 0;
+  const std::uint32_t* entry(index_t b) const { return data.data() + (b - b0) * rows * vps; }
+};
+
+// Entries per ValuePairs group: 0 (pack per tile) unless the pair path runs and some entry
+// has more than one query block to share its packing.
+inline index_t value_pair_group(bool pairs, index_t N, index_t blocks, index_t S, index_t Ev) {
+  const index_t bytes = ((S + 1) / 2) * ((Ev + 15) / 16 * 16) * 4;
+  if (!pairs || blocks < 2 || bytes == 0 || bytes > kValuePairsMaxBytes) return 0;
+  return std::min(N, kValuePairsMaxBytes / bytes);
+}
+
+// Packs ValuePairs for entries [b0, b0 + n), tiles of kBk keys (even: pairs never straddle)
+// spread over the threads.
+template <typename In>
+void pack_values(const SdpaProblem<In>& p, index_t b0, index_t n, ValuePairs& vp) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<In, bf16>::value) {
+    static_assert(kBk % 2 == 0, "value tiles must hold whole pairs");
+    const index_t S = p.k.dim(-2), Ev = p.v.dim(-1), vs = p.v.stride(-2), ve = p.v.stride(-1);
+    const index_t tiles = (S + kBk - 1) / kBk;
+    vp.b0 = b0, vp.rows = (S + 1) / 2, vp.vps = (Ev + 15) / 16 * 16;
+    vp.data.resize(static_cast<size_t>(n * vp.rows * vp.vps));
+    parallel_for(n * tiles, [&](index_t u) {
+      const index_t b = b0 + u / tiles, j0 = (u % tiles) * kBk;
+      pack_value_pairs(p.v.data + p.v.batch_offset(b, 2) + j0 * vs, vs, ve, std::min(kBk, S - j0), Ev,
+                       const_cast<std::uint32_t*>(vp.entry(b)) + (j0 / 2) * vp.vps, vp.vps);
+    });
+  }
+#endif
+}
+
 // The blocked path over all N batch entries (n = b, the flat batch index, for dropout). Out:
 // the output's type (In, or float for a 16-bit call's float32 output), written by store_as.
 template <typename In, typename Acc, typename Out>
@@ -442,12 +492,19 @@ void blocked(const SdpaProblem<In>& p, index_t N, Out* out, Acc* weights, Acc* l
   const index_t blocks = (L + Bq - 1) / Bq;
   const index_t chunks = split_chunks(N * blocks, S, weights != nullptr);
   if (chunks == 1) {
-    parallel_for(N * blocks, [&](index_t u) {
-      // Later query blocks see more keys under a causal mask: hand them out first.
-      const index_t b = u / blocks, i0 = (blocks - 1 - u % blocks) * Bq;
-      attend_block<In, Acc, Out>(p, b, i0, std::min(Bq, L - i0), 0, S,
-                                 BlockOut<Out, Acc>{out, weights, lse, nullptr}, drop, pairs);
-    }, true);
+    const index_t group = value_pair_group(pairs, N, blocks, S, Ev);
+    ValuePairs vp;
+    for (index_t b0 = 0; b0 < N; b0 += group ? group : N) {
+      const index_t n = group ? std::min(group, N - b0) : N;
+      if (group) pack_values(p, b0, n, vp);
+      parallel_for(n * blocks, [&](index_t u) {
+        // Later query blocks see more keys under a causal mask: hand them out first.
+        const index_t b = b0 + u / blocks, i0 = (blocks - 1 - u % blocks) * Bq;
+        attend_block<In, Acc, Out>(p, b, i0, std::min(Bq, L - i0), 0, S,
+                                   BlockOut<Out, Acc>{out, weights, lse, nullptr}, drop, pairs,
+                                   group ? vp.entry(b) : nullptr);
+      }, true);
+    }
     return;
   }
   // Few query blocks and many keys: every (block, key chunk) is a unit, merged afterwards.
