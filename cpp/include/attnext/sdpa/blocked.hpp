@@ -407,6 +407,37 @@ void attend_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, i
   write_rows(k, o, normalised);
 }
 
+// Two query blocks of batch entry b as one unit (the pair path without weights): their key
+// tiles interleaved, so each tile's K rows and V pairs, just read for the first block, are
+// still in the cache for the second. Each block computes exactly what attend_block computes
+// for it alone (same tiles in the same order), so the results do not change.
+template <typename In, typename Acc, typename Out>
+void attend_two_blocks(const SdpaProblem<In>& p, index_t b, const index_t (&i0)[2], const index_t (&nq)[2],
+                       const BlockOut<Out, Acc>& o, const Dropout& drop, const std::uint32_t* vpre) {
+  const index_t size = block_scratch_size<Acc>(p.q.dim(-1), p.v.dim(-1), true);
+  const Scratch<Acc, SdpaBlockTag> ws(static_cast<size_t>(2 * size));
+  Block<In, Acc> k[2] = {make_block<In, Acc>(p, b, i0[0], nq[0], ws.data(), true),
+                         make_block<In, Acc>(p, b, i0[1], nq[1], ws.data() + size, true)};
+  index_t kmin[2], kmax[2];
+  for (int h = 0; h < 2; ++h) {
+    k[h].drop = drop;
+    k[h].Vpre = vpre;
+    kmin[h] = visible_keys(k[h].vis, i0[h], k[h].S).lo;
+    kmax[h] = std::max(kmin[h], visible_keys(k[h].vis, i0[h] + nq[h] - 1, k[h].S).hi);
+  }
+  for (index_t t = 0;; ++t) {
+    bool any = false;
+    for (int h = 0; h < 2; ++h) {
+      const index_t j0 = kmin[h] + t * kBk;
+      if (j0 >= kmax[h]) continue;
+      online_tile(k[h], j0, std::min(kBk, kmax[h] - j0));
+      any = true;
+    }
+    if (!any) break;
+  }
+  for (int h = 0; h < 2; ++h) write_rows(k[h], o, false);
+}
+
 // Merges a query block's chunk partials (each O^T (Ev, Bq), M (Bq), Lsum (Bq)) in chunk order
 // by the log-sum-exp merge; writes the normalised rows (nq, Ev) and their lse.
 template <typename Out, typename Acc>
@@ -497,11 +528,27 @@ void blocked(const SdpaProblem<In>& p, index_t N, Out* out, Acc* weights, Acc* l
     for (index_t b0 = 0; b0 < N; b0 += group ? group : N) {
       const index_t n = group ? std::min(group, N - b0) : N;
       if (group) pack_values(p, b0, n, vp);
+      const BlockOut<Out, Acc> o{out, weights, lse, nullptr};
+      if (pairs && !weights) {  // units of two query blocks (the last one alone when odd)
+        const index_t twos = (blocks + 1) / 2;
+        parallel_for(n * twos, [&](index_t u) {
+          // Later query blocks see more keys under a causal mask: hand them out first.
+          const index_t b = b0 + u / twos, hi = blocks - 1 - 2 * (u % twos);
+          const std::uint32_t* vpre = group ? vp.entry(b) : nullptr;
+          if (hi == 0) {
+            attend_block<In, Acc, Out>(p, b, 0, std::min(Bq, L), 0, S, o, drop, pairs, vpre);
+            return;
+          }
+          const index_t i0[2] = {hi * Bq, (hi - 1) * Bq};
+          const index_t nq[2] = {std::min(Bq, L - i0[0]), Bq};
+          attend_two_blocks<In, Acc, Out>(p, b, i0, nq, o, drop, vpre);
+        }, true);
+        continue;
+      }
       parallel_for(n * blocks, [&](index_t u) {
         // Later query blocks see more keys under a causal mask: hand them out first.
         const index_t b = b0 + u / blocks, i0 = (blocks - 1 - u % blocks) * Bq;
-        attend_block<In, Acc, Out>(p, b, i0, std::min(Bq, L - i0), 0, S,
-                                   BlockOut<Out, Acc>{out, weights, lse, nullptr}, drop, pairs,
+        attend_block<In, Acc, Out>(p, b, i0, std::min(Bq, L - i0), 0, S, o, drop, pairs,
                                    group ? vp.entry(b) : nullptr);
       }, true);
     }
