@@ -7,6 +7,9 @@
 // merged by log-sum-exp (online_softmax.hpp). With weights requested a block makes two passes
 // (row max and sum, then the final softmax, written out and multiplied by V), so the weights
 // returned are exactly those the output was made from.
+// The bfloat16 pair path (micro.hpp) packs each batch entry's V pairs once for all its query
+// blocks (ValuePairs) and, without weights, runs two query blocks per unit over the same key
+// tiles (attend_two_blocks); neither changes what a block computes.
 // Dropout (dropout.hpp) acts on a tile's probabilities after they entered the row sums and
 // before P V (and before the weights are written), so lse and the normaliser are those of the
 // undropped P; its decisions depend on the element's coordinates only.
