@@ -177,9 +177,9 @@ def test_kv_cache_accepts_big_endian_and_refuses_masked_arrays():
 
 def test_shared_layer_helpers():
     assert layer_dtype("float64") == np.float64
-    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+    with pytest.raises(TypeError, match="dtype must be float32, float64, float16 or bfloat16"):
         layer_dtype(np.int32)
-    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+    with pytest.raises(TypeError, match="dtype must be float32, float64, float16 or bfloat16"):
         layer_dtype("no such dtype")
     assert positive_int(np.int64(3), "n") == 3 and type(positive_int(np.int64(3), "n")) is int
     with pytest.raises(TypeError, match="n must be an int"):
