@@ -138,22 +138,23 @@ class SelfAttention:
         self.dtype = layer_dtype(dtype)
         rng = make_rng(rng)
         e, dk, dv = self.embed_dim, self.qk_dim, self.v_dim
-        # (embed_dim, 2 dk + dv): columns [W_q | W_k | W_v]
-        self._w = np.concatenate([glorot_uniform(rng, (d, e), self.dtype).T for d in (dk, dk, dv)], axis=1)
-        self._w = np.ascontiguousarray(self._w)
+        # (2 dk + dv, embed_dim): rows [W_q^T; W_k^T; W_v^T], the (out, in) layout the linear
+        # kernel reads in place (a transposed view would put it on a path whose float64 result
+        # can depend on where its output is allocated); the attributes are transposed views.
+        self._rows = np.concatenate([glorot_uniform(rng, (d, e), self.dtype) for d in (dk, dk, dv)])
         self._b = np.zeros(2 * dk + dv, dtype=self.dtype) if bias else None
 
     @property
     def w_query(self) -> np.ndarray:
-        return self._w[:, : self.qk_dim]
+        return self._rows[: self.qk_dim].T
 
     @property
     def w_key(self) -> np.ndarray:
-        return self._w[:, self.qk_dim: 2 * self.qk_dim]
+        return self._rows[self.qk_dim: 2 * self.qk_dim].T
 
     @property
     def w_value(self) -> np.ndarray:
-        return self._w[:, 2 * self.qk_dim:]
+        return self._rows[2 * self.qk_dim:].T
 
     @property
     def b_query(self) -> np.ndarray | None:
@@ -254,7 +255,7 @@ class SelfAttention:
         x = _input(x, "x", self.dtype, self.embed_dim, "embed_dim")
         if x.ndim < 2:
             raise ValueError(f"x must have at least 2 dimensions (..., L, embed_dim), got shape {shape_str(x.shape)}")
-        qkv = _linear(x, self._w.T, self._b)  # one GEMM: (..., L, 2 dk + dv)
+        qkv = _linear(x, self._rows, self._b)  # one GEMM: (..., L, 2 dk + dv)
         dk = self.qk_dim
         q, k, v = qkv[..., :dk], qkv[..., dk: 2 * dk], qkv[..., 2 * dk:]
         if mask is not None:
@@ -301,7 +302,7 @@ class SelfAttention:
         param_grads keyed like :meth:`state_dict` and summed over the batch. Masks and key
         lengths get no gradient.
         """
-        refuse_bfloat16_backward({"SelfAttention.dtype": self._w})
+        refuse_bfloat16_backward({"SelfAttention.dtype": self._rows})
         seed = dropout_seed(self.dropout, seed)
         result, saved = self._forward(x, attn_mask, is_causal, key_lengths, window, return_weights, warn, mask,
                                       self.dropout, seed, keep=True)
@@ -340,6 +341,8 @@ class SelfAttention:
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("dropout", 0.0)  # pickled before layers had dropout
+        if "_w" in state:  # pickled when the packed weight was kept as (embed_dim, 2 dk + dv)
+            state["_rows"] = np.ascontiguousarray(state.pop("_w").T)
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
