@@ -447,7 +447,7 @@ class BahdanauAttention(_Weights):
         bias = self.__dict__.get("_bias")
         if self.use_bias:  # q W_q + b_q + k W_k + b_k: the key bias joins the query's (no re-projection)
             acc = accumulation_dtype(self._dtype)
-            bias = (bias.astype(acc) + self._key_bias.astype(acc)).astype(self._dtype)
+            bias = (np.asarray(bias, dtype=acc) + np.asarray(self._key_bias, dtype=acc)).astype(self._dtype)
         return bias
 
     def vjp(self, query: ArrayLike, memory: BahdanauMemory | ArrayLike, values: ArrayLike | None = None, *,
@@ -711,11 +711,11 @@ class LuongAttention(_Weights):
         lengths = _lengths(key_lengths, batch, lk)
         g = float(self._g) if self.scale else 1.0  # exact: every stored g is a float64 value
         lse = qa = None  # (the additive backward recomputes its lse)
-        out = {"out_dtype": FLOAT32} if wide else {}
+        out_dtype = FLOAT32 if wide else None  # the attention kernel's output
         if self.method == "concat":
             context, weights = additive_attention(q3, k, val, self._w_query, self._w_key, self._scaled_v(self._v, g),
                                                   attn_mask=m, key_lengths=lengths, return_weights=True, warn=False,
-                                                  **out)
+                                                  out_dtype=out_dtype)
         else:
             # s_t W_a h_j = (s_t W_a) . h_j: scaled-dot attention of s_t W_a with scale g, on the
             # fused kernel (keys past key_lengths are skipped, not masked). s_t W_a is one GEMM
@@ -724,7 +724,7 @@ class LuongAttention(_Weights):
             qa = (q3 if self.method == "dot" else _linear(q3, self._rows_w_a, None))[..., None, :, :]
             results = scaled_dot_product_attention(
                 qa, k[..., None, :, :], val[..., None, :, :], None if m is None else m[..., None, :, :], scale=g,
-                key_lengths=lengths, return_weights=True, return_lse=keep, warn=False, **out)
+                key_lengths=lengths, return_weights=True, return_lse=keep, warn=False, out_dtype=out_dtype)
             context, weights = results[0][..., 0, :, :], results[1][..., 0, :, :]
             lse = results[2] if keep else None
         # W_c reads the context in the layer's dtype: as the kernel stored it, or (out_dtype
@@ -800,7 +800,7 @@ class LuongAttention(_Weights):
         if grad_context is None:
             grad_context = np.zeros_like(context)
         if grad_hidden is not None:  # hidden = tanh([c; s] W_c): the attentional layer, nn.Linear without bias
-            hidden = s["hidden"].astype(acc, copy=False)
+            hidden = np.asarray(s["hidden"], dtype=acc)
             d_pre = grad_hidden.astype(acc, copy=False) * (1 - hidden * hidden)
             joined = np.concatenate([context, q3], axis=-1)
             d_joined, d_out_proj, _ = linear_grads(d_pre, joined, w["w_c"].T, None)
@@ -840,7 +840,7 @@ class LuongAttention(_Weights):
             else:
                 d_q3 += d_qa
         params = {name: np.array(a, dtype=self._dtype, order="C") for name, a in params.items()}
-        return tuple(d.astype(self._dtype, copy=False) for d in (d_q3, d_keys, d_values)), params
+        return tuple(np.asarray(d, dtype=self._dtype) for d in (d_q3, d_keys, d_values)), params
 
     def _mask(self, mask, single, score_shape, warn=True):
         if mask is None:

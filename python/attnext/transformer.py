@@ -249,7 +249,7 @@ class SelfAttention:
                  dropout_p: float = 0.0, seed: int | None = None, keep: bool = False, out_dtype=None):
         """The forward pass of __call__ and vjp: (result, saved), saved (only with keep) holding
         what the backward needs."""
-        out = {"out_dtype": FLOAT32} if out_kwargs(out_dtype, self.dtype) else {}
+        out_dtype = FLOAT32 if out_kwargs(out_dtype, self.dtype) else None  # checked before any work
         given_mask = mask = _mask_alias(attn_mask, mask, "SelfAttention()")
         given = x
         x = _input(x, "x", self.dtype, self.embed_dim, "embed_dim")
@@ -274,8 +274,8 @@ class SelfAttention:
         # dropout only in training (vjp): a plain call passes no dropout arguments at all
         training = {"dropout_p": dropout_p, "seed": seed} if dropout_p else {}
         result = scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, key_lengths=lengths, window=window,
-                                              return_weights=return_weights, return_lse=keep, warn=False, **training,
-                                              **out)
+                                              return_weights=return_weights, return_lse=keep, warn=False,
+                                              out_dtype=out_dtype, **training)
         parts = list(result) if isinstance(result, tuple) else [result]
         saved = None
         if keep:
