@@ -14,9 +14,9 @@ from ._validation import BFLOAT16, FLOAT16, aligned, as_float_array, check_dropo
 from .functional import _dropout_seed
 from .grad import linear_backward
 
-__all__ = ["LAYER_DTYPES", "LOW_PRECISION_DTYPES", "layer_dtype", "positive_int", "make_rng", "glorot_uniform", "layer_input", "checked_weight",
-           "LayerPullback", "output_cotangents", "dropout_rate", "dropout_seed", "owned", "input_grad",
-           "linear_grads"]
+__all__ = ["LAYER_DTYPES", "LOW_PRECISION_DTYPES", "layer_dtype", "positive_int", "make_rng", "glorot_uniform",
+           "layer_input", "checked_weight", "LayerPullback", "output_cotangents", "dropout_rate", "dropout_seed",
+           "owned", "input_grad", "linear_grads"]
 
 # A layer stores its weights in one of these and computes in it: float16 and bfloat16 read as
 # they are and computed in float32 (docs/precision.md), for inference (bfloat16 has no vjp).

@@ -618,9 +618,9 @@ def luong_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike | None 
         g = float(np.asarray(g))
     if w_c is None:
         raise TypeError("luong_attention needs w_c (or out_proj.weight)")
-    weights: dict[str, Any] = {"dot": {}, "general": dict(weight=w_a),
-                               "concat": dict(w_query=w_query, w_key=w_key, v=v)}
-    score_args = weights.get(method)
+    by_method: dict[str, Any] = {"dot": {}, "general": dict(weight=w_a),
+                                 "concat": dict(w_query=w_query, w_key=w_key, v=v)}
+    score_args = by_method.get(method)
     if score_args is None:
         raise ValueError(f"method must be 'dot', 'general' or 'concat', got {method!r}")
     s = np.asarray(query)

@@ -3,12 +3,11 @@
 A decoder state s_t (the query) attends over the encoder states h_1..h_n (keys, and values
 unless given separately) at every output step. Both layers hold their weights as NumPy arrays
 of one dtype (float32 by default, float64, or float16 / ``ml_dtypes.bfloat16`` for inference),
-readable and assignable as attributes in the
-textbook (in, out) orientation (an assignment is checked for shape and converted to the
-layer's dtype; ``set_weights`` sets several at once), and round-trip through ``state_dict()`` /
-``load_state_dict()`` with PyTorch's names and (out, in) layout, so the equivalent PyTorch
-module's state dict loads as it is. Inputs of another floating dtype are converted to
-the layer's dtype.
+readable and assignable as attributes in the textbook (in, out) orientation (an assignment is
+checked for shape and converted to the layer's dtype; ``set_weights`` sets several at once),
+and round-trip through ``state_dict()`` / ``load_state_dict()`` with PyTorch's names and
+(out, in) layout, so the equivalent PyTorch module's state dict loads as it is. Inputs of
+another floating dtype are converted to the layer's dtype.
 
 16-bit layers (float16, bfloat16) follow the functions' precision rules (docs/precision.md):
 products read from the 16-bit arrays, accumulation, tanh and softmax in float32, the context
@@ -40,8 +39,8 @@ import numpy.typing as npt
 from ._layers import (LayerPullback, checked_weight, glorot_uniform, input_grad, layer_dtype, layer_input, linear_grads,
                       make_rng, output_cotangents, owned, positive_int)
 from ._masks import prepare_mask
-from ._validation import (FLOAT32, accumulation_dtype, check_key_lengths, check_state_keys, is_low_precision, out_kwargs,
-                          refuse_bfloat16_backward, shape_str, to_array)
+from ._validation import (FLOAT32, accumulation_dtype, check_key_lengths, check_state_keys, is_low_precision,
+                          out_kwargs, refuse_bfloat16_backward, shape_str, to_array)
 from .functional import (ArrayLike, ProjectedKeys, _additive_kernel, _mask_alias, additive_attention,
                          scaled_dot_product_attention)
 from .grad import additive_attention_backward, scaled_dot_product_attention_backward
@@ -709,7 +708,7 @@ class LuongAttention(_Weights):
         score_shape = q3.shape[:-1] + (lk,)
         m = self._mask(mask, single, score_shape, warn)
         lengths = _lengths(key_lengths, batch, lk)
-        g = float(self._g) if self.scale else 1.0  # exact: every stored g is a float64 value
+        g = float(self._g) if self.scale else 1.0  # exact: a Python float holds any stored g
         lse = qa = None  # (the additive backward recomputes its lse)
         out_dtype = FLOAT32 if wide else None  # the attention kernel's output
         if self.method == "concat":
@@ -750,9 +749,9 @@ class LuongAttention(_Weights):
         return (v.astype(acc) * acc.type(g)).astype(self._dtype)
 
     def _attentional(self, context: np.ndarray, q3: np.ndarray, wide: bool) -> tuple[np.ndarray, np.ndarray]:
-        """(h~ = tanh([c; s] W_c), the [c; s] that W_c reads). One GEMM on [c; s] in the layer's
-        dtype; a 16-bit layer accumulates it in float32, takes the tanh in float32 and stores
-        h~ in its type (float32 when ``wide``, out_dtype=np.float32)."""
+        """(h~ = tanh([c; s] W_c), the context c as W_c reads it: in the layer's dtype). One GEMM
+        on [c; s]; a 16-bit layer accumulates it in float32, takes the tanh in float32 and
+        stores h~ in its type (float32 when ``wide``, out_dtype=np.float32)."""
         read = context.astype(self._dtype, copy=False)
         joined = np.concatenate([read, q3], axis=-1)
         low = is_low_precision(self._dtype)
