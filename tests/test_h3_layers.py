@@ -260,10 +260,11 @@ def test_kv_cache_and_projected_keys_round_trip(how):
     np.testing.assert_array_equal(twin_keys.projected, keys.projected)
 
 
-@pytest.mark.parametrize("make", [lambda: attnext.SelfAttention(6, qk_dim=2, v_dim=2, bias=True, dtype=np.float64, rng=5),
-                                  lambda: attnext.LuongAttention(4, 3, "general", dtype=np.float64, rng=3),
-                                  lambda: attnext.LuongAttention(4, 3, "concat", units=6, dtype=np.float64, rng=4)],
-                         ids=["self", "luong_general", "luong_concat"])
+@pytest.mark.parametrize("make", [
+    lambda: attnext.SelfAttention(6, qk_dim=2, v_dim=2, bias=True, dtype=np.float64, rng=5),
+    lambda: attnext.LuongAttention(4, 3, "general", dtype=np.float64, rng=3),
+    lambda: attnext.LuongAttention(4, 3, "concat", units=6, dtype=np.float64, rng=4),
+], ids=["self", "luong_general", "luong_concat"])
 def test_layer_results_do_not_depend_on_where_memory_is_allocated(make):
     # The layers' projections read their weights as (out, in) rows: a transposed view put
     # _core.linear on a float64 path whose result changed with the output's address (two
