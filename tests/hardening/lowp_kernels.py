@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 import attnext
 from attnext import reference as ref
 
