@@ -50,13 +50,14 @@ OPTION_CHOICES = {
     "single_step": (False, True),  # RNN layers: one decoder step (B, D) instead of (B, T, D)
     "separate_values": (True, False),  # RNN layers: values given (else the keys are the values)
     "learn_scale": (False, True),  # Luong: a learnable scalar g on the scores
+    "exclude_self": (False, True),  # SelfAttention: no position attends to itself
     "dropout": (False, True),  # backward entries: dropout_p 0.3 with a fixed seed
     "grad_weights": (False, True),  # backward entries: a cotangent for the returned weights too
 }
 # Every feature on (one choice per option) for the suites that run one fixed case per entry.
 FULL_OPTIONS = dict(softmax_axis=-2, key_lengths=True, window=(1, 2), core_window=(1, 2), scale=0.3, bias=True, heads=2,
                     gqa=True, packed=True, self_attention=False, mask_2d=False, key_extra=2, normalize=True,
-                    single_step=False, separate_values=True, learn_scale=True, dropout=True,
+                    single_step=False, separate_values=True, learn_scale=True, exclude_self=True, dropout=True,
                     grad_weights=True)
 
 
@@ -600,6 +601,41 @@ def _luong_ref(kw):
 
 LUONG_OPTIONS = ("learn_scale", "single_step", "separate_values", "key_lengths")
 
+SELF_CONFIG = ("embed_dim", "qk_dim", "v_dim", "exclude_self")
+SELF_WEIGHTS = ("query.weight", "key.weight", "value.weight", "query.bias", "key.bias", "value.bias")
+SELF_OPTIONS = ("exclude_self", "bias", "key_lengths", "window")
+
+
+def _self_make(c: Case):
+    e, dk, dv = max(c.d, 1), max(c.units, 1), max(c.dv, 1)
+    kw = dict(x=c.array(c.batch + (c.lq, e)), attn_mask=c.mask_for(c.batch + (c.lq, c.lq)), is_causal=c.causal,
+              window=c.opt("window"), return_weights=True)
+    if c.opt("key_lengths"):  # key_lengths over the batch dimensions
+        kw["key_lengths"] = c.rng.integers(0, c.lq + 1, size=c.batch)
+    kw.update(embed_dim=e, qk_dim=dk, v_dim=dv, exclude_self=c.opt("exclude_self"))
+    for name, rows in (("query", dk), ("key", dk), ("value", dv)):
+        kw[f"{name}.weight"] = c.array((rows, e), scale=1 / math.sqrt(e))
+        if c.opt("bias"):
+            kw[f"{name}.bias"] = c.array((rows,), scale=0.5)
+    return kw
+
+
+def _self_call(kw, dtype=None):
+    layer, kw = _layer(attnext.SelfAttention, kw, SELF_CONFIG, SELF_WEIGHTS, dtype, bias="query.bias" in kw)
+    return _tuple(layer(**kw))
+
+
+def _self_twin(kw):
+    return ref.self_attention(kw["x"], kw["query.weight"].T, kw["key.weight"].T, kw["value.weight"].T,
+                              b_query=kw.get("query.bias"), b_key=kw.get("key.bias"), b_value=kw.get("value.bias"),
+                              attn_mask=kw["attn_mask"], is_causal=kw["is_causal"], key_lengths=kw.get("key_lengths"),
+                              window=kw["window"], exclude_self=kw["exclude_self"], return_weights=True)
+
+
+def _self_ref(kw):
+    dtype = compute_dtype(*_float_arrays(kw))
+    return tuple(np.asarray(r).astype(dtype) for r in _self_twin(_ref_inputs(kw, dtype)))
+
 KERNELS: list[Kernel] = [
     Kernel("score[dot]", _score_make("dot"), lambda kw: (attnext.score(**kw),), _score_ref),
     Kernel("score[scaled_dot]", _score_make("scaled_dot"), lambda kw: (attnext.score(**kw),), _score_ref),
@@ -646,6 +682,7 @@ KERNELS: list[Kernel] = [
            options=LUONG_OPTIONS),
     Kernel("LuongAttention[concat]", _luong_make("concat"), _luong_call, _luong_ref, uses_mask=True,
            options=LUONG_OPTIONS),
+    Kernel("SelfAttention", _self_make, _self_call, _self_ref, uses_mask=True, uses_causal=True, options=SELF_OPTIONS),
 ]
 
 # Issue 15's backward functions and vjp pullbacks (they build on the entries above).

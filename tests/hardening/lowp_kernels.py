@@ -17,9 +17,10 @@ import dataclasses
 import attnext
 from attnext import reference as ref
 
-from .kernels import (LUONG_OPTIONS, Case, Kernel, _additive_attention_make, _attention_make, _bahdanau_call,
-                      _bahdanau_make, _bahdanau_twin, _luong_call, _luong_make, _luong_twin, _mha_call, _mha_make,
-                      _mha_twin, _score_make, _sdpa_make, _softmax_make, _tuple, _ws_make)
+from .kernels import (LUONG_OPTIONS, SELF_OPTIONS, Case, Kernel, _additive_attention_make, _attention_make,
+                      _bahdanau_call, _bahdanau_make, _bahdanau_twin, _luong_call, _luong_make, _luong_twin, _mha_call,
+                      _mha_make, _mha_twin, _score_make, _sdpa_make, _self_call, _self_make, _self_twin, _softmax_make,
+                      _tuple, _ws_make)
 
 try:
     import ml_dtypes
@@ -78,6 +79,11 @@ def _entries() -> list:
     entries += [Kernel(f"LuongAttention[{method}][bfloat16]", _bf16(_luong_make(method)),
                        *_layer(_luong_call, _luong_twin), uses_mask=True, options=LUONG_OPTIONS, low_precision=True,
                        roundings=6, weight_roundings=2) for method in ("dot", "general", "concat")]
+    # SelfAttention: Q, K, V, SDPA's store and P, a near-boundary projection, margin; ahead of
+    # the softmax Q, K and Q * scale.
+    entries.append(Kernel("SelfAttention[bfloat16]", _bf16(_self_make), *_layer(_self_call, _self_twin),
+                          uses_mask=True, uses_causal=True, options=SELF_OPTIONS, low_precision=True, roundings=7,
+                          weight_roundings=3))
     return entries
 
 
