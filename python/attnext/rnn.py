@@ -636,19 +636,21 @@ class LuongAttention(_Weights):
             state["g"] = np.asarray(1.0)
         self.set_weights(**state)
 
-    def _weights_changed(self, name):
-        if name in ("w_a", "w_c"):
-            # The (out, in) rows (PyTorch's layout) that the linear kernel reads in place, made
-            # once per assignment rather than per call; a C-contiguous weight also keeps the
-            # kernel on its one deterministic path (a transposed view's result can depend on
-            # where the output happens to be allocated).
-            self.__dict__["_rows_" + name] = np.ascontiguousarray(self.__dict__["_" + name].T)
+    # w_a and w_c go through the linear kernel, which reads a weight as (out, in) rows: they are
+    # kept in Fortran order, so their transpose is those rows, C-contiguous, read in place (a
+    # transposed C array would put the kernel on a path whose result can depend on where its
+    # output is allocated). The attributes stay the same arrays, so writes into them count.
+    _LINEAR = ("w_a", "w_c")
+
+    def _checked(self, name, value):
+        checked = super()._checked(name, value)
+        return np.asfortranarray(checked) if name in self._LINEAR else checked
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        for name in ("w_a", "w_c"):  # pickled before the rows were kept
-            if "_" + name in state and "_rows_" + name not in state:
-                self._weights_changed(name)
+        for name in self._LINEAR:  # pickled when they were kept in C order
+            if "_" + name in state:
+                self.__dict__["_" + name] = np.asfortranarray(state["_" + name])
 
     def _config(self) -> dict:
         config = {"query_dim": self.query_dim, "key_dim": self.key_dim, "method": self.method,
@@ -720,7 +722,7 @@ class LuongAttention(_Weights):
             # fused kernel (keys past key_lengths are skipped, not masked). s_t W_a is one GEMM
             # stored in the layer's dtype (a rounding point of a 16-bit layer).
             # A head axis of 1 before (T, D), so the batch axes stay batch axes for key_lengths.
-            qa = (q3 if self.method == "dot" else _linear(q3, self._rows_w_a, None))[..., None, :, :]
+            qa = (q3 if self.method == "dot" else _linear(q3, self._w_a.T, None))[..., None, :, :]
             results = scaled_dot_product_attention(
                 qa, k[..., None, :, :], val[..., None, :, :], None if m is None else m[..., None, :, :], scale=g,
                 key_lengths=lengths, return_weights=True, return_lse=keep, warn=False, out_dtype=out_dtype)
@@ -755,7 +757,7 @@ class LuongAttention(_Weights):
         read = context.astype(self._dtype, copy=False)
         joined = np.concatenate([read, q3], axis=-1)
         low = is_low_precision(self._dtype)
-        pre = _linear(joined, self._rows_w_c, None, {"out_float32": True} if low else None)
+        pre = _linear(joined, self._w_c.T, None, {"out_float32": True} if low else None)
         hidden = np.tanh(pre)
         return (hidden if wide else hidden.astype(self._dtype, copy=False)), read
 
