@@ -199,11 +199,6 @@ def test_a_bfloat16_cache_beside_float32_weights_reads_the_cache_in_place(rng):
     assert narrow.keys.dtype == BF16
 
 
-def test_layers_other_than_multi_head_attention_keep_float32_or_float64():
-    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
-        attnext.SelfAttention(8, dtype=ml_dtypes.bfloat16)
-
-
 @pytest.fixture
 def restore_bf16_path():
     before = _core.get_bf16_path()

@@ -17,14 +17,12 @@ import pytest
 import attnext
 from attnext import _core
 from attnext import reference as ref
-from hardening.harness import absolute_error, layout, low_precision_tolerance
+from hardening.harness import assert_low_precision_close as check
+from hardening.harness import layout, low_precision_tolerance
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
-# float32 arithmetic beside the reference's float64: 2^-24 per operation, summed over at most a
-# few hundred terms here; relative to the scale of the result.
-FLOAT32_SLACK = 1e-5
 
 
 @pytest.fixture(params=[("float16", "auto"), ("bfloat16", "auto"), ("bfloat16", "fallback")],
@@ -42,17 +40,6 @@ def dtype(request):
 
 def normal(rng, shape, dtype, kind="C"):
     return layout(rng.standard_normal(shape).astype(dtype), kind)
-
-
-def check(got, want, dtype, roundings, scale, what=""):
-    """got within `roundings` ulps of dtype (times scale) of want, same dtype, zeros where want is."""
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype}, reference {want.dtype}"
-    if got.dtype not in (F16, BF16):
-        roundings = max(0, roundings - 1)  # a float32 output has no store rounding
-    tol = (low_precision_tolerance(dtype, roundings) + FLOAT32_SLACK) * scale
-    err = absolute_error(got.astype(np.float64), want.astype(np.float64))
-    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}"
 
 
 def mask_for(rng, kind, shape):

@@ -238,7 +238,7 @@ def test_weights_attributes_and_state_dict():
     assert {k: v.shape for k, v in concat.state_dict().items()} == {
         "query_proj.weight": (6, 4), "key_proj.weight": (6, 3), "v.weight": (1, 6), "out_proj.weight": (4, 7)}
     assert luong.w_a.dtype == np.float32 and luong.g == 1.0
-    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+    with pytest.raises(TypeError, match="dtype must be float32, float64, float16 or bfloat16"):
         attnext.LuongAttention(4, dtype=np.int32)
     with pytest.raises(ValueError, match="units must be a positive int"):
         attnext.BahdanauAttention(4, 3, 0)

@@ -10,29 +10,28 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import BFLOAT16, FLOAT16, aligned, as_float_array, check_dropout, is_bfloat16, shape_str
+from ._validation import BFLOAT16, FLOAT16, aligned, as_float_array, check_dropout, shape_str
 from .functional import _dropout_seed
 from .grad import linear_backward
 
-__all__ = ["LAYER_DTYPES", "layer_dtype", "positive_int", "make_rng", "glorot_uniform", "layer_input", "checked_weight",
-           "LayerPullback", "output_cotangents", "dropout_rate", "dropout_seed", "owned", "input_grad",
-           "linear_grads"]
+__all__ = ["LAYER_DTYPES", "LOW_PRECISION_DTYPES", "layer_dtype", "positive_int", "make_rng", "glorot_uniform",
+           "layer_input", "checked_weight", "LayerPullback", "output_cotangents", "dropout_rate", "dropout_seed",
+           "owned", "input_grad", "linear_grads"]
 
+# A layer stores its weights in one of these and computes in it: float16 and bfloat16 read as
+# they are and computed in float32 (docs/precision.md), for inference (bfloat16 has no vjp).
 LAYER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-# Inference-only layers (MultiHeadAttention, KVCache) also store float16 and bfloat16.
 LOW_PRECISION_DTYPES = (FLOAT16,) + (() if BFLOAT16 is None else (BFLOAT16,))
 
 
-def layer_dtype(dtype: Any, low_precision: bool = False) -> np.dtype:
-    """A layer's dtype: float32 or float64, and with ``low_precision`` also float16 and
-    ml_dtypes.bfloat16 (TypeError otherwise)."""
-    allowed = LAYER_DTYPES + (LOW_PRECISION_DTYPES if low_precision else ())
-    names = "float32, float64, float16 or bfloat16" if low_precision else "float32 or float64"
+def layer_dtype(dtype: Any) -> np.dtype:
+    """A layer's dtype: float32, float64, float16 or ml_dtypes.bfloat16 (TypeError otherwise)."""
+    names = "float32, float64, float16 or bfloat16"
     try:
         dt = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"dtype must be {names}, got {dtype!r}") from None
-    if dt not in allowed and not (low_precision and is_bfloat16(dt)):
+    if dt not in LAYER_DTYPES + LOW_PRECISION_DTYPES:
         raise TypeError(f"dtype must be {names}, got {dt}")
     return dt
 

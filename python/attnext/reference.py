@@ -543,7 +543,7 @@ def bahdanau_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike, w_q
                        w_key: ArrayLike | None = None, v: ArrayLike | None = None, *, g: float | None = None,
                        bias: ArrayLike | None = None, key_bias: ArrayLike | None = None,
                        v_bias: ArrayLike | None = None, key_lengths: ArrayLike | None = None,
-                       **state: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+                       out_dtype: DTypeLike | None = None, **state: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """BahdanauAttention's math for one step (query (B, Dq)) or many (query (B, T, Dq)).
 
     e_tj = v' . tanh(s_t W_q + bias + h_j W_k + key_bias) + v_bias, v' = v, or g v / ||v||
@@ -552,6 +552,9 @@ def bahdanau_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike, w_q
     state-dict names, so ``bahdanau_attention(q, k, v, **layer.state_dict())`` is the layer's
     formula (``query_proj.weight`` (U, Dq), ``key_proj.weight`` (U, Dk), ``v.weight`` (1, U),
     ``query_proj.bias``, ``key_proj.bias``, ``v.bias``).
+
+    16-bit inputs: as :func:`additive_attention` (context rounded at the store, or float32
+    with out_dtype; weights float32), after the layer's two rounding points below.
     """
     given = dict(w_query=w_query, w_key=w_key, v=v, bias=bias, key_bias=key_bias, v_bias=v_bias)
     for name, value in _textbook(state, "bahdanau_attention").items():
@@ -562,18 +565,22 @@ def bahdanau_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike, w_q
         raise TypeError("bahdanau_attention needs w_query, w_key and v (or their state-dict names)")
     if g is not None:
         g = float(np.asarray(g))
+    prec = _Precision(query, keys, values, w_query, w_key, v)
     if key_bias is not None:
-        bias = np.asarray(key_bias) if bias is None else np.asarray(bias) + np.asarray(key_bias)
+        # ROUNDING POINT (BahdanauAttention, bias=True, 16-bit): the sum of the two biases, one
+        # bias inside the tanh, in the inputs' dtype.
+        bias = key_bias if bias is None else (prec.read(bias) + prec.read(key_bias)).astype(prec.dtype)
     # v_bias adds the same number to every score: softmax does not see it.
     s = np.asarray(query)
     single = s.ndim == np.ndim(keys) - 1
     if single:
         s = s[..., None, :]
-    v = np.asarray(v)
     if g is not None:
-        v = g * v / np.sqrt(np.sum(v * v))
+        # ROUNDING POINT (BahdanauAttention, normalize=True, 16-bit): g v / ||v|| in the inputs' dtype.
+        exact = prec.read(v)
+        v = (g * exact / np.sqrt(np.sum(exact * exact))).astype(prec.dtype)
     c, a = additive_attention(s, keys, values, w_query, w_key, v, bias=bias, key_lengths=key_lengths,
-                              return_weights=True)
+                              return_weights=True, out_dtype=out_dtype)
     return (c[..., 0, :], a[..., 0, :]) if single else (c, a)
 
 
@@ -581,7 +588,8 @@ def luong_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike | None 
                     w_c: ArrayLike | None = None, *, method: str = "dot", w_a: ArrayLike | None = None,
                     w_query: ArrayLike | None = None, w_key: ArrayLike | None = None, v: ArrayLike | None = None,
                     g: float | None = None, attn_mask: ArrayLike | None = None,
-                    key_lengths: ArrayLike | None = None, mask: ArrayLike | None = None, **state: ArrayLike
+                    key_lengths: ArrayLike | None = None, mask: ArrayLike | None = None,
+                    out_dtype: DTypeLike | None = None, **state: ArrayLike
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LuongAttention's math for one step (query (B, Dq)) or many (query (B, T, Dq)).
 
@@ -593,6 +601,11 @@ def luong_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike | None 
     v . tanh(s_t W_q + h_j W_k) (concat), times g when given; a_t = softmax(e_t + attn_mask);
     c_t = sum_j a_tj value_j; h~_t = tanh([c_t; s_t] W_c). Returns (h~, context, weights). For
     one step the mask broadcasts against (B, Lk). ``mask`` is attn_mask's older name.
+
+    The scores and the context are :func:`attention` with method dot, general or additive
+    (concat) and scale g, so 16-bit inputs take its route and rounding points; then h~ is
+    computed exactly from the context rounded to the inputs' dtype and rounded at its store
+    (float32 with out_dtype, which also returns the context unrounded); weights float32.
     """
     mask = _mask_alias(attn_mask, mask)
     given = dict(w_c=w_c, w_a=w_a, w_query=w_query, w_key=w_key, v=v)
@@ -605,29 +618,30 @@ def luong_attention(query: ArrayLike, keys: ArrayLike, values: ArrayLike | None 
         g = float(np.asarray(g))
     if w_c is None:
         raise TypeError("luong_attention needs w_c (or out_proj.weight)")
+    by_method: dict[str, Any] = {"dot": {}, "general": dict(weight=w_a),
+                                 "concat": dict(w_query=w_query, w_key=w_key, v=v)}
+    score_args = by_method.get(method)
+    if score_args is None:
+        raise ValueError(f"method must be 'dot', 'general' or 'concat', got {method!r}")
     s = np.asarray(query)
     h = np.asarray(keys)
     val = h if values is None else np.asarray(values)
+    prec = _Precision(s, h, val, w_c, *score_args.values())
     single = s.ndim == h.ndim - 1
     if single:
         s = s[..., None, :]
         if mask is not None and np.ndim(mask) >= 2:
             mask = np.asarray(mask)[..., None, :]
-    if method == "dot":
-        e = s @ np.swapaxes(h, -1, -2)
-    elif method == "general":
-        e = s @ np.asarray(w_a) @ np.swapaxes(h, -1, -2)
-    elif method == "concat":
-        e = np.tanh((s @ np.asarray(w_query))[..., :, None, :] + (h @ np.asarray(w_key))[..., None, :, :]) @ v
-    else:
-        raise ValueError(f"method must be 'dot', 'general' or 'concat', got {method!r}")
-    if g is not None:
-        e = e * g
-    hidden = _hidden_by(mask)
-    if key_lengths is not None:
-        hidden = hidden | ~_length_mask(key_lengths, e.shape[-1])
-    c, a = _attend(_masked(e, mask), val, hidden)
-    hidden = np.tanh(np.concatenate([c, np.broadcast_to(s, c.shape[:-1] + s.shape[-1:])], axis=-1) @ np.asarray(w_c))
+    c, a = attention(s, h, val, method="additive" if method == "concat" else method, attn_mask=mask,
+                     key_lengths=key_lengths, return_weights=True, scale=g, out_dtype=FLOAT32 if prec.low else None,
+                     **score_args)
+    # ROUNDING POINT (LuongAttention, 16-bit): W_c reads the context in the inputs' dtype (as
+    # the kernel stored it); out_dtype=np.float32 returns it unrounded.
+    read = c.astype(prec.dtype)
+    joined = np.concatenate([prec.read(read), prec.read(np.broadcast_to(s, c.shape[:-1] + s.shape[-1:]))], axis=-1)
+    hidden = prec.store(np.tanh(joined @ prec.read(w_c)), out_dtype)
+    if prec.low and hidden.dtype != FLOAT32:
+        c = read
     if single:
         return hidden[..., 0, :], c[..., 0, :], a[..., 0, :]
     return hidden, c, a
@@ -753,20 +767,24 @@ def self_attention(x: ArrayLike, w_query: ArrayLike, w_key: ArrayLike, w_value: 
                    b_query: ArrayLike | None = None, b_key: ArrayLike | None = None,
                    b_value: ArrayLike | None = None, attn_mask: ArrayLike | None = None, is_causal: Any = False,
                    key_lengths: ArrayLike | None = None, window: tuple | None = None, exclude_self: bool = False,
-                   return_weights: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                   return_weights: bool = False, out_dtype: DTypeLike | None = None
+                   ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """SelfAttention's math, with the layer's call arguments: Q = x W_q + b_q, K = x W_k + b_k,
     V = x W_v + b_v (the layer's textbook-orientation attributes, w_query (E, d_k), ...), then
     softmax(Q K^T / sqrt(d_k) + attn_mask) V with causal, key_lengths (x's batch axes) and window
-    as in :func:`attention`; exclude_self hides each position's own key."""
-    x = np.asarray(x)
+    as in :func:`attention`; exclude_self hides each position's own key. 16-bit inputs: Q, K, V
+    rounded to their dtype, then :func:`attention`'s route and rounding points (weights float32)."""
+    prec = _Precision(x, w_query, w_key, w_value)
 
     def project(w, b):
-        y = x @ np.asarray(w)
-        return y if b is None else y + np.asarray(b)
+        # ROUNDING POINT (SelfAttention, 16-bit): each projection Q, K, V is rounded to the
+        # inputs' dtype (computed exactly, bias included).
+        y = prec.read(x) @ prec.read(w)
+        return (y if b is None else y + prec.read(b)).astype(prec.dtype)
 
     q, k, v = project(w_query, b_query), project(w_key, b_key), project(w_value, b_value)
     if exclude_self:
-        off_diagonal = ~np.eye(x.shape[-2], dtype=bool)
+        off_diagonal = ~np.eye(np.shape(x)[-2], dtype=bool)
         if attn_mask is None:
             attn_mask = off_diagonal
         elif np.asarray(attn_mask).dtype == np.bool_:
@@ -774,7 +792,7 @@ def self_attention(x: ArrayLike, w_query: ArrayLike, w_key: ArrayLike, w_value: 
         else:
             attn_mask = np.where(off_diagonal, np.asarray(attn_mask), -np.inf)
     return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, key_lengths=key_lengths, window=window,
-                     return_weights=return_weights)
+                     return_weights=return_weights, out_dtype=out_dtype)
 
 
 # ---- Gradients: the backward of every differentiable function, from the formulas ------------

@@ -2,12 +2,20 @@
 
 A decoder state s_t (the query) attends over the encoder states h_1..h_n (keys, and values
 unless given separately) at every output step. Both layers hold their weights as NumPy arrays
-of one dtype (float32 by default, or float64), readable and assignable as attributes in the
-textbook (in, out) orientation (an assignment is checked for shape and converted to the
-layer's dtype; ``set_weights`` sets several at once), and round-trip through ``state_dict()`` /
-``load_state_dict()`` with PyTorch's names and (out, in) layout, so the equivalent PyTorch
-module's state dict loads as it is. Inputs of another floating dtype are converted to
-the layer's dtype.
+of one dtype (float32 by default, float64, or float16 / ``ml_dtypes.bfloat16`` for inference),
+readable and assignable as attributes in the textbook (in, out) orientation (an assignment is
+checked for shape and converted to the layer's dtype; ``set_weights`` sets several at once),
+and round-trip through ``state_dict()`` / ``load_state_dict()`` with PyTorch's names and
+(out, in) layout, so the equivalent PyTorch module's state dict loads as it is. Inputs of
+another floating dtype are converted to the layer's dtype.
+
+16-bit layers (float16, bfloat16) follow the functions' precision rules (docs/precision.md):
+products read from the 16-bit arrays, accumulation, tanh and softmax in float32, the context
+(and Luong's attentional state) in the layer's type unless the call asks for
+``out_dtype=np.float32``, the attention weights in float32. Each class docstring lists where
+it rounds to 16 bits. ``vjp`` of a bfloat16 layer raises TypeError (bfloat16 training is not
+supported); a float16 layer's gradients are computed in float32 and returned as float16, as
+the backward functions do.
 
 Both layers take one decoder step, query (B, D), or many steps at once, query (B, T, D), with
 the same results; any number of leading batch axes may stand in for B.
@@ -31,10 +39,12 @@ import numpy.typing as npt
 from ._layers import (LayerPullback, checked_weight, glorot_uniform, input_grad, layer_dtype, layer_input, linear_grads,
                       make_rng, output_cotangents, owned, positive_int)
 from ._masks import prepare_mask
-from ._validation import check_key_lengths, check_state_keys, shape_str, to_array
+from ._validation import (FLOAT32, accumulation_dtype, check_key_lengths, check_state_keys, is_low_precision,
+                          out_kwargs, refuse_bfloat16_backward, shape_str, to_array)
 from .functional import (ArrayLike, ProjectedKeys, _additive_kernel, _mask_alias, additive_attention,
                          scaled_dot_product_attention)
 from .grad import additive_attention_backward, scaled_dot_product_attention_backward
+from .transformer import _kernel_bias, _linear
 
 __all__ = ["BahdanauAttention", "BahdanauMemory", "BahdanauMemoryGrad", "LuongAttention"]
 
@@ -129,6 +139,10 @@ class _Weights:
 
     def _input(self, x, name):
         return layer_input(x, name, self._dtype)
+
+    def _refuse_bfloat16_backward(self) -> None:
+        """vjp's first step: a bfloat16 layer has no backward (the functions' one rule)."""
+        refuse_bfloat16_backward({f"{type(self).__name__}.dtype": np.empty(0, self._dtype)})
 
     def __repr__(self) -> str:
         config = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
@@ -243,8 +257,17 @@ class BahdanauAttention(_Weights):
         units: size of the hidden layer of the score.
         normalize: the weight-normalised form above.
         bias: biases in the three projections, as ``nn.Linear``'s default.
-        dtype: float32 (default) or float64, for the weights and the computation.
+        dtype: float32 (default) or float64, for the weights and the computation; or float16 /
+            ``ml_dtypes.bfloat16`` for inference (weights and state_dict in that type).
         rng: seed or ``np.random.Generator`` for the initialisation (Glorot-uniform weights).
+
+    Precision (16-bit layers, docs/precision.md): the projections ``s_t W_q``, ``h_j W_k``
+    (the memory keeps ``h_j W_k`` in float32), the tanh, the scores and the softmax are
+    float32, as in :func:`attnext.additive_attention`. Rounded to the layer's type: with
+    ``normalize=True`` the vector g v / ||v|| (computed in float32, once per change of v or
+    g), with ``bias=True`` the sum ``query_proj.bias + key_proj.bias`` (one bias inside the
+    tanh), and the context at its store unless ``out_dtype=np.float32``. The weights are
+    float32.
 
     Use: ``memory = layer.precompute(encoder_states)`` once per sentence, then
     ``context, weights = layer(s_t, memory)`` at every step. Training:
@@ -295,9 +318,14 @@ class BahdanauAttention(_Weights):
             if v is None or (self.normalize and "_g" not in self.__dict__):
                 return
             if self.normalize:
-                norm = np.sqrt(np.sum(v * v))
+                # In the accumulation type (float32 for a 16-bit layer, whose sum of squares
+                # could overflow float16), rounded once to the layer's type.
+                acc = accumulation_dtype(self._dtype)
+                wide = v.astype(acc)
+                norm = np.sqrt(np.sum(wide * wide))
                 # Only a zero v is special-cased; a NaN or inf norm (non-finite v) must reach the scores.
-                self._v_eff = np.zeros_like(v) if norm == 0 else (self._g * v / norm).astype(self._dtype)
+                self._v_eff = np.zeros_like(v) if norm == 0 else (self._g.astype(acc) * wide / norm).astype(
+                    self._dtype)
             else:
                 self._v_eff = v
 
@@ -349,6 +377,7 @@ class BahdanauAttention(_Weights):
         like :meth:`state_dict`, zero except ``key_proj.weight`` (the steps' param_grads hold
         the rest, ``key_proj.bias`` included).
         """
+        self._refuse_bfloat16_backward()
         memory, k = self._precompute(keys, values, key_lengths)
         k = owned(k, keys)
         w_key = self._w_key.copy()
@@ -372,18 +401,23 @@ class BahdanauAttention(_Weights):
     def _zero_grads(self) -> dict:
         return {name: np.zeros(self._torch_shape(name), dtype=self._dtype) for name in self._torch}
 
-    def __call__(self, query: ArrayLike, memory: BahdanauMemory, *, return_weights: bool = True
-                 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    def __call__(self, query: ArrayLike, memory: BahdanauMemory, *, return_weights: bool = True,
+                 out_dtype: npt.DTypeLike | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """One decoder step (query (B, query_dim)) or many (query (B, T, query_dim)).
+
+        out_dtype: None (the layer's dtype) or np.float32 for a float16/bfloat16 layer (the
+        kernel writes the context from its float32 accumulators).
 
         Returns:
             (context, weights): (B, Dv) and (B, Lk) for one step, (B, T, Dv) and (B, T, Lk)
-            for many; only the context if ``return_weights=False``.
+            for many; only the context if ``return_weights=False``. The weights of a 16-bit
+            layer are float32.
         """
+        out = out_kwargs(out_dtype, self._dtype)
         q, single = self._step_query(query, memory)
-        result = _additive_kernel(q[..., None, :] if single else q, self._w_query, self._step_bias(),
-                                  memory.keys, memory.values, self._v_eff, None, memory.key_lengths,
-                                  bool(return_weights))
+        result = _additive_kernel(q[..., None, :] if single else q, self._w_query,
+                                  _kernel_bias(self._step_bias(), self._dtype), memory.keys, memory.values,
+                                  self._v_eff, None, memory.key_lengths, bool(return_weights), out)
         if not single:
             return result
         if return_weights:
@@ -406,10 +440,13 @@ class BahdanauAttention(_Weights):
         return q, single
 
     def _step_bias(self) -> np.ndarray | None:
-        """The bias inside the tanh: query_proj.bias, plus key_proj.bias with bias=True."""
+        """The bias inside the tanh in the layer's dtype: query_proj.bias, plus key_proj.bias
+        with bias=True (their sum, computed in the accumulation type, is a rounding point of a
+        16-bit layer)."""
         bias = self.__dict__.get("_bias")
         if self.use_bias:  # q W_q + b_q + k W_k + b_k: the key bias joins the query's (no re-projection)
-            bias = (bias + self._key_bias).astype(self._dtype)
+            acc = accumulation_dtype(self._dtype)
+            bias = (np.asarray(bias, dtype=acc) + np.asarray(self._key_bias, dtype=acc)).astype(self._dtype)
         return bias
 
     def vjp(self, query: ArrayLike, memory: BahdanauMemory | ArrayLike, values: ArrayLike | None = None, *,
@@ -431,6 +468,7 @@ class BahdanauAttention(_Weights):
         its gradient comes from the precompute pullback). With ``normalize=True`` and v = 0 the
         gradients of v and g are zero (g v / ||v|| has none there).
         """
+        self._refuse_bfloat16_backward()
         if type(memory) is BahdanauMemory:
             if values is not None or key_lengths is not None:
                 raise TypeError("values and key_lengths belong to the memory: pass them to precompute(), or pass "
@@ -485,6 +523,8 @@ class BahdanauAttention(_Weights):
             params["key_proj.bias"] = grads["bias"]
         d_v_eff = grads["v"]
         if self.normalize:
+            acc = accumulation_dtype(self._dtype)  # float16's sums in float32, as the forward's
+            v, d_v_eff, g = v.astype(acc), d_v_eff.astype(acc), g.astype(acc)
             norm = np.sqrt(np.sum(v * v))
             if norm != 0:
                 unit = v / norm
@@ -542,8 +582,18 @@ class LuongAttention(_Weights):
         units: hidden size of the ``concat`` score (default query_dim).
         value_dim: size of the values (default key_dim; values default to the keys).
         scale: learnable scalar on the scores.
-        dtype: float32 (default) or float64.
+        dtype: float32 (default) or float64; or float16 / ``ml_dtypes.bfloat16`` for inference
+            (weights and state_dict in that type).
         rng: seed or ``np.random.Generator`` for the initialisation (Glorot-uniform).
+
+    Precision (16-bit layers, docs/precision.md): the scores go through
+    :func:`attnext.scaled_dot_product_attention` (``dot``, ``general``) or
+    :func:`attnext.additive_attention` (``concat``) with their own rounding points, and
+    h~_t = tanh([c_t; s_t] W_c) is one GEMM accumulated in float32, tanh in float32. Rounded
+    to the layer's type: ``general``'s s_t W_a; ``concat``'s v g (with scale=True); the
+    context, at its store, which is also what W_c reads (with ``out_dtype=np.float32`` the
+    context is returned unrounded, W_c still reads it rounded); and h~_t at its store unless
+    ``out_dtype=np.float32``. The weights are float32.
     """
 
     def __init__(self, query_dim: int, key_dim: int | None = None, method: str = "dot", *,
@@ -586,6 +636,22 @@ class LuongAttention(_Weights):
             state["g"] = np.asarray(1.0)
         self.set_weights(**state)
 
+    # w_a and w_c go through the linear kernel, which reads a weight as (out, in) rows: they are
+    # kept in Fortran order, so their transpose is those rows, C-contiguous, read in place (a
+    # transposed C array would put the kernel on a path whose result can depend on where its
+    # output is allocated). The attributes stay the same arrays, so writes into them count.
+    _LINEAR = ("w_a", "w_c")
+
+    def _checked(self, name, value):
+        checked = super()._checked(name, value)
+        return np.asfortranarray(checked) if name in self._LINEAR else checked
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for name in self._LINEAR:  # pickled when they were kept in C order
+            if "_" + name in state:
+                self.__dict__["_" + name] = np.asfortranarray(state["_" + name])
+
     def _config(self) -> dict:
         config = {"query_dim": self.query_dim, "key_dim": self.key_dim, "method": self.method,
                   "attentional_units": self.attentional_units, "value_dim": self.value_dim, "scale": self.scale}
@@ -595,7 +661,8 @@ class LuongAttention(_Weights):
 
     def __call__(self, query: ArrayLike, keys: ArrayLike, values: ArrayLike | None = None, *,
                  attn_mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None, warn: bool = True,
-                 mask: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 mask: ArrayLike | None = None, out_dtype: npt.DTypeLike | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One decoder step (query (B, query_dim)) or many (query (B, T, query_dim)).
 
         Args:
@@ -607,18 +674,23 @@ class LuongAttention(_Weights):
             key_lengths: ints broadcastable to (B,); keys at positions >= length are hidden.
             warn: check attn_mask for the usual mistakes (:class:`attnext.MaskWarning`: a bool
                 mask hiding every key of a batch entry, a float mask of only 0 and 1).
+            out_dtype: None (the layer's dtype) or np.float32 for a float16/bfloat16 layer:
+                the attentional state and the context as float32 (see the class docstring).
 
         There is no ``window``: a decoder step is not a position among the encoder's keys.
 
         Returns:
             (attentional_hidden, context, weights): (B, attentional_units), (B, value_dim),
-            (B, Lk) for one step; with a T axis before the last for many steps.
+            (B, Lk) for one step; with a T axis before the last for many steps. The weights of
+            a 16-bit layer are float32.
         """
-        return self._forward(query, keys, values, attn_mask, key_lengths, warn, mask)[0]
+        return self._forward(query, keys, values, attn_mask, key_lengths, warn, mask, out_dtype=out_dtype)[0]
 
-    def _forward(self, query, keys, values, attn_mask, key_lengths, warn, mask, keep: bool = False):
+    def _forward(self, query, keys, values, attn_mask, key_lengths, warn, mask, keep: bool = False,
+                 out_dtype=None):
         """The forward pass of __call__ and vjp: (result, saved), saved (only with keep) holding
         what the backward needs."""
+        wide = bool(out_kwargs(out_dtype, self._dtype))  # float32 outputs of a 16-bit layer
         given_mask = mask = _mask_alias(attn_mask, mask, "LuongAttention()")
         q = self._input(query, "query")
         k = self._input(keys, "keys")
@@ -638,33 +710,56 @@ class LuongAttention(_Weights):
         score_shape = q3.shape[:-1] + (lk,)
         m = self._mask(mask, single, score_shape, warn)
         lengths = _lengths(key_lengths, batch, lk)
-        g = self._g[()] if self.scale else 1.0
+        g = float(self._g) if self.scale else 1.0  # exact: a Python float holds any stored g
         lse = qa = None  # (the additive backward recomputes its lse)
+        out_dtype = FLOAT32 if wide else None  # the attention kernel's output
         if self.method == "concat":
-            v_eff = self._v * self._dtype.type(g) if self.scale else self._v
-            context, weights = additive_attention(q3, k, val, self._w_query, self._w_key, v_eff, attn_mask=m,
-                                                  key_lengths=lengths, return_weights=True, warn=False)
+            context, weights = additive_attention(q3, k, val, self._w_query, self._w_key, self._scaled_v(self._v, g),
+                                                  attn_mask=m, key_lengths=lengths, return_weights=True, warn=False,
+                                                  out_dtype=out_dtype)
         else:
             # s_t W_a h_j = (s_t W_a) . h_j: scaled-dot attention of s_t W_a with scale g, on the
-            # fused kernel (keys past key_lengths are skipped, not masked).
+            # fused kernel (keys past key_lengths are skipped, not masked). s_t W_a is one GEMM
+            # stored in the layer's dtype (a rounding point of a 16-bit layer).
             # A head axis of 1 before (T, D), so the batch axes stay batch axes for key_lengths.
-            qa = (q3 if self.method == "dot" else q3 @ self._w_a)[..., None, :, :]
+            qa = (q3 if self.method == "dot" else _linear(q3, self._w_a.T, None))[..., None, :, :]
             results = scaled_dot_product_attention(
                 qa, k[..., None, :, :], val[..., None, :, :], None if m is None else m[..., None, :, :], scale=g,
-                key_lengths=lengths, return_weights=True, return_lse=keep, warn=False)
+                key_lengths=lengths, return_weights=True, return_lse=keep, warn=False, out_dtype=out_dtype)
             context, weights = results[0][..., 0, :, :], results[1][..., 0, :, :]
             lse = results[2] if keep else None
-        dv = self.value_dim
-        hidden = np.tanh(context @ self._w_c[:dv] + q3 @ self._w_c[dv:])
+        # W_c reads the context in the layer's dtype: as the kernel stored it, or (out_dtype
+        # float32) rounded here from the float32 the kernel wrote, the same value.
+        hidden, read = self._attentional(context, q3, wide)
         saved = None
         if keep:
             saved = dict(q3=owned(q3, query), k=owned(k, keys), val=owned(val, keys if values is None else values),
-                         mask=None if m is None else owned(m, given_mask), lengths=lengths, qa=qa, context=context,
+                         mask=None if m is None else owned(m, given_mask), lengths=lengths, qa=qa, context=read,
                          lse=lse, hidden=hidden, g=g,
                          weights={name: np.array(self.__dict__["_" + name]) for name in self._shapes})
         if single:
             return (hidden[..., 0, :], context[..., 0, :], weights[..., 0, :]), saved
         return (hidden, context, weights), saved
+
+    def _scaled_v(self, v: np.ndarray, g: float) -> np.ndarray:
+        """concat's v times the learnable scale g (scale=True), in the layer's dtype: computed
+        in the accumulation type, so a 16-bit layer rounds it once (as attention's
+        method="additive" rounds v * scale)."""
+        if not self.scale:
+            return v
+        acc = accumulation_dtype(self._dtype)
+        return (v.astype(acc) * acc.type(g)).astype(self._dtype)
+
+    def _attentional(self, context: np.ndarray, q3: np.ndarray, wide: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(h~ = tanh([c; s] W_c), the context c as W_c reads it: in the layer's dtype). One GEMM
+        on [c; s]; a 16-bit layer accumulates it in float32, takes the tanh in float32 and
+        stores h~ in its type (float32 when ``wide``, out_dtype=np.float32)."""
+        read = context.astype(self._dtype, copy=False)
+        joined = np.concatenate([read, q3], axis=-1)
+        low = is_low_precision(self._dtype)
+        pre = _linear(joined, self._w_c.T, None, {"out_float32": True} if low else None)
+        hidden = np.tanh(pre)
+        return (hidden if wide else hidden.astype(self._dtype, copy=False)), read
 
     def vjp(self, query: ArrayLike, keys: ArrayLike, values: ArrayLike | None = None, *,
             attn_mask: ArrayLike | None = None, key_lengths: ArrayLike | None = None, warn: bool = True,
@@ -678,6 +773,7 @@ class LuongAttention(_Weights):
         when values were given; param_grads keyed like :meth:`state_dict`, summed over the
         batch. Masks and key lengths get no gradient.
         """
+        self._refuse_bfloat16_backward()
         result, saved = self._forward(query, keys, values, attn_mask, key_lengths, warn, mask, keep=True)
         given = (query, keys) if values is None else (query, keys, values)
 
@@ -698,11 +794,15 @@ class LuongAttention(_Weights):
         """((dquery, dkeys, dvalues), param_grads) of the T-axis form from what _forward saved."""
         w, q3, context, dv = s["weights"], s["q3"], s["context"], self.value_dim
         params = {name: np.zeros(self._torch_shape(name), dtype=self._dtype) for name in self._torch}
-        d_q3 = np.zeros_like(q3)
+        # Gradients summed in the accumulation type (float32 for a float16 layer, as the
+        # backward functions compute), cast to the layer's dtype at the end.
+        acc = accumulation_dtype(self._dtype)
+        d_q3 = np.zeros(q3.shape, dtype=acc)
         if grad_context is None:
             grad_context = np.zeros_like(context)
         if grad_hidden is not None:  # hidden = tanh([c; s] W_c): the attentional layer, nn.Linear without bias
-            d_pre = grad_hidden * (1 - s["hidden"] * s["hidden"])
+            hidden = np.asarray(s["hidden"], dtype=acc)
+            d_pre = grad_hidden.astype(acc, copy=False) * (1 - hidden * hidden)
             joined = np.concatenate([context, q3], axis=-1)
             d_joined, d_out_proj, _ = linear_grads(d_pre, joined, w["w_c"].T, None)
             grad_context = grad_context + d_joined[..., :dv]
@@ -710,8 +810,8 @@ class LuongAttention(_Weights):
             params["out_proj.weight"] = d_out_proj
         g = s["g"]
         if self.method == "concat":
-            v_eff = w["v"] * self._dtype.type(g) if self.scale else w["v"]
-            grads = additive_attention_backward(grad_context, q3, s["k"], s["val"], w["w_query"], w["w_key"], v_eff,
+            grads = additive_attention_backward(grad_context, q3, s["k"], s["val"], w["w_query"], w["w_key"],
+                                                self._scaled_v(w["v"], g),
                                                 context, s["lse"], attn_mask=s["mask"], key_lengths=s["lengths"],
                                                 grad_weights=grad_weights)
             d_q3 += grads["query"]
@@ -741,7 +841,7 @@ class LuongAttention(_Weights):
             else:
                 d_q3 += d_qa
         params = {name: np.array(a, dtype=self._dtype, order="C") for name, a in params.items()}
-        return (d_q3, d_keys, d_values), params
+        return tuple(np.asarray(d, dtype=self._dtype) for d in (d_q3, d_keys, d_values)), params
 
     def _mask(self, mask, single, score_shape, warn=True):
         if mask is None:

@@ -100,11 +100,20 @@ class SelfAttention:
         exclude_self: a position may not attend to itself (the diagonal is masked out), the
             usual remedy for self-attention over-weighting its own position. A row left with
             nothing to attend (position 0 under ``is_causal=True``) outputs zeros.
-        dtype: float32 or float64, the dtype of the weights and of the computation.
+        dtype: float32 or float64, the dtype of the weights and of the computation; or float16 /
+            ``ml_dtypes.bfloat16`` for inference: the weights (and state_dict) in that type,
+            products read from it, accumulation in float32, output in it unless
+            ``out_dtype=np.float32`` (:meth:`vjp` refuses bfloat16).
         rng: seed or ``np.random.Generator`` for the (Xavier-uniform) initial weights.
         dropout: probability of zeroing each attention weight (the kept ones scaled by
             1 / (1 - dropout)), PyTorch's meaning; applied in :meth:`vjp` (training) only, never
             in plain calls (inference).
+
+    Precision (16-bit layers, docs/precision.md): inputs converted to the layer's type; Q, K
+    and V (one GEMM, accumulated in float32, biases added in float32) rounded to it at their
+    store; then :func:`attnext.scaled_dot_product_attention` with its own rounding points and
+    the output rounded at its store unless ``out_dtype=np.float32``. The weights returned are
+    float32.
 
     Weights (textbook orientation, ``Q = x @ w_query + b_query``): ``w_query`` (embed_dim, qk_dim),
     ``w_key`` (embed_dim, qk_dim), ``w_value`` (embed_dim, v_dim), biases ``b_query``, ``b_key``
@@ -129,22 +138,23 @@ class SelfAttention:
         self.dtype = layer_dtype(dtype)
         rng = make_rng(rng)
         e, dk, dv = self.embed_dim, self.qk_dim, self.v_dim
-        # (embed_dim, 2 dk + dv): columns [W_q | W_k | W_v]
-        self._w = np.concatenate([glorot_uniform(rng, (d, e), self.dtype).T for d in (dk, dk, dv)], axis=1)
-        self._w = np.ascontiguousarray(self._w)
+        # (2 dk + dv, embed_dim): rows [W_q^T; W_k^T; W_v^T], the (out, in) layout the linear
+        # kernel reads in place (a transposed view would put it on a path whose float64 result
+        # can depend on where its output is allocated); the attributes are transposed views.
+        self._rows = np.concatenate([glorot_uniform(rng, (d, e), self.dtype) for d in (dk, dk, dv)])
         self._b = np.zeros(2 * dk + dv, dtype=self.dtype) if bias else None
 
     @property
     def w_query(self) -> np.ndarray:
-        return self._w[:, : self.qk_dim]
+        return self._rows[: self.qk_dim].T
 
     @property
     def w_key(self) -> np.ndarray:
-        return self._w[:, self.qk_dim: 2 * self.qk_dim]
+        return self._rows[self.qk_dim: 2 * self.qk_dim].T
 
     @property
     def w_value(self) -> np.ndarray:
-        return self._w[:, 2 * self.qk_dim:]
+        return self._rows[2 * self.qk_dim:].T
 
     @property
     def b_query(self) -> np.ndarray | None:
@@ -210,7 +220,8 @@ class SelfAttention:
 
     def __call__(self, x: ArrayLike, *, attn_mask: ArrayLike | None = None, is_causal: Causal = False,
                  key_lengths: ArrayLike | None = None, window: Window = None, return_weights: bool = False,
-                 warn: bool = True, mask: ArrayLike | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                 warn: bool = True, mask: ArrayLike | None = None, out_dtype: npt.DTypeLike | None = None
+                 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Self-attention of x with itself.
 
         Args:
@@ -221,25 +232,30 @@ class SelfAttention:
             key_lengths: ints broadcastable to x's batch shape (...,); positions >= length are
                 padding, hidden as keys.
             window: (left, right): position i sees [i - left, i + right]; None = unbounded side.
-            return_weights: also return the (..., L, L) attention weights.
+            return_weights: also return the (..., L, L) attention weights (float32 for a 16-bit
+                layer).
             warn: check attn_mask for the usual mistakes (:class:`attnext.MaskWarning`).
+            out_dtype: None (the layer's dtype) or np.float32 for a float16/bfloat16 layer (the
+                attention kernel writes its float32 result).
 
         Returns:
             output (..., L, v_dim), or (output, weights).
         """
-        result, _ = self._forward(x, attn_mask, is_causal, key_lengths, window, return_weights, warn, mask)
+        result, _ = self._forward(x, attn_mask, is_causal, key_lengths, window, return_weights, warn, mask,
+                                  out_dtype=out_dtype)
         return result
 
     def _forward(self, x, attn_mask, is_causal, key_lengths, window, return_weights, warn, mask=None,
-                 dropout_p: float = 0.0, seed: int | None = None, keep: bool = False):
+                 dropout_p: float = 0.0, seed: int | None = None, keep: bool = False, out_dtype=None):
         """The forward pass of __call__ and vjp: (result, saved), saved (only with keep) holding
         what the backward needs."""
+        out_dtype = FLOAT32 if out_kwargs(out_dtype, self.dtype) else None  # checked before any work
         given_mask = mask = _mask_alias(attn_mask, mask, "SelfAttention()")
         given = x
         x = _input(x, "x", self.dtype, self.embed_dim, "embed_dim")
         if x.ndim < 2:
             raise ValueError(f"x must have at least 2 dimensions (..., L, embed_dim), got shape {shape_str(x.shape)}")
-        qkv = _linear(x, self._w.T, self._b)  # one GEMM: (..., L, 2 dk + dv)
+        qkv = _linear(x, self._rows, self._b)  # one GEMM: (..., L, 2 dk + dv)
         dk = self.qk_dim
         q, k, v = qkv[..., :dk], qkv[..., dk: 2 * dk], qkv[..., 2 * dk:]
         if mask is not None:
@@ -258,7 +274,8 @@ class SelfAttention:
         # dropout only in training (vjp): a plain call passes no dropout arguments at all
         training = {"dropout_p": dropout_p, "seed": seed} if dropout_p else {}
         result = scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, key_lengths=lengths, window=window,
-                                              return_weights=return_weights, return_lse=keep, warn=False, **training)
+                                              return_weights=return_weights, return_lse=keep, warn=False,
+                                              out_dtype=out_dtype, **training)
         parts = list(result) if isinstance(result, tuple) else [result]
         saved = None
         if keep:
@@ -285,6 +302,7 @@ class SelfAttention:
         param_grads keyed like :meth:`state_dict` and summed over the batch. Masks and key
         lengths get no gradient.
         """
+        refuse_bfloat16_backward({"SelfAttention.dtype": self._rows})
         seed = dropout_seed(self.dropout, seed)
         result, saved = self._forward(x, attn_mask, is_causal, key_lengths, window, return_weights, warn, mask,
                                       self.dropout, seed, keep=True)
@@ -323,6 +341,8 @@ class SelfAttention:
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("dropout", 0.0)  # pickled before layers had dropout
+        if "_w" in state:  # pickled when the packed weight was kept as (embed_dim, 2 dk + dv)
+            state["_rows"] = np.ascontiguousarray(state.pop("_w").T)
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
@@ -366,7 +386,7 @@ class KVCache:
         if isinstance(capacity, (bool, np.bool_)) or not isinstance(capacity, numbers.Integral) or capacity < 0:
             raise ValueError(f"capacity must be a non-negative int, got {capacity!r}")
         self._initial = int(capacity)
-        self._dtype = None if dtype is None else layer_dtype(dtype, low_precision=True)
+        self._dtype = None if dtype is None else layer_dtype(dtype)
         self._k = None  # (B, Hk, capacity, D)
         self._v = None  # (B, Hk, capacity, Dv)
         self._length = 0
@@ -502,7 +522,7 @@ class MultiHeadAttention:
         self.vdim = self.embed_dim if vdim is None else positive_int(vdim, "vdim")
         self.head_dim = self.embed_dim // self.num_heads
         self.batch_first = bool(batch_first)
-        self.dtype = layer_dtype(dtype, low_precision=True)
+        self.dtype = layer_dtype(dtype)
         self.bias = bool(bias)
         self.dropout = dropout_rate(dropout)
         e, kv = self.embed_dim, self.num_kv_heads * self.head_dim

@@ -47,6 +47,25 @@ def low_precision_tolerance(dtype, roundings: int) -> float:
     intermediate stores. float32's own arithmetic (2^-24 per operation) is well inside it."""
     return roundings * 2.0 * UNIT_ROUNDOFF[np.dtype(dtype).name]
 
+# float32 arithmetic beside the reference's float64 in the 16-bit checks: 2^-24 per operation,
+# summed over at most a few hundred terms in the tests' shapes; relative to the result's scale.
+FLOAT32_SLACK = 1e-5
+
+
+def assert_low_precision_close(got, want, dtype, roundings: int, scale: float, what: str = "") -> None:
+    """A 16-bit call's result against the reference twin (docs/precision.md): same dtype, and
+    max|got - want| <= (low_precision_tolerance(dtype, roundings) + FLOAT32_SLACK) * scale, with
+    ``scale`` the magnitude of what is rounded. A float32 result (out_dtype=np.float32, or the
+    weights) skips the final store, so one rounding fewer is counted."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype}, reference {want.dtype}"
+    if got.dtype.name not in UNIT_ROUNDOFF:
+        roundings = max(0, roundings - 1)
+    tol = (low_precision_tolerance(dtype, roundings) + FLOAT32_SLACK) * scale
+    err = absolute_error(got.astype(np.float64), want.astype(np.float64))
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}"
+
+
 # Every layout a kernel must accept without changing its result. "strided" puts every axis at
 # stride 2 (offset 1 element into a bigger buffer), so no axis has unit stride.
 LAYOUTS = ("C", "F", "strided", "negative", "readonly", "broadcast")

@@ -50,13 +50,14 @@ OPTION_CHOICES = {
     "single_step": (False, True),  # RNN layers: one decoder step (B, D) instead of (B, T, D)
     "separate_values": (True, False),  # RNN layers: values given (else the keys are the values)
     "learn_scale": (False, True),  # Luong: a learnable scalar g on the scores
+    "exclude_self": (False, True),  # SelfAttention: no position attends to itself
     "dropout": (False, True),  # backward entries: dropout_p 0.3 with a fixed seed
     "grad_weights": (False, True),  # backward entries: a cotangent for the returned weights too
 }
 # Every feature on (one choice per option) for the suites that run one fixed case per entry.
 FULL_OPTIONS = dict(softmax_axis=-2, key_lengths=True, window=(1, 2), core_window=(1, 2), scale=0.3, bias=True, heads=2,
                     gqa=True, packed=True, self_attention=False, mask_2d=False, key_extra=2, normalize=True,
-                    single_step=False, separate_values=True, learn_scale=True, dropout=True,
+                    single_step=False, separate_values=True, learn_scale=True, exclude_self=True, dropout=True,
                     grad_weights=True)
 
 
@@ -132,6 +133,11 @@ class Kernel:
     # rounding point where the two can land apart, docs/precision.md).
     low_precision: bool = False
     roundings: int = 2
+    # A bfloat16 entry's rounding points ahead of its softmax that the kernel and the reference
+    # may resolve one ulp apart (a layer's projections; SDPA's Q * scale, whose fold the kernel
+    # decides per block and the reference over all of Q): its float32 outputs (the attention
+    # weights) are held to that many bfloat16 ulps instead of float32's tolerance.
+    weight_roundings: int = 0
 
 
 def _tuple(x):
@@ -451,21 +457,30 @@ def _float_arrays(kw):
     return [v for v in kw.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
 
 
-def _mha_call(kw):
+def _layer(cls, kw: dict, config_names, weight_names, dtype=None, **fixed):
+    """(layer, the call's keyword arguments): ``cls`` built from the config ints in kw and
+    loaded with the state dict in kw, in ``dtype`` (None: the computing dtype of kw's float
+    arrays, float64 when there are none); ``fixed`` adds constructor arguments."""
     kw = dict(kw)
-    config = {n: kw.pop(n) for n in MHA_CONFIG if n in kw}
-    state = {n: kw.pop(n) for n in MHA_WEIGHTS if n in kw}
-    floats = _float_arrays(kw) + _float_arrays(state)
-    dtype = compute_dtype(*floats) if floats else np.dtype(np.float64)
-    bias = "in_proj_bias" in state or "out_proj.bias" in state
-    layer = attnext.MultiHeadAttention(**config, bias=bias, dtype=dtype)
+    config = {n: kw.pop(n) for n in config_names if n in kw}
+    state = {n: kw.pop(n) for n in weight_names if n in kw}
+    if dtype is None:
+        floats = _float_arrays(kw) + _float_arrays(state)
+        dtype = compute_dtype(*floats) if floats else np.dtype(np.float64)
+    layer = cls(**config, dtype=dtype, **fixed)
     layer.load_state_dict(state)
+    return layer, kw
+
+
+def _mha_call(kw, dtype=None):
+    bias = "in_proj_bias" in kw or "out_proj.bias" in kw
+    layer, kw = _layer(attnext.MultiHeadAttention, kw, MHA_CONFIG, MHA_WEIGHTS, dtype, bias=bias)
     return _tuple(layer(**kw))
 
 
-def _mha_ref(kw):
-    dtype = compute_dtype(*_float_arrays(kw))
-    kw = _ref_inputs(kw, dtype)
+def _mha_twin(kw):
+    """ref.multi_head_attention of an MHA entry's call: the packed in_proj_weight (and bias)
+    split into the rows of Q, K and V, key and value defaulting as the layer's do."""
     e, heads, kv_heads = kw["embed_dim"], kw["num_heads"], kw["num_kv_heads"]
     kvw = kv_heads * (e // heads)
     if "in_proj_weight" in kw:
@@ -473,26 +488,20 @@ def _mha_ref(kw):
         wq, wk, wv = w[:e], w[e:e + kvw], w[e + kvw:]
     else:
         wq, wk, wv = kw["q_proj_weight"], kw["k_proj_weight"], kw["v_proj_weight"]
-    bq = bk = bv = None
+    biases = {"out_bias": kw.get("out_proj.bias")}
     if "in_proj_bias" in kw:
-        bb = kw["in_proj_bias"]
-        bq, bk, bv = bb[:e], bb[e:e + kvw], bb[e + kvw:]
+        b = kw["in_proj_bias"]
+        biases.update(q_bias=b[:e], k_bias=b[e:e + kvw], v_bias=b[e + kvw:])
     query = kw["query"]
     key = kw.get("key", query)
-    value = kw.get("value", key)
-    b, lq, lk = query.shape[0], query.shape[1], key.shape[1]
-    m = kw["attn_mask"]
-    if kw.get("key_lengths") is not None:
-        keep = (np.arange(lk) < np.asarray(kw["key_lengths"])[:, None])[:, None, None, :]
-        if m is None:
-            m = keep
-        elif m.dtype == np.bool_:
-            m = m & keep
-        else:
-            m = np.where(keep, m, -np.inf).astype(dtype)
-    out, w = ref.multi_head_attention(query, key, value, heads, wq, wk, wv, kw["out_proj.weight"], q_bias=bq,
-                                      k_bias=bk, v_bias=bv, out_bias=kw.get("out_proj.bias"), num_kv_heads=kv_heads,
-                                      attn_mask=m, is_causal=kw["is_causal"])
+    return ref.multi_head_attention(query, key, kw.get("value", key), heads, wq, wk, wv, kw["out_proj.weight"],
+                                    num_kv_heads=kv_heads, attn_mask=kw["attn_mask"], is_causal=kw["is_causal"],
+                                    key_lengths=kw.get("key_lengths"), **biases)
+
+
+def _mha_ref(kw):
+    dtype = compute_dtype(*_float_arrays(kw))
+    out, w = _mha_twin(_ref_inputs(kw, dtype))
     return out.astype(dtype), w.astype(dtype)
 
 
@@ -524,27 +533,23 @@ def _bahdanau_make(c: Case):
     return kw
 
 
-def _bahdanau_call(kw):
+def _bahdanau_call(kw, dtype=None):
     # Keyword calls throughout, so a dropped or unknown argument is a TypeError.
-    kw = dict(kw)
-    config = {n: kw.pop(n) for n in BAHDANAU_CONFIG if n in kw}
-    state = {n: kw.pop(n) for n in BAHDANAU_WEIGHTS if n in kw}
-    floats = _float_arrays(kw) + _float_arrays(state)
-    dtype = compute_dtype(*floats) if floats else np.dtype(np.float64)
-    layer = attnext.BahdanauAttention(**config, dtype=dtype)
-    layer.load_state_dict(state)
+    layer, kw = _layer(attnext.BahdanauAttention, kw, BAHDANAU_CONFIG, BAHDANAU_WEIGHTS, dtype)
     memory = layer.precompute(**{n: kw.pop(n) for n in ("keys", "values", "key_lengths") if n in kw})
     return _tuple(layer(memory=memory, **kw))
 
 
+def _bahdanau_twin(kw):
+    values = kw.get("values")
+    return ref.bahdanau_attention(kw["query"], kw["keys"], kw["keys"] if values is None else values, kw["w_query"],
+                                  kw["w_key"], kw["v"], g=kw.get("g"), bias=kw.get("bias"),
+                                  key_lengths=kw.get("key_lengths"))
+
+
 def _bahdanau_ref(kw):
     dtype = compute_dtype(*_float_arrays(kw))
-    kw = _ref_inputs(kw, dtype)
-    values = kw.get("values")
-    out = ref.bahdanau_attention(kw["query"], kw["keys"], kw["keys"] if values is None else values, kw["w_query"],
-                                 kw["w_key"], kw["v"], g=kw.get("g"), bias=kw.get("bias"),
-                                 key_lengths=kw.get("key_lengths"))
-    return tuple(np.asarray(r).astype(dtype) for r in out)
+    return tuple(np.asarray(r).astype(dtype) for r in _bahdanau_twin(_ref_inputs(kw, dtype)))
 
 
 LUONG_CONFIG = ("query_dim", "key_dim", "method", "attentional_units", "units", "value_dim", "scale")
@@ -579,26 +584,57 @@ def _luong_make(method):
     return make
 
 
-def _luong_call(kw):
-    kw = dict(kw)
-    config = {n: kw.pop(n) for n in LUONG_CONFIG if n in kw}
-    state = {n: kw.pop(n) for n in LUONG_WEIGHTS if n in kw}
-    floats = _float_arrays(kw) + _float_arrays(state)
-    dtype = compute_dtype(*floats) if floats else np.dtype(np.float64)
-    layer = attnext.LuongAttention(**config, dtype=dtype)
-    layer.load_state_dict(state)
+def _luong_call(kw, dtype=None):
+    layer, kw = _layer(attnext.LuongAttention, kw, LUONG_CONFIG, LUONG_WEIGHTS, dtype)
     return _tuple(layer(**kw))
+
+
+def _luong_twin(kw):
+    return ref.luong_attention(kw["query"], kw["keys"], kw.get("values"), kw["w_c"], method=kw["method"],
+                               w_a=kw.get("w_a"), w_query=kw.get("w_query"), w_key=kw.get("w_key"), v=kw.get("v"),
+                               g=kw.get("g"), mask=kw.get("mask"), key_lengths=kw.get("key_lengths"))
 
 
 def _luong_ref(kw):
     dtype = compute_dtype(*_float_arrays(kw))
-    kw = _ref_inputs(kw, dtype)
-    out = ref.luong_attention(kw["query"], kw["keys"], kw.get("values"), kw["w_c"], method=kw["method"],
-                              w_a=kw.get("w_a"), w_query=kw.get("w_query"), w_key=kw.get("w_key"), v=kw.get("v"),
-                              g=kw.get("g"), mask=kw.get("mask"), key_lengths=kw.get("key_lengths"))
-    return tuple(np.asarray(r).astype(dtype) for r in out)
+    return tuple(np.asarray(r).astype(dtype) for r in _luong_twin(_ref_inputs(kw, dtype)))
 
 LUONG_OPTIONS = ("learn_scale", "single_step", "separate_values", "key_lengths")
+
+SELF_CONFIG = ("embed_dim", "qk_dim", "v_dim", "exclude_self")
+SELF_WEIGHTS = ("query.weight", "key.weight", "value.weight", "query.bias", "key.bias", "value.bias")
+SELF_OPTIONS = ("exclude_self", "bias", "key_lengths", "window")
+
+
+def _self_make(c: Case):
+    e, dk, dv = max(c.d, 1), max(c.units, 1), max(c.dv, 1)
+    kw = dict(x=c.array(c.batch + (c.lq, e)), attn_mask=c.mask_for(c.batch + (c.lq, c.lq)), is_causal=c.causal,
+              window=c.opt("window"), return_weights=True)
+    if c.opt("key_lengths"):  # key_lengths over the batch dimensions
+        kw["key_lengths"] = c.rng.integers(0, c.lq + 1, size=c.batch)
+    kw.update(embed_dim=e, qk_dim=dk, v_dim=dv, exclude_self=c.opt("exclude_self"))
+    for name, rows in (("query", dk), ("key", dk), ("value", dv)):
+        kw[f"{name}.weight"] = c.array((rows, e), scale=1 / math.sqrt(e))
+        if c.opt("bias"):
+            kw[f"{name}.bias"] = c.array((rows,), scale=0.5)
+    return kw
+
+
+def _self_call(kw, dtype=None):
+    layer, kw = _layer(attnext.SelfAttention, kw, SELF_CONFIG, SELF_WEIGHTS, dtype, bias="query.bias" in kw)
+    return _tuple(layer(**kw))
+
+
+def _self_twin(kw):
+    return ref.self_attention(kw["x"], kw["query.weight"].T, kw["key.weight"].T, kw["value.weight"].T,
+                              b_query=kw.get("query.bias"), b_key=kw.get("key.bias"), b_value=kw.get("value.bias"),
+                              attn_mask=kw["attn_mask"], is_causal=kw["is_causal"], key_lengths=kw.get("key_lengths"),
+                              window=kw["window"], exclude_self=kw["exclude_self"], return_weights=True)
+
+
+def _self_ref(kw):
+    dtype = compute_dtype(*_float_arrays(kw))
+    return tuple(np.asarray(r).astype(dtype) for r in _self_twin(_ref_inputs(kw, dtype)))
 
 KERNELS: list[Kernel] = [
     Kernel("score[dot]", _score_make("dot"), lambda kw: (attnext.score(**kw),), _score_ref),
@@ -646,6 +682,7 @@ KERNELS: list[Kernel] = [
            options=LUONG_OPTIONS),
     Kernel("LuongAttention[concat]", _luong_make("concat"), _luong_call, _luong_ref, uses_mask=True,
            options=LUONG_OPTIONS),
+    Kernel("SelfAttention", _self_make, _self_call, _self_ref, uses_mask=True, uses_causal=True, options=SELF_OPTIONS),
 ]
 
 # Issue 15's backward functions and vjp pullbacks (they build on the entries above).
@@ -703,6 +740,8 @@ def check_against_reference(kernel: Kernel, kw: dict, tol_dtype=None) -> None:
         tol = tolerance(tol_dtype or g.dtype)
         if kernel.low_precision and g.dtype.itemsize == 2:
             tol = low_precision_tolerance(g.dtype, kernel.roundings)
+        elif kernel.weight_roundings:
+            tol = max(tol, low_precision_tolerance("bfloat16", kernel.weight_roundings))
         assert err <= tol, f"{kernel.name} output {i}: max rel err {err:.3g} > {tol:g} for {shapes(kw)}"
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 import attnext
 from attnext import reference as ref
 
-from .kernels import (MHA_CONFIG, MHA_WEIGHTS, Case, Kernel, _additive_attention_make, _attention_make, _mha_make,
-                      _score_make, _sdpa_make, _softmax_make, _tuple, _ws_make)
+from .kernels import (LUONG_OPTIONS, SELF_OPTIONS, Case, Kernel, _additive_attention_make, _attention_make,
+                      _bahdanau_call, _bahdanau_make, _bahdanau_twin, _luong_call, _luong_make, _luong_twin, _mha_call,
+                      _mha_make, _mha_twin, _score_make, _sdpa_make, _self_call, _self_make, _self_twin, _softmax_make,
+                      _tuple, _ws_make)
 
 try:
     import ml_dtypes
@@ -40,33 +40,10 @@ def _public(name: str):
     return (lambda kw: _tuple(getattr(attnext, name)(**kw)), lambda kw: _tuple(getattr(ref, name)(**kw)))
 
 
-def _mha_call(kw):
-    kw = dict(kw)
-    config = {n: kw.pop(n) for n in MHA_CONFIG if n in kw}
-    state = {n: kw.pop(n) for n in MHA_WEIGHTS if n in kw}
-    bias = "in_proj_bias" in state
-    layer = attnext.MultiHeadAttention(**config, bias=bias, dtype=ml_dtypes.bfloat16)
-    layer.load_state_dict(state)
-    return _tuple(layer(**kw))
-
-
-def _mha_ref(kw):
-    e, heads, kv_heads = kw["embed_dim"], kw["num_heads"], kw["num_kv_heads"]
-    kvw = kv_heads * (e // heads)
-    if "in_proj_weight" in kw:
-        w = kw["in_proj_weight"]
-        wq, wk, wv = w[:e], w[e:e + kvw], w[e + kvw:]
-    else:
-        wq, wk, wv = kw["q_proj_weight"], kw["k_proj_weight"], kw["v_proj_weight"]
-    biases = {}
-    if "in_proj_bias" in kw:
-        b = kw["in_proj_bias"]
-        biases = dict(q_bias=b[:e], k_bias=b[e:e + kvw], v_bias=b[e + kvw:], out_bias=kw["out_proj.bias"])
-    query = kw["query"]
-    key = kw.get("key", query)
-    return ref.multi_head_attention(query, key, kw.get("value", key), heads, wq, wk, wv, kw["out_proj.weight"],
-                                    num_kv_heads=kv_heads, attn_mask=kw["attn_mask"], is_causal=kw["is_causal"],
-                                    key_lengths=kw.get("key_lengths"), **biases)
+def _layer(call, twin):
+    """(call, reference) of a layer entry: the layer built in bfloat16 from the entry's
+    arguments, and its twin called with the same bfloat16 arguments."""
+    return (lambda kw: call(kw, ml_dtypes.bfloat16), lambda kw: _tuple(twin(kw)))
 
 
 def _entries() -> list:
@@ -87,10 +64,26 @@ def _entries() -> list:
     ]
     entries = [Kernel(f"{name}[bfloat16]", _bf16(make), *_public(fn), low_precision=True, **extra)
                for name, make, fn, extra in public]
-    # MultiHeadAttention's intermediate stores (docs/precision.md) add their rounding points.
-    entries.append(Kernel("MultiHeadAttention[bfloat16]", _bf16(_mha_make), _mha_call, _mha_ref, uses_mask=True,
-                          uses_causal=True, options=("heads", "gqa", "packed", "self_attention", "bias", "mask_2d",
-                                                     "key_lengths"), low_precision=True, roundings=9))
+    # The layers' intermediate rounding points (docs/precision.md) add to their counts, each
+    # with one of margin as the measure is relative to the largest output.
+    entries.append(Kernel("MultiHeadAttention[bfloat16]", _bf16(_mha_make), *_layer(_mha_call, _mha_twin),
+                          uses_mask=True, uses_causal=True, options=("heads", "gqa", "packed", "self_attention", "bias",
+                                                                     "mask_2d", "key_lengths"),
+                          low_precision=True, roundings=9, weight_roundings=3))
+    # Bahdanau: the context's store, g v / ||v|| and the bias sum (ahead of the softmax too), margin.
+    entries.append(Kernel("BahdanauAttention[bfloat16]", _bf16(_bahdanau_make), *_layer(_bahdanau_call, _bahdanau_twin),
+                          options=("key_extra", "normalize", "single_step", "separate_values", "key_lengths"),
+                          low_precision=True, roundings=4, weight_roundings=2))
+    # Luong: s W_a or v g, SDPA's store and P, the context W_c reads, h~'s store, margin; ahead
+    # of the softmax s W_a or v g, and SDPA's Q * g.
+    entries += [Kernel(f"LuongAttention[{method}][bfloat16]", _bf16(_luong_make(method)),
+                       *_layer(_luong_call, _luong_twin), uses_mask=True, options=LUONG_OPTIONS, low_precision=True,
+                       roundings=6, weight_roundings=2) for method in ("dot", "general", "concat")]
+    # SelfAttention: Q, K, V, SDPA's store and P, a near-boundary projection, margin; ahead of
+    # the softmax Q, K and Q * scale.
+    entries.append(Kernel("SelfAttention[bfloat16]", _bf16(_self_make), *_layer(_self_call, _self_twin),
+                          uses_mask=True, uses_causal=True, options=SELF_OPTIONS, low_precision=True, roundings=7,
+                          weight_roundings=3))
     return entries
 
 
