@@ -1029,12 +1029,11 @@ class MultiHeadAttention:
             raise ValueError(f"x_t must be (B, T, embed_dim) or (B, embed_dim), got shape {shape_str(x.shape)}")
         single = x.ndim == 2
         batch_first = self.batch_first or single
-        if single:
-            x = x[:, None, :]
         h, hk = self.num_heads, self.num_kv_heads
         # Everything below works on arrays made here from checked ones, so it calls the kernels
         # without the public functions' checks: this is the per-token path of decoding.
-        heads = self._split_heads(_linear(x, self._in_w, self._in_b), 0, h + 2 * hk, batch_first)
+        y = _core.linear(x[:, None, None, :] if single else x[:, :, None, :], self._in_w, self._in_b)
+        heads = self._split_heads(y, 0, h + 2 * hk, batch_first)  # (B, H + 2 Hk, T, head_dim)
         keys, values = cache._extend(heads[:, h:h + hk], heads[:, h + hk:])
         o = self._attend_cache(heads[:, :h], keys, values, heads.shape[2])
         out = self._project_out(o, batch_first, out_kw)
