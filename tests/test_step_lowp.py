@@ -253,3 +253,19 @@ def test_the_unchecked_attention_equals_the_public_function(bf16_path, dtype, hq
     if dtype == BF16:
         want = attnext.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True, out_dtype=np.float32)
         assert _attention_of_checked(q, k, v, causal, True).tobytes() == want.tobytes()
+
+
+def test_weights_and_cache_start_on_cache_lines():
+    """The decoding step's operands start on 64-byte boundaries (its loads then never straddle
+    two cache lines), also after a pickle round trip, and hold the same values."""
+    import pickle
+
+    layer = make_layer(BF16, 2, embed=64, heads=4)
+    twin = pickle.loads(pickle.dumps(layer))
+    for a, b in ((layer.in_proj_weight, twin.in_proj_weight), (layer.out_proj_weight, twin.out_proj_weight)):
+        assert a.ctypes.data % 64 == 0 and b.ctypes.data % 64 == 0
+        np.testing.assert_array_equal(a, b)
+    assert np.shares_memory(layer.q_proj_weight, layer.in_proj_weight)
+    cache = attnext.KVCache(dtype=BF16)
+    twin.step(np.ones((2, 64), BF16), cache)
+    assert cache.keys.ctypes.data % 64 == 0 and cache.values.ctypes.data % 64 == 0
