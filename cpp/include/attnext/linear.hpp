@@ -21,8 +21,11 @@ namespace attnext {
 // product computed in one block, so results are bit-identical for any number of threads. 64
 // columns give a decoding step's projections (512 to 1536 columns) 8 to 24 blocks to share.
 constexpr index_t kLinearColBlock = 64;
-// Below this many multiply-adds the blocks run on the calling thread: waking the team costs
-// more than it saves (about 2 us, the time one core takes for 2^17 of them from its caches).
+// Below this many multiply-adds (a few microseconds on one core) the blocks run on the calling
+// thread. Chosen from a 2-core AVX-512 machine: two threads paid off from about 2^15 of them in
+// float32 and 2^16 in bfloat16 when the machine was quiet; twice that leaves a margin for a busy
+// one, where a team member may have to wait for a core. A decoding step's projections (2^18 and
+// more at E = 512) run on every thread.
 constexpr index_t kLinearMinParallelWork = index_t(1) << 17;
 
 // linear() for many rows, through packed_gemm: the packers read x and W through their strides.
