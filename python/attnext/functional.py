@@ -468,7 +468,7 @@ def _prepare_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, ke
     q, k, v = qkv["query"], qkv["key"], qkv["value"]
     lq, lk = q.shape[-2], k.shape[-2]
     score_shape = batch + heads + (lq, lk)
-    scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else as_scalar(scale, "scale")
+    scale = _default_scale(q.shape[-1]) if scale is None else as_scalar(scale, "scale")
     mask = prepare_mask(attn_mask, score_shape, dtype, "attn_mask", check_core=3 if warn else 0)
     lengths = None
     if key_lengths is not None:
@@ -484,18 +484,46 @@ def _prepare_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, ke
     left, right = _window_bounds(window, lq, lk)
     causal, offset = causal_offset(is_causal, lq, lk)
     if gqa:
-        # (..., Hq, L, E) queries as (..., Hk, G, L, E) against stride-0 key/value heads: no copies.
-        group = hq // hk
-        q = q.reshape(batch + (hk, group) + q.shape[-2:])
-        k, v = k[..., :, None, :, :], v[..., :, None, :, :]
-        k = np.broadcast_to(k, batch + (hk, group) + k.shape[-2:])
-        v = np.broadcast_to(v, batch + (hk, group) + v.shape[-2:])
-        mask = None if mask is None else mask.reshape(batch + (hk, group, lq, lk))
+        q, k, v = _group_query_heads(q, k, v, batch)
+        mask = None if mask is None else mask.reshape(q.shape[:-2] + (lq, lk))
         if lengths is not None:
             lengths = lengths[..., None]
     if lengths is not None:
         lengths = np.broadcast_to(lengths, q.shape[:-2])
     return SdpaCall(q, k, v, mask, causal, offset, left, right, lengths, scale, dtype, batch, hq if gqa else None)
+
+
+def _default_scale(e: int) -> float:
+    """SDPA's scale when none is given: 1/sqrt(E) (1 for E = 0)."""
+    return 1.0 / math.sqrt(e) if e else 1.0
+
+
+def _group_query_heads(q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: tuple) -> tuple:
+    """GQA as the kernels take it: (*batch, Hq, L, E) queries as (*batch, Hk, G, L, E) against
+    stride-0 (*batch, Hk, G, S, E) key/value views of the (*batch, Hk, S, E) heads (no copies);
+    query head h = g * G + j reads key/value head g."""
+    hk = k.shape[-3]
+    group = q.shape[-3] // hk
+    q = q.reshape(batch + (hk, group) + q.shape[-2:])
+    k = np.broadcast_to(k[..., :, None, :, :], batch + (hk, group) + k.shape[-2:])
+    v = np.broadcast_to(v[..., :, None, :, :], batch + (hk, group) + v.shape[-2:])
+    return q, k, v
+
+
+def _attention_of_checked(query: np.ndarray, key: np.ndarray, value: np.ndarray, is_causal: Causal,
+                          out_float32: bool = False) -> np.ndarray:
+    """scaled_dot_product_attention(query, key, value, is_causal=is_causal, enable_gqa=True) for
+    arguments its caller made and checked itself (MultiHeadAttention.step, once per token):
+    query (B, Hq, L, E), key (B, Hk, S, E), value (B, Hk, S, Ev), one dtype, aligned, Hk dividing
+    Hq; no mask, dropout or window, the default scale. The same kernel call as the public
+    function's, without its argument checks and conversions; out_float32: the kernels' keyword
+    of a 16-bit call's ``out_dtype=np.float32``."""
+    batch = query.shape[:-3]
+    causal, offset = causal_offset(is_causal, query.shape[-2], key.shape[-2])
+    q, k, v = (query, key, value) if key.shape[-3] == query.shape[-3] else _group_query_heads(query, key, value, batch)
+    out, _, _ = _core.sdpa(q, k, v, None, causal, offset, -1, -1, None, _default_scale(query.shape[-1]), False, False,
+                           0.0, 0, out_float32)
+    return out.reshape(query.shape[:-1] + value.shape[-1:])
 
 
 def _dropout_seed(seed, dropout_p: float) -> int:

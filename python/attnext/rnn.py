@@ -44,7 +44,7 @@ from ._validation import (FLOAT32, accumulation_dtype, check_key_lengths, check_
 from .functional import (ArrayLike, ProjectedKeys, _additive_kernel, _mask_alias, additive_attention,
                          scaled_dot_product_attention)
 from .grad import additive_attention_backward, scaled_dot_product_attention_backward
-from .transformer import _kernel_bias, _linear
+from .transformer import _linear
 
 __all__ = ["BahdanauAttention", "BahdanauMemory", "BahdanauMemoryGrad", "LuongAttention"]
 
@@ -415,8 +415,9 @@ class BahdanauAttention(_Weights):
         """
         out = out_kwargs(out_dtype, self._dtype)
         q, single = self._step_query(query, memory)
-        result = _additive_kernel(q[..., None, :] if single else q, self._w_query,
-                                  _kernel_bias(self._step_bias(), self._dtype), memory.keys, memory.values,
+        bias = self._step_bias()  # the additive kernel adds it to float32 accumulators
+        bias = None if bias is None else bias.astype(accumulation_dtype(self._dtype), copy=False)
+        result = _additive_kernel(q[..., None, :] if single else q, self._w_query, bias, memory.keys, memory.values,
                                   self._v_eff, None, memory.key_lengths, bool(return_weights), out)
         if not single:
             return result

@@ -25,9 +25,9 @@ from ._layers import checked_weight as _check_array_shape
 from ._layers import (LayerPullback, dropout_rate, dropout_seed, glorot_uniform, input_grad, layer_dtype, layer_input,
                       linear_grads, make_rng, output_cotangents, owned, positive_int)
 from ._masks import as_mask, check_mask, combine_masks, key_mask_as_lengths
-from ._validation import (FLOAT32, accumulation_dtype, check_key_lengths, check_state_keys, out_kwargs, refuse_bfloat16_backward,
+from ._validation import (FLOAT32, check_key_lengths, check_state_keys, out_kwargs, refuse_bfloat16_backward,
                           shape_str, to_array)
-from .functional import ArrayLike, Causal, Window, _mask_alias, scaled_dot_product_attention
+from .functional import ArrayLike, Causal, Window, _attention_of_checked, _mask_alias, scaled_dot_product_attention
 from .grad import scaled_dot_product_attention_backward
 
 __all__ = ["SelfAttention", "MultiHeadAttention", "KVCache"]
@@ -43,8 +43,9 @@ def _linear(x: np.ndarray, weight: np.ndarray, bias, out: dict | None = None) ->
     """y = x weight^T + bias as one GEMM on attnext's threads.
 
     x (..., in) in any layout (a 3-d strided view is read in place); weight (out, in) with one
-    unit-stride axis; bias (out,) or None. Returns (..., out), C-contiguous. out: the keyword
-    of :func:`attnext._validation.out_kwargs`.
+    unit-stride axis; bias (out,) of the layer's dtype or None (the kernel reads a 16-bit bias
+    exactly into float32, its accumulation type). Returns (..., out), C-contiguous. out: the
+    keyword of :func:`attnext._validation.out_kwargs`.
     """
     lead = x.shape[:-1]
     if x.ndim == 3:
@@ -53,13 +54,26 @@ def _linear(x: np.ndarray, weight: np.ndarray, bias, out: dict | None = None) ->
         x4 = x[None, :, None, :]
     else:
         x4 = x.reshape((1, -1, 1, x.shape[-1]))
-    return _core.linear(x4, weight, _kernel_bias(bias, x.dtype), **(out or {})).reshape(lead + (weight.shape[0],))
+    return _core.linear(x4, weight, bias, **(out or {})).reshape(lead + (weight.shape[0],))
 
 
-def _kernel_bias(bias: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
-    """A linear map's bias as the kernel adds it, to its accumulators: float32 for a 16-bit
-    layer (which stores it in its own type), else as it is."""
-    return None if bias is None else bias.astype(accumulation_dtype(dtype), copy=False)
+def _line_aligned_empty(shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """np.empty(shape, dtype) starting on a 64-byte boundary (a cache line). A decoding step
+    reads its weights and cache rows in 64-byte loads; NumPy's large arrays start 16 bytes past
+    one, so every such load would straddle two lines (about 10% slower) unless aligned here."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    buffer = np.empty(nbytes + 64, np.uint8)
+    start = -buffer.ctypes.data % 64
+    return buffer[start: start + nbytes].view(dtype).reshape(shape)
+
+
+def _line_aligned(a: np.ndarray | None) -> np.ndarray | None:
+    """a itself when it starts on a cache line, else a copy that does (_line_aligned_empty)."""
+    if a is None or a.ctypes.data % 64 == 0:
+        return a
+    out = _line_aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
 
 
 def _want_weights(return_weights, need_weights) -> bool:
@@ -429,36 +443,38 @@ class KVCache:
         if key.dtype != value.dtype or key.dtype not in LAYER_DTYPES + LOW_PRECISION_DTYPES:
             raise TypeError(f"key and value must share a dtype float32, float64, float16 or bfloat16, got {key.dtype} "
                             f"and {value.dtype}")
-        if self._dtype is not None:
-            key, value = key.astype(self._dtype, copy=False), value.astype(self._dtype, copy=False)
+        return self._extend(key, value)
+
+    def _extend(self, key: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """append() for arrays already checked as append() checks them: (B, Hk, T, D) and
+        (B, Hk, T, Dv) ndarrays of one dtype it accepts, in native byte order (what
+        MultiHeadAttention.step makes). Converts them to the cache's type and checks that they
+        continue what it holds."""
+        if self._dtype is not None and key.dtype != self._dtype:
+            key, value = key.astype(self._dtype), value.astype(self._dtype)
         b, h, t = key.shape[:3]
-        if self._k is not None and self._length > 0:
-            cached = (self._k.shape[:2] + self._k.shape[3:], self._v.shape[3:], self._k.dtype)
-            if (key.shape[:2] + key.shape[3:], value.shape[3:], key.dtype) != cached:
-                raise ValueError(
-                    f"key has shape {shape_str(key.shape)} ({key.dtype}) but the cache holds keys of shape "
-                    f"{shape_str(self.keys.shape)} and values of {shape_str(self.values.shape)} ({self._k.dtype}): "
-                    "batch, heads, dims and dtype must match (call reset() to start a new sequence)")
-        needed = self._length + t
-        fits = (self._k is not None and needed <= self._k.shape[2] and self._k.dtype == key.dtype
-                and self._k.shape[:2] + self._k.shape[3:] == key.shape[:2] + key.shape[3:]
-                and self._v.shape[3:] == value.shape[3:])
-        if not fits:
-            same_kind = (self._k is not None and self._k.dtype == key.dtype
-                         and self._k.shape[:2] + self._k.shape[3:] == key.shape[:2] + key.shape[3:]
-                         and self._v.shape[3:] == value.shape[3:])
-            old = self._k.shape[2] if same_kind else 0
+        k = self._k
+        same_kind = (k is not None and k.dtype == key.dtype and k.shape[:2] == key.shape[:2]
+                     and k.shape[3] == key.shape[3] and self._v.shape[3] == value.shape[3])
+        if self._length > 0 and not same_kind:
+            raise ValueError(
+                f"key has shape {shape_str(key.shape)} ({key.dtype}) but the cache holds keys of shape "
+                f"{shape_str(self.keys.shape)} and values of {shape_str(self.values.shape)} ({k.dtype}): "
+                "batch, heads, dims and dtype must match (call reset() to start a new sequence)")
+        start, needed = self._length, self._length + t
+        if not same_kind or needed > k.shape[2]:
+            old = k.shape[2] if same_kind else 0
             capacity = max(needed, 2 * old, self._initial, 16)
-            new_k = np.empty((b, h, capacity, key.shape[3]), dtype=key.dtype)
-            new_v = np.empty((b, h, capacity, value.shape[3]), dtype=value.dtype)
-            if same_kind and self._length:
-                new_k[:, :, : self._length] = self._k[:, :, : self._length]
-                new_v[:, :, : self._length] = self._v[:, :, : self._length]
+            new_k = _line_aligned_empty((b, h, capacity, key.shape[3]), key.dtype)
+            new_v = _line_aligned_empty((b, h, capacity, value.shape[3]), value.dtype)
+            if start:
+                new_k[:, :, :start] = k[:, :, :start]
+                new_v[:, :, :start] = self._v[:, :, :start]
             self._k, self._v = new_k, new_v
-        self._k[:, :, self._length: needed] = key
-        self._v[:, :, self._length: needed] = value
+        self._k[:, :, start:needed] = key
+        self._v[:, :, start:needed] = value
         self._length = needed
-        return self.keys, self.values
+        return self._k[:, :, :needed], self._v[:, :, :needed]
 
     def __repr__(self) -> str:
         shape = None if self._k is None else shape_str(self.keys.shape)
@@ -541,6 +557,16 @@ class MultiHeadAttention:
         self._out_w = rng.uniform(-bound, bound, size=(e, e)).astype(self.dtype)
         self._in_b = np.zeros(e + 2 * kv, dtype=self.dtype) if self.bias else None
         self._out_b = np.zeros(e, dtype=self.dtype) if self.bias else None
+        self._align_weights()
+
+    def _align_weights(self) -> None:
+        """The weight matrices on cache-line boundaries (_line_aligned), for the decoding step's
+        projections; they are loaded in place from then on, so they stay there."""
+        self._in_w, self._out_w = _line_aligned(self._in_w), _line_aligned(self._out_w)
+        if self._packed:
+            self._split_in_proj()
+        else:
+            self._q_w, self._k_w, self._v_w = (_line_aligned(w) for w in (self._q_w, self._k_w, self._v_w))
 
     def _split_in_proj(self) -> None:
         """q/k/v_proj_weight as views of the rows of in_proj_weight (one GEMM for all three)."""
@@ -559,8 +585,7 @@ class MultiHeadAttention:
     def __setstate__(self, state: dict) -> None:
         state.setdefault("dropout", 0.0)  # pickled before layers had dropout
         self.__dict__.update(state)
-        if self._packed:
-            self._split_in_proj()
+        self._align_weights()
 
     # ---- weights --------------------------------------------------------------------------
 
@@ -723,7 +748,7 @@ class MultiHeadAttention:
         heads through a (B, L, H, head_dim) view (the kernel gathers rows, no separate copy).
         out: the output keyword of :func:`attnext._validation.out_kwargs`."""
         heads_last = o.transpose(0, 2, 1, 3) if batch_first else o.transpose(2, 0, 1, 3)
-        return _core.linear(heads_last, self._out_w, _kernel_bias(self._out_b, o.dtype), **(out or {}))
+        return _core.linear(heads_last, self._out_w, self._out_b, **(out or {}))
 
     def _layout_hint(self) -> str:
         other = "(L, B, E)" if self.batch_first else "(B, L, E)"
@@ -1052,30 +1077,28 @@ class MultiHeadAttention:
             raise ValueError(f"x_t must be (B, T, embed_dim) or (B, embed_dim), got shape {shape_str(x.shape)}")
         single = x.ndim == 2
         batch_first = self.batch_first or single
-        if single:
-            x = x[:, None, :]
-        e, kv, hk = self.embed_dim, self._kv_width, self.num_kv_heads
-        t = x.shape[1] if batch_first else x.shape[0]
-        y = _linear(x, self._in_w, self._in_b)
-        q = self._split_heads(y, 0, self.num_heads, batch_first)
-        keys, values = cache.append(self._split_heads(y, e, hk, batch_first),
-                                    self._split_heads(y, e + kv, hk, batch_first))
-        o = self._attend_cache(q, keys, values, t)
+        h, hk = self.num_heads, self.num_kv_heads
+        # Everything below works on arrays made here from checked ones, so it calls the kernels
+        # without the public functions' checks: this is the per-token path of decoding.
+        y = _core.linear(x[:, None, None, :] if single else x[:, :, None, :], self._in_w, self._in_b)
+        heads = self._split_heads(y, 0, h + 2 * hk, batch_first)  # (B, H + 2 Hk, T, head_dim)
+        keys, values = cache._extend(heads[:, h:h + hk], heads[:, h + hk:])
+        o = self._attend_cache(heads[:, :h], keys, values, heads.shape[2])
         out = self._project_out(o, batch_first, out_kw)
         return out[:, 0] if single else out
 
     def _attend_cache(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, t: int) -> np.ndarray:
-        """step()'s attention of the new queries over the cache, returned in the layer's dtype.
-        A cache of another dtype sets the type of the attention: the queries are rounded to it
-        (so the cache is read in place, never converted), and the output comes back in the
-        layer's dtype, as float32 straight from the kernel when that is what the layer needs."""
-        out = {}
+        """step()'s attention of the t new queries (B, H, t, head_dim) over the cache (bottom-right
+        causal), returned in the layer's dtype. A cache of another dtype sets the type of the
+        attention: the queries are rounded to it (so the cache is read in place, never
+        converted), and the output comes back in the layer's dtype, as float32 straight from
+        the kernel when that is what the layer needs."""
+        out_float32 = False
         if keys.dtype != self.dtype:
             q = q.astype(keys.dtype)
-            out = {"out_dtype": FLOAT32} if self.dtype == FLOAT32 and keys.dtype in LOW_PRECISION_DTYPES else {}
-        o = scaled_dot_product_attention(q, keys, values, is_causal="bottom_right" if t > 1 else False,
-                                         enable_gqa=self.num_kv_heads != self.num_heads, **out)
-        return o.astype(self.dtype, copy=False)
+            out_float32 = self.dtype == FLOAT32 and keys.dtype in LOW_PRECISION_DTYPES
+        o = _attention_of_checked(q, keys, values, "bottom_right" if t > 1 else False, out_float32)
+        return o if o.dtype == self.dtype else o.astype(self.dtype)
 
     def __repr__(self) -> str:
         extra = "" if self.num_kv_heads == self.num_heads else f", num_kv_heads={self.num_kv_heads}"
