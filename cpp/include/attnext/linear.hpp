@@ -98,6 +98,7 @@ void linear_few_rows(const Strided<const In>& x, const Strided<const In>& weight
   const bool x_direct = nd * nc == 0 || ((nc == 1 || x.stride(2) == nd) && x.stride(3) == 1);
   for_few_rows_blocks(nb * nl, in, out, [&](index_t c0, index_t cols) {
     RowMatrix<In> gathered;
+    RowMatrix<Acc> block;
     for (index_t b = 0; b < nb; ++b) {
       const In* x0 = x.data + b * x.stride(0);
       const In* xp = x0;
@@ -117,19 +118,23 @@ void linear_few_rows(const Strided<const In>& x, const Strided<const In>& weight
         x_stride = in;
       }
       const auto xm = OuterMap(xp, nl, in, Eigen::OuterStride<>(x_stride)).template cast<Acc>();
-      Eigen::Map<RowMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>> ym(y + b * nl * out + c0, nl, cols,
-                                                                            Eigen::OuterStride<>(out));
+      // The product lands in an aligned block first: Eigen's small products vectorise from the
+      // destination's first aligned element, and the elements before it are summed in another
+      // order, so writing into y directly made the result depend on where y was allocated.
+      block.resize(nl, cols);
       if (w_rows) {
-        ym.noalias() =
+        block.noalias() =
             xm * ColMap(weight.data + c0 * weight.stride(0), in, cols, Eigen::OuterStride<>(weight.stride(0)))
                      .template cast<Acc>();
       } else if (w_cols) {
-        ym.noalias() =
+        block.noalias() =
             xm * OuterMap(weight.data + c0, in, cols, Eigen::OuterStride<>(weight.stride(1))).template cast<Acc>();
       } else {
-        ym.noalias() = xm * w_copy.transpose().middleCols(c0, cols).template cast<Acc>();
+        block.noalias() = xm * w_copy.transpose().middleCols(c0, cols).template cast<Acc>();
       }
-      if (bias) ym.rowwise() += Eigen::Map<const Eigen::Matrix<Acc, 1, Eigen::Dynamic>>(bias + c0, cols);
+      if (bias) block.rowwise() += Eigen::Map<const Eigen::Matrix<Acc, 1, Eigen::Dynamic>>(bias + c0, cols);
+      Eigen::Map<RowMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>(y + b * nl * out + c0, nl, cols,
+                                                                         Eigen::OuterStride<>(out)) = block;
     }
   });
 }
