@@ -651,3 +651,20 @@ def test_gqa_with_key_lengths_and_per_head_mask():
     close(w, rw, np.float64)
     out_km, _ = layer(x, key_mask=np.arange(l) < lengths[:, None], attn_mask=per_head)  # prefix mask -> lengths
     close(out_km, rout, np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("rows_in_out", [(8, 4, 4), (9, 3, 6), (6, 6, 6), (2, 5, 7)], ids=str)
+def test_few_rows_linear_does_not_depend_on_where_its_output_lands(dtype, rows_in_out):
+    # A column-stride (transposed) weight takes Eigen's product, whose vectorised part started
+    # at the output's first aligned element: its sums' order followed the output's address.
+    rows, n_in, n_out = rows_in_out
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, rows, 1, n_in)).astype(dtype)
+    weight = rng.standard_normal((n_in, n_out)).astype(dtype).T
+    bias = rng.standard_normal(n_out).astype(dtype)
+    first = _core.linear(x, weight, bias)
+    held = []
+    for size in rng.integers(1, 64, size=200):
+        held.append(np.empty(size))  # moves where the next output is allocated
+        np.testing.assert_array_equal(_core.linear(x, weight, bias), first)
