@@ -2,8 +2,8 @@
 product paths (fixture bf16_path): the pair kernels (16-key q . k tiles reduced together, P V on
 interleaved pairs of value rows) against the reference of test_l2_sdpa_lowp (same rounding
 points, same derived tolerances), at the shapes where a pairing or a lane permutation would go
-wrong: odd key counts (the last key pairs with zero), key counts around the 256-key chunks and
-the 16-key tiles, E and Ev not multiples of 32 (masked tails) or above 128 (several column
+wrong: odd key counts (the last key pairs with zero), key counts around the chunks (512 keys for
+bfloat16) and the 16-key tiles, E and Ev not multiples of 32 (masked tails) or above 128 (several column
 passes), hidden keys whose value rows hold inf/NaN, strided K and V, 1 to 16 query rows.
 """
 
@@ -23,7 +23,7 @@ def qkv(g, B, L, S, E, Ev):
     return randn(g, (B, L, E), BF16), randn(g, (B, S, E), BF16), randn(g, (B, S, Ev), BF16)
 
 
-# (B, L, S, E, Ev): S around the 16-key tiles and the 256-key chunks, odd and even; E and Ev
+# (B, L, S, E, Ev): S around the 16-key tiles and the 512-key chunks, odd and even; E and Ev
 # below, at and above 32-element multiples, and past 128 columns (two P V passes).
 SHAPES = [
     (3, 1, 1, 64, 64),
@@ -33,7 +33,10 @@ SHAPES = [
     (2, 1, 255, 64, 64),
     (2, 1, 256, 64, 64),
     (2, 1, 257, 64, 64),
+    (2, 1, 511, 64, 64),
+    (2, 1, 512, 64, 64),
     (2, 1, 513, 64, 64),
+    (1, 1, 1025, 64, 64),
     (2, 3, 255, 40, 40),
     (2, 16, 257, 72, 72),
     (2, 5, 513, 33, 17),
@@ -59,7 +62,7 @@ def test_query_rows(bf16_path, L):
     check(q, k, v, out, True, lse=lse)
 
 
-@pytest.mark.parametrize("S", [255, 257, 513])
+@pytest.mark.parametrize("S", [255, 257, 513, 767])
 def test_no_read_past_the_last_key(bf16_path, S):
     """K and V are views ending one row before NaN rows: a kernel that read past the last key
     (an odd count's zero partner, a 16-key tile's spare lanes) would put NaN in the output."""
@@ -75,7 +78,7 @@ def test_no_read_past_the_last_key(bf16_path, S):
 @pytest.mark.parametrize("L", [1, 4, 16])
 def test_masks(bf16_path, kind, L):
     g = rng(4)
-    B, S = 2, 513
+    B, S = 2, 1025
     q, k, v = qkv(g, B, L, S, 64, 64)
     kw = mask_args(kind, g, B, L, S)
     out, _, lse = sdpa(q, k, v, **kw)
@@ -83,7 +86,7 @@ def test_masks(bf16_path, kind, L):
 
 
 @pytest.mark.parametrize("L", [1, 5])
-@pytest.mark.parametrize("S", [255, 257, 513])
+@pytest.mark.parametrize("S", [255, 513, 1025])
 def test_hidden_nonfinite_values(bf16_path, L, S):
     """inf/NaN in the value rows (and keys) of hidden keys never reach the output: keys past a
     key length (odd, inside a chunk), keys a bool mask hides (one in each chunk), and a row that

@@ -1,5 +1,5 @@
 // SDPA's decode path (L <= kDecodeMaxQueries, no weights). Keys are cut into fixed chunks of
-// kDecodeChunk; a unit is (batch entry, chunk) and computes every query row's partial softmax
+// decode_chunk_keys<In>(); a unit is (batch entry, chunk) and computes every query row's partial softmax
 // state (max, sum, unnormalised output) from dot products along E; the partials are merged by
 // the log-sum-exp merge in chunk order. One query thus uses every core, and since the chunks
 // depend only on S the result does not depend on the thread count.
@@ -26,6 +26,13 @@ namespace sdpa_detail {
 // score and the P V pass while the chunks still outnumber the cores at a few thousand keys;
 // chosen from a sweep of 128/256/512 (docs/benchmarks-notes-h1.md).
 constexpr index_t kDecodeChunk = 256;
+// The 16-bit types take chunks of the same bytes (twice the keys): every chunk starts its K
+// and V streams from memory cold, and at half the bytes per key that start-up would otherwise
+// be paid twice as often per byte read.
+template <typename In>
+constexpr index_t decode_chunk_keys() {
+  return sizeof(In) == 2 ? 2 * kDecodeChunk : kDecodeChunk;
+}
 // Up to this many query rows the decode path's per-row dot products beat packing Q into the
 // blocked path's tiles (a block holds 64 float queries, mostly padding at a handful of rows).
 constexpr index_t kDecodeMaxQueries = 16;
@@ -48,11 +55,10 @@ void decode_scores(bool pairs, const Acc* qf, const In* qh, const In* k, index_t
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same<In, bf16>::value)
     if (pairs) {
-      for (index_t i = 0; i < L; ++i) {
-        scores_pairs(qh + i * E, k, ks, E, nv, s + i * n);
-        if (!folded)
+      scores_pairs(qh, L, k, ks, E, nv, s, n);
+      if (!folded)
+        for (index_t i = 0; i < L; ++i)
           for (index_t j = 0; j < nv; ++j) s[i * n + j] *= scale;
-      }
       return;
     }
 #endif
@@ -154,13 +160,14 @@ void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, A
 template <typename In, typename Acc, typename Out>
 void decode(const SdpaProblem<In>& p, index_t N, Out* out, Acc* lse, const Dropout& drop = Dropout{}) {
   const index_t L = p.q.dim(-2), S = p.k.dim(-2), Ev = p.v.dim(-1);
-  const index_t chunks = std::max<index_t>(1, (S + kDecodeChunk - 1) / kDecodeChunk);
+  constexpr index_t chunk = decode_chunk_keys<In>();
+  const index_t chunks = std::max<index_t>(1, (S + chunk - 1) / chunk);
   const index_t w = Ev + 2;
   const bool pairs = pair_path<In>();
   std::vector<Acc, Eigen::aligned_allocator<Acc>> parts(static_cast<size_t>(N * chunks * L * w));
   parallel_for(N * chunks, [&](index_t u) {
     const index_t b = u / chunks, c = u % chunks;
-    const index_t c0 = c * kDecodeChunk, c1 = std::min(S, c0 + kDecodeChunk);
+    const index_t c0 = c * chunk, c1 = std::min(S, c0 + chunk);
     decode_chunk<In, Acc>(p, b, c0, c1, parts.data() + u * L * w, drop, pairs);
   }, true);
   // Merge the chunks of each row by log-sum-exp, in chunk order.

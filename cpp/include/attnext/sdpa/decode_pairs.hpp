@@ -76,21 +76,27 @@ inline void scores16_pairs(const bf16* q, const bf16* k, index_t ks, index_t e0,
   _mm512_mask_storeu_ps(s, keep, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(keep, s), sum) : sum);
 }
 
-// s[j] = q . K[j] for j in [0, n) (scores16_pairs over the keys, and over E in passes of
-// kDecodeScoreBlocks blocks).
-inline void scores_pairs(const bf16* q, const bf16* k, index_t ks, index_t E, index_t n, float* s) {
+// s[i * ss + j] = q_i . K[j] for L query rows (q_i at q + i * E) and keys j in [0, n)
+// (scores16_pairs over the keys, and over E in passes of kDecodeScoreBlocks blocks); each
+// 16-key tile is scored for every row while it is in L1.
+inline void scores_pairs(const bf16* q, index_t L, const bf16* k, index_t ks, index_t E, index_t n, float* s,
+                         index_t ss) {
   for (index_t j = 0; j < n; j += kDecodeScoreKeys) {
     const index_t nj = std::min(kDecodeScoreKeys, n - j);
     const bf16* kj = k + j * ks;
-    index_t e = 0;
-    for (; e + 32 * kDecodeScoreBlocks < E; e += 32 * kDecodeScoreBlocks)
-      scores16_pairs<kDecodeScoreBlocks>(q, kj, ks, e, E, nj, e > 0, s + j);
-    switch ((E - e + 31) / 32) {
-      case 1: scores16_pairs<1>(q, kj, ks, e, E, nj, e > 0, s + j); break;
-      case 2: scores16_pairs<2>(q, kj, ks, e, E, nj, e > 0, s + j); break;
-      case 3: scores16_pairs<3>(q, kj, ks, e, E, nj, e > 0, s + j); break;
-      case 4: scores16_pairs<4>(q, kj, ks, e, E, nj, e > 0, s + j); break;
-      default: break;
+    for (index_t i = 0; i < L; ++i) {
+      const bf16* qi = q + i * E;
+      float* si = s + i * ss + j;
+      index_t e = 0;
+      for (; e + 32 * kDecodeScoreBlocks < E; e += 32 * kDecodeScoreBlocks)
+        scores16_pairs<kDecodeScoreBlocks>(qi, kj, ks, e, E, nj, e > 0, si);
+      switch ((E - e + 31) / 32) {
+        case 1: scores16_pairs<1>(qi, kj, ks, e, E, nj, e > 0, si); break;
+        case 2: scores16_pairs<2>(qi, kj, ks, e, E, nj, e > 0, si); break;
+        case 3: scores16_pairs<3>(qi, kj, ks, e, E, nj, e > 0, si); break;
+        case 4: scores16_pairs<4>(qi, kj, ks, e, E, nj, e > 0, si); break;
+        default: break;
+      }
     }
   }
   static_assert(kDecodeScoreBlocks == 4, "the remainder switch above covers kDecodeScoreBlocks cases");
