@@ -1,5 +1,5 @@
 // SDPA's decode path (L <= kDecodeMaxQueries, no weights). Keys are cut into fixed chunks of
-// kDecodeChunk; a unit is (batch entry, chunk) and computes every query row's partial softmax
+// decode_chunk_keys<In>(); a unit is (batch entry, chunk) and computes every query row's partial softmax
 // state (max, sum, unnormalised output) from dot products along E; the partials are merged by
 // the log-sum-exp merge in chunk order. One query thus uses every core, and since the chunks
 // depend only on S the result does not depend on the thread count.
@@ -15,6 +15,7 @@
 #include "../online_softmax.hpp"
 #include "../parallel.hpp"
 #include "../scratch.hpp"
+#include "decode_pairs.hpp"
 #include "micro.hpp"
 #include "problem.hpp"
 
@@ -25,6 +26,13 @@ namespace sdpa_detail {
 // score and the P V pass while the chunks still outnumber the cores at a few thousand keys;
 // chosen from a sweep of 128/256/512 (docs/benchmarks-notes-h1.md).
 constexpr index_t kDecodeChunk = 256;
+// The 16-bit types take chunks of the same bytes (twice the keys): every chunk starts its K
+// and V streams from memory cold, and at half the bytes per key that start-up would otherwise
+// be paid twice as often per byte read.
+template <typename In>
+constexpr index_t decode_chunk_keys() {
+  return sizeof(In) == 2 ? 2 * kDecodeChunk : kDecodeChunk;
+}
 // Up to this many query rows the decode path's per-row dot products beat packing Q into the
 // blocked path's tiles (a block holds 64 float queries, mostly padding at a handful of rows).
 constexpr index_t kDecodeMaxQueries = 16;
@@ -34,16 +42,49 @@ struct SdpaDecodeSTag {};
 struct SdpaDecodeKTag {};
 struct SdpaDecodeVTag {};
 struct SdpaDecodeQhTag {};
+struct SdpaDecodePhTag {};
 
-// s = q . k for decode: the bfloat16 pair path's dot_pairs on qh (the packed query rows as
-// bfloat16, exact: they are product operands already) when pairs, else dot on qbuf.
+// s[i * n + j] = q_i . k_j for the L query rows and the nv keys of a chunk (rows at k + j * ks,
+// contiguous), times scale unless folded. The bfloat16 pair path (pairs; qh: the packed query
+// rows as bfloat16, exact: they are product operands already) scores every key in 16-key tiles
+// (decode_pairs.hpp), those a row does not see being overwritten by mask_scores; otherwise dot
+// on qf for the keys each row sees (range).
 template <typename In, typename Acc>
-inline Acc decode_dot(bool pairs, const Acc* qf, const In* qh, const In* k, index_t E) {
+void decode_scores(bool pairs, const Acc* qf, const In* qh, const In* k, index_t ks, index_t L, index_t E, index_t ja,
+                   index_t nv, index_t n, const KeyRange* range, bool folded, Acc scale, Acc* s) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same<In, bf16>::value)
-    if (pairs) return dot_pairs(qh, k, E);
+    if (pairs) {
+      scores_pairs(qh, L, k, ks, E, nv, s, n);
+      if (!folded)
+        for (index_t i = 0; i < L; ++i)
+          for (index_t j = 0; j < nv; ++j) s[i * n + j] *= scale;
+      return;
+    }
 #endif
-  return dot(qf, k, E);
+  for (index_t j = 0; j < nv; ++j) {
+    const In* kj = k + j * ks;
+    for (index_t i = 0; i < L; ++i)
+      if (ja + j >= range[i].lo && ja + j < range[i].hi)
+        s[i * n + j] = folded ? dot(qf + i * E, kj, E) : dot(qf + i * E, kj, E) * scale;
+  }
+}
+
+// o[0, Ev) = sum_j p[j] V[j, :] over one row's n keys, p already the rounded product operands
+// (V rows at v + j * vs, contiguous): on the pair path from p's bfloat16 copy ph (a scratch of
+// n), else by row_pv.
+template <typename In, typename Acc>
+void decode_pv(bool pairs, const Acc* p, In* ph, const In* v, index_t vs, index_t n, index_t Ev, Acc* o) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<In, bf16>::value)
+    if (pairs) {
+      store_row(p, n, ph);  // exact: p holds bfloat16 values
+      row_pv_pairs(ph, v, vs, n, Ev, o);
+      return;
+    }
+#endif
+  (void)ph;
+  row_pv(p, v, vs, n, Ev, o);
 }
 
 // Partial states of keys [c0, c1) for every query row (L <= kDecodeMaxQueries) of batch entry b.
@@ -70,6 +111,8 @@ void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, A
   const Scratch<In, SdpaDecodeQhTag> qhs(pairs ? static_cast<size_t>(L * E + 1) : 0);
   In* qh = qhs.data();
   if (pairs) store_row(qbuf, L * E, qh);
+  const Scratch<In, SdpaDecodePhTag> phs(pairs ? static_cast<size_t>(n + 1) : 0);
+  In* ph = phs.data();
   index_t kcs = 0, vcs = 0;
   const In* kc = contiguous_rows(p.k.data + p.k.batch_offset(b, 2) + ja * p.k.stride(-2), p.k.stride(-2),
                                  p.k.stride(-1), nv, E, kbuf.data(), kcs);
@@ -78,13 +121,7 @@ void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, A
   KeyRange range[kDecodeMaxQueries];
   for (index_t i = 0; i < L; ++i) range[i] = visible_keys(vis, i, S);
   // s[i][j - ja]: scores of the keys row i sees (the rest are hidden by mask_scores below).
-  for (index_t j = 0; j < nv; ++j) {
-    const In* kj = kc + j * kcs;
-    for (index_t i = 0; i < L; ++i)
-      if (ja + j >= range[i].lo && ja + j < range[i].hi)
-        s[i * n + j] = folded ? decode_dot(pairs, qbuf + i * E, qh + i * E, kj, E)
-                              : decode_dot(pairs, qbuf + i * E, qh + i * E, kj, E) * scale;
-  }
+  decode_scores(pairs, qbuf, qh, kc, kcs, L, E, ja, nv, n, range, folded, scale, s);
   int values_finite = -1;  // checked once, only if some row hides a key of the chunk
   for (index_t i = 0; i < L; ++i) {
     const KeyRange r = range[i];
@@ -111,7 +148,7 @@ void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, A
                          index_t(1));
     round_operands<In>(si + a, z - a);  // P as a product operand, after it entered the sum
     if (!careful) {
-      row_pv(si + a, vc + a * vcs, vcs, z - a, Ev, pi);
+      decode_pv(pairs, si + a, ph, vc + a * vcs, vcs, z - a, Ev, pi);
     } else {  // hidden keys (score -inf) skipped: a NaN/inf in their value rows never enters
       for (index_t j = a; j < z; ++j)
         if (pre[j - a] != neg_inf<Acc>()) axpy(si[j], vc + j * vcs, pi, Ev);
@@ -123,13 +160,14 @@ void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, A
 template <typename In, typename Acc, typename Out>
 void decode(const SdpaProblem<In>& p, index_t N, Out* out, Acc* lse, const Dropout& drop = Dropout{}) {
   const index_t L = p.q.dim(-2), S = p.k.dim(-2), Ev = p.v.dim(-1);
-  const index_t chunks = std::max<index_t>(1, (S + kDecodeChunk - 1) / kDecodeChunk);
+  constexpr index_t chunk = decode_chunk_keys<In>();
+  const index_t chunks = std::max<index_t>(1, (S + chunk - 1) / chunk);
   const index_t w = Ev + 2;
   const bool pairs = pair_path<In>();
   std::vector<Acc, Eigen::aligned_allocator<Acc>> parts(static_cast<size_t>(N * chunks * L * w));
   parallel_for(N * chunks, [&](index_t u) {
     const index_t b = u / chunks, c = u % chunks;
-    const index_t c0 = c * kDecodeChunk, c1 = std::min(S, c0 + kDecodeChunk);
+    const index_t c0 = c * chunk, c1 = std::min(S, c0 + chunk);
     decode_chunk<In, Acc>(p, b, c0, c1, parts.data() + u * L * w, drop, pairs);
   }, true);
   // Merge the chunks of each row by log-sum-exp, in chunk order.

@@ -549,23 +549,6 @@ inline void pv_micro_pairs(const std::uint32_t* Vp, index_t vps, index_t np2, co
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < kC; ++c) _mm512_store_ps(Ot + r * Bq + c * 16, acc[r][c]);
 }
-// Decode's dot product on the pair path: q and x are bfloat16 rows of n, read as pairs in
-// their memory order (vdpbf16ps), a tail of fewer than 32 elements loaded zero-padded. Half
-// the instructions of converting x to float first: decode is memory bound only if its
-// arithmetic keeps up with bfloat16's halved bytes.
-inline float dot_pairs(const bf16* q, const bf16* x, index_t n) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  index_t e = 0;
-  for (; e + 64 <= n; e += 64) {
-    acc0 = _mm512_dpbf16_ps(acc0, as_bh(_mm512_loadu_si512(q + e)), as_bh(_mm512_loadu_si512(x + e)));
-    acc1 = _mm512_dpbf16_ps(acc1, as_bh(_mm512_loadu_si512(q + e + 32)), as_bh(_mm512_loadu_si512(x + e + 32)));
-  }
-  for (; e < n; e += 32) {
-    const __mmask32 m = n - e >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (n - e)) - 1u);
-    acc0 = _mm512_dpbf16_ps(acc0, as_bh(_mm512_maskz_loadu_epi16(m, q + e)), as_bh(_mm512_maskz_loadu_epi16(m, x + e)));
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-}
 #endif  // __AVX512BF16__
 
 }  // namespace sdpa_detail
