@@ -43,6 +43,9 @@ SHAPES = [
     (1, 7, 300, 128, 160),
     (1, 2, 99, 96, 129),
     (2, 1, 31, 8, 1),
+    (1, 3, 40, 129, 64),  # E past 128: the scores take a first pass of 128 and then a tail
+    (2, 2, 21, 160, 33),
+    (1, 1, 70, 256, 64),
 ]
 
 
@@ -53,6 +56,15 @@ def test_shapes(bf16_path, shape, out_float32):
     q, k, v = qkv(rng(1), B, L, S, E, Ev)
     out, _, lse = sdpa(q, k, v, out_float32=out_float32)
     check(q, k, v, out, out_float32, lse=lse, exact=S <= 256)
+
+
+def test_zero_width_queries_and_keys_weigh_every_key_alike(bf16_path):
+    # E = 0: every score is the empty sum, 0, so each row's output is the mean of the values
+    q, k, v = qkv(rng(4), 2, 3, 33, 0, 8)
+    out, _, lse = sdpa(q, k, v, scale=1.0, out_float32=True)
+    mean = np.broadcast_to(v.astype(np.float64).mean(axis=1, keepdims=True), out.shape)
+    np.testing.assert_allclose(out, mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(lse, np.log(33), rtol=1e-6)
 
 
 @pytest.mark.parametrize("L", list(range(1, 17)))

@@ -17,6 +17,7 @@
 #include <attnext/strided.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
@@ -54,15 +55,15 @@ inline std::string shape_str(const std::vector<index_t>& shape) {
 enum class DType { f32, f64, bf16, f16 };
 
 // ml_dtypes' bfloat16, recognised without importing ml_dtypes: a 2-byte dtype named "bfloat16".
-// Reading the name goes through NumPy's Python property (about 0.5 us, paid on every call of a
-// decoding step), so the type number it was registered under, the same for the whole process,
-// is remembered the first time and compared after. Only the GIL holder gets here.
+// Reading the name is a Python-level property lookup, paid on every call of a decoding step, so
+// the type number it was registered under, the same for the whole process, is remembered the
+// first time and compared after.
 inline bool is_bfloat16(const py::dtype& dt) {
-  static int known_number = -1;
+  static std::atomic<int> known_number{-1};
   if (dt.itemsize() != 2 || dt.kind() == 'f') return false;
-  if (dt.num() == known_number) return true;
+  if (dt.num() == known_number.load(std::memory_order_relaxed)) return true;
   if (std::string(py::str(dt.attr("name"))) != "bfloat16") return false;
-  known_number = dt.num();
+  known_number.store(dt.num(), std::memory_order_relaxed);
   return true;
 }
 

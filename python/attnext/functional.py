@@ -521,8 +521,8 @@ def _attention_of_checked(query: np.ndarray, key: np.ndarray, value: np.ndarray,
     batch = query.shape[:-3]
     causal, offset = causal_offset(is_causal, query.shape[-2], key.shape[-2])
     q, k, v = (query, key, value) if key.shape[-3] == query.shape[-3] else _group_query_heads(query, key, value, batch)
-    out, _, _ = _core.sdpa(q, k, v, None, causal, offset, -1, -1, None, _default_scale(query.shape[-1]), False, False,
-                           0.0, 0, out_float32)
+    out, _, _ = _core.sdpa(q, k, v, causal=causal, causal_offset=offset, scale=_default_scale(query.shape[-1]),
+                           out_float32=out_float32)
     return out.reshape(query.shape[:-1] + value.shape[-1:])
 
 

@@ -60,7 +60,7 @@ def _linear(x: np.ndarray, weight: np.ndarray, bias, out: dict | None = None) ->
 def _line_aligned_empty(shape: tuple, dtype: np.dtype) -> np.ndarray:
     """np.empty(shape, dtype) starting on a 64-byte boundary (a cache line). A decoding step
     reads its weights and cache rows in 64-byte loads; NumPy's large arrays start 16 bytes past
-    one, so every such load would straddle two lines (about 10% slower) unless aligned here."""
+    one, so every such load would straddle two lines unless aligned here."""
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     buffer = np.empty(nbytes + 64, np.uint8)
     start = -buffer.ctypes.data % 64

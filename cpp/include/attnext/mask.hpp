@@ -77,6 +77,14 @@ inline KeyRange visible_keys(const Visibility& v, index_t i, index_t keys) {
   return {lo, std::max(lo, hi)};
 }
 
+// The keys some query of the block [i0, i0 + nq) sees (nq >= 1), within [ka, kz): the span its
+// key tiles walk.
+inline KeyRange block_keys(const Visibility& v, index_t i0, index_t nq, index_t keys, index_t ka = 0,
+                           index_t kz = std::numeric_limits<index_t>::max()) {
+  const index_t lo = std::max(visible_keys(v, i0, keys).lo, ka);
+  return {lo, std::max(lo, std::min(visible_keys(v, i0 + nq - 1, keys).hi, kz))};
+}
+
 // A score plus an additive mask entry; -inf hides the key whatever its score (NaN, +inf).
 // The entry is added as it is: a finite score and mask are never rescaled (no overflow).
 template <typename T, typename M>

@@ -35,8 +35,7 @@ constexpr int kChains = 16;
 // cores, long enough to swamp the parallel region's start-up (microseconds). A run is
 // kSlices slices and the best slice counts: on a machine shared with other work, one slice
 // in which another process took a core would halve the rate of all threads together, and
-// the shorter the slice, the likelier some slice ran alone (with 10 ms runs, best of 3, a
-// busy 2-core machine read 279 GFLOP/s for a vdpbf16ps loop that runs at 440-465 alone).
+// the shorter the slice, the likelier some slice ran alone.
 constexpr long kTrips = 256 * 1024;
 constexpr int kSlices = 16;
 

@@ -461,8 +461,8 @@ void row_normalisers(const Backward<In, Acc>& c, Block<In, Acc>& k, const Worksp
     large |= i < k.nq && std::abs(w.lse[i]) > Acc(kExactLseAbove) && std::isfinite(w.lse[i]);
   }
   if (large) {
-    const index_t kmin = visible_keys(k.vis, k.i0, c.S).lo;
-    const index_t kmax = std::max(kmin, visible_keys(k.vis, k.i0 + k.nq - 1, c.S).hi);
+    const KeyRange span = block_keys(k.vis, k.i0, k.nq, c.S);
+    const index_t kmin = span.lo, kmax = span.hi;
     for (index_t j0 = kmin; j0 < kmax; j0 += kBk) {
       const index_t nj = std::min(kBk, kmax - j0);
       Pk<Acc> mt[kC];
@@ -520,8 +520,8 @@ void row_deltas(const Backward<In, Acc>& c, index_t b, index_t i0, index_t nq, A
     sdpa_detail::pack_q(grows, go.stride(-2), go.stride(-1), nq, c.Ev, Acc(1), w.dOt);
     std::fill(D, D + nq, Acc(0));
   }
-  const index_t kmin = visible_keys(k.vis, i0, c.S).lo;
-  const index_t kmax = std::max(kmin, visible_keys(k.vis, i0 + nq - 1, c.S).hi);
+  const KeyRange span = block_keys(k.vis, i0, nq, c.S);
+  const index_t kmin = span.lo, kmax = span.hi;
   const Strided<const Acc>& gw = g.grad_weights;
   const Acc* gb = gw.data ? gw.data + gw.batch_offset(b, 2) + i0 * gw.stride(-2) : nullptr;
   for (index_t j0 = kmin; j0 < kmax; j0 += kBk) {

@@ -393,8 +393,8 @@ void attend_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, i
   Block<In, Acc> k = make_block<In, Acc>(p, b, i0, nq, ws.data(), pairs);
   k.drop = drop;
   k.Vpre = vpre;
-  const index_t kmin = std::max(visible_keys(k.vis, i0, k.S).lo, ka);
-  const index_t kmax = std::max(kmin, std::min(visible_keys(k.vis, i0 + nq - 1, k.S).hi, kz));
+  const KeyRange span = block_keys(k.vis, i0, nq, k.S, ka, kz);
+  const index_t kmin = span.lo, kmax = span.hi;
   bool normalised = false;
   if (o.weights) {
     normalised = weights_passes(k, kmin, kmax, o.weights + (b * k.L + i0) * k.S);
@@ -425,8 +425,8 @@ void attend_two_blocks(const SdpaProblem<In>& p, index_t b, const index_t (&i0)[
   for (int h = 0; h < 2; ++h) {
     k[h].drop = drop;
     k[h].Vpre = vpre;
-    kmin[h] = visible_keys(k[h].vis, i0[h], k[h].S).lo;
-    kmax[h] = std::max(kmin[h], visible_keys(k[h].vis, i0[h] + nq[h] - 1, k[h].S).hi);
+    const KeyRange span = block_keys(k[h].vis, i0[h], nq[h], k[h].S);
+    kmin[h] = span.lo, kmax[h] = span.hi;
   }
   for (index_t t = 0;; ++t) {
     bool any = false;
@@ -486,6 +486,7 @@ struct ValuePairs {
   std::vector<std::uint32_t, Eigen::aligned_allocator<std::uint32_t>> data;
   index_t b0 = 0, rows = 0, vps = 0;
   const std::uint32_t* entry(index_t b) const { return data.data() + (b - b0) * rows * vps; }
+  std::uint32_t* entry(index_t b) { return data.data() + (b - b0) * rows * vps; }
 };
 
 // Entries per ValuePairs group: 0 (pack per tile) unless the pair path runs and some entry
@@ -510,7 +511,7 @@ void pack_values(const SdpaProblem<In>& p, index_t b0, index_t n, ValuePairs& vp
     parallel_for(n * tiles, [&](index_t u) {
       const index_t b = b0 + u / tiles, j0 = (u % tiles) * kBk;
       pack_value_pairs(p.v.data + p.v.batch_offset(b, 2) + j0 * vs, vs, ve, std::min(kBk, S - j0), Ev,
-                       const_cast<std::uint32_t*>(vp.entry(b)) + (j0 / 2) * vp.vps, vp.vps);
+                       vp.entry(b) + (j0 / 2) * vp.vps, vp.vps);
     });
   }
 #endif

@@ -54,7 +54,7 @@ void decode_scores(bool pairs, const Acc* qf, const In* qh, const In* k, index_t
                    index_t nv, index_t n, const KeyRange* range, bool folded, Acc scale, Acc* s) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same<In, bf16>::value)
-    if (pairs) {
+    if (pairs && E > 0) {  // E = 0: every score is the empty sum, 0, which dot gives below
       scores_pairs(qh, L, k, ks, E, nv, s, n);
       if (!folded)
         for (index_t i = 0; i < L; ++i)
@@ -83,7 +83,6 @@ void decode_pv(bool pairs, const Acc* p, In* ph, const In* v, index_t vs, index_
       return;
     }
 #endif
-  (void)ph;
   row_pv(p, v, vs, n, Ev, o);
 }
 
