@@ -296,12 +296,27 @@ def test_one_dtype_per_call(dt):
         _core.sdpa(q, q, q, np.zeros((2, 4, 4), dt))  # a float mask of a 16-bit call is float32
     aq, ak, wq, wk, v, bias = additive_operands(rng, dt)
     with pytest.raises(TypeError, match="bias .*float32"):
-        _core.score_additive(aq, ak, wq, wk, v, bias.astype(dt))
+        _core.score_additive(aq, ak, wq, wk, v, bias.astype(np.float64))
     with pytest.raises(TypeError, match="w_query"):
         _core.score_additive(aq, ak, wq.astype(np.float32), wk, v, bias)
     with pytest.raises(TypeError, match="keys_raw"):
         raw, expo, ok = _core.additive_keys(ak.astype(np.float64), wk.astype(np.float64))
         _core.additive_attention(aq, wq, bias, raw, expo, ok, rand(rng, (2, 29, 3), dt), v, None, None)
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=ids)
+def test_a_bias_of_the_inputs_16_bit_type_is_read_exactly(dt):
+    # A 16-bit layer stores its bias in its own type; the bindings widen it exactly, so it
+    # gives the bits of the same values passed as float32.
+    rng = np.random.default_rng(13)
+    aq, ak, wq, wk, v, bias = additive_operands(rng, dt)
+    narrow = bias.astype(dt)
+    wide = narrow.astype(np.float32)
+    np.testing.assert_array_equal(_core.score_additive(aq, ak, wq, wk, v, narrow),
+                                  _core.score_additive(aq, ak, wq, wk, v, wide))
+    value = rand(rng, (2, 29, 3), dt)
+    np.testing.assert_array_equal(_core.additive_attention_keys(aq, wq, narrow, ak, wk, value, v, None, None, False),
+                                  _core.additive_attention_keys(aq, wq, wide, ak, wk, value, v, None, None, False))
 
 
 def test_non_native_16_bit_is_refused():

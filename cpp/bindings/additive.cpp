@@ -116,7 +116,7 @@ AttentionArgs<T> parse_attention(const py::array& q, const py::object& w_query, 
     fail_value("w_query has shape " + shape_str(a.wq) + " but " + units_name + " has " + shape_str(units_ref) +
                ": the number of units must match");
   a.vc = parameter_vector<T>(q, "query", v, "v", units, units_are(units));
-  a.bias = parameter_bias<acc_t<T>>(q, "query", bias, units, units_are(units));
+  a.bias = parameter_bias<T>(q, "query", bias, units, units_are(units));
   const index_t lk = value.shape(value.ndim() - 2);
   a.score_shape = shape_of(q);
   a.score_shape.back() = lk;
@@ -279,7 +279,7 @@ void register_additive(py::module_& m) {
         "softmax(v . tanh(query w_query + bias + keys) + mask) value on keys prepared by additive_keys. "
         "query (..., Lq, Dq), keys (..., Lk, U), value (..., Lk, Dv), equal batch shapes; mask broadcast to "
         "(..., Lq, Lk) or None; key_lengths (...,) int64 or None -> context (..., Lq, Dv) [, weights (..., Lq, Lk)]. "
-        "16-bit inputs: w_query and v in query's dtype, bias, keys_raw, keys_exp and a float mask float32; the "
+        "16-bit inputs: w_query and v in query's dtype, bias float32 or query's dtype, keys_raw, keys_exp and a float mask float32; the "
         "context in query's dtype (float32 with out_float32), the weights float32.");
   m.def("additive_attention_keys", [](const py::array& q, const py::object& w_query, const py::object& bias,
                                       const py::array& key, const py::object& w_key, const py::array& value,

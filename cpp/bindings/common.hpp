@@ -347,21 +347,33 @@ CArray<T> parameter_vector(const py::array& ref, const char* ref_name, const py:
 // The usual `expected` of parameter_vector: "the number of units is 6".
 inline std::string units_are(py::ssize_t units) { return "the number of units is " + std::to_string(units); }
 
-// An optional bias: None, or a parameter_vector of the call's accumulation type T (float32 for
-// a 16-bit call: a bias is added to Acc values). data() is null for None.
+// An optional bias, added to accumulators of type T = acc_t<In>: None, a parameter_vector of
+// T, or, in a 16-bit call, one of the inputs' own type In (as a 16-bit layer stores it), read
+// exactly into T here so that no caller converts it. data() is null for None.
 template <typename T>
 struct Bias {
   CArray<T> array;
-  bool present = false;
-  const T* data() const { return present ? array.data() : nullptr; }
+  std::vector<T> widened;
+  bool present = false, is_widened = false;
+  const T* data() const { return !present ? nullptr : is_widened ? widened.data() : array.data(); }
 };
-template <typename T>
-Bias<T> parameter_bias(const py::array& ref, const char* ref_name, const py::object& bias, py::ssize_t length,
-                       const std::string& expected) {
+template <typename In>
+Bias<acc_t<In>> parameter_bias(const py::array& ref, const char* ref_name, const py::object& bias,
+                               py::ssize_t length, const std::string& expected) {
+  using T = acc_t<In>;
   Bias<T> b;
   if (bias.is_none()) return b;
-  b.array = parameter_vector<T>(ref, ref_name, bias, "bias", length, expected);
   b.present = true;
+  if constexpr (is_lowp<In>::value) {
+    if (py::isinstance<py::array>(bias) && py::reinterpret_borrow<py::array>(bias).dtype().equal(ref.dtype())) {
+      const CArray<In> given = parameter_vector<In>(ref, ref_name, bias, "bias", length, expected);
+      b.widened.resize(static_cast<std::size_t>(length));
+      load_row(given.data(), 1, length, b.widened.data());
+      b.is_widened = true;
+      return b;
+    }
+  }
+  b.array = parameter_vector<T>(ref, ref_name, bias, "bias", length, expected);
   return b;
 }
 

@@ -1,32 +1,12 @@
 // The layers' dense maps: y = x W^T + b.
 #include <attnext/linear.hpp>
 
-#include <vector>
-
 #include "common.hpp"
 
 namespace attnext {
 namespace bind {
 
 namespace {
-
-// The bias the kernel adds, of the accumulation type Acc: as given (parameter_bias), or, for
-// 16-bit x, a bias of x's own dtype (as a 16-bit layer stores it) widened exactly into
-// `widened` here, so that a decoding step's caller converts nothing. Null for None.
-template <typename In, typename Acc>
-const Acc* linear_bias(const py::array& x, const py::object& bias, py::ssize_t length, const std::string& expected,
-                       Bias<Acc>& given, std::vector<Acc>& widened) {
-  if constexpr (is_lowp<In>::value) {
-    if (py::isinstance<py::array>(bias) && py::reinterpret_borrow<py::array>(bias).dtype().equal(x.dtype())) {
-      const CArray<In> b = parameter_vector<In>(x, "x", bias, "bias", length, expected);
-      widened.resize(static_cast<std::size_t>(length));
-      load_row(static_cast<const In*>(b.data()), 1, length, widened.data());
-      return widened.data();
-    }
-  }
-  given = parameter_bias<Acc>(x, "x", bias, length, expected);
-  return given.data();
-}
 
 // In: the inputs' type; Out: the output's (In, or float when a 16-bit call asks for float32).
 // weight is of In, bias of the accumulation type (float32 for 16-bit inputs) or of In.
@@ -39,18 +19,16 @@ py::array linear_impl(const py::array& x, const py::array& weight, const py::obj
   if (weight.shape(1) != x.shape(2) * x.shape(3))
     fail_value("x has shape " + shape_str(x) + " (" + std::to_string(x.shape(2) * x.shape(3)) +
                " features per row) but weight has " + shape_str(weight) + ": weight must be (out, in)");
-  Bias<Acc> given;
-  std::vector<Acc> widened;
-  const Acc* bp = linear_bias<In>(x, bias, weight.shape(0), "weight has " + shape_str(weight) + ": bias must be (out,)",
-                                  given, widened);
+  const Bias<Acc> b = parameter_bias<In>(x, "x", bias, weight.shape(0),
+                                         "weight has " + shape_str(weight) + ": bias must be (out,)");
   const Strided<const In> xv = view<In>(x, "x"), wv = view<In>(weight, "weight");
   py::array out = new_output_like<Out>(x, {xv.dim(0), xv.dim(1), wv.dim(0)}, "linear output");
   if (all_empty({&out})) return out;
   Out* o = data_of<Out>(out);
   {
-    // Safe without the GIL: x, weight, the bias (given or widened) and out are kept alive by this frame.
+    // Safe without the GIL: x, weight, the bias and out are kept alive by this frame.
     py::gil_scoped_release nogil;
-    linear<In, Acc, Out>(xv, wv, bp, o);
+    linear<In, Acc, Out>(xv, wv, b.data(), o);
   }
   return out;
 }

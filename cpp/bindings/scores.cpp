@@ -62,7 +62,7 @@ py::array additive_impl(const py::array& q, const py::array& k, const py::object
   require_dim(wqc, "w_query", 1, wkc, "w_key", 1, "the number of units (second dimensions)");
   const py::ssize_t units = wqc.shape(1);
   const auto vc = parameter_vector<In>(q, "query", v, "v", units, units_are(units));
-  const Bias<Acc> bc = parameter_bias<Acc>(q, "query", bias, units, units_are(units));
+  const Bias<Acc> bc = parameter_bias<In>(q, "query", bias, units, units_are(units));
   // The kernel stores both projections, (..., Lq, U) and (..., Lk, U): refuse sizes whose
   // products overflow before it allocates them.
   std::vector<index_t> qp_shape = shape_of(q), kp_shape = shape_of(k);

@@ -1,7 +1,8 @@
 # Type stub for attnext._core, the private compiled module. Arrays must already be
 # float32, float64, float16 or ml_dtypes.bfloat16 ndarrays with matching dtypes and batch shapes
-# (the public API prepares them). 16-bit inputs compute in float32: their float masks, biases,
-# keys_raw/keys_exp are float32, weights and lse come back float32, and the main output is in the
+# (the public API prepares them). 16-bit inputs compute in float32: their float masks and
+# keys_raw/keys_exp are float32, a bias float32 or the inputs' dtype (widened exactly), weights
+# and lse come back float32, and the main output is in the
 # inputs' dtype unless out_float32=True asks for float32 (ignored for float32 inputs, a
 # ValueError for float64). Backward entries take float32 or float64 only (TypeError otherwise).
 from typing import Literal

@@ -791,10 +791,7 @@ def _prepare_additive(query, key, value, w_query, w_key, v, *, bias=None, attn_m
         keys = ProjectedKeys._project(keys, a["w_key"]).broadcast_to(batch)
     else:
         keys = (keys, a["w_key"])
-    # The bias is added to float32 accumulators in a 16-bit call: the kernels take it as float32.
-    bias = a.get("bias")
-    bias = None if bias is None else bias.astype(accumulation_dtype(dtype), copy=False)
-    return AdditiveCall(b["query"], wq, bias, keys, b["value"], vv, m, lengths, raw_key, raw_w_key, dtype)
+    return AdditiveCall(b["query"], wq, a.get("bias"), keys, b["value"], vv, m, lengths, raw_key, raw_w_key, dtype)
 
 
 def _additive_kernel(query: np.ndarray, w_query: np.ndarray, bias: np.ndarray | None,

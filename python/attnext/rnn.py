@@ -415,10 +415,8 @@ class BahdanauAttention(_Weights):
         """
         out = out_kwargs(out_dtype, self._dtype)
         q, single = self._step_query(query, memory)
-        bias = self._step_bias()  # the additive kernel adds it to float32 accumulators
-        bias = None if bias is None else bias.astype(accumulation_dtype(self._dtype), copy=False)
-        result = _additive_kernel(q[..., None, :] if single else q, self._w_query, bias, memory.keys, memory.values,
-                                  self._v_eff, None, memory.key_lengths, bool(return_weights), out)
+        result = _additive_kernel(q[..., None, :] if single else q, self._w_query, self._step_bias(), memory.keys,
+                                  memory.values, self._v_eff, None, memory.key_lengths, bool(return_weights), out)
         if not single:
             return result
         if return_weights:
