@@ -5,6 +5,8 @@ windows, key lengths, stride-0 (GQA-style) keys, Ev != E, odd shapes, rows that 
 (also with NaN behind hidden entries), and for bit-identical results over thread counts."""
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -137,7 +139,7 @@ def build(case, rng, dtype=np.float64):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_reference_and_finite_differences(case):
-    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(case.encode()))  # hash() of a str is salted per process
     pb = build(case, rng)
     out, _, lse = forward(pb)
     g = rng.standard_normal(out.shape)

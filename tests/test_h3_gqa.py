@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -81,7 +83,8 @@ def _mask_shape(kind, batch, hq, lq, lk):
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("qb, kb", BATCHES)
 def test_gqa_batch_broadcasting_mask_shapes_against_reference(qb, kb, mask_kind, mask_dtype, dtype):
-    rng = np.random.default_rng(hash((qb, kb, mask_kind, mask_dtype)) % 2**32)
+    # crc32 of the case's text: hash() of a str is salted per process, so it gave each CI run other inputs
+    rng = np.random.default_rng(zlib.crc32(repr((qb, kb, mask_kind, mask_dtype)).encode()))
     hq, hk, lq, lk, e = 6, 2, 3, 7, 5
     q = rng.standard_normal(qb + (hq, lq, e)).astype(dtype)
     k = rng.standard_normal(kb + (hk, lk, e)).astype(dtype)
@@ -93,8 +96,9 @@ def test_gqa_batch_broadcasting_mask_shapes_against_reference(qb, kb, mask_kind,
         mask = rng.random(shape) < 0.7 if mask_dtype == "bool" else rng.standard_normal(shape).astype(dtype)
     lengths = None if not batch else rng.integers(0, lk + 1, size=batch)
     for kwargs in ({}, {"is_causal": "bottom_right"}, {"key_lengths": lengths}, {"window": (1, 0)}):
+        # a random mask may hide every key of a batch entry: that case is under test, its warning is not
         got = attnext.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True, return_weights=True,
-                                                   return_lse=True, **kwargs)
+                                                   return_lse=True, warn=False, **kwargs)
         want = ref.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True, return_weights=True,
                                                 return_lse=True, **kwargs)
         assert got[0].shape == batch + (hq, lq, 4)
