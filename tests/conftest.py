@@ -11,6 +11,7 @@ Heavy variants of other suites (concurrency, leaks, crash fuzzing, fork, argumen
 SDPA workspace release) run with ``ATTNEXT_HEAVY=1``.
 """
 
+import contextlib
 import os
 
 import numpy as np
@@ -32,16 +33,46 @@ settings.register_profile("thorough", max_examples=_examples or 2000, deadline=N
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or os.environ.get("ATTNEXT_FUZZ") or "ci")
 
 
-@pytest.fixture(params=["auto", "fallback"])
-def bf16_path(request):
-    """Runs the test on both bfloat16 product paths (vdpbf16ps where the CPU has it, and the
-    float32 fallback), then restores the one that was active."""
+def _distinct_bf16_caps() -> list[str]:
+    """The set_bf16_path caps that reach distinct bfloat16 product paths on this build and CPU
+    (AMX tiles, vdpbf16ps, the float32 fallback), best first: a path the CPU lacks is not run twice."""
     from attnext import _core
 
-    before = "fallback" if "forced" in _core.get_bf16_path() else "auto"
-    _core.set_bf16_path(request.param)
-    yield request.param
-    _core.set_bf16_path(before)
+    before, caps, seen = _core.get_bf16_cap(), [], set()
+    try:
+        for cap in ("auto", "avx512_bf16", "fallback"):
+            _core.set_bf16_path(cap)
+            path = _core.get_bf16_path().split(" (")[0]
+            if path not in seen:
+                seen.add(path)
+                caps.append(cap)
+    finally:
+        _core.set_bf16_path(before)
+    return caps
+
+
+BF16_CAPS = _distinct_bf16_caps()
+
+
+@contextlib.contextmanager
+def bf16_cap(cap: str):
+    """Runs the block with set_bf16_path(cap), then restores the cap that was set before."""
+    from attnext import _core
+
+    before = _core.get_bf16_cap()
+    _core.set_bf16_path(cap)
+    try:
+        yield cap
+    finally:
+        _core.set_bf16_path(before)
+
+
+@pytest.fixture(params=BF16_CAPS)
+def bf16_path(request):
+    """Runs the test on every bfloat16 product path this CPU has (AMX tiles, vdpbf16ps, the
+    float32 fallback), then restores the cap that was set."""
+    with bf16_cap(request.param) as cap:
+        yield cap
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from attnext import _core
+from conftest import bf16_cap
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
@@ -347,22 +348,23 @@ def test_backward_entries_refuse_16_bit(dt):
 
 
 def test_bf16_path_switch_and_build_info():
-    before = "fallback" if "forced" in _core.get_bf16_path() else "auto"
-    try:
-        _core.set_bf16_path("auto")
+    with bf16_cap("auto"):
         auto = _core.get_bf16_path()
-        assert auto in ("avx512_bf16", "float32 fallback")
-        assert _core.build_info()["bf16"] == auto
+        assert auto in ("amx_bf16", "avx512_bf16", "float32 fallback")
+        assert _core.build_info()["bf16"] == auto and _core.get_bf16_cap() == "auto"
+        _core.set_bf16_path("avx512_bf16")
+        capped = _core.get_bf16_path()
+        assert capped == {"amx_bf16": "avx512_bf16 (capped)", "avx512_bf16": "avx512_bf16 (capped)",
+                          "float32 fallback": "float32 fallback"}[auto]
+        assert _core.get_bf16_cap() == "avx512_bf16"
         _core.set_bf16_path("fallback")
         forced = _core.get_bf16_path()
-        assert forced == ("float32 fallback (forced)" if auto == "avx512_bf16" else "float32 fallback")
-        assert _core.build_info()["bf16"] == forced
-        for bad in ("AUTO", "native", ""):
-            with pytest.raises(ValueError, match='"auto" or "fallback"'):
+        assert forced == ("float32 fallback" if auto == "float32 fallback" else "float32 fallback (forced)")
+        assert _core.build_info()["bf16"] == forced and _core.get_bf16_cap() == "fallback"
+        for bad in ("AUTO", "native", "amx_bf16", ""):
+            with pytest.raises(ValueError, match='"auto", "avx512_bf16" or "fallback"'):
                 _core.set_bf16_path(bad)
         assert _core.get_bf16_path() == forced  # a refused call changes nothing
-    finally:
-        _core.set_bf16_path(before)
 
 
 @pytest.mark.parametrize("dt", LOWP, ids=ids)

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from attnext import _core
+from conftest import BF16_CAPS, bf16_cap
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -244,15 +245,12 @@ def test_paths_agree_closely():
     float32 summation order (and the rare P rounding flip that order causes)."""
     g = rng(7)
     q, k, v = randn(g, (2, 100, 64), BF16), randn(g, (2, 300, 64), BF16), randn(g, (2, 300, 64), BF16)
-    before = _core.get_bf16_path()
-    try:
-        outs = []
-        for p in ("auto", "fallback"):
-            _core.set_bf16_path(p)
-            outs.append(sdpa(q, k, v, out_float32=True)[0])
-    finally:
-        _core.set_bf16_path("fallback" if "forced" in before else "auto")
+    outs = []
+    for cap in BF16_CAPS:
+        with bf16_cap(cap):
+            outs.append(sdpa(q, k, v, out_float32=True)[0].astype(np.float64))
     o_ref, size, _, _ = reference(q, k, v)
-    err = np.abs(outs[0].astype(np.float64) - outs[1])
-    assert np.all(err <= (TIGHT + FLIP) * size)
-    assert np.mean(np.all(err <= TIGHT * size, axis=-1)) >= 0.5
+    for other in outs[:-1]:  # each faster path against the fallback
+        err = np.abs(other - outs[-1])
+        assert np.all(err <= (TIGHT + FLIP) * size)
+        assert np.mean(np.all(err <= TIGHT * size, axis=-1)) >= 0.5

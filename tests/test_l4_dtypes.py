@@ -13,6 +13,7 @@ import pytest
 
 import attnext
 from attnext import _core
+from conftest import bf16_cap
 from hardening.harness import subprocess_env
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -201,11 +202,8 @@ def test_a_bfloat16_cache_beside_float32_weights_reads_the_cache_in_place(rng):
 
 @pytest.fixture
 def restore_bf16_path():
-    before = _core.get_bf16_path()
-    yield
-    _core.set_bf16_path("auto")
-    if _core.get_bf16_path() != before:
-        _core.set_bf16_path("fallback")
+    with bf16_cap(_core.get_bf16_cap()):
+        yield
 
 
 def test_bf16_path_switch_is_reported_by_build_info(restore_bf16_path):
@@ -224,7 +222,9 @@ def test_environment_forces_the_fallback_at_import():
     assert forced.stdout.strip() == run_python(script).stdout.strip()
     bad = run_python("import attnext", {"ATTNEXT_BF16": "fast"})
     assert bad.returncode != 0
-    assert "ATTNEXT_BF16 must be 'fallback', 'auto' or unset, got 'fast'" in bad.stderr
+    assert "ATTNEXT_BF16 must be 'avx512_bf16', 'fallback', 'auto' or unset, got 'fast'" in bad.stderr
+    capped = run_python("import attnext; print(attnext._core.get_bf16_cap())", {"ATTNEXT_BF16": "avx512_bf16"})
+    assert capped.returncode == 0 and capped.stdout.strip() == "avx512_bf16", capped.stderr
 
 
 def test_attnext_imports_and_works_without_ml_dtypes():

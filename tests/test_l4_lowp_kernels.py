@@ -17,6 +17,7 @@ import pytest
 import attnext
 from attnext import _core
 from attnext import reference as ref
+from conftest import BF16_CAPS, bf16_cap
 from hardening.harness import assert_low_precision_close as check
 from hardening.harness import layout, low_precision_tolerance
 
@@ -25,17 +26,13 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
 
 
-@pytest.fixture(params=[("float16", "auto"), ("bfloat16", "auto"), ("bfloat16", "fallback")],
-                ids=["float16", "bfloat16-auto", "bfloat16-fallback"])
+@pytest.fixture(params=[("float16", "auto")] + [("bfloat16", cap) for cap in BF16_CAPS],
+                ids=["float16"] + [f"bfloat16-{cap}" for cap in BF16_CAPS])
 def dtype(request):
     """The 16-bit type of a test, with the bfloat16 product path it runs on (restored after)."""
-    name, path = request.param
-    before = _core.get_bf16_path()
-    _core.set_bf16_path(path)
-    yield F16 if name == "float16" else BF16
-    _core.set_bf16_path("auto")
-    if _core.get_bf16_path() != before:
-        _core.set_bf16_path("fallback")
+    name, cap = request.param
+    with bf16_cap(cap):
+        yield F16 if name == "float16" else BF16
 
 
 def normal(rng, shape, dtype, kind="C"):

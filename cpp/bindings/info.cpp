@@ -1,4 +1,5 @@
 // Thread control and build information.
+#include <attnext/amx.hpp>
 #include <attnext/build_info.hpp>
 #include <attnext/parallel.hpp>
 
@@ -103,11 +104,18 @@ void set_threads(const py::object& n_arg) {
   attnext::set_num_threads(static_cast<int>(n));
 }
 
-// "auto" or "fallback" (lowp.hpp's switch); another string is a ValueError that lists both.
+// "auto", "avx512_bf16" or "fallback" (lowp.hpp's cap); another string is a ValueError that lists them.
 void set_bf16_path(const std::string& path) {
-  if (path != "auto" && path != "fallback")
-    throw py::value_error("bf16 path must be \"auto\" or \"fallback\", got \"" + path + "\"");
-  bf16_fallback_forced().store(path == "fallback", std::memory_order_relaxed);
+  Bf16Cap cap;
+  if (path == "auto")
+    cap = Bf16Cap::none;
+  else if (path == "avx512_bf16")
+    cap = Bf16Cap::no_amx;
+  else if (path == "fallback")
+    cap = Bf16Cap::fallback;
+  else
+    throw py::value_error("bf16 path must be \"auto\", \"avx512_bf16\" or \"fallback\", got \"" + path + "\"");
+  bf16_cap().store(cap, std::memory_order_relaxed);
 }
 
 }  // namespace
@@ -132,8 +140,13 @@ void register_info(py::module_& m) {
     return d;
   });
   m.def("set_bf16_path", &set_bf16_path, py::arg("path"),
-        "Chooses the bfloat16 product path: \"auto\" (vdpbf16ps where the build has AVX512_BF16, else the "
-        "float32 fallback) or \"fallback\" (the float32 fallback everywhere: one build tests both paths).");
+        "Caps the bfloat16 product path: \"auto\" (the best the build and CPU have: AMX tiles, else vdpbf16ps, "
+        "else the float32 fallback), \"avx512_bf16\" (no AMX) or \"fallback\" (float32 math everywhere), so "
+        "that one build tests every path.");
+  m.def("get_bf16_cap", [] {
+    static const char* const names[] = {"auto", "avx512_bf16", "fallback"};
+    return std::string(names[static_cast<int>(bf16_cap().load(std::memory_order_relaxed))]);
+  }, "The cap set_bf16_path last set: \"auto\", \"avx512_bf16\" or \"fallback\".");
   m.def("get_bf16_path", [] { return std::string(bf16_path_name()); },
         "The active bfloat16 product path, as build_info()[\"bf16\"] names it.");
 }

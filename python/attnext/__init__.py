@@ -51,15 +51,17 @@ __version__ = _core.build_info()["version"]
 
 
 def _bf16_path_from_environment() -> None:
-    """ATTNEXT_BF16=fallback forces the float32 fallback for bfloat16 products (to test or
-    compare it on a CPU that has AVX512_BF16); unset, empty or "auto" keeps the CPU's best
-    path. Any other value is refused at import rather than ignored."""
+    """ATTNEXT_BF16 caps the bfloat16 product path (to test or compare the others on a CPU
+    that has the best): "avx512_bf16" (vdpbf16ps, no AMX tiles) or "fallback" (float32 math);
+    unset, empty or "auto" keeps the CPU's best path. Any other value is refused at import
+    rather than ignored."""
     wanted = os.environ.get("ATTNEXT_BF16", "").strip().lower()
     if wanted in ("", "auto"):
         return
-    if wanted != "fallback":
-        raise ImportError(f"ATTNEXT_BF16 must be 'fallback', 'auto' or unset, got {os.environ['ATTNEXT_BF16']!r}")
-    _core.set_bf16_path("fallback")
+    if wanted not in ("avx512_bf16", "fallback"):
+        raise ImportError(f"ATTNEXT_BF16 must be 'avx512_bf16', 'fallback', 'auto' or unset, got "
+                          f"{os.environ['ATTNEXT_BF16']!r}")
+    _core.set_bf16_path(wanted)
 
 
 _bf16_path_from_environment()

@@ -15,8 +15,9 @@ Array = npt.NDArray[np.floating] | npt.NDArray[np.void]  # np.void: ml_dtypes.bf
 def set_num_threads(n: int | np.integer) -> None: ...  # in [1, 256]
 def get_num_threads() -> int: ...
 def build_info() -> dict[str, object]: ...  # "bf16": the active bfloat16 product path (get_bf16_path())
-def set_bf16_path(path: Literal["auto", "fallback"]) -> None: ...  # any other string: ValueError
-def get_bf16_path() -> str: ...  # "avx512_bf16", "float32 fallback (forced)" or "float32 fallback"
+def set_bf16_path(path: Literal["auto", "avx512_bf16", "fallback"]) -> None: ...  # any other string: ValueError
+def get_bf16_cap() -> Literal["auto", "avx512_bf16", "fallback"]: ...  # what set_bf16_path last set
+def get_bf16_path() -> str: ...  # "amx_bf16", "avx512_bf16", "avx512_bf16 (capped)", "float32 fallback (forced)" or "float32 fallback"
 def softmax(x: Array, mask: npt.NDArray | None = None, causal: bool = False, causal_offset: int = 0,
             out_float32: bool = False) -> Array: ...
 def score_product(query: Array, key: Array, weight: Array | None = None, scale: float = 1.0,

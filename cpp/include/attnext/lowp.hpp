@@ -224,20 +224,17 @@ constexpr bool kHaveBf16Dot =
     false;
 #endif
 
-// Set by _core.set_bf16_path("fallback") (or ATTNEXT_BF16=fallback when attnext is imported):
-// the kernels then take the float32 fallback even where vdpbf16ps exists, so one build tests
-// both paths.
-inline std::atomic<bool>& bf16_fallback_forced() {
-  static std::atomic<bool> forced{false};
-  return forced;
+// The bfloat16 paths, best first: AMX tiles (amx.hpp), vdpbf16ps, the float32 fallback.
+// _core.set_bf16_path (or ATTNEXT_BF16 when attnext is imported) caps the path a call may
+// take, so that one build tests every path its CPU has: "auto" (no cap), "avx512_bf16" (no
+// AMX), "fallback" (float32 math everywhere).
+enum class Bf16Cap : int { none = 0, no_amx = 1, fallback = 2 };
+
+inline std::atomic<Bf16Cap>& bf16_cap() {
+  static std::atomic<Bf16Cap> cap{Bf16Cap::none};
+  return cap;
 }
 
-inline bool bf16_dot_active() { return kHaveBf16Dot && !bf16_fallback_forced().load(std::memory_order_relaxed); }
-
-// For build_info()["bf16"].
-inline const char* bf16_path_name() {
-  if (bf16_dot_active()) return "avx512_bf16";
-  return kHaveBf16Dot ? "float32 fallback (forced)" : "float32 fallback";
-}
+inline bool bf16_dot_active() { return kHaveBf16Dot && bf16_cap().load(std::memory_order_relaxed) != Bf16Cap::fallback; }
 
 }  // namespace attnext
