@@ -9,7 +9,8 @@
 // returned are exactly those the output was made from.
 // The bfloat16 pair path (micro.hpp) packs each batch entry's V pairs once for all its query
 // blocks (ValuePairs) and, without weights, runs two query blocks per unit over the same key
-// tiles (attend_two_blocks); neither changes what a block computes.
+// tiles (attend_two_blocks); neither changes what a block computes. Where AMX runs, the pair
+// path's two products go to tiles (amx_tiles.hpp) and ValuePairs holds V's columns instead.
 // Dropout (dropout.hpp) acts on a tile's probabilities after they entered the row sums and
 // before P V (and before the weights are written), so lse and the normaliser are those of the
 // undropped P; its decisions depend on the element's coordinates only.
@@ -25,6 +26,7 @@
 #include "../online_softmax.hpp"
 #include "../parallel.hpp"
 #include "../scratch.hpp"
+#include "amx_tiles.hpp"
 #include "micro.hpp"
 #include "problem.hpp"
 
@@ -50,13 +52,26 @@ inline index_t split_chunks(index_t units, index_t S, bool weights) {
   return std::max<index_t>(1, std::min(kSplitMaxChunks, S / kSplitMinKeys));
 }
 
+// The products a call runs, chosen once per call (so a call never mixes paths while
+// _core.set_bf16_path switches): the generic micro-kernels, the bfloat16 pair path
+// (vdpbf16ps), or the pair path on AMX tiles.
+enum class Products { generic, pairs, amx };
+
+template <typename In>
+inline Products products_of() {
+  if (!pair_path<In>()) return Products::generic;
+  return amx_active() ? Products::amx : Products::pairs;
+}
+
 struct SdpaBlockTag {};  // scratch.hpp tags
 struct SdpaMergeTag {};
 
 // One work unit: queries [i0, i0 + nq) of batch entry b, Q packed, and its softmax state
 // (one lane per query): O^T (Ev, Bq) unnormalised, running max M and sum Lsum (Bq each).
 // On the bfloat16 pair path (pairs) also Q's pairs Qp, a tile's P and V pairs (Pp, Vp) and,
-// for K rows that are not contiguous, the tile's K rows copied contiguous (Kc).
+// for K rows that are not contiguous, the tile's K rows copied contiguous (Kc). On AMX (amx,
+// with pairs) Vp holds a tile's V columns instead, Kc K rows padded to whole tiles, and Vtail
+// the columns of a tile's last partial 32 keys, zero past the tile.
 template <typename In, typename Acc>
 struct Block {
   const SdpaProblem<In>* p = nullptr;
@@ -73,20 +88,28 @@ struct Block {
   In* Kc = nullptr;
   index_t vps = 0;  // Vp's row stride: Ev rounded up to 16
   const std::uint32_t* Vpre = nullptr;  // entry b's value pairs packed once (ValuePairs), or null
+  bool amx = false;
+  index_t E32 = 0, Ev16 = 0;  // E and Ev rounded up to whole tiles
+  index_t vcs = 0;            // AMX: the row stride of Vpre's columns, in bfloat16
+  In* Vtail = nullptr;
 };
 
 // The pair path's buffers, in Acc (4-byte) units, each a multiple of 16 so that all stay
-// 64-byte aligned: Qp (ceil(E/2) x Bq), Pp (kBk/2 x Bq), Vp (kBk/2 x vps), Kc (kBk x E halves).
+// 64-byte aligned: Qp (E32/2 x Bq), Pp (kBk/2 x Bq), Vp (kBk/2 x vps), Kc (kBk x E32 halves),
+// Vtail (Ev16 x 32 halves); E32 = E rounded up to 32, vps = Ev16 = Ev rounded up to 16.
 inline index_t pair_scratch_size(index_t E, index_t Ev) {
   constexpr index_t Bq = block_queries<float>();
-  const index_t vps = (Ev + 15) / 16 * 16;
-  return ((E + 1) / 2) * Bq + (kBk / 2) * Bq + (kBk / 2) * vps + (kBk * E / 2 + 15) / 16 * 16;
+  const index_t vps = round_up(Ev, 16), E32 = round_up(E, 32);
+  return (E32 / 2) * Bq + (kBk / 2) * Bq + (kBk / 2) * vps + kBk * E32 / 2 + vps * 16;
 }
+
+// Rows of O^T: the pair path's are whole tiles of 16 (AMX stores them whole).
+inline index_t ot_rows(index_t Ev, bool pairs) { return pairs ? std::max<index_t>(round_up(Ev, 16), 16) : std::max<index_t>(Ev, 1); }
 
 // The unit's buffers (make_block), then the pair path's when it takes it.
 template <typename Acc>
 inline index_t block_scratch_size(index_t E, index_t Ev, bool pairs = false) {
-  return block_queries<Acc>() * (std::max<index_t>(E, 1) + 2 * kBk + std::max<index_t>(Ev, 1) + 2) +
+  return block_queries<Acc>() * (std::max<index_t>(E, 1) + 2 * kBk + ot_rows(Ev, pairs) + 2) +
          (pairs ? pair_scratch_size(E, Ev) : 0);
 }
 
@@ -96,19 +119,25 @@ void start_pairs(Block<In, Acc>& k, Acc* ws) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same<In, bf16>::value) {
     constexpr index_t Bq = block_queries<float>();
-    k.vps = (k.Ev + 15) / 16 * 16;
+    k.vps = k.Ev16 = round_up(k.Ev, 16);
+    k.E32 = round_up(k.E, 32);
     k.Qp = reinterpret_cast<std::uint32_t*>(ws);
-    k.Pp = k.Qp + ((k.E + 1) / 2) * Bq;
+    k.Pp = k.Qp + (k.E32 / 2) * Bq;
     k.Vp = k.Pp + (kBk / 2) * Bq;
     k.Kc = reinterpret_cast<In*>(k.Vp + (kBk / 2) * k.vps);
+    k.Vtail = k.Kc + kBk * k.E32;
     pack_lane_pairs(k.Qt, k.E, k.Qp);
+    const index_t packed = (k.E + 1) / 2;  // AMX reads whole tiles of pairs: zeros past E
+    std::fill(k.Qp + packed * Bq, k.Qp + (k.E32 / 2) * Bq, 0u);
   }
 #endif
 }
 
 // Carves the unit's buffers out of ws (block_scratch_size), packs Q, starts an empty state.
 template <typename In, typename Acc>
-Block<In, Acc> make_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, Acc* ws, bool pairs = false) {
+Block<In, Acc> make_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, Acc* ws,
+                          Products products = Products::generic) {
+  const bool pairs = products != Products::generic;
   constexpr index_t Bq = block_queries<Acc>();
   Block<In, Acc> k;
   k.p = &p;
@@ -121,24 +150,44 @@ Block<In, Acc> make_block(const SdpaProblem<In>& p, index_t b, index_t i0, index
   k.St = k.Qt + std::max<index_t>(k.E, 1) * Bq;
   k.Sh = k.St + kBk * Bq;
   k.Ot = k.Sh + kBk * Bq;
-  k.M = k.Ot + std::max<index_t>(k.Ev, 1) * Bq;
+  k.M = k.Ot + ot_rows(k.Ev, pairs) * Bq;
   k.Lsum = k.M + Bq;
   k.folded = pack_q_scaled(p.q.data + p.q.batch_offset(b, 2) + i0 * p.q.stride(-2), p.q.stride(-2), p.q.stride(-1), nq,
                            k.E, k.scale, k.Qt);
-  std::fill(k.Ot, k.Ot + k.Ev * Bq, Acc(0));
+  std::fill(k.Ot, k.Ot + ot_rows(k.Ev, pairs) * Bq, Acc(0));
   std::fill(k.M, k.M + Bq, neg_inf<Acc>());
   std::fill(k.Lsum, k.Lsum + Bq, Acc(0));
   k.pairs = pairs;
+  k.amx = products == Products::amx;
   if (pairs) start_pairs(k, k.Lsum + Bq);
   return k;
 }
 
+// S^T of the tile's nj keys (rows from kt, key j0 of S) on AMX tiles, into St; mt the lane-wise
+// max. K is read in place when whole tiles of it are real keys with unit-stride rows of whole
+// 32s (the rows past nj are computed and ignored), else copied padded (Kc).
+template <typename In, typename Acc>
+void score_amx(Block<In, Acc>& k, const In* kt, index_t j0, index_t nj, Pk<Acc>* mt) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if constexpr (std::is_same<In, bf16>::value) {
+    constexpr index_t Bq = block_queries<Acc>();
+    const index_t rows = round_up(nj, 32), ks = k.p->k.stride(-2), ke = k.p->k.stride(-1);
+    const bool in_place = ke == 1 && k.E == k.E32 && j0 + rows <= k.S;
+    if (!in_place) copy_key_rows(kt, ks, ke, nj, k.E, rows, k.E32, k.Kc);
+    qk_tiles(in_place ? kt : k.Kc, in_place ? ks : k.E32, rows, k.E32, k.Qp, k.St);
+    for (index_t j = 0; j < nj; ++j)
+      for (int c = 0; c < kC; ++c) mt[c] = _mm512_max_ps(mt[c], _mm512_load_ps(k.St + j * Bq + c * 16));
+  }
+#endif
+}
+
 // S^T of the tile's nj keys (rows from kt) on the pair path, into St; mt the lane-wise max.
 template <typename In, typename Acc>
-void score_pairs(Block<In, Acc>& k, const In* kt, index_t nj, Pk<Acc>* mt) {
+void score_pairs(Block<In, Acc>& k, const In* kt, index_t j0, index_t nj, Pk<Acc>* mt) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same<In, bf16>::value) {
     constexpr index_t Bq = block_queries<Acc>();
+    if (k.amx) return score_amx(k, kt, j0, nj, mt);
     index_t ks = 0;
     const In* rows = contiguous_rows(kt, k.p->k.stride(-2), k.p->k.stride(-1), nj, k.E, k.Kc, ks);
     for_micro_tiles(nj, [&](auto R, index_t r) {
@@ -159,7 +208,7 @@ bool score_tile(Block<In, Acc>& k, index_t j0, index_t nj, Pk<Acc>* mt) {
   const In* kb = p.k.data + p.k.batch_offset(k.b, 2);
   for (int c = 0; c < kC; ++c) mt[c] = ei::pset1<Pk<Acc>>(neg_inf<Acc>());
   if (k.pairs) {
-    score_pairs(k, kb + j0 * p.k.stride(-2), nj, mt);
+    score_pairs(k, kb + j0 * p.k.stride(-2), j0, nj, mt);
   } else {
     for_micro_tiles(nj, [&](auto R, index_t r) {
       qk_micro<In, Acc, decltype(R)::value>(kb + (j0 + r) * p.k.stride(-2), p.k.stride(-2), p.k.stride(-1), k.E,
@@ -185,6 +234,38 @@ bool score_tile(Block<In, Acc>& k, index_t j0, index_t nj, Pk<Acc>* mt) {
   return true;
 }
 
+// O^T = O^T * alpha (if rescale) + P^T V for keys [j0, j0 + nj) on AMX tiles, P^T in Pp (its
+// pair rows past the tile zeroed here up to whole tiles). V's columns come from the entry's
+// packed ones (Vpre: zero past S) where every key a tile reads is the tile's own or padding,
+// with the last partial 32 keys copied zero-padded (Vtail) when real keys follow them; else
+// the tile's columns are packed here.
+template <typename In, typename Acc>
+void pv_amx(Block<In, Acc>& k, const In* vb, index_t j0, index_t nj, const Pk<Acc>* alpha, bool rescale) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if constexpr (std::is_same<In, bf16>::value) {
+    constexpr index_t Bq = block_queries<Acc>();
+    const index_t keys32 = round_up(nj, 32), vs = k.p->v.stride(-2), ve = k.p->v.stride(-1);
+    std::fill(k.Pp + ((nj + 1) / 2) * Bq, k.Pp + (keys32 / 2) * Bq, 0u);
+    if (rescale) rescale_rows(k.Ot, k.Ev, alpha);
+    if (!k.Vpre) {
+      In* cols = reinterpret_cast<In*>(k.Vp);
+      pack_value_columns(vb, vs, ve, nj, k.Ev, keys32, cols, kBk);
+      pv_tiles(cols, kBk, keys32, k.Pp, k.Ot, k.Ev16);
+      return;
+    }
+    const In* cols = reinterpret_cast<const In*>(k.Vpre) + j0;
+    const index_t whole = nj / 32 * 32;
+    if (whole == nj || j0 + nj == k.S) {
+      pv_tiles(cols, k.vcs, keys32, k.Pp, k.Ot, k.Ev16);
+      return;
+    }
+    if (whole) pv_tiles(cols, k.vcs, whole, k.Pp, k.Ot, k.Ev16);
+    pack_value_columns(vb + whole * vs, vs, ve, nj - whole, k.Ev, 32, k.Vtail, 32);
+    pv_tiles(k.Vtail, 32, 32, k.Pp + (whole / 2) * Bq, k.Ot, k.Ev16);
+  }
+#endif
+}
+
 // The pair path's P V of keys [j0, j0 + nj) (not careful): P^T (St) rounded into pairs over
 // keys unless packed already (Pp, by online_tile's fused pass); the values as pairs over keys,
 // from the entry's pre-packed pairs when the tile's pairs are theirs (it starts on an even key
@@ -196,6 +277,7 @@ void pv_pairs(Block<In, Acc>& k, const In* vb, index_t j0, index_t nj, const Pk<
   if constexpr (std::is_same<In, bf16>::value) {
     constexpr index_t Bq = block_queries<Acc>();
     if (!packed) pack_lane_pairs(k.St, nj, k.Pp);
+    if (k.amx) return pv_amx(k, vb, j0, nj, alpha, rescale);
     const std::uint32_t* vp = k.Vp;
     if (k.Vpre && j0 % 2 == 0 && (nj % 2 == 0 || j0 + nj == k.S))
       vp = k.Vpre + (j0 / 2) * k.vps;
@@ -357,6 +439,28 @@ bool weights_passes(Block<In, Acc>& k, index_t kmin, index_t kmax, Acc* w) {
   return !late;
 }
 
+// The pair path's values of batch entries [b0, b0 + n), packed once for all their query blocks
+// (each block would otherwise pack every key tile's values again). Per entry: ceil(S / 2) rows
+// of vps pairs, pack_value_pairs' layout over all S keys; on AMX, Ev16 rows of V's columns
+// (pack_value_columns), each of S keys and zeros up to vps pairs (a tile of 32 keys starting
+// at any key reads padding, never past the row). Only taken while a group of entries fits
+// kValuePairsMaxBytes (the same bytes as V, so about V's share of the cache either way).
+constexpr index_t kValuePairsMaxBytes = index_t(64) << 20;
+
+struct ValuePairs {
+  std::vector<std::uint32_t, Eigen::aligned_allocator<std::uint32_t>> data;
+  index_t b0 = 0, rows = 0, vps = 0;
+  const std::uint32_t* entry(index_t b) const { return data.data() + (b - b0) * rows * vps; }
+  std::uint32_t* entry(index_t b) { return data.data() + (b - b0) * rows * vps; }
+};
+
+// A unit's view of its entry's packed values (vpre: the group's ValuePairs, or null).
+template <typename In, typename Acc>
+void use_value_pairs(Block<In, Acc>& k, const ValuePairs* vpre) {
+  k.Vpre = vpre ? vpre->entry(k.b) : nullptr;
+  k.vcs = vpre ? 2 * vpre->vps : 0;
+}
+
 // Where a unit's results go: the final rows (out, and weights/lse when given) or, for a key
 // chunk of a split block, its raw state (partial: O^T, then M, then Lsum).
 template <typename Out, typename Acc>
@@ -385,14 +489,16 @@ void write_rows(Block<In, Acc>& k, const BlockOut<Out, Acc>& o, bool normalised)
 // dropout drop applied to its probabilities.
 template <typename In, typename Acc, typename Out>
 void attend_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, index_t ka, index_t kz,
-                  const BlockOut<Out, Acc>& o, const Dropout& drop, bool pairs,
-                  const std::uint32_t* vpre = nullptr) {
+                  const BlockOut<Out, Acc>& o, const Dropout& drop, Products products,
+                  const ValuePairs* vpre = nullptr) {
   constexpr index_t Bq = block_queries<Acc>();
+  const bool pairs = products != Products::generic;
   const Scratch<Acc, SdpaBlockTag> ws(
       static_cast<size_t>(block_scratch_size<Acc>(p.q.dim(-1), p.v.dim(-1), pairs)));
-  Block<In, Acc> k = make_block<In, Acc>(p, b, i0, nq, ws.data(), pairs);
+  Block<In, Acc> k = make_block<In, Acc>(p, b, i0, nq, ws.data(), products);
+  const TileUse tiles(k.amx);
   k.drop = drop;
-  k.Vpre = vpre;
+  use_value_pairs(k, vpre);
   const KeyRange span = block_keys(k.vis, i0, nq, k.S, ka, kz);
   const index_t kmin = span.lo, kmax = span.hi;
   bool normalised = false;
@@ -416,15 +522,16 @@ void attend_block(const SdpaProblem<In>& p, index_t b, index_t i0, index_t nq, i
 // for it alone (same tiles in the same order), so the results do not change.
 template <typename In, typename Acc, typename Out>
 void attend_two_blocks(const SdpaProblem<In>& p, index_t b, const index_t (&i0)[2], const index_t (&nq)[2],
-                       const BlockOut<Out, Acc>& o, const Dropout& drop, const std::uint32_t* vpre) {
+                       const BlockOut<Out, Acc>& o, const Dropout& drop, Products products, const ValuePairs* vpre) {
   const index_t size = block_scratch_size<Acc>(p.q.dim(-1), p.v.dim(-1), true);
   const Scratch<Acc, SdpaBlockTag> ws(static_cast<size_t>(2 * size));
-  Block<In, Acc> k[2] = {make_block<In, Acc>(p, b, i0[0], nq[0], ws.data(), true),
-                         make_block<In, Acc>(p, b, i0[1], nq[1], ws.data() + size, true)};
+  Block<In, Acc> k[2] = {make_block<In, Acc>(p, b, i0[0], nq[0], ws.data(), products),
+                         make_block<In, Acc>(p, b, i0[1], nq[1], ws.data() + size, products)};
+  const TileUse tiles(products == Products::amx);
   index_t kmin[2], kmax[2];
   for (int h = 0; h < 2; ++h) {
     k[h].drop = drop;
-    k[h].Vpre = vpre;
+    use_value_pairs(k[h], vpre);
     const KeyRange span = block_keys(k[h].vis, i0[h], nq[h], k[h].S);
     kmin[h] = span.lo, kmax[h] = span.hi;
   }
@@ -476,84 +583,87 @@ void merge_chunks(const Acc* parts, index_t chunks, index_t Ev, index_t nq, Out*
   unpack_o(acc, Lsum, nq, Ev, out);
 }
 
-// The pair path's values of batch entries [b0, b0 + n), packed once for all their query blocks
-// (each block would otherwise pack every key tile's values again): per entry ceil(S / 2) rows
-// of vps pairs, pack_value_pairs' layout over all S keys. Only taken while a group of entries
-// fits kValuePairsMaxBytes (the same bytes as V, so about V's share of the cache either way).
-constexpr index_t kValuePairsMaxBytes = index_t(64) << 20;
-
-struct ValuePairs {
-  std::vector<std::uint32_t, Eigen::aligned_allocator<std::uint32_t>> data;
-  index_t b0 = 0, rows = 0, vps = 0;
-  const std::uint32_t* entry(index_t b) const { return data.data() + (b - b0) * rows * vps; }
-  std::uint32_t* entry(index_t b) { return data.data() + (b - b0) * rows * vps; }
-};
+// ValuePairs' rows and pairs per row for S keys and Ev columns.
+inline void value_pairs_shape(bool amx, index_t S, index_t Ev, index_t& rows, index_t& vps) {
+  rows = amx ? round_up(Ev, 16) : (S + 1) / 2;
+  vps = amx ? (round_up(S, 32) + 32) / 2 : round_up(Ev, 16);
+}
 
 // Entries per ValuePairs group: 0 (pack per tile) unless the pair path runs and some entry
 // has more than one query block to share its packing.
-inline index_t value_pair_group(bool pairs, index_t N, index_t blocks, index_t S, index_t Ev) {
-  const index_t bytes = ((S + 1) / 2) * ((Ev + 15) / 16 * 16) * 4;
-  if (!pairs || blocks < 2 || bytes == 0 || bytes > kValuePairsMaxBytes) return 0;
+inline index_t value_pair_group(Products products, index_t N, index_t blocks, index_t S, index_t Ev) {
+  index_t rows = 0, vps = 0;
+  value_pairs_shape(products == Products::amx, S, Ev, rows, vps);
+  const index_t bytes = S > 0 && Ev > 0 ? rows * vps * 4 : 0;
+  if (products == Products::generic || blocks < 2 || bytes == 0 || bytes > kValuePairsMaxBytes) return 0;
   return std::min(N, kValuePairsMaxBytes / bytes);
 }
 
 // Packs ValuePairs for entries [b0, b0 + n), tiles of kBk keys (even: pairs never straddle)
 // spread over the threads.
 template <typename In>
-void pack_values(const SdpaProblem<In>& p, index_t b0, index_t n, ValuePairs& vp) {
+void pack_values(const SdpaProblem<In>& p, Products products, index_t b0, index_t n, ValuePairs& vp) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same<In, bf16>::value) {
     static_assert(kBk % 2 == 0, "value tiles must hold whole pairs");
+    const bool amx = products == Products::amx;
     const index_t S = p.k.dim(-2), Ev = p.v.dim(-1), vs = p.v.stride(-2), ve = p.v.stride(-1);
     const index_t tiles = (S + kBk - 1) / kBk;
-    vp.b0 = b0, vp.rows = (S + 1) / 2, vp.vps = (Ev + 15) / 16 * 16;
+    vp.b0 = b0;
+    value_pairs_shape(amx, S, Ev, vp.rows, vp.vps);
     vp.data.resize(static_cast<size_t>(n * vp.rows * vp.vps));
     parallel_for(n * tiles, [&](index_t u) {
-      const index_t b = b0 + u / tiles, j0 = (u % tiles) * kBk;
-      pack_value_pairs(p.v.data + p.v.batch_offset(b, 2) + j0 * vs, vs, ve, std::min(kBk, S - j0), Ev,
-                       vp.entry(b) + (j0 / 2) * vp.vps, vp.vps);
+      const index_t b = b0 + u / tiles, j0 = (u % tiles) * kBk, nj = std::min(kBk, S - j0);
+      const In* v = p.v.data + p.v.batch_offset(b, 2) + j0 * vs;
+      if (amx)  // the last tile writes the padding too
+        pack_value_columns(v, vs, ve, nj, Ev, j0 + nj == S ? 2 * vp.vps - j0 : nj,
+                           reinterpret_cast<In*>(vp.entry(b)) + j0, 2 * vp.vps);
+      else
+        pack_value_pairs(v, vs, ve, nj, Ev, vp.entry(b) + (j0 / 2) * vp.vps, vp.vps);
     });
   }
 #endif
 }
+
 
 // The blocked path over all N batch entries (n = b, the flat batch index, for dropout). Out:
 // the output's type (In, or float for a 16-bit call's float32 output), written by store_as.
 template <typename In, typename Acc, typename Out>
 void blocked(const SdpaProblem<In>& p, index_t N, Out* out, Acc* weights, Acc* lse, const Dropout& drop = Dropout{}) {
   constexpr index_t Bq = block_queries<Acc>();
-  const bool pairs = pair_path<In>();
+  const Products products = products_of<In>();
+  const bool pairs = products != Products::generic;
   const index_t L = p.q.dim(-2), S = p.k.dim(-2), Ev = p.v.dim(-1);
   const index_t blocks = (L + Bq - 1) / Bq;
   const index_t chunks = split_chunks(N * blocks, S, weights != nullptr);
   if (chunks == 1) {
-    const index_t group = value_pair_group(pairs, N, blocks, S, Ev);
+    const index_t group = value_pair_group(products, N, blocks, S, Ev);
     ValuePairs vp;
     for (index_t b0 = 0; b0 < N; b0 += group ? group : N) {
       const index_t n = group ? std::min(group, N - b0) : N;
-      if (group) pack_values(p, b0, n, vp);
+      if (group) pack_values(p, products, b0, n, vp);
       const BlockOut<Out, Acc> o{out, weights, lse, nullptr};
       if (pairs && !weights) {  // units of two query blocks (the last one alone when odd)
         const index_t twos = (blocks + 1) / 2;
         parallel_for(n * twos, [&](index_t u) {
           // Later query blocks see more keys under a causal mask: hand them out first.
           const index_t b = b0 + u / twos, hi = blocks - 1 - 2 * (u % twos);
-          const std::uint32_t* vpre = group ? vp.entry(b) : nullptr;
+          const ValuePairs* vpre = group ? &vp : nullptr;
           if (hi == 0) {
-            attend_block<In, Acc, Out>(p, b, 0, std::min(Bq, L), 0, S, o, drop, pairs, vpre);
+            attend_block<In, Acc, Out>(p, b, 0, std::min(Bq, L), 0, S, o, drop, products, vpre);
             return;
           }
           const index_t i0[2] = {hi * Bq, (hi - 1) * Bq};
           const index_t nq[2] = {std::min(Bq, L - i0[0]), Bq};
-          attend_two_blocks<In, Acc, Out>(p, b, i0, nq, o, drop, vpre);
+          attend_two_blocks<In, Acc, Out>(p, b, i0, nq, o, drop, products, vpre);
         }, true);
         continue;
       }
       parallel_for(n * blocks, [&](index_t u) {
         // Later query blocks see more keys under a causal mask: hand them out first.
         const index_t b = b0 + u / blocks, i0 = (blocks - 1 - u % blocks) * Bq;
-        attend_block<In, Acc, Out>(p, b, i0, std::min(Bq, L - i0), 0, S, o, drop, pairs,
-                                   group ? vp.entry(b) : nullptr);
+        attend_block<In, Acc, Out>(p, b, i0, std::min(Bq, L - i0), 0, S, o, drop, products,
+                                   group ? &vp : nullptr);
       }, true);
     }
     return;
@@ -568,7 +678,7 @@ void blocked(const SdpaProblem<In>& p, index_t N, Out* out, Acc* weights, Acc* l
     BlockOut<Out, Acc> o;
     o.partial = parts.data() + u * part;
     attend_block<In, Acc, Out>(p, b, i0, std::min(Bq, L - i0), c * chunk, std::min(S, (c + 1) * chunk), o, drop,
-                               pairs);
+                               products);
   }, true);
   parallel_for(N * blocks, [&](index_t bq) {
     const index_t b = bq / blocks, i0 = (bq % blocks) * Bq, nq = std::min(Bq, L - i0);
