@@ -254,3 +254,60 @@ def test_paths_agree_closely():
         err = np.abs(other - outs[-1])
         assert np.all(err <= (TIGHT + FLIP) * size)
         assert np.mean(np.all(err <= TIGHT * size, axis=-1)) >= 0.5
+
+
+# --- tile edges (the AMX path reads whole tiles: 32 keys, 32 of E, 16 of Ev) ----------------------
+
+EDGES = [  # (B, L, S, E, Ev): L > 64 gives an entry several query blocks (values packed once per entry)
+    (1, 64, 31, 32, 16), (1, 65, 32, 64, 64), (2, 130, 33, 48, 20), (1, 200, 129, 96, 1),
+    (1, 70, 300, 128, 128), (2, 130, 161, 33, 17), (1, 66, 95, 2, 40),
+]
+
+
+@pytest.mark.parametrize("shape", EDGES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["none", "window", "causal_bottom_right", "key_lengths"])
+def test_tile_edges(path, shape, kind):
+    B, L, S, E, Ev = shape
+    g = rng(9)
+    q, k, v = randn(g, (B, L, E), BF16), randn(g, (B, S, E), BF16), randn(g, (B, S, Ev), BF16)
+    kw = {} if kind == "none" else mask_args(kind, g, B, L, S)
+    if kind == "key_lengths":
+        kw = {"lengths": np.array([S - 7, 3][:B], np.int64)}
+    out, _, lse = sdpa(q, k, v, out_float32=True, **kw)
+    check(q, k, v, out, True, lse=lse, exact=False, **kw)
+
+
+@pytest.mark.parametrize("E", [64, 40])
+def test_nonfinite_keys_past_a_tile_never_leak(path, E):
+    """The keys a tile's padding reads past its visible span (hidden by length here) hold inf
+    and NaN: full tiles of K read in place compute ignored scores from them, and V's columns
+    past the span must be zeros, not those values times a zero P (0 * inf = NaN)."""
+    g = rng(10)
+    B, L, S, Ev = 2, 200, 300, 20
+    q, k, v = randn(g, (B, L, E), BF16), randn(g, (B, S, E), BF16), randn(g, (B, S, Ev), BF16)
+    lengths = np.array([77, 141], np.int64)
+    for b, n in enumerate(lengths):
+        k[b, n:, ::3] = np.inf
+        v[b, n:, :] = np.nan
+        v[b, n + 1 :: 2, :] = -np.inf
+    for weights in (False, True):
+        out, w, lse = sdpa(q, k, v, lengths=lengths, weights=weights, out_float32=True)
+        check(q, k, v, out, True, weights=w if weights else None, lse=lse, exact=False, lengths=lengths)
+
+
+@pytest.mark.parametrize("L", [5, 200])
+def test_thread_count_does_not_change_bits(path, L):
+    g = rng(11)
+    q, k, v = randn(g, (3, L, 64), BF16), randn(g, (3, 333, 64), BF16), randn(g, (3, 333, 48), BF16)
+    before = _core.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            _core.set_num_threads(n)
+            outs.append(sdpa(q, k, v, causal=True, offset=333 - L, out_float32=True))
+    finally:
+        _core.set_num_threads(before)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            if a is not None:
+                np.testing.assert_array_equal(a, b)
