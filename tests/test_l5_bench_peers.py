@@ -10,6 +10,7 @@ import attnext
 from attnext import _core
 from attnext.bench import cases as bench_cases
 from attnext.bench import lowp_cases, machine, peers, report, runner, validate
+from conftest import BF16_CAPS, bf16_cap
 
 
 @pytest.fixture
@@ -27,12 +28,14 @@ def test_fma_probe_reports_a_rate_and_what_ran(dtype):
     gflops, isa = _core.probe_peak_gflops(dtype, 1, runs=1)
     assert gflops > 0 and math.isfinite(gflops)
     assert isa
-    if dtype == "bfloat16":
-        # vdpbf16ps where the kernels use it, else the float32 fallback, said so
-        path = attnext.build_info().get("bf16")  # absent in builds before the bfloat16 bindings
-        if path is not None:
-            assert ("vdpbf16ps" in isa) == (path == "avx512_bf16")
-        assert ("vdpbf16ps" in isa) != ("fallback" in isa)
+    if dtype == "bfloat16":  # the loop of the path the kernels take (each path this CPU has), said so
+        for cap in BF16_CAPS:
+            with bf16_cap(cap):
+                _, isa = _core.probe_peak_gflops(dtype, 1, runs=1)
+                path = attnext.build_info()["bf16"]
+                assert ("tdpbf16ps" in isa) == (path == "amx_bf16")
+                assert isa.startswith("avx512_bf16 vdpbf16ps") == path.startswith("avx512_bf16")
+                assert isa.startswith("float32 fallback") == path.startswith("float32 fallback")
 
 
 def test_probe_arguments_are_checked():

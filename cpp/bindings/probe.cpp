@@ -48,8 +48,8 @@ double read_bandwidth(std::int64_t nbytes, int threads, int runs) {
 void register_probe(py::module_& m) {
   m.def("probe_peak_gflops", &fma_peak, py::arg("dtype"), py::arg("threads"), py::arg("runs") = 3,
         "Peak GFLOP/s of a register-only multiply-add loop on `threads` threads (best of `runs`): "
-        "the widest FMA the CPU has for float32/float64; for bfloat16 vdpbf16ps where the kernels "
-        "use it, else the float32 fallback's peak. Returns (gflops, what ran).");
+        "the widest FMA the CPU has for float32/float64; for bfloat16 AMX tdpbf16ps or vdpbf16ps, "
+        "whichever the kernels use, else the float32 fallback's peak. Returns (gflops, what ran).");
   m.def("probe_read_gbs", &read_bandwidth, py::arg("nbytes"), py::arg("threads"), py::arg("runs") = 3,
         "Read bandwidth in GB/s: `threads` threads summing an `nbytes` buffer, best of `runs`.");
 }

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <string>
 
+#include "attnext/amx.hpp"
 #include "attnext/lowp.hpp"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -125,6 +126,42 @@ inline double dot_bf16(long trips) {
 }
 #endif
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// tdpbf16ps: one C tile (16 x 16 float32) += A (16 x 32 bfloat16) B, 8192 multiply-adds (16384
+// flops). Six accumulator tiles cover the instruction's latency; A and B (1e-3 each) stay
+// loaded, and the products (1e-6) keep the sums normal. Each thread configures its own tiles.
+// One instruction does the work of 256 vdpbf16ps, so a slice runs trips / 16 rounds of six.
+inline double dot_amx(long trips) {
+  const long rounds = std::max(1L, trips / 16);
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.set(t, 16, 64);
+  const TileScope scope(config);
+  alignas(64) std::uint16_t operand[16 * 32];
+  std::fill(operand, operand + 16 * 32, std::uint16_t(0x3a83));  // bfloat16 1e-3
+  _tile_loadd(6, operand, 64);
+  _tile_loadd(7, operand, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_zero(4);
+  _tile_zero(5);
+  for (long t = 0; t < rounds; ++t) {
+    _tile_dpbf16ps(0, 6, 7);
+    _tile_dpbf16ps(1, 6, 7);
+    _tile_dpbf16ps(2, 6, 7);
+    _tile_dpbf16ps(3, 6, 7);
+    _tile_dpbf16ps(4, 6, 7);
+    _tile_dpbf16ps(5, 6, 7);
+  }
+  alignas(64) float sink[16 * 16];
+  _tile_stored(0, sink, 64);
+  volatile float keep = sink[0];
+  (void)keep;
+  return double(rounds) * 6 * 16384.0;
+}
+#endif
+
 // Plain C++ for CPUs without AVX2/AVX-512 (and non-x86): what the compiler makes of it is
 // the build's best multiply-add.
 template <typename T>
@@ -147,9 +184,13 @@ inline Peak fma_peak(const std::string& dtype, int threads, int runs) {
   return {best_rate(f64 ? fma_scalar<double> : fma_scalar<float>, threads, runs), "scalar multiply-add"};
 }
 
-// The bfloat16 product peak of the path attnext's kernels take: vdpbf16ps where they use it
-// (bf16_dot_active()), else their float32 fallback, whose peak is float32's.
+// The bfloat16 product peak of the path attnext's kernels take: AMX tiles where they use them
+// (amx_active()), vdpbf16ps where they use it (bf16_dot_active()), else their float32
+// fallback, whose peak is float32's.
 inline Peak bf16_peak(int threads, int runs) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (amx_active()) return {best_rate(dot_amx, threads, runs), "amx_bf16 tdpbf16ps"};
+#endif
 #if defined(__AVX512BF16__)
   if (bf16_dot_active()) return {best_rate(dot_bf16, threads, runs), "avx512_bf16 vdpbf16ps"};
 #endif
