@@ -75,6 +75,9 @@ def test_run_probes_peaks_are_the_max_of_loop_and_gemm():
     assert p["read_set_bytes"] >= 4 * (p["llc_bytes"] or machine.UNKNOWN_LLC_BYTES)
     if p["llc_bytes"]:
         assert p["peak_read_gbs_llc"] > 0 and p["llc_read_set_bytes"] == p["llc_bytes"] // 2
+    if machine.l2_bytes():
+        assert p["l2_bytes"] == machine.l2_bytes() and p["l2_read_set_bytes"] == p["l2_bytes"] // 2
+        assert p["peak_read_gbs_l2"] > 0
 
 
 def _case(**kw):
@@ -90,6 +93,9 @@ def test_memory_bound_cases_use_the_bandwidth_of_their_cache_level():
     assert machine.peak_for(_case(working_set=12 << 20), peaks) == 200.0
     assert machine.peak_for(_case(working_set=512 << 20), peaks) == 20.0
     assert machine.peak_for(_case(working_set=None), peaks) == 20.0
+    peaks.update(l2_bytes=4 << 20, peak_read_gbs_l2=400.0)
+    assert machine.peak_for(_case(working_set=3 << 20), peaks) == 400.0
+    assert machine.peak_for(_case(working_set=12 << 20), peaks) == 200.0
     flops = _case(metric="GFLOP/s", dtype="bfloat16")
     assert machine.peak_for(flops, peaks) == 200.0
     assert machine.peak_for(flops, peaks, "attnext-float32") == 100.0

@@ -15,8 +15,10 @@ Probes (run once at the start of a benchmark run, on the benchmark's thread coun
   the wrong probe, and the higher number is the truer peak).
 - **Read bandwidth**, cache-aware: threads summing a buffer well above the last-level cache
   (4 x its size from sysfs, at least 256 MiB; 256 MiB when the size is unknown) for
-  memory-bound cases whose data does not fit in that cache, and a buffer of half the cache for
-  those whose data does (a KV cache of a few MiB is read from the cache, faster than memory).
+  memory-bound cases whose data does not fit in that cache, a buffer of half the cache for
+  those whose data does (a KV cache of a few MiB is read from the cache, faster than memory),
+  and half the threads' L2 caches together for those whose data fits there (a decoding step's
+  weights: where the last level is shared or far, as in some VMs, L2 reads many times faster).
 
 "Fraction of peak" in the results is a case's GFLOP/s over the peak of its dtype, or its GB/s
 over the bandwidth of the level its working set lives in. It never shows above 100%: a rate
@@ -161,20 +163,35 @@ def env_blas_threads():
     return None
 
 
-def llc_bytes():
-    """The last-level cache's size in bytes (the highest cache level sysfs lists for cpu0, else
-    os.sysconf), or None when the system does not say."""
+def _cache_sizes() -> dict:
+    """{level: bytes} of the data and unified caches sysfs lists for cpu0 ({} when it does not)."""
     base = "/sys/devices/system/cpu/cpu0/cache"
     sizes = {}
     try:
         for entry in os.listdir(base):
             if entry.startswith("index"):
+                with open(f"{base}/{entry}/type") as f:
+                    if f.read().strip() == "Instruction":
+                        continue
                 with open(f"{base}/{entry}/level") as f:
                     level = int(f.read())
                 with open(f"{base}/{entry}/size") as f:
                     sizes[level] = _parse_size(f.read().strip())
     except (OSError, ValueError):
-        sizes = {}
+        return {}
+    return sizes
+
+
+def l2_bytes():
+    """One core's L2 cache in bytes (sysfs), or None when it is unknown or the last level."""
+    sizes = _cache_sizes()
+    return sizes[2] if 2 in sizes and max(sizes) > 2 else None
+
+
+def llc_bytes():
+    """The last-level cache's size in bytes (the highest cache level sysfs lists for cpu0, else
+    os.sysconf), or None when the system does not say."""
+    sizes = _cache_sizes()
     if sizes:
         return sizes[max(sizes)]
     for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
@@ -263,6 +280,11 @@ def _bandwidth_probes(threads: int, suite: str) -> dict:
     if llc:
         out["llc_read_set_bytes"] = llc // 2
         out["peak_read_gbs_llc"] = _core.probe_read_gbs(llc // 2, threads, reps)
+    l2 = l2_bytes()
+    if l2:  # each thread reads its part of the set from its own core's L2
+        out["l2_bytes"] = l2 * threads
+        out["l2_read_set_bytes"] = l2 * threads // 2
+        out["peak_read_gbs_l2"] = _core.probe_read_gbs(l2 * threads // 2, threads, reps)
     return out
 
 
@@ -289,9 +311,13 @@ def run_probes(threads: int, suite: str) -> dict:
 def peak_for(case, peaks: dict, contender: str = "attnext"):
     """The peak a contender's rate in a case is measured against: the GFLOP/s of the type it
     computes in, or the read bandwidth of the level the case's working set fits in (the
-    last-level cache when it holds it, else memory); None without probes."""
+    threads' L2 caches, else the last-level cache when it holds it, else memory); None
+    without probes."""
     if case.metric == "GFLOP/s":
         return peaks.get(f"peak_gflops_{case.dtype_for(contender)}")
+    l2 = peaks.get("l2_bytes")
+    if l2 and "peak_read_gbs_l2" in peaks and case.working_set is not None and case.working_set <= l2:
+        return peaks["peak_read_gbs_l2"]
     llc = peaks.get("llc_bytes")
     if llc and "peak_read_gbs_llc" in peaks and case.working_set is not None and case.working_set <= llc:
         return peaks["peak_read_gbs_llc"]

@@ -77,6 +77,8 @@ def _peak_line(p: dict) -> str:
     gemm = max(p.get("gemm_f32_gflops", 0.0), p.get("torch_gemm_f32_gflops", 0.0))
     llc = (f", {p['peak_read_gbs_llc']:.0f} GB/s from the last-level cache ({p['llc_bytes'] / 2 ** 20:.0f} MiB)"
            if "peak_read_gbs_llc" in p else "")
+    if "peak_read_gbs_l2" in p:
+        llc += f", {p['peak_read_gbs_l2']:.0f} GB/s from the threads' L2 ({p['l2_bytes'] / 2 ** 20:.0f} MiB)"
     return (f"peak ({p['f32_isa']} loop, best GEMM float32 {gemm:.0f}): {p['peak_gflops_float32']:.0f} GFLOP/s "
             f"float32, {p['peak_gflops_float64']:.0f} float64, {p['peak_gflops_bfloat16']:.0f} bfloat16 "
             f"({p['bf16_isa']}); read {p['peak_read_gbs']:.1f} GB/s from memory{llc}")

@@ -146,7 +146,8 @@ SCHEMA = {
                 "fma_f32_gflops": _NUM, "fma_f64_gflops": _NUM, "fma_bf16_gflops": _NUM, "gemm_bf16_gflops": _NUM,
                 "f32_isa": {"type": "string"}, "f64_isa": {"type": "string"}, "bf16_isa": {"type": "string"},
                 "llc_bytes": {"type": ["integer", "null"]}, "read_set_bytes": _NUM, "llc_read_set_bytes": _NUM,
-                "peak_read_gbs_llc": _NUM,
+                "peak_read_gbs_llc": _NUM, "l2_bytes": {"type": "integer"}, "l2_read_set_bytes": _NUM,
+                "peak_read_gbs_l2": _NUM,
                 # read_sum_gbs / read_gemv_gbs: the probes of earlier versions (saved runs still load)
                 "read_sum_gbs": _NUM, "read_gemv_gbs": _NUM,
                 "peak_gflops_float32": _NUM, "peak_gflops_float64": _NUM, "peak_gflops_bfloat16": _NUM,
