@@ -5,9 +5,9 @@ Probes (run once at the start of a benchmark run, on the benchmark's thread coun
 - **Arithmetic peak per type** (attnext's compiled probe, cpp/include/attnext/probe.hpp): a
   register-only multiply-add loop with enough independent chains to fill every FMA port, in
   the widest vectors the CPU has (chosen by CPUID at run time, not by build flags or a BLAS
-  setting), best of a few runs: float32 and float64 FMA; bfloat16 through ``vdpbf16ps`` (two
-  multiply-adds per float32 lane) where attnext's kernels use it, else the float32 peak (their
-  fallback computes in float32; ``bf16_isa`` says which).
+  setting), best of a few runs: float32 and float64 FMA; bfloat16 through AMX ``tdpbf16ps``
+  or ``vdpbf16ps`` (two multiply-adds per float32 lane), whichever attnext's kernels use, else
+  the float32 peak (their fallback computes in float32; ``bf16_isa`` says which).
 - **GEMM**: a square matrix product through NumPy's BLAS (in a subprocess without
   ``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE``, with the benchmark's BLAS threads) and
   ``torch.mm`` when PyTorch is importable; for bfloat16, attnext's own packed GEMM. The reported peak of a type is the higher of the
