@@ -30,6 +30,7 @@ import pytest
 
 from attnext import _core
 from conftest import BF16_CAPS, bf16_cap
+from hardening.harness import run_python
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -311,3 +312,25 @@ def test_thread_count_does_not_change_bits(path, L):
         for a, b in zip(outs[0], other):
             if a is not None:
                 np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_computes_the_parents_bits():
+    """A child forked after the parent ran bfloat16 kernels (on AMX: the process's tile grant
+    and the parent's parallel region) computes the same bits, on one thread."""
+    done = run_python("""
+        import os, numpy as np, ml_dtypes, attnext
+        q = np.random.default_rng(0).standard_normal((2, 4, 300, 64)).astype(ml_dtypes.bfloat16)
+        attnext.set_num_threads(2)
+        want = attnext.scaled_dot_product_attention(q, q, q, is_causal=True)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            got = attnext.scaled_dot_product_attention(q, q, q, is_causal=True)
+            os.write(w, b"1" if np.array_equal(got.view(np.uint16), want.view(np.uint16)) else b"0")
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(os.read(r, 1).decode(), attnext.build_info()["bf16"])
+    """, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "1", done.stdout

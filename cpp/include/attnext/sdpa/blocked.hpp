@@ -104,7 +104,9 @@ inline index_t pair_scratch_size(index_t E, index_t Ev) {
 }
 
 // Rows of O^T: the pair path's are whole tiles of 16 (AMX stores them whole).
-inline index_t ot_rows(index_t Ev, bool pairs) { return pairs ? std::max<index_t>(round_up(Ev, 16), 16) : std::max<index_t>(Ev, 1); }
+inline index_t ot_rows(index_t Ev, bool pairs) {
+  return pairs ? std::max<index_t>(round_up(Ev, 16), 16) : std::max<index_t>(Ev, 1);
+}
 
 // The unit's buffers (make_block), then the pair path's when it takes it.
 template <typename Acc>
