@@ -25,6 +25,8 @@ Tolerances (per element, derived, not fitted):
 Weights (float32) and lse are of the unrounded P: TIGHT.
 """
 
+import os
+
 import numpy as np
 import pytest
 
