@@ -96,6 +96,10 @@ struct PanelWriter<In, std::enable_if_t<is_lowp<In>::value>> {
 // pack_row's contiguous run into a bfloat16 pair block: each pair (k, k + 1) is one 32-bit word.
 template <typename In>
 inline void pack_pairs(const In* row, index_t kc, const PanelWriter<In>& dst, index_t lane) {
+  if (dst.ld == 1) {  // one lane's pairs are the row itself (AMX's row-major x)
+    std::memcpy(dst.pairs, row, sizeof(In) * kc);
+    return;
+  }
   for (index_t kp = 0; kp < kc / 2; ++kp) std::memcpy(dst.pairs + (kp * dst.ld + lane) * 2, row + 2 * kp, 4);
   if (kc % 2) dst.put(kc - 1, lane, row[kc - 1]);
 }
@@ -110,6 +114,57 @@ inline void pack_row(const In* row, index_t stride, index_t kc, const PanelWrite
     for (index_t k = 0; k < kc; ++k) dst.put(k, lane, row[k]);
   else
     for (index_t k = 0; k < kc; ++k) dst.put(k, lane, row[k * stride]);
+}
+
+#if defined(__AVX512F__)
+// Transposes 16 x 16 32-bit words in r: r[j] becomes column j.
+inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {  // per 128-bit lane: pairs of rows interleaved
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + c], lane L: column 4L + c of rows i..i+3
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int g = 0; g < 16; g += 8)  // then the 128-bit lanes, in two rounds
+    for (int c = 0; c < 4; ++c) {
+      t[g + c] = _mm512_shuffle_i32x4(r[g + c], r[g + c + 4], 0x88);
+      t[g + c + 4] = _mm512_shuffle_i32x4(r[g + c], r[g + c + 4], 0xdd);
+    }
+  for (int c = 0; c < 8; ++c) {
+    r[c] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0x88);
+    r[c + 8] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0xdd);
+  }
+}
+#endif
+
+// pack_row for `cols` lanes from `lane` on, lane + c's elements contiguous from rows + c * ld
+// (a weight's rows). Into a pair block, whole blocks of 16 lanes x 16 pairs go as one 32-bit
+// transpose: 16 stores of a pair row's 16 lanes, where pack_pairs stores one word per line.
+template <typename In>
+inline void pack_rows(const In* rows, index_t ld, index_t cols, index_t kc, const PanelWriter<In>& dst,
+                      index_t lane = 0) {
+  index_t c = 0;
+#if defined(__AVX512F__)
+  if constexpr (is_lowp<In>::value && sizeof(In) == 2)
+    if (!dst.data)
+      for (; c + 16 <= cols; c += 16) {
+        index_t kp = 0;
+        for (; 2 * kp + 32 <= kc; kp += 16) {
+          __m512i r[16];
+          for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(rows + (c + i) * ld + 2 * kp);
+          transpose16x16_epi32(r);
+          for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst.pairs + ((kp + j) * dst.ld + lane + c) * 2, r[j]);
+        }
+        const PanelWriter<In> rest{nullptr, dst.pairs + kp * dst.ld * 2, dst.ld};
+        for (index_t i = 0; i < 16; ++i) pack_pairs(rows + (c + i) * ld + 2 * kp, kc - 2 * kp, rest, lane + c + i);
+      }
+#endif
+  for (; c < cols; ++c) pack_row(rows + c * ld, index_t(1), kc, dst, lane + c);
 }
 
 // From this many rows on, callers use packed_gemm; below, packing W would cost as much as the
