@@ -24,7 +24,9 @@
 //   packed panels are float, never a whole operand) and the float micro-kernel runs;
 // - Bf16PairLayout (AVX512_BF16 builds, while bf16_dot_active()): panels of bfloat16 with k
 //   pairs interleaved as vdpbf16ps reads them (an odd K pads its last pair with zero), and a
-//   vdpbf16ps micro-kernel. bfloat16 products are exact in float32 and the sums are float32.
+//   vdpbf16ps micro-kernel. bfloat16 products are exact in float32 and the sums are float32;
+// - AmxLayout (AMX-BF16 builds, while amx_active()): the same pair panels padded to whole
+//   tiles of 32 k, x packed row-major, and its own task driver (amx_task_acc) of AMX tiles.
 // packed_gemm picks the layout once per call.
 #pragma once
 
@@ -36,6 +38,7 @@
 
 #include <Eigen/Core>
 
+#include "amx.hpp"
 #include "lowp.hpp"
 #include "parallel.hpp"
 #include "scratch.hpp"
@@ -93,6 +96,10 @@ struct PanelWriter<In, std::enable_if_t<is_lowp<In>::value>> {
 // pack_row's contiguous run into a bfloat16 pair block: each pair (k, k + 1) is one 32-bit word.
 template <typename In>
 inline void pack_pairs(const In* row, index_t kc, const PanelWriter<In>& dst, index_t lane) {
+  if (dst.ld == 1) {  // one lane's pairs are the row itself (AMX's row-major x)
+    std::memcpy(dst.pairs, row, sizeof(In) * kc);
+    return;
+  }
   for (index_t kp = 0; kp < kc / 2; ++kp) std::memcpy(dst.pairs + (kp * dst.ld + lane) * 2, row + 2 * kp, 4);
   if (kc % 2) dst.put(kc - 1, lane, row[kc - 1]);
 }
@@ -107,6 +114,57 @@ inline void pack_row(const In* row, index_t stride, index_t kc, const PanelWrite
     for (index_t k = 0; k < kc; ++k) dst.put(k, lane, row[k]);
   else
     for (index_t k = 0; k < kc; ++k) dst.put(k, lane, row[k * stride]);
+}
+
+#if defined(__AVX512F__)
+// Transposes 16 x 16 32-bit words in r: r[j] becomes column j.
+inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {  // per 128-bit lane: pairs of rows interleaved
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + c], lane L: column 4L + c of rows i..i+3
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int g = 0; g < 16; g += 8)  // then the 128-bit lanes, in two rounds
+    for (int c = 0; c < 4; ++c) {
+      t[g + c] = _mm512_shuffle_i32x4(r[g + c], r[g + c + 4], 0x88);
+      t[g + c + 4] = _mm512_shuffle_i32x4(r[g + c], r[g + c + 4], 0xdd);
+    }
+  for (int c = 0; c < 8; ++c) {
+    r[c] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0x88);
+    r[c + 8] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0xdd);
+  }
+}
+#endif
+
+// pack_row for `cols` lanes from `lane` on, lane + c's elements contiguous from rows + c * ld
+// (a weight's rows). Into a pair block, whole blocks of 16 lanes x 16 pairs go as one 32-bit
+// transpose: 16 stores of a pair row's 16 lanes, where pack_pairs stores one word per line.
+template <typename In>
+inline void pack_rows(const In* rows, index_t ld, index_t cols, index_t kc, const PanelWriter<In>& dst,
+                      index_t lane = 0) {
+  index_t c = 0;
+#if defined(__AVX512F__)
+  if constexpr (is_lowp<In>::value && sizeof(In) == 2)
+    if (!dst.data)
+      for (; c + 16 <= cols; c += 16) {
+        index_t kp = 0;
+        for (; 2 * kp + 32 <= kc; kp += 16) {
+          __m512i r[16];
+          for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(rows + (c + i) * ld + 2 * kp);
+          transpose16x16_epi32(r);
+          for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst.pairs + ((kp + j) * dst.ld + lane + c) * 2, r[j]);
+        }
+        const PanelWriter<In> rest{nullptr, dst.pairs + kp * dst.ld * 2, dst.ld};
+        for (index_t i = 0; i < 16; ++i) pack_pairs(rows + (c + i) * ld + 2 * kp, kc - 2 * kp, rest, lane + c + i);
+      }
+#endif
+  for (; c < cols; ++c) pack_row(rows + c * ld, index_t(1), kc, dst, lane + c);
 }
 
 // From this many rows on, callers use packed_gemm; below, packing W would cost as much as the
@@ -254,9 +312,10 @@ inline void micro_kernel_pairs(const PairRows& a, const bf16* b, index_t ldb, in
 
 // --- The layouts ------------------------------------------------------------------------------
 // A Layout says what a packed panel holds (Panel), how many k a panel row covers (k_step),
-// whether operands laid out like a panel may be read in place (in_place), makes the
-// PanelWriter the packers fill, finishes a packed block of kc steps (finish: pads a k pair),
-// and runs the micro-kernel on its panels (kernel<R>, micro_kernel's contract).
+// whether operands laid out like a panel may be read in place (in_place), how many rows of y
+// one task computes (task_rows), makes the PanelWriter the packers fill, finishes a packed
+// block of kc steps (finish: pads a k pair), and runs the micro-kernel on its panels
+// (kernel<R>, micro_kernel's contract; AmxLayout has its own task driver instead).
 
 // Panels of Acc: In == Acc reads in place where it can; bfloat16/float16 are converted by the
 // packers, and only the packed panels are float.
@@ -265,6 +324,7 @@ struct PackedLayout {
   using Panel = Acc;
   static constexpr bool in_place = std::is_same<In, Acc>::value;
   static constexpr index_t k_step = 1;
+  static constexpr index_t task_rows = gemm_detail::kMc;
   static PanelWriter<In> writer(Panel* block, index_t ld) {
     if constexpr (in_place)
       return PanelWriter<In>{block, ld};
@@ -286,6 +346,7 @@ struct Bf16PairLayout {
   using Panel = bf16;
   static constexpr bool in_place = false;
   static constexpr index_t k_step = 2;
+  static constexpr index_t task_rows = gemm_detail::kMc;
   static PanelWriter<bf16> writer(Panel* block, index_t ld) { return PanelWriter<bf16>{nullptr, block, ld}; }
   // An odd kc leaves the second half of its last pair unwritten: zero, so it adds nothing.
   static void finish(Panel* block, index_t kc, index_t ld) {
@@ -301,6 +362,29 @@ struct Bf16PairLayout {
   struct Rows : gemm_detail::PairRows {
     explicit Rows(const bf16* panel) : PairRows{panel} {}
   };
+};
+#endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// bfloat16 k pairs for AMX tiles (x and W bfloat16, y float, while amx_active()): W's panels
+// are Bf16PairLayout's, each K block padded with zero pairs to whole tiles of 32 k, so that a
+// B tile (16 pair rows) never reads past its block. x is packed row-major (gemm_detail::
+// amx_task_acc), padded with zeros the same way: the padding multiplies zeros by zeros, never
+// a zero by an x or W value (0 x Inf is NaN). 64 rows per task: two 32-row blocks.
+struct AmxLayout {
+  using Panel = bf16;
+  static constexpr bool in_place = false;
+  static constexpr index_t k_step = 32;
+  static constexpr index_t task_rows = 64;
+  static PanelWriter<bf16> writer(Panel* block, index_t ld) { return PanelWriter<bf16>{nullptr, block, ld}; }
+  // Zeroes what the packer left of the block's whole tiles: an odd kc's second half of its
+  // last pair, and the pair rows after it.
+  static void finish(Panel* block, index_t kc, index_t ld) {
+    const index_t pairs = (kc + 1) / 2, tile_pairs = (kc + k_step - 1) / k_step * (k_step / 2);
+    if (kc % 2)
+      for (index_t lane = 0; lane < ld; ++lane) block[((pairs - 1) * ld + lane) * 2 + 1] = bf16{0};
+    std::fill(block + pairs * ld * 2, block + tile_pairs * ld * 2, bf16{0});
+  }
 };
 #endif
 
@@ -441,6 +525,163 @@ void gemm_task_acc(index_t m0, index_t rows, index_t c0, index_t c1, index_t K, 
   }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// --- The AMX driver: one task of AmxLayout ----------------------------------------------------
+// tdpbf16ps: C (16 x 16 float) += A (16 rows x 32 bfloat16, row-major) B (16 pair rows x 16
+// lanes, a W panel's layout). A block of y is 32 rows x 32 columns: C tiles 0-3 (row half i,
+// column half j: tile 2i + j), A row halves in tiles 4-5, B column halves in tiles 6-7; the
+// k loop over a K block runs in steps of 32 in order, so every element of y is the same
+// sequence of tile products whatever the task split (the determinism rule of packed_gemm).
+constexpr index_t kTile = 16, kTileK = 32;
+
+inline const TileConfig& amx_config() {
+  static const TileConfig config = [] {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) c.set(t, int(kTile), int(kTile * sizeof(float)));
+    return c;
+  }();
+  return config;
+}
+
+// One C tile's 16 x 16 block of y: from c (rows ld floats apart), the first rows x cols of it
+// inside y (0 to 16 each). A partial tile goes through a bounce tile, so that no load or
+// store reaches past y's rows or columns. (The tile intrinsics take literal tile numbers, so
+// these helpers only say where a tile goes; amx_block names the tiles.)
+struct CTile {
+  float* c;
+  index_t ld, rows, cols;
+  bool whole() const { return rows == kTile && cols == kTile; }
+  // Where the tile is loaded from when accumulating: y, or the bounce holding y's part, zeros around.
+  const float* source(float* bounce, index_t* stride) const {
+    *stride = (whole() ? ld : kTile) * index_t(sizeof(float));
+    if (whole()) return c;
+    std::fill_n(bounce, kTile * kTile, 0.f);
+    for (index_t r = 0; r < rows; ++r) std::copy_n(c + r * ld, cols, bounce + r * kTile);
+    return bounce;
+  }
+  // Where the tile is stored: y, or the bounce, which finish() then copies into y.
+  float* target(float* bounce, index_t* stride) const {
+    *stride = (whole() ? ld : kTile) * index_t(sizeof(float));
+    return whole() ? c : bounce;
+  }
+  // After the store: the bounce's part into y, + bias (the tile's 16 columns) on the last K
+  // block: y = sum + bias, as the vector micro-kernels add it.
+  void finish(const float* bounce, const float* bias) const {
+    if (!whole())
+      for (index_t r = 0; r < rows; ++r) std::copy_n(bounce + r * kTile, cols, c + r * ld);
+    if (bias)
+      for (index_t r = 0; r < rows; ++r)
+        for (index_t n = 0; n < cols; ++n) c[r * ld + n] += bias[n];
+  }
+};
+
+// H row halves (1 or 2) x 32 columns of y over one K block of kc_pad k (whole tiles):
+// a row-major, lda apart; b the block's pair rows from its first column, ldb lanes apart.
+template <int H>
+inline void amx_block(const bf16* a, index_t lda, const bf16* b, index_t ldb, index_t kc_pad, const CTile (&c)[2][2],
+                      bool accumulate, const float* bias, float* bounce) {
+  index_t s = 0;
+  if (accumulate) {
+    _tile_loadd(0, c[0][0].source(bounce, &s), s);
+    _tile_loadd(1, c[0][1].source(bounce, &s), s);
+    if constexpr (H == 2) {
+      _tile_loadd(2, c[1][0].source(bounce, &s), s);
+      _tile_loadd(3, c[1][1].source(bounce, &s), s);
+    }
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (H == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+  }
+  const index_t a_stride = lda * sizeof(bf16), b_stride = ldb * 2 * sizeof(bf16);
+  for (index_t k = 0; k < kc_pad; k += kTileK) {
+    const bf16* bk = b + k * ldb;  // pair row k / 2
+    _tile_loadd(6, bk, b_stride);
+    _tile_loadd(7, bk + 2 * kTile, b_stride);
+    _tile_loadd(4, a + k, a_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (H == 2) {
+      _tile_loadd(5, a + kTile * lda + k, a_stride);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  const float* bias_right = bias ? bias + kTile : nullptr;
+  _tile_stored(0, c[0][0].target(bounce, &s), s);
+  c[0][0].finish(bounce, bias);
+  _tile_stored(1, c[0][1].target(bounce, &s), s);
+  c[0][1].finish(bounce, bias_right);
+  if constexpr (H == 2) {
+    _tile_stored(2, c[1][0].target(bounce, &s), s);
+    c[1][0].finish(bounce, bias);
+    _tile_stored(3, c[1][1].target(bounce, &s), s);
+    c[1][1].finish(bounce, bias_right);
+  }
+}
+
+// x rows [m0, m0 + rows), k in [k0, k0 + kc), row-major into a (lda = kc in whole tiles), zero
+// past kc and on the rows up to rows_pad: the A tiles. A pair block of one lane is one row.
+template <typename XRows>
+void pack_x_amx(const XRows& x_rows, index_t m0, index_t rows, index_t rows_pad, index_t k0, index_t kc, index_t lda,
+                bf16* a) {
+  for (index_t r = 0; r < rows; ++r) {
+    x_rows(m0 + r, 1, k0, kc, AmxLayout::writer(a + r * lda, 1));
+    AmxLayout::finish(a + r * lda, kc, 1);
+  }
+  std::fill(a + rows * lda, a + rows_pad * lda, bf16{0});
+}
+
+// gemm_task_acc for AmxLayout: per K block, the task's x rows packed once, then blocks of
+// 32 x 32 over columns in groups of kNc (their W in L2) and the rows (32 at a time, in L1).
+template <typename XRows>
+void amx_task_acc(index_t m0, index_t rows, index_t c0, index_t c1, index_t K, const XRows& x_rows,
+                  const WPanels<bf16>& w, const GemmOut<float>& out) {
+  constexpr index_t Nr = panel_width<float>();
+  const TileScope tiles(amx_config());  // this thread's tiles, for this task
+  const index_t rows_pad = (rows + kTile - 1) / kTile * kTile, n_end = std::min(c1, out.N);
+  const Scratch<bf16, PackedXTag> a_pack(static_cast<size_t>(rows_pad * kKc));
+  alignas(64) float bounce[kTile * kTile];
+  const auto tile = [&](index_t r, index_t n) {
+    return CTile{out.at(m0 + r, n), out.ld, std::clamp<index_t>(rows - r, 0, kTile),
+                 std::clamp<index_t>(out.N - n, 0, kTile)};
+  };
+  for (index_t k0 = 0; k0 < K; k0 += kKc) {
+    const index_t kc = std::min(kKc, K - k0), lda = padded_k<AmxLayout>(kc);
+    const bool accumulate = k0 > 0, last = k0 + kc == K;
+    pack_x_amx(x_rows, m0, rows, rows_pad, k0, kc, lda, a_pack.data());
+    for (index_t nc0 = c0; nc0 < n_end; nc0 += kNc)
+      for (index_t r = 0; r < rows; r += 2 * kTile)
+        for (index_t n = nc0; n < std::min(nc0 + kNc, n_end); n += 2 * kTile) {
+          index_t ldb = 0;
+          const bf16* b = w.at(n / Nr, k0, &ldb) + (n % Nr) * 2;
+          const CTile c[2][2] = {{tile(r, n), tile(r, n + kTile)}, {tile(r + kTile, n), tile(r + kTile, n + kTile)}};
+          const float* bias = last && out.bias_pad ? out.bias_pad + n : nullptr;
+          const bf16* a = a_pack.data() + r * lda;
+          if (rows - r > kTile)
+            amx_block<2>(a, lda, b, ldb, lda, c, accumulate, bias, bounce);
+          else
+            amx_block<1>(a, lda, b, ldb, lda, c, accumulate, bias, bounce);
+        }
+  }
+}
+#endif
+
+// A task's rows of y into out: the AMX driver for AmxLayout, else gemm_task_acc.
+template <typename Layout, typename Acc, typename XRows, typename XRow>
+void task_acc(index_t m0, index_t rows, index_t c0, index_t c1, index_t K, const XRows& x_rows, const XRow& x_row,
+              const WPanels<typename Layout::Panel>& w, const GemmOut<Acc>& out) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if constexpr (std::is_same<Layout, AmxLayout>::value)
+    amx_task_acc(m0, rows, c0, c1, K, x_rows, w, out);
+  else
+#endif
+    gemm_task_acc<Layout>(m0, rows, c0, c1, K, x_rows, x_row, w, out);
+}
+
 // Scratch tag (scratch.hpp) of a task's float tile when y is 16-bit.
 struct TaskTileTag {};
 
@@ -450,11 +691,11 @@ template <typename Layout, typename Acc, typename Out, typename XRows, typename 
 void gemm_task(index_t m0, index_t rows, index_t c0, index_t c1, index_t K, const XRows& x_rows, const XRow& x_row,
                const WPanels<typename Layout::Panel>& w, index_t N, const Acc* bias_pad, Out* y) {
   if constexpr (std::is_same<Out, Acc>::value) {
-    gemm_task_acc<Layout>(m0, rows, c0, c1, K, x_rows, x_row, w, GemmOut<Acc>{y, N, 0, 0, N, bias_pad});
+    task_acc<Layout>(m0, rows, c0, c1, K, x_rows, x_row, w, GemmOut<Acc>{y, N, 0, 0, N, bias_pad});
   } else {
     const index_t width = c1 - c0, cols = std::min(c1, N) - c0;
     const Scratch<Acc, TaskTileTag> tile(static_cast<size_t>(rows * width));
-    gemm_task_acc<Layout>(m0, rows, c0, c1, K, x_rows, x_row, w, GemmOut<Acc>{tile.data(), width, m0, c0, N, bias_pad});
+    task_acc<Layout>(m0, rows, c0, c1, K, x_rows, x_row, w, GemmOut<Acc>{tile.data(), width, m0, c0, N, bias_pad});
     for (index_t r = 0; r < rows; ++r) store_row(tile.data() + r * width, cols, y + (m0 + r) * N + c0);
   }
 }
@@ -504,15 +745,16 @@ void packed_gemm_with(index_t M, index_t N, index_t K, const XRows& x_rows, cons
   std::vector<Acc, Eigen::aligned_allocator<Acc>> bias_pad(bias ? static_cast<size_t>(panels * Nr) : 0, Acc(0));
   if (bias) std::copy(bias, bias + N, bias_pad.data());
 
-  // Tasks: blocks of kMc rows; when there are few, the columns are split too (one decoding
-  // step still uses every thread). The split depends on M and N only.
-  const index_t row_tasks = (M + kMc - 1) / kMc;
+  // Tasks: blocks of task_rows rows; when there are few, the columns are split too (one
+  // decoding step still uses every thread). The split depends on M and N only.
+  constexpr index_t task_rows = Layout::task_rows;
+  const index_t row_tasks = (M + task_rows - 1) / task_rows;
   const index_t col_chunk = row_tasks >= 8 ? panels * Nr : kNc;
   const index_t col_tasks = (panels * Nr + col_chunk - 1) / col_chunk;
   run_tasks(parallel, row_tasks * col_tasks, [&](index_t task) {
-    const index_t m0 = (task / col_tasks) * kMc;
+    const index_t m0 = (task / col_tasks) * task_rows;
     const index_t c0 = (task % col_tasks) * col_chunk;
-    gemm_task<Layout, Acc>(m0, std::min(kMc, M - m0), c0, std::min(panels * Nr, c0 + col_chunk), K, x_rows, x_row, w,
+    gemm_task<Layout, Acc>(m0, std::min(task_rows, M - m0), c0, std::min(panels * Nr, c0 + col_chunk), K, x_rows, x_row, w,
                            N, bias ? bias_pad.data() : nullptr, y);
   });
 }
@@ -530,8 +772,10 @@ void packed_gemm_with(index_t M, index_t N, index_t K, const XRows& x_rows, cons
 // they are (no copy; In == Acc) and only a partial last panel goes through w_rows. The products
 // are the same either way. bias (N,) is in the accumulation type (AccVector converts a
 // parameter once). y is Acc, or a 16-bit Out rounded once from the float sums (each task keeps
-// its block in a float tile until its last K block). bfloat16 with Acc = float runs the
-// vdpbf16ps layout while bf16_dot_active().
+// its block in a float tile until its last K block). bfloat16 with Acc = float runs AMX tiles
+// while amx_active(), else the vdpbf16ps layout while bf16_dot_active(). The AMX path loads and
+// releases the calling thread's tile configuration per task: a caller must not hold tiles of
+// its own across a packed_gemm call.
 template <typename In, typename Acc = In, typename XRows, typename XRow, typename WRows, typename Out>
 void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const XRow& x_row, const WRows& w_rows,
                  const Acc* bias, Out* y, bool parallel = true, const InPlaceW<In>* in_place = nullptr) {
@@ -541,6 +785,11 @@ void packed_gemm(index_t M, index_t N, index_t K, const XRows& x_rows, const XRo
       for (index_t n = 0; n < N; ++n) y[m * N + n] = store_as<Out>(bias ? bias[n] : Acc(0));
     return;
   }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if constexpr (std::is_same<In, bf16>::value && std::is_same<Acc, float>::value)
+    if (amx_active())
+      return gemm_detail::packed_gemm_with<AmxLayout>(M, N, K, x_rows, x_row, w_rows, bias, y, parallel, in_place);
+#endif
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same<In, bf16>::value && std::is_same<Acc, float>::value)
     if (bf16_dot_active())

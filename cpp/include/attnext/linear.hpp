@@ -51,10 +51,8 @@ void linear_packed(const Strided<const In>& x, const Strided<const In>& weight, 
   };
   const index_t ws0 = weight.stride(0), ws1 = weight.stride(1);
   const auto w_rows = [&](index_t n0, index_t cols, index_t k0, index_t kc, const PanelWriter<In>& dst) {
-    for (index_t c = 0; c < cols; ++c) {
-      const In* row = weight.data + (n0 + c) * ws0 + k0 * ws1;
-      for (index_t k = 0; k < kc; ++k) dst.put(k, c, row[k * ws1]);
-    }
+    if (ws1 == 1) return pack_rows(weight.data + n0 * ws0 + k0, ws0, cols, kc, dst);
+    for (index_t c = 0; c < cols; ++c) pack_row(weight.data + (n0 + c) * ws0 + k0 * ws1, ws1, kc, dst, c);
   };
   const auto x_row = [&](index_t m) -> const In* {
     return x_features_run ? x.data + (m / nl) * xs0 + (m % nl) * xs1 : nullptr;
