@@ -67,6 +67,18 @@ def bf16_cap(cap: str):
         _core.set_bf16_path(before)
 
 
+def on_every_bf16_path(compute) -> list:
+    """compute()'s results on each path of BF16_CAPS, best first (the float32 fallback last);
+    skips the test on a CPU with one path only, where there is nothing to compare."""
+    if len(BF16_CAPS) < 2:
+        pytest.skip("this CPU has one bfloat16 path only")
+    results = []
+    for cap in BF16_CAPS:
+        with bf16_cap(cap):
+            results.append(compute())
+    return results
+
+
 @pytest.fixture(params=BF16_CAPS)
 def bf16_path(request):
     """Runs the test on every bfloat16 product path this CPU has (AMX tiles, vdpbf16ps, the

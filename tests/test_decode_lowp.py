@@ -13,7 +13,7 @@ import pytest
 from test_l2_sdpa_lowp import BF16, FLIP, TIGHT, check, mask_args, randn, reference, sdpa
 
 from attnext import _core
-from conftest import BF16_CAPS, bf16_cap
+from conftest import on_every_bf16_path
 
 
 def rng(seed):
@@ -158,12 +158,9 @@ def test_paths_agree_closely():
     """Decode's pair kernels and the fallback multiply the same bfloat16 operands: they differ
     only by float32 summation order (and the rare P rounding flip that order causes)."""
     q, k, v = qkv(rng(8), 4, 3, 700, 64, 64)
-    outs = []
-    for cap in BF16_CAPS:
-        with bf16_cap(cap):
-            outs.append(sdpa(q, k, v, out_float32=True)[0].astype(np.float64))
+    outs = on_every_bf16_path(lambda: sdpa(q, k, v, out_float32=True)[0].astype(np.float64))
     _, size, _, _ = reference(q, k, v)
     for other in outs[:-1]:  # each faster path against the fallback
         err = np.abs(other - outs[-1])
         assert np.all(err <= (TIGHT + FLIP) * size)
-    assert np.mean(np.all(err <= TIGHT * size, axis=-1)) >= 0.5
+        assert np.mean(np.all(err <= TIGHT * size, axis=-1)) >= 0.5

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from attnext import _core
-from conftest import BF16_CAPS, bf16_cap
+from conftest import on_every_bf16_path
 from hardening.harness import run_python
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -248,10 +248,7 @@ def test_paths_agree_closely():
     float32 summation order (and the rare P rounding flip that order causes)."""
     g = rng(7)
     q, k, v = randn(g, (2, 100, 64), BF16), randn(g, (2, 300, 64), BF16), randn(g, (2, 300, 64), BF16)
-    outs = []
-    for cap in BF16_CAPS:
-        with bf16_cap(cap):
-            outs.append(sdpa(q, k, v, out_float32=True)[0].astype(np.float64))
+    outs = on_every_bf16_path(lambda: sdpa(q, k, v, out_float32=True)[0].astype(np.float64))
     o_ref, size, _, _ = reference(q, k, v)
     for other in outs[:-1]:  # each faster path against the fallback
         err = np.abs(other - outs[-1])

@@ -72,6 +72,18 @@ struct alignas(64) TileConfig {
 };
 static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
 
+// Every tile 16 rows x 64 bytes: the one configuration of attnext's AMX kernels (SDPA, the
+// packed GEMM, the peak probe), which pad their operands to whole tiles instead of shaping
+// tiles to them.
+inline const TileConfig& full_tiles() {
+  static const TileConfig config = [] {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) c.set(t, 16, 64);
+    return c;
+  }();
+  return config;
+}
+
 // Loads a configuration for the calling thread's current unit; releases the tiles on exit.
 class TileScope {
  public:

@@ -534,15 +534,6 @@ void gemm_task_acc(index_t m0, index_t rows, index_t c0, index_t c1, index_t K, 
 // sequence of tile products whatever the task split (the determinism rule of packed_gemm).
 constexpr index_t kTile = 16, kTileK = 32;
 
-inline const TileConfig& amx_config() {
-  static const TileConfig config = [] {
-    TileConfig c;
-    for (int t = 0; t < 8; ++t) c.set(t, int(kTile), int(kTile * sizeof(float)));
-    return c;
-  }();
-  return config;
-}
-
 // One C tile's 16 x 16 block of y: from c (rows ld floats apart), the first rows x cols of it
 // inside y (0 to 16 each). A partial tile goes through a bounce tile, so that no load or
 // store reaches past y's rows or columns. (The tile intrinsics take literal tile numbers, so
@@ -641,7 +632,7 @@ template <typename XRows>
 void amx_task_acc(index_t m0, index_t rows, index_t c0, index_t c1, index_t K, const XRows& x_rows,
                   const WPanels<bf16>& w, const GemmOut<float>& out) {
   constexpr index_t Nr = panel_width<float>();
-  const TileScope tiles(amx_config());  // this thread's tiles, for this task
+  const TileScope tiles(full_tiles());  // this thread's tiles, for this task
   const index_t rows_pad = (rows + kTile - 1) / kTile * kTile, n_end = std::min(c1, out.N);
   const Scratch<bf16, PackedXTag> a_pack(static_cast<size_t>(rows_pad * kKc));
   alignas(64) float bounce[kTile * kTile];

@@ -133,9 +133,7 @@ inline double dot_bf16(long trips) {
 // One instruction does the work of 256 vdpbf16ps, so a slice runs trips / 16 rounds of six.
 inline double dot_amx(long trips) {
   const long rounds = std::max(1L, trips / 16);
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) config.set(t, 16, 64);
-  const TileScope scope(config);
+  const TileScope scope(full_tiles());
   alignas(64) std::uint16_t operand[16 * 32];
   std::fill(operand, operand + 16 * 32, std::uint16_t(0x3a83));  // bfloat16 1e-3
   _tile_loadd(6, operand, 64);

@@ -26,14 +26,20 @@ constexpr index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 
-// Tiles 0-3: C (float32 accumulators), 4-5: A, 6-7: B; all 16 rows x 64 bytes.
-inline const TileConfig& sdpa_tile_config() {
-  static const TileConfig config = [] {
-    TileConfig c;
-    for (int t = 0; t < 8; ++t) c.set(t, 16, 64);
-    return c;
-  }();
-  return config;
+// Tiles (full_tiles()) 0-3: C (float32 accumulators), 4-5: A, 6-7: B.
+
+// One step of a 2 x 2 block of C tiles: A row halves a0, a1 (a_ld bytes per row) times B
+// column halves b0, b1 (b_ld bytes per pair row) into C tiles 0 (a0 b0), 1 (a0 b1), 2 (a1 b0),
+// 3 (a1 b1).
+inline void dot_2x2(const void* a0, const void* a1, index_t a_ld, const void* b0, const void* b1, index_t b_ld) {
+  _tile_loadd(4, a0, a_ld);
+  _tile_loadd(5, a1, a_ld);
+  _tile_loadd(6, b0, b_ld);
+  _tile_loadd(7, b1, b_ld);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
 }
 
 // St rows [0, rows) (rows a multiple of 32) = K rows (k, row stride ks elements, E32 columns
@@ -48,16 +54,8 @@ inline void qk_tiles(const bf16* k, index_t ks, index_t rows, index_t E32, const
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      for (index_t e = 0; e < E32; e += 32) {
-        _tile_loadd(4, k + r * ks + e, kb);
-        _tile_loadd(5, k + (r + 16) * ks + e, kb);
-        _tile_loadd(6, Qp + (e / 2) * Bq + g, ld);
-        _tile_loadd(7, Qp + (e / 2) * Bq + g + 16, ld);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
+      for (index_t e = 0; e < E32; e += 32)
+        dot_2x2(k + r * ks + e, k + (r + 16) * ks + e, kb, Qp + (e / 2) * Bq + g, Qp + (e / 2) * Bq + g + 16, ld);
       float* s = St + r * Bq + g;
       _tile_stored(0, s, ld);
       _tile_stored(1, s + 16, ld);
@@ -81,16 +79,8 @@ inline void pv_tiles(const bf16* vt, index_t vts, index_t keys32, const std::uin
       _tile_loadd(1, o + 16, ld);
       _tile_loadd(2, o + 16 * Bq, ld);
       _tile_loadd(3, o + 16 * Bq + 16, ld);
-      for (index_t j = 0; j < keys32; j += 32) {
-        _tile_loadd(4, vt + e * vts + j, vb);
-        _tile_loadd(5, vt + (e + 16) * vts + j, vb);
-        _tile_loadd(6, Pp + (j / 2) * Bq + g, ld);
-        _tile_loadd(7, Pp + (j / 2) * Bq + g + 16, ld);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
+      for (index_t j = 0; j < keys32; j += 32)
+        dot_2x2(vt + e * vts + j, vt + (e + 16) * vts + j, vb, Pp + (j / 2) * Bq + g, Pp + (j / 2) * Bq + g + 16, ld);
       _tile_stored(0, o, ld);
       _tile_stored(1, o + 16, ld);
       _tile_stored(2, o + 16 * Bq, ld);
@@ -113,12 +103,12 @@ inline void pv_tiles(const bf16* vt, index_t vts, index_t keys32, const std::uin
   }
 }
 
-// An SDPA unit's tiles: sdpa_tile_config() loaded on the calling thread while the unit runs on
+// An SDPA unit's tiles: full_tiles() loaded on the calling thread while the unit runs on
 // AMX (on), released when it ends.
 class TileUse {
  public:
   explicit TileUse(bool on) : on_(on) {
-    if (on_) _tile_loadconfig(&sdpa_tile_config());
+    if (on_) _tile_loadconfig(&full_tiles());
   }
   ~TileUse() {
     if (on_) _tile_release();
