@@ -47,15 +47,21 @@ struct SdpaDecodePhTag {};
 // s[i * n + j] = q_i . k_j for the L query rows and the nv keys of a chunk (rows at k + j * ks,
 // contiguous), times scale unless folded. The bfloat16 pair path (pairs; qh: the packed query
 // rows as bfloat16, exact: they are product operands already) scores every key in 16-key tiles
-// (decode_pairs.hpp), those a row does not see being overwritten by mask_scores; otherwise dot
-// on qf for the keys each row sees (range).
+// (decode_pairs.hpp), those a row does not see being overwritten by mask_scores, and asks for
+// each tile's value rows (at v + j * vs, Ev elements) on the way, so that V's stream runs
+// beside K's instead of after the softmax; otherwise dot on qf for the keys each row sees (range).
 template <typename In, typename Acc>
 void decode_scores(bool pairs, const Acc* qf, const In* qh, const In* k, index_t ks, index_t L, index_t E, index_t ja,
-                   index_t nv, index_t n, const KeyRange* range, bool folded, Acc scale, Acc* s) {
+                   index_t nv, index_t n, const KeyRange* range, bool folded, Acc scale, Acc* s, const In* v,
+                   index_t vs, index_t Ev) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same<In, bf16>::value)
     if (pairs && E > 0) {  // E = 0: every score is the empty sum, 0, which dot gives below
-      scores_pairs(qh, L, k, ks, E, nv, s, n);
+      for (index_t j = 0; j < nv; j += kDecodeScoreKeys) {
+        const index_t nj = std::min(kDecodeScoreKeys, nv - j);
+        prefetch_rows(v + j * vs, vs, nj, Ev);
+        scores_pairs(qh, L, k + j * ks, ks, E, nj, s + j, n);
+      }
       if (!folded)
         for (index_t i = 0; i < L; ++i)
           for (index_t j = 0; j < nv; ++j) s[i * n + j] *= scale;
@@ -120,7 +126,7 @@ void decode_chunk(const SdpaProblem<In>& p, index_t b, index_t c0, index_t c1, A
   KeyRange range[kDecodeMaxQueries];
   for (index_t i = 0; i < L; ++i) range[i] = visible_keys(vis, i, S);
   // s[i][j - ja]: scores of the keys row i sees (the rest are hidden by mask_scores below).
-  decode_scores(pairs, qbuf, qh, kc, kcs, L, E, ja, nv, n, range, folded, scale, s);
+  decode_scores(pairs, qbuf, qh, kc, kcs, L, E, ja, nv, n, range, folded, scale, s, vc, vcs, Ev);
   int values_finite = -1;  // checked once, only if some row hides a key of the chunk
   for (index_t i = 0; i < L; ++i) {
     const KeyRange r = range[i];

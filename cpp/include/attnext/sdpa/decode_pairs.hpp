@@ -76,6 +76,15 @@ inline void scores16_pairs(const bf16* q, const bf16* k, index_t ks, index_t e0,
   _mm512_mask_storeu_ps(s, keep, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(keep, s), sum) : sum);
 }
 
+// Asks the caches for rows [0, n) of x (row stride xs, cols elements each) into L2: the decode
+// chunk's value rows, read by P V after the scores and the softmax, which leave the memory
+// idle unless its stream was started while the keys were read.
+inline void prefetch_rows(const bf16* x, index_t xs, index_t n, index_t cols) {
+  constexpr index_t line = 64 / sizeof(bf16);
+  for (index_t r = 0; r < n; ++r)
+    for (index_t c = 0; c < cols; c += line) _mm_prefetch(reinterpret_cast<const char*>(x + r * xs + c), _MM_HINT_T1);
+}
+
 // s[i * ss + j] = q_i . K[j] for L query rows (q_i at q + i * E) and keys j in [0, n)
 // (scores16_pairs over the keys, and over E in passes of kDecodeScoreBlocks blocks); each
 // 16-key tile is scored for every row while it is in L1.
