@@ -16,6 +16,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "../amx.hpp"
 #include "micro.hpp"
 
@@ -157,12 +161,66 @@ inline void copy_key_rows(const bf16* k, index_t ks, index_t ke, index_t nj, ind
   }
 }
 
+#if defined(__AVX512F__)
+// r[c] = column c of the 16 x 16 matrix of 32-bit elements whose rows were r[0..15]: pairs
+// within 128-bit lanes, then pairs of pairs, then the 4 x 4 transpose of 128-bit lanes.
+inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  // s[4g + m], lane L: column 4L + m of rows 4g .. 4g + 3.
+  __m512i s[16];
+  for (int g = 0; g < 4; ++g) {
+    s[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    s[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    s[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    s[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  // Column 4L + m: lane L of s[m], s[4 + m], s[8 + m], s[12 + m], in that order.
+  for (int m = 0; m < 4; ++m) {
+    const __m512i ab02 = _mm512_shuffle_i32x4(s[m], s[4 + m], 0x44), ab13 = _mm512_shuffle_i32x4(s[m], s[4 + m], 0xee);
+    const __m512i cd02 = _mm512_shuffle_i32x4(s[8 + m], s[12 + m], 0x44);
+    const __m512i cd13 = _mm512_shuffle_i32x4(s[8 + m], s[12 + m], 0xee);
+    r[m] = _mm512_shuffle_i32x4(ab02, cd02, 0x88);
+    r[4 + m] = _mm512_shuffle_i32x4(ab02, cd02, 0xdd);
+    r[8 + m] = _mm512_shuffle_i32x4(ab13, cd13, 0x88);
+    r[12 + m] = _mm512_shuffle_i32x4(ab13, cd13, 0xdd);
+  }
+}
+
+// dst[c * ds + j] = V[j, c] for 32 keys j and 16 columns c (rows at v + j * vs, contiguous):
+// the key pairs (V[j, c], V[j + 1, c]) are 32-bit elements, so the 32 x 16 transpose of
+// 16-bit values is the 16 x 16 transpose of the pairs.
+inline void transpose_value_block(const bf16* v, index_t vs, bf16* dst, index_t ds) {
+  __m512i r[16];
+  for (int k = 0; k < 16; ++k) {
+    const bf16* a = v + 2 * k * vs;
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+    const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + vs)));
+    r[k] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+  }
+  transpose16x16_epi32(r);
+  for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + c * ds, r[c]);
+}
+#endif
+
 // V's columns for keys [0, nj) (rows at v + j * vs, element stride ve): dst[c * ds + j] =
-// V[j, c] for c < Ev16 and j < cols, zero for c >= Ev or j >= nj (one pass per column: the
-// tile's rows stay in L1 while they are walked Ev times).
+// V[j, c] for c < Ev16 and j < cols, zero for c >= Ev or j >= nj. Whole blocks of 32 keys and
+// 16 columns of unit-stride rows go through transpose_value_block; the rest one element at a
+// time, one pass per column (the tile's rows stay in L1 while they are walked Ev times).
 inline void pack_value_columns(const bf16* v, index_t vs, index_t ve, index_t nj, index_t Ev, index_t cols,
                                bf16* dst, index_t ds) {
   const index_t Ev16 = round_up(Ev, 16);
+  index_t jv = 0, cv = 0;  // keys [0, jv) of columns [0, cv) are done by blocks
+#if defined(__AVX512F__)
+  if (ve == 1) {
+    jv = nj / 32 * 32, cv = Ev / 16 * 16;
+    for (index_t j = 0; j < jv; j += 32)
+      for (index_t c = 0; c < cv; c += 16) transpose_value_block(v + j * vs + c, vs, dst + c * ds + j, ds);
+  }
+#endif
   for (index_t c = 0; c < Ev16; ++c) {
     bf16* row = dst + c * ds;
     if (c >= Ev) {
@@ -170,7 +228,7 @@ inline void pack_value_columns(const bf16* v, index_t vs, index_t ve, index_t nj
       continue;
     }
     const bf16* src = v + c * ve;
-    for (index_t j = 0; j < nj; ++j) row[j] = src[j * vs];
+    for (index_t j = c < cv ? jv : 0; j < nj; ++j) row[j] = src[j * vs];
     std::memset(static_cast<void*>(row + nj), 0, sizeof(bf16) * static_cast<size_t>(cols - nj));
   }
 }
