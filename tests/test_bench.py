@@ -74,6 +74,22 @@ def test_every_case_and_contender_is_reported(tiny_doc):
     assert doc["peak"]["peak_gflops_float32"] > 0 and doc["peak"]["peak_read_gbs"] > 0
 
 
+def test_memory_bound_fractions_use_the_larger_of_two_read_probes(tiny_doc):
+    doc, _ = tiny_doc
+    seen = 0
+    for case in doc["cases"]:
+        if case["metric"] != "GB/s" or case["results"]["attnext"]["status"] != "ok":
+            assert "read_probe" not in case
+            continue
+        probe = case["read_probe"]
+        assert probe["at_start"] == doc["peak"][probe["level"]] and probe["after_case"] > 0
+        res = case["results"]["attnext"]
+        raw = res["rate"] / max(probe["at_start"], probe["after_case"])
+        assert res["fraction_of_peak"] == pytest.approx(min(raw, 1.0))
+        seen += 1
+    assert seen >= 3  # the decode, KV-cache and softmax cases
+
+
 def test_contenders_agree_on_the_same_inputs(tiny_doc):
     doc, _ = tiny_doc
     checked = 0

@@ -227,6 +227,10 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
     if forward is None and cases_mod.FORWARD in live:
         forward = _stats(times[cases_mod.FORWARD])
         del live[cases_mod.FORWARD]
+    if live:
+        peaks, record["read_probe"] = machine.reprobe_read(case, peaks, env.threads, suite)
+        if record["read_probe"] is None:
+            del record["read_probe"]
     for cname in live:
         number, repeats = plan[cname]
         st = _stats(times[cname])
