@@ -310,8 +310,9 @@ def run_probes(threads: int, suite: str) -> dict:
 
 def read_level(case, peaks: dict):
     """The read-bandwidth level a GB/s case is measured against, as (the peaks key of its GB/s,
-    the probe's set bytes, None where the peaks do not say): the threads' L2 caches when its working set fits there, else the
-    last-level cache when it holds it, else memory; None without bandwidth probes."""
+    the probe's set bytes or None where the peaks do not say): the threads' L2 caches when its
+    working set fits there, else the last-level cache when it holds it, else memory; None
+    without bandwidth probes."""
     ws = case.working_set
     if peaks.get("l2_bytes") and "peak_read_gbs_l2" in peaks and ws is not None and ws <= peaks["l2_bytes"]:
         return "peak_read_gbs_l2", peaks.get("l2_read_set_bytes")

@@ -228,9 +228,9 @@ def measure_case(case, env, rng, suite: str, peaks: dict, progress: Progress) ->
         forward = _stats(times[cases_mod.FORWARD])
         del live[cases_mod.FORWARD]
     if live:
-        peaks, record["read_probe"] = machine.reprobe_read(case, peaks, env.threads, suite)
-        if record["read_probe"] is None:
-            del record["read_probe"]
+        peaks, read_probe = machine.reprobe_read(case, peaks, env.threads, suite)
+        if read_probe:
+            record["read_probe"] = read_probe
     for cname in live:
         number, repeats = plan[cname]
         st = _stats(times[cname])
