@@ -83,6 +83,7 @@ def test_memory_bound_fractions_use_the_larger_of_two_read_probes(tiny_doc):
             continue
         probe = case["read_probe"]
         assert probe["at_start"] == doc["peak"][probe["level"]] and probe["after_case"] > 0
+        assert probe["set_bytes"] >= 1  # the case's working set (test_l5_bench_peers checks the choice)
         res = case["results"]["attnext"]
         raw = res["rate"] / max(probe["at_start"], probe["after_case"])
         assert res["fraction_of_peak"] == pytest.approx(min(raw, 1.0))

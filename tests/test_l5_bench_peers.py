@@ -101,19 +101,23 @@ def test_memory_bound_cases_use_the_bandwidth_of_their_cache_level():
     assert machine.peak_for(flops, peaks, "attnext-float32") == 100.0
 
 
-def test_memory_bound_cases_probe_their_level_again_after_their_timings():
-    big = _case(working_set=512 << 20)
+def test_memory_bound_cases_probe_their_working_set_again_after_their_timings():
+    big = _case(working_set=8 << 20)
     low = {"llc_bytes": None, "peak_read_gbs": 1e-3, "read_set_bytes": 1 << 20}
     peaks, rec = machine.reprobe_read(big, low, 1, "tiny")
     assert rec["level"] == "peak_read_gbs" and rec["at_start"] == 1e-3 and rec["after_case"] > 1e-3
+    assert rec["set_bytes"] == 8 << 20  # the case's own working set, not the level's probe set
     assert peaks["peak_read_gbs"] == rec["after_case"] and low["peak_read_gbs"] == 1e-3  # a copy
     high = dict(low, peak_read_gbs=1e9)
     peaks, rec = machine.reprobe_read(big, high, 1, "tiny")
     assert rec["after_case"] < 1e9 and peaks["peak_read_gbs"] == 1e9  # the larger of the two
     l2 = dict(low, l2_bytes=4 << 20, peak_read_gbs_l2=1e-3, l2_read_set_bytes=1 << 20)
     assert machine.reprobe_read(_case(working_set=1 << 20), l2, 1, "tiny")[1]["level"] == "peak_read_gbs_l2"
+    unsized = machine.reprobe_read(_case(working_set=None), low, 1, "tiny")[1]
+    assert unsized["set_bytes"] == 1 << 20  # the level's probe set when the case has no working set
     assert machine.reprobe_read(_case(metric="GFLOP/s"), low, 1, "tiny") == (low, None)
-    assert machine.reprobe_read(big, {"peak_read_gbs": 5.0}, 1, "tiny") == ({"peak_read_gbs": 5.0}, None)
+    assert machine.reprobe_read(_case(working_set=None), {"peak_read_gbs": 5.0}, 1, "tiny") == (
+        {"peak_read_gbs": 5.0}, None)
 
 
 def test_no_result_shows_above_100_percent():

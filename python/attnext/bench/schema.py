@@ -80,10 +80,11 @@ _CASE = {
             "properties": {"against": {"type": "string"}, "max_rel_diff": _NUM, "error": {"type": "string"},
                            "part": {"type": "integer", "minimum": 0}}}},
         "extra": {"type": "object"},
-        # GB/s cases: the read probe of the case's level again after its timings (machine.reprobe_read).
-        "read_probe": {"type": "object", "required": ["level", "at_start", "after_case"],
+        # GB/s cases: a read probe over the case's working set after its timings (machine.reprobe_read).
+        "read_probe": {"type": "object", "required": ["level", "at_start", "after_case", "set_bytes"],
                        "properties": {"level": {"enum": ["peak_read_gbs", "peak_read_gbs_llc", "peak_read_gbs_l2"]},
-                                      "at_start": _NUM, "after_case": _NUM},
+                                      "at_start": _NUM, "after_case": _NUM,
+                                      "set_bytes": {"type": "integer", "minimum": 1}},
                        "additionalProperties": False},
         "backward": _BACKWARD,
         "accuracy": {"type": "object", "additionalProperties": _ACCURACY},
