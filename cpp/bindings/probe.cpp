@@ -51,7 +51,8 @@ void register_probe(py::module_& m) {
         "the widest FMA the CPU has for float32/float64; for bfloat16 AMX tdpbf16ps or vdpbf16ps, "
         "whichever the kernels use, else the float32 fallback's peak. Returns (gflops, what ran).");
   m.def("probe_read_gbs", &read_bandwidth, py::arg("nbytes"), py::arg("threads"), py::arg("runs") = 3,
-        "Read bandwidth in GB/s: `threads` threads summing an `nbytes` buffer, best of `runs`.");
+        "Read bandwidth in GB/s: `threads` threads summing an `nbytes` buffer, each its part as 1, 2, 4 "
+        "and 8 sequential streams side by side; the best stream count, best of `runs`.");
 }
 
 }  // namespace bind

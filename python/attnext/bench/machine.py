@@ -13,8 +13,10 @@ Probes (run once at the start of a benchmark run, on the benchmark's thread coun
   ``torch.mm`` when PyTorch is importable; for bfloat16, attnext's own packed GEMM. The reported peak of a type is the higher of the
   loop and the best GEMM, so no library can measure above it (were one to, the loop would be
   the wrong probe, and the higher number is the truer peak).
-- **Read bandwidth**, cache-aware: threads summing a buffer well above the last-level cache
-  (4 x its size from sysfs, at least 256 MiB; 256 MiB when the size is unknown) for
+- **Read bandwidth**, cache-aware: threads summing a buffer (each its part, as 1 to 8
+  sequential streams side by side, the best count: one stream per core under-reads memory)
+  well above the last-level cache (4 x its size from sysfs, at least 256 MiB; 256 MiB when
+  the size is unknown) for
   memory-bound cases whose data does not fit in that cache, a buffer of half the cache for
   those whose data does (a KV cache of a few MiB is read from the cache, faster than memory),
   and half the threads' L2 caches together for those whose data fits there (a decoding step's
