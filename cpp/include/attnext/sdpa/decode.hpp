@@ -49,7 +49,8 @@ struct SdpaDecodePhTag {};
 // rows as bfloat16, exact: they are product operands already) scores every key in 16-key tiles
 // (decode_pairs.hpp), those a row does not see being overwritten by mask_scores, and asks for
 // each tile's value rows (at v + j * vs, Ev elements) on the way, so that V's stream runs
-// beside K's instead of after the softmax; otherwise dot on qf for the keys each row sees (range).
+// beside K's instead of after the softmax, and for the key rows kDecodeKeysAhead on; otherwise
+// dot on qf for the keys each row sees (range).
 template <typename In, typename Acc>
 void decode_scores(bool pairs, const Acc* qf, const In* qh, const In* k, index_t ks, index_t L, index_t E, index_t ja,
                    index_t nv, index_t n, const KeyRange* range, bool folded, Acc scale, Acc* s, const In* v,
@@ -60,6 +61,8 @@ void decode_scores(bool pairs, const Acc* qf, const In* qh, const In* k, index_t
       for (index_t j = 0; j < nv; j += kDecodeScoreKeys) {
         const index_t nj = std::min(kDecodeScoreKeys, nv - j);
         prefetch_rows(v + j * vs, vs, nj, Ev);
+        const index_t jk = j + kDecodeKeysAhead;
+        if (jk < nv) prefetch_rows(k + jk * ks, ks, std::min(kDecodeScoreKeys, nv - jk), E);
         scores_pairs(qh, L, k + j * ks, ks, E, nj, s + j, n);
       }
       if (!folded)

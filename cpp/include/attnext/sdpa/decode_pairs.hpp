@@ -76,6 +76,11 @@ inline void scores16_pairs(const bf16* q, const bf16* k, index_t ks, index_t e0,
   _mm512_mask_storeu_ps(s, keep, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(keep, s), sum) : sum);
 }
 
+// How far ahead of the tile being scored the key rows are asked for: the hardware prefetcher
+// follows a stream only within a 4 KB page and starts each page late, and 32 keys are a page
+// at E = 64.
+constexpr index_t kDecodeKeysAhead = 32;
+
 // Asks the caches for rows [0, n) of x (row stride xs, cols elements each) into L2: the decode
 // chunk's value rows, read by P V after the scores and the softmax, which leave the memory
 // idle unless its stream was started while the keys were read.
