@@ -45,6 +45,7 @@ def test_probe_arguments_are_checked():
         _core.probe_peak_gflops("float32", 0)
     with pytest.raises(ValueError, match="nbytes must be at least 4096"):
         _core.probe_read_gbs(16, 1)
+    assert _core.probe_read_min_bytes == 4096 and _core.probe_read_gbs(_core.probe_read_min_bytes, 1, runs=1) > 0
     with pytest.raises(ValueError, match="runs must be at least 1"):
         _core.probe_read_gbs(1 << 20, 1, runs=0)
 
@@ -113,6 +114,8 @@ def test_memory_bound_cases_probe_their_working_set_again_after_their_timings():
     assert rec["after_case"] < 1e9 and peaks["peak_read_gbs"] == 1e9  # the larger of the two
     l2 = dict(low, l2_bytes=4 << 20, peak_read_gbs_l2=1e-3, l2_read_set_bytes=1 << 20)
     assert machine.reprobe_read(_case(working_set=1 << 20), l2, 1, "tiny")[1]["level"] == "peak_read_gbs_l2"
+    tiny = machine.reprobe_read(_case(working_set=16), low, 1, "tiny")[1]
+    assert tiny["set_bytes"] == _core.probe_read_min_bytes  # the probe's smallest set, not an error
     unsized = machine.reprobe_read(_case(working_set=None), low, 1, "tiny")[1]
     assert unsized["set_bytes"] == 1 << 20  # the level's probe set when the case has no working set
     assert machine.reprobe_read(_case(metric="GFLOP/s"), low, 1, "tiny") == (low, None)

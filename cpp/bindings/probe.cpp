@@ -6,7 +6,6 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
-#include <vector>
 
 namespace attnext {
 namespace bind {
@@ -32,15 +31,11 @@ std::tuple<double, std::string> fma_peak(const std::string& dtype, int threads, 
 }
 
 double read_bandwidth(std::int64_t nbytes, int threads, int runs) {
-  if (nbytes < 4096) fail_value("nbytes must be at least 4096, got " + std::to_string(nbytes));
+  if (nbytes < probe::kMinReadBytes)
+    fail_value("nbytes must be at least " + std::to_string(probe::kMinReadBytes) + ", got " + std::to_string(nbytes));
   check_counts(threads, runs);
-  const auto words = static_cast<std::size_t>(nbytes / 8);
   py::gil_scoped_release release;  // our own buffer, no Python object
-  std::vector<std::uint64_t> data(words);
-  // Written by the threads that will read it, so each part sits near its reader (first touch).
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (long i = 0; i < long(words); ++i) data[std::size_t(i)] = std::uint64_t(i);
-  return probe::read_gbs(data.data(), words, threads, runs);
+  return probe::read_bandwidth(nbytes, threads, runs);
 }
 
 }  // namespace
@@ -53,6 +48,7 @@ void register_probe(py::module_& m) {
   m.def("probe_read_gbs", &read_bandwidth, py::arg("nbytes"), py::arg("threads"), py::arg("runs") = 3,
         "Read bandwidth in GB/s: `threads` threads summing an `nbytes` buffer, each its part as 1, 2, 4 "
         "and 8 sequential streams side by side; the best stream count, best of `runs`.");
+  m.attr("probe_read_min_bytes") = probe::kMinReadBytes;
 }
 
 }  // namespace bind

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "attnext/amx.hpp"
 #include "attnext/lowp.hpp"
@@ -222,10 +223,23 @@ inline uint64_t sum_streams(const uint64_t* x, size_t n, int streams) {
   return total;
 }
 
-// Read bandwidth with `streams` streams per thread: `threads` threads sum disjoint parts of
-// `words` 64-bit words (each thread the same part on every pass, so a cache-sized buffer stays
-// in the cache; the parts are those of an OpenMP static loop, as the buffer was first touched),
-// best of `runs` after one warm-up; bytes read / second / 1e9.
+// The smallest set read_bandwidth reads: below a page the timing is the loop's start-up.
+constexpr int64_t kMinReadBytes = 4096;
+
+// Thread t's part [lo, hi) of `words` words split over `threads`: the same parts for the first
+// touch and for every read, so each part sits near the thread that reads it.
+struct Part {
+  size_t lo, hi;
+};
+inline Part thread_part(size_t words, int threads, int t) {
+  const size_t per = (words + size_t(threads) - 1) / size_t(threads);
+  const size_t lo = std::min(words, size_t(t) * per);
+  return {lo, std::min(words, lo + per)};
+}
+
+// Read bandwidth with `streams` streams per thread: `threads` threads sum their parts
+// (thread_part) of `words` 64-bit words (the same part on every pass, so a cache-sized buffer
+// stays in the cache), best of `runs` after one warm-up; bytes read / second / 1e9.
 inline double read_gbs_streams(const uint64_t* data, size_t words, int threads, int runs, int streams) {
   const int passes = std::max(1, int(kMinBytesPerRun / (double(words) * 8.0)));
   double best = 0.0;
@@ -234,9 +248,8 @@ inline double read_gbs_streams(const uint64_t* data, size_t words, int threads, 
     const auto t0 = Clock::now();
 #pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(+ : total)
     for (int t = 0; t < threads; ++t) {
-      const size_t per = (words + size_t(threads) - 1) / size_t(threads);
-      const size_t lo = std::min(words, size_t(t) * per), hi = std::min(words, lo + per);
-      for (int p = 0; p < passes; ++p) total += sum_streams(data + lo, hi - lo, streams);
+      const Part part = thread_part(words, threads, t);
+      for (int p = 0; p < passes; ++p) total += sum_streams(data + part.lo, part.hi - part.lo, streams);
     }
     const double s = std::chrono::duration<double>(Clock::now() - t0).count();
     volatile uint64_t sink = total;
@@ -246,11 +259,19 @@ inline double read_gbs_streams(const uint64_t* data, size_t words, int threads, 
   return best;
 }
 
-// The machine's read bandwidth for a set of `words` words on `threads` threads: the best over
-// kReadStreams streams per thread.
-inline double read_gbs(const uint64_t* data, size_t words, int threads, int runs) {
+// The machine's read bandwidth for a set of `nbytes` (>= kMinReadBytes) on `threads` threads:
+// a buffer first written by the threads that will read it, then the best over kReadStreams
+// streams per thread.
+inline double read_bandwidth(int64_t nbytes, int threads, int runs) {
+  const auto words = static_cast<size_t>(nbytes / 8);
+  std::vector<uint64_t> data(words);
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int t = 0; t < threads; ++t) {
+    const Part part = thread_part(words, threads, t);
+    for (size_t i = part.lo; i < part.hi; ++i) data[i] = uint64_t(i);
+  }
   double best = 0.0;
-  for (int streams : kReadStreams) best = std::max(best, read_gbs_streams(data, words, threads, runs, streams));
+  for (int streams : kReadStreams) best = std::max(best, read_gbs_streams(data.data(), words, threads, runs, streams));
   return best;
 }
 

@@ -75,7 +75,6 @@ UNKNOWN_LLC_BYTES = 256 * 2 ** 20
 # The memory probe's read set is this many times the last-level cache (LRU caches keep nothing
 # of a stream over twice their size; 4x leaves margin for adjacent-line prefetch and victims).
 MEMORY_SET_OVER_LLC = 4
-SMALLEST_READ_SET = 4096  # bytes: _core.probe_read_gbs refuses smaller sets
 
 
 def available_cores() -> int:
@@ -340,7 +339,7 @@ def reprobe_read(case, peaks: dict, threads: int, suite: str):
     from attnext import _core
 
     key, level_set = level
-    nbytes = max(int(case.working_set or level_set), SMALLEST_READ_SET)
+    nbytes = max(int(case.working_set or level_set), _core.probe_read_min_bytes)
     again = _core.probe_read_gbs(nbytes, threads, PROBE_SIZES.get(suite, PROBE_SIZES["full"])[3])
     return ({**peaks, key: max(peaks[key], again)},
             {"level": key, "at_start": peaks[key], "after_case": again, "set_bytes": nbytes})
